@@ -1,0 +1,1 @@
+//! sluice-api (work in progress).

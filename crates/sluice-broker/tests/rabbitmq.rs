@@ -1,0 +1,280 @@
+//! The broker conformance suite and RabbitMQ-only cases, against a real RabbitMQ
+//! (`SLUICE_TEST_AMQP_URL`, default guest@127.0.0.1:5672). Each test owns a random queue prefix.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sluice_broker::conformance::{self, Fixture, RawAccess, RawMessage};
+use sluice_broker::rabbitmq::REASON_HEADER;
+use sluice_broker::{
+    broker_conformance_suite, Broker, BrokerError, Lane, PublishOptions, RabbitBroker,
+    RabbitConfig,
+};
+
+fn url() -> String {
+    std::env::var("SLUICE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn broker() -> RabbitBroker {
+    let config = RabbitConfig {
+        url: url(),
+        prefix: format!("test-{}", uuid::Uuid::new_v4()),
+    };
+    RabbitBroker::connect(config).await.unwrap()
+}
+
+/// Talks to the lanes with plain lapin, beneath the broker's encoding.
+struct LapinRaw {
+    prefix: String,
+    channel: Channel,
+    _conn: Connection,
+}
+
+impl LapinRaw {
+    async fn new(prefix: &str) -> Self {
+        let conn = Connection::connect(&url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            prefix: prefix.to_owned(),
+            channel,
+            _conn: conn,
+        }
+    }
+
+    fn queue(&self, lane: Lane) -> String {
+        format!("{}.{}", self.prefix, lane.as_str())
+    }
+}
+
+#[async_trait::async_trait]
+impl RawAccess for LapinRaw {
+    async fn inject(&self, lane: Lane, body: Vec<u8>) -> Result<(), BrokerError> {
+        let queue = self.queue(lane);
+        let fail = |e: lapin::Error| BrokerError::Publish {
+            queue: queue.clone(),
+            source: Box::new(e),
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                "",
+                &queue,
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(fail)?
+            .await
+            .map_err(fail)?;
+        assert!(confirm.is_ack(), "raw publish not confirmed: {confirm:?}");
+        Ok(())
+    }
+
+    async fn take(&self, lane: Lane) -> Result<Option<RawMessage>, BrokerError> {
+        let queue = self.queue(lane);
+        let got = self
+            .channel
+            .basic_get(&queue, BasicGetOptions { no_ack: true })
+            .await
+            .map_err(|e| BrokerError::Consume {
+                queue: queue.clone(),
+                source: Box::new(e),
+            })?;
+        Ok(got.map(|msg| {
+            let reason = msg
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(REASON_HEADER).cloned())
+                .and_then(|v| match v {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    _ => None,
+                });
+            RawMessage {
+                body: msg.delivery.data.clone(),
+                reason,
+            }
+        }))
+    }
+}
+
+async fn fixture() -> Fixture {
+    let broker = broker().await;
+    let raw = LapinRaw::new(&broker.config().prefix).await;
+    Fixture {
+        broker: Arc::new(broker),
+        raw: Box::new(raw),
+    }
+}
+
+broker_conformance_suite!(rabbitmq, fixture());
+
+/// RabbitMQ's own view of a client connection: its server-side name.
+async fn server_connection_names(client_name: &str) -> Vec<String> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "name",
+            "client_properties",
+            "--formatter",
+            "json",
+            "--quiet",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rabbitmqctl list_connections failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let wanted = serde_json::Value::String(client_name.to_owned());
+    rows.iter()
+        .filter(|row| {
+            // client_properties is a list of [key, type, value] triples.
+            row["client_properties"]
+                .as_array()
+                .is_some_and(|props| props.iter().any(|p| p[0] == "connection_name" && p[2] == wanted))
+        })
+        .filter_map(|row| row["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Closes the broker's connection from the server side, as a broker restart or a
+/// network cut would. Retries, since a fresh connection takes a moment to be listed.
+async fn kill_connection(broker: &RabbitBroker) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let names = loop {
+        let names = server_connection_names(&broker.connection_name()).await;
+        if !names.is_empty() {
+            break names;
+        }
+        assert!(Instant::now() < deadline, "connection never listed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for name in names {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", &name, "sluice conformance test"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rabbitmqctl close_connection failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Case 10: after the server closes the connection, the consumer re-subscribes,
+/// unacked work comes back, acks on the dead channel fail, and publishing resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_survives_server_closing_the_connection() {
+    let broker = broker().await;
+    let fixture = Fixture {
+        raw: Box::new(LapinRaw::new(&broker.config().prefix).await),
+        broker: Arc::new(broker.clone()),
+    };
+    conformance::run(&fixture, |_| async {
+        let before = conformance::job("t1");
+        broker
+            .publish(Lane::Standard, &before, PublishOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = broker.consume(Lane::Standard, 10).await.unwrap();
+        let held = conformance::next(&mut consumer).await;
+        assert_eq!(held.job, before);
+
+        kill_connection(&broker).await;
+
+        // The unacked message coming back proves the old channel is gone.
+        let again = conformance::next_within(&mut consumer, Duration::from_secs(30)).await;
+        assert_eq!(again.job, before);
+        assert!(again.redelivered);
+        let stale = held.ack().await;
+        assert!(
+            matches!(stale, Err(BrokerError::Ack(_))),
+            "ack on a dead channel: {stale:?}"
+        );
+        again.ack().await.unwrap();
+
+        let after = conformance::job("t1");
+        broker
+            .publish(Lane::Standard, &after, PublishOptions::default())
+            .await
+            .unwrap();
+        let got = conformance::next(&mut consumer).await;
+        assert_eq!(got.job, after);
+        assert!(!got.redelivered);
+        got.ack().await.unwrap();
+        conformance::expect_nothing(&mut consumer).await;
+        assert_eq!(
+            server_connection_names(&broker.connection_name()).await.len(),
+            1,
+            "expected exactly one live connection after reconnecting"
+        );
+    })
+    .await;
+}
+
+/// Publishing into a lane that was never declared fails instead of vanishing.
+#[tokio::test]
+async fn rabbitmq_publish_to_undeclared_lane_fails() {
+    let broker = broker().await;
+    let result = broker
+        .publish(
+            Lane::Batch,
+            &conformance::job("t1"),
+            PublishOptions::default(),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(BrokerError::Unroutable { .. })),
+        "{result:?}"
+    );
+    broker.delete_all().await.unwrap();
+}
+
+/// Delayed messages wait in a holding queue that `delete_all` removes too.
+#[tokio::test]
+async fn rabbitmq_delete_all_removes_holding_queues() {
+    let broker = broker().await;
+    broker.declare().await.unwrap();
+    broker
+        .publish(
+            Lane::Retry,
+            &conformance::job("t1"),
+            PublishOptions::delayed(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    broker.delete_all().await.unwrap();
+    let raw = LapinRaw::new(&broker.config().prefix).await;
+    let holding = format!("{}.delay.retry.60000", broker.config().prefix);
+    let gone = raw
+        .channel
+        .queue_declare(
+            &holding,
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    assert!(gone.is_err(), "holding queue {holding} survived delete_all");
+}

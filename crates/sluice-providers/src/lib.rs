@@ -1,0 +1,45 @@
+//! Provider adapters and endpoint pools: how Sluice turns one job into one upstream LLM call.
+//! A [`Router`] maps a model alias to a [`Pool`], whose local limiters grant [`Permit`]s to call an endpoint.
+
+mod config;
+mod error;
+mod openai;
+mod pool;
+
+use serde::{Deserialize, Serialize};
+
+pub use config::{AuthStyle, ConfigError, EndpointConfig, PoolConfig, ProviderKind, Secret};
+pub use error::ProviderError;
+pub use openai::OpenAiCompatible;
+pub use pool::{Permit, Pool, Router};
+
+/// One call's input: the job's request and its id, which is sent upstream as `x-sluice-request-id`.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatRequest<'a> {
+    pub request_id: &'a str,
+    pub job: &'a sluice_core::JobRequest,
+}
+
+/// Tokens the provider reports for one call (zeros when it reports none).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+/// A successful completion.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatResponse {
+    pub content: String,
+    pub usage: Usage,
+    /// The model the provider says answered.
+    pub model: String,
+    pub finish_reason: Option<String>,
+}
+
+/// Something that can answer a chat request: one endpoint of one provider.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError>;
+}

@@ -1,0 +1,38 @@
+//! sluice-sim: an HTTP server that imitates an OpenAI-compatible chat-completions provider.
+//! It enforces per-key request limits, adds latency and injects faults for tests, benches and dev mode.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let sim = sluice_sim::spawn(sluice_sim::SimConfig::default(), ([127, 0, 0, 1], 0).into()).await?;
+//! println!("point an OpenAI client at {}", sim.base_url());
+//! sim.shutdown();
+//! # Ok(())
+//! # }
+//! ```
+
+mod bucket;
+mod config;
+mod server;
+mod state;
+mod wire;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use config::{Faults, Latency, SimConfig, SimKey};
+pub use server::{serve, spawn, SimHandle};
+
+/// Counters since start or the last reset. Keys appear under their configured name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimStats {
+    /// Authenticated calls, whatever their outcome.
+    pub total: u64,
+    pub ok: u64,
+    pub rate_limited: u64,
+    /// Injected faults plus malformed requests.
+    pub failed: u64,
+    pub by_key: BTreeMap<String, u64>,
+    /// Calls per `x-sluice-request-id`.
+    pub by_job: BTreeMap<String, u64>,
+}

@@ -1,0 +1,335 @@
+//! Ingest, read and cancel jobs. Ingest writes the job, its first event and its outbox
+//! row in one transaction, so a `202` always means the job is durable and will be queued.
+
+use crate::outbox::OutboxMessage;
+use crate::{Store, StoreError};
+use chrono::{DateTime, Utc};
+use sluice_core::{JobRef, JobRequest, JobState, Lane, Principal, RequestId, Tier};
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+/// A job about to be accepted.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: RequestId,
+    pub principal: Principal,
+    pub lane: Lane,
+    pub request: JobRequest,
+    /// `Idempotency-Key` header and a hash of the body it came with.
+    pub idempotency: Option<(String, Vec<u8>)>,
+}
+
+impl NewJob {
+    fn job_ref(&self) -> JobRef {
+        JobRef {
+            request_id: self.id,
+            tenant: self.principal.tenant.clone(),
+            model: self.request.model.clone(),
+            attempt: 0,
+        }
+    }
+}
+
+/// What ingest did.
+#[derive(Debug)]
+pub enum Ingested {
+    /// Stored; publish this message, then mark it published.
+    Created(OutboxMessage),
+    /// The same idempotency key and body were seen before: this is that job.
+    Existing(Box<JobRecord>),
+    /// The idempotency key was used before with a different body.
+    Conflict,
+}
+
+/// A job as clients see it.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    pub id: RequestId,
+    pub tenant: String,
+    pub user: String,
+    pub tier: Tier,
+    pub lane: Lane,
+    pub model: String,
+    pub state: JobState,
+    pub attempt: i32,
+    pub tries: i32,
+    pub request: JobRequest,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub endpoint: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One entry of a job's event log.
+#[derive(Debug, Clone)]
+pub struct JobEvent {
+    pub seq: i32,
+    pub state: JobState,
+    pub at: DateTime<Utc>,
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Result of a cancel request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Cancelled,
+    /// Already terminal; nothing changed.
+    Terminal(JobState),
+    NotFound,
+}
+
+const JOB_COLUMNS: &str = "id, tenant, user_id, tier, lane, model, state, attempt, tries, request, \
+     result, error, endpoint, created_at, updated_at, started_at, finished_at";
+
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+pub(crate) fn parse_lane(s: &str) -> Result<Lane, StoreError> {
+    s.parse().map_err(corrupt)
+}
+
+fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
+    let tier: String = row.try_get("tier")?;
+    let lane: String = row.try_get("lane")?;
+    let state: String = row.try_get("state")?;
+    let request: serde_json::Value = row.try_get("request")?;
+    Ok(JobRecord {
+        id: RequestId(row.try_get("id")?),
+        tenant: row.try_get("tenant")?,
+        user: row.try_get("user_id")?,
+        tier: tier.parse().map_err(corrupt)?,
+        lane: parse_lane(&lane)?,
+        model: row.try_get("model")?,
+        state: state.parse().map_err(corrupt)?,
+        attempt: row.try_get("attempt")?,
+        tries: row.try_get("tries")?,
+        request: serde_json::from_value(request).map_err(corrupt)?,
+        result: row.try_get("result")?,
+        error: row.try_get("error")?,
+        endpoint: row.try_get("endpoint")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+impl Store {
+    /// Accept one job, honouring its idempotency key.
+    pub async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
+        let request = serde_json::to_value(&job.request).map_err(corrupt)?;
+        let (key, hash) = match &job.idempotency {
+            Some((k, h)) => (Some(k.as_str()), Some(h.as_slice())),
+            None => (None, None),
+        };
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                               state, idempotency_key, body_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10)
+             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id",
+        )
+        .bind(job.id.0)
+        .bind(&job.principal.tenant)
+        .bind(&job.principal.user)
+        .bind(job.principal.tier.as_str())
+        .bind(job.lane.as_str())
+        .bind(&job.request.model)
+        .bind(&request)
+        .bind(&job.principal.email)
+        .bind(key)
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+
+        if inserted.is_none() {
+            tx.rollback().await?;
+            let row = sqlx::query(&format!(
+                "SELECT {JOB_COLUMNS}, body_hash FROM jobs WHERE tenant = $1 AND idempotency_key = $2"
+            ))
+            .bind(&job.principal.tenant)
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?;
+            let stored: Option<Vec<u8>> = row.try_get("body_hash")?;
+            return Ok(if stored.as_deref() == hash {
+                Ingested::Existing(Box::new(job_from_row(&row)?))
+            } else {
+                Ingested::Conflict
+            });
+        }
+
+        sqlx::query("INSERT INTO job_events (job_id, seq, state) VALUES ($1, 1, 'queued')")
+            .bind(job.id.0)
+            .execute(&mut *tx)
+            .await?;
+        let outbox: (i64, DateTime<Utc>) = sqlx::query_as(
+            "INSERT INTO outbox (job_id, lane, attempt) VALUES ($1, $2, 0) RETURNING id, deliver_at",
+        )
+        .bind(job.id.0)
+        .bind(job.lane.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ingested::Created(OutboxMessage {
+            outbox_id: outbox.0,
+            lane: job.lane,
+            job: job.job_ref(),
+            deliver_at: outbox.1,
+            reason: None,
+        }))
+    }
+
+    /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
+    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<OutboxMessage>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::with_capacity(jobs.len());
+        let mut tenants = Vec::with_capacity(jobs.len());
+        let mut users = Vec::with_capacity(jobs.len());
+        let mut tiers = Vec::with_capacity(jobs.len());
+        let mut lanes = Vec::with_capacity(jobs.len());
+        let mut models = Vec::with_capacity(jobs.len());
+        let mut requests = Vec::with_capacity(jobs.len());
+        let mut emails = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            ids.push(job.id.0);
+            tenants.push(job.principal.tenant.as_str());
+            users.push(job.principal.user.as_str());
+            tiers.push(job.principal.tier.as_str());
+            lanes.push(job.lane.as_str());
+            models.push(job.request.model.as_str());
+            requests.push(serde_json::to_string(&job.request).map_err(corrupt)?);
+            emails.push(job.principal.email.as_deref());
+        }
+        let rows: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "WITH input AS (
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::text[], $7::text[], $8::text[])
+                     AS t(id, tenant, user_id, tier, lane, model, request, notify_email)
+             ), j AS (
+                 INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email, state)
+                 SELECT id, tenant, user_id, tier, lane, model, request::jsonb, notify_email, 'queued'
+                 FROM input
+                 RETURNING id, lane
+             ), e AS (
+                 INSERT INTO job_events (job_id, seq, state) SELECT id, 1, 'queued' FROM j
+             )
+             INSERT INTO outbox (job_id, lane, attempt)
+             SELECT id, lane, 0 FROM j
+             RETURNING id, job_id, deliver_at",
+        )
+        .bind(&ids)
+        .bind(&tenants)
+        .bind(&users)
+        .bind(&tiers)
+        .bind(&lanes)
+        .bind(&models)
+        .bind(&requests)
+        .bind(&emails)
+        .fetch_all(&self.pool)
+        .await?;
+        let by_id: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> =
+            rows.into_iter().map(|(o, j, at)| (j, (o, at))).collect();
+        jobs.iter()
+            .map(|job| {
+                let (outbox_id, deliver_at) = by_id
+                    .get(&job.id.0)
+                    .copied()
+                    .ok_or_else(|| corrupt(format!("job {} has no outbox row", job.id)))?;
+                Ok(OutboxMessage {
+                    outbox_id,
+                    lane: job.lane,
+                    job: job.job_ref(),
+                    deliver_at,
+                    reason: None,
+                })
+            })
+            .collect()
+    }
+
+    /// A tenant's job; another tenant's id answers `None`, exactly like an unknown one.
+    pub async fn get_job(&self, tenant: &str, id: RequestId) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant = $2"
+        ))
+        .bind(id.0)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Any job, for operators and tests.
+    pub async fn job(&self, id: RequestId) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// A job's event log in order.
+    pub async fn events(&self, id: RequestId) -> Result<Vec<JobEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, state, at, detail FROM job_events WHERE job_id = $1 ORDER BY seq",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get("state")?;
+                Ok(JobEvent {
+                    seq: r.try_get("seq")?,
+                    state: state.parse().map_err(corrupt)?,
+                    at: r.try_get("at")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Jobs per state, for tests, the CLI and readiness checks.
+    pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(s, n)| Ok((s.parse().map_err(corrupt)?, n)))
+            .collect()
+    }
+
+    /// Cancel a tenant's job unless it is already terminal. A running job's result will be discarded.
+    pub async fn cancel(&self, tenant: &str, id: RequestId) -> Result<CancelOutcome, StoreError> {
+        let cancelled = sqlx::query(
+            "WITH j AS (
+                 UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = now(),
+                                 updated_at = now(), event_seq = event_seq + 1
+                 WHERE id = $1 AND tenant = $2 AND state IN ('queued', 'retrying', 'running')
+                 RETURNING id, event_seq
+             )
+             INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'cancelled' FROM j
+             RETURNING job_id",
+        )
+        .bind(id.0)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        if cancelled.is_some() {
+            return Ok(CancelOutcome::Cancelled);
+        }
+        Ok(match self.get_job(tenant, id).await? {
+            Some(job) => CancelOutcome::Terminal(job.state),
+            None => CancelOutcome::NotFound,
+        })
+    }
+}

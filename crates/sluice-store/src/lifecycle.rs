@@ -1,0 +1,275 @@
+//! A job's life after ingest: claim with a lease, heartbeat, complete, retry, dead-letter,
+//! reap expired leases and replay from `dead`. Each is one statement fenced by `attempt`.
+
+use crate::jobs::{corrupt, parse_lane};
+use crate::outbox::OutboxMessage;
+use crate::{millis, Store, StoreError};
+use chrono::{DateTime, Utc};
+use sluice_core::{JobRef, JobRequest, Lane, RequestId};
+use sqlx::Row;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A job a worker now holds.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub id: RequestId,
+    /// The fencing token for this run: completion must present it.
+    pub attempt: i32,
+    /// Attempts in the current retry budget, this one included.
+    pub tries: i32,
+    pub lane: Lane,
+    pub request: JobRequest,
+}
+
+/// Why an attempt failed, stored on the job and in its event.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub error: String,
+    pub endpoint: Option<String>,
+}
+
+impl Store {
+    /// Move a queued or retrying job to `running` if the message's attempt is still current.
+    /// `None` means the message is stale (job terminal, cancelled, or already claimed): ack and drop it.
+    pub async fn claim(&self, job: &JobRef, lease: Duration) -> Result<Option<Claim>, StoreError> {
+        let row = sqlx::query(
+            "WITH j AS (
+                 UPDATE jobs SET state = 'running', attempt = attempt + 1, tries = tries + 1,
+                                 lease_until = now() + $3 * interval '1 millisecond',
+                                 started_at = COALESCE(started_at, now()), updated_at = now(),
+                                 event_seq = event_seq + 1
+                 WHERE id = $1 AND attempt = $2 AND state IN ('queued', 'retrying')
+                 RETURNING id, event_seq, attempt, tries, lane, request
+             ), e AS (
+                 INSERT INTO job_events (job_id, seq, state, detail)
+                 SELECT id, event_seq, 'running', jsonb_build_object('attempt', attempt) FROM j
+             )
+             SELECT attempt, tries, lane, request FROM j",
+        )
+        .bind(job.request_id.0)
+        .bind(job.attempt)
+        .bind(millis(lease))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let lane: String = r.try_get("lane")?;
+            let request: serde_json::Value = r.try_get("request")?;
+            Ok(Claim {
+                id: job.request_id,
+                attempt: r.try_get("attempt")?,
+                tries: r.try_get("tries")?,
+                lane: parse_lane(&lane)?,
+                request: serde_json::from_value(request).map_err(corrupt)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Extend the leases of jobs still running under these attempts.
+    pub async fn heartbeat(&self, held: &[(RequestId, i32)], lease: Duration) -> Result<u64, StoreError> {
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = held.iter().map(|(id, _)| id.0).collect();
+        let attempts: Vec<i32> = held.iter().map(|(_, a)| *a).collect();
+        let done = sqlx::query(
+            "UPDATE jobs SET lease_until = now() + $3 * interval '1 millisecond'
+             FROM UNNEST($1::uuid[], $2::int[]) AS h(id, attempt)
+             WHERE jobs.id = h.id AND jobs.attempt = h.attempt AND jobs.state = 'running'",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(millis(lease))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Store a success. `false` if the attempt is no longer current (cancelled, reaped, replaced).
+    pub async fn complete(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        result: &serde_json::Value,
+        endpoint: &str,
+    ) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "WITH j AS (
+                 UPDATE jobs SET state = 'succeeded', result = $3, endpoint = $4, error = NULL,
+                                 lease_until = NULL, finished_at = now(), updated_at = now(),
+                                 event_seq = event_seq + 1
+                 WHERE id = $1 AND attempt = $2 AND state = 'running'
+                 RETURNING id, event_seq
+             )
+             INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'succeeded' FROM j
+             RETURNING job_id",
+        )
+        .bind(id.0)
+        .bind(attempt)
+        .bind(result)
+        .bind(endpoint)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Record a retryable failure and queue the retry message, deliverable after `delay`.
+    pub async fn retry_later(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        failure: &Failure,
+        delay: Duration,
+    ) -> Result<Option<OutboxMessage>, StoreError> {
+        self.fail(id, attempt, failure, Lane::Retry, delay).await
+    }
+
+    /// Record a permanent failure (or spent retries) and queue the job's `dead` message.
+    pub async fn dead_letter(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        failure: &Failure,
+    ) -> Result<Option<OutboxMessage>, StoreError> {
+        self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO).await
+    }
+
+    async fn fail(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        failure: &Failure,
+        lane: Lane,
+        delay: Duration,
+    ) -> Result<Option<OutboxMessage>, StoreError> {
+        let state = if lane == Lane::Dead { "dead" } else { "retrying" };
+        let row = sqlx::query(
+            "WITH j AS (
+                 UPDATE jobs SET state = $3, error = $4, endpoint = COALESCE($5, endpoint),
+                                 lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
+                                 finished_at = CASE WHEN $3 = 'dead' THEN now() END
+                 WHERE id = $1 AND attempt = $2 AND state = 'running'
+                 RETURNING id, event_seq, attempt, tenant, model
+             ), e AS (
+                 INSERT INTO job_events (job_id, seq, state, detail)
+                 SELECT id, event_seq, $3,
+                        jsonb_build_object('error', $4::text, 'delay_ms', $7::bigint) FROM j
+             ), o AS (
+                 INSERT INTO outbox (job_id, lane, attempt, deliver_at, reason)
+                 SELECT id, $6, attempt, now() + $7 * interval '1 millisecond',
+                        CASE WHEN $6 = 'dead' THEN $4 END
+                 FROM j
+                 RETURNING id, job_id, deliver_at
+             )
+             SELECT o.id AS outbox_id, o.deliver_at, j.attempt, j.tenant, j.model
+             FROM o JOIN j ON j.id = o.job_id",
+        )
+        .bind(id.0)
+        .bind(attempt)
+        .bind(state)
+        .bind(&failure.error)
+        .bind(&failure.endpoint)
+        .bind(lane.as_str())
+        .bind(crate::millis(delay))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(OutboxMessage {
+                outbox_id: r.try_get("outbox_id")?,
+                lane,
+                job: JobRef {
+                    request_id: id,
+                    tenant: r.try_get("tenant")?,
+                    model: r.try_get("model")?,
+                    attempt: r.try_get("attempt")?,
+                },
+                deliver_at: r.try_get("deliver_at")?,
+                reason: (lane == Lane::Dead).then(|| failure.error.clone()),
+            })
+        })
+        .transpose()
+    }
+
+    /// Requeue jobs whose lease expired (their worker died): to `retry` at once, or to `dead`
+    /// when the retry budget is spent. Safe to run from every worker at the same time.
+    pub async fn reap_expired(
+        &self,
+        max_tries: u32,
+        limit: i64,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let rows = sqlx::query(
+            "WITH x AS (
+                 SELECT id FROM jobs WHERE state = 'running' AND lease_until < now()
+                 ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), j AS (
+                 UPDATE jobs SET state = CASE WHEN jobs.tries >= $1 THEN 'dead' ELSE 'retrying' END,
+                                 error = 'lease expired: the worker running attempt '
+                                         || jobs.attempt || ' stopped responding',
+                                 lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
+                                 finished_at = CASE WHEN jobs.tries >= $1 THEN now() END
+                 FROM x WHERE jobs.id = x.id
+                 RETURNING jobs.id, jobs.event_seq, jobs.state, jobs.attempt, jobs.tenant,
+                           jobs.model, jobs.error
+             ), e AS (
+                 INSERT INTO job_events (job_id, seq, state, detail)
+                 SELECT id, event_seq, state, jsonb_build_object('error', error) FROM j
+             ), o AS (
+                 INSERT INTO outbox (job_id, lane, attempt, reason)
+                 SELECT id, CASE WHEN state = 'dead' THEN 'dead' ELSE 'retry' END, attempt,
+                        CASE WHEN state = 'dead' THEN error END
+                 FROM j
+                 RETURNING id, job_id, lane, deliver_at, reason
+             )
+             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant, j.model
+             FROM o JOIN j ON j.id = o.job_id",
+        )
+        .bind(i32::try_from(max_tries).unwrap_or(i32::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(crate::outbox::message_from_row).collect()
+    }
+
+    /// Put a dead job back in its lane with a fresh retry budget.
+    pub async fn replay(&self, id: RequestId) -> Result<Option<OutboxMessage>, StoreError> {
+        let row = sqlx::query(
+            "WITH j AS (
+                 UPDATE jobs SET state = 'queued', tries = 0, lease_until = NULL, finished_at = NULL,
+                                 updated_at = now(), event_seq = event_seq + 1
+                 WHERE id = $1 AND state = 'dead'
+                 RETURNING id, event_seq, attempt, lane, tenant, model
+             ), e AS (
+                 INSERT INTO job_events (job_id, seq, state, detail)
+                 SELECT id, event_seq, 'queued', '{\"replayed\": true}'::jsonb FROM j
+             ), o AS (
+                 INSERT INTO outbox (job_id, lane, attempt) SELECT id, lane, attempt FROM j
+                 RETURNING id, job_id, lane, deliver_at, reason
+             )
+             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant, j.model
+             FROM o JOIN j ON j.id = o.job_id",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(crate::outbox::message_from_row).transpose()
+    }
+
+    /// The most recently dead-lettered jobs: (id, tenant, model, error, when).
+    pub async fn dead_jobs(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(RequestId, String, String, Option<String>, DateTime<Utc>)>, StoreError> {
+        let rows: Vec<(Uuid, String, String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT id, tenant, model, error, updated_at FROM jobs WHERE state = 'dead'
+             ORDER BY updated_at DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, t, m, e, at)| (RequestId(id), t, m, e, at))
+            .collect())
+    }
+}

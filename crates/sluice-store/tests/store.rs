@@ -1,0 +1,301 @@
+//! The store against a real PostgreSQL: ingest, fencing, retries, reaping, replay and the outbox.
+#![allow(clippy::unwrap_used)]
+
+use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Role, Tier};
+use sluice_store::{CancelOutcome, Failure, Ingested, JobWriter, NewJob, Store, StoreConfig};
+use std::time::Duration;
+
+struct TestDb {
+    store: Store,
+    schema: String,
+}
+
+impl TestDb {
+    async fn new() -> TestDb {
+        let schema = format!("store_test_{}", uuid::Uuid::now_v7().simple());
+        let url = std::env::var("SLUICE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let store = Store::connect(&StoreConfig {
+            url,
+            schema: Some(schema.clone()),
+            max_connections: 4,
+            migrate: true,
+        })
+        .await
+        .unwrap();
+        TestDb { store, schema }
+    }
+
+    async fn drop(self) {
+        self.store.drop_schema(&self.schema).await.unwrap();
+    }
+}
+
+fn principal(tenant: &str) -> Principal {
+    Principal {
+        tenant: tenant.into(),
+        user: "u1".into(),
+        tier: Tier::Pro,
+        email: None,
+    }
+}
+
+fn new_job(tenant: &str, text: &str) -> NewJob {
+    NewJob {
+        id: RequestId::new(),
+        principal: principal(tenant),
+        lane: Lane::Priority,
+        request: JobRequest {
+            model: "default".into(),
+            messages: vec![Message {
+                role: Role::User,
+                content: text.into(),
+            }],
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: None,
+        },
+        idempotency: None,
+    }
+}
+
+fn created(i: Ingested) -> sluice_store::OutboxMessage {
+    match i {
+        Ingested::Created(m) => m,
+        other => panic!("expected a new job, got {other:?}"),
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn api_keys_resolve_to_their_principal_and_are_stored_hashed() {
+    let db = TestDb::new().await;
+    let p = principal("acme");
+    let key = db.store.create_api_key(&p).await.unwrap();
+    assert!(key.starts_with("sk_sluice_"));
+    assert_eq!(db.store.principal_for_key(&key).await.unwrap(), Some(p));
+    assert_eq!(db.store.principal_for_key("sk_sluice_nope").await.unwrap(), None);
+    let (hashed, prefix): (bool, String) = sqlx::query_as(
+        "SELECT key_hash = sha256(convert_to($1, 'UTF8')), key_prefix FROM api_keys",
+    )
+    .bind(&key)
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert!(hashed, "the key is stored as its SHA-256");
+    assert!(key.starts_with(&prefix) && prefix.len() < 16);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn ingest_writes_job_event_and_outbox_together() {
+    let db = TestDb::new().await;
+    let job = new_job("acme", "hi");
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    assert_eq!(msg.job.request_id, job.id);
+    assert_eq!(msg.job.attempt, 0);
+    assert_eq!(msg.lane, Lane::Priority);
+    assert_eq!(db.store.outbox_len().await.unwrap(), 1);
+    let stored = db.store.get_job("acme", job.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Queued);
+    assert_eq!(stored.request, job.request);
+    assert_eq!(db.store.events(job.id).await.unwrap().len(), 1);
+    db.store.mark_published(&[msg.outbox_id]).await.unwrap();
+    assert_eq!(db.store.outbox_len().await.unwrap(), 0);
+    // Tenant walls: another tenant sees nothing.
+    assert!(db.store.get_job("other", job.id).await.unwrap().is_none());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_job_or_a_conflict() {
+    let db = TestDb::new().await;
+    let mut first = new_job("acme", "hi");
+    first.idempotency = Some(("k1".into(), vec![1, 2, 3]));
+    created(db.store.insert_job(&first).await.unwrap());
+
+    let mut again = new_job("acme", "hi");
+    again.idempotency = Some(("k1".into(), vec![1, 2, 3]));
+    match db.store.insert_job(&again).await.unwrap() {
+        Ingested::Existing(job) => assert_eq!(job.id, first.id),
+        other => panic!("expected the existing job, got {other:?}"),
+    }
+    let mut different = new_job("acme", "other body");
+    different.idempotency = Some(("k1".into(), vec![9]));
+    assert!(matches!(
+        db.store.insert_job(&different).await.unwrap(),
+        Ingested::Conflict
+    ));
+    // The same key in another tenant is another job.
+    let mut elsewhere = new_job("beta", "hi");
+    elsewhere.idempotency = Some(("k1".into(), vec![1, 2, 3]));
+    created(db.store.insert_job(&elsewhere).await.unwrap());
+    let counts = db.store.count_by_state().await.unwrap();
+    assert_eq!(counts, vec![(JobState::Queued, 2)]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn batched_writer_stores_every_job() {
+    let db = TestDb::new().await;
+    let writer = JobWriter::spawn(db.store.clone(), 2, 64);
+    let mut tasks = Vec::new();
+    for n in 0..300 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let job = new_job("acme", &format!("job {n}"));
+            let id = job.id;
+            let msg = writer.insert(job).await.unwrap();
+            assert_eq!(msg.job.request_id, id);
+            id
+        }));
+    }
+    for t in tasks {
+        let id = t.await.unwrap();
+        assert!(db.store.get_job("acme", id).await.unwrap().is_some());
+    }
+    assert_eq!(db.store.outbox_len().await.unwrap(), 300);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn claim_and_completion_are_fenced_by_attempt() {
+    let db = TestDb::new().await;
+    let job = new_job("acme", "hi");
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    assert_eq!((claim.attempt, claim.tries), (1, 1));
+    // The same message delivered twice cannot claim twice.
+    assert!(db.store.claim(&msg.job, LEASE).await.unwrap().is_none());
+    // A stale attempt cannot complete.
+    let result = serde_json::json!({"content": "x"});
+    assert!(!db.store.complete(job.id, 0, &result, "e1").await.unwrap());
+    assert!(db.store.complete(job.id, 1, &result, "e1").await.unwrap());
+    // Completion happens once.
+    assert!(!db.store.complete(job.id, 1, &result, "e1").await.unwrap());
+    let stored = db.store.job(job.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(stored.result, Some(result));
+    assert_eq!(stored.endpoint.as_deref(), Some("e1"));
+    let states: Vec<JobState> = db.store.events(job.id).await.unwrap().iter().map(|e| e.state).collect();
+    assert_eq!(states, vec![JobState::Queued, JobState::Running, JobState::Succeeded]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn retry_then_dead_then_replay() {
+    let db = TestDb::new().await;
+    let job = new_job("acme", "hi");
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    let failure = Failure {
+        error: "provider returned 500".into(),
+        endpoint: Some("e1".into()),
+    };
+    let retry = db
+        .store
+        .retry_later(job.id, claim.attempt, &failure, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(retry.lane, Lane::Retry);
+    assert_eq!(retry.job.attempt, 1);
+    assert!(retry.delay() > Duration::from_secs(3));
+    // The original message is stale now.
+    assert!(db.store.claim(&msg.job, LEASE).await.unwrap().is_none());
+    let claim2 = db.store.claim(&retry.job, LEASE).await.unwrap().unwrap();
+    assert_eq!((claim2.attempt, claim2.tries), (2, 2));
+    let dead = db.store.dead_letter(job.id, 2, &failure).await.unwrap().unwrap();
+    assert_eq!(dead.lane, Lane::Dead);
+    assert_eq!(dead.reason.as_deref(), Some("provider returned 500"));
+    let stored = db.store.job(job.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Dead);
+    assert_eq!(stored.error.as_deref(), Some("provider returned 500"));
+    assert_eq!(db.store.dead_jobs(10).await.unwrap().len(), 1);
+
+    let replayed = db.store.replay(job.id).await.unwrap().unwrap();
+    assert_eq!(replayed.lane, Lane::Priority);
+    assert!(db.store.replay(job.id).await.unwrap().is_none(), "only dead jobs replay");
+    let claim3 = db.store.claim(&replayed.job, LEASE).await.unwrap().unwrap();
+    assert_eq!((claim3.attempt, claim3.tries), (3, 1), "replay resets the retry budget, not the fence");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn cancel_respects_tenants_and_terminal_states() {
+    let db = TestDb::new().await;
+    let job = new_job("acme", "hi");
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    assert_eq!(db.store.cancel("other", job.id).await.unwrap(), CancelOutcome::NotFound);
+    assert_eq!(db.store.cancel("acme", job.id).await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(
+        db.store.cancel("acme", job.id).await.unwrap(),
+        CancelOutcome::Terminal(JobState::Cancelled)
+    );
+    assert!(db.store.claim(&msg.job, LEASE).await.unwrap().is_none(), "a cancelled job is never claimed");
+
+    // Cancelling a running job discards its result.
+    let running = new_job("acme", "two");
+    let msg = created(db.store.insert_job(&running).await.unwrap());
+    let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    assert_eq!(db.store.cancel("acme", running.id).await.unwrap(), CancelOutcome::Cancelled);
+    assert!(!db.store.complete(running.id, claim.attempt, &serde_json::json!({}), "e").await.unwrap());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
+    let db = TestDb::new().await;
+    let kept = new_job("acme", "kept");
+    let lost = new_job("acme", "lost");
+    let spent = new_job("acme", "spent");
+    let mut claims = Vec::new();
+    for job in [&kept, &lost, &spent] {
+        let msg = created(db.store.insert_job(job).await.unwrap());
+        claims.push(db.store.claim(&msg.job, Duration::from_millis(300)).await.unwrap().unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    db.store.heartbeat(&[(kept.id, claims[0].attempt)], LEASE).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // max_tries 1: `spent` has used its budget, `lost` too; use 2 for lost by reaping in two steps.
+    let reaped = db.store.reap_expired(5, 100).await.unwrap();
+    let ids: Vec<RequestId> = reaped.iter().map(|m| m.job.request_id).collect();
+    assert!(ids.contains(&lost.id) && ids.contains(&spent.id) && !ids.contains(&kept.id));
+    assert!(reaped.iter().all(|m| m.lane == Lane::Retry && m.job.attempt == 1));
+    assert!(db.store.reap_expired(5, 100).await.unwrap().is_empty(), "reaped once");
+    assert_eq!(db.store.job(lost.id).await.unwrap().unwrap().state, JobState::Retrying);
+
+    // A job whose budget is spent goes to dead when its lease expires.
+    let m = reaped.iter().find(|m| m.job.request_id == spent.id).unwrap();
+    let again = db.store.claim(&m.job, Duration::from_millis(100)).await.unwrap().unwrap();
+    assert_eq!(again.tries, 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dead = db.store.reap_expired(2, 100).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].lane, Lane::Dead);
+    assert!(dead[0].reason.as_deref().unwrap().contains("lease expired"));
+    assert_eq!(db.store.job(spent.id).await.unwrap().unwrap().state, JobState::Dead);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn relay_takes_only_old_unlocked_rows() {
+    let db = TestDb::new().await;
+    let job = new_job("acme", "hi");
+    created(db.store.insert_job(&job).await.unwrap());
+    let grace = Duration::from_millis(300);
+    assert!(db.store.unpublished(grace, LEASE, 10).await.unwrap().is_empty(), "fresh rows are left to their writer");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rows = db.store.unpublished(grace, LEASE, 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].job,
+        JobRef { request_id: job.id, tenant: "acme".into(), model: "default".into(), attempt: 0 }
+    );
+    assert!(db.store.unpublished(grace, LEASE, 10).await.unwrap().is_empty(), "locked rows are skipped");
+    db.store.mark_published(&[rows[0].outbox_id]).await.unwrap();
+    assert_eq!(db.store.outbox_len().await.unwrap(), 0);
+    db.drop().await;
+}

@@ -1,0 +1,1 @@
+//! sluice-worker (work in progress).
