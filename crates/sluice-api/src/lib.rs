@@ -1,1 +1,101 @@
-//! sluice-api (work in progress).
+//! Sluice's HTTP API: clients submit jobs, poll and cancel them; operators probe health.
+//! Handlers are thin: authenticate, parse the body into domain types, call the store and publisher.
+
+mod auth;
+mod error;
+mod jobs;
+mod json;
+
+pub use error::ApiError;
+
+use axum::routing::get;
+use axum::Router;
+use sluice_core::TierLanes;
+use sluice_outbox::Publisher;
+use sluice_store::{JobWriter, Store};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Everything a handler needs; shared by all requests.
+pub struct ApiState {
+    pub store: Store,
+    pub writer: JobWriter,
+    pub publisher: Publisher,
+    /// Model aliases that have a route; others are refused at ingest.
+    pub models: BTreeSet<String>,
+    pub tier_lanes: TierLanes,
+    keys: auth::KeyCache,
+}
+
+impl ApiState {
+    pub fn new(
+        store: Store,
+        writer: JobWriter,
+        publisher: Publisher,
+        models: BTreeSet<String>,
+        tier_lanes: TierLanes,
+    ) -> Arc<ApiState> {
+        Arc::new(ApiState {
+            store,
+            writer,
+            publisher,
+            models,
+            tier_lanes,
+            keys: auth::KeyCache::default(),
+        })
+    }
+}
+
+/// The API's routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/jobs", axum::routing::post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/healthz", get(health))
+        .route("/readyz", get(ready))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serve until `shutdown` fires, then finish in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn health() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(
+    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if !state.store.ping().await {
+        return Err(ApiError::unavailable("the database does not answer"));
+    }
+    Ok(axum::Json(serde_json::json!({ "status": "ready" })))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}

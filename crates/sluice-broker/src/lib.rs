@@ -83,8 +83,12 @@ pub enum BrokerError {
 #[async_trait::async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Publish one message and return only after the broker confirmed it durably.
-    async fn publish(&self, lane: Lane, job: &JobRef, opts: PublishOptions)
-        -> Result<(), BrokerError>;
+    async fn publish(
+        &self,
+        lane: Lane,
+        job: &JobRef,
+        opts: PublishOptions,
+    ) -> Result<(), BrokerError>;
 
     /// Publish many, pipelined where the backend can. On error some of the
     /// messages may have been published; re-publishing all of them is safe.
@@ -176,5 +180,19 @@ impl fmt::Debug for Delivery {
             .field("redelivered", &self.redelivered)
             .field("reason", &self.reason)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_static<T: Send + 'static>() {}
+
+    #[test]
+    fn deliveries_and_consumers_can_move_between_tasks() {
+        assert_send_static::<Delivery>();
+        assert_send_static::<Consumer>();
+        assert_send_static::<BrokerError>();
     }
 }

@@ -77,10 +77,10 @@ fn redact_url(url: &str) -> String {
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
     match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
         None => url.to_owned(),
     }
 }
@@ -110,6 +110,14 @@ pub fn delay_bucket_ms(delay: Duration) -> Result<Option<u64>, BrokerError> {
 #[derive(Clone)]
 pub struct RabbitBroker {
     shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RabbitBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitBroker")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Shared {
@@ -256,10 +264,7 @@ impl Broker for RabbitBroker {
             self.shared
                 .admin_op(queue, |ch| {
                     let queue = queue.clone();
-                    async move {
-                        ch.queue_delete(&queue, QueueDeleteOptions::default())
-                            .await
-                    }
+                    async move { ch.queue_delete(&queue, QueueDeleteOptions::default()).await }
                 })
                 .await?;
             self.shared.forget_holding(queue);
@@ -326,7 +331,11 @@ impl Shared {
         Ok(conn)
     }
 
-    async fn channel(&self, slot: &Mutex<Option<Channel>>, confirm: bool) -> Result<Channel, BoxError> {
+    async fn channel(
+        &self,
+        slot: &Mutex<Option<Channel>>,
+        confirm: bool,
+    ) -> Result<Channel, BoxError> {
         let mut slot = slot.lock().await;
         if let Some(ch) = slot.as_ref() {
             if ch.status().connected() {
@@ -357,7 +366,10 @@ impl Shared {
             queue: queue.to_owned(),
             source,
         };
-        let ch = self.channel(&self.admin, false).await.map_err(admin_error)?;
+        let ch = self
+            .channel(&self.admin, false)
+            .await
+            .map_err(admin_error)?;
         let result = timed(op(ch)).await;
         if result.is_err() {
             Self::discard(&self.admin).await;
@@ -390,10 +402,14 @@ impl Shared {
             return Ok(queue);
         }
         let mut args = FieldTable::default();
-        let ttl = i64::try_from(ms).map_err(|_| BrokerError::DelayTooLong(Duration::from_millis(ms)))?;
+        let ttl =
+            i64::try_from(ms).map_err(|_| BrokerError::DelayTooLong(Duration::from_millis(ms)))?;
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         args.insert("x-expires".into(), AMQPValue::LongLongInt(2 * ttl + 60_000));
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
         args.insert(
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(target.into()),
@@ -433,6 +449,9 @@ impl Shared {
     }
 
     async fn publish_once(&self, items: &[Outgoing]) -> Result<(), BrokerError> {
+        if items.is_empty() {
+            return Ok(());
+        }
         let mut targets = Vec::with_capacity(items.len());
         for item in items {
             let target = match item.opts.delay.map(delay_bucket_ms).transpose()?.flatten() {
@@ -523,6 +542,8 @@ fn properties(item: &Outgoing) -> BasicProperties {
     props
 }
 
+/// Only our own header counts: the `x-death` header that the holding queues add
+/// when they release a delayed message says nothing about why a job died.
 fn reason_of(props: &BasicProperties) -> Option<String> {
     match props.headers().as_ref()?.inner().get(REASON_HEADER)? {
         AMQPValue::LongString(s) => Some(s.to_string()),
@@ -558,7 +579,11 @@ struct Subscription {
     consumer: lapin::Consumer,
 }
 
-async fn subscribe(shared: &Shared, lane: Lane, prefetch: u16) -> Result<Subscription, BrokerError> {
+async fn subscribe(
+    shared: &Shared,
+    lane: Lane,
+    prefetch: u16,
+) -> Result<Subscription, BrokerError> {
     let queue = shared.queue_name(lane);
     let consume_error = |source| BrokerError::Consume {
         queue: queue.clone(),
@@ -570,7 +595,7 @@ async fn subscribe(shared: &Shared, lane: Lane, prefetch: u16) -> Result<Subscri
     timed(channel.basic_qos(prefetch.max(1), BasicQosOptions::default()))
         .await
         .map_err(consume_error)?;
-    let tag = format!("sluice-{}-{}", lane.as_str(), uuid::Uuid::new_v4());
+    let tag = format!("sluice-{}-{}", lane.as_str(), uuid::Uuid::now_v7());
     let consumer = timed(channel.basic_consume(
         &queue,
         &tag,
@@ -629,7 +654,13 @@ impl ConsumeLoop {
                         acker: raw.acker,
                         channel: sub.channel.clone(),
                     };
-                    return Delivery::new(self.lane, job, raw.redelivered, reason, Box::new(handle));
+                    return Delivery::new(
+                        self.lane,
+                        job,
+                        raw.redelivered,
+                        reason,
+                        Box::new(handle),
+                    );
                 }
                 Err(e) => self.dead_letter_malformed(raw, e).await,
             }
@@ -647,7 +678,11 @@ impl ConsumeLoop {
         warn!(%queue, error = %e, "malformed message moved to the dead lane");
         let item = Outgoing {
             lane: Lane::Dead,
-            message_id: raw.properties.message_id().as_ref().map(|id| id.to_string()),
+            message_id: raw
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string()),
             body: raw.data,
             opts: PublishOptions::reason(format!("malformed message: {e}")),
         };
@@ -679,10 +714,7 @@ struct RabbitAck {
 }
 
 impl RabbitAck {
-    async fn settle(
-        self,
-        op: impl Future<Output = lapin::Result<()>>,
-    ) -> Result<(), BrokerError> {
+    async fn settle(self, op: impl Future<Output = lapin::Result<()>>) -> Result<(), BrokerError> {
         if !self.channel.status().connected() {
             return Err(BrokerError::Ack(
                 "its channel is closed (connection lost or consumer dropped)".into(),
@@ -717,7 +749,10 @@ mod tests {
     fn delays_round_up_to_buckets() {
         let ms = |n| Duration::from_millis(n);
         assert_eq!(delay_bucket_ms(Duration::ZERO).ok(), Some(None));
-        assert_eq!(delay_bucket_ms(Duration::from_nanos(1)).ok(), Some(Some(100)));
+        assert_eq!(
+            delay_bucket_ms(Duration::from_nanos(1)).ok(),
+            Some(Some(100))
+        );
         assert_eq!(delay_bucket_ms(ms(1200)).ok(), Some(Some(1200)));
         assert_eq!(delay_bucket_ms(ms(1201)).ok(), Some(Some(1300)));
         assert_eq!(delay_bucket_ms(ms(10_000)).ok(), Some(Some(10_000)));
@@ -740,5 +775,6 @@ mod tests {
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("amqp://app:***@rabbit:5672/%2f"), "{shown}");
         assert_eq!(redact_url("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
+        assert_eq!(redact_url("amqp://app@rabbit/%2f"), "amqp://app@rabbit/%2f");
     }
 }

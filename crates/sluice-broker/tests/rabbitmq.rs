@@ -11,8 +11,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use sluice_broker::conformance::{self, Fixture, RawAccess, RawMessage};
 use sluice_broker::rabbitmq::REASON_HEADER;
 use sluice_broker::{
-    broker_conformance_suite, Broker, BrokerError, Lane, PublishOptions, RabbitBroker,
-    RabbitConfig,
+    broker_conformance_suite, Broker, BrokerError, Lane, PublishOptions, RabbitBroker, RabbitConfig,
 };
 
 fn url() -> String {
@@ -23,7 +22,7 @@ fn url() -> String {
 async fn broker() -> RabbitBroker {
     let config = RabbitConfig {
         url: url(),
-        prefix: format!("test-{}", uuid::Uuid::new_v4()),
+        prefix: format!("test-{}", uuid::Uuid::now_v7()),
     };
     RabbitBroker::connect(config).await.unwrap()
 }
@@ -122,16 +121,16 @@ async fn fixture() -> Fixture {
 
 broker_conformance_suite!(rabbitmq, fixture());
 
-/// RabbitMQ's own view of a client connection: its server-side name.
-async fn server_connection_names(client_name: &str) -> Vec<String> {
+/// The Erlang pids of the server-side processes of a client's connections.
+async fn server_connection_pids(client_name: &str) -> Vec<String> {
+    // The table format prints pids as `close_connection` wants them (JSON does not).
     let out = tokio::process::Command::new("rabbitmqctl")
         .args([
             "list_connections",
-            "name",
+            "pid",
             "client_properties",
-            "--formatter",
-            "json",
             "--quiet",
+            "--no-table-headers",
         ])
         .output()
         .await
@@ -141,16 +140,12 @@ async fn server_connection_names(client_name: &str) -> Vec<String> {
         "rabbitmqctl list_connections failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let wanted = serde_json::Value::String(client_name.to_owned());
-    rows.iter()
-        .filter(|row| {
-            // client_properties is a list of [key, type, value] triples.
-            row["client_properties"]
-                .as_array()
-                .is_some_and(|props| props.iter().any(|p| p[0] == "connection_name" && p[2] == wanted))
-        })
-        .filter_map(|row| row["name"].as_str().map(str::to_owned))
+    // Prefixes are unique per test, so the quoted name identifies our connection.
+    let quoted = format!("\"{client_name}\"");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains(&quoted))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
         .collect()
 }
 
@@ -158,17 +153,17 @@ async fn server_connection_names(client_name: &str) -> Vec<String> {
 /// network cut would. Retries, since a fresh connection takes a moment to be listed.
 async fn kill_connection(broker: &RabbitBroker) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let names = loop {
-        let names = server_connection_names(&broker.connection_name()).await;
-        if !names.is_empty() {
-            break names;
+    let pids = loop {
+        let pids = server_connection_pids(&broker.connection_name()).await;
+        if !pids.is_empty() {
+            break pids;
         }
         assert!(Instant::now() < deadline, "connection never listed");
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    for name in names {
+    for pid in pids {
         let out = tokio::process::Command::new("rabbitmqctl")
-            .args(["close_connection", &name, "sluice conformance test"])
+            .args(["close_connection", &pid, "sluice conformance test"])
             .output()
             .await
             .unwrap();
@@ -223,7 +218,9 @@ async fn rabbitmq_survives_server_closing_the_connection() {
         got.ack().await.unwrap();
         conformance::expect_nothing(&mut consumer).await;
         assert_eq!(
-            server_connection_names(&broker.connection_name()).await.len(),
+            server_connection_pids(&broker.connection_name())
+                .await
+                .len(),
             1,
             "expected exactly one live connection after reconnecting"
         );

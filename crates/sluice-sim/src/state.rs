@@ -146,9 +146,9 @@ impl Shared {
         let f = &inner.faults;
         let status = if let Some(status) = f.always_fail {
             Some(status)
-        } else if inner.admitted <= u64::from(f.fail_first) {
-            Some(f.fail_status)
-        } else if job_admitted > 0 && job_admitted <= u64::from(f.fail_first_per_job) {
+        } else if inner.admitted <= u64::from(f.fail_first)
+            || (job_admitted > 0 && job_admitted <= u64::from(f.fail_first_per_job))
+        {
             Some(f.fail_status)
         } else if f.error_rate > 0.0 && inner.rng.gen::<f64>() < f.error_rate {
             Some(500)

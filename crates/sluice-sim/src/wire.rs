@@ -108,14 +108,10 @@ pub fn reply_for(req: &ChatRequest, completion_tokens: u32) -> Reply {
         .collect();
 
     let mut content = format!("Simulated reply to: {echo}");
-    let mut have = content.split_whitespace().count();
-    for word in FILLER.iter().cycle() {
-        if have >= words as usize {
-            break;
-        }
+    let missing = (words as usize).saturating_sub(content.split_whitespace().count());
+    for word in FILLER.iter().cycle().take(missing) {
         content.push(' ');
         content.push_str(word);
-        have += 1;
     }
 
     let chars: usize = req.messages.iter().map(|m| char_len(&m.content)).sum();

@@ -554,3 +554,35 @@ async fn many_concurrent_calls_and_shutdown() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Rough throughput check for the zero-latency path: `cargo test -p sluice-sim -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing-dependent; run by hand"]
+async fn throughput_smoke() {
+    let (sim, client) = start(SimConfig {
+        default_rpm: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let per_worker = 500;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..32)
+        .map(|w| {
+            let (sim, client) = (sim.clone(), client.clone());
+            tokio::spawn(async move {
+                for i in 0..per_worker {
+                    let job = format!("w{w}-{i}");
+                    let resp = call(&client, &sim, "sk-bench", &body("hi"), Some(&job)).await;
+                    assert_eq!(resp.status(), StatusCode::OK);
+                    resp.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let rps = sim.stats().ok as f64 / started.elapsed().as_secs_f64();
+    println!("{rps:.0} requests/s (client and server sharing the same cores)");
+    assert!(rps > 1000.0, "{rps:.0} requests/s");
+}

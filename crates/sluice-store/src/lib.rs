@@ -8,6 +8,7 @@ mod jobs;
 mod keys;
 mod lifecycle;
 mod outbox;
+mod stats;
 mod writer;
 
 pub use jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};

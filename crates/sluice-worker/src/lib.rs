@@ -1,1 +1,285 @@
-//! sluice-worker (work in progress).
+//! The worker: consumes every lane but `dead`, picks the next job by weighted fair queueing,
+//! takes a provider permit, claims the job, calls the provider, and completes, retries or dead-letters it.
+//!
+//! Alongside run the lease heartbeat, the reaper for leases of dead workers, and the outbox relay.
+
+mod process;
+
+use futures::StreamExt;
+use serde::Deserialize;
+use sluice_broker::{BrokerError, Delivery};
+use sluice_core::{FairQueue, Lane, LaneWeights, RequestId, RetryPolicy};
+use sluice_outbox::{Publisher, RelayConfig};
+use sluice_providers::Router;
+use sluice_store::Store;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// How a worker behaves; every field has a production default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Jobs processed at once by this worker.
+    pub concurrency: usize,
+    /// Unacknowledged messages held per lane: the bound on work waiting in memory.
+    pub prefetch: u16,
+    /// How long a claim stays valid without a heartbeat.
+    pub lease_secs: f64,
+    /// How often expired leases are looked for.
+    pub reap_interval_secs: f64,
+    /// How long shutdown waits for in-flight jobs.
+    pub shutdown_grace_secs: f64,
+    pub weights: LaneWeights,
+    pub retry: RetryPolicy,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            prefetch: 64,
+            lease_secs: 60.0,
+            reap_interval_secs: 5.0,
+            shutdown_grace_secs: 30.0,
+            weights: LaneWeights::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_secs.max(0.1))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("could not start consuming: {0}")]
+    Consume(#[from] BrokerError),
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+}
+
+/// Jobs this worker holds a claim on, with their fencing attempt, for the heartbeat.
+#[derive(Default, Clone)]
+pub(crate) struct Held(Arc<Mutex<HashMap<RequestId, i32>>>);
+
+impl Held {
+    fn insert(&self, id: RequestId, attempt: i32) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id, attempt);
+    }
+    fn remove(&self, id: RequestId) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+    fn snapshot(&self) -> Vec<(RequestId, i32)> {
+        let held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter().map(|(id, a)| (*id, *a)).collect()
+    }
+}
+
+/// A worker process's moving parts.
+pub struct Worker {
+    pub(crate) store: Store,
+    pub(crate) publisher: Publisher,
+    pub(crate) router: Arc<Router>,
+    pub(crate) config: WorkerConfig,
+    pub(crate) held: Held,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        publisher: Publisher,
+        router: Arc<Router>,
+        config: WorkerConfig,
+    ) -> Result<Arc<Worker>, WorkerError> {
+        config
+            .retry
+            .validate()
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
+        if config.concurrency == 0 || config.prefetch == 0 {
+            return Err(WorkerError::Config(
+                "concurrency and prefetch must be at least 1".into(),
+            ));
+        }
+        Ok(Arc::new(Worker {
+            store,
+            publisher,
+            router,
+            config,
+            held: Held::default(),
+        }))
+    }
+
+    /// Run until `shutdown` fires: stop taking work, give back what was not started,
+    /// and wait (up to the grace period) for jobs in flight.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let (tx, mut rx) = mpsc::channel::<Delivery>(usize::from(self.config.prefetch) * 4);
+        let consumers = CancellationToken::new();
+        for lane in Lane::CONSUMED {
+            let mut stream = self
+                .publisher
+                .broker()
+                .consume(lane, self.config.prefetch)
+                .await?;
+            let tx = tx.clone();
+            let stop = consumers.clone();
+            tokio::spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        next = stream.next() => next,
+                    };
+                    match next {
+                        Some(Ok(delivery)) => {
+                            if tx.send(delivery).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(error)) => {
+                            tracing::warn!(message = "lane consumer error", %lane, %error);
+                        }
+                        None => return,
+                    }
+                }
+            });
+        }
+        drop(tx);
+
+        let background = CancellationToken::new();
+        self.spawn_heartbeat(background.clone());
+        self.spawn_reaper(background.clone());
+        sluice_outbox::spawn_relay(
+            self.store.clone(),
+            self.publisher.clone(),
+            RelayConfig::default(),
+            background.clone(),
+        );
+
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut queue: FairQueue<Delivery> = FairQueue::new(self.config.weights);
+        tracing::info!(message = "worker started", concurrency = self.config.concurrency);
+        'dispatch: loop {
+            if queue.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'dispatch,
+                    next = rx.recv() => match next {
+                        Some(d) => enqueue(&mut queue, d).await,
+                        None => break 'dispatch,
+                    },
+                }
+                continue;
+            }
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break 'dispatch,
+                slot = Arc::clone(&slots).acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break 'dispatch,
+                },
+            };
+            // Everything that arrived meanwhile competes for this pick.
+            while let Ok(d) = rx.try_recv() {
+                enqueue(&mut queue, d).await;
+            }
+            let Some((_, _, delivery)) = queue.pop() else {
+                continue;
+            };
+            let permit = match self.router.pool(&delivery.job.model) {
+                Some(pool) => tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        release(delivery).await;
+                        break 'dispatch;
+                    }
+                    permit = pool.acquire() => Some(permit),
+                },
+                None => None,
+            };
+            let worker = Arc::clone(&self);
+            tokio::spawn(async move {
+                worker.process(delivery, permit).await;
+                drop(slot);
+            });
+        }
+
+        consumers.cancel();
+        rx.close();
+        while let Some((_, _, delivery)) = queue.pop() {
+            release(delivery).await;
+        }
+        while let Ok(delivery) = rx.try_recv() {
+            release(delivery).await;
+        }
+        let all = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
+        let grace = Duration::from_secs_f64(self.config.shutdown_grace_secs.max(0.0));
+        if tokio::time::timeout(grace, slots.acquire_many(all)).await.is_err() {
+            tracing::warn!(message = "shutdown grace ran out; unfinished jobs return when their leases expire");
+        }
+        background.cancel();
+        tracing::info!(message = "worker stopped");
+        Ok(())
+    }
+
+    fn spawn_heartbeat(self: &Arc<Self>, stop: CancellationToken) {
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            let lease = worker.config.lease();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(lease / 3) => {}
+                }
+                let held = worker.held.snapshot();
+                if let Err(error) = worker.store.heartbeat(&held, lease).await {
+                    tracing::warn!(message = "lease heartbeat failed", %error, jobs = held.len());
+                }
+            }
+        });
+    }
+
+    fn spawn_reaper(self: &Arc<Self>, stop: CancellationToken) {
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            let every = Duration::from_secs_f64(worker.config.reap_interval_secs.max(0.05));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match worker
+                    .store
+                    .reap_expired(worker.config.retry.max_attempts, 500)
+                    .await
+                {
+                    Ok(messages) if messages.is_empty() => {}
+                    Ok(messages) => {
+                        tracing::warn!(message = "requeued jobs whose worker stopped", jobs = messages.len());
+                        if let Err(error) = worker.publisher.publish_many(messages).await {
+                            tracing::warn!(message = "publishing reaped jobs failed; the relay will retry", %error);
+                        }
+                    }
+                    Err(error) => tracing::warn!(message = "reaper failed", %error),
+                }
+            }
+        });
+    }
+}
+
+async fn enqueue(queue: &mut FairQueue<Delivery>, delivery: Delivery) {
+    let lane = delivery.lane;
+    let tenant = delivery.job.tenant.clone();
+    if let Err(delivery) = queue.push(lane, &tenant, delivery) {
+        // Only `dead` is refused, and workers never consume it.
+        release(delivery).await;
+    }
+}
+
+/// Hand an unstarted message back to its lane.
+async fn release(delivery: Delivery) {
+    if let Err(error) = delivery.nack(true).await {
+        tracing::debug!(message = "could not release a message; the broker redelivers it", %error);
+    }
+}

@@ -1,0 +1,72 @@
+//! Bearer API keys to principals. Known keys are cached briefly so the hot path does not
+//! hit the database on every request; a revoked key stops working within the cache TTL.
+
+use crate::{ApiError, ApiState};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::header;
+use sluice_core::Principal;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CACHE_TTL: Duration = Duration::from_secs(10);
+const CACHE_MAX: usize = 10_000;
+
+#[derive(Default)]
+pub(crate) struct KeyCache {
+    entries: Mutex<HashMap<Vec<u8>, (Principal, Instant)>>,
+}
+
+impl KeyCache {
+    fn get(&self, hash: &[u8]) -> Option<Principal> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(hash)
+            .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+            .map(|(p, _)| p.clone())
+    }
+
+    fn put(&self, hash: Vec<u8>, principal: Principal) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= CACHE_MAX {
+            entries.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+            if entries.len() >= CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, (principal, Instant::now()));
+    }
+}
+
+/// The authenticated caller.
+pub(crate) struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthorized("send an API key as Authorization: Bearer sk_sluice_..."))?;
+        let hash = sluice_store::hash_key(key);
+        if let Some(principal) = state.keys.get(&hash) {
+            return Ok(Caller(principal));
+        }
+        match state.store.principal_for_key(key).await {
+            Ok(Some(principal)) => {
+                state.keys.put(hash, principal.clone());
+                Ok(Caller(principal))
+            }
+            Ok(None) => Err(ApiError::unauthorized("unknown or revoked API key")),
+            Err(error) => Err(ApiError::internal(error)),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! One job's turn: claim it, call the provider through the permit, and record the outcome.
+//! Every write is fenced by the claim's attempt, so a stale message changes nothing.
+
+use crate::Worker;
+use sluice_broker::Delivery;
+use sluice_core::RetryDecision;
+use sluice_providers::{ChatRequest, Permit, ProviderError};
+use sluice_store::{Failure, OutboxMessage};
+use std::time::Duration;
+
+impl Worker {
+    pub(crate) async fn process(&self, delivery: Delivery, permit: Option<Permit>) {
+        let job = delivery.job.clone();
+        let id = job.request_id;
+        let claim = match self.store.claim(&job, self.config.lease()).await {
+            Ok(Some(claim)) => claim,
+            Ok(None) => {
+                tracing::debug!(message = "dropping stale or cancelled message", request_id = %id, attempt = job.attempt);
+                ack(delivery).await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(message = "claim failed; message goes back to its lane", request_id = %id, %error);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(error) = delivery.nack(true).await {
+                    tracing::debug!(message = "nack failed; the broker redelivers", %error);
+                }
+                return;
+            }
+        };
+        let Some(permit) = permit else {
+            let failure = Failure {
+                error: format!("no route for model {:?}", claim.request.model),
+                endpoint: None,
+            };
+            self.finish_failed(delivery, claim.attempt, failure, None).await;
+            return;
+        };
+
+        self.held.insert(id, claim.attempt);
+        let endpoint = permit.endpoint().to_owned();
+        let request_id = id.to_string();
+        let outcome = permit
+            .call(ChatRequest {
+                request_id: &request_id,
+                job: &claim.request,
+            })
+            .await;
+        self.held.remove(id);
+
+        match outcome {
+            Ok(response) => {
+                let result = match serde_json::to_value(&response) {
+                    Ok(v) => v,
+                    Err(error) => {
+                        tracing::error!(message = "could not encode a provider response", request_id = %id, %error);
+                        return;
+                    }
+                };
+                match self.store.complete(id, claim.attempt, &result, &endpoint).await {
+                    Ok(true) => tracing::debug!(message = "job succeeded", request_id = %id, %endpoint),
+                    Ok(false) => tracing::info!(message = "result discarded: the job was cancelled or taken over", request_id = %id),
+                    // The lease expires and the reaper hands the job to another attempt.
+                    Err(error) => tracing::warn!(message = "could not store a result", request_id = %id, %error),
+                }
+                ack(delivery).await;
+            }
+            Err(error) => {
+                let failure = Failure {
+                    error: error.to_string(),
+                    endpoint: Some(endpoint),
+                };
+                let tries = u32::try_from(claim.tries).unwrap_or(u32::MAX);
+                self.finish_failed(delivery, claim.attempt, failure, Some((&error, tries)))
+                    .await;
+            }
+        }
+    }
+
+    /// Route a failed attempt to `retry` or `dead`, then ack the message that carried it.
+    async fn finish_failed(
+        &self,
+        delivery: Delivery,
+        attempt: i32,
+        failure: Failure,
+        provider: Option<(&ProviderError, u32)>,
+    ) {
+        let id = delivery.job.request_id;
+        let decision = match provider {
+            Some((error, tries)) => {
+                match self
+                    .config
+                    .retry
+                    .decide(tries, error.is_retryable(), rand::random::<f64>())
+                {
+                    // A provider's own retry-after is a floor for our backoff.
+                    RetryDecision::RetryAfter(d) => {
+                        RetryDecision::RetryAfter(d.max(error.retry_after().unwrap_or_default()))
+                    }
+                    dead => dead,
+                }
+            }
+            None => RetryDecision::Dead,
+        };
+        let stored = match decision {
+            RetryDecision::RetryAfter(delay) => {
+                tracing::info!(message = "attempt failed; retrying", request_id = %id, attempt, error = %failure.error, delay_ms = delay.as_millis() as u64);
+                self.store.retry_later(id, attempt, &failure, delay).await
+            }
+            RetryDecision::Dead => {
+                tracing::warn!(message = "job dead-lettered", request_id = %id, attempt, error = %failure.error);
+                self.store.dead_letter(id, attempt, &failure).await
+            }
+        };
+        match stored {
+            Ok(Some(message)) => self.publish(message).await,
+            Ok(None) => tracing::info!(message = "failure not recorded: the job was cancelled or taken over", request_id = %id),
+            Err(error) => tracing::warn!(message = "could not record a failure; the lease will expire", request_id = %id, %error),
+        }
+        ack(delivery).await;
+    }
+
+    async fn publish(&self, message: OutboxMessage) {
+        let id = message.job.request_id;
+        if let Err(error) = self.publisher.publish(message).await {
+            tracing::warn!(message = "publish failed; the relay will retry", request_id = %id, %error);
+        }
+    }
+}
+
+async fn ack(delivery: Delivery) {
+    if let Err(error) = delivery.ack().await {
+        // The broker will redeliver; the claim fence drops the duplicate.
+        tracing::debug!(message = "ack failed", %error);
+    }
+}

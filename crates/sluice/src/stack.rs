@@ -1,0 +1,127 @@
+//! Builds the running pieces from configuration: store, broker, publisher, API and worker,
+//! and the operator commands that need them directly (migrate, dlq).
+
+use crate::config::Config;
+use anyhow::Context;
+use sluice_api::ApiState;
+use sluice_broker::rabbitmq::RabbitBroker;
+use sluice_broker::Broker;
+use sluice_core::RequestId;
+use sluice_outbox::{Publisher, RelayConfig};
+use sluice_providers::Router;
+use sluice_store::{JobWriter, Store, StoreConfig};
+use sluice_worker::Worker;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub async fn store(config: &Config, migrate: bool) -> anyhow::Result<Store> {
+    let store_config = StoreConfig {
+        migrate,
+        ..config.database.clone()
+    };
+    Store::connect(&store_config).await.with_context(|| {
+        format!(
+            "cannot open the database at {}",
+            sluice_store::redact_url(&config.database.url)
+        )
+    })
+}
+
+pub async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+    let broker = RabbitBroker::connect(config.rabbitmq.clone())
+        .await
+        .context("cannot connect to RabbitMQ")?;
+    broker.declare().await.context("cannot declare the lanes")?;
+    Ok(Arc::new(broker))
+}
+
+pub fn router(config: &Config) -> anyhow::Result<Arc<Router>> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .context("cannot build the HTTP client")?;
+    let router = Router::new(&config.pools, &config.routes, http).context("invalid provider pools")?;
+    Ok(Arc::new(router))
+}
+
+/// The API state over an open store and broker.
+pub fn api_state(config: &Config, store: Store, publisher: Publisher) -> Arc<ApiState> {
+    let writer = JobWriter::spawn(store.clone(), 4, 256);
+    ApiState::new(
+        store,
+        writer,
+        publisher,
+        config.routes.keys().cloned().collect(),
+        config.tiers,
+    )
+}
+
+pub async fn serve(config: Config, migrate: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.routes.is_empty() {
+        tracing::warn!(message = "no routes configured: every submission will be refused as an unknown model");
+    }
+    let store = store(&config, migrate).await?;
+    let broker = broker(&config).await?;
+    let publisher = Publisher::new(store.clone(), broker);
+    sluice_outbox::spawn_relay(
+        store.clone(),
+        publisher.clone(),
+        RelayConfig::default(),
+        shutdown.clone(),
+    );
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read this line to find the port.
+    println!("sluice api listening on http://{addr}");
+    tracing::info!(message = "api listening", %addr);
+    let state = api_state(&config, store, publisher);
+    sluice_api::serve(listener, state, shutdown)
+        .await
+        .context("the API server failed")
+}
+
+pub async fn worker(config: Config, migrate: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let router = router(&config)?;
+    let store = store(&config, migrate).await?;
+    let broker = broker(&config).await?;
+    let publisher = Publisher::new(store.clone(), broker);
+    let worker = Worker::new(store, publisher, router, config.worker.clone())?;
+    println!("sluice worker started");
+    worker.run(shutdown).await.context("the worker failed")
+}
+
+pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<()> {
+    let store = store(config, false).await?;
+    let dead = store.dead_jobs(limit).await?;
+    if dead.is_empty() {
+        eprintln!("no dead jobs");
+    }
+    for (id, tenant, model, error, at) in dead {
+        println!(
+            "{id}\t{tenant}\t{model}\t{}\t{}",
+            at.to_rfc3339(),
+            error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub async fn dlq_replay(config: &Config, id: RequestId) -> anyhow::Result<()> {
+    let store = store(config, false).await?;
+    let message = store
+        .replay(id)
+        .await?
+        .with_context(|| format!("job {id} is not dead (or does not exist)"))?;
+    let broker = broker(config).await?;
+    let publisher = Publisher::new(store, broker);
+    // If this publish fails the job is still queued in the outbox and a relay sends it.
+    publisher
+        .publish(message)
+        .await
+        .context("replayed, but publishing failed; the relay will retry")?;
+    println!("{id}");
+    Ok(())
+}
