@@ -1,1 +1,9 @@
-//! e2e
+//! End-to-end tests: the real `sluice` binary (api and worker processes) against this machine's
+//! PostgreSQL and RabbitMQ, with the provider simulator; one fresh schema and queue prefix per test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod delivery;
+mod fairness;
+mod faults;
+mod helpers;

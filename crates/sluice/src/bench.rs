@@ -8,7 +8,7 @@ use clap::Subcommand;
 use sluice_broker::Broker;
 use sluice_core::{Principal, Tier};
 use sluice_outbox::Publisher;
-use sluice_providers::{EndpointConfig, PoolConfig, Router};
+use sluice_providers::{EndpointConfig, PoolConfig, Router, Secret};
 use sluice_store::StoreConfig;
 use sluice_worker::Worker;
 use std::collections::BTreeMap;
@@ -81,6 +81,7 @@ async fn throughput(
     .context("cannot start the simulator")?;
     let mut endpoint = EndpointConfig::new("sim", sim.base_url(), "sim-model", 100_000_000);
     endpoint.burst = Some(100_000);
+    endpoint.api_key = Some(Secret::new("sk-sim-bench"));
     config.pools = vec![PoolConfig {
         name: "sim".into(),
         endpoints: vec![endpoint],

@@ -1,0 +1,209 @@
+//! The job path from submit to result: many jobs over two worker processes, retries through
+//! the `retry` lane with backoff, dead-lettering and replay, and the CLI around them.
+
+use crate::helpers::{spawn_app, AppOptions};
+use sluice_core::{JobState, RequestId, Tier};
+use sluice_sim::{Faults, SimConfig};
+use std::time::Duration;
+
+#[tokio::test]
+async fn two_hundred_jobs_across_four_tiers_all_succeed_with_the_providers_answer() {
+    let app = spawn_app(AppOptions {
+        workers: 2,
+        sim: SimConfig {
+            default_rpm: 0,
+            latency: sluice_sim::Latency::Uniform { min_ms: 1, max_ms: 20 },
+            ..SimConfig::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut keys = Vec::new();
+    for tier in Tier::ALL {
+        keys.push(app.key(&format!("tenant-{tier}"), tier).await);
+    }
+    let mut jobs = Vec::new();
+    for n in 0..200 {
+        let key = &keys[n % 4];
+        let text = format!("question number {n}");
+        jobs.push((app.submit(key, &text).await, key.clone(), text));
+    }
+    let ids: Vec<RequestId> = jobs.iter().map(|j| j.0).collect();
+    app.wait_terminal(&ids, Duration::from_secs(90)).await;
+    for (id, key, text) in &jobs {
+        let (_, job) = app.get_job(key, *id).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let result = &job["result"];
+        let content = result["content"].as_str().unwrap();
+        assert!(
+            content.starts_with(&format!("Simulated reply to: {text}")),
+            "{content}"
+        );
+        // The simulator counts a prompt token per 4 characters and 16 completion tokens.
+        let prompt = (text.len() as u64).div_ceil(4);
+        assert_eq!(result["usage"]["prompt_tokens"], prompt, "{job}");
+        assert_eq!(result["usage"]["completion_tokens"], 16);
+        assert_eq!(result["usage"]["total_tokens"], prompt + 16);
+        assert_eq!(job["endpoint"], "sim-1");
+        assert_eq!(app.sim.calls_for_job(&id.to_string()), 1, "one provider call per job");
+    }
+    assert_eq!(app.sim.stats().ok, 200);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_500s_then_success_on_attempt_three_no_sooner_than_the_backoff() {
+    let app = spawn_app(AppOptions {
+        sim: SimConfig {
+            default_rpm: 0,
+            faults: Faults {
+                fail_first_per_job: 2,
+                fail_status: 500,
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        retry_base_secs: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let id = app.submit(&key, "flaky").await;
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    let job = app.store.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.attempt, 3);
+    assert_eq!(app.sim.calls_for_job(&id.to_string()), 3);
+
+    let events = app.store.events(id).await.unwrap();
+    let states: Vec<JobState> = events.iter().map(|e| e.state).collect();
+    use JobState::*;
+    assert_eq!(
+        states,
+        vec![Queued, Running, Retrying, Running, Retrying, Running, Succeeded]
+    );
+    // Backoff: base 1 s after the first failure, 2 s after the second.
+    let waited = |from: usize, to: usize| (events[to].at - events[from].at).to_std().unwrap();
+    assert!(waited(2, 3) >= Duration::from_secs(1), "{:?}", waited(2, 3));
+    assert!(waited(4, 5) >= Duration::from_secs(2), "{:?}", waited(4, 5));
+    assert!(events[2].detail.as_ref().unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("500"));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn always_failing_endpoint_dead_letters_and_replay_succeeds_once_healed() {
+    let app = spawn_app(AppOptions {
+        sim: SimConfig {
+            default_rpm: 0,
+            faults: Faults {
+                always_fail: Some(503),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        retry_base_secs: 0.2,
+        max_attempts: 3,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Basic).await;
+    let id = app.submit(&key, "doomed for now").await;
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    let job = app.store.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Dead);
+    assert!(job.error.as_deref().unwrap().contains("503"), "{:?}", job.error);
+    assert_eq!(app.sim.calls_for_job(&id.to_string()), 3, "max attempts");
+
+    let listed = app.cli(&["dlq", "list"]).await;
+    assert!(listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&id.to_string()));
+
+    app.sim.set_faults(Faults::default());
+    let replay = app.cli(&["dlq", "replay", &id.to_string()]).await;
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    app.wait_for("replayed job to succeed", Duration::from_secs(30), || async {
+        app.state(id).await == JobState::Succeeded
+    })
+    .await;
+    assert_eq!(app.sim.calls_for_job(&id.to_string()), 4);
+    // A job that is not dead cannot be replayed.
+    let again = app.cli(&["dlq", "replay", &id.to_string()]).await;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not dead"));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_provider_400_goes_dead_at_once_without_retries() {
+    let app = spawn_app(AppOptions {
+        sim: SimConfig {
+            default_rpm: 0,
+            faults: Faults {
+                always_fail: Some(400),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let id = app.submit(&key, "bad request upstream").await;
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    let job = app.store.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Dead);
+    assert_eq!(job.attempt, 1);
+    assert!(job.error.as_deref().unwrap().contains("400"));
+    assert_eq!(app.sim.calls_for_job(&id.to_string()), 1);
+    let states: Vec<JobState> = app.store.events(id).await.unwrap().iter().map(|e| e.state).collect();
+    assert!(!states.contains(&JobState::Retrying));
+    // The dead lane holds the job with its reason.
+    use futures::StreamExt;
+    use sluice_broker::Broker;
+    let broker = app.broker().await;
+    let mut dead = broker.consume(sluice_core::Lane::Dead, 1).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.job.request_id, id);
+    assert!(delivery.reason.as_deref().unwrap().contains("400"));
+    delivery.nack(true).await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn cli_keys_submit_wait_and_status() {
+    let app = spawn_app(AppOptions::default()).await;
+    let created = app
+        .cli(&["keys", "create", "--tenant", "cli", "--user", "me", "--tier", "pro"])
+        .await;
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("sk_sluice_") && !key.contains(char::is_whitespace));
+
+    let submitted = app
+        .cli(&["submit", "--api", &app.api, "--key", &key, "--wait", "hello", "there"])
+        .await;
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let stdout = String::from_utf8(submitted.stdout).unwrap();
+    let id: RequestId = stdout.lines().next().unwrap().trim().parse().unwrap();
+    assert!(stdout.contains("Simulated reply to: hello there"));
+
+    let status = app.cli(&["status", "--api", &app.api, "--key", &key, &id.to_string()]).await;
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("\"succeeded\""));
+
+    let bad = app.cli(&["keys", "create", "--tenant", "x", "--user", "y", "--tier", "gold"]).await;
+    assert!(!bad.status.success());
+    assert!(bad.stdout.is_empty());
+    let refused = app.cli(&["submit", "--api", &app.api, "--key", "sk_sluice_wrong", "hi"]).await;
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+    app.cleanup().await;
+}

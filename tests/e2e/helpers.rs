@@ -1,0 +1,381 @@
+//! `spawn_app`: boots a simulator in-process and `sluice serve` / `sluice worker` as child
+//! processes on random ports, with a fresh Postgres schema and RabbitMQ queue prefix.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sluice_broker::rabbitmq::{RabbitBroker, RabbitConfig};
+use sluice_broker::Broker;
+use sluice_core::{JobState, Principal, RequestId, Tier};
+use sluice_sim::{SimConfig, SimHandle};
+use sluice_store::{Store, StoreConfig};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+pub fn database_url() -> String {
+    std::env::var("SLUICE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn rabbitmq_url() -> String {
+    std::env::var("SLUICE_TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// What to boot.
+pub struct AppOptions {
+    pub workers: usize,
+    pub sim: SimConfig,
+    /// The endpoint's RPM as Sluice's limiter sees it.
+    pub rpm: u32,
+    pub burst: Option<u32>,
+    pub retry_base_secs: f64,
+    pub max_attempts: u32,
+    pub lease_secs: f64,
+    pub concurrency: usize,
+    pub timeout_secs: u64,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            sim: SimConfig {
+                default_rpm: 0,
+                ..SimConfig::default()
+            },
+            rpm: 60_000,
+            burst: Some(1_000),
+            retry_base_secs: 0.5,
+            max_attempts: 5,
+            lease_secs: 5.0,
+            concurrency: 16,
+            timeout_secs: 10,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub api: String,
+    pub sim: SimHandle,
+    pub store: Store,
+    pub http: reqwest::Client,
+    pub config_path: PathBuf,
+    pub prefix: String,
+    schema: String,
+    api_process: Option<Child>,
+    pub workers: Vec<Child>,
+}
+
+pub async fn spawn_app(options: AppOptions) -> TestApp {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let schema = format!("e2e_{}", &id[16..]);
+    let prefix = format!("e2e-{id}");
+    let sim = sluice_sim::spawn(options.sim.clone(), ([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator");
+    let burst = options
+        .burst
+        .map(|b| format!("burst = {b}"))
+        .unwrap_or_default();
+    let config = format!(
+        r#"
+listen = "127.0.0.1:0"
+
+[database]
+url = "{db}"
+schema = "{schema}"
+max_connections = 8
+
+[rabbitmq]
+url = "{amqp}"
+prefix = "{prefix}"
+
+[worker]
+concurrency = {concurrency}
+prefetch = {concurrency}
+lease_secs = {lease}
+reap_interval_secs = 0.5
+shutdown_grace_secs = 10
+
+[worker.retry]
+base_delay_secs = {base}
+max_delay_secs = 30
+max_attempts = {attempts}
+jitter = 0.25
+
+[[pools]]
+name = "sim"
+[[pools.endpoints]]
+name = "sim-1"
+base_url = "{sim_url}"
+model = "sim-model"
+api_key = "sk-sim-test"
+rpm = {rpm}
+{burst}
+timeout_secs = {timeout}
+
+[routes]
+default = "sim"
+"#,
+        db = database_url(),
+        amqp = rabbitmq_url(),
+        concurrency = options.concurrency,
+        lease = options.lease_secs,
+        base = options.retry_base_secs,
+        attempts = options.max_attempts,
+        sim_url = sim.base_url(),
+        rpm = options.rpm,
+        timeout = options.timeout_secs,
+    );
+    let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));
+    std::fs::write(&config_path, config).unwrap();
+
+    // Migrate once here so the processes start on a ready schema.
+    let store = Store::connect(&StoreConfig {
+        url: database_url(),
+        schema: Some(schema.clone()),
+        max_connections: 4,
+        migrate: true,
+    })
+    .await
+    .expect("database");
+
+    let mut app = TestApp {
+        api: String::new(),
+        sim,
+        store,
+        http: reqwest::Client::new(),
+        config_path,
+        prefix,
+        schema,
+        api_process: None,
+        workers: Vec::new(),
+    };
+    let (child, line) = app.start("serve", "listening on ").await;
+    app.api = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    app.api_process = Some(child);
+    for _ in 0..options.workers {
+        app.start_worker().await;
+    }
+    app
+}
+
+impl TestApp {
+    /// Start `sluice <command>` with this app's config and wait for its ready line.
+    async fn start(&self, command: &str, ready: &str) -> (Child, String) {
+        let mut child = Command::new(BIN)
+            .args(["--config", self.config_path.to_str().unwrap(), command])
+            .env("SLUICE_LOG", "warn,sluice_worker=info")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sluice");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains(ready) {
+                    return line;
+                }
+            }
+            panic!("sluice {command} exited before it was ready");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("sluice {command} was not ready within 30 s"));
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        (child, line)
+    }
+
+    pub async fn start_worker(&mut self) {
+        let (child, _) = self.start("worker", "worker started").await;
+        self.workers.push(child);
+    }
+
+    /// `kill -9` a worker.
+    pub async fn kill_worker(&mut self, index: usize) {
+        let mut child = self.workers.remove(index);
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+
+    /// SIGTERM a worker and wait for it to exit; returns its exit status.
+    pub async fn terminate_worker(&mut self, index: usize) -> std::process::ExitStatus {
+        let mut child = self.workers.remove(index);
+        let pid = child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("worker did not exit after SIGTERM")
+            .unwrap()
+    }
+
+    /// Run the CLI with this app's config.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(["--config", self.config_path.to_str().unwrap()])
+            .args(args)
+            .env("SLUICE_LOG", "warn")
+            .output()
+            .await
+            .unwrap()
+    }
+
+    pub async fn key(&self, tenant: &str, tier: Tier) -> String {
+        self.store
+            .create_api_key(&Principal {
+                tenant: tenant.into(),
+                user: format!("{tenant}-user"),
+                tier,
+                email: None,
+            })
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_job(&self, key: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs", self.api))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Submit a job and return its id; panics unless accepted.
+    pub async fn submit(&self, key: &str, text: &str) -> RequestId {
+        let (status, body) = self.post_job(key, &job_body(text)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body["request_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn get_job(&self, key: &str, id: RequestId) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}/v1/jobs/{id}", self.api))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    pub async fn cancel_job(&self, key: &str, id: RequestId) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .delete(format!("{}/v1/jobs/{id}", self.api))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    pub async fn state(&self, id: RequestId) -> JobState {
+        self.store.job(id).await.unwrap().unwrap().state
+    }
+
+    /// Wait until every job is terminal; panics with the stragglers after `timeout`.
+    pub async fn wait_terminal(&self, ids: &[RequestId], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut pending = Vec::new();
+            for id in ids {
+                if !self.state(*id).await.is_terminal() {
+                    pending.push(*id);
+                }
+            }
+            if pending.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let counts = self.store.count_by_state().await.unwrap();
+                panic!(
+                    "{} of {} jobs not terminal after {timeout:?}; by state: {counts:?}",
+                    pending.len(),
+                    ids.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait for a condition on the database, polling.
+    pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn count(&self, state: JobState) -> i64 {
+        self.store
+            .count_by_state()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, n)| n)
+    }
+
+    pub async fn total_jobs(&self) -> i64 {
+        self.store
+            .count_by_state()
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    pub async fn broker(&self) -> RabbitBroker {
+        RabbitBroker::connect(RabbitConfig {
+            url: rabbitmq_url(),
+            prefix: self.prefix.clone(),
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Stop every process and drop the schema and queues.
+    pub async fn cleanup(mut self) {
+        for mut child in self.workers.drain(..).chain(self.api_process.take()) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        self.sim.shutdown();
+        let _ = self.broker().await.delete_all().await;
+        // Delay queues other processes declared expire on their own; lanes are deleted here.
+        self.store.drop_schema(&self.schema).await.unwrap();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+pub fn job_body(text: &str) -> Value {
+    json!({ "model": "default", "messages": [{ "role": "user", "content": text }] })
+}
