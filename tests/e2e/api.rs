@@ -11,7 +11,9 @@ fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) 
     assert_eq!(status, want, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(
-        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
         "error without a message: {body}"
     );
 }
@@ -24,10 +26,23 @@ async fn missing_or_wrong_keys_get_401_and_other_tenants_jobs_are_404() {
     })
     .await;
     let url = format!("{}/v1/jobs", app.api);
-    let response = app.http.post(&url).json(&job_body("hi")).send().await.unwrap();
+    let response = app
+        .http
+        .post(&url)
+        .json(&job_body("hi"))
+        .send()
+        .await
+        .unwrap();
     let status = response.status();
-    assert_error(status, &response.json().await.unwrap(), StatusCode::UNAUTHORIZED, "unauthorized");
-    let (status, body) = app.post_job("sk_sluice_not-a-real-key-000000000000", &job_body("hi")).await;
+    assert_error(
+        status,
+        &response.json().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let (status, body) = app
+        .post_job("sk_sluice_not-a-real-key-000000000000", &job_body("hi"))
+        .await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
     let (status, body) = app.post_job("Basic abc", &job_body("hi")).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
@@ -47,7 +62,11 @@ async fn missing_or_wrong_keys_get_401_and_other_tenants_jobs_are_404() {
     assert_eq!((s1, &b1), (s2, &b2));
     let (s3, b3) = app.cancel_job(&other, id).await;
     assert_error(s3, &b3, StatusCode::NOT_FOUND, "not_found");
-    assert_eq!(app.state(id).await, JobState::Queued, "a 404 cancel changes nothing");
+    assert_eq!(
+        app.state(id).await,
+        JobState::Queued,
+        "a 404 cancel changes nothing"
+    );
     app.cleanup().await;
 }
 
@@ -87,8 +106,16 @@ async fn tier_decides_the_lane_and_the_body_cannot_change_it() {
     let mut body = job_body("let me in");
     body["tier"] = json!("enterprise");
     let (status, answer) = app.post_job(&free, &body).await;
-    assert_error(status, &answer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
-    assert!(answer["error"]["message"].as_str().unwrap().contains("tier"));
+    assert_error(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+    );
+    assert!(answer["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tier"));
     assert_eq!(app.total_jobs().await, before, "nothing stored");
     let (_, ok) = app.post_job(&free, &job_body("fine")).await;
     assert_eq!(ok["lane"], "batch");
@@ -124,22 +151,79 @@ async fn bad_input_gets_a_json_error_and_creates_no_job() {
     assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_json");
     let (s, b) = raw(b"not json at all".to_vec(), json).await;
     assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_json");
-    let (s, b) = raw(br#"{"model": "default", "messages": [{"role":"user","content":"x"}]}"#.to_vec(), "text/plain").await;
-    assert_error(s, &b, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    let (s, b) = raw(
+        br#"{"model": "default", "messages": [{"role":"user","content":"x"}]}"#.to_vec(),
+        "text/plain",
+    )
+    .await;
+    assert_error(
+        s,
+        &b,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
 
     let cases: Vec<(Value, &str, &str)> = vec![
-        (json!({"model": 7, "messages": [{"role": "user", "content": "x"}]}), "invalid_request", "wrong type"),
-        (json!({"model": "default", "messages": "hello"}), "invalid_request", "messages not a list"),
-        (json!({"model": "default", "messages": [{"role": "user", "content": 5}]}), "invalid_request", "content not a string"),
-        (json!({"model": "default", "messages": []}), "invalid_request", "empty messages"),
-        (json!({"model": "default"}), "invalid_request", "missing messages"),
-        (json!({"model": "default", "messages": [{"role": "wizard", "content": "x"}]}), "invalid_request", "unknown role"),
-        (json!({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}), "unknown_model", "unknown model"),
-        (json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "colour": "blue"}), "invalid_request", "unknown field"),
-        (json!({"model": "default", "messages": [{"role": "user", "content": "x", "name": "n"}]}), "invalid_request", "unknown message field"),
-        (json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "temperature": 9.5}), "invalid_request", "temperature out of range"),
-        (json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), "invalid_request", "max_tokens 0"),
-        (json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), "invalid_request", "negative max_tokens"),
+        (
+            json!({"model": 7, "messages": [{"role": "user", "content": "x"}]}),
+            "invalid_request",
+            "wrong type",
+        ),
+        (
+            json!({"model": "default", "messages": "hello"}),
+            "invalid_request",
+            "messages not a list",
+        ),
+        (
+            json!({"model": "default", "messages": [{"role": "user", "content": 5}]}),
+            "invalid_request",
+            "content not a string",
+        ),
+        (
+            json!({"model": "default", "messages": []}),
+            "invalid_request",
+            "empty messages",
+        ),
+        (
+            json!({"model": "default"}),
+            "invalid_request",
+            "missing messages",
+        ),
+        (
+            json!({"model": "default", "messages": [{"role": "wizard", "content": "x"}]}),
+            "invalid_request",
+            "unknown role",
+        ),
+        (
+            json!({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}),
+            "unknown_model",
+            "unknown model",
+        ),
+        (
+            json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "colour": "blue"}),
+            "invalid_request",
+            "unknown field",
+        ),
+        (
+            json!({"model": "default", "messages": [{"role": "user", "content": "x", "name": "n"}]}),
+            "invalid_request",
+            "unknown message field",
+        ),
+        (
+            json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "temperature": 9.5}),
+            "invalid_request",
+            "temperature out of range",
+        ),
+        (
+            json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "invalid_request",
+            "max_tokens 0",
+        ),
+        (
+            json!({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+            "invalid_request",
+            "negative max_tokens",
+        ),
     ];
     for (body, code, why) in cases {
         let (status, answer) = app.post_job(&key, &body).await;
@@ -149,12 +233,28 @@ async fn bad_input_gets_a_json_error_and_creates_no_job() {
     let huge = "x".repeat(1_100_000);
     let (s, b) = raw(serde_json::to_vec(&job_body(&huge)).unwrap(), json).await;
     assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
-    let response = app.http.get(format!("{}/v1/nowhere", app.api)).send().await.unwrap();
+    let response = app
+        .http
+        .get(format!("{}/v1/nowhere", app.api))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], "not_found");
-    let response = app.http.put(format!("{}/v1/jobs", app.api)).send().await.unwrap();
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "not_found"
+    );
+    let response = app
+        .http
+        .put(format!("{}/v1/jobs", app.api))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], "method_not_allowed");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "method_not_allowed"
+    );
 
     assert_eq!(app.total_jobs().await, 0, "no bad request may create a job");
     assert_eq!(app.store.outbox_len().await.unwrap(), 0);
@@ -170,7 +270,11 @@ async fn idempotency_key_returns_the_same_job_and_409_for_another_body() {
     .await;
     let key = app.key("acme", Tier::Pro).await;
     let send = |body: Value, idem: &'static str| {
-        let (http, url, key) = (app.http.clone(), format!("{}/v1/jobs", app.api), key.clone());
+        let (http, url, key) = (
+            app.http.clone(),
+            format!("{}/v1/jobs", app.api),
+            key.clone(),
+        );
         async move {
             let response = http
                 .post(url)
@@ -229,7 +333,12 @@ async fn health_and_readiness_answer() {
     })
     .await;
     for path in ["healthz", "readyz"] {
-        let response = app.http.get(format!("{}/{path}", app.api)).send().await.unwrap();
+        let response = app
+            .http
+            .get(format!("{}/{path}", app.api))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
     app.cleanup().await;

@@ -12,7 +12,10 @@ async fn two_hundred_jobs_across_four_tiers_all_succeed_with_the_providers_answe
         workers: 2,
         sim: SimConfig {
             default_rpm: 0,
-            latency: sluice_sim::Latency::Uniform { min_ms: 1, max_ms: 20 },
+            latency: sluice_sim::Latency::Uniform {
+                min_ms: 1,
+                max_ms: 20,
+            },
             ..SimConfig::default()
         },
         ..Default::default()
@@ -45,7 +48,11 @@ async fn two_hundred_jobs_across_four_tiers_all_succeed_with_the_providers_answe
         assert_eq!(result["usage"]["completion_tokens"], 16);
         assert_eq!(result["usage"]["total_tokens"], prompt + 16);
         assert_eq!(job["endpoint"], "sim-1");
-        assert_eq!(app.sim.calls_for_job(&id.to_string()), 1, "one provider call per job");
+        assert_eq!(
+            app.sim.calls_for_job(&id.to_string()),
+            1,
+            "one provider call per job"
+        );
     }
     assert_eq!(app.sim.stats().ok, 200);
     app.cleanup().await;
@@ -114,7 +121,11 @@ async fn always_failing_endpoint_dead_letters_and_replay_succeeds_once_healed() 
     app.wait_terminal(&[id], Duration::from_secs(30)).await;
     let job = app.store.job(id).await.unwrap().unwrap();
     assert_eq!(job.state, JobState::Dead);
-    assert!(job.error.as_deref().unwrap().contains("503"), "{:?}", job.error);
+    assert!(
+        job.error.as_deref().unwrap().contains("503"),
+        "{:?}",
+        job.error
+    );
     assert_eq!(app.sim.calls_for_job(&id.to_string()), 3, "max attempts");
 
     let listed = app.cli(&["dlq", "list"]).await;
@@ -123,10 +134,16 @@ async fn always_failing_endpoint_dead_letters_and_replay_succeeds_once_healed() 
 
     app.sim.set_faults(Faults::default());
     let replay = app.cli(&["dlq", "replay", &id.to_string()]).await;
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
-    app.wait_for("replayed job to succeed", Duration::from_secs(30), || async {
-        app.state(id).await == JobState::Succeeded
-    })
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    app.wait_for(
+        "replayed job to succeed",
+        Duration::from_secs(30),
+        || async { app.state(id).await == JobState::Succeeded },
+    )
     .await;
     assert_eq!(app.sim.calls_for_job(&id.to_string()), 4);
     // A job that is not dead cannot be replayed.
@@ -158,7 +175,14 @@ async fn a_provider_400_goes_dead_at_once_without_retries() {
     assert_eq!(job.attempt, 1);
     assert!(job.error.as_deref().unwrap().contains("400"));
     assert_eq!(app.sim.calls_for_job(&id.to_string()), 1);
-    let states: Vec<JobState> = app.store.events(id).await.unwrap().iter().map(|e| e.state).collect();
+    let states: Vec<JobState> = app
+        .store
+        .events(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.state)
+        .collect();
     assert!(!states.contains(&JobState::Retrying));
     // The dead lane holds the job with its reason.
     use futures::StreamExt;
@@ -180,28 +204,55 @@ async fn a_provider_400_goes_dead_at_once_without_retries() {
 async fn cli_keys_submit_wait_and_status() {
     let app = spawn_app(AppOptions::default()).await;
     let created = app
-        .cli(&["keys", "create", "--tenant", "cli", "--user", "me", "--tier", "pro"])
+        .cli(&[
+            "keys", "create", "--tenant", "cli", "--user", "me", "--tier", "pro",
+        ])
         .await;
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
     assert!(key.starts_with("sk_sluice_") && !key.contains(char::is_whitespace));
 
     let submitted = app
-        .cli(&["submit", "--api", &app.api, "--key", &key, "--wait", "hello", "there"])
+        .cli(&[
+            "submit", "--api", &app.api, "--key", &key, "--wait", "hello", "there",
+        ])
         .await;
-    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
     let stdout = String::from_utf8(submitted.stdout).unwrap();
     let id: RequestId = stdout.lines().next().unwrap().trim().parse().unwrap();
     assert!(stdout.contains("Simulated reply to: hello there"));
 
-    let status = app.cli(&["status", "--api", &app.api, "--key", &key, &id.to_string()]).await;
+    let status = app
+        .cli(&["status", "--api", &app.api, "--key", &key, &id.to_string()])
+        .await;
     assert!(status.status.success());
     assert!(String::from_utf8_lossy(&status.stdout).contains("\"succeeded\""));
 
-    let bad = app.cli(&["keys", "create", "--tenant", "x", "--user", "y", "--tier", "gold"]).await;
+    let bad = app
+        .cli(&[
+            "keys", "create", "--tenant", "x", "--user", "y", "--tier", "gold",
+        ])
+        .await;
     assert!(!bad.status.success());
     assert!(bad.stdout.is_empty());
-    let refused = app.cli(&["submit", "--api", &app.api, "--key", "sk_sluice_wrong", "hi"]).await;
+    let refused = app
+        .cli(&[
+            "submit",
+            "--api",
+            &app.api,
+            "--key",
+            "sk_sluice_wrong",
+            "hi",
+        ])
+        .await;
     assert!(!refused.status.success());
     assert!(refused.stdout.is_empty());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));

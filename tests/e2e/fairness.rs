@@ -59,6 +59,10 @@ async fn backlogged_lanes_complete_in_proportion_to_their_weights() {
             "{lane}: {got} completions, expected {expected} within 10%; all: {rows:?}"
         );
     }
-    assert_eq!(app.sim.stats().rate_limited, 0, "Sluice stayed under the provider's limit");
+    assert_eq!(
+        app.sim.stats().rate_limited,
+        0,
+        "Sluice stayed under the provider's limit"
+    );
     app.cleanup().await;
 }

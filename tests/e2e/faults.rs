@@ -15,7 +15,11 @@ async fn submit_many(app: &TestApp, n: usize) -> Vec<RequestId> {
     let mut ids = Vec::with_capacity(n);
     let mut pending = Vec::new();
     for i in 0..n {
-        let (app_http, url, key) = (app.http.clone(), format!("{}/v1/jobs", app.api), keys[i % 4].clone());
+        let (app_http, url, key) = (
+            app.http.clone(),
+            format!("{}/v1/jobs", app.api),
+            keys[i % 4].clone(),
+        );
         pending.push(tokio::spawn(async move {
             let response = app_http
                 .post(url)
@@ -26,7 +30,11 @@ async fn submit_many(app: &TestApp, n: usize) -> Vec<RequestId> {
                 .unwrap();
             assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
             let body: serde_json::Value = response.json().await.unwrap();
-            body["request_id"].as_str().unwrap().parse::<RequestId>().unwrap()
+            body["request_id"]
+                .as_str()
+                .unwrap()
+                .parse::<RequestId>()
+                .unwrap()
         }));
         if pending.len() == 50 {
             for p in pending.drain(..) {
@@ -60,7 +68,10 @@ async fn kill_9_of_a_worker_mid_run_loses_no_job() {
         workers: 2,
         sim: SimConfig {
             default_rpm: 0,
-            latency: Latency::Uniform { min_ms: 5, max_ms: 40 },
+            latency: Latency::Uniform {
+                min_ms: 5,
+                max_ms: 40,
+            },
             ..SimConfig::default()
         },
         lease_secs: 3.0,
@@ -78,8 +89,16 @@ async fn kill_9_of_a_worker_mid_run_loses_no_job() {
     app.start_worker().await;
     app.wait_terminal(&ids, Duration::from_secs(120)).await;
     assert_one_outcome_each(&app, &ids).await;
-    assert_eq!(app.count(JobState::Succeeded).await, 500, "running at kill: {running_at_kill}");
-    assert_eq!(app.count(JobState::Running).await, 0, "no job stuck running");
+    assert_eq!(
+        app.count(JobState::Succeeded).await,
+        500,
+        "running at kill: {running_at_kill}"
+    );
+    assert_eq!(
+        app.count(JobState::Running).await,
+        0,
+        "no job stuck running"
+    );
     // The killed worker held claims: their leases expired and the reaper handed them on.
     let (reaped,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM job_events WHERE detail->>'error' LIKE 'lease expired%'",
@@ -87,7 +106,10 @@ async fn kill_9_of_a_worker_mid_run_loses_no_job() {
     .fetch_one(app.store.pool())
     .await
     .unwrap();
-    assert!(reaped > 0, "the kill interrupted no claimed job; the test proved nothing");
+    assert!(
+        reaped > 0,
+        "the kill interrupted no claimed job; the test proved nothing"
+    );
     app.cleanup().await;
 }
 
@@ -146,7 +168,10 @@ async fn a_job_stranded_in_the_outbox_is_relayed_and_completes() {
         },
         idempotency: None,
     };
-    app.store.insert_jobs(std::slice::from_ref(&job)).await.unwrap();
+    app.store
+        .insert_jobs(std::slice::from_ref(&job))
+        .await
+        .unwrap();
     app.wait_terminal(&[job.id], Duration::from_secs(30)).await;
     assert_eq!(app.state(job.id).await, JobState::Succeeded);
     app.wait_for("the outbox to drain", Duration::from_secs(10), || async {
@@ -159,14 +184,27 @@ async fn a_job_stranded_in_the_outbox_is_relayed_and_completes() {
 /// Close every RabbitMQ connection of this app (api and workers) from the server side.
 async fn close_rabbit_connections(prefix: &str) -> usize {
     let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "--no-table-headers", "-q"])
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--no-table-headers",
+            "-q",
+        ])
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listing = String::from_utf8_lossy(&out.stdout);
     let mut closed = 0;
-    for line in listing.lines().filter(|l| l.contains(&format!("sluice:{prefix}"))) {
+    for line in listing
+        .lines()
+        .filter(|l| l.contains(&format!("sluice:{prefix}")))
+    {
         let pid = line.split_whitespace().next().unwrap();
         let status = tokio::process::Command::new("rabbitmqctl")
             .args(["close_connection", pid, "sluice e2e fault test"])
@@ -186,7 +224,10 @@ async fn rabbitmq_dropping_every_connection_mid_run_loses_no_job() {
         workers: 2,
         sim: SimConfig {
             default_rpm: 0,
-            latency: Latency::Uniform { min_ms: 5, max_ms: 30 },
+            latency: Latency::Uniform {
+                min_ms: 5,
+                max_ms: 30,
+            },
             ..SimConfig::default()
         },
         concurrency: 8,
@@ -199,7 +240,10 @@ async fn rabbitmq_dropping_every_connection_mid_run_loses_no_job() {
     })
     .await;
     let closed = close_rabbit_connections(&app.prefix).await;
-    assert!(closed >= 3, "closed {closed} connections (api + 2 workers expected)");
+    assert!(
+        closed >= 3,
+        "closed {closed} connections (api + 2 workers expected)"
+    );
     let second = submit_many(&app, 150).await;
     let ids: Vec<RequestId> = first.into_iter().chain(second).collect();
     app.wait_terminal(&ids, Duration::from_secs(120)).await;
@@ -207,7 +251,11 @@ async fn rabbitmq_dropping_every_connection_mid_run_loses_no_job() {
     for id in &ids {
         *by_state.entry(app.state(*id).await).or_default() += 1;
     }
-    assert_eq!(by_state.get(&JobState::Succeeded), Some(&300), "{by_state:?}");
+    assert_eq!(
+        by_state.get(&JobState::Succeeded),
+        Some(&300),
+        "{by_state:?}"
+    );
     assert_one_outcome_each(&app, &ids).await;
     app.cleanup().await;
 }

@@ -3,8 +3,8 @@
 
 use crate::{ApiError, ApiState};
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header;
+use axum::http::request::Parts;
 use sluice_core::Principal;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,9 +53,14 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
-            .ok_or_else(|| ApiError::unauthorized("send an API key as Authorization: Bearer sk_sluice_..."))?;
+            .ok_or_else(|| {
+                ApiError::unauthorized("send an API key as Authorization: Bearer sk_sluice_...")
+            })?;
         let hash = sluice_store::hash_key(key);
         if let Some(principal) = state.keys.get(&hash) {
             return Ok(Caller(principal));

@@ -167,7 +167,12 @@ pub async fn submit(
         idempotency,
     };
     let message = if job.idempotency.is_some() {
-        match state.store.insert_job(&job).await.map_err(ApiError::internal)? {
+        match state
+            .store
+            .insert_job(&job)
+            .await
+            .map_err(ApiError::internal)?
+        {
             Ingested::Created(message) => message,
             Ingested::Existing(existing) => {
                 return Ok((

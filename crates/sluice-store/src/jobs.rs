@@ -82,7 +82,8 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-const JOB_COLUMNS: &str = "id, tenant, user_id, tier, lane, model, state, attempt, tries, request, \
+const JOB_COLUMNS: &str =
+    "id, tenant, user_id, tier, lane, model, state, attempt, tries, request, \
      result, error, endpoint, created_at, updated_at, started_at, finished_at";
 
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -256,7 +257,11 @@ impl Store {
     }
 
     /// A tenant's job; another tenant's id answers `None`, exactly like an unknown one.
-    pub async fn get_job(&self, tenant: &str, id: RequestId) -> Result<Option<JobRecord>, StoreError> {
+    pub async fn get_job(
+        &self,
+        tenant: &str,
+        id: RequestId,
+    ) -> Result<Option<JobRecord>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant = $2"
         ))

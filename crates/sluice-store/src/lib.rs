@@ -13,7 +13,7 @@ mod writer;
 
 pub use jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};
 pub use keys::{hash_key, new_api_key, KEY_PREFIX};
-pub use lifecycle::{Claim, Failure};
+pub use lifecycle::{Claim, DeadJob, Failure};
 pub use outbox::OutboxMessage;
 pub use writer::JobWriter;
 

@@ -22,6 +22,16 @@ pub struct Claim {
     pub request: JobRequest,
 }
 
+/// A dead-lettered job as operators list it.
+#[derive(Debug, Clone)]
+pub struct DeadJob {
+    pub id: RequestId,
+    pub tenant: String,
+    pub model: String,
+    pub error: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
 /// Why an attempt failed, stored on the job and in its event.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -67,7 +77,11 @@ impl Store {
     }
 
     /// Extend the leases of jobs still running under these attempts.
-    pub async fn heartbeat(&self, held: &[(RequestId, i32)], lease: Duration) -> Result<u64, StoreError> {
+    pub async fn heartbeat(
+        &self,
+        held: &[(RequestId, i32)],
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
         if held.is_empty() {
             return Ok(0);
         }
@@ -132,7 +146,8 @@ impl Store {
         attempt: i32,
         failure: &Failure,
     ) -> Result<Option<OutboxMessage>, StoreError> {
-        self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO).await
+        self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO)
+            .await
     }
 
     async fn fail(
@@ -143,7 +158,11 @@ impl Store {
         lane: Lane,
         delay: Duration,
     ) -> Result<Option<OutboxMessage>, StoreError> {
-        let state = if lane == Lane::Dead { "dead" } else { "retrying" };
+        let state = if lane == Lane::Dead {
+            "dead"
+        } else {
+            "retrying"
+        };
         let row = sqlx::query(
             "WITH j AS (
                  UPDATE jobs SET state = $3, error = $4, endpoint = COALESCE($5, endpoint),
@@ -252,24 +271,30 @@ impl Store {
         .bind(id.0)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(crate::outbox::message_from_row).transpose()
+        row.as_ref()
+            .map(crate::outbox::message_from_row)
+            .transpose()
     }
 
-    /// The most recently dead-lettered jobs: (id, tenant, model, error, when).
-    pub async fn dead_jobs(
-        &self,
-        limit: i64,
-    ) -> Result<Vec<(RequestId, String, String, Option<String>, DateTime<Utc>)>, StoreError> {
-        let rows: Vec<(Uuid, String, String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+    /// The most recently dead-lettered jobs.
+    pub async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
+        let rows = sqlx::query(
             "SELECT id, tenant, model, error, updated_at FROM jobs WHERE state = 'dead'
              ORDER BY updated_at DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, t, m, e, at)| (RequestId(id), t, m, e, at))
-            .collect())
+        rows.iter()
+            .map(|r| {
+                Ok(DeadJob {
+                    id: RequestId(r.try_get("id")?),
+                    tenant: r.try_get("tenant")?,
+                    model: r.try_get("model")?,
+                    error: r.try_get("error")?,
+                    at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
     }
 }

@@ -24,7 +24,9 @@ pub struct OutboxMessage {
 impl OutboxMessage {
     /// How long the broker must still hold the message.
     pub fn delay(&self) -> Duration {
-        (self.deliver_at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+        (self.deliver_at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
     }
 }
 

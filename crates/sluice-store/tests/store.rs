@@ -76,7 +76,10 @@ async fn api_keys_resolve_to_their_principal_and_are_stored_hashed() {
     let key = db.store.create_api_key(&p).await.unwrap();
     assert!(key.starts_with("sk_sluice_"));
     assert_eq!(db.store.principal_for_key(&key).await.unwrap(), Some(p));
-    assert_eq!(db.store.principal_for_key("sk_sluice_nope").await.unwrap(), None);
+    assert_eq!(
+        db.store.principal_for_key("sk_sluice_nope").await.unwrap(),
+        None
+    );
     let (hashed, prefix): (bool, String) = sqlx::query_as(
         "SELECT key_hash = sha256(convert_to($1, 'UTF8')), key_prefix FROM api_keys",
     )
@@ -179,8 +182,18 @@ async fn claim_and_completion_are_fenced_by_attempt() {
     assert_eq!(stored.state, JobState::Succeeded);
     assert_eq!(stored.result, Some(result));
     assert_eq!(stored.endpoint.as_deref(), Some("e1"));
-    let states: Vec<JobState> = db.store.events(job.id).await.unwrap().iter().map(|e| e.state).collect();
-    assert_eq!(states, vec![JobState::Queued, JobState::Running, JobState::Succeeded]);
+    let states: Vec<JobState> = db
+        .store
+        .events(job.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.state)
+        .collect();
+    assert_eq!(
+        states,
+        vec![JobState::Queued, JobState::Running, JobState::Succeeded]
+    );
     db.drop().await;
 }
 
@@ -207,7 +220,12 @@ async fn retry_then_dead_then_replay() {
     assert!(db.store.claim(&msg.job, LEASE).await.unwrap().is_none());
     let claim2 = db.store.claim(&retry.job, LEASE).await.unwrap().unwrap();
     assert_eq!((claim2.attempt, claim2.tries), (2, 2));
-    let dead = db.store.dead_letter(job.id, 2, &failure).await.unwrap().unwrap();
+    let dead = db
+        .store
+        .dead_letter(job.id, 2, &failure)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(dead.lane, Lane::Dead);
     assert_eq!(dead.reason.as_deref(), Some("provider returned 500"));
     let stored = db.store.job(job.id).await.unwrap().unwrap();
@@ -217,9 +235,16 @@ async fn retry_then_dead_then_replay() {
 
     let replayed = db.store.replay(job.id).await.unwrap().unwrap();
     assert_eq!(replayed.lane, Lane::Priority);
-    assert!(db.store.replay(job.id).await.unwrap().is_none(), "only dead jobs replay");
+    assert!(
+        db.store.replay(job.id).await.unwrap().is_none(),
+        "only dead jobs replay"
+    );
     let claim3 = db.store.claim(&replayed.job, LEASE).await.unwrap().unwrap();
-    assert_eq!((claim3.attempt, claim3.tries), (3, 1), "replay resets the retry budget, not the fence");
+    assert_eq!(
+        (claim3.attempt, claim3.tries),
+        (3, 1),
+        "replay resets the retry budget, not the fence"
+    );
     db.drop().await;
 }
 
@@ -228,20 +253,36 @@ async fn cancel_respects_tenants_and_terminal_states() {
     let db = TestDb::new().await;
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
-    assert_eq!(db.store.cancel("other", job.id).await.unwrap(), CancelOutcome::NotFound);
-    assert_eq!(db.store.cancel("acme", job.id).await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(
+        db.store.cancel("other", job.id).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+    assert_eq!(
+        db.store.cancel("acme", job.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
     assert_eq!(
         db.store.cancel("acme", job.id).await.unwrap(),
         CancelOutcome::Terminal(JobState::Cancelled)
     );
-    assert!(db.store.claim(&msg.job, LEASE).await.unwrap().is_none(), "a cancelled job is never claimed");
+    assert!(
+        db.store.claim(&msg.job, LEASE).await.unwrap().is_none(),
+        "a cancelled job is never claimed"
+    );
 
     // Cancelling a running job discards its result.
     let running = new_job("acme", "two");
     let msg = created(db.store.insert_job(&running).await.unwrap());
     let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
-    assert_eq!(db.store.cancel("acme", running.id).await.unwrap(), CancelOutcome::Cancelled);
-    assert!(!db.store.complete(running.id, claim.attempt, &serde_json::json!({}), "e").await.unwrap());
+    assert_eq!(
+        db.store.cancel("acme", running.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert!(!db
+        .store
+        .complete(running.id, claim.attempt, &serde_json::json!({}), "e")
+        .await
+        .unwrap());
     db.drop().await;
 }
 
@@ -254,29 +295,57 @@ async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
     let mut claims = Vec::new();
     for job in [&kept, &lost, &spent] {
         let msg = created(db.store.insert_job(job).await.unwrap());
-        claims.push(db.store.claim(&msg.job, Duration::from_millis(300)).await.unwrap().unwrap());
+        claims.push(
+            db.store
+                .claim(&msg.job, Duration::from_millis(300))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    db.store.heartbeat(&[(kept.id, claims[0].attempt)], LEASE).await.unwrap();
+    db.store
+        .heartbeat(&[(kept.id, claims[0].attempt)], LEASE)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     // max_tries 1: `spent` has used its budget, `lost` too; use 2 for lost by reaping in two steps.
     let reaped = db.store.reap_expired(5, 100).await.unwrap();
     let ids: Vec<RequestId> = reaped.iter().map(|m| m.job.request_id).collect();
     assert!(ids.contains(&lost.id) && ids.contains(&spent.id) && !ids.contains(&kept.id));
-    assert!(reaped.iter().all(|m| m.lane == Lane::Retry && m.job.attempt == 1));
-    assert!(db.store.reap_expired(5, 100).await.unwrap().is_empty(), "reaped once");
-    assert_eq!(db.store.job(lost.id).await.unwrap().unwrap().state, JobState::Retrying);
+    assert!(reaped
+        .iter()
+        .all(|m| m.lane == Lane::Retry && m.job.attempt == 1));
+    assert!(
+        db.store.reap_expired(5, 100).await.unwrap().is_empty(),
+        "reaped once"
+    );
+    assert_eq!(
+        db.store.job(lost.id).await.unwrap().unwrap().state,
+        JobState::Retrying
+    );
 
     // A job whose budget is spent goes to dead when its lease expires.
-    let m = reaped.iter().find(|m| m.job.request_id == spent.id).unwrap();
-    let again = db.store.claim(&m.job, Duration::from_millis(100)).await.unwrap().unwrap();
+    let m = reaped
+        .iter()
+        .find(|m| m.job.request_id == spent.id)
+        .unwrap();
+    let again = db
+        .store
+        .claim(&m.job, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.tries, 2);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let dead = db.store.reap_expired(2, 100).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].lane, Lane::Dead);
     assert!(dead[0].reason.as_deref().unwrap().contains("lease expired"));
-    assert_eq!(db.store.job(spent.id).await.unwrap().unwrap().state, JobState::Dead);
+    assert_eq!(
+        db.store.job(spent.id).await.unwrap().unwrap().state,
+        JobState::Dead
+    );
     db.drop().await;
 }
 
@@ -286,15 +355,34 @@ async fn relay_takes_only_old_unlocked_rows() {
     let job = new_job("acme", "hi");
     created(db.store.insert_job(&job).await.unwrap());
     let grace = Duration::from_millis(300);
-    assert!(db.store.unpublished(grace, LEASE, 10).await.unwrap().is_empty(), "fresh rows are left to their writer");
+    assert!(
+        db.store
+            .unpublished(grace, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "fresh rows are left to their writer"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let rows = db.store.unpublished(grace, LEASE, 10).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(
         rows[0].job,
-        JobRef { request_id: job.id, tenant: "acme".into(), model: "default".into(), attempt: 0 }
+        JobRef {
+            request_id: job.id,
+            tenant: "acme".into(),
+            model: "default".into(),
+            attempt: 0
+        }
     );
-    assert!(db.store.unpublished(grace, LEASE, 10).await.unwrap().is_empty(), "locked rows are skipped");
+    assert!(
+        db.store
+            .unpublished(grace, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "locked rows are skipped"
+    );
     db.store.mark_published(&[rows[0].outbox_id]).await.unwrap();
     assert_eq!(db.store.outbox_len().await.unwrap(), 0);
     db.drop().await;

@@ -70,7 +70,10 @@ pub(crate) struct Held(Arc<Mutex<HashMap<RequestId, i32>>>);
 
 impl Held {
     fn insert(&self, id: RequestId, attempt: i32) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id, attempt);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, attempt);
     }
     fn remove(&self, id: RequestId) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
@@ -162,7 +165,10 @@ impl Worker {
 
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut queue: FairQueue<Delivery> = FairQueue::new(self.config.weights);
-        tracing::info!(message = "worker started", concurrency = self.config.concurrency);
+        tracing::info!(
+            message = "worker started",
+            concurrency = self.config.concurrency
+        );
         'dispatch: loop {
             if queue.is_empty() {
                 tokio::select! {
@@ -215,8 +221,13 @@ impl Worker {
         }
         let all = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
         let grace = Duration::from_secs_f64(self.config.shutdown_grace_secs.max(0.0));
-        if tokio::time::timeout(grace, slots.acquire_many(all)).await.is_err() {
-            tracing::warn!(message = "shutdown grace ran out; unfinished jobs return when their leases expire");
+        if tokio::time::timeout(grace, slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                message = "shutdown grace ran out; unfinished jobs return when their leases expire"
+            );
         }
         background.cancel();
         tracing::info!(message = "worker stopped");
@@ -256,7 +267,10 @@ impl Worker {
                 {
                     Ok(messages) if messages.is_empty() => {}
                     Ok(messages) => {
-                        tracing::warn!(message = "requeued jobs whose worker stopped", jobs = messages.len());
+                        tracing::warn!(
+                            message = "requeued jobs whose worker stopped",
+                            jobs = messages.len()
+                        );
                         if let Err(error) = worker.publisher.publish_many(messages).await {
                             tracing::warn!(message = "publishing reaped jobs failed; the relay will retry", %error);
                         }

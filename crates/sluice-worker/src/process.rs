@@ -33,7 +33,8 @@ impl Worker {
                 error: format!("no route for model {:?}", claim.request.model),
                 endpoint: None,
             };
-            self.finish_failed(delivery, claim.attempt, failure, None).await;
+            self.finish_failed(delivery, claim.attempt, failure, None)
+                .await;
             return;
         };
 
@@ -57,11 +58,21 @@ impl Worker {
                         return;
                     }
                 };
-                match self.store.complete(id, claim.attempt, &result, &endpoint).await {
-                    Ok(true) => tracing::debug!(message = "job succeeded", request_id = %id, %endpoint),
-                    Ok(false) => tracing::info!(message = "result discarded: the job was cancelled or taken over", request_id = %id),
+                match self
+                    .store
+                    .complete(id, claim.attempt, &result, &endpoint)
+                    .await
+                {
+                    Ok(true) => {
+                        tracing::debug!(message = "job succeeded", request_id = %id, %endpoint)
+                    }
+                    Ok(false) => {
+                        tracing::info!(message = "result discarded: the job was cancelled or taken over", request_id = %id)
+                    }
                     // The lease expires and the reaper hands the job to another attempt.
-                    Err(error) => tracing::warn!(message = "could not store a result", request_id = %id, %error),
+                    Err(error) => {
+                        tracing::warn!(message = "could not store a result", request_id = %id, %error)
+                    }
                 }
                 ack(delivery).await;
             }
@@ -114,8 +125,12 @@ impl Worker {
         };
         match stored {
             Ok(Some(message)) => self.publish(message).await,
-            Ok(None) => tracing::info!(message = "failure not recorded: the job was cancelled or taken over", request_id = %id),
-            Err(error) => tracing::warn!(message = "could not record a failure; the lease will expire", request_id = %id, %error),
+            Ok(None) => {
+                tracing::info!(message = "failure not recorded: the job was cancelled or taken over", request_id = %id)
+            }
+            Err(error) => {
+                tracing::warn!(message = "could not record a failure; the lease will expire", request_id = %id, %error)
+            }
         }
         ack(delivery).await;
     }

@@ -90,7 +90,18 @@ async fn throughput(
 
     let store = stack::store(&config, true).await?;
     let broker = stack::broker(&config).await?;
-    let result = run_throughput(&config, &store, &broker, &sim, jobs, clients, workers, concurrency, timeout_secs).await;
+    let result = run_throughput(
+        &config,
+        &store,
+        &broker,
+        &sim,
+        jobs,
+        clients,
+        workers,
+        concurrency,
+        timeout_secs,
+    )
+    .await;
     sim.shutdown();
     if let Err(error) = broker.delete_all().await {
         eprintln!("warning: could not delete the bench queues: {error}");
@@ -127,7 +138,12 @@ async fn run_throughput(
             prefetch: u16::try_from(concurrency).unwrap_or(u16::MAX),
             ..config.worker.clone()
         };
-        let worker = Worker::new(store.clone(), publisher.clone(), Arc::clone(&router), worker_config)?;
+        let worker = Worker::new(
+            store.clone(),
+            publisher.clone(),
+            Arc::clone(&router),
+            worker_config,
+        )?;
         tokio::spawn(worker.run(stop.clone()));
     }
 
@@ -154,7 +170,12 @@ async fn run_throughput(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (http, url, keys, next) = (http.clone(), url.clone(), Arc::clone(&keys), Arc::clone(&next));
+        let (http, url, keys, next) = (
+            http.clone(),
+            url.clone(),
+            Arc::clone(&keys),
+            Arc::clone(&next),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);

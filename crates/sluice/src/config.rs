@@ -79,13 +79,13 @@ impl Config {
             }
         }
         let figment = figment
-            .merge(Env::prefixed("SLUICE_").split("__").ignore(&[
-                "config", "api_url", "api_key", "log",
-            ]))
+            .merge(
+                Env::prefixed("SLUICE_")
+                    .split("__")
+                    .ignore(&["config", "api_url", "api_key", "log"]),
+            )
             .join(Serialized::default("listen", default_listen()));
-        let config: Config = figment
-            .extract()
-            .context("invalid configuration")?;
+        let config: Config = figment.extract().context("invalid configuration")?;
         config.validate()?;
         Ok(config)
     }

@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A queue-based worker system for LLM API traffic")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A queue-based worker system for LLM API traffic"
+)]
 struct Cli {
     /// Config file (default: ./sluice.toml if it exists).
     #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
@@ -179,7 +183,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            println!("sluice sim listening on http://{}/v1", listener.local_addr()?);
+            println!(
+                "sluice sim listening on http://{}/v1",
+                listener.local_addr()?
+            );
             sluice_sim::serve(listener, config.sim.config)
                 .await
                 .context("simulator failed")

@@ -41,7 +41,8 @@ pub fn router(config: &Config) -> anyhow::Result<Arc<Router>> {
         .pool_max_idle_per_host(256)
         .build()
         .context("cannot build the HTTP client")?;
-    let router = Router::new(&config.pools, &config.routes, http).context("invalid provider pools")?;
+    let router =
+        Router::new(&config.pools, &config.routes, http).context("invalid provider pools")?;
     Ok(Arc::new(router))
 }
 
@@ -57,9 +58,15 @@ pub fn api_state(config: &Config, store: Store, publisher: Publisher) -> Arc<Api
     )
 }
 
-pub async fn serve(config: Config, migrate: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    migrate: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     if config.routes.is_empty() {
-        tracing::warn!(message = "no routes configured: every submission will be refused as an unknown model");
+        tracing::warn!(
+            message = "no routes configured: every submission will be refused as an unknown model"
+        );
     }
     let store = store(&config, migrate).await?;
     let broker = broker(&config).await?;
@@ -83,7 +90,11 @@ pub async fn serve(config: Config, migrate: bool, shutdown: CancellationToken) -
         .context("the API server failed")
 }
 
-pub async fn worker(config: Config, migrate: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn worker(
+    config: Config,
+    migrate: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let router = router(&config)?;
     let store = store(&config, migrate).await?;
     let broker = broker(&config).await?;
@@ -99,11 +110,14 @@ pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<()> {
     if dead.is_empty() {
         eprintln!("no dead jobs");
     }
-    for (id, tenant, model, error, at) in dead {
+    for job in dead {
         println!(
-            "{id}\t{tenant}\t{model}\t{}\t{}",
-            at.to_rfc3339(),
-            error.unwrap_or_default()
+            "{}\t{}\t{}\t{}\t{}",
+            job.id,
+            job.tenant,
+            job.model,
+            job.at.to_rfc3339(),
+            job.error.unwrap_or_default()
         );
     }
     Ok(())

@@ -1,0 +1,34 @@
+# Sluice: the everyday commands. See README.md.
+CARGO ?= cargo
+SLUICE = $(CARGO) run --release --quiet --bin sluice --
+
+.PHONY: run test check bench services build
+
+## Run the API, one worker and the provider simulator against this machine's services
+## with ./sluice.toml, in the foreground until Ctrl-C.
+run: services build
+	@trap 'kill 0' INT TERM EXIT; \
+	$(SLUICE) sim & \
+	$(SLUICE) worker & \
+	$(SLUICE) serve & \
+	wait
+
+build:
+	$(CARGO) build --release --bin sluice
+
+## The whole test suite against the real services.
+test: services
+	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) test --workspace --doc --quiet
+
+## Formatting and lints, as CI runs them.
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## End-to-end throughput on this machine (not a test).
+bench: services
+	$(CARGO) run --release --bin sluice -- bench throughput
+
+services:
+	@scripts/services.sh
