@@ -4,6 +4,7 @@
 //! Every state change is one conditional statement fenced by the job's `attempt`,
 //! so a redelivered or stale message can never overwrite a newer outcome.
 
+mod batch;
 mod jobs;
 mod keys;
 mod lifecycle;
@@ -11,9 +12,10 @@ mod outbox;
 mod stats;
 mod writer;
 
+pub use batch::Batcher;
 pub use jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};
 pub use keys::{hash_key, new_api_key, KEY_PREFIX};
-pub use lifecycle::{Claim, DeadJob, Failure};
+pub use lifecycle::{Claim, Completion, DeadJob, Failure};
 pub use outbox::OutboxMessage;
 pub use writer::JobWriter;
 

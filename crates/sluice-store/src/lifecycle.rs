@@ -7,6 +7,7 @@ use crate::{millis, Store, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobRequest, Lane, RequestId};
 use sqlx::Row;
+use std::collections::HashMap;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -32,6 +33,15 @@ pub struct DeadJob {
     pub at: DateTime<Utc>,
 }
 
+/// A successful attempt to record.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: RequestId,
+    pub attempt: i32,
+    pub result: serde_json::Value,
+    pub endpoint: String,
+}
+
 /// Why an attempt failed, stored on the job and in its event.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -43,37 +53,64 @@ impl Store {
     /// Move a queued or retrying job to `running` if the message's attempt is still current.
     /// `None` means the message is stale (job terminal, cancelled, or already claimed): ack and drop it.
     pub async fn claim(&self, job: &JobRef, lease: Duration) -> Result<Option<Claim>, StoreError> {
-        let row = sqlx::query(
-            "WITH j AS (
-                 UPDATE jobs SET state = 'running', attempt = attempt + 1, tries = tries + 1,
+        let mut claims = self.claim_many(std::slice::from_ref(job), lease).await?;
+        Ok(claims.pop().flatten())
+    }
+
+    /// [`Store::claim`] for many messages in one statement; answers in input order.
+    /// Of two messages for the same job and attempt, only the first gets the claim.
+    pub async fn claim_many(
+        &self,
+        jobs: &[JobRef],
+        lease: Duration,
+    ) -> Result<Vec<Option<Claim>>, StoreError> {
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.request_id.0).collect();
+        let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
+        let rows = sqlx::query(
+            "WITH input AS (
+                 SELECT DISTINCT id, attempt FROM UNNEST($1::uuid[], $2::int[]) AS t(id, attempt)
+                 ORDER BY id
+             ), j AS (
+                 UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, tries = jobs.tries + 1,
                                  lease_until = now() + $3 * interval '1 millisecond',
                                  started_at = COALESCE(started_at, now()), updated_at = now(),
                                  event_seq = event_seq + 1
-                 WHERE id = $1 AND attempt = $2 AND state IN ('queued', 'retrying')
-                 RETURNING id, event_seq, attempt, tries, lane, request
+                 FROM input
+                 WHERE jobs.id = input.id AND jobs.attempt = input.attempt
+                   AND jobs.state IN ('queued', 'retrying')
+                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.tries, jobs.lane, jobs.request
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, 'running', jsonb_build_object('attempt', attempt) FROM j
              )
-             SELECT attempt, tries, lane, request FROM j",
+             SELECT id, attempt, tries, lane, request FROM j",
         )
-        .bind(job.request_id.0)
-        .bind(job.attempt)
+        .bind(&ids)
+        .bind(&attempts)
         .bind(millis(lease))
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        row.map(|r| {
+        let mut claimed: HashMap<(Uuid, i32), Claim> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let id: Uuid = r.try_get("id")?;
             let lane: String = r.try_get("lane")?;
             let request: serde_json::Value = r.try_get("request")?;
-            Ok(Claim {
-                id: job.request_id,
-                attempt: r.try_get("attempt")?,
-                tries: r.try_get("tries")?,
-                lane: parse_lane(&lane)?,
-                request: serde_json::from_value(request).map_err(corrupt)?,
-            })
-        })
-        .transpose()
+            let attempt: i32 = r.try_get("attempt")?;
+            claimed.insert(
+                (id, attempt - 1),
+                Claim {
+                    id: RequestId(id),
+                    attempt,
+                    tries: r.try_get("tries")?,
+                    lane: parse_lane(&lane)?,
+                    request: serde_json::from_value(request).map_err(corrupt)?,
+                },
+            );
+        }
+        Ok(jobs
+            .iter()
+            .map(|j| claimed.remove(&(j.request_id.0, j.attempt)))
+            .collect())
     }
 
     /// Extend the leases of jobs still running under these attempts.
@@ -108,24 +145,52 @@ impl Store {
         result: &serde_json::Value,
         endpoint: &str,
     ) -> Result<bool, StoreError> {
-        let row = sqlx::query(
-            "WITH j AS (
-                 UPDATE jobs SET state = 'succeeded', result = $3, endpoint = $4, error = NULL,
-                                 lease_until = NULL, finished_at = now(), updated_at = now(),
-                                 event_seq = event_seq + 1
-                 WHERE id = $1 AND attempt = $2 AND state = 'running'
-                 RETURNING id, event_seq
+        let done = self
+            .complete_many(&[Completion {
+                id,
+                attempt,
+                result: result.clone(),
+                endpoint: endpoint.to_owned(),
+            }])
+            .await?;
+        Ok(done.first().copied().unwrap_or(false))
+    }
+
+    /// [`Store::complete`] for many jobs in one statement; answers in input order.
+    pub async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
+        let ids: Vec<Uuid> = done.iter().map(|c| c.id.0).collect();
+        let attempts: Vec<i32> = done.iter().map(|c| c.attempt).collect();
+        let results: Vec<String> = done.iter().map(|c| c.result.to_string()).collect();
+        let endpoints: Vec<&str> = done.iter().map(|c| c.endpoint.as_str()).collect();
+        let completed: Vec<(Uuid, i32)> = sqlx::query_as(
+            "WITH input AS (
+                 SELECT DISTINCT ON (id, attempt) id, attempt, result, endpoint
+                 FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[])
+                     AS t(id, attempt, result, endpoint)
+                 ORDER BY id, attempt
+             ), j AS (
+                 UPDATE jobs SET state = 'succeeded', result = input.result::jsonb,
+                                 endpoint = input.endpoint, error = NULL, lease_until = NULL,
+                                 finished_at = now(), updated_at = now(), event_seq = event_seq + 1
+                 FROM input
+                 WHERE jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = 'running'
+                 RETURNING jobs.id, jobs.event_seq, jobs.attempt
+             ), e AS (
+                 INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'succeeded' FROM j
              )
-             INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'succeeded' FROM j
-             RETURNING job_id",
+             SELECT id, attempt FROM j",
         )
-        .bind(id.0)
-        .bind(attempt)
-        .bind(result)
-        .bind(endpoint)
-        .fetch_optional(&self.pool)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&results)
+        .bind(&endpoints)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(row.is_some())
+        let mut completed: std::collections::HashSet<(Uuid, i32)> = completed.into_iter().collect();
+        Ok(done
+            .iter()
+            .map(|c| completed.remove(&(c.id.0, c.attempt)))
+            .collect())
     }
 
     /// Record a retryable failure and queue the retry message, deliverable after `delay`.

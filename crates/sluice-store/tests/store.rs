@@ -387,3 +387,63 @@ async fn relay_takes_only_old_unlocked_rows() {
     assert_eq!(db.store.outbox_len().await.unwrap(), 0);
     db.drop().await;
 }
+
+#[tokio::test]
+async fn batched_claims_and_completions_answer_each_caller_once() {
+    let db = TestDb::new().await;
+    let a = created(db.store.insert_job(&new_job("acme", "a")).await.unwrap());
+    let b = created(db.store.insert_job(&new_job("acme", "b")).await.unwrap());
+    let cancelled = created(db.store.insert_job(&new_job("acme", "c")).await.unwrap());
+    db.store
+        .cancel("acme", cancelled.job.request_id)
+        .await
+        .unwrap();
+    // The same message twice in one batch (a redelivered duplicate): one claim only.
+    let claims = db
+        .store
+        .claim_many(
+            &[
+                a.job.clone(),
+                b.job.clone(),
+                a.job.clone(),
+                cancelled.job.clone(),
+            ],
+            LEASE,
+        )
+        .await
+        .unwrap();
+    assert!(claims[0].is_some() && claims[1].is_some());
+    assert!(
+        claims[2].is_none(),
+        "a duplicate must not get a second claim"
+    );
+    assert!(claims[3].is_none(), "a cancelled job is not claimed");
+
+    let done = |id: RequestId, attempt: i32| sluice_store::Completion {
+        id,
+        attempt,
+        result: serde_json::json!({"content": id.to_string()}),
+        endpoint: "e1".into(),
+    };
+    let answers = db
+        .store
+        .complete_many(&[
+            done(a.job.request_id, 1),
+            done(b.job.request_id, 0),
+            done(a.job.request_id, 1),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers, vec![true, false, false]);
+    let a_job = db.store.job(a.job.request_id).await.unwrap().unwrap();
+    assert_eq!(a_job.state, JobState::Succeeded);
+    assert_eq!(
+        a_job.result.unwrap()["content"],
+        a.job.request_id.to_string()
+    );
+    assert_eq!(
+        db.store.job(b.job.request_id).await.unwrap().unwrap().state,
+        JobState::Running
+    );
+    db.drop().await;
+}

@@ -8,10 +8,10 @@ mod process;
 use futures::StreamExt;
 use serde::Deserialize;
 use sluice_broker::{BrokerError, Delivery};
-use sluice_core::{FairQueue, Lane, LaneWeights, RequestId, RetryPolicy};
+use sluice_core::{FairQueue, JobRef, Lane, LaneWeights, RequestId, RetryPolicy};
 use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::Router;
-use sluice_store::Store;
+use sluice_store::{Batcher, Claim, Completion, Store};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,6 +87,9 @@ impl Held {
 /// A worker process's moving parts.
 pub struct Worker {
     pub(crate) store: Store,
+    /// Claims and completions from concurrent jobs share statements.
+    pub(crate) claims: Batcher<JobRef, Option<Claim>>,
+    pub(crate) completions: Batcher<Completion, bool>,
     pub(crate) publisher: Publisher,
     pub(crate) router: Arc<Router>,
     pub(crate) config: WorkerConfig,
@@ -109,8 +112,21 @@ impl Worker {
                 "concurrency and prefetch must be at least 1".into(),
             ));
         }
+        let lease = config.lease();
+        let claim_store = store.clone();
+        let claims = Batcher::spawn(2, 256, move |jobs: Vec<JobRef>| {
+            let store = claim_store.clone();
+            async move { store.claim_many(&jobs, lease).await }
+        });
+        let complete_store = store.clone();
+        let completions = Batcher::spawn(2, 256, move |done: Vec<Completion>| {
+            let store = complete_store.clone();
+            async move { store.complete_many(&done).await }
+        });
         Ok(Arc::new(Worker {
             store,
+            claims,
+            completions,
             publisher,
             router,
             config,

@@ -5,14 +5,14 @@ use crate::Worker;
 use sluice_broker::Delivery;
 use sluice_core::RetryDecision;
 use sluice_providers::{ChatRequest, Permit, ProviderError};
-use sluice_store::{Failure, OutboxMessage};
+use sluice_store::{Completion, Failure, OutboxMessage};
 use std::time::Duration;
 
 impl Worker {
     pub(crate) async fn process(&self, delivery: Delivery, permit: Option<Permit>) {
         let job = delivery.job.clone();
         let id = job.request_id;
-        let claim = match self.store.claim(&job, self.config.lease()).await {
+        let claim = match self.claims.call(job.clone()).await {
             Ok(Some(claim)) => claim,
             Ok(None) => {
                 tracing::debug!(message = "dropping stale or cancelled message", request_id = %id, attempt = job.attempt);
@@ -58,11 +58,13 @@ impl Worker {
                         return;
                     }
                 };
-                match self
-                    .store
-                    .complete(id, claim.attempt, &result, &endpoint)
-                    .await
-                {
+                let completion = Completion {
+                    id,
+                    attempt: claim.attempt,
+                    result,
+                    endpoint: endpoint.clone(),
+                };
+                match self.completions.call(completion).await {
                     Ok(true) => {
                         tracing::debug!(message = "job succeeded", request_id = %id, %endpoint)
                     }
