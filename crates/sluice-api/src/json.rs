@@ -7,7 +7,7 @@ use axum::http::{header, StatusCode};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-/// A parsed body together with its raw bytes (for idempotency hashing).
+/// A JSON request body parsed into `T`.
 pub struct JsonBody<T> {
     pub value: T,
 }

@@ -10,7 +10,7 @@ pub use error::ApiError;
 
 use axum::routing::get;
 use axum::Router;
-use sluice_core::TierLanes;
+use sluice_core::{Lane, TierLanes};
 use sluice_outbox::Publisher;
 use sluice_store::{JobWriter, Store};
 use std::collections::BTreeSet;
@@ -84,6 +84,11 @@ async fn ready(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     if !state.store.ping().await {
         return Err(ApiError::unavailable("the database does not answer"));
+    }
+    if let Err(error) = state.publisher.broker().depth(Lane::Priority).await {
+        return Err(ApiError::unavailable(format!(
+            "the broker does not answer: {error}"
+        )));
     }
     Ok(axum::Json(serde_json::json!({ "status": "ready" })))
 }

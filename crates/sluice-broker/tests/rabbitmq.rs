@@ -1,5 +1,5 @@
 //! The broker conformance suite and RabbitMQ-only cases, against a real RabbitMQ
-//! (`SLUICE_TEST_AMQP_URL`, default guest@127.0.0.1:5672). Each test owns a random queue prefix.
+//! (`SLUICE_TEST_RABBITMQ_URL`, default guest@127.0.0.1:5672). Each test owns a random queue prefix.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use sluice_broker::{
 };
 
 fn url() -> String {
-    std::env::var("SLUICE_TEST_AMQP_URL")
+    std::env::var("SLUICE_TEST_RABBITMQ_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 

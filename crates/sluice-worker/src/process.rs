@@ -54,7 +54,9 @@ impl Worker {
                 let result = match serde_json::to_value(&response) {
                     Ok(v) => v,
                     Err(error) => {
+                        // The lease expires and another attempt runs; the message is done with.
                         tracing::error!(message = "could not encode a provider response", request_id = %id, %error);
+                        ack(delivery).await;
                         return;
                     }
                 };

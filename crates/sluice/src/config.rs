@@ -2,7 +2,7 @@
 //! variables, e.g. `SLUICE_LISTEN` or `SLUICE_DATABASE__URL` (double underscore for nesting).
 
 use anyhow::{bail, Context};
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use sluice_broker::rabbitmq::RabbitConfig;
@@ -78,13 +78,12 @@ impl Config {
                 }
             }
         }
-        let figment = figment
-            .merge(
-                Env::prefixed("SLUICE_")
-                    .split("__")
-                    .ignore(&["config", "api_url", "api_key", "log"]),
-            )
-            .join(Serialized::default("listen", default_listen()));
+        // Variables read by the client commands and the test suite are not configuration.
+        let figment = figment.merge(Env::prefixed("SLUICE_").split("__").filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            !matches!(key.as_str(), "config" | "api_url" | "api_key" | "log")
+                && !key.starts_with("test_")
+        }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate()?;
         Ok(config)
@@ -97,5 +96,75 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const EXAMPLE: &str = include_str!("../../../sluice.toml");
+
+    #[test]
+    fn the_example_config_loads_with_its_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file("sluice.toml", EXAMPLE)?;
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.listen, default_listen());
+            assert_eq!(
+                config.routes.get("default").map(String::as_str),
+                Some("sim")
+            );
+            assert_eq!(config.pools[0].endpoints.len(), 2);
+            assert_eq!(config.sim.config.keys.len(), 2);
+            assert_eq!(config.worker.retry.max_attempts, 5);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("sluice.toml", EXAMPLE)?;
+            jail.set_env("SLUICE_LISTEN", "127.0.0.1:9999");
+            jail.set_env("SLUICE_DATABASE__SCHEMA", "elsewhere");
+            jail.set_env("SLUICE_WORKER__CONCURRENCY", "3");
+            jail.set_env("SLUICE_TEST_DATABASE_URL", "postgres://ignored");
+            jail.set_env("SLUICE_API_KEY", "sk_sluice_ignored");
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.listen, "127.0.0.1:9999".parse().unwrap());
+            assert_eq!(config.database.schema.as_deref(), Some("elsewhere"));
+            assert_eq!(config.worker.concurrency, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn without_a_file_the_defaults_apply() {
+        Jail::expect_with(|_| {
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.listen, default_listen());
+            assert!(config.routes.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        Jail::expect_with(|jail| {
+            jail.create_file("route.toml", "[routes]\ndefault = \"nowhere\"\n")?;
+            let error = Config::load(Some(Path::new("route.toml"))).unwrap_err();
+            assert!(format!("{error:#}").contains("nowhere"), "{error:#}");
+
+            jail.create_file("typo.toml", "listn = \"127.0.0.1:1\"\n")?;
+            let error = Config::load(Some(Path::new("typo.toml"))).unwrap_err();
+            assert!(format!("{error:#}").contains("listn"), "{error:#}");
+
+            let error = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
+            assert!(format!("{error:#}").contains("does not exist"), "{error:#}");
+            Ok(())
+        });
     }
 }

@@ -38,6 +38,7 @@ enum Command {
     },
     /// Run a worker that drains the lanes into the provider pools.
     Worker {
+        /// Do not apply database migrations at start.
         #[arg(long)]
         no_migrate: bool,
     },
