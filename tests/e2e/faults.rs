@@ -259,3 +259,90 @@ async fn rabbitmq_dropping_every_connection_mid_run_loses_no_job() {
     assert_one_outcome_each(&app, &ids).await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn database_connections_cut_mid_run_lose_no_job() {
+    let app = spawn_app(AppOptions {
+        workers: 2,
+        sim: SimConfig {
+            default_rpm: 0,
+            latency: Latency::Uniform {
+                min_ms: 5,
+                max_ms: 30,
+            },
+            ..SimConfig::default()
+        },
+        concurrency: 8,
+        ..Default::default()
+    })
+    .await;
+    let ids = submit_many(&app, 300).await;
+    app.wait_for("some progress", Duration::from_secs(60), || async {
+        app.count(JobState::Succeeded).await >= 30
+    })
+    .await;
+    // Three outages, as a PostgreSQL restart looks from the processes' side.
+    let mut cut = 0;
+    for _ in 0..3 {
+        cut += app.cut_database_connections().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(cut >= 3, "cut {cut} connections");
+    app.wait_terminal(&ids, Duration::from_secs(120)).await;
+    assert_eq!(app.count(JobState::Succeeded).await, 300);
+    assert_one_outcome_each(&app, &ids).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn kill_9_of_the_api_mid_submission_loses_no_accepted_job() {
+    let mut app = spawn_app(AppOptions::default()).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let (http, url, key, accepted) = (
+            app.http.clone(),
+            format!("{}/v1/jobs", app.api),
+            key.clone(),
+            accepted.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let response = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&crate::helpers::job_body(&format!("job {i}")))
+                .send()
+                .await
+                .ok()?;
+            if response.status() != reqwest::StatusCode::ACCEPTED {
+                return None;
+            }
+            let body: serde_json::Value = response.json().await.ok()?;
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            body["request_id"].as_str()?.parse::<RequestId>().ok()
+        }));
+    }
+    app.wait_for("some accepted jobs", Duration::from_secs(30), || async {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 50
+    })
+    .await;
+    app.kill_api().await;
+    let mut ids = Vec::new();
+    for task in tasks {
+        if let Some(id) = task.await.unwrap() {
+            ids.push(id);
+        }
+    }
+    assert!(ids.len() >= 50, "{} accepted", ids.len());
+    // Accepted jobs whose publish died with the API wait in the outbox until a worker's relay sends them.
+    app.wait_terminal(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(app.state(*id).await, JobState::Succeeded);
+    }
+    app.wait_for("the outbox to drain", Duration::from_secs(30), || async {
+        app.store.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    app.cleanup().await;
+}

@@ -90,6 +90,7 @@ listen = "127.0.0.1:0"
 url = "{db}"
 schema = "{schema}"
 max_connections = 8
+application_name = "{schema}"
 
 [rabbitmq]
 url = "{amqp}"
@@ -141,6 +142,7 @@ default = "sim"
         schema: Some(schema.clone()),
         max_connections: 4,
         migrate: true,
+        ..StoreConfig::default()
     })
     .await
     .expect("database");
@@ -360,6 +362,28 @@ impl TestApp {
         })
         .await
         .unwrap()
+    }
+
+    /// Cut every database connection of this app's processes, as a PostgreSQL restart would.
+    pub async fn cut_database_connections(&self) -> i64 {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM (
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = $1 AND pid <> pg_backend_pid()
+             ) t",
+        )
+        .bind(&self.schema)
+        .fetch_one(self.store.pool())
+        .await
+        .unwrap();
+        n
+    }
+
+    /// `kill -9` the API process.
+    pub async fn kill_api(&mut self) {
+        let mut child = self.api_process.take().unwrap();
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
     }
 
     /// Stop every process and drop the schema and queues.

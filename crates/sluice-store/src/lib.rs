@@ -36,6 +36,8 @@ pub struct StoreConfig {
     pub max_connections: u32,
     /// Apply pending migrations at start.
     pub migrate: bool,
+    /// Shown in `pg_stat_activity`, so operators can tell Sluice's connections apart.
+    pub application_name: String,
 }
 
 impl Default for StoreConfig {
@@ -45,6 +47,7 @@ impl Default for StoreConfig {
             schema: None,
             max_connections: 16,
             migrate: true,
+            application_name: "sluice".into(),
         }
     }
 }
@@ -56,6 +59,7 @@ impl fmt::Debug for StoreConfig {
             .field("schema", &self.schema)
             .field("max_connections", &self.max_connections)
             .field("migrate", &self.migrate)
+            .field("application_name", &self.application_name)
             .finish()
     }
 }
@@ -111,7 +115,8 @@ fn valid_schema(name: &str) -> bool {
 impl Store {
     /// Connect, create the schema if one is named, and migrate when configured to.
     pub async fn connect(config: &StoreConfig) -> Result<Store, StoreError> {
-        let mut options = PgConnectOptions::from_str(&config.url)?;
+        let mut options =
+            PgConnectOptions::from_str(&config.url)?.application_name(&config.application_name);
         if let Some(schema) = &config.schema {
             if !valid_schema(schema) {
                 return Err(StoreError::InvalidSchema(schema.clone()));

@@ -20,6 +20,7 @@ impl TestDb {
             schema: Some(schema.clone()),
             max_connections: 4,
             migrate: true,
+            ..StoreConfig::default()
         })
         .await
         .unwrap();
