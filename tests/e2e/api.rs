@@ -132,19 +132,12 @@ async fn bad_input_gets_a_json_error_and_creates_no_job() {
     let key = app.key("acme", Tier::Basic).await;
     let url = format!("{}/v1/jobs", app.api);
     let raw = |body: Vec<u8>, content_type: &'static str| {
-        let (http, url, key) = (app.http.clone(), url.clone(), key.clone());
-        async move {
-            let response = http
-                .post(url)
-                .bearer_auth(key)
-                .header("content-type", content_type)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            (status, response.json::<Value>().await.unwrap())
-        }
+        let request = app
+            .http
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body);
+        app.send(request, &key)
     };
     let json = "application/json";
     let (s, b) = raw(b"{\"model\": \"default\", \"messages\": [".to_vec(), json).await;
@@ -269,24 +262,14 @@ async fn idempotency_key_returns_the_same_job_and_409_for_another_body() {
     })
     .await;
     let key = app.key("acme", Tier::Pro).await;
+    let url = format!("{}/v1/jobs", app.api);
     let send = |body: Value, idem: &'static str| {
-        let (http, url, key) = (
-            app.http.clone(),
-            format!("{}/v1/jobs", app.api),
-            key.clone(),
-        );
-        async move {
-            let response = http
-                .post(url)
-                .bearer_auth(key)
-                .header("idempotency-key", idem)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            (status, response.json::<Value>().await.unwrap())
-        }
+        let request = app
+            .http
+            .post(&url)
+            .header("idempotency-key", idem)
+            .json(&body);
+        app.send(request, &key)
     };
     let (s1, first) = send(job_body("once"), "order-42").await;
     assert_eq!(s1, StatusCode::ACCEPTED);

@@ -48,6 +48,24 @@ async fn submit_many(app: &TestApp, n: usize) -> Vec<RequestId> {
     ids
 }
 
+/// Two workers and a provider with a little latency, so jobs are in flight when a fault hits.
+async fn busy_app() -> TestApp {
+    spawn_app(AppOptions {
+        workers: 2,
+        sim: SimConfig {
+            default_rpm: 0,
+            latency: Latency::Uniform {
+                min_ms: 5,
+                max_ms: 30,
+            },
+            ..SimConfig::default()
+        },
+        concurrency: 8,
+        ..Default::default()
+    })
+    .await
+}
+
 /// Every job reached exactly one terminal state, and its log has exactly one terminal event.
 async fn assert_one_outcome_each(app: &TestApp, ids: &[RequestId]) {
     for id in ids {
@@ -220,20 +238,7 @@ async fn close_rabbit_connections(prefix: &str) -> usize {
 
 #[tokio::test]
 async fn rabbitmq_dropping_every_connection_mid_run_loses_no_job() {
-    let app = spawn_app(AppOptions {
-        workers: 2,
-        sim: SimConfig {
-            default_rpm: 0,
-            latency: Latency::Uniform {
-                min_ms: 5,
-                max_ms: 30,
-            },
-            ..SimConfig::default()
-        },
-        concurrency: 8,
-        ..Default::default()
-    })
-    .await;
+    let app = busy_app().await;
     let first = submit_many(&app, 150).await;
     app.wait_for("some progress", Duration::from_secs(60), || async {
         app.count(JobState::Succeeded).await >= 30
@@ -262,20 +267,7 @@ async fn rabbitmq_dropping_every_connection_mid_run_loses_no_job() {
 
 #[tokio::test]
 async fn database_connections_cut_mid_run_lose_no_job() {
-    let app = spawn_app(AppOptions {
-        workers: 2,
-        sim: SimConfig {
-            default_rpm: 0,
-            latency: Latency::Uniform {
-                min_ms: 5,
-                max_ms: 30,
-            },
-            ..SimConfig::default()
-        },
-        concurrency: 8,
-        ..Default::default()
-    })
-    .await;
+    let app = busy_app().await;
     let ids = submit_many(&app, 300).await;
     app.wait_for("some progress", Duration::from_secs(60), || async {
         app.count(JobState::Succeeded).await >= 30

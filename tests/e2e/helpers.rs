@@ -249,17 +249,16 @@ impl TestApp {
             .unwrap()
     }
 
-    pub async fn post_job(&self, key: &str, body: &Value) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .post(format!("{}/v1/jobs", self.api))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+    /// Send a request with a key; the status and the JSON body.
+    pub async fn send(&self, request: reqwest::RequestBuilder, key: &str) -> (StatusCode, Value) {
+        let response = request.bearer_auth(key).send().await.unwrap();
         let status = response.status();
         (status, response.json().await.unwrap())
+    }
+
+    pub async fn post_job(&self, key: &str, body: &Value) -> (StatusCode, Value) {
+        let url = format!("{}/v1/jobs", self.api);
+        self.send(self.http.post(url).json(body), key).await
     }
 
     /// Submit a job and return its id; panics unless accepted.
@@ -270,27 +269,13 @@ impl TestApp {
     }
 
     pub async fn get_job(&self, key: &str, id: RequestId) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .get(format!("{}/v1/jobs/{id}", self.api))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        (status, response.json().await.unwrap())
+        let url = format!("{}/v1/jobs/{id}", self.api);
+        self.send(self.http.get(url), key).await
     }
 
     pub async fn cancel_job(&self, key: &str, id: RequestId) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .delete(format!("{}/v1/jobs/{id}", self.api))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        (status, response.json().await.unwrap())
+        let url = format!("{}/v1/jobs/{id}", self.api);
+        self.send(self.http.delete(url), key).await
     }
 
     pub async fn state(&self, id: RequestId) -> JobState {

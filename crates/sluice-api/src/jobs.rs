@@ -213,21 +213,23 @@ fn parse_id(id: &str) -> Result<RequestId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("no such job"))
 }
 
+/// The tenant's job as a view; another tenant's answers exactly like an unknown one.
+async fn view(state: &ApiState, tenant: &str, id: RequestId) -> Result<Json<JobView>, ApiError> {
+    state
+        .store
+        .get_job(tenant, id)
+        .await
+        .map_err(ApiError::internal)?
+        .map(|job| Json(job.into()))
+        .ok_or_else(|| ApiError::not_found("no such job"))
+}
+
 pub async fn get(
     State(state): State<Arc<ApiState>>,
     Caller(principal): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let id = parse_id(&id)?;
-    match state
-        .store
-        .get_job(&principal.tenant, id)
-        .await
-        .map_err(ApiError::internal)?
-    {
-        Some(job) => Ok(Json(job.into())),
-        None => Err(ApiError::not_found("no such job")),
-    }
+    view(&state, &principal.tenant, parse_id(&id)?).await
 }
 
 pub async fn cancel(
@@ -242,15 +244,7 @@ pub async fn cancel(
         .await
         .map_err(ApiError::internal)?
     {
-        CancelOutcome::Cancelled => {
-            let job = state
-                .store
-                .get_job(&principal.tenant, id)
-                .await
-                .map_err(ApiError::internal)?
-                .ok_or_else(|| ApiError::not_found("no such job"))?;
-            Ok(Json(job.into()))
-        }
+        CancelOutcome::Cancelled => view(&state, &principal.tenant, id).await,
         CancelOutcome::Terminal(job_state) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_cancellable",
