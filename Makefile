@@ -18,8 +18,8 @@ build:
 
 ## The whole test suite against the real services.
 test: services
-	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc --quiet
+	$(CARGO) nextest run --workspace --no-fail-fast
 
 ## Formatting and lints, as CI runs them.
 check:

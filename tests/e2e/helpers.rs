@@ -89,7 +89,7 @@ listen = "127.0.0.1:0"
 [database]
 url = "{db}"
 schema = "{schema}"
-max_connections = 8
+max_connections = 4
 application_name = "{schema}"
 
 [rabbitmq]

@@ -11,11 +11,17 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Messages waiting for a background publish; beyond this the relay picks them up later.
+const BACKGROUND_QUEUE: usize = 16_384;
+/// Background batches being confirmed at once.
+const BACKGROUND_BATCHES: usize = 4;
+
 /// Publishes outbox messages; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     broker: Arc<dyn Broker>,
     confirmed: mpsc::UnboundedSender<i64>,
+    background: mpsc::Sender<OutboxMessage>,
 }
 
 impl Publisher {
@@ -32,7 +38,34 @@ impl Publisher {
                 ids.clear();
             }
         });
-        Publisher { broker, confirmed }
+        let (background, rx) = mpsc::channel(BACKGROUND_QUEUE);
+        let publisher = Publisher {
+            broker,
+            confirmed,
+            background,
+        };
+        tokio::spawn(publisher.clone().publish_batches(rx));
+        publisher
+    }
+
+    /// Gather messages handed to [`Publisher::publish_in_background`] into pipelined batches.
+    async fn publish_batches(self, mut rx: mpsc::Receiver<OutboxMessage>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(BACKGROUND_BATCHES));
+        let mut batch = Vec::with_capacity(512);
+        while rx.recv_many(&mut batch, 512).await > 0 {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let publisher = self.clone();
+            let messages = std::mem::take(&mut batch);
+            tokio::spawn(async move {
+                let n = messages.len();
+                if let Err(error) = publisher.publish_many(messages).await {
+                    tracing::warn!(message = "publish failed; the relay will retry", messages = n, %error);
+                }
+                drop(slot);
+            });
+        }
     }
 
     pub fn broker(&self) -> &Arc<dyn Broker> {
@@ -69,15 +102,12 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publish without waiting; on failure the relay publishes it later.
+    /// Publish without waiting, batched with other callers; on failure, or when too many
+    /// are waiting, the relay publishes it later.
     pub fn publish_in_background(&self, message: OutboxMessage) {
-        let publisher = self.clone();
-        tokio::spawn(async move {
-            let job = message.job.request_id;
-            if let Err(error) = publisher.publish(message).await {
-                tracing::warn!(message = "publish failed; the relay will retry", request_id = %job, %error);
-            }
-        });
+        if let Err(error) = self.background.try_send(message) {
+            tracing::debug!(message = "background publish queue full; leaving the message to the relay", %error);
+        }
     }
 }
 
