@@ -258,3 +258,47 @@ async fn cli_keys_submit_wait_and_status() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_saturated_pool_does_not_hold_up_jobs_for_another_pool() {
+    let app = spawn_app(AppOptions {
+        // 6 requests a minute: after the first, one every 10 s.
+        extra_pools: vec![("slow", 6)],
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut slow = Vec::new();
+    for n in 0..4 {
+        let body = serde_json::json!({
+            "model": "slow",
+            "messages": [{"role": "user", "content": format!("slow {n}")}],
+        });
+        let (status, answer) = app.post_job(&key, &body).await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{answer}");
+        slow.push(
+            answer["request_id"]
+                .as_str()
+                .unwrap()
+                .parse::<RequestId>()
+                .unwrap(),
+        );
+    }
+    // Same lane, same tenant, queued behind the slow pool's jobs.
+    let mut fast = Vec::new();
+    for n in 0..20 {
+        fast.push(app.submit(&key, &format!("fast {n}")).await);
+    }
+    app.wait_terminal(&fast, Duration::from_secs(8)).await;
+    let mut slow_done = 0;
+    for id in &slow {
+        if app.state(*id).await == JobState::Succeeded {
+            slow_done += 1;
+        }
+    }
+    assert!(
+        slow_done <= 2,
+        "the slow pool went over its rate: {slow_done} done"
+    );
+    app.cleanup().await;
+}

@@ -38,6 +38,8 @@ pub struct AppOptions {
     pub lease_secs: f64,
     pub concurrency: usize,
     pub timeout_secs: u64,
+    /// More pools on the same simulator, each routed from a model alias of its own name: (name, rpm).
+    pub extra_pools: Vec<(&'static str, u32)>,
 }
 
 impl Default for AppOptions {
@@ -55,6 +57,7 @@ impl Default for AppOptions {
             lease_secs: 5.0,
             concurrency: 16,
             timeout_secs: 10,
+            extra_pools: Vec::new(),
         }
     }
 }
@@ -133,6 +136,19 @@ default = "sim"
         rpm = options.rpm,
         timeout = options.timeout_secs,
     );
+    // The config ends inside [routes]: route lines first, then the pools they name.
+    let mut config = config;
+    for (name, _) in &options.extra_pools {
+        config.push_str(&format!("{name} = \"{name}\"\n"));
+    }
+    for (name, rpm) in &options.extra_pools {
+        config.push_str(&format!(
+            "\n[[pools]]\nname = \"{name}\"\n[[pools.endpoints]]\nname = \"{name}-1\"\n\
+             base_url = \"{}\"\nmodel = \"sim-model\"\napi_key = \"sk-sim-test\"\n\
+             rpm = {rpm}\nburst = 1\n",
+            sim.base_url()
+        ));
+    }
     let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));
     std::fs::write(&config_path, config).unwrap();
 

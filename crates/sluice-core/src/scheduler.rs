@@ -48,10 +48,16 @@ impl<T> LaneQueue<T> {
         self.len += 1;
     }
 
-    fn pop(&mut self) -> Option<(String, T)> {
-        let tenant = self.turns.pop_front()?;
+    /// The first ready item of the first tenant in turn order that has one. Skipped tenants
+    /// keep their turn, and a tenant's ready item may pass its own items that are not ready.
+    fn pop_where(&mut self, ready: &mut impl FnMut(&T) -> bool) -> Option<(String, T)> {
+        let (k, at) = self.turns.iter().enumerate().find_map(|(k, tenant)| {
+            let at = self.items.get(tenant)?.iter().position(&mut *ready)?;
+            Some((k, at))
+        })?;
+        let tenant = self.turns.remove(k)?;
         let queue = self.items.get_mut(&tenant)?;
-        let item = queue.pop_front()?;
+        let item = queue.remove(at)?;
         if queue.is_empty() {
             self.items.remove(&tenant);
         } else {
@@ -59,6 +65,10 @@ impl<T> LaneQueue<T> {
         }
         self.len -= 1;
         Some((tenant, item))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.values().flatten()
     }
 }
 
@@ -113,14 +123,35 @@ impl<T> FairQueue<T> {
 
     /// The next item by lane weight, then tenant turn; `None` only when every lane is empty.
     pub fn pop(&mut self) -> Option<(Lane, String, T)> {
-        let i = (0..self.lanes.len())
+        self.pop_where(|_| true)
+    }
+
+    /// The next item that is `ready` (say, whose provider pool can serve now), by lane weight
+    /// and tenant turn. A lane with nothing ready is treated as idle: it earns no credit
+    /// while it waits, so it cannot burst ahead of the others once its pool frees up.
+    pub fn pop_where(&mut self, mut ready: impl FnMut(&T) -> bool) -> Option<(Lane, String, T)> {
+        let mut order: Vec<usize> = (0..self.lanes.len())
             .filter(|&i| self.lanes[i].len > 0)
-            .min_by_key(|&i| (self.passes[i], i))?;
-        let (tenant, item) = self.lanes[i].pop()?;
-        self.virtual_time = self.passes[i];
-        self.passes[i] = self.passes[i].saturating_add(self.strides[i]);
-        self.len -= 1;
-        Some((Lane::CONSUMED[i], tenant, item))
+            .collect();
+        order.sort_by_key(|&i| (self.passes[i], i));
+        for (rank, &i) in order.iter().enumerate() {
+            let Some((tenant, item)) = self.lanes[i].pop_where(&mut ready) else {
+                continue;
+            };
+            self.virtual_time = self.passes[i];
+            self.passes[i] = self.passes[i].saturating_add(self.strides[i]);
+            for &skipped in &order[..rank] {
+                self.passes[skipped] = self.passes[skipped].max(self.virtual_time);
+            }
+            self.len -= 1;
+            return Some((Lane::CONSUMED[i], tenant, item));
+        }
+        None
+    }
+
+    /// Every waiting item, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.lanes.iter().flat_map(LaneQueue::iter)
     }
 }
 
@@ -188,6 +219,37 @@ mod tests {
         q.push(Lane::Standard, "small", 0).unwrap();
         let first_two: Vec<String> = (0..2).map(|_| q.pop().unwrap().1).collect();
         assert!(first_two.contains(&"small".to_owned()), "{first_two:?}");
+    }
+
+    #[test]
+    fn items_that_are_not_ready_wait_without_blocking_others() {
+        let mut q = FairQueue::new(LaneWeights::default());
+        // Priority holds jobs for a saturated pool "a"; batch holds jobs for pool "b".
+        for n in 0..10 {
+            q.push(Lane::Priority, "t1", ("a", n)).unwrap();
+            q.push(Lane::Batch, "t2", ("b", n)).unwrap();
+        }
+        let got: Vec<&str> = (0..5)
+            .map(|_| q.pop_where(|(pool, _)| *pool == "b").unwrap().2 .0)
+            .collect();
+        assert_eq!(got, vec!["b"; 5]);
+        assert!(q.pop_where(|(pool, _)| *pool == "c").is_none());
+        assert_eq!(q.len(), 15);
+        // Once "a" is ready again, priority gets its share, not the picks it missed.
+        let next: Vec<&str> = (0..11).map(|_| q.pop().unwrap().2 .0).collect();
+        let b = next.iter().filter(|p| **p == "b").count();
+        assert!(b >= 1, "blocked lane burst ahead: {next:?}");
+    }
+
+    #[test]
+    fn a_tenant_whose_item_is_not_ready_keeps_its_turn() {
+        let mut q = FairQueue::new(LaneWeights::default());
+        q.push(Lane::Standard, "blocked", "a").unwrap();
+        q.push(Lane::Standard, "other", "b1").unwrap();
+        q.push(Lane::Standard, "other", "b2").unwrap();
+        assert_eq!(q.pop_where(|i| i.starts_with('b')).unwrap().2, "b1");
+        assert_eq!(q.pop().unwrap().1, "blocked", "the skipped tenant is next");
+        assert_eq!(q.iter().count(), 1);
     }
 
     fn weights_strategy() -> impl Strategy<Value = LaneWeights> {
@@ -268,7 +330,25 @@ mod tests {
             }
         }
 
-        /// Items keep FIFO order per tenant and lane, and none is lost or duplicated.
+        /// `pop_where` hands out only ready items, and finds one whenever one exists.
+        #[test]
+        fn pop_where_finds_exactly_the_ready(pushes in prop::collection::vec((0usize..4, 0usize..3, 0u8..3), 0..200), ready_pool in 0u8..3) {
+            let mut q = FairQueue::new(LaneWeights::default());
+            for (lane, tenant, pool) in &pushes {
+                q.push(Lane::CONSUMED[*lane], &format!("t{tenant}"), *pool).unwrap();
+            }
+            let ready = pushes.iter().filter(|p| p.2 == ready_pool).count();
+            let mut served = 0;
+            while let Some((_, _, pool)) = q.pop_where(|p| *p == ready_pool) {
+                prop_assert_eq!(pool, ready_pool);
+                served += 1;
+            }
+            prop_assert_eq!(served, ready);
+            prop_assert_eq!(q.len(), pushes.len() - ready);
+            prop_assert!(q.iter().all(|p| *p != ready_pool));
+        }
+
+        /// Items keep FIFO order per tenant and lane (when all are ready), and none is lost or duplicated.
         #[test]
         fn nothing_lost_and_fifo_per_tenant(pushes in prop::collection::vec((0usize..4, 0usize..3), 0..300)) {
             let mut q = FairQueue::new(LaneWeights::default());

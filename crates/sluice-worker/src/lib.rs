@@ -207,16 +207,35 @@ impl Worker {
             while let Ok(d) = rx.try_recv() {
                 enqueue(&mut queue, d).await;
             }
-            let Some((_, _, delivery)) = queue.pop() else {
+            // Only jobs whose pool can serve now compete, so a saturated pool holds up no one else.
+            let mut ready: HashMap<String, bool> = HashMap::new();
+            let picked = queue.pop_where(|d| {
+                *ready
+                    .entry(d.job.model.clone())
+                    .or_insert_with(|| self.pool_ready(&d.job.model))
+            });
+            let Some((_, _, delivery)) = picked else {
+                drop(slot);
+                let wait = self.soonest_wait(&queue);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'dispatch,
+                    _ = tokio::time::sleep(wait) => {}
+                    next = rx.recv() => match next {
+                        Some(d) => enqueue(&mut queue, d).await,
+                        None => break 'dispatch,
+                    },
+                }
                 continue;
             };
             let permit = match self.router.pool(&delivery.job.model) {
-                Some(pool) => tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        release(delivery).await;
-                        break 'dispatch;
+                Some(pool) => match pool.try_acquire() {
+                    Some(permit) => Some(permit),
+                    None => {
+                        // The pool filled between the check and the take: try again shortly.
+                        enqueue(&mut queue, delivery).await;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
                     }
-                    permit = pool.acquire() => Some(permit),
                 },
                 None => None,
             };
@@ -248,6 +267,34 @@ impl Worker {
         background.cancel();
         tracing::info!(message = "worker stopped");
         Ok(())
+    }
+
+    /// Whether a job for this model alias could get a permit now; jobs without a route are
+    /// always ready, to be dead-lettered at once.
+    fn pool_ready(&self, model: &str) -> bool {
+        self.router
+            .pool(model)
+            .is_none_or(|pool| pool.wait_time().is_zero())
+    }
+
+    /// How long until the pool of some waiting job can serve, bounded so new deliveries and
+    /// shutdown are still noticed promptly.
+    fn soonest_wait(&self, queue: &FairQueue<Delivery>) -> Duration {
+        let mut seen: HashMap<&str, Duration> = HashMap::new();
+        for delivery in queue.iter() {
+            let model = delivery.job.model.as_str();
+            if !seen.contains_key(model) {
+                let wait = self
+                    .router
+                    .pool(model)
+                    .map_or(Duration::ZERO, |pool| pool.wait_time());
+                seen.insert(model, wait);
+            }
+        }
+        seen.into_values()
+            .min()
+            .unwrap_or(Duration::from_millis(100))
+            .clamp(Duration::from_millis(1), Duration::from_millis(250))
     }
 
     fn spawn_heartbeat(self: &Arc<Self>, stop: CancellationToken) {
