@@ -11,7 +11,8 @@ const MINUTE_NANOS: u64 = 60_000_000_000;
 /// State is a single instant, the theoretical arrival time (`tat`) of the next
 /// cell; a cell conforms when it would not push `tat` more than the burst
 /// tolerance past `now`. Idle time only brings `tat` up to `now`, so a long idle
-/// period never banks more than `burst` extra cells.
+/// period never banks more than `burst` extra cells. (A second instant, the latest grant, is
+/// kept only so that `set_rate` can tell promised grants from the bucket's fill.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gcra {
     /// Emission interval T = period / rate; `None` for a zero rate, which never conforms.
@@ -20,6 +21,8 @@ pub struct Gcra {
     tau: Duration,
     /// Theoretical arrival time of the next cell, as an offset from the caller's origin.
     tat: Duration,
+    /// The latest instant granted (a reservation may lie in the future); only rate changes use it.
+    last: Duration,
 }
 
 impl Gcra {
@@ -36,6 +39,56 @@ impl Gcra {
             interval,
             tau: interval.unwrap_or_default().saturating_mul(burst),
             tat: Duration::ZERO,
+            last: Duration::ZERO,
+        }
+    }
+
+    /// Like [`Gcra::per_minute`] for a fractional rate (an adaptive limiter's current rate).
+    /// A rate that is not finite and positive never grants.
+    pub fn per_minute_f64(per_minute: f64, burst: u32) -> Gcra {
+        let interval = interval_for(per_minute);
+        Gcra {
+            interval,
+            tau: interval.unwrap_or_default().saturating_mul(burst),
+            tat: Duration::ZERO,
+            last: Duration::ZERO,
+        }
+    }
+
+    /// Change rate and burst in place, keeping the state, so that a change never creates a
+    /// burst. Grants already promised by `reserve` keep their times; the bucket beyond the last
+    /// promise (at most `burst + 1` cells) keeps its size in cells: a full bucket stays full, so
+    /// a cut after a 429 cannot release the slower rate's longer tolerance as a burst, and a
+    /// faster rate does not count past drain as if it had been fast. The last promise is
+    /// invariant, so oscillating rates never inflate the state.
+    pub fn set_rate(&mut self, now: Duration, per_minute: f64, burst: u32) {
+        let new = interval_for(per_minute);
+        if let (Some(old), Some(t)) = (self.interval, new) {
+            // Not inferred from `tat`: an over-full bucket (the burst just shrank) would look
+            // like promises and lose its cells.
+            let from = now.max(self.last);
+            let bucket = self.tat.saturating_sub(from);
+            if !bucket.is_zero() {
+                // Rounded up: the rescaled bucket may only be fuller.
+                let nanos = (bucket.as_nanos() * t.as_nanos()).div_ceil(old.as_nanos());
+                let bucket = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+                self.tat = from.saturating_add(bucket);
+            }
+        }
+        self.interval = new;
+        self.tau = new.unwrap_or_default().saturating_mul(burst);
+    }
+
+    /// The other side (a provider's `remaining` header) says only `cells` remain: make sure at
+    /// most that many conform at `now`. Only ever delays; never adds capacity.
+    pub fn cap_available(&mut self, now: Duration, cells: u32) {
+        if let Some(t) = self.interval {
+            // `k` cells conform at `now` iff tat + k*t <= now + tau + t.
+            let room = self
+                .tau
+                .saturating_add(t)
+                .saturating_sub(t.saturating_mul(cells));
+            self.tat = self.tat.max(now.saturating_add(room));
         }
     }
 
@@ -52,6 +105,7 @@ impl Gcra {
             return Err(wait);
         }
         self.record(now, cells);
+        self.last = self.last.max(now);
         Ok(())
     }
 
@@ -60,6 +114,9 @@ impl Gcra {
     pub fn reserve(&mut self, now: Duration, cells: u32) -> Duration {
         let wait = self.wait_time(now, cells);
         self.record(now, cells);
+        if self.interval.is_some() {
+            self.last = self.last.max(now.saturating_add(wait));
+        }
         wait
     }
 
@@ -90,6 +147,15 @@ impl Gcra {
             self.tat = self.tat.max(now).saturating_add(t.saturating_mul(cells));
         }
     }
+}
+
+/// Time per cell at `per_minute` cells per minute, rounded up (never faster than asked).
+fn interval_for(per_minute: f64) -> Option<Duration> {
+    (per_minute.is_finite() && per_minute > 0.0).then(|| {
+        // `as` saturates; at least 1 ns so an absurd rate still spaces cells.
+        let nanos = (MINUTE_NANOS as f64 / per_minute).ceil() as u64;
+        Duration::from_nanos(nanos.max(1))
+    })
 }
 
 #[cfg(test)]
@@ -156,7 +222,99 @@ mod tests {
         assert_eq!(g.wait_time(now, 1), 400 * MS);
     }
 
+    #[test]
+    fn cap_available_limits_what_conforms_now() {
+        let mut g = Gcra::per_minute(600, 10);
+        let now = Duration::from_secs(1);
+        g.cap_available(now, 2);
+        assert!(g.try_acquire(now, 1).is_ok());
+        assert!(g.try_acquire(now, 1).is_ok());
+        assert_eq!(g.try_acquire(now, 1), Err(100 * MS));
+        // A cap above what is available changes nothing.
+        g.cap_available(now, 50);
+        assert_eq!(g.try_acquire(now, 1), Err(100 * MS));
+    }
+
+    #[test]
+    fn slowing_down_a_full_bucket_releases_no_burst() {
+        let mut g = Gcra::per_minute(600, 10); // 100 ms, 11 cells
+        let now = Duration::from_secs(1);
+        while g.try_acquire(now, 1).is_ok() {}
+        g.set_rate(now, 300.0, 10); // 200 ms: still full, next cell one new interval away
+        assert_eq!(g.try_acquire(now, 1), Err(200 * MS));
+        g.set_rate(now, 1200.0, 10); // faster: still full, next cell one (shorter) interval away
+        assert_eq!(g.try_acquire(now, 1), Err(50 * MS));
+        // Promised reservations keep their times across a change; only the tail is rescaled.
+        let mut g = Gcra::per_minute(600, 0);
+        assert_eq!(g.reserve(now, 1), Duration::ZERO);
+        assert_eq!(g.reserve(now, 1), 100 * MS);
+        g.set_rate(now, 60.0, 0);
+        assert_eq!(g.reserve(now, 1), 1100 * MS);
+        g.set_rate(now, 600.0, 0);
+        g.set_rate(now, 60.0, 0);
+        assert_eq!(
+            g.reserve(now, 1),
+            2100 * MS,
+            "oscillation does not inflate the state"
+        );
+    }
+
+    #[test]
+    fn shrinking_the_burst_keeps_the_fill_in_cells() {
+        // Three cells used; the burst drops to 0 (over-full), the rate halves, the burst returns:
+        // the three cells still count, so only two more fit in the 4 + 1 capacity.
+        let mut g = Gcra::per_minute(600, 4);
+        let now = Duration::from_secs(1);
+        for _ in 0..3 {
+            assert!(g.try_acquire(now, 1).is_ok());
+        }
+        g.set_rate(now, 600.0, 0);
+        g.set_rate(now, 300.0, 0);
+        g.set_rate(now, 300.0, 4);
+        let mut more = 0;
+        while g.try_acquire(now, 1).is_ok() {
+            more += 1;
+        }
+        assert_eq!(more, 2);
+    }
+
     proptest! {
+        #[test]
+        fn f64_constructor_matches_integer_one(per_minute in 1u32..10_000_000, burst in 0u32..20) {
+            prop_assert_eq!(
+                Gcra::per_minute_f64(f64::from(per_minute), burst),
+                Gcra::per_minute(per_minute, burst)
+            );
+        }
+
+        #[test]
+        fn rate_and_burst_changes_never_exceed_the_largest(
+            max_rate in 1u32..6000,
+            burst in 0u32..5,
+            steps in prop::collection::vec(
+                (0u64..1000, 1u32..4, 0.05f64..=1.0, 0.0f64..=1.0, any::<bool>()),
+                1..200,
+            ),
+        ) {
+            let mut g = Gcra::per_minute(max_rate, burst);
+            let mut now = Duration::ZERO;
+            let mut grants = Vec::new();
+            for (dt_ms, tries, fraction, burst_fraction, reserve) in steps {
+                now += Duration::from_millis(dt_ms);
+                let b = (f64::from(burst) * burst_fraction) as u32;
+                g.set_rate(now, f64::from(max_rate) * fraction, b);
+                for _ in 0..tries {
+                    if reserve {
+                        grants.push(now + g.reserve(now, 1));
+                    } else if g.try_acquire(now, 1).is_ok() {
+                        grants.push(now);
+                    }
+                }
+            }
+            grants.sort();
+            assert_window_bound(&grants, max_rate, burst);
+        }
+
         #[test]
         fn any_window_respects_rate_plus_burst(
             per_minute in 1u32..6000,

@@ -3,6 +3,8 @@
 //!
 //! Nothing in this crate performs I/O; every other crate depends on it.
 
+pub mod adaptive;
+pub mod breaker;
 pub mod gcra;
 pub mod job;
 pub mod lane;
@@ -10,6 +12,8 @@ pub mod principal;
 pub mod retry;
 pub mod scheduler;
 
+pub use adaptive::{AdaptiveConfig, AdaptiveRate};
+pub use breaker::{Breaker, BreakerConfig, BreakerState};
 pub use job::{InvalidTransition, JobRef, JobRequest, JobState, Message, RequestId, Role};
 pub use lane::{Lane, LaneWeights, ParseLaneError};
 pub use principal::{ParseTierError, Principal, Tier, TierLanes};
