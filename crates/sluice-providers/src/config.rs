@@ -44,6 +44,11 @@ pub enum ProviderKind {
     /// OpenAI chat completions, also spoken by Azure OpenAI, vLLM, TGI and Ollama.
     #[default]
     Openai,
+    /// Anthropic Messages API: `{base_url}/messages`, e.g. `https://api.anthropic.com/v1`.
+    Anthropic,
+    /// Google Gemini: `{base_url}/models/{model}:generateContent`, e.g.
+    /// `https://generativelanguage.googleapis.com/v1beta`.
+    Gemini,
 }
 
 /// How the API key is sent.
@@ -69,7 +74,8 @@ pub struct EndpointConfig {
     pub name: String,
     #[serde(default)]
     pub kind: ProviderKind,
-    /// Up to the API version, e.g. `https://api.openai.com/v1`; requests go to `{base_url}/chat/completions`.
+    /// Up to the API version, e.g. `https://api.openai.com/v1`; requests go to `{base_url}/chat/completions`
+    /// (or the path of the endpoint's `kind`).
     pub base_url: String,
     /// Upstream model name sent to the provider.
     pub model: String,
@@ -172,6 +178,17 @@ mod tests {
                        "api_key":"sk-very-secret","auth":"api-key","query":{"api-version":"2024-06-01"}}"#;
         let e: EndpointConfig = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(e.kind, ProviderKind::Openai);
+        for (name, kind) in [
+            ("anthropic", ProviderKind::Anthropic),
+            ("gemini", ProviderKind::Gemini),
+        ] {
+            let kind_json = format!(
+                r#"{{"name":"a","kind":"{name}","base_url":"http://x","model":"m","rpm":1}}"#
+            );
+            let e: EndpointConfig =
+                serde_json::from_str(&kind_json).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(e.kind, kind);
+        }
         assert_eq!(e.auth, AuthStyle::ApiKeyHeader);
         assert_eq!(e.timeout_secs, 60);
         assert_eq!(e.effective_burst(), 1);

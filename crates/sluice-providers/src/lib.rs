@@ -1,17 +1,24 @@
 //! Provider adapters and endpoint pools: how Sluice turns one job into one upstream LLM call.
 //! A [`Router`] maps a model alias to a [`Pool`], whose local limiters grant [`Permit`]s to call an endpoint.
 
+mod anthropic;
 mod config;
 mod error;
+mod gemini;
+mod http;
 mod openai;
 mod pool;
+mod shared;
 
 use serde::{Deserialize, Serialize};
 
+pub use anthropic::Anthropic;
 pub use config::{AuthStyle, ConfigError, EndpointConfig, PoolConfig, ProviderKind, Secret};
 pub use error::ProviderError;
+pub use gemini::Gemini;
 pub use openai::OpenAiCompatible;
 pub use pool::{Permit, Pool, Router};
+pub use shared::{SharedError, SharedLimiter, SharedLimits};
 
 /// One call's input: the job's request and its id, which is sent upstream as `x-sluice-request-id`.
 #[derive(Debug, Clone, Copy)]
@@ -42,4 +49,20 @@ pub struct ChatResponse {
 #[async_trait::async_trait]
 pub trait Provider: Send + Sync {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError>;
+
+    /// Like [`Provider::chat`], but streamed: each text delta is sent on `deltas` as it arrives,
+    /// and the assembled response (content = the deltas concatenated, usage from the stream) is
+    /// returned at the end. A dropped receiver does not stop the call.
+    ///
+    /// The default makes one non-streamed call and sends its whole content as a single delta,
+    /// so providers without a streaming API (and test fakes) still work.
+    async fn chat_stream(
+        &self,
+        req: ChatRequest<'_>,
+        deltas: tokio::sync::mpsc::Sender<String>,
+    ) -> Result<ChatResponse, ProviderError> {
+        let response = self.chat(req).await?;
+        http::emit(&deltas, &response.content).await;
+        Ok(response)
+    }
 }

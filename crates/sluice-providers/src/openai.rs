@@ -1,16 +1,16 @@
 //! The OpenAI chat-completions adapter, also used for Azure OpenAI, vLLM, TGI and Ollama.
 //! Maps HTTP outcomes onto [`ProviderError`] so the worker can tell retryable failures from permanent ones.
 
-use crate::config::{AuthStyle, ConfigError, EndpointConfig, Secret};
+use crate::config::{AuthStyle, ConfigError, EndpointConfig};
 use crate::error::{truncate, ProviderError};
+use crate::http::{self, ErrorMapper, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
-use reqwest::{StatusCode, Url};
+use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use reqwest::{RequestBuilder, Url};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::time::Duration;
-
-/// Header carrying the job's request id upstream (the simulator counts calls per job by it).
-const REQUEST_ID_HEADER: &str = "x-sluice-request-id";
+use tokio::sync::mpsc;
 
 /// One OpenAI-compatible endpoint.
 #[derive(Debug)]
@@ -20,8 +20,7 @@ pub struct OpenAiCompatible {
     url: Url,
     /// Prebuilt and marked sensitive so the key never shows in Debug output.
     auth: Option<(HeaderName, HeaderValue)>,
-    /// Kept to scrub the key from provider error messages that echo it.
-    key: Option<Secret>,
+    errors: ErrorMapper,
     timeout: Duration,
     http: reqwest::Client,
 }
@@ -29,25 +28,7 @@ pub struct OpenAiCompatible {
 impl OpenAiCompatible {
     /// Build the endpoint, reading its key from the environment if `api_key_env` is set.
     pub fn new(config: &EndpointConfig, http: reqwest::Client) -> Result<Self, ConfigError> {
-        let endpoint = || config.name.clone();
-        let key = match (&config.api_key, &config.api_key_env) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::ConflictingKeys {
-                    endpoint: endpoint(),
-                })
-            }
-            (Some(k), None) => Some(k.clone()),
-            (None, Some(var)) => match std::env::var(var) {
-                Ok(v) if !v.is_empty() => Some(Secret::new(v)),
-                _ => {
-                    return Err(ConfigError::MissingEnv {
-                        endpoint: endpoint(),
-                        var: var.clone(),
-                    })
-                }
-            },
-            (None, None) => None,
-        };
+        let key = http::resolve_key(config)?;
         let auth = match &key {
             None => None,
             Some(k) => {
@@ -57,112 +38,62 @@ impl OpenAiCompatible {
                         (HeaderName::from_static("api-key"), k.expose().to_owned())
                     }
                 };
-                let mut value =
-                    HeaderValue::from_str(&value).map_err(|_| ConfigError::InvalidKey {
-                        endpoint: endpoint(),
-                    })?;
-                value.set_sensitive(true);
-                Some((name, value))
+                Some((name, http::secret_header(config, &value)?))
             }
         };
-        if config.timeout_secs == 0 {
-            return Err(ConfigError::ZeroTimeout {
-                endpoint: endpoint(),
-            });
-        }
+        let timeout = http::check_timeout(config)?;
         Ok(Self {
             name: config.name.clone(),
             model: config.model.clone(),
             url: completions_url(config)?,
             auth,
-            key,
-            timeout: Duration::from_secs(config.timeout_secs),
+            errors: ErrorMapper::new(key),
+            timeout,
             http,
         })
     }
 
     /// Build the error for a non-2xx answer.
+    #[cfg(test)]
     fn status_error(
         &self,
-        status: StatusCode,
+        status: reqwest::StatusCode,
         retry_after: Option<Duration>,
         body: &str,
     ) -> ProviderError {
-        let message = self.provider_message(body);
-        let status = status.as_u16();
-        match status {
-            429 => ProviderError::RateLimited {
-                retry_after,
-                message,
-            },
-            408 => ProviderError::Timeout,
-            500..=599 => ProviderError::Server { status, message },
-            _ => ProviderError::Rejected { status, message },
-        }
+        self.errors.status_error(status.as_u16(), retry_after, body)
     }
 
-    /// The provider's own error message (`{"error": {"message": ...}}` or similar), else the raw
-    /// body; with our key scrubbed out before truncation so no fragment of it survives.
-    fn provider_message(&self, body: &str) -> String {
-        let json = serde_json::from_str::<serde_json::Value>(body).ok();
-        let from_json = json.as_ref().and_then(|v| {
-            let e = v.get("error").unwrap_or(v);
-            e.get("message")
-                .and_then(serde_json::Value::as_str)
-                .or_else(|| e.as_str())
-        });
-        let mut message = from_json.unwrap_or(body.trim()).to_owned();
-        if let Some(key) = self.key.as_ref().filter(|k| !k.expose().is_empty()) {
-            message = message.replace(key.expose(), "[redacted]");
+    fn request(&self, req: ChatRequest<'_>, stream: bool) -> RequestBuilder {
+        let job = req.job;
+        let body = WireRequest {
+            model: &self.model,
+            messages: &job.messages,
+            max_tokens: job.max_tokens,
+            temperature: job.temperature,
+            top_p: job.top_p,
+            stop: job.stop.as_deref(),
+            stream,
+            // Without it the stream carries no usage, and the limiter's token correction needs it.
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        let mut builder = self
+            .http
+            .post(self.url.clone())
+            .header(REQUEST_ID_HEADER, req.request_id)
+            .json(&body);
+        if let Some((name, value)) = &self.auth {
+            builder = builder.header(name.clone(), value.clone());
         }
-        truncate(&message)
+        builder
     }
 }
 
 /// `{base_url}/chat/completions` plus the configured query parameters.
 fn completions_url(config: &EndpointConfig) -> Result<Url, ConfigError> {
-    let bad = |reason: String| ConfigError::BadBaseUrl {
-        endpoint: config.name.clone(),
-        reason,
-    };
-    let mut url = Url::parse(&config.base_url).map_err(|e| bad(e.to_string()))?;
-    if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
-        return Err(bad("must be an http or https URL".into()));
-    }
-    let path = format!("{}/chat/completions", url.path().trim_end_matches('/'));
-    url.set_path(&path);
-    if !config.query.is_empty() {
-        url.query_pairs_mut().extend_pairs(&config.query);
-    }
-    Ok(url)
-}
-
-/// `retry-after-ms` (more precise, sent by OpenAI) or `retry-after` in seconds; HTTP dates are ignored.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let number = |name: &str| -> Option<f64> {
-        let v: f64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
-        (v.is_finite() && v >= 0.0).then_some(v)
-    };
-    number("retry-after-ms")
-        .map(|ms| ms / 1000.0)
-        .or_else(|| number("retry-after"))
-        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-}
-
-/// Transport failures; the URL is dropped because it may carry credentials in its query.
-fn transport_error(e: reqwest::Error) -> ProviderError {
-    if e.is_timeout() {
-        return ProviderError::Timeout;
-    }
-    let e = e.without_url();
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    ProviderError::Connection(truncate(&message))
+    http::endpoint_url(config, "/chat/completions")
 }
 
 #[derive(Serialize)]
@@ -177,6 +108,15 @@ struct WireRequest<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stop: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -213,68 +153,135 @@ struct WireUsage {
     total_tokens: Option<u32>,
 }
 
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        let prompt_tokens = u.prompt_tokens.unwrap_or(0);
+        let completion_tokens = u.completion_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: u
+                .total_tokens
+                .unwrap_or(prompt_tokens.saturating_add(completion_tokens)),
+        }
+    }
+}
+
+/// One `chat.completion.chunk`; everything optional because servers differ in what they send.
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<WireChunkChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    /// Some servers report a failure mid-stream as a chunk with an `error` object.
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireChunkChoice {
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+fn invalid(e: serde_json::Error) -> ProviderError {
+    ProviderError::InvalidResponse(truncate(&e.to_string()))
+}
+
 #[async_trait::async_trait]
 impl Provider for OpenAiCompatible {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
-        let job = req.job;
-        let body = WireRequest {
-            model: &self.model,
-            messages: &job.messages,
-            max_tokens: job.max_tokens,
-            temperature: job.temperature,
-            top_p: job.top_p,
-            stop: job.stop.as_deref(),
-        };
-        let mut builder = self
-            .http
-            .post(self.url.clone())
-            .timeout(self.timeout)
-            .header(REQUEST_ID_HEADER, req.request_id)
-            .json(&body);
-        if let Some((name, value)) = &self.auth {
-            builder = builder.header(name.clone(), value.clone());
-        }
-        let response = builder.send().await.map_err(transport_error)?;
-        let status = response.status();
-        let wait = retry_after(response.headers());
-        let text = response.text().await.map_err(transport_error)?;
-        tracing::debug!(
-            endpoint = %self.name,
-            request_id = %req.request_id,
-            status = status.as_u16(),
-            "provider call"
-        );
-        if !status.is_success() {
-            return Err(self.status_error(status, wait, &text));
-        }
-        let wire: WireResponse = serde_json::from_str(&text)
-            .map_err(|e| ProviderError::InvalidResponse(truncate(&e.to_string())))?;
+        let builder = self.request(req, false);
+        let text = http::send(
+            builder,
+            self.timeout,
+            &self.errors,
+            &self.name,
+            req.request_id,
+        )
+        .await?;
+        let wire: WireResponse = serde_json::from_str(&text).map_err(invalid)?;
         let Some(choice) = wire.choices.into_iter().next() else {
             return Err(ProviderError::InvalidResponse(
                 "no choices in response".into(),
             ));
         };
-        let u = wire.usage.unwrap_or_default();
-        let prompt_tokens = u.prompt_tokens.unwrap_or(0);
-        let completion_tokens = u.completion_tokens.unwrap_or(0);
         Ok(ChatResponse {
             content: choice.message.content.unwrap_or_default(),
-            usage: Usage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: u
-                    .total_tokens
-                    .unwrap_or(prompt_tokens.saturating_add(completion_tokens)),
-            },
+            usage: wire.usage.unwrap_or_default().into(),
             model: wire.model.unwrap_or_else(|| self.model.clone()),
             finish_reason: choice.finish_reason,
         })
+    }
+
+    async fn chat_stream(
+        &self,
+        req: ChatRequest<'_>,
+        deltas: mpsc::Sender<String>,
+    ) -> Result<ChatResponse, ProviderError> {
+        let builder = self.request(req, true);
+        let mut events = http::open_stream(
+            builder,
+            self.timeout,
+            &self.errors,
+            &self.name,
+            req.request_id,
+        )
+        .await?;
+        let mut out = ChatResponse {
+            content: String::new(),
+            usage: Usage::default(),
+            model: self.model.clone(),
+            finish_reason: None,
+        };
+        while let Some(event) = events.next().await? {
+            if event.data == "[DONE]" {
+                return Ok(out);
+            }
+            let chunk: WireChunk = serde_json::from_str(&event.data).map_err(invalid)?;
+            if let Some(error) = chunk.error {
+                // No status travels with a mid-stream error; the provider failed, so retry.
+                return Err(self.errors.status_error(500, None, &error.to_string()));
+            }
+            if let Some(model) = chunk.model {
+                out.model = model;
+            }
+            if let Some(usage) = chunk.usage {
+                out.usage = usage.into();
+            }
+            for choice in chunk.choices {
+                if let Some(text) = choice.delta.and_then(|d| d.content) {
+                    http::emit(&deltas, &text).await;
+                    out.content.push_str(&text);
+                }
+                if choice.finish_reason.is_some() {
+                    out.finish_reason = choice.finish_reason;
+                }
+            }
+        }
+        // A cut connection, not a bad answer: another attempt can succeed.
+        Err(ProviderError::Connection(
+            "stream ended before [DONE]".into(),
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
+    use reqwest::StatusCode;
 
     fn config() -> EndpointConfig {
         let mut c = EndpointConfig::new("e", "https://example.test/openai/v1/", "m", 60);
@@ -305,6 +312,8 @@ mod tests {
 
     #[test]
     fn retry_after_prefers_milliseconds() {
+        use crate::http::retry_after;
+        use reqwest::header::HeaderMap;
         let mut h = HeaderMap::new();
         h.insert("retry-after", HeaderValue::from_static("3"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));

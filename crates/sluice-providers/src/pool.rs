@@ -3,7 +3,7 @@
 
 use crate::config::{ConfigError, EndpointConfig, PoolConfig, ProviderKind};
 use crate::openai::OpenAiCompatible;
-use crate::{ChatRequest, ChatResponse, Provider, ProviderError};
+use crate::{Anthropic, ChatRequest, ChatResponse, Gemini, Provider, ProviderError};
 use sluice_core::gcra::Gcra;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -39,6 +39,8 @@ impl Pool {
             .map(|e| {
                 let provider: Arc<dyn Provider> = match e.kind {
                     ProviderKind::Openai => Arc::new(OpenAiCompatible::new(e, http.clone())?),
+                    ProviderKind::Anthropic => Arc::new(Anthropic::new(e, http.clone())?),
+                    ProviderKind::Gemini => Arc::new(Gemini::new(e, http.clone())?),
                 };
                 Ok((e.clone(), provider))
             })
@@ -182,6 +184,16 @@ impl Permit {
     /// Spend the permit on one call.
     pub async fn call(self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         self.endpoint.provider.chat(req).await
+    }
+
+    /// Spend the permit on one streamed call: text deltas go to `deltas` as they arrive, and the
+    /// assembled response is returned (see [`Provider::chat_stream`]).
+    pub async fn call_stream(
+        self,
+        req: ChatRequest<'_>,
+        deltas: tokio::sync::mpsc::Sender<String>,
+    ) -> Result<ChatResponse, ProviderError> {
+        self.endpoint.provider.chat_stream(req, deltas).await
     }
 }
 

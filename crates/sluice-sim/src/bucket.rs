@@ -25,6 +25,12 @@ pub enum Decision {
     },
 }
 
+const UNLIMITED: LimitState = LimitState {
+    limit: u32::MAX,
+    remaining: u32::MAX,
+    reset: Duration::ZERO,
+};
+
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     rpm: u32,
@@ -50,17 +56,9 @@ impl TokenBucket {
 
     pub fn try_acquire(&mut self, now: Instant) -> Decision {
         if self.rpm == 0 {
-            let state = LimitState {
-                limit: u32::MAX,
-                remaining: u32::MAX,
-                reset: Duration::ZERO,
-            };
-            return Decision::Allowed(state);
+            return Decision::Allowed(UNLIMITED);
         }
-        // saturating: callers may hold an `Instant` taken just before another thread's.
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
-        self.last = self.last.max(now);
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Decision::Allowed(self.state())
@@ -71,6 +69,22 @@ impl TokenBucket {
                 retry_after,
             }
         }
+    }
+
+    /// The current state without spending a token, for answers that refuse before the bucket.
+    pub fn peek(&mut self, now: Instant) -> LimitState {
+        if self.rpm == 0 {
+            return UNLIMITED;
+        }
+        self.refill(now);
+        self.state()
+    }
+
+    fn refill(&mut self, now: Instant) {
+        // saturating: callers may hold an `Instant` taken just before another thread's.
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        self.last = self.last.max(now);
     }
 
     fn state(&self) -> LimitState {
@@ -116,6 +130,10 @@ mod tests {
             b.try_acquire(t0 + Duration::from_secs(1)),
             Decision::Allowed(_)
         ));
+        // Peeking refills but never spends.
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(b.peek(later).remaining, 1);
+        assert_eq!(b.peek(later).remaining, 1);
     }
 
     #[test]

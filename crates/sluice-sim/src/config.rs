@@ -23,6 +23,12 @@ pub struct SimConfig {
     pub completion_tokens: u32,
     /// Injected failures at start; replaceable at runtime.
     pub faults: Faults,
+    /// A key answered 429 more than this many times within `hammer_window_secs` is blocked
+    /// for `hammer_block_secs`, as real providers throttle clients that keep hitting limits.
+    /// `0` disables the rule.
+    pub hammer_limit: u32,
+    pub hammer_window_secs: f64,
+    pub hammer_block_secs: f64,
 }
 
 impl Default for SimConfig {
@@ -34,6 +40,9 @@ impl Default for SimConfig {
             latency: Latency::default(),
             completion_tokens: 16,
             faults: Faults::default(),
+            hammer_limit: 20,
+            hammer_window_secs: 10.0,
+            hammer_block_secs: 5.0,
         }
     }
 }
@@ -43,6 +52,15 @@ impl SimConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !self.burst_seconds.is_finite() || self.burst_seconds < 0.0 {
             return Err("burst_seconds must be a finite number >= 0".into());
+        }
+        if !self.hammer_window_secs.is_finite() || self.hammer_window_secs <= 0.0 {
+            return Err("hammer_window_secs must be a finite number > 0".into());
+        }
+        // Capped so `Instant + block` cannot overflow.
+        if !self.hammer_block_secs.is_finite()
+            || !(0.0..=86_400.0).contains(&self.hammer_block_secs)
+        {
+            return Err("hammer_block_secs must be within 0..=86400".into());
         }
         for (i, k) in self.keys.iter().enumerate() {
             if k.key.is_empty() || k.name.is_empty() {
@@ -144,7 +162,8 @@ impl Latency {
     }
 }
 
-/// Injected failures. Checked after the rate limiter, in the order:
+/// Injected failures. `rate_limit_retry_after_secs` is checked first, before any block and the
+/// rate limiter; the others after the rate limiter, in the order:
 /// `always_fail`, `fail_first`, `fail_first_per_job`, `error_rate`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -158,6 +177,10 @@ pub struct Faults {
     pub fail_status: u16,
     /// Every call fails with this status.
     pub always_fail: Option<u16>,
+    /// Every call is answered 429 with exactly this `retry-after` (a provider telling us to
+    /// back off). Checked before the block and the bucket: it spends no token and does not
+    /// count toward hammering, so clients see exactly this value.
+    pub rate_limit_retry_after_secs: Option<u64>,
 }
 
 impl Default for Faults {
@@ -168,6 +191,7 @@ impl Default for Faults {
             fail_first_per_job: 0,
             fail_status: 500,
             always_fail: None,
+            rate_limit_retry_after_secs: None,
         }
     }
 }
@@ -183,6 +207,10 @@ impl Faults {
         }
         if self.always_fail.is_some_and(|s| !error_status(s)) {
             return Err("faults.always_fail must be an HTTP error status (400..=599)".into());
+        }
+        // A day is already absurd; the cap keeps `Duration` and header arithmetic far from overflow.
+        if self.rate_limit_retry_after_secs.is_some_and(|s| s > 86_400) {
+            return Err("faults.rate_limit_retry_after_secs must be at most 86400".into());
         }
         Ok(())
     }
@@ -244,6 +272,22 @@ mod tests {
             ..SimConfig::default()
         };
         assert!(c.validate().is_err());
+
+        let c = SimConfig {
+            hammer_window_secs: 0.0,
+            ..SimConfig::default()
+        };
+        assert!(c.validate().is_err());
+        let c = SimConfig {
+            hammer_block_secs: f64::NAN,
+            ..SimConfig::default()
+        };
+        assert!(c.validate().is_err());
+        let f = Faults {
+            rate_limit_retry_after_secs: Some(1_000_000),
+            ..Faults::default()
+        };
+        assert!(f.validate().is_err());
     }
 
     #[test]

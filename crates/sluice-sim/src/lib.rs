@@ -1,5 +1,5 @@
-//! sluice-sim: an HTTP server that imitates an OpenAI-compatible chat-completions provider.
-//! It enforces per-key request limits, adds latency and injects faults for tests, benches and dev mode.
+//! sluice-sim: an HTTP server that imitates LLM providers in OpenAI, Anthropic and Gemini wire formats.
+//! It enforces per-key request limits, punishes hammering, adds latency and injects faults for tests, benches and dev mode.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -15,6 +15,8 @@ mod config;
 mod server;
 mod state;
 mod wire;
+mod wire_anthropic;
+mod wire_gemini;
 
 use std::collections::BTreeMap;
 
@@ -32,6 +34,12 @@ pub struct SimStats {
     pub rate_limited: u64,
     /// Injected faults plus malformed requests.
     pub failed: u64,
+    /// Calls refused because their key was blocked for hammering (also in `rate_limited`).
+    #[serde(default)]
+    pub blocked: u64,
+    /// Times a key got blocked for hammering.
+    #[serde(default)]
+    pub blocks: u64,
     pub by_key: BTreeMap<String, u64>,
     /// Calls per `x-sluice-request-id`.
     pub by_job: BTreeMap<String, u64>,

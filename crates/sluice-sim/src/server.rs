@@ -1,12 +1,13 @@
-//! The axum server: chat-completions routes, control routes, and the handle to drive it.
+//! The axum server: OpenAI, Anthropic and Gemini routes, control routes, and the handle to drive it.
 //! Handlers stay thin; decisions live in `state` and response bytes in `wire`.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,8 +20,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::bucket::LimitState;
-use crate::state::{Shared, Verdict};
+use crate::state::{LimitReason, Shared, Verdict};
 use crate::wire::{self, ChatRequest};
+use crate::{wire_anthropic, wire_gemini};
 use crate::{Faults, SimConfig, SimStats};
 
 type AppState = State<Arc<Shared>>;
@@ -33,6 +35,10 @@ fn router(shared: Arc<Shared>) -> Router {
             "/openai/deployments/{deployment}/chat/completions",
             post(chat_azure),
         )
+        .route("/v1/messages", post(messages))
+        // Gemini serves the same methods under both API versions.
+        .route("/v1beta/models/{call}", post(gemini))
+        .route("/v1/models/{call}", post(gemini))
         .route("/sim/stats", get(get_stats))
         .route("/sim/faults", get(get_faults).put(put_faults))
         .route("/sim/reset", post(post_reset))
@@ -40,8 +46,30 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// The wire format a call arrived in: it decides the body of every answer and the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    OpenAi,
+    Anthropic,
+    /// `sse`: a streamed answer as `alt=sse` events rather than one JSON array.
+    Gemini {
+        sse: bool,
+    },
+}
+
+/// A request body parsed into the common form, with the model to report; or the 400 message.
+type Parsed = Result<(ChatRequest, String), String>;
+
 async fn chat(State(shared): AppState, headers: HeaderMap, body: Bytes) -> Response {
-    handle_chat(&shared, &headers, &body, None).await
+    let parsed = parse_openai(&body, None);
+    handle_call(
+        &shared,
+        Format::OpenAi,
+        &headers,
+        openai_key(&headers),
+        parsed,
+    )
+    .await
 }
 
 /// Azure puts the deployment in the path and may omit `model` from the body.
@@ -51,10 +79,71 @@ async fn chat_azure(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle_chat(&shared, &headers, &body, Some(deployment)).await
+    let parsed = parse_openai(&body, Some(deployment));
+    handle_call(
+        &shared,
+        Format::OpenAi,
+        &headers,
+        openai_key(&headers),
+        parsed,
+    )
+    .await
 }
 
-fn api_key(headers: &HeaderMap) -> Option<&str> {
+fn parse_openai(body: &[u8], deployment: Option<String>) -> Parsed {
+    wire::parse_request(body).and_then(|req| match req.model.clone().or(deployment) {
+        Some(model) => Ok((req, model)),
+        None => Err("you must provide a model parameter".to_owned()),
+    })
+}
+
+async fn messages(State(shared): AppState, headers: HeaderMap, body: Bytes) -> Response {
+    // Anthropic refuses calls without a version header; a missing one is a bad request.
+    let parsed = if header_str(&headers, "anthropic-version").is_none() {
+        Err("anthropic-version: header is required".to_owned())
+    } else {
+        wire_anthropic::parse_request(&body).map(|req| {
+            let model = req.model.clone().unwrap_or_default();
+            (req, model)
+        })
+    };
+    let key = header_str(&headers, "x-api-key");
+    handle_call(&shared, Format::Anthropic, &headers, key, parsed).await
+}
+
+async fn gemini(
+    State(shared): AppState,
+    Path(call): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (model, stream, sse) = match call.rsplit_once(':') {
+        Some((model, "generateContent")) => (model, false, false),
+        Some((model, "streamGenerateContent")) => {
+            (model, true, query.get("alt").is_some_and(|a| a == "sse"))
+        }
+        _ => {
+            let body = wire_gemini::error_body(404, &format!("Method not found: {call}"));
+            return (StatusCode::NOT_FOUND, Json(body)).into_response();
+        }
+    };
+    let parsed =
+        wire_gemini::parse_request(&body, model, stream).map(|req| (req, model.to_owned()));
+    let key = header_str(&headers, "x-goog-api-key")
+        .or_else(|| query.get("key").map(|k| k.trim()).filter(|k| !k.is_empty()));
+    handle_call(&shared, Format::Gemini { sse }, &headers, key, parsed).await
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+fn openai_key(headers: &HeaderMap) -> Option<&str> {
     let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -62,60 +151,65 @@ fn api_key(headers: &HeaderMap) -> Option<&str> {
             let (scheme, key) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
         });
-    bearer.or_else(|| {
-        headers
-            .get("api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    })
+    bearer.or_else(|| header_str(headers, "api-key"))
 }
 
-async fn handle_chat(
+/// Auth, limits and faults are the same for every format; only the bytes of the answer differ.
+async fn handle_call(
     shared: &Shared,
+    format: Format,
     headers: &HeaderMap,
-    body: &[u8],
-    deployment: Option<String>,
+    key: Option<&str>,
+    parsed: Parsed,
 ) -> Response {
-    let job = headers
-        .get("x-sluice-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty());
-    let parsed = wire::parse_request(body).and_then(|req| match req.model.clone().or(deployment) {
-        Some(model) => Ok((req, model)),
-        None => Err("you must provide a model parameter".to_owned()),
-    });
-    let verdict = shared.admit(api_key(headers), job, parsed.is_ok());
+    let job = header_str(headers, "x-sluice-request-id");
+    let verdict = shared.admit(key, job, parsed.is_ok());
 
     let mut resp = match (verdict, parsed) {
-        (Verdict::Unauthorized, _) => {
-            (StatusCode::UNAUTHORIZED, Json(wire::invalid_key_body())).into_response()
-        }
+        (Verdict::Unauthorized, _) => unauthorized(format, key.is_some()),
         (
             Verdict::Limited {
                 key_name,
                 state,
                 retry_after,
+                reason,
             },
             _,
         ) => {
-            let body = wire::rate_limit_body(&key_name, state.limit, retry_after);
+            let body = match format {
+                Format::OpenAi => wire::rate_limit_body(&key_name, state.limit, retry_after),
+                Format::Anthropic => {
+                    wire_anthropic::rate_limit_body(&key_name, state.limit, retry_after)
+                }
+                Format::Gemini { .. } => {
+                    wire_gemini::rate_limit_body(&key_name, state.limit, retry_after)
+                }
+            };
             let mut resp = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
-            retry_headers(resp.headers_mut(), retry_after);
-            limit_headers(resp.headers_mut(), &state);
+            // A provider telling us to back off means exactly what it says; our own limits are
+            // rounded up so a client that obeys never comes back too early.
+            let exact = reason == LimitReason::Told;
+            retry_headers(format, resp.headers_mut(), retry_after, exact);
+            limit_headers(format, resp.headers_mut(), &state);
             resp
         }
         (Verdict::Fault { status, state }, _) => {
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut resp = (code, Json(wire::fault_body(status))).into_response();
+            let body = match format {
+                Format::OpenAi => wire::fault_body(status),
+                Format::Anthropic => wire_anthropic::fault_body(status),
+                Format::Gemini { .. } => wire_gemini::fault_body(status),
+            };
+            let mut resp = (code, Json(body)).into_response();
             if status == 429 {
-                retry_headers(resp.headers_mut(), Duration::from_secs(1));
+                retry_headers(format, resp.headers_mut(), Duration::from_secs(1), true);
             }
-            limit_headers(resp.headers_mut(), &state);
+            limit_headers(format, resp.headers_mut(), &state);
             resp
         }
         (Verdict::Proceed { state }, Ok((req, model))) => {
-            let mut resp = answer(shared, &req, &model).await;
-            limit_headers(resp.headers_mut(), &state);
+            let mut resp = answer(shared, format, &req, &model).await;
+            limit_headers(format, resp.headers_mut(), &state);
             resp
         }
         // Verdict::Invalid, or (defensively) any verdict for a body that did not parse.
@@ -123,7 +217,11 @@ async fn handle_chat(
             let message = parsed
                 .err()
                 .unwrap_or_else(|| "Invalid request.".to_owned());
-            let body = wire::error_body(&message, "invalid_request_error", None);
+            let body = match format {
+                Format::OpenAi => wire::error_body(&message, "invalid_request_error", None),
+                Format::Anthropic => wire_anthropic::error_body("invalid_request_error", &message),
+                Format::Gemini { .. } => wire_gemini::error_body(400, &message),
+            };
             (StatusCode::BAD_REQUEST, Json(body)).into_response()
         }
     };
@@ -133,7 +231,25 @@ async fn handle_chat(
     resp
 }
 
-async fn answer(shared: &Shared, req: &ChatRequest, model: &str) -> Response {
+fn unauthorized(format: Format, key_given: bool) -> Response {
+    match format {
+        Format::OpenAi => {
+            (StatusCode::UNAUTHORIZED, Json(wire::invalid_key_body())).into_response()
+        }
+        Format::Anthropic => (
+            StatusCode::UNAUTHORIZED,
+            Json(wire_anthropic::invalid_key_body()),
+        )
+            .into_response(),
+        Format::Gemini { .. } => {
+            let (status, body) = wire_gemini::invalid_key_body(key_given);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
+            (status, Json(body)).into_response()
+        }
+    }
+}
+
+async fn answer(shared: &Shared, format: Format, req: &ChatRequest, model: &str) -> Response {
     let latency = &shared.config.latency;
     if !latency.is_zero() {
         let delay = latency.sample(&mut rand::thread_rng());
@@ -141,11 +257,7 @@ async fn answer(shared: &Shared, req: &ChatRequest, model: &str) -> Response {
     }
     shared.record_ok();
     let reply = wire::reply_for(req, shared.config.completion_tokens);
-    let id = format!("chatcmpl-sim-{}", Uuid::now_v7());
-    let created = chrono::Utc::now().timestamp();
-    if req.stream {
-        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let body = wire::stream_body(&id, created, model, &reply, include_usage);
+    let sse = |body: String| {
         (
             [
                 (CONTENT_TYPE, "text/event-stream"),
@@ -154,26 +266,97 @@ async fn answer(shared: &Shared, req: &ChatRequest, model: &str) -> Response {
             body,
         )
             .into_response()
-    } else {
-        Json(wire::completion_body(&id, created, model, &reply)).into_response()
+    };
+    match format {
+        Format::OpenAi => {
+            let id = format!("chatcmpl-sim-{}", Uuid::now_v7());
+            let created = chrono::Utc::now().timestamp();
+            if req.stream {
+                let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+                sse(wire::stream_body(
+                    &id,
+                    created,
+                    model,
+                    &reply,
+                    include_usage,
+                ))
+            } else {
+                Json(wire::completion_body(&id, created, model, &reply)).into_response()
+            }
+        }
+        Format::Anthropic => {
+            let id = format!("msg_sim_{}", Uuid::now_v7().simple());
+            if req.stream {
+                sse(wire_anthropic::stream_body(&id, model, &reply))
+            } else {
+                Json(wire_anthropic::message_body(&id, model, &reply)).into_response()
+            }
+        }
+        Format::Gemini { sse: as_sse } => {
+            if !req.stream {
+                return Json(wire_gemini::response_body(model, &reply)).into_response();
+            }
+            let chunks = wire_gemini::stream_chunks(model, &reply);
+            if as_sse {
+                sse(wire_gemini::sse_body(&chunks))
+            } else {
+                // Without alt=sse Gemini streams one JSON array of the same chunks.
+                Json(chunks).into_response()
+            }
+        }
     }
 }
 
-fn limit_headers(h: &mut HeaderMap, s: &LimitState) {
-    h.insert("x-ratelimit-limit-requests", HeaderValue::from(s.limit));
-    h.insert(
-        "x-ratelimit-remaining-requests",
-        HeaderValue::from(s.remaining),
-    );
-    if let Ok(v) = HeaderValue::try_from(wire::openai_duration(s.reset)) {
-        h.insert("x-ratelimit-reset-requests", v);
+fn limit_headers(format: Format, h: &mut HeaderMap, s: &LimitState) {
+    match format {
+        Format::OpenAi => {
+            h.insert("x-ratelimit-limit-requests", HeaderValue::from(s.limit));
+            h.insert(
+                "x-ratelimit-remaining-requests",
+                HeaderValue::from(s.remaining),
+            );
+            if let Ok(v) = HeaderValue::try_from(wire::openai_duration(s.reset)) {
+                h.insert("x-ratelimit-reset-requests", v);
+            }
+        }
+        Format::Anthropic => {
+            h.insert(
+                "anthropic-ratelimit-requests-limit",
+                HeaderValue::from(s.limit),
+            );
+            h.insert(
+                "anthropic-ratelimit-requests-remaining",
+                HeaderValue::from(s.remaining),
+            );
+            // Anthropic reports when the bucket is full again as an RFC 3339 instant.
+            let reset = chrono::Duration::from_std(s.reset)
+                .ok()
+                .and_then(|d| chrono::Utc::now().checked_add_signed(d));
+            if let Some(at) = reset {
+                let text = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                if let Ok(v) = HeaderValue::try_from(text) {
+                    h.insert("anthropic-ratelimit-requests-reset", v);
+                }
+            }
+        }
+        // Gemini sends no rate-limit headers besides retry-after.
+        Format::Gemini { .. } => {}
     }
 }
 
-fn retry_headers(h: &mut HeaderMap, retry_after: Duration) {
+/// `exact` sends whole seconds as given; otherwise the wait is rounded up to at least 1 s.
+fn retry_headers(format: Format, h: &mut HeaderMap, retry_after: Duration, exact: bool) {
     let ms = u64::try_from(retry_after.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
-    h.insert("retry-after", HeaderValue::from(ms.div_ceil(1000).max(1)));
-    h.insert("retry-after-ms", HeaderValue::from(ms));
+    let secs = if exact {
+        retry_after.as_secs()
+    } else {
+        ms.div_ceil(1000).max(1)
+    };
+    h.insert("retry-after", HeaderValue::from(secs));
+    // Only OpenAI sends the millisecond variant.
+    if format == Format::OpenAi {
+        h.insert("retry-after-ms", HeaderValue::from(ms));
+    }
 }
 
 async fn get_stats(State(shared): AppState) -> Json<SimStats> {
@@ -291,7 +474,7 @@ impl SimHandle {
         self.addr
     }
 
-    /// The OpenAI-style base URL, e.g. `http://127.0.0.1:PORT/v1`, with a wildcard
+    /// The OpenAI- and Anthropic-style base URL, e.g. `http://127.0.0.1:PORT/v1`, with a wildcard
     /// bind address replaced by loopback so it can be dialled.
     pub fn base_url(&self) -> String {
         let ip = match self.addr.ip() {
@@ -300,6 +483,12 @@ impl SimHandle {
             ip => ip,
         };
         format!("http://{}/v1", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// The Gemini-style base URL, e.g. `http://127.0.0.1:PORT/v1beta` (`/v1` is served too).
+    pub fn gemini_base_url(&self) -> String {
+        let v1 = self.base_url();
+        format!("{v1}beta")
     }
 
     pub fn stats(&self) -> SimStats {

@@ -1,7 +1,7 @@
 //! Shared simulator state: keys with their buckets, counters and the fault plan.
 //! One mutex guards it all; each call takes it once for auth, counting, limiting and faults.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ pub enum Verdict {
         key_name: String,
         state: LimitState,
         retry_after: Duration,
+        reason: LimitReason,
     },
     Fault {
         status: u16,
@@ -32,10 +33,64 @@ pub enum Verdict {
     },
 }
 
+/// Why a call got a 429, so each wire format can word its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReason {
+    /// The key's bucket was empty.
+    Bucket,
+    /// The key is serving a block for hammering.
+    Blocked,
+    /// The `rate_limit_retry_after_secs` fault.
+    Told,
+}
+
 struct KeyEntry {
     name: String,
     bucket: TokenBucket,
     calls: u64,
+    hammer: Hammer,
+}
+
+/// The "punish hammering" rule for one key: its recent 429s and its current block.
+#[derive(Default)]
+struct Hammer {
+    /// Times of the most recent 429s; at most `hammer_limit + 1` are kept, which is all the
+    /// rule needs, so a client hammering at any rate costs bounded memory.
+    recent: VecDeque<Instant>,
+    blocked_until: Option<Instant>,
+}
+
+impl Hammer {
+    fn remaining_block(&self, now: Instant) -> Option<Duration> {
+        self.blocked_until
+            .filter(|until| now < *until)
+            .map(|until| until - now)
+    }
+
+    /// Records a 429 answered at `now`; returns true if it starts a block.
+    fn note_429(&mut self, now: Instant, config: &SimConfig) -> bool {
+        let limit = config.hammer_limit as usize;
+        if limit == 0 {
+            return false;
+        }
+        self.recent.push_back(now);
+        while self.recent.len() > limit + 1 {
+            self.recent.pop_front();
+        }
+        // Calls refused during a block are counted above but never extend the block.
+        if self.remaining_block(now).is_some() || self.recent.len() <= limit {
+            return false;
+        }
+        let window = Duration::from_secs_f64(config.hammer_window_secs);
+        let oldest = self.recent.front().copied().unwrap_or(now);
+        if now.saturating_duration_since(oldest) > window {
+            return false;
+        }
+        self.blocked_until = Some(now + Duration::from_secs_f64(config.hammer_block_secs));
+        // The 429s that caused this block are paid for by it; counting starts afresh.
+        self.recent.clear();
+        true
+    }
 }
 
 #[derive(Default)]
@@ -52,6 +107,8 @@ struct Inner {
     total: u64,
     rate_limited: u64,
     failed: u64,
+    blocked: u64,
+    blocks: u64,
     /// Calls past the limiter since start or reset, for `fail_first`.
     admitted: u64,
     faults: Faults,
@@ -73,6 +130,8 @@ impl Shared {
             total: 0,
             rate_limited: 0,
             failed: 0,
+            blocked: 0,
+            blocks: 0,
             admitted: 0,
             faults: config.faults.clone(),
             rng: SmallRng::from_entropy(),
@@ -126,14 +185,44 @@ impl Shared {
             return Verdict::Invalid;
         }
 
+        if let Some(secs) = inner.faults.rate_limit_retry_after_secs {
+            inner.rate_limited += 1;
+            return Verdict::Limited {
+                key_name: entry.name.clone(),
+                state: entry.bucket.peek(now),
+                retry_after: Duration::from_secs(secs),
+                reason: LimitReason::Told,
+            };
+        }
+        // A block is checked before the bucket so refused calls spend no tokens: the bucket
+        // keeps refilling underneath, as the provider's own limit would.
+        if let Some(left) = entry.hammer.remaining_block(now) {
+            inner.rate_limited += 1;
+            inner.blocked += 1;
+            entry.hammer.note_429(now, &self.config);
+            return Verdict::Limited {
+                key_name: entry.name.clone(),
+                state: entry.bucket.peek(now),
+                retry_after: left,
+                reason: LimitReason::Blocked,
+            };
+        }
         let state = match entry.bucket.try_acquire(now) {
             Decision::Allowed(state) => state,
             Decision::Limited { state, retry_after } => {
                 inner.rate_limited += 1;
+                let mut retry_after = retry_after;
+                if entry.hammer.note_429(now, &self.config) {
+                    inner.blocks += 1;
+                    tracing::debug!(key = %entry.name, "simulated key blocked for hammering");
+                    let block = entry.hammer.remaining_block(now).unwrap_or_default();
+                    retry_after = retry_after.max(block);
+                }
                 return Verdict::Limited {
                     key_name: entry.name.clone(),
                     state,
                     retry_after,
+                    reason: LimitReason::Bucket,
                 };
             }
         };
@@ -180,6 +269,7 @@ impl Shared {
             name,
             bucket,
             calls: 0,
+            hammer: Hammer::default(),
         }
     }
 
@@ -194,6 +284,8 @@ impl Shared {
             ok: self.ok.load(Ordering::Relaxed),
             rate_limited: inner.rate_limited,
             failed: inner.failed,
+            blocked: inner.blocked,
+            blocks: inner.blocks,
             by_key: inner
                 .keys
                 .values()
@@ -227,6 +319,8 @@ impl Shared {
         inner.total = 0;
         inner.rate_limited = 0;
         inner.failed = 0;
+        inner.blocked = 0;
+        inner.blocks = 0;
         inner.admitted = 0;
         self.ok.store(0, Ordering::Relaxed);
     }
@@ -246,8 +340,53 @@ fn configured_keys(config: &SimConfig) -> HashMap<String, KeyEntry> {
                     name: k.name.clone(),
                     bucket,
                     calls: 0,
+                    hammer: Hammer::default(),
                 },
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(limit: u32) -> SimConfig {
+        SimConfig {
+            hammer_limit: limit,
+            hammer_window_secs: 10.0,
+            hammer_block_secs: 5.0,
+            ..SimConfig::default()
+        }
+    }
+
+    #[test]
+    fn more_than_limit_429s_within_the_window_block() {
+        let c = config(3);
+        let t0 = Instant::now();
+        let mut h = Hammer::default();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(!h.note_429(at(0), &c));
+        assert!(!h.note_429(at(1000), &c));
+        assert!(!h.note_429(at(2000), &c));
+        assert!(h.note_429(at(3000), &c), "the 4th 429 in 10 s blocks");
+        assert_eq!(h.remaining_block(at(4000)), Some(Duration::from_secs(4)));
+        // Refusals during the block do not extend it.
+        for ms in [4000, 4100, 4200, 4300] {
+            assert!(!h.note_429(at(ms), &c));
+        }
+        assert_eq!(h.remaining_block(at(8000)), None);
+    }
+
+    #[test]
+    fn spread_out_429s_and_a_zero_limit_never_block() {
+        let t0 = Instant::now();
+        let mut h = Hammer::default();
+        let c = config(3);
+        // One 429 every 4 s: never more than three within 10 s.
+        assert!((0..20).all(|i| !h.note_429(t0 + Duration::from_secs(4 * i), &c)));
+        let mut h = Hammer::default();
+        assert!((0..100).all(|_| !h.note_429(t0, &config(0))));
+        assert!(h.recent.is_empty());
+    }
 }

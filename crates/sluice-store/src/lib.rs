@@ -17,6 +17,7 @@ pub use jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};
 pub use keys::{hash_key, new_api_key, KEY_PREFIX};
 pub use lifecycle::{Claim, Completion, DeadJob, Failure};
 pub use outbox::OutboxMessage;
+pub use stats::LaneWait;
 pub use writer::JobWriter;
 
 use serde::Deserialize;

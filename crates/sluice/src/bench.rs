@@ -35,6 +35,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// A backlog through a pool shaped like the seed notes x10 (3 keys at 200 RPM, 5 at 600,
+    /// 2 at 2,000), first with one worker process, then with several; prints utilization,
+    /// 429s and queue wait per lane.
+    Ratelimit {
+        /// Worker processes per run, comma-separated.
+        #[arg(long, default_value = "1,4", value_delimiter = ',')]
+        workers: Vec<usize>,
+        /// Seconds of backlog per run at full pool capacity.
+        #[arg(long, default_value_t = 80)]
+        seconds: u64,
+        /// Simulated provider latency in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        latency_ms: u64,
+    },
 }
 
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
@@ -46,6 +60,16 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             concurrency,
             timeout_secs,
         } => throughput(config, jobs, clients, workers, concurrency, timeout_secs).await,
+        BenchCommand::Ratelimit {
+            workers,
+            seconds,
+            latency_ms,
+        } => {
+            for n in workers {
+                crate::ratelimit::run(&config, n, seconds, latency_ms).await?;
+            }
+            Ok(())
+        }
     }
 }
 

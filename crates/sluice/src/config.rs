@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 /// The whole configuration of a Sluice deployment.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the API listens.
@@ -40,7 +40,7 @@ pub struct Config {
 }
 
 /// `sluice sim` settings: where it listens and how it behaves.
-#[derive(Debug, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimSection {
     pub listen: Option<SocketAddr>,

@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 mod config;
+mod ratelimit;
 mod stack;
 
 use anyhow::Context;

@@ -1,0 +1,382 @@
+//! The Redis-shared endpoint limiter against a real Redis (`SLUICE_TEST_REDIS_URL`, default
+//! 127.0.0.1:6379): sharing across workers, local fallback, recovery, and the worker registry.
+//!
+//! Timing checks are bounds on counts with slack, never tight wall-clock bounds.
+#![allow(clippy::unwrap_used)]
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use sluice_providers::{SharedError, SharedLimiter, SharedLimits};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::process::{Child, Command};
+
+const RATE: u32 = 600;
+const BURST: u32 = 1;
+const HAMMER: Duration = Duration::from_secs(3);
+
+fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix no other test (or run) uses.
+fn unique_prefix(tag: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "sluice-test:{tag}:{}-{nanos}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("these tests need Redis at {url}: {e}"))
+}
+
+/// Delete every key of the test's prefix.
+async fn cleanup(url: &str, prefix: &str) {
+    let mut c = conn(url).await;
+    let keys: Vec<String> = c.keys(format!("{prefix}:*")).await.unwrap();
+    if !keys.is_empty() {
+        let _: () = c.del(keys).await.unwrap();
+    }
+}
+
+/// The largest number of permits all workers together may use in a window of `window`, from the
+/// lease rule: GCRA grants at most floor(rate * span) + burst + 1 in a span, and a leased cell is
+/// used at most `LEASE_HOLD` after it was granted, so uses in a window come from grants in a span
+/// `LEASE_HOLD` longer.
+fn max_uses(per_minute: u32, burst: u32, window: Duration) -> u64 {
+    let span = window + SharedLimiter::LEASE_HOLD;
+    (u128::from(per_minute) * span.as_micros() / 60_000_000) as u64 + u64::from(burst) + 1
+}
+
+/// `tasks` callers per limiter call `acquire` in a loop for `dur`. Returns the times (from the
+/// start) at which permits were granted, sorted, and the elapsed time.
+async fn hammer(
+    limiters: &[SharedLimiter],
+    tasks: usize,
+    dur: Duration,
+) -> (Vec<Duration>, Duration) {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::from_std(start + dur);
+    let mut handles = Vec::new();
+    for limiter in limiters {
+        for _ in 0..tasks {
+            let limiter = limiter.clone();
+            handles.push(tokio::spawn(async move {
+                let mut grants = Vec::new();
+                while tokio::time::timeout_at(deadline, limiter.acquire())
+                    .await
+                    .is_ok()
+                {
+                    let at = start.elapsed();
+                    if at >= dur {
+                        break;
+                    }
+                    grants.push(at);
+                }
+                grants
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all.sort();
+    (all, start.elapsed())
+}
+
+/// Most grants seen in any window of `window` (by the time each grant was seen).
+fn busiest_window(grants: &[Duration], window: Duration) -> usize {
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..grants.len() {
+        while grants[hi] - grants[lo] >= window {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+/// Full-rate bound for the hammer, and 80% of the ideal count as the floor.
+fn shared_bounds(elapsed: Duration) -> (u64, u64) {
+    let ideal = u64::from(RATE) / 60 * HAMMER.as_secs() + u64::from(BURST);
+    (ideal * 8 / 10, max_uses(RATE, BURST, elapsed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_workers_share_one_endpoint_rate() {
+    let url = redis_url();
+    let prefix = unique_prefix("share");
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        workers.push(
+            SharedLimits::connect(&url, &prefix, &format!("worker-{w}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let limiters: Vec<_> = workers
+        .iter()
+        .map(|w| w.limiter("ep-a", RATE, BURST))
+        .collect();
+    assert_eq!(limiters[0].lease_size(), 2);
+
+    let (grants, elapsed) = hammer(&limiters, 3, HAMMER).await;
+
+    assert!(workers.iter().all(|w| !w.is_degraded()));
+    let (low, high) = shared_bounds(elapsed);
+    let n = grants.len() as u64;
+    let busiest = busiest_window(&grants, Duration::from_secs(1));
+    eprintln!("4 workers: {n} permits in {elapsed:?} ({low}..={high}), busiest second {busiest}");
+    assert!(
+        (low..=high).contains(&n),
+        "4 workers at {RATE} rpm burst {BURST} got {n} permits in {elapsed:?}, expected {low}..={high} (4 unshared limiters would get ~4x)"
+    );
+    // Any one second: at most the lease-rule bound (14), plus slack for tasks seeing their permit
+    // late on a busy machine; unshared limiters would give ~40.
+    let bound = max_uses(RATE, BURST, Duration::from_secs(1)) as usize + 3;
+    assert!(
+        busiest <= bound,
+        "{busiest} permits in one second, bound {bound}"
+    );
+    drop(limiters);
+    drop(workers);
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_limiter_gets_the_full_rate() {
+    let url = redis_url();
+    let prefix = unique_prefix("single");
+    let limits = SharedLimits::connect(&url, &prefix, "solo").await.unwrap();
+    let limiter = limits.limiter("ep-b", RATE, BURST);
+
+    let (grants, elapsed) = hammer(std::slice::from_ref(&limiter), 4, HAMMER).await;
+
+    assert!(!limits.is_degraded());
+    let (low, high) = shared_bounds(elapsed);
+    let n = grants.len() as u64;
+    eprintln!("one worker: {n} permits in {elapsed:?} ({low}..={high})");
+    assert!(
+        (low..=high).contains(&n),
+        "one worker got {n} permits in {elapsed:?}, expected {low}..={high}"
+    );
+    // The decisions really went through Redis.
+    let mut c = conn(&url).await;
+    let exists: bool = c.exists(format!("{prefix}:gcra:ep-b")).await.unwrap();
+    assert!(exists, "no shared GCRA key in Redis");
+    drop(limiter);
+    drop(limits);
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_runs_on_a_local_share() {
+    // Nothing listens on port 1: connection refused.
+    let limits = SharedLimits::connect("redis://127.0.0.1:1", "sluice-test:down", "w1")
+        .await
+        .unwrap();
+    assert!(limits.is_degraded());
+    assert_eq!(limits.live_workers().await, None);
+    let limiter = limits.limiter("ep-c", RATE, BURST);
+
+    let (grants, elapsed) = hammer(std::slice::from_ref(&limiter), 3, HAMMER).await;
+
+    // Never knew the worker count: 4 assumed, so 150 rpm and burst 1 / 4 = 0, i.e. at most
+    // floor(2.5/s * elapsed) + 1 (the local GCRA runs on this process's clock: exact bound).
+    let n = grants.len() as u64;
+    let high = (u128::from(RATE / 4) * elapsed.as_micros() / 60_000_000) as u64 + 1;
+    let low = (u64::from(RATE / 4) * HAMMER.as_secs() / 60) * 8 / 10;
+    eprintln!("degraded from start: {n} permits in {elapsed:?} ({low}..={high})");
+    assert!(
+        (low..=high).contains(&n),
+        "degraded worker got {n} permits in {elapsed:?}, expected {low}..={high}"
+    );
+    assert!(limits.is_degraded());
+}
+
+#[tokio::test]
+async fn bad_url_fails_fast_without_leaking_the_password() {
+    let err = SharedLimits::connect("redis://:hunter2@host:notaport", "p", "w")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SharedError::InvalidUrl { .. }), "{err:?}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+
+    let err = SharedLimits::connect("redis://127.0.0.1:1", "", "w")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SharedError::EmptyName), "{err:?}");
+}
+
+/// A private redis-server for a test that stops and restarts Redis.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    async fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = PrivateRedis { port, child: None };
+        r.restart().await;
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("this test needs redis-server on PATH");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..100 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("private redis-server did not start on port {}", self.port);
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+}
+
+/// Poll `cond` every 50 ms for up to `limit`.
+async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_when_redis_dies_and_returns_when_it_is_back() {
+    let mut server = PrivateRedis::start().await;
+    let url = server.url();
+    let prefix = unique_prefix("recover");
+    let a = SharedLimits::connect(&url, &prefix, "a").await.unwrap();
+    let b = SharedLimits::connect(&url, &prefix, "b").await.unwrap();
+    assert!(!a.is_degraded());
+    // `a` must have seen both workers before the outage: its local share is then rate / 2.
+    assert_eq!(a.live_workers().await, Some(2));
+    let limiter = a.limiter("ep-d", RATE, BURST);
+    limiter.acquire().await;
+    let key = format!("{prefix}:gcra:ep-d");
+    let exists: bool = conn(&url).await.exists(&key).await.unwrap();
+    assert!(exists, "shared key missing before the outage");
+
+    server.stop().await;
+    // The next decisions notice the outage (a failed call or a failed heartbeat).
+    let (_, _) = hammer(
+        std::slice::from_ref(&limiter),
+        2,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(3), || a.is_degraded()).await,
+        "not degraded after Redis stopped"
+    );
+    // Local share: 300 rpm, burst 1 / 2 = 0, so at most floor(5/s * elapsed) + 1.
+    let (grants, elapsed) = hammer(std::slice::from_ref(&limiter), 3, Duration::from_secs(2)).await;
+    let n = grants.len() as u64;
+    let high = (u128::from(RATE / 2) * elapsed.as_micros() / 60_000_000) as u64 + 1;
+    eprintln!("degraded after outage: {n} permits in {elapsed:?} (6..={high})");
+    assert!(
+        (6..=high).contains(&n),
+        "degraded worker got {n} permits in {elapsed:?}, expected 6..={high}"
+    );
+    assert!(a.is_degraded());
+
+    server.restart().await;
+    assert!(
+        eventually(Duration::from_secs(5), || !a.is_degraded()).await,
+        "still degraded 5 s after Redis came back"
+    );
+    // Back on the shared state: the fresh server now holds the endpoint's key again.
+    let (grants, _) = hammer(
+        std::slice::from_ref(&limiter),
+        2,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(!grants.is_empty());
+    let exists: bool = conn(&url).await.exists(&key).await.unwrap();
+    assert!(exists, "shared key missing after recovery");
+    assert!(!a.is_degraded());
+
+    drop(limiter);
+    drop((a, b));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_counts_live_workers_and_drops_stale_ones() {
+    let url = redis_url();
+    let prefix = unique_prefix("registry");
+    let a = SharedLimits::connect(&url, &prefix, "a").await.unwrap();
+    let b = SharedLimits::connect(&url, &prefix, "b").await.unwrap();
+    let c = SharedLimits::connect(&url, &prefix, "c").await.unwrap();
+    assert_eq!(a.live_workers().await, Some(3));
+    assert_eq!(c.live_workers().await, Some(3));
+
+    // `c` stops refreshing; it still counts within its 5 s TTL...
+    drop(c);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(a.live_workers().await, Some(3));
+    // ...and is gone after it, while `a` and `b` keep refreshing themselves.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut live = a.live_workers().await;
+    while live != Some(2) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        live = a.live_workers().await;
+    }
+    assert_eq!(live, Some(2), "stale worker still counted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.live_workers().await, Some(2));
+
+    drop((a, b));
+    cleanup(&url, &prefix).await;
+}
