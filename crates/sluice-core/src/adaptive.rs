@@ -138,6 +138,15 @@ impl AdaptiveRate {
         Ok(())
     }
 
+    /// How long until [`AdaptiveRate::try_acquire`] would grant, without taking anything.
+    pub fn wait_time(&self, now: Duration) -> Duration {
+        let mut trial = self.clone();
+        match trial.try_acquire(now) {
+            Ok(()) => Duration::ZERO,
+            Err(wait) => wait,
+        }
+    }
+
     /// Reserve one permit and return how long to wait before using it (FIFO with other
     /// reservations). `Duration::MAX` means nothing was reserved, as for [`Gcra::reserve`] at a
     /// zero rate: a probe is out (ask again after its outcome) or the configured rate is 0.

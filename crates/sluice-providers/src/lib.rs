@@ -17,7 +17,7 @@ pub use config::{AuthStyle, ConfigError, EndpointConfig, PoolConfig, ProviderKin
 pub use error::ProviderError;
 pub use gemini::Gemini;
 pub use openai::OpenAiCompatible;
-pub use pool::{Permit, Pool, Router};
+pub use pool::{Permit, Pool, PoolOptions, RouteTarget, Router};
 pub use shared::{SharedError, SharedLimiter, SharedLimits};
 
 /// One call's input: the job's request and its id, which is sent upstream as `x-sluice-request-id`.

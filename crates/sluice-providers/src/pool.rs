@@ -1,10 +1,15 @@
-//! Pools of endpoints behind one model alias, their local rate limiters, and the alias router.
-//! A [`Permit`] is the right to send one request to one endpoint now; pools hand them out round-robin.
+//! Pools of endpoints behind one model alias, each endpoint with its adaptive rate limiter,
+//! circuit breaker and (with Redis) a limiter shared by all workers; and the alias router.
+//!
+//! A [`Permit`] is the right to send one request to one endpoint now. Its outcome flows back
+//! into the endpoint's limiter and breaker, which is how 429s and outages steer traffic.
 
 use crate::config::{ConfigError, EndpointConfig, PoolConfig, ProviderKind};
 use crate::openai::OpenAiCompatible;
+use crate::shared::{SharedLimiter, SharedLimits};
 use crate::{Anthropic, ChatRequest, ChatResponse, Gemini, Provider, ProviderError};
-use sluice_core::gcra::Gcra;
+use serde::Deserialize;
+use sluice_core::{AdaptiveConfig, AdaptiveRate, Breaker, BreakerConfig, BreakerState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,26 +18,76 @@ use std::time::{Duration, Instant};
 struct Endpoint {
     name: String,
     provider: Arc<dyn Provider>,
+    shared: Option<SharedLimiter>,
 }
 
-/// Limiters and the round-robin cursor, under one lock so choosing and reserving is atomic.
+/// How every pool's endpoints adapt and protect themselves.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolOptions {
+    pub adaptive: AdaptiveConfig,
+    pub breaker: BreakerConfig,
+    /// Share each endpoint's limit with every worker through Redis.
+    #[serde(skip)]
+    pub shared: Option<SharedLimits>,
+}
+
+/// One endpoint's local view of its health and pace.
+struct Health {
+    rate: AdaptiveRate,
+    breaker: Breaker,
+}
+
+/// Limiters, breakers and the round-robin cursor, under one lock so choosing and taking is atomic.
 struct PoolState {
-    limiters: Vec<Gcra>,
+    health: Vec<Health>,
     next: usize,
 }
 
-/// A named set of endpoints serving one model alias, each with its own local RPM limiter.
+/// What a permit needs to report its outcome.
+struct Feedback {
+    state: Arc<Mutex<PoolState>>,
+    origin: Instant,
+    index: usize,
+}
+
+impl Feedback {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        lock(&self.state)
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+fn lock(state: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
+    // The state is plain numbers that are always consistent, so a panic elsewhere while
+    // holding the lock leaves nothing to repair.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A named set of endpoints serving one model alias.
 pub struct Pool {
     name: String,
     endpoints: Vec<Arc<Endpoint>>,
-    state: Mutex<PoolState>,
-    /// Time origin for the limiters.
+    state: Arc<Mutex<PoolState>>,
+    /// Time origin for the limiters and breakers.
     origin: Instant,
 }
 
 impl Pool {
-    /// Build the pool's endpoints from configuration.
+    /// Build the pool's endpoints from configuration, with default options.
     pub fn new(config: &PoolConfig, http: reqwest::Client) -> Result<Pool, ConfigError> {
+        Pool::with_options(config, http, &PoolOptions::default())
+    }
+
+    /// Build the pool's endpoints from configuration.
+    pub fn with_options(
+        config: &PoolConfig,
+        http: reqwest::Client,
+        options: &PoolOptions,
+    ) -> Result<Pool, ConfigError> {
         let endpoints = config
             .endpoints
             .iter()
@@ -45,7 +100,7 @@ impl Pool {
                 Ok((e.clone(), provider))
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        Pool::with_providers(&config.name, endpoints)
+        Pool::build(&config.name, endpoints, options)
     }
 
     /// Build a pool around ready providers (a fake in tests, or an adapter built elsewhere);
@@ -54,11 +109,19 @@ impl Pool {
         name: &str,
         endpoints: Vec<(EndpointConfig, Arc<dyn Provider>)>,
     ) -> Result<Pool, ConfigError> {
+        Pool::build(name, endpoints, &PoolOptions::default())
+    }
+
+    fn build(
+        name: &str,
+        endpoints: Vec<(EndpointConfig, Arc<dyn Provider>)>,
+        options: &PoolOptions,
+    ) -> Result<Pool, ConfigError> {
         if endpoints.is_empty() {
             return Err(ConfigError::EmptyPool { pool: name.into() });
         }
         let mut seen = BTreeSet::new();
-        let mut limiters = Vec::with_capacity(endpoints.len());
+        let mut health = Vec::with_capacity(endpoints.len());
         let mut eps = Vec::with_capacity(endpoints.len());
         for (config, provider) in endpoints {
             if !seen.insert(config.name.clone()) {
@@ -69,16 +132,25 @@ impl Pool {
                     endpoint: config.name,
                 });
             }
-            limiters.push(Gcra::per_minute(config.rpm, config.effective_burst()));
+            let burst = config.effective_burst();
+            health.push(Health {
+                rate: AdaptiveRate::new(config.rpm, burst, options.adaptive),
+                breaker: Breaker::new(options.breaker),
+            });
+            let shared = options
+                .shared
+                .as_ref()
+                .map(|limits| limits.limiter(&config.name, config.rpm, burst));
             eps.push(Arc::new(Endpoint {
                 name: config.name,
                 provider,
+                shared,
             }));
         }
         Ok(Pool {
             name: name.into(),
             endpoints: eps,
-            state: Mutex::new(PoolState { limiters, next: 0 }),
+            state: Arc::new(Mutex::new(PoolState { health, next: 0 })),
             origin: Instant::now(),
         })
     }
@@ -92,73 +164,111 @@ impl Pool {
         self.endpoints.iter().map(|e| e.name.as_str())
     }
 
-    /// Wait for a permit on the endpoint that can serve soonest (round-robin among ties).
-    ///
-    /// The cell is reserved before sleeping, so concurrent callers are granted in the order they
-    /// asked. If this future is dropped while sleeping, its one reserved cell is simply spent:
-    /// that errs on the side of staying under the provider's limit.
+    /// Wait for a permit on some endpoint that can serve.
     pub async fn acquire(&self) -> Permit {
-        let (index, wait) = {
-            let mut state = self.lock();
-            let now = self.origin.elapsed();
-            let index = soonest(&state, now);
-            let wait = state.limiters[index].reserve(now, 1);
-            state.next = (index + 1) % self.endpoints.len();
-            (index, wait)
-        };
-        if !wait.is_zero() {
+        loop {
+            if let Some(permit) = self.try_acquire().await {
+                return permit;
+            }
+            let wait = self
+                .wait_time()
+                .clamp(Duration::from_millis(1), Duration::from_secs(1));
             tokio::time::sleep(wait).await;
         }
-        self.permit(index)
     }
 
-    /// Like [`Pool::acquire`] but never waits: `None` if no endpoint can serve now.
-    pub fn try_acquire(&self) -> Option<Permit> {
-        let mut state = self.lock();
-        let now = self.origin.elapsed();
-        let n = self.endpoints.len();
-        let start = state.next;
-        let index = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| state.limiters[i].try_acquire(now, 1).is_ok())?;
-        state.next = (index + 1) % n;
-        drop(state);
+    /// A permit now, or `None` if no endpoint can serve now. Endpoints whose breaker is open are
+    /// skipped; among the others the first from the round-robin cursor that its limiter allows
+    /// wins, so under load each endpoint serves in proportion to its own rate.
+    pub async fn try_acquire(&self) -> Option<Permit> {
+        let index = self.take_local()?;
+        let endpoint = &self.endpoints[index];
+        if let Some(shared) = &endpoint.shared {
+            if shared.try_acquire().await.is_err() {
+                // Other workers used this endpoint's share: give back the probe slot, if any.
+                let now = self.origin.elapsed();
+                let mut state = lock(&self.state);
+                state.health[index].rate.on_other_failure(now);
+                state.health[index].breaker.on_cancelled(now);
+                return None;
+            }
+        }
         Some(self.permit(index))
     }
 
-    /// How long until some endpoint could grant a permit (zero if one can now), without reserving.
-    /// Lets a dispatcher skip jobs for a saturated pool instead of blocking on it.
-    pub fn wait_time(&self) -> Duration {
-        let state = self.lock();
+    fn take_local(&self) -> Option<usize> {
+        let mut state = lock(&self.state);
         let now = self.origin.elapsed();
-        state.limiters[soonest(&state, now)].wait_time(now, 1)
+        let n = self.endpoints.len();
+        let start = state.next;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let health = &mut state.health[i];
+            if health.breaker.state(now) == BreakerState::Open {
+                continue;
+            }
+            if health.rate.try_acquire(now).is_err() {
+                continue;
+            }
+            if !health.breaker.try_acquire(now) {
+                // Half-open with its probe already out: this cell goes unused.
+                health.rate.on_other_failure(now);
+                continue;
+            }
+            state.next = (i + 1) % n;
+            return Some(i);
+        }
+        None
+    }
+
+    /// How long until some endpoint could grant a permit (zero if one can now), without taking
+    /// one. Lets a dispatcher skip jobs for a saturated pool instead of blocking on it. Does not
+    /// see the Redis-shared limit, which only [`Pool::try_acquire`] asks.
+    pub fn wait_time(&self) -> Duration {
+        let state = lock(&self.state);
+        let now = self.origin.elapsed();
+        state
+            .health
+            .iter()
+            .map(|h| match h.breaker.retry_in(now) {
+                Some(open) => open.max(h.rate.wait_time(now)),
+                None => h.rate.wait_time(now),
+            })
+            .min()
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// Whether every endpoint's breaker is open: the pool cannot serve at all for now.
+    pub fn is_down(&self) -> bool {
+        let state = lock(&self.state);
+        let now = self.origin.elapsed();
+        state
+            .health
+            .iter()
+            .all(|h| h.breaker.state(now) == BreakerState::Open)
+    }
+
+    /// Each endpoint's current effective rate in requests per minute (for metrics and tests).
+    pub fn effective_rpm(&self) -> Vec<(String, f64)> {
+        let state = lock(&self.state);
+        let now = self.origin.elapsed();
+        self.endpoints
+            .iter()
+            .zip(&state.health)
+            .map(|(e, h)| (e.name.clone(), h.rate.effective_rpm(now)))
+            .collect()
     }
 
     fn permit(&self, index: usize) -> Permit {
         Permit {
             endpoint: Arc::clone(&self.endpoints[index]),
+            feedback: Some(Feedback {
+                state: Arc::clone(&self.state),
+                origin: self.origin,
+                index,
+            }),
         }
     }
-
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
-        // The state is a few plain numbers that are always consistent, so a panic elsewhere
-        // while holding the lock leaves nothing to repair.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The endpoint whose limiter grants soonest; ties go to the first from the round-robin cursor.
-fn soonest(state: &PoolState, now: Duration) -> usize {
-    let n = state.limiters.len();
-    let mut best = (state.next % n, Duration::MAX);
-    for k in 0..n {
-        let i = (state.next + k) % n;
-        let wait = state.limiters[i].wait_time(now, 1);
-        if wait < best.1 {
-            best = (i, wait);
-        }
-    }
-    best.0
 }
 
 impl fmt::Debug for Pool {
@@ -170,9 +280,10 @@ impl fmt::Debug for Pool {
     }
 }
 
-/// The right to send one request to one endpoint now.
+/// The right to send one request to one endpoint now. Dropped unused, it gives back what it held.
 pub struct Permit {
     endpoint: Arc<Endpoint>,
+    feedback: Option<Feedback>,
 }
 
 impl Permit {
@@ -182,18 +293,64 @@ impl Permit {
     }
 
     /// Spend the permit on one call.
-    pub async fn call(self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
-        self.endpoint.provider.chat(req).await
+    pub async fn call(mut self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
+        let outcome = self.endpoint.provider.chat(req).await;
+        self.report(&outcome);
+        outcome
     }
 
     /// Spend the permit on one streamed call: text deltas go to `deltas` as they arrive, and the
     /// assembled response is returned (see [`Provider::chat_stream`]).
     pub async fn call_stream(
-        self,
+        mut self,
         req: ChatRequest<'_>,
         deltas: tokio::sync::mpsc::Sender<String>,
     ) -> Result<ChatResponse, ProviderError> {
-        self.endpoint.provider.chat_stream(req, deltas).await
+        let outcome = self.endpoint.provider.chat_stream(req, deltas).await;
+        self.report(&outcome);
+        outcome
+    }
+
+    /// Feed the outcome to the endpoint's limiter and breaker. Only failures that speak to the
+    /// endpoint's health (5xx, timeouts, broken connections) count against its breaker; a 429
+    /// is the limiter's business and a 4xx is the request's fault.
+    fn report(&mut self, outcome: &Result<ChatResponse, ProviderError>) {
+        let Some(feedback) = self.feedback.take() else {
+            return;
+        };
+        let now = feedback.now();
+        let mut state = feedback.lock();
+        let health = &mut state.health[feedback.index];
+        match outcome {
+            Ok(_) => {
+                health.rate.on_success(now);
+                health.breaker.on_success(now);
+            }
+            Err(ProviderError::RateLimited { retry_after, .. }) => {
+                health.rate.on_rate_limited(now, *retry_after);
+                health.breaker.on_cancelled(now);
+            }
+            Err(ProviderError::Rejected { .. }) => {
+                health.rate.on_other_failure(now);
+                health.breaker.on_cancelled(now);
+            }
+            Err(_) => {
+                health.rate.on_other_failure(now);
+                health.breaker.on_failure(now);
+            }
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(feedback) = self.feedback.take() {
+            let now = feedback.now();
+            let mut state = feedback.lock();
+            let health = &mut state.health[feedback.index];
+            health.rate.on_other_failure(now);
+            health.breaker.on_cancelled(now);
+        }
     }
 }
 
@@ -205,19 +362,52 @@ impl fmt::Debug for Permit {
     }
 }
 
-/// Model alias -> pool. Cheap to share behind an `Arc`.
+/// Where a model alias goes: one pool, or a pool and then fallbacks in order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RouteTarget {
+    Pool(String),
+    Chain(Vec<String>),
+}
+
+impl RouteTarget {
+    /// Pool names, primary first.
+    pub fn pools(&self) -> Vec<&str> {
+        match self {
+            RouteTarget::Pool(p) => vec![p.as_str()],
+            RouteTarget::Chain(ps) => ps.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl From<&str> for RouteTarget {
+    fn from(pool: &str) -> Self {
+        RouteTarget::Pool(pool.to_owned())
+    }
+}
+
+/// Model alias -> pools (primary, then fallbacks). Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Router {
-    routes: BTreeMap<String, Arc<Pool>>,
+    routes: BTreeMap<String, Vec<Arc<Pool>>>,
 }
 
 impl Router {
-    /// Build every pool and the routes `alias -> pool name`. Pool names and endpoint names must be
-    /// unique across the router, since an endpoint's name identifies it on jobs and in metrics.
+    /// Build every pool and the routes. Pool names and endpoint names must be unique across the
+    /// router, since an endpoint's name identifies it on jobs and in metrics.
     pub fn new(
         pools: &[PoolConfig],
-        routes: &BTreeMap<String, String>,
+        routes: &BTreeMap<String, RouteTarget>,
         http: reqwest::Client,
+    ) -> Result<Router, ConfigError> {
+        Router::with_options(pools, routes, http, &PoolOptions::default())
+    }
+
+    pub fn with_options(
+        pools: &[PoolConfig],
+        routes: &BTreeMap<String, RouteTarget>,
+        http: reqwest::Client,
+        options: &PoolOptions,
     ) -> Result<Router, ConfigError> {
         let mut by_name = BTreeMap::new();
         let mut endpoint_names = BTreeSet::new();
@@ -227,27 +417,45 @@ impl Router {
                     return Err(ConfigError::DuplicateEndpoint(e.name.clone()));
                 }
             }
-            let pool = Arc::new(Pool::new(config, http.clone())?);
+            let pool = Arc::new(Pool::with_options(config, http.clone(), options)?);
             if by_name.insert(config.name.clone(), pool).is_some() {
                 return Err(ConfigError::DuplicatePool(config.name.clone()));
             }
         }
-        let routes = routes
-            .iter()
-            .map(|(alias, pool)| match by_name.get(pool) {
-                Some(p) => Ok((alias.clone(), Arc::clone(p))),
-                None => Err(ConfigError::UnknownPool {
+        let mut table = BTreeMap::new();
+        for (alias, target) in routes {
+            let names = target.pools();
+            if names.is_empty() {
+                return Err(ConfigError::UnknownPool {
                     alias: alias.clone(),
-                    pool: pool.clone(),
-                }),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Router { routes })
+                    pool: String::new(),
+                });
+            }
+            let chain = names
+                .into_iter()
+                .map(|pool| {
+                    by_name
+                        .get(pool)
+                        .cloned()
+                        .ok_or_else(|| ConfigError::UnknownPool {
+                            alias: alias.clone(),
+                            pool: pool.to_owned(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            table.insert(alias.clone(), chain);
+        }
+        Ok(Router { routes: table })
     }
 
-    /// The pool serving a model alias.
+    /// The primary pool serving a model alias.
     pub fn pool(&self, alias: &str) -> Option<&Pool> {
-        self.routes.get(alias).map(|p| &**p)
+        self.routes.get(alias).and_then(|c| c.first()).map(|p| &**p)
+    }
+
+    /// Every pool of a route, primary first, then the fallbacks in order.
+    pub fn route(&self, alias: &str) -> &[Arc<Pool>] {
+        self.routes.get(alias).map_or(&[], Vec::as_slice)
     }
 
     /// The model aliases this router serves, sorted.
@@ -257,29 +465,32 @@ impl Router {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use sluice_core::{JobRequest, Message, Role};
 
-    struct Echo;
+    /// Answers with a fixed outcome.
+    struct Fixed(Result<(), ProviderError>);
 
     #[async_trait::async_trait]
-    impl Provider for Echo {
+    impl Provider for Fixed {
         async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
-            Ok(ChatResponse {
+            self.0.clone().map(|()| ChatResponse {
                 content: req.request_id.to_owned(),
                 usage: crate::Usage::default(),
-                model: "echo".into(),
+                model: "fixed".into(),
                 finish_reason: None,
             })
         }
     }
 
-    fn pool(rpms: &[u32]) -> Result<Pool, ConfigError> {
-        let eps = rpms
-            .iter()
+    fn pool_of(endpoints: Vec<(u32, Result<(), ProviderError>)>) -> Result<Pool, ConfigError> {
+        let eps = endpoints
+            .into_iter()
             .enumerate()
-            .map(|(i, &rpm)| {
-                let provider: Arc<dyn Provider> = Arc::new(Echo);
+            .map(|(i, (rpm, outcome))| {
+                let provider: Arc<dyn Provider> = Arc::new(Fixed(outcome));
                 (
                     EndpointConfig::new(format!("e{i}"), "http://x/v1", "m", rpm),
                     provider,
@@ -289,31 +500,109 @@ mod tests {
         Pool::with_providers("p", eps)
     }
 
-    #[test]
-    fn try_acquire_round_robins_then_runs_dry() {
-        let Ok(p) = pool(&[60, 60]) else {
-            panic!("pool")
-        };
-        // Each endpoint has burst 1, so two permits each, alternating.
-        let names: Vec<String> = std::iter::from_fn(|| p.try_acquire())
-            .map(|permit| permit.endpoint().to_owned())
-            .collect();
-        assert_eq!(names, ["e0", "e1", "e0", "e1"]);
-        assert!(p.wait_time() > Duration::from_millis(900));
+    fn job() -> JobRequest {
+        JobRequest {
+            model: "m".into(),
+            messages: vec![Message {
+                role: Role::User,
+                content: "hi".into(),
+            }],
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: None,
+        }
     }
 
-    #[test]
-    fn bad_pools_are_rejected() {
+    async fn call(pool: &Pool) -> Option<(String, Result<ChatResponse, ProviderError>)> {
+        let permit = pool.try_acquire().await?;
+        let name = permit.endpoint().to_owned();
+        let job = job();
+        let outcome = permit
+            .call(ChatRequest {
+                request_id: "r",
+                job: &job,
+            })
+            .await;
+        Some((name, outcome))
+    }
+
+    #[tokio::test]
+    async fn permits_alternate_between_endpoints_then_run_dry() {
+        let p = pool_of(vec![(60, Ok(())), (60, Ok(()))]).unwrap();
+        let mut names = Vec::new();
+        while let Some(permit) = p.try_acquire().await {
+            names.push(permit.endpoint().to_owned());
+            assert!(names.len() < 10, "a 60 rpm pair must run dry: {names:?}");
+        }
+        assert_eq!(&names[..2], ["e0", "e1"]);
+        assert!(p.wait_time() > Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn failing_endpoint_opens_its_breaker_and_traffic_moves_on() {
+        let down = Err(ProviderError::Server {
+            status: 503,
+            message: "down".into(),
+        });
+        let p = pool_of(vec![(60_000, down), (60_000, Ok(()))]).unwrap();
+        let mut failures = 0;
+        for _ in 0..40 {
+            let Some((name, outcome)) = call(&p).await else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            if outcome.is_err() {
+                assert_eq!(name, "e0");
+                failures += 1;
+            }
+        }
         assert_eq!(
-            pool(&[]).err(),
+            failures, 5,
+            "the breaker opens after 5 consecutive failures"
+        );
+        assert!(!p.is_down(), "the healthy endpoint keeps the pool up");
+    }
+
+    #[tokio::test]
+    async fn a_429_with_retry_after_blocks_the_endpoint() {
+        let limited = Err(ProviderError::RateLimited {
+            retry_after: Some(Duration::from_secs(5)),
+            message: "slow down".into(),
+        });
+        let p = pool_of(vec![(60_000, limited)]).unwrap();
+        let (_, outcome) = call(&p).await.unwrap();
+        assert!(matches!(outcome, Err(ProviderError::RateLimited { .. })));
+        assert!(p.try_acquire().await.is_none());
+        assert!(
+            p.wait_time() >= Duration::from_secs(4),
+            "{:?}",
+            p.wait_time()
+        );
+        let rpm = p.effective_rpm()[0].1;
+        assert!(rpm < 60_000.0, "the rate was cut: {rpm}");
+    }
+
+    #[tokio::test]
+    async fn bad_pools_are_rejected() {
+        assert_eq!(
+            pool_of(vec![]).err(),
             Some(ConfigError::EmptyPool { pool: "p".into() })
         );
         assert_eq!(
-            pool(&[60, 0]).err(),
+            pool_of(vec![(60, Ok(())), (0, Ok(()))]).err(),
             Some(ConfigError::ZeroRpm {
                 endpoint: "e1".into()
             })
         );
+    }
+
+    #[test]
+    fn routes_take_one_pool_or_a_chain() {
+        let one: RouteTarget = serde_json::from_str("\"a\"").unwrap();
+        let chain: RouteTarget = serde_json::from_str("[\"a\", \"b\"]").unwrap();
+        assert_eq!(one.pools(), ["a"]);
+        assert_eq!(chain.pools(), ["a", "b"]);
     }
 
     #[test]

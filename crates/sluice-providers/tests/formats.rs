@@ -80,7 +80,7 @@ fn router(sim: &SimHandle, kind: ProviderKind, key: &str) -> Router {
         name: "p".into(),
         endpoints: vec![endpoint(sim, kind, key)],
     };
-    let routes = BTreeMap::from([("m".to_owned(), "p".to_owned())]);
+    let routes = BTreeMap::from([("m".to_owned(), "p".into())]);
     Router::new(&[pool], &routes, reqwest::Client::new()).unwrap()
 }
 
@@ -211,8 +211,9 @@ async fn rate_limits_map_to_rate_limited_with_retry_after() {
     .await
     .unwrap();
     for kind in KINDS {
-        let r = router(&sim, kind, "sk-k-secret");
         for streamed in [false, true] {
+            // A fresh pool each time: a pool that saw a 429 honours its retry-after itself.
+            let r = router(&sim, kind, "sk-k-secret");
             let err = if streamed {
                 stream(&r, &job, "limited").await.0
             } else {

@@ -185,7 +185,7 @@ async fn slow_provider_times_out() {
 }
 
 fn router_for(pools: Vec<PoolConfig>, alias: &str, pool: &str) -> Result<Router, ConfigError> {
-    let routes = BTreeMap::from([(alias.to_owned(), pool.to_owned())]);
+    let routes = BTreeMap::from([(alias.to_owned(), pool.into())]);
     Router::new(&pools, &routes, reqwest::Client::new())
 }
 
@@ -265,7 +265,7 @@ async fn pool_keeps_to_the_endpoint_rpm() {
         "{:?}",
         start.elapsed()
     );
-    assert!(pool.try_acquire().is_none());
+    assert!(pool.try_acquire().await.is_none());
     assert_eq!(sim.stats().rate_limited, 0);
 }
 

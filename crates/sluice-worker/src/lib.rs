@@ -14,7 +14,7 @@ use sluice_providers::Router;
 use sluice_store::{Batcher, Claim, Completion, Store};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,8 @@ pub struct WorkerConfig {
     pub reap_interval_secs: f64,
     /// How long shutdown waits for in-flight jobs.
     pub shutdown_grace_secs: f64,
+    /// How long a job waits for its route's primary pool before a fallback pool may serve it.
+    pub fallback_after_secs: f64,
     pub weights: LaneWeights,
     pub retry: RetryPolicy,
 }
@@ -44,6 +46,7 @@ impl Default for WorkerConfig {
             lease_secs: 60.0,
             reap_interval_secs: 5.0,
             shutdown_grace_secs: 30.0,
+            fallback_after_secs: 10.0,
             weights: LaneWeights::default(),
             retry: RetryPolicy::default(),
         }
@@ -53,6 +56,10 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     fn lease(&self) -> Duration {
         Duration::from_secs_f64(self.lease_secs.max(0.1))
+    }
+
+    fn fallback_after(&self) -> Duration {
+        Duration::from_secs_f64(self.fallback_after_secs.max(0.0))
     }
 }
 
@@ -180,7 +187,7 @@ impl Worker {
         );
 
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
-        let mut queue: FairQueue<Delivery> = FairQueue::new(self.config.weights);
+        let mut queue: FairQueue<Waiting> = FairQueue::new(self.config.weights);
         tracing::info!(
             message = "worker started",
             concurrency = self.config.concurrency
@@ -207,14 +214,10 @@ impl Worker {
             while let Ok(d) = rx.try_recv() {
                 enqueue(&mut queue, d).await;
             }
-            // Only jobs whose pool can serve now compete, so a saturated pool holds up no one else.
-            let mut ready: HashMap<String, bool> = HashMap::new();
-            let picked = queue.pop_where(|d| {
-                *ready
-                    .entry(d.job.model.clone())
-                    .or_insert_with(|| self.pool_ready(&d.job.model))
-            });
-            let Some((_, _, delivery)) = picked else {
+            // Only jobs one of whose pools can serve now compete, so a saturated pool holds
+            // up no one else.
+            let picked = queue.pop_where(|w| self.usable_pool(w).is_some());
+            let Some((_, _, waiting)) = picked else {
                 drop(slot);
                 let wait = self.soonest_wait(&queue);
                 tokio::select! {
@@ -227,18 +230,23 @@ impl Worker {
                 }
                 continue;
             };
-            let permit = match self.router.pool(&delivery.job.model) {
-                Some(pool) => match pool.try_acquire() {
-                    Some(permit) => Some(permit),
-                    None => {
-                        // The pool filled between the check and the take: try again shortly.
-                        enqueue(&mut queue, delivery).await;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        continue;
+            let permit = match self.usable_pool(&waiting) {
+                Some(Some(index)) => {
+                    let pool = &self.router.route(&waiting.delivery.job.model)[index];
+                    match pool.try_acquire().await {
+                        Some(permit) => Some(permit),
+                        None => {
+                            // The pool filled between the check and the take, or another
+                            // worker took the shared share: try again shortly.
+                            requeue(&mut queue, waiting).await;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            continue;
+                        }
                     }
-                },
-                None => None,
+                }
+                _ => None,
             };
+            let delivery = waiting.delivery;
             let worker = Arc::clone(&self);
             tokio::spawn(async move {
                 worker.process(delivery, permit).await;
@@ -248,8 +256,8 @@ impl Worker {
 
         consumers.cancel();
         rx.close();
-        while let Some((_, _, delivery)) = queue.pop() {
-            release(delivery).await;
+        while let Some((_, _, waiting)) = queue.pop() {
+            release(waiting.delivery).await;
         }
         while let Ok(delivery) = rx.try_recv() {
             release(delivery).await;
@@ -269,32 +277,49 @@ impl Worker {
         Ok(())
     }
 
-    /// Whether a job for this model alias could get a permit now; jobs without a route are
-    /// always ready, to be dead-lettered at once.
-    fn pool_ready(&self, model: &str) -> bool {
-        self.router
-            .pool(model)
-            .is_none_or(|pool| pool.wait_time().is_zero())
-    }
-
-    /// How long until the pool of some waiting job can serve, bounded so new deliveries and
-    /// shutdown are still noticed promptly.
-    fn soonest_wait(&self, queue: &FairQueue<Delivery>) -> Duration {
-        let mut seen: HashMap<&str, Duration> = HashMap::new();
-        for delivery in queue.iter() {
-            let model = delivery.job.model.as_str();
-            if !seen.contains_key(model) {
-                let wait = self
-                    .router
-                    .pool(model)
-                    .map_or(Duration::ZERO, |pool| pool.wait_time());
-                seen.insert(model, wait);
+    /// Which pool of its route a waiting job may use now: `Some(Some(i))` for the route's
+    /// i-th pool, `Some(None)` for a job without a route (dead-lettered at once), `None` if it
+    /// must wait. Fallback pools are used only once the job has waited `fallback_after` or every
+    /// earlier pool of the route is down.
+    fn usable_pool(&self, waiting: &Waiting) -> Option<Option<usize>> {
+        let route = self.router.route(&waiting.delivery.job.model);
+        if route.is_empty() {
+            return Some(None);
+        }
+        let patient = waiting.since.elapsed() >= self.config.fallback_after();
+        for (i, pool) in route.iter().enumerate() {
+            if i > 0 && !patient && !route[..i].iter().all(|p| p.is_down()) {
+                break;
+            }
+            if pool.wait_time().is_zero() {
+                return Some(Some(i));
             }
         }
-        seen.into_values()
-            .min()
-            .unwrap_or(Duration::from_millis(100))
-            .clamp(Duration::from_millis(1), Duration::from_millis(250))
+        None
+    }
+
+    /// How long until some waiting job could go: a pool frees up or a fallback timer runs out.
+    /// Bounded, so new deliveries and shutdown are still noticed promptly.
+    fn soonest_wait(&self, queue: &FairQueue<Waiting>) -> Duration {
+        let mut soonest = Duration::from_millis(250);
+        let mut seen: HashMap<&str, Duration> = HashMap::new();
+        for waiting in queue.iter() {
+            let model = waiting.delivery.job.model.as_str();
+            let pools = *seen.entry(model).or_insert_with(|| {
+                self.router
+                    .route(model)
+                    .iter()
+                    .map(|p| p.wait_time())
+                    .min()
+                    .unwrap_or(Duration::ZERO)
+            });
+            let fallback = self
+                .config
+                .fallback_after()
+                .saturating_sub(waiting.since.elapsed());
+            soonest = soonest.min(pools).min(fallback);
+        }
+        soonest.max(Duration::from_millis(1))
     }
 
     fn spawn_heartbeat(self: &Arc<Self>, stop: CancellationToken) {
@@ -345,12 +370,29 @@ impl Worker {
     }
 }
 
-async fn enqueue(queue: &mut FairQueue<Delivery>, delivery: Delivery) {
-    let lane = delivery.lane;
-    let tenant = delivery.job.tenant.clone();
-    if let Err(delivery) = queue.push(lane, &tenant, delivery) {
+/// A delivery in the worker's buffer, with when it arrived (for fallback decisions).
+struct Waiting {
+    delivery: Delivery,
+    since: Instant,
+}
+
+async fn enqueue(queue: &mut FairQueue<Waiting>, delivery: Delivery) {
+    requeue(
+        queue,
+        Waiting {
+            delivery,
+            since: Instant::now(),
+        },
+    )
+    .await;
+}
+
+async fn requeue(queue: &mut FairQueue<Waiting>, waiting: Waiting) {
+    let lane = waiting.delivery.lane;
+    let tenant = waiting.delivery.job.tenant.clone();
+    if let Err(waiting) = queue.push(lane, &tenant, waiting) {
         // Only `dead` is refused, and workers never consume it.
-        release(delivery).await;
+        release(waiting.delivery).await;
     }
 }
 

@@ -110,7 +110,7 @@ async fn throughput(
         name: "sim".into(),
         endpoints: vec![endpoint],
     }];
-    config.routes = BTreeMap::from([("default".to_owned(), "sim".to_owned())]);
+    config.routes = BTreeMap::from([("default".to_owned(), "sim".into())]);
 
     let store = stack::store(&config, true).await?;
     let broker = stack::broker(&config).await?;
@@ -155,7 +155,7 @@ async fn run_throughput(
     let state = stack::api_state(config, store.clone(), publisher.clone());
     tokio::spawn(sluice_api::serve(listener, state, stop.clone()));
 
-    let router: Arc<Router> = stack::router(config)?;
+    let router: Arc<Router> = stack::router(config).await?;
     for _ in 0..workers {
         let worker_config = sluice_worker::WorkerConfig {
             concurrency,

@@ -7,7 +7,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use sluice_broker::rabbitmq::RabbitConfig;
 use sluice_core::TierLanes;
-use sluice_providers::PoolConfig;
+use sluice_providers::{PoolConfig, PoolOptions, RouteTarget};
 use sluice_store::StoreConfig;
 use sluice_worker::WorkerConfig;
 use std::collections::BTreeMap;
@@ -32,11 +32,30 @@ pub struct Config {
     pub tiers: TierLanes,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
-    /// Model alias -> pool name.
+    /// Model alias -> pool name, or a list: the pool, then fallback pools in order.
     #[serde(default)]
-    pub routes: BTreeMap<String, String>,
+    pub routes: BTreeMap<String, RouteTarget>,
+    /// How endpoints adapt to 429s and trip their breakers.
+    #[serde(default)]
+    pub limits: PoolOptions,
+    /// Redis, for limits shared by all workers; without it each worker limits alone.
+    #[serde(default)]
+    pub redis: Option<RedisSection>,
     #[serde(default)]
     pub sim: SimSection,
+}
+
+/// Where Redis is; keys go under `prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    pub url: String,
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+}
+
+fn default_redis_prefix() -> String {
+    "sluice".into()
 }
 
 /// `sluice sim` settings: where it listens and how it behaves.
@@ -90,9 +109,15 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        for (alias, pool) in &self.routes {
-            if !self.pools.iter().any(|p| &p.name == pool) {
-                bail!("route {alias:?} names pool {pool:?}, which is not configured");
+        for (alias, target) in &self.routes {
+            let pools = target.pools();
+            if pools.is_empty() {
+                bail!("route {alias:?} names no pool");
+            }
+            for pool in pools {
+                if !self.pools.iter().any(|p| p.name == pool) {
+                    bail!("route {alias:?} names pool {pool:?}, which is not configured");
+                }
             }
         }
         Ok(())
@@ -114,8 +139,8 @@ mod tests {
             let config = Config::load(None).unwrap();
             assert_eq!(config.listen, default_listen());
             assert_eq!(
-                config.routes.get("default").map(String::as_str),
-                Some("sim")
+                config.routes.get("default"),
+                Some(&RouteTarget::from("sim"))
             );
             assert_eq!(config.pools[0].endpoints.len(), 2);
             assert_eq!(config.sim.config.keys.len(), 2);

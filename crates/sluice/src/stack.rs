@@ -8,7 +8,7 @@ use sluice_broker::rabbitmq::RabbitBroker;
 use sluice_broker::Broker;
 use sluice_core::RequestId;
 use sluice_outbox::{Publisher, RelayConfig};
-use sluice_providers::Router;
+use sluice_providers::{Router, SharedLimits};
 use sluice_store::{JobWriter, Store, StoreConfig};
 use sluice_worker::Worker;
 use std::sync::Arc;
@@ -36,13 +36,22 @@ pub async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
     Ok(Arc::new(broker))
 }
 
-pub fn router(config: &Config) -> anyhow::Result<Arc<Router>> {
+/// The provider pools; with `[redis]` configured their limits are shared by every worker.
+pub async fn router(config: &Config) -> anyhow::Result<Arc<Router>> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
         .context("cannot build the HTTP client")?;
-    let router =
-        Router::new(&config.pools, &config.routes, http).context("invalid provider pools")?;
+    let mut options = config.limits.clone();
+    if let Some(redis) = &config.redis {
+        let worker = uuid::Uuid::now_v7().to_string();
+        let shared = SharedLimits::connect(&redis.url, &redis.prefix, &worker)
+            .await
+            .context("invalid Redis configuration")?;
+        options.shared = Some(shared);
+    }
+    let router = Router::with_options(&config.pools, &config.routes, http, &options)
+        .context("invalid provider pools")?;
     Ok(Arc::new(router))
 }
 
@@ -95,7 +104,7 @@ pub async fn worker(
     migrate: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let router = router(&config)?;
+    let router = router(&config).await?;
     let store = store(&config, migrate).await?;
     let broker = broker(&config).await?;
     let publisher = Publisher::new(store.clone(), broker);
