@@ -26,6 +26,10 @@ pub fn rabbitmq_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+pub fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 /// What to boot.
 pub struct AppOptions {
     pub workers: usize,
@@ -40,6 +44,12 @@ pub struct AppOptions {
     pub timeout_secs: u64,
     /// More pools on the same simulator, each routed from a model alias of its own name: (name, rpm).
     pub extra_pools: Vec<(&'static str, u32)>,
+    /// The TOML value of the `default` route: a pool name or a list with fallbacks.
+    pub default_route: &'static str,
+    /// Appended after the routes: more `[[pools]]`, `[limits.*]` sections.
+    pub extra_toml: String,
+    /// Share endpoint limits between workers through Redis.
+    pub redis: bool,
 }
 
 impl Default for AppOptions {
@@ -58,6 +68,9 @@ impl Default for AppOptions {
             concurrency: 16,
             timeout_secs: 10,
             extra_pools: Vec::new(),
+            default_route: "\"sim\"",
+            extra_toml: String::new(),
+            redis: false,
         }
     }
 }
@@ -124,8 +137,9 @@ rpm = {rpm}
 timeout_secs = {timeout}
 
 [routes]
-default = "sim"
+default = {route}
 "#,
+        route = options.default_route,
         db = database_url(),
         amqp = rabbitmq_url(),
         concurrency = options.concurrency,
@@ -147,6 +161,14 @@ default = "sim"
              base_url = \"{}\"\nmodel = \"sim-model\"\napi_key = \"sk-sim-test\"\n\
              rpm = {rpm}\nburst = 1\n",
             sim.base_url()
+        ));
+    }
+    config.push('\n');
+    config.push_str(&options.extra_toml);
+    if options.redis {
+        config.push_str(&format!(
+            "\n[redis]\nurl = \"{}\"\nprefix = \"{prefix}\"\n",
+            redis_url()
         ));
     }
     let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));

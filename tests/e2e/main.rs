@@ -7,3 +7,4 @@ mod delivery;
 mod fairness;
 mod faults;
 mod helpers;
+mod limits;

@@ -31,8 +31,14 @@ fn worker_config(config: &Config, sim_url: &str, schema: &str, prefix: &str) -> 
         "[database]\nurl = \"{}\"\nschema = \"{schema}\"\nmax_connections = 8\n\n\
          [rabbitmq]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n\
          [worker]\nconcurrency = 64\nprefetch = 64\nreap_interval_secs = 1\n\n\
+         [redis]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n\
          [routes]\ndefault = \"shape\"\n\n[[pools]]\nname = \"shape\"\n",
-        config.database.url, config.rabbitmq.url,
+        config.database.url,
+        config.rabbitmq.url,
+        config
+            .redis
+            .as_ref()
+            .map_or("redis://127.0.0.1:6379", |r| r.url.as_str()),
     );
     for (name, rpm) in keys() {
         toml.push_str(&format!(

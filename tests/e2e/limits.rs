@@ -1,0 +1,203 @@
+//! The rate-limit engine end to end: breakers steer traffic away from a failing endpoint and
+//! back, a dead primary pool falls back, a provider's retry-after is honoured, and workers
+//! sharing Redis stay under a key's limit together.
+
+use crate::helpers::{spawn_app, AppOptions};
+use sluice_core::{JobState, RequestId, Tier};
+use sluice_sim::{Faults, SimConfig};
+use std::time::{Duration, Instant};
+
+/// A second simulator that answers 503 to everything until healed.
+async fn broken_sim() -> sluice_sim::SimHandle {
+    sluice_sim::spawn(
+        SimConfig {
+            default_rpm: 0,
+            faults: Faults {
+                always_fail: Some(503),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap()
+}
+
+fn endpoint_toml(name: &str, url: &str) -> String {
+    format!(
+        "[[pools.endpoints]]\nname = \"{name}\"\nbase_url = \"{url}\"\nmodel = \"sim-model\"\n\
+         api_key = \"sk-sim-test\"\nrpm = 60000\nburst = 100\n"
+    )
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_opens_its_breaker_and_closes_after_it_heals() {
+    let broken = broken_sim().await;
+    let healthy = sluice_sim::spawn(
+        SimConfig {
+            default_rpm: 0,
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let extra = format!(
+        "[[pools]]\nname = \"duo\"\n{}{}\n[limits.breaker]\nfailure_threshold = 5\nopen_secs = 1.0\n",
+        endpoint_toml("bad", &broken.base_url()),
+        endpoint_toml("good", &healthy.base_url()),
+    );
+    let app = spawn_app(AppOptions {
+        default_route: "\"duo\"",
+        extra_toml: extra,
+        retry_base_secs: 0.2,
+        concurrency: 1,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(app.submit(&key, &format!("job {n}")).await);
+    }
+    app.wait_terminal(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(app.state(*id).await, JobState::Succeeded);
+    }
+    let before_heal = broken.stats().total;
+    // Five failures open the breaker; afterwards at most a probe a second gets through.
+    assert!(
+        (5..=10).contains(&before_heal),
+        "the broken endpoint saw {before_heal} calls"
+    );
+
+    broken.set_faults(Faults::default());
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let mut more = Vec::new();
+    for n in 0..30 {
+        more.push(app.submit(&key, &format!("after heal {n}")).await);
+    }
+    app.wait_terminal(&more, Duration::from_secs(60)).await;
+    assert!(
+        broken.stats().ok > 0,
+        "the healed endpoint serves again: {:?}",
+        broken.stats()
+    );
+    app.cleanup().await;
+    broken.shutdown();
+    healthy.shutdown();
+}
+
+#[tokio::test]
+async fn with_the_primary_pool_down_jobs_are_served_by_the_fallback_and_record_it() {
+    let broken = broken_sim().await;
+    let app = spawn_app(AppOptions {
+        default_route: "[\"primary\", \"sim\"]",
+        extra_toml: format!(
+            "[[pools]]\nname = \"primary\"\n{}",
+            endpoint_toml("primary-1", &broken.base_url())
+        ),
+        retry_base_secs: 0.2,
+        max_attempts: 10,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(app.submit(&key, &format!("job {n}")).await);
+    }
+    app.wait_terminal(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        let job = app.store.job(*id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Succeeded);
+        assert_eq!(
+            job.endpoint.as_deref(),
+            Some("sim-1"),
+            "served by the fallback"
+        );
+    }
+    // Five failures open the breaker; calls already under way when it opened still land,
+    // but nothing is sent after (the breaker stays open for 60 s by default).
+    let calls = broken.stats().total;
+    assert!(
+        (5..=5 + 16).contains(&calls),
+        "the broken primary saw {calls} calls"
+    );
+    app.cleanup().await;
+    broken.shutdown();
+}
+
+#[tokio::test]
+async fn a_key_answering_429_with_retry_after_5_gets_no_call_for_5_seconds() {
+    let app = spawn_app(AppOptions {
+        sim: SimConfig {
+            default_rpm: 0,
+            faults: Faults {
+                rate_limit_retry_after_secs: Some(5),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        retry_base_secs: 0.2,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let first = app.submit(&key, "told to wait").await;
+    app.wait_for("the 429", Duration::from_secs(10), || async {
+        app.sim.stats().rate_limited >= 1
+    })
+    .await;
+    let told = Instant::now();
+    app.sim.set_faults(Faults::default());
+    let mut ids = vec![first];
+    for n in 0..5 {
+        ids.push(app.submit(&key, &format!("behind it {n}")).await);
+    }
+    // Well inside the 5 s, the key has seen nothing more.
+    tokio::time::sleep(Duration::from_millis(4_000).saturating_sub(told.elapsed())).await;
+    assert_eq!(app.sim.stats().total, 1, "{:?}", app.sim.stats());
+    app.wait_terminal(&ids, Duration::from_secs(30)).await;
+    for id in &ids {
+        assert_eq!(app.state(*id).await, JobState::Succeeded);
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_workers_sharing_redis_stay_under_the_keys_limit_together() {
+    // The simulator enforces 600 rpm with one second of burst and punishes hammering;
+    // each worker alone would be allowed the full 600.
+    let app = spawn_app(AppOptions {
+        workers: 2,
+        sim: SimConfig {
+            default_rpm: 600,
+            burst_seconds: 1.0,
+            ..SimConfig::default()
+        },
+        rpm: 570,
+        burst: Some(1),
+        redis: true,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut ids: Vec<RequestId> = Vec::new();
+    for n in 0..120 {
+        ids.push(app.submit(&key, &format!("shared {n}")).await);
+    }
+    let started = Instant::now();
+    app.wait_terminal(&ids, Duration::from_secs(60)).await;
+    let stats = app.sim.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    assert_eq!(stats.ok, 120);
+    // 120 calls at 9.5 a second together cannot take much less than 12 s.
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    app.cleanup().await;
+}
