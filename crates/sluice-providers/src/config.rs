@@ -91,8 +91,9 @@ pub struct EndpointConfig {
     pub query: BTreeMap<String, String>,
     /// Requests per minute this endpoint allows.
     pub rpm: u32,
-    /// Requests that may go back to back above the steady rate; `None` means about one second
-    /// of rate (`max(1, rpm / 60)`).
+    /// Requests that may go back to back above the steady rate; `None` means one second of rate
+    /// in all (`max(1, rpm / 60) - 1` extra), which is what providers' per-second enforcement
+    /// holds: one more and the first second after idle earns a 429.
     #[serde(default)]
     pub burst: Option<u32>,
     #[serde(default = "default_timeout")]
@@ -124,7 +125,7 @@ impl EndpointConfig {
 
     /// The burst tolerance the endpoint's limiter uses.
     pub fn effective_burst(&self) -> u32 {
-        self.burst.unwrap_or((self.rpm / 60).max(1))
+        self.burst.unwrap_or((self.rpm / 60).max(1) - 1)
     }
 }
 
@@ -191,7 +192,13 @@ mod tests {
         }
         assert_eq!(e.auth, AuthStyle::ApiKeyHeader);
         assert_eq!(e.timeout_secs, 60);
-        assert_eq!(e.effective_burst(), 1);
+        assert_eq!(e.effective_burst(), 0, "rpm 1: one at a time");
+        let busy = EndpointConfig::new("b", "http://x", "m", 600);
+        assert_eq!(
+            busy.effective_burst(),
+            9,
+            "600 rpm: ten back to back, one second's worth"
+        );
         assert!(!format!("{e:?}").contains("very-secret"));
     }
 
