@@ -302,3 +302,67 @@ async fn a_saturated_pool_does_not_hold_up_jobs_for_another_pool() {
     );
     app.cleanup().await;
 }
+
+/// The same job path through an Anthropic or Gemini endpoint, in that provider's wire format.
+async fn jobs_succeed_through(kind: &str) {
+    // A simulator of its own, so the app's OpenAI one can show that it was never called.
+    let sim = sluice_sim::spawn(
+        SimConfig {
+            default_rpm: 0,
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let base_url = if kind == "gemini" {
+        sim.gemini_base_url()
+    } else {
+        sim.base_url()
+    };
+    let app = spawn_app(AppOptions {
+        default_route: "\"native\"",
+        extra_toml: format!(
+            "[[pools]]\nname = \"native\"\n[[pools.endpoints]]\nname = \"{kind}-1\"\n\
+             kind = \"{kind}\"\nbase_url = \"{base_url}\"\nmodel = \"sim-model\"\n\
+             api_key = \"sk-{kind}\"\nrpm = 60000\n"
+        ),
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut jobs = Vec::new();
+    for n in 0..20 {
+        let text = format!("{kind} question {n}");
+        jobs.push((app.submit(&key, &text).await, text));
+    }
+    let ids: Vec<RequestId> = jobs.iter().map(|j| j.0).collect();
+    app.wait_terminal(&ids, Duration::from_secs(30)).await;
+    for (id, text) in &jobs {
+        let (_, job) = app.get_job(&key, *id).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let content = job["result"]["content"].as_str().unwrap();
+        assert!(
+            content.starts_with(&format!("Simulated reply to: {text}")),
+            "{content}"
+        );
+        let prompt = (text.len() as u64).div_ceil(4);
+        assert_eq!(job["result"]["usage"]["prompt_tokens"], prompt, "{job}");
+        assert_eq!(job["result"]["usage"]["completion_tokens"], 16);
+        assert_eq!(job["endpoint"], format!("{kind}-1"));
+        assert_eq!(sim.calls_for_job(&id.to_string()), 1);
+    }
+    assert_eq!(app.sim.stats().total, 0, "nothing went to the OpenAI pool");
+    app.cleanup().await;
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn jobs_succeed_through_an_anthropic_endpoint() {
+    jobs_succeed_through("anthropic").await;
+}
+
+#[tokio::test]
+async fn jobs_succeed_through_a_gemini_endpoint() {
+    jobs_succeed_through("gemini").await;
+}

@@ -48,8 +48,9 @@ pub struct AppOptions {
     pub default_route: &'static str,
     /// Appended after the routes: more `[[pools]]`, `[limits.*]` sections.
     pub extra_toml: String,
-    /// Share endpoint limits between workers through Redis.
+    /// Share endpoint limits between workers through Redis: the machine's, or this URL.
     pub redis: bool,
+    pub redis_url: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -71,6 +72,7 @@ impl Default for AppOptions {
             default_route: "\"sim\"",
             extra_toml: String::new(),
             redis: false,
+            redis_url: None,
         }
     }
 }
@@ -168,7 +170,7 @@ default = {route}
     if options.redis {
         config.push_str(&format!(
             "\n[redis]\nurl = \"{}\"\nprefix = \"{prefix}\"\n",
-            redis_url()
+            options.redis_url.clone().unwrap_or_else(redis_url)
         ));
     }
     let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));

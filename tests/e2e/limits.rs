@@ -201,3 +201,103 @@ async fn two_workers_sharing_redis_stay_under_the_keys_limit_together() {
     );
     app.cleanup().await;
 }
+
+/// A redis-server of this test's own, so killing it disturbs no other test.
+struct PrivateRedis {
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateRedis {
+    async fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = PrivateRedis { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    async fn restart(&mut self) {
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().unwrap();
+            child.wait().await.unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+#[tokio::test]
+async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
+    let mut redis = PrivateRedis::start().await;
+    let app = spawn_app(AppOptions {
+        workers: 2,
+        sim: SimConfig {
+            default_rpm: 1_200,
+            burst_seconds: 1.0,
+            ..SimConfig::default()
+        },
+        rpm: 1_140,
+        burst: Some(1),
+        redis: true,
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut ids: Vec<RequestId> = Vec::new();
+    for n in 0..240 {
+        ids.push(app.submit(&key, &format!("outage {n}")).await);
+    }
+    app.wait_for("some progress", Duration::from_secs(30), || async {
+        app.count(JobState::Succeeded).await >= 40
+    })
+    .await;
+    redis.kill().await;
+    let at_kill = app.count(JobState::Succeeded).await;
+    // Workers now run on their local share of the limit (rpm / live workers), ~19 jobs/s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = app.count(JobState::Succeeded).await;
+    redis.restart().await;
+    app.wait_terminal(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(app.state(*id).await, JobState::Succeeded);
+    }
+    assert!(
+        during >= at_kill + 20,
+        "workers kept serving while Redis was down: {at_kill} -> {during}"
+    );
+    let stats = app.sim.stats();
+    assert!(
+        stats.rate_limited <= 5 && stats.blocks == 0,
+        "no 429 storm while Redis was down: {stats:?}"
+    );
+    app.cleanup().await;
+    redis.kill().await;
+}
