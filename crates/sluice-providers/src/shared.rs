@@ -41,7 +41,9 @@ local tau = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
+-- A missing key is an endpoint idle for over a second (or never used): start with an empty
+-- bucket so it comes back at its steady rate instead of with a burst every worker shares in.
+local tat = tonumber(redis.call('GET', KEYS[1])) or (now + tau)
 if tat < now then tat = now end
 -- Cell k (1-based) conforms when tat + k*t - (tau + t) <= now.
 local granted = math.floor((now + tau + t - tat) / t)

@@ -229,6 +229,10 @@ async fn drive(
         stats.rate_limited,
         100.0 * stats.rate_limited as f64 / (stats.total.max(1)) as f64
     );
+    println!(
+        "  keys blocked for hammering {} times ({} calls refused while blocked)",
+        stats.blocks, stats.blocked
+    );
     for wait in store.queue_wait_by_lane().await? {
         println!(
             "  queue wait {:<9}       p50 {:.1} s, p95 {:.1} s ({} jobs)",
