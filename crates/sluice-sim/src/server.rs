@@ -495,6 +495,15 @@ impl SimHandle {
         self.shared.stats()
     }
 
+    /// For each key (by name), the most calls received within any `window` since start or
+    /// reset, refused ones included: what a provider counts against the key's limit.
+    pub fn busiest_window(
+        &self,
+        window: std::time::Duration,
+    ) -> std::collections::BTreeMap<String, u64> {
+        self.shared.busiest_window(window)
+    }
+
     /// Calls seen with `x-sluice-request-id: request_id`, including limited and failed ones.
     pub fn calls_for_job(&self, request_id: &str) -> u64 {
         self.shared.calls_for_job(request_id)

@@ -49,7 +49,14 @@ struct KeyEntry {
     bucket: TokenBucket,
     calls: u64,
     hammer: Hammer,
+    /// Calls received per [`TIMELINE_STEP`] since start or reset, for window checks.
+    timeline: Vec<u32>,
 }
+
+/// Resolution of the per-key call timeline.
+pub const TIMELINE_STEP: Duration = Duration::from_millis(100);
+/// The timeline covers the first hour; later calls are counted but not placed.
+const TIMELINE_STEPS: usize = 36_000;
 
 /// The "punish hammering" rule for one key: its recent 429s and its current block.
 #[derive(Default)]
@@ -111,6 +118,8 @@ struct Inner {
     blocks: u64,
     /// Calls past the limiter since start or reset, for `fail_first`.
     admitted: u64,
+    /// Origin of the per-key timelines.
+    started: Instant,
     faults: Faults,
     rng: SmallRng,
 }
@@ -133,6 +142,7 @@ impl Shared {
             blocked: 0,
             blocks: 0,
             admitted: 0,
+            started: Instant::now(),
             faults: config.faults.clone(),
             rng: SmallRng::from_entropy(),
         };
@@ -168,6 +178,14 @@ impl Shared {
         };
 
         entry.calls += 1;
+        let step = (now.saturating_duration_since(inner.started).as_millis()
+            / TIMELINE_STEP.as_millis()) as usize;
+        if step < TIMELINE_STEPS {
+            if entry.timeline.len() <= step {
+                entry.timeline.resize(step + 1, 0);
+            }
+            entry.timeline[step] += 1;
+        }
         inner.total += 1;
         let mut job = None;
         if let Some(id) = job_id {
@@ -270,6 +288,7 @@ impl Shared {
             bucket,
             calls: 0,
             hammer: Hammer::default(),
+            timeline: Vec::new(),
         }
     }
 
@@ -322,7 +341,31 @@ impl Shared {
         inner.blocked = 0;
         inner.blocks = 0;
         inner.admitted = 0;
+        inner.started = Instant::now();
         self.ok.store(0, Ordering::Relaxed);
+    }
+
+    /// For each key (by name), the most calls it received within any `window` (in steps of
+    /// [`TIMELINE_STEP`], so a window may reach one step further than `window` itself).
+    pub fn busiest_window(&self, window: Duration) -> BTreeMap<String, u64> {
+        let steps = (window.as_millis() / TIMELINE_STEP.as_millis()).max(1) as usize;
+        let inner = self.lock();
+        inner
+            .keys
+            .values()
+            .map(|entry| {
+                let mut best = 0u64;
+                let mut sum = 0u64;
+                for (i, n) in entry.timeline.iter().enumerate() {
+                    sum += u64::from(*n);
+                    if i >= steps {
+                        sum -= u64::from(entry.timeline[i - steps]);
+                    }
+                    best = best.max(sum);
+                }
+                (entry.name.clone(), best)
+            })
+            .collect()
     }
 }
 
@@ -341,6 +384,7 @@ fn configured_keys(config: &SimConfig) -> HashMap<String, KeyEntry> {
                     bucket,
                     calls: 0,
                     hammer: Hammer::default(),
+                    timeline: Vec::new(),
                 },
             )
         })

@@ -586,3 +586,47 @@ async fn throughput_smoke() {
     println!("{rps:.0} requests/s (client and server sharing the same cores)");
     assert!(rps > 1000.0, "{rps:.0} requests/s");
 }
+
+#[tokio::test]
+async fn busiest_window_counts_each_keys_calls_in_any_window() {
+    let sim = sluice_sim::spawn(
+        SimConfig {
+            keys: vec![SimKey {
+                name: "one".into(),
+                key: "sk-one".into(),
+                rpm: Some(0),
+            }],
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let call = || {
+        http.post(format!("{}/chat/completions", sim.base_url()))
+            .bearer_auth("sk-one")
+            .json(
+                &serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .send()
+    };
+    for _ in 0..5 {
+        call().await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    for _ in 0..3 {
+        call().await.unwrap();
+    }
+    let one_second = sim.busiest_window(std::time::Duration::from_secs(1));
+    assert_eq!(one_second.get("one"), Some(&5));
+    let long = sim.busiest_window(std::time::Duration::from_secs(60));
+    assert_eq!(long.get("one"), Some(&8));
+    sim.reset();
+    assert_eq!(
+        sim.busiest_window(std::time::Duration::from_secs(60))
+            .get("one"),
+        Some(&0)
+    );
+    sim.shutdown();
+}
