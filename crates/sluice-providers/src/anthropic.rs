@@ -215,7 +215,7 @@ fn invalid(e: serde_json::Error) -> ProviderError {
 impl Provider for Anthropic {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, false);
-        let text = http::send(
+        let (text, rate) = http::send(
             builder,
             self.timeout,
             &self.errors,
@@ -233,6 +233,7 @@ impl Provider for Anthropic {
             .collect();
         let u = wire.usage.unwrap_or_default();
         Ok(ChatResponse {
+            rate,
             content,
             usage: usage(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)),
             model: wire.model.unwrap_or_else(|| self.model.clone()),
@@ -255,6 +256,7 @@ impl Provider for Anthropic {
         )
         .await?;
         let mut out = ChatResponse {
+            rate: events.rate(),
             content: String::new(),
             usage: Usage::default(),
             model: self.model.clone(),

@@ -243,7 +243,7 @@ fn invalid(e: serde_json::Error) -> ProviderError {
 impl Provider for Gemini {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, &self.url);
-        let text = http::send(
+        let (text, rate) = http::send(
             builder,
             self.timeout,
             &self.errors,
@@ -261,6 +261,7 @@ impl Provider for Gemini {
             return Err(ProviderError::InvalidResponse(truncate(&why)));
         };
         Ok(ChatResponse {
+            rate,
             content: candidate.text(),
             usage: wire.usage_metadata.map(Usage::from).unwrap_or_default(),
             model: wire.model_version.unwrap_or_else(|| self.model.clone()),
@@ -283,6 +284,7 @@ impl Provider for Gemini {
         )
         .await?;
         let mut out = ChatResponse {
+            rate: events.rate(),
             content: String::new(),
             usage: Usage::default(),
             model: self.model.clone(),

@@ -3,6 +3,7 @@
 
 use crate::config::{ConfigError, EndpointConfig, Secret};
 use crate::error::{truncate, ProviderError};
+use crate::RateHeaders;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Response, Url};
 use std::collections::VecDeque;
@@ -165,6 +166,56 @@ impl ErrorMapper {
     }
 }
 
+/// The request-budget headers of an answer: OpenAI's `x-ratelimit-*-requests` (reset as a
+/// duration like `6m0s` or `120ms`) or Anthropic's `anthropic-ratelimit-requests-*` (reset as an
+/// RFC 3339 time). `None` when the provider sent neither.
+pub(crate) fn rate_headers(headers: &HeaderMap) -> Option<RateHeaders> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let remaining = text("x-ratelimit-remaining-requests")
+        .or_else(|| text("anthropic-ratelimit-requests-remaining"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let reset = text("x-ratelimit-reset-requests")
+        .and_then(parse_openai_duration)
+        .or_else(|| {
+            text("anthropic-ratelimit-requests-reset").and_then(|v| {
+                let at = chrono::DateTime::parse_from_rfc3339(v.trim()).ok()?;
+                (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                    .to_std()
+                    .ok()
+            })
+        });
+    (remaining.is_some() || reset.is_some()).then_some(RateHeaders { remaining, reset })
+}
+
+/// OpenAI's reset durations: number-unit pairs such as `1s`, `6m0s`, `1.5s`, `120ms`, `2h3m`.
+fn parse_openai_duration(text: &str) -> Option<Duration> {
+    let mut total = 0.0f64;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..split].parse().ok()?;
+        rest = &rest[split..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * seconds;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
 /// Sends a non-streaming call and returns the body of a 2xx answer.
 /// `timeout` bounds the whole exchange, since the answer is useless until it is complete.
 pub(crate) async fn send(
@@ -173,7 +224,7 @@ pub(crate) async fn send(
     errors: &ErrorMapper,
     endpoint: &str,
     request_id: &str,
-) -> Result<String, ProviderError> {
+) -> Result<(String, Option<RateHeaders>), ProviderError> {
     let response = builder
         .timeout(timeout)
         .send()
@@ -181,6 +232,7 @@ pub(crate) async fn send(
         .map_err(transport_error)?;
     let status = response.status();
     let wait = retry_after(response.headers());
+    let rate = rate_headers(response.headers());
     let text = response.text().await.map_err(transport_error)?;
     tracing::debug!(
         endpoint,
@@ -191,7 +243,7 @@ pub(crate) async fn send(
     if !status.is_success() {
         return Err(errors.status_error(status.as_u16(), wait, &text));
     }
-    Ok(text)
+    Ok((text, rate))
 }
 
 /// Sends a streaming call and returns its SSE events, or the error of a non-2xx answer.
@@ -225,6 +277,7 @@ pub(crate) async fn open_stream(
         return Err(errors.status_error(status.as_u16(), wait, &text));
     }
     Ok(SseStream {
+        rate: rate_headers(response.headers()),
         response,
         idle,
         parser: SseParser::default(),
@@ -235,6 +288,7 @@ pub(crate) async fn open_stream(
 
 /// The events of a streamed answer, read chunk by chunk as they arrive.
 pub(crate) struct SseStream {
+    rate: Option<RateHeaders>,
     response: Response,
     idle: Duration,
     parser: SseParser,
@@ -243,6 +297,11 @@ pub(crate) struct SseStream {
 }
 
 impl SseStream {
+    /// The rate-limit headers the stream's answer came with.
+    pub(crate) fn rate(&self) -> Option<RateHeaders> {
+        self.rate
+    }
+
     /// The next event; `None` once the body has ended.
     pub(crate) async fn next(&mut self) -> Result<Option<SseEvent>, ProviderError> {
         loop {
@@ -347,7 +406,66 @@ pub(crate) async fn emit(deltas: &tokio::sync::mpsc::Sender<String>, text: &str)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
+
+    #[test]
+    fn openai_reset_durations_parse() {
+        assert_eq!(parse_openai_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_openai_duration("6m0s"),
+            Some(Duration::from_secs(360))
+        );
+        assert_eq!(
+            parse_openai_duration("120ms"),
+            Some(Duration::from_millis(120))
+        );
+        assert_eq!(
+            parse_openai_duration("1.5s"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_openai_duration("2h3m"),
+            Some(Duration::from_secs(7380))
+        );
+        assert_eq!(parse_openai_duration(""), None);
+        assert_eq!(parse_openai_duration("soon"), None);
+        assert_eq!(parse_openai_duration("5 parsecs"), None);
+    }
+
+    #[test]
+    fn rate_headers_read_openai_and_anthropic() {
+        let mut h = HeaderMap::new();
+        assert_eq!(rate_headers(&h), None);
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("0"),
+        );
+        h.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("750ms"),
+        );
+        assert_eq!(
+            rate_headers(&h),
+            Some(RateHeaders {
+                remaining: Some(0),
+                reset: Some(Duration::from_millis(750))
+            })
+        );
+        let mut a = HeaderMap::new();
+        a.insert(
+            "anthropic-ratelimit-requests-remaining",
+            HeaderValue::from_static("7"),
+        );
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc3339();
+        a.insert(
+            "anthropic-ratelimit-requests-reset",
+            HeaderValue::from_str(&later).unwrap(),
+        );
+        let rate = rate_headers(&a).unwrap();
+        assert_eq!(rate.remaining, Some(7));
+        assert!(rate.reset.unwrap() > Duration::from_secs(25));
+    }
     use super::*;
 
     fn parse_in_chunks(body: &[u8], chunk: usize) -> Vec<SseEvent> {

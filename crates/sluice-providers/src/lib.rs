@@ -11,6 +11,7 @@ mod pool;
 mod shared;
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 pub use anthropic::Anthropic;
 pub use config::{AuthStyle, ConfigError, EndpointConfig, PoolConfig, ProviderKind, Secret};
@@ -43,6 +44,18 @@ pub struct ChatResponse {
     /// The model the provider says answered.
     pub model: String,
     pub finish_reason: Option<String>,
+    /// The provider's rate-limit headers on this answer, fed to the endpoint's limiter.
+    #[serde(skip)]
+    pub rate: Option<RateHeaders>,
+}
+
+/// What a provider's rate-limit headers say about an endpoint's request budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateHeaders {
+    /// Requests left in the provider's current window.
+    pub remaining: Option<u64>,
+    /// When the provider's window resets, from now.
+    pub reset: Option<Duration>,
 }
 
 /// Something that can answer a chat request: one endpoint of one provider.

@@ -203,7 +203,7 @@ fn invalid(e: serde_json::Error) -> ProviderError {
 impl Provider for OpenAiCompatible {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, false);
-        let text = http::send(
+        let (text, rate) = http::send(
             builder,
             self.timeout,
             &self.errors,
@@ -218,6 +218,7 @@ impl Provider for OpenAiCompatible {
             ));
         };
         Ok(ChatResponse {
+            rate,
             content: choice.message.content.unwrap_or_default(),
             usage: wire.usage.unwrap_or_default().into(),
             model: wire.model.unwrap_or_else(|| self.model.clone()),
@@ -240,6 +241,7 @@ impl Provider for OpenAiCompatible {
         )
         .await?;
         let mut out = ChatResponse {
+            rate: events.rate(),
             content: String::new(),
             usage: Usage::default(),
             model: self.model.clone(),

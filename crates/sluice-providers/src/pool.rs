@@ -322,9 +322,12 @@ impl Permit {
         let mut state = feedback.lock();
         let health = &mut state.health[feedback.index];
         match outcome {
-            Ok(_) => {
+            Ok(response) => {
                 health.rate.on_success(now);
                 health.breaker.on_success(now);
+                if let Some(rate) = response.rate {
+                    health.rate.observe_headers(now, rate.remaining, rate.reset);
+                }
             }
             Err(ProviderError::RateLimited { retry_after, .. }) => {
                 health.rate.on_rate_limited(now, *retry_after);
@@ -481,6 +484,7 @@ mod tests {
                 usage: crate::Usage::default(),
                 model: "fixed".into(),
                 finish_reason: None,
+                rate: None,
             })
         }
     }

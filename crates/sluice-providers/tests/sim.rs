@@ -314,3 +314,59 @@ fn config_debug_never_shows_keys() {
     .unwrap();
     assert!(!format!("{router:?}").contains("sk-top-secret"));
 }
+
+#[tokio::test]
+async fn the_providers_remaining_and_reset_headers_hold_the_endpoint_back() {
+    // Configured far too generously; the provider's headers say the truth: 1 a second.
+    let sim = sim(SimConfig {
+        keys: vec![key("a", Some(60))],
+        burst_seconds: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut e = endpoint("a", &sim.base_url(), "sk-a-secret");
+    e.rpm = 60_000;
+    e.burst = Some(100);
+    let router = router_for(
+        vec![PoolConfig {
+            name: "p".into(),
+            endpoints: vec![e],
+        }],
+        "m",
+        "p",
+    )
+    .unwrap();
+    let pool = router.pool("m").unwrap();
+    let job = job();
+    let response = pool
+        .try_acquire()
+        .await
+        .unwrap()
+        .call(ChatRequest {
+            request_id: "first",
+            job: &job,
+        })
+        .await
+        .unwrap();
+    let rate = response
+        .rate
+        .expect("the simulator sends x-ratelimit headers");
+    assert_eq!(rate.remaining, Some(0));
+    assert!(
+        pool.try_acquire().await.is_none(),
+        "0 remaining: wait for the reset"
+    );
+    assert!(
+        pool.wait_time() >= Duration::from_millis(500),
+        "{:?}",
+        pool.wait_time()
+    );
+    let next = pool.acquire().await;
+    next.call(ChatRequest {
+        request_id: "second",
+        job: &job,
+    })
+    .await
+    .unwrap();
+    assert_eq!(sim.stats().rate_limited, 0);
+}
