@@ -103,6 +103,7 @@ macro_rules! broker_conformance_suite {
 /// A job with a fresh id.
 pub fn job(tenant: &str) -> JobRef {
     JobRef {
+        tokens: 0,
         request_id: RequestId::new(),
         tenant: tenant.to_owned(),
         model: "small".to_owned(),

@@ -185,6 +185,23 @@ pub struct JobRef {
     pub tenant: String,
     pub model: String,
     pub attempt: i32,
+    /// Estimated tokens of the call, for endpoints' token limits; 0 when unknown (messages
+    /// republished from the database), in which case only the real usage is charged.
+    #[serde(default)]
+    pub tokens: u32,
+}
+
+/// Completion tokens assumed when a job sets no `max_tokens`.
+pub const DEFAULT_COMPLETION_ESTIMATE: u32 = 256;
+
+impl JobRequest {
+    /// Tokens this request may cost before the provider says: about four characters a prompt
+    /// token, plus the completion it may produce (`max_tokens`, else a default).
+    pub fn estimated_tokens(&self) -> u32 {
+        let chars: usize = self.messages.iter().map(|m| m.content.len()).sum();
+        let prompt = u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX);
+        prompt.saturating_add(self.max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE))
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +257,31 @@ mod tests {
         for s in JobState::ALL {
             assert_eq!(s.is_claimable(), s.can_become(Running));
         }
+    }
+
+    #[test]
+    fn token_estimates_count_prompt_and_completion() {
+        let mut job = JobRequest {
+            model: "m".into(),
+            messages: vec![Message {
+                role: Role::User,
+                content: "x".repeat(41),
+            }],
+            max_tokens: Some(100),
+            temperature: None,
+            top_p: None,
+            stop: None,
+        };
+        assert_eq!(job.estimated_tokens(), 11 + 100);
+        job.max_tokens = None;
+        assert_eq!(job.estimated_tokens(), 11 + DEFAULT_COMPLETION_ESTIMATE);
+    }
+
+    #[test]
+    fn older_messages_without_an_estimate_still_parse() {
+        let old = r#"{"request_id":"01a20d98-94be-75bd-8a09-e1e715d75876","tenant":"t","model":"m","attempt":2}"#;
+        let job: JobRef = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((job.attempt, job.tokens), (2, 0));
     }
 
     #[test]

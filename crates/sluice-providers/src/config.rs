@@ -91,6 +91,9 @@ pub struct EndpointConfig {
     pub query: BTreeMap<String, String>,
     /// Requests per minute this endpoint allows.
     pub rpm: u32,
+    /// Tokens per minute this endpoint allows (prompt plus completion); none if absent.
+    #[serde(default)]
+    pub tpm: Option<u32>,
     /// Requests that may go back to back above the steady rate; `None` means one second of rate
     /// in all (`max(1, rpm / 60) - 1` extra), which is what providers' per-second enforcement
     /// holds: one more and the first second after idle earns a 429.
@@ -118,6 +121,7 @@ impl EndpointConfig {
             auth: AuthStyle::default(),
             query: BTreeMap::new(),
             rpm,
+            tpm: None,
             burst: None,
             timeout_secs: default_timeout(),
         }

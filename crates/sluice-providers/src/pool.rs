@@ -9,6 +9,7 @@ use crate::openai::OpenAiCompatible;
 use crate::shared::{SharedLimiter, SharedLimits};
 use crate::{Anthropic, ChatRequest, ChatResponse, Gemini, Provider, ProviderError};
 use serde::Deserialize;
+use sluice_core::gcra::Gcra;
 use sluice_core::{AdaptiveConfig, AdaptiveRate, Breaker, BreakerConfig, BreakerState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -36,6 +37,24 @@ pub struct PoolOptions {
 struct Health {
     rate: AdaptiveRate,
     breaker: Breaker,
+    /// Token budget, when the endpoint has a `tpm`: charged the estimate up front and
+    /// corrected with the real usage afterwards.
+    tokens: Option<Gcra>,
+}
+
+impl Health {
+    /// How long until a call estimated at `tokens` could go, without taking anything.
+    fn wait(&self, now: Duration, tokens: u32) -> Duration {
+        let requests = match self.breaker.retry_in(now) {
+            Some(open) => open.max(self.rate.wait_time(now)),
+            None => self.rate.wait_time(now),
+        };
+        let budget = self
+            .tokens
+            .as_ref()
+            .map_or(Duration::ZERO, |t| t.wait_time(now, tokens));
+        requests.max(budget)
+    }
 }
 
 /// Limiters, breakers and the round-robin cursor, under one lock so choosing and taking is atomic.
@@ -49,6 +68,8 @@ struct Feedback {
     state: Arc<Mutex<PoolState>>,
     origin: Instant,
     index: usize,
+    /// Tokens charged to the endpoint's budget for this call.
+    charged: u32,
 }
 
 impl Feedback {
@@ -136,6 +157,9 @@ impl Pool {
             health.push(Health {
                 rate: AdaptiveRate::new(config.rpm, burst, options.adaptive),
                 breaker: Breaker::new(options.breaker),
+                tokens: config
+                    .tpm
+                    .map(|tpm| Gcra::per_minute(tpm, (tpm / 60).max(1) - 1)),
             });
             let shared = options
                 .shared
@@ -181,22 +205,32 @@ impl Pool {
     /// skipped; among the others the first from the round-robin cursor that its limiter allows
     /// wins, so under load each endpoint serves in proportion to its own rate.
     pub async fn try_acquire(&self) -> Option<Permit> {
-        let index = self.take_local()?;
+        self.try_acquire_for(0).await
+    }
+
+    /// [`Pool::try_acquire`] for a call estimated at `tokens`, which endpoints with a token
+    /// limit must also have room for.
+    pub async fn try_acquire_for(&self, tokens: u32) -> Option<Permit> {
+        let index = self.take_local(tokens)?;
         let endpoint = &self.endpoints[index];
         if let Some(shared) = &endpoint.shared {
             if shared.try_acquire().await.is_err() {
                 // Other workers used this endpoint's share: give back the probe slot, if any.
                 let now = self.origin.elapsed();
                 let mut state = lock(&self.state);
-                state.health[index].rate.on_other_failure(now);
-                state.health[index].breaker.on_cancelled(now);
+                let health = &mut state.health[index];
+                health.rate.on_other_failure(now);
+                health.breaker.on_cancelled(now);
+                if let Some(budget) = health.tokens.as_mut() {
+                    budget.refund(now, tokens);
+                }
                 return None;
             }
         }
-        Some(self.permit(index))
+        Some(self.permit(index, tokens))
     }
 
-    fn take_local(&self) -> Option<usize> {
+    fn take_local(&self, tokens: u32) -> Option<usize> {
         let mut state = lock(&self.state);
         let now = self.origin.elapsed();
         let n = self.endpoints.len();
@@ -207,6 +241,13 @@ impl Pool {
             if health.breaker.state(now) == BreakerState::Open {
                 continue;
             }
+            if health
+                .tokens
+                .as_ref()
+                .is_some_and(|t| !t.wait_time(now, tokens).is_zero())
+            {
+                continue;
+            }
             if health.rate.try_acquire(now).is_err() {
                 continue;
             }
@@ -214,6 +255,10 @@ impl Pool {
                 // Half-open with its probe already out: this cell goes unused.
                 health.rate.on_other_failure(now);
                 continue;
+            }
+            if let Some(budget) = health.tokens.as_mut() {
+                // Conforms (checked above), so this records the charge without waiting.
+                let _ = budget.reserve(now, tokens);
             }
             state.next = (i + 1) % n;
             return Some(i);
@@ -225,15 +270,17 @@ impl Pool {
     /// one. Lets a dispatcher skip jobs for a saturated pool instead of blocking on it. Does not
     /// see the Redis-shared limit, which only [`Pool::try_acquire`] asks.
     pub fn wait_time(&self) -> Duration {
+        self.wait_time_for(0)
+    }
+
+    /// [`Pool::wait_time`] for a call estimated at `tokens`.
+    pub fn wait_time_for(&self, tokens: u32) -> Duration {
         let state = lock(&self.state);
         let now = self.origin.elapsed();
         state
             .health
             .iter()
-            .map(|h| match h.breaker.retry_in(now) {
-                Some(open) => open.max(h.rate.wait_time(now)),
-                None => h.rate.wait_time(now),
-            })
+            .map(|h| h.wait(now, tokens))
             .min()
             .unwrap_or(Duration::MAX)
     }
@@ -259,13 +306,14 @@ impl Pool {
             .collect()
     }
 
-    fn permit(&self, index: usize) -> Permit {
+    fn permit(&self, index: usize, charged: u32) -> Permit {
         Permit {
             endpoint: Arc::clone(&self.endpoints[index]),
             feedback: Some(Feedback {
                 state: Arc::clone(&self.state),
                 origin: self.origin,
                 index,
+                charged,
             }),
         }
     }
@@ -321,6 +369,20 @@ impl Permit {
         let now = feedback.now();
         let mut state = feedback.lock();
         let health = &mut state.health[feedback.index];
+        // Correct the token charge: the real usage on success; nothing on refusals, which
+        // providers do not count; the estimate stands when we cannot know (timeouts, 5xx).
+        let used = match outcome {
+            Ok(response) => Some(response.usage.total_tokens),
+            Err(ProviderError::RateLimited { .. } | ProviderError::Rejected { .. }) => Some(0),
+            Err(_) => None,
+        };
+        if let (Some(budget), Some(used)) = (health.tokens.as_mut(), used) {
+            if used > feedback.charged {
+                let _ = budget.reserve(now, used - feedback.charged);
+            } else {
+                budget.refund(now, feedback.charged - used);
+            }
+        }
         match outcome {
             Ok(response) => {
                 health.rate.on_success(now);
@@ -353,6 +415,9 @@ impl Drop for Permit {
             let health = &mut state.health[feedback.index];
             health.rate.on_other_failure(now);
             health.breaker.on_cancelled(now);
+            if let Some(budget) = health.tokens.as_mut() {
+                budget.refund(now, feedback.charged);
+            }
         }
     }
 }

@@ -370,3 +370,60 @@ async fn the_providers_remaining_and_reset_headers_hold_the_endpoint_back() {
     .unwrap();
     assert_eq!(sim.stats().rate_limited, 0);
 }
+
+#[tokio::test]
+async fn a_token_limit_holds_calls_back_and_is_corrected_by_real_usage() {
+    let sim = sim(SimConfig {
+        default_rpm: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut e = endpoint("a", &sim.base_url(), "sk-any");
+    e.rpm = 60_000;
+    e.burst = Some(100);
+    // 600 tokens a minute: 10 a second, with 9 more of burst.
+    e.tpm = Some(600);
+    let router = router_for(
+        vec![PoolConfig {
+            name: "p".into(),
+            endpoints: vec![e],
+        }],
+        "m",
+        "p",
+    )
+    .unwrap();
+    let pool = router.pool("m").unwrap();
+    // An estimate of 20 fits an idle budget, and a second right after does not.
+    let permit = pool.try_acquire_for(20).await.unwrap();
+    assert!(pool.try_acquire_for(20).await.is_none());
+    assert!(
+        pool.wait_time_for(20) >= Duration::from_millis(500),
+        "{:?}",
+        pool.wait_time_for(20)
+    );
+    // The call really used fewer tokens than estimated (the simulator's 16 + a few): the
+    // difference goes back, so the budget frees sooner than the estimate alone would allow.
+    let before = pool.wait_time_for(5);
+    let job = job();
+    let used = permit
+        .call(ChatRequest {
+            request_id: "t1",
+            job: &job,
+        })
+        .await
+        .unwrap()
+        .usage
+        .total_tokens;
+    assert!(used < 20, "{used}");
+    assert!(
+        pool.wait_time_for(5) < before,
+        "refund of {} tokens",
+        20 - used
+    );
+    // A permit dropped unused gives its whole charge back.
+    tokio::time::sleep(pool.wait_time_for(19)).await;
+    let unused = pool.try_acquire_for(19).await.unwrap();
+    let waiting = pool.wait_time_for(19);
+    drop(unused);
+    assert!(pool.wait_time_for(19) < waiting);
+}

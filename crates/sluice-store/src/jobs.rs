@@ -27,6 +27,7 @@ impl NewJob {
             tenant: self.principal.tenant.clone(),
             model: self.request.model.clone(),
             attempt: 0,
+            tokens: self.request.estimated_tokens(),
         }
     }
 }

@@ -263,6 +263,7 @@ impl Store {
                 outbox_id: r.try_get("outbox_id")?,
                 lane,
                 job: JobRef {
+                    tokens: 0,
                     request_id: id,
                     tenant: r.try_get("tenant")?,
                     model: r.try_get("model")?,

@@ -36,6 +36,7 @@ pub(crate) fn message_from_row(r: &PgRow) -> Result<OutboxMessage, StoreError> {
         outbox_id: r.try_get("outbox_id")?,
         lane: parse_lane(&lane)?,
         job: JobRef {
+            tokens: 0,
             request_id: RequestId(r.try_get("id")?),
             tenant: r.try_get("tenant")?,
             model: r.try_get("model")?,

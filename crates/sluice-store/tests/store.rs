@@ -370,6 +370,7 @@ async fn relay_takes_only_old_unlocked_rows() {
     assert_eq!(
         rows[0].job,
         JobRef {
+            tokens: 0,
             request_id: job.id,
             tenant: "acme".into(),
             model: "default".into(),

@@ -233,7 +233,7 @@ impl Worker {
             let permit = match self.usable_pool(&waiting) {
                 Some(Some(index)) => {
                     let pool = &self.router.route(&waiting.delivery.job.model)[index];
-                    match pool.try_acquire().await {
+                    match pool.try_acquire_for(waiting.delivery.job.tokens).await {
                         Some(permit) => Some(permit),
                         None => {
                             // The pool filled between the check and the take, or another
@@ -291,7 +291,7 @@ impl Worker {
             if i > 0 && !patient && !route[..i].iter().all(|p| p.is_down()) {
                 break;
             }
-            if pool.wait_time().is_zero() {
+            if pool.wait_time_for(waiting.delivery.job.tokens).is_zero() {
                 return Some(Some(i));
             }
         }
