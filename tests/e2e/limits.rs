@@ -309,3 +309,78 @@ async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
     app.cleanup().await;
     redis.kill().await;
 }
+
+#[tokio::test]
+async fn jobs_turned_away_with_429_go_before_fresh_work_once_the_pool_has_room() {
+    // Three keys: each turns one job away (then its endpoint waits out the retry-after), so
+    // three jobs come back through the retry lane.
+    let provider = sluice_sim::spawn(
+        SimConfig {
+            default_rpm: 0,
+            faults: Faults {
+                rate_limit_retry_after_secs: Some(1),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let mut trio = "[[pools]]\nname = \"trio\"\n".to_owned();
+    for k in ["a", "b", "c"] {
+        trio.push_str(&format!(
+            "[[pools.endpoints]]\nname = \"trio-{k}\"\nbase_url = \"{}\"\nmodel = \"m\"\n\
+             api_key = \"sk-{k}\"\nrpm = 20\nburst = 0\n",
+            provider.base_url()
+        ));
+    }
+    // The retry lane weighs 1 against priority's 10: by weight alone its jobs would go last.
+    trio.push_str("\n[worker.weights]\npriority = 10\nstandard = 5\nbatch = 1\nretry = 1\n");
+    let app = spawn_app(AppOptions {
+        default_route: "\"trio\"",
+        extra_toml: trio,
+        retry_base_secs: 0.2,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut turned_away = Vec::new();
+    for n in 0..3 {
+        turned_away.push(app.submit(&key, &format!("turned away {n}")).await);
+    }
+    app.wait_for("three 429s", Duration::from_secs(10), || async {
+        provider.stats().rate_limited >= 3
+    })
+    .await;
+    provider.set_faults(Faults::default());
+    let mut fresh = Vec::new();
+    for n in 0..9 {
+        fresh.push(app.submit(&key, &format!("fresh {n}")).await);
+    }
+    let all: Vec<RequestId> = fresh.iter().chain(&turned_away).copied().collect();
+    app.wait_terminal(&all, Duration::from_secs(60)).await;
+    let finished = |id: RequestId| {
+        let store = app.store.clone();
+        async move { store.job(id).await.unwrap().unwrap().finished_at.unwrap() }
+    };
+    let mut last_turned_away = None;
+    for id in &turned_away {
+        let at = finished(*id).await;
+        last_turned_away =
+            Some(last_turned_away.map_or(at, |l: chrono::DateTime<chrono::Utc>| l.max(at)));
+    }
+    let last_turned_away = last_turned_away.unwrap();
+    let mut later = 0;
+    for id in &fresh {
+        if finished(*id).await > last_turned_away {
+            later += 1;
+        }
+    }
+    assert!(
+        later >= 5,
+        "only {later} of 9 fresh jobs finished after the 429'd ones"
+    );
+    app.cleanup().await;
+    provider.shutdown();
+}

@@ -104,6 +104,7 @@ macro_rules! broker_conformance_suite {
 pub fn job(tenant: &str) -> JobRef {
     JobRef {
         tokens: 0,
+        rate_limited: false,
         request_id: RequestId::new(),
         tenant: tenant.to_owned(),
         model: "small".to_owned(),

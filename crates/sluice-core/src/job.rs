@@ -189,6 +189,10 @@ pub struct JobRef {
     /// republished from the database), in which case only the real usage is charged.
     #[serde(default)]
     pub tokens: u32,
+    /// The last attempt was refused with a 429: once its pool has room again this job goes
+    /// before fresh work for that pool, which was not turned away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rate_limited: bool,
 }
 
 /// Completion tokens assumed when a job sets no `max_tokens`.
@@ -281,7 +285,7 @@ mod tests {
     fn older_messages_without_an_estimate_still_parse() {
         let old = r#"{"request_id":"01a20d98-94be-75bd-8a09-e1e715d75876","tenant":"t","model":"m","attempt":2}"#;
         let job: JobRef = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((job.attempt, job.tokens), (2, 0));
+        assert_eq!((job.attempt, job.tokens, job.rate_limited), (2, 0, false));
     }
 
     #[test]

@@ -28,6 +28,7 @@ impl NewJob {
             model: self.request.model.clone(),
             attempt: 0,
             tokens: self.request.estimated_tokens(),
+            rate_limited: false,
         }
     }
 }

@@ -264,6 +264,7 @@ impl Store {
                 lane,
                 job: JobRef {
                     tokens: 0,
+                    rate_limited: false,
                     request_id: id,
                     tenant: r.try_get("tenant")?,
                     model: r.try_get("model")?,

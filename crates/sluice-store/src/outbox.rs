@@ -37,6 +37,7 @@ pub(crate) fn message_from_row(r: &PgRow) -> Result<OutboxMessage, StoreError> {
         lane: parse_lane(&lane)?,
         job: JobRef {
             tokens: 0,
+            rate_limited: false,
             request_id: RequestId(r.try_get("id")?),
             tenant: r.try_get("tenant")?,
             model: r.try_get("model")?,

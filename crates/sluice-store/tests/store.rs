@@ -371,6 +371,7 @@ async fn relay_takes_only_old_unlocked_rows() {
         rows[0].job,
         JobRef {
             tokens: 0,
+            rate_limited: false,
             request_id: job.id,
             tenant: "acme".into(),
             model: "default".into(),

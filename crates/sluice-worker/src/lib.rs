@@ -215,8 +215,10 @@ impl Worker {
                 enqueue(&mut queue, d).await;
             }
             // Only jobs one of whose pools can serve now compete, so a saturated pool holds
-            // up no one else.
-            let picked = queue.pop_where(|w| self.usable_pool(w).is_some());
+            // up no one else; a job turned away with a 429 goes first once its pool has room.
+            let picked = queue
+                .pop_where(|w| w.delivery.job.rate_limited && self.usable_pool(w).is_some())
+                .or_else(|| queue.pop_where(|w| self.usable_pool(w).is_some()));
             let Some((_, _, waiting)) = picked else {
                 drop(slot);
                 let wait = self.soonest_wait(&queue);

@@ -128,7 +128,11 @@ impl Worker {
             }
         };
         match stored {
-            Ok(Some(message)) => self.publish(message).await,
+            Ok(Some(mut message)) => {
+                message.job.rate_limited =
+                    matches!(provider, Some((ProviderError::RateLimited { .. }, _)));
+                self.publish(message).await
+            }
             Ok(None) => {
                 tracing::info!(message = "failure not recorded: the job was cancelled or taken over", request_id = %id)
             }
