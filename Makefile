@@ -7,7 +7,7 @@ SLUICE = $(CARGO) run --release --quiet --bin sluice --
 ## Run the API, one worker and the provider simulator against this machine's services
 ## with ./sluice.toml, in the foreground until Ctrl-C.
 run: services build
-	@trap 'kill 0' INT TERM EXIT; \
+	@trap 'kill $$(jobs -p) 2>/dev/null; wait' INT TERM; \
 	$(SLUICE) sim & \
 	$(SLUICE) worker & \
 	$(SLUICE) serve & \
