@@ -184,6 +184,19 @@ async fn slow_provider_times_out() {
     assert!(err.is_retryable());
 }
 
+/// A router with one pool `p` of one endpoint, behind the alias `m`.
+fn single_endpoint(e: EndpointConfig) -> Router {
+    router_for(
+        vec![PoolConfig {
+            name: "p".into(),
+            endpoints: vec![e],
+        }],
+        "m",
+        "p",
+    )
+    .unwrap()
+}
+
 fn router_for(pools: Vec<PoolConfig>, alias: &str, pool: &str) -> Result<Router, ConfigError> {
     let routes = BTreeMap::from([(alias.to_owned(), pool.into())]);
     Router::new(&pools, &routes, reqwest::Client::new())
@@ -236,15 +249,7 @@ async fn pool_keeps_to_the_endpoint_rpm() {
     let mut e = endpoint("a", &sim.base_url(), "sk-a-secret");
     e.rpm = 110;
     e.burst = Some(1);
-    let router = router_for(
-        vec![PoolConfig {
-            name: "p".into(),
-            endpoints: vec![e],
-        }],
-        "m",
-        "p",
-    )
-    .unwrap();
+    let router = single_endpoint(e);
     let pool = router.pool("m").unwrap();
     let job = job();
     let start = Instant::now();
@@ -303,15 +308,7 @@ fn config_debug_never_shows_keys() {
     let e = endpoint("a", "http://127.0.0.1:1/v1", "sk-top-secret");
     assert!(!format!("{e:?}").contains("sk-top-secret"));
     assert_eq!(format!("{:?}", Secret::new("sk-top-secret")), "[redacted]");
-    let router = router_for(
-        vec![PoolConfig {
-            name: "p".into(),
-            endpoints: vec![e],
-        }],
-        "m",
-        "p",
-    )
-    .unwrap();
+    let router = single_endpoint(e);
     assert!(!format!("{router:?}").contains("sk-top-secret"));
 }
 
@@ -327,15 +324,7 @@ async fn the_providers_remaining_and_reset_headers_hold_the_endpoint_back() {
     let mut e = endpoint("a", &sim.base_url(), "sk-a-secret");
     e.rpm = 60_000;
     e.burst = Some(100);
-    let router = router_for(
-        vec![PoolConfig {
-            name: "p".into(),
-            endpoints: vec![e],
-        }],
-        "m",
-        "p",
-    )
-    .unwrap();
+    let router = single_endpoint(e);
     let pool = router.pool("m").unwrap();
     let job = job();
     let response = pool
@@ -383,15 +372,7 @@ async fn a_token_limit_holds_calls_back_and_is_corrected_by_real_usage() {
     e.burst = Some(100);
     // 600 tokens a minute: 10 a second, with 9 more of burst.
     e.tpm = Some(600);
-    let router = router_for(
-        vec![PoolConfig {
-            name: "p".into(),
-            endpoints: vec![e],
-        }],
-        "m",
-        "p",
-    )
-    .unwrap();
+    let router = single_endpoint(e);
     let pool = router.pool("m").unwrap();
     // An estimate of 20 fits an idle budget, and a second right after does not.
     let permit = pool.try_acquire_for(20).await.unwrap();
