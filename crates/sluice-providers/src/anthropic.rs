@@ -3,14 +3,13 @@
 
 use crate::config::{ConfigError, EndpointConfig};
 use crate::error::{truncate, ProviderError};
-use crate::http::{self, ErrorMapper, REQUEST_ID_HEADER};
+use crate::http::{self, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
 use reqwest::header::HeaderValue;
 use reqwest::{RequestBuilder, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_core::{JobRequest, Role};
-use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// The API version this adapter speaks; Anthropic refuses calls that do not name one.
@@ -22,13 +21,11 @@ const DEFAULT_MAX_TOKENS: u32 = 1024;
 /// One Anthropic endpoint. `EndpointConfig::auth` is ignored: the key always goes in `x-api-key`.
 #[derive(Debug)]
 pub struct Anthropic {
-    name: String,
+    transport: http::Transport,
     model: String,
     url: Url,
     /// Prebuilt and marked sensitive so the key never shows in Debug output.
     key: Option<HeaderValue>,
-    errors: ErrorMapper,
-    timeout: Duration,
     http: reqwest::Client,
 }
 
@@ -40,14 +37,11 @@ impl Anthropic {
             Some(k) => Some(http::secret_header(config, k.expose())?),
             None => None,
         };
-        let timeout = http::check_timeout(config)?;
         Ok(Self {
-            name: config.name.clone(),
+            transport: http::Transport::new(config, key)?,
             model: config.model.clone(),
             url: http::endpoint_url(config, "/messages")?,
             key: header,
-            errors: ErrorMapper::new(key),
-            timeout,
             http,
         })
     }
@@ -215,14 +209,7 @@ fn invalid(e: serde_json::Error) -> ProviderError {
 impl Provider for Anthropic {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, false);
-        let (text, rate) = http::send(
-            builder,
-            self.timeout,
-            &self.errors,
-            &self.name,
-            req.request_id,
-        )
-        .await?;
+        let (text, rate) = self.transport.send(builder, req.request_id).await?;
         let wire: WireResponse = serde_json::from_str(&text).map_err(invalid)?;
         // Only text blocks are content; tool-use and thinking blocks are not part of the answer.
         let content = wire
@@ -247,14 +234,7 @@ impl Provider for Anthropic {
         deltas: mpsc::Sender<String>,
     ) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, true);
-        let mut events = http::open_stream(
-            builder,
-            self.timeout,
-            &self.errors,
-            &self.name,
-            req.request_id,
-        )
-        .await?;
+        let mut events = self.transport.open_stream(builder, req.request_id).await?;
         let mut out = ChatResponse {
             rate: events.rate(),
             content: String::new(),
@@ -294,9 +274,11 @@ impl Provider for Anthropic {
                 }
                 "error" => {
                     let kind = data["error"]["type"].as_str().unwrap_or_default();
-                    return Err(self
-                        .errors
-                        .status_error(status_for(kind), None, &event.data));
+                    return Err(self.transport.errors.status_error(
+                        status_for(kind),
+                        None,
+                        &event.data,
+                    ));
                 }
                 // ping, content_block_start/stop, and event types added later.
                 _ => {}

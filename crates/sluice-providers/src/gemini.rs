@@ -3,14 +3,13 @@
 
 use crate::config::{ConfigError, EndpointConfig};
 use crate::error::{truncate, ProviderError};
-use crate::http::{self, ErrorMapper, REQUEST_ID_HEADER};
+use crate::http::{self, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
 use reqwest::header::HeaderValue;
 use reqwest::{RequestBuilder, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_core::{JobRequest, Role};
-use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// One Gemini endpoint, e.g. `base_url = "https://generativelanguage.googleapis.com/v1beta"`.
@@ -18,14 +17,12 @@ use tokio::sync::mpsc;
 /// so it cannot end up in a logged URL.
 #[derive(Debug)]
 pub struct Gemini {
-    name: String,
+    transport: http::Transport,
     model: String,
     url: Url,
     stream_url: Url,
     /// Prebuilt and marked sensitive so the key never shows in Debug output.
     key: Option<HeaderValue>,
-    errors: ErrorMapper,
-    timeout: Duration,
     http: reqwest::Client,
 }
 
@@ -37,7 +34,6 @@ impl Gemini {
             Some(k) => Some(http::secret_header(config, k.expose())?),
             None => None,
         };
-        let timeout = http::check_timeout(config)?;
         // Google's own names are "models/gemini-..."; accept both spellings.
         let model = config
             .model
@@ -48,13 +44,11 @@ impl Gemini {
             http::endpoint_url(config, &format!("/models/{model}:streamGenerateContent"))?;
         stream_url.query_pairs_mut().append_pair("alt", "sse");
         Ok(Self {
-            name: config.name.clone(),
+            transport: http::Transport::new(config, key)?,
             model: model.to_owned(),
             url,
             stream_url,
             key: header,
-            errors: ErrorMapper::new(key),
-            timeout,
             http,
         })
     }
@@ -243,14 +237,7 @@ fn invalid(e: serde_json::Error) -> ProviderError {
 impl Provider for Gemini {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, &self.url);
-        let (text, rate) = http::send(
-            builder,
-            self.timeout,
-            &self.errors,
-            &self.name,
-            req.request_id,
-        )
-        .await?;
+        let (text, rate) = self.transport.send(builder, req.request_id).await?;
         let wire: WireResponse = serde_json::from_str(&text).map_err(invalid)?;
         let Some(candidate) = wire.candidates.first() else {
             // A blocked prompt answers 200 with feedback instead of candidates.
@@ -275,14 +262,7 @@ impl Provider for Gemini {
         deltas: mpsc::Sender<String>,
     ) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, &self.stream_url);
-        let mut events = http::open_stream(
-            builder,
-            self.timeout,
-            &self.errors,
-            &self.name,
-            req.request_id,
-        )
-        .await?;
+        let mut events = self.transport.open_stream(builder, req.request_id).await?;
         let mut out = ChatResponse {
             rate: events.rate(),
             content: String::new(),
@@ -297,7 +277,10 @@ impl Provider for Gemini {
                     .as_u64()
                     .and_then(|c| u16::try_from(c).ok())
                     .unwrap_or(500);
-                return Err(self.errors.status_error(status, None, &event.data));
+                return Err(self
+                    .transport
+                    .errors
+                    .status_error(status, None, &event.data));
             }
             if let Some(model) = chunk.model_version {
                 out.model = model;

@@ -216,6 +216,43 @@ fn parse_openai_duration(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(total).ok()
 }
 
+/// How one endpoint's calls travel: its name for logs, its error mapping (which knows the key
+/// to scrub from messages) and its timeout.
+#[derive(Debug)]
+pub(crate) struct Transport {
+    pub(crate) name: String,
+    pub(crate) errors: ErrorMapper,
+    pub(crate) timeout: Duration,
+}
+
+impl Transport {
+    pub(crate) fn new(config: &EndpointConfig, key: Option<Secret>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            name: config.name.clone(),
+            errors: ErrorMapper::new(key),
+            timeout: check_timeout(config)?,
+        })
+    }
+
+    /// [`send`] through this endpoint.
+    pub(crate) async fn send(
+        &self,
+        builder: RequestBuilder,
+        request_id: &str,
+    ) -> Result<(String, Option<RateHeaders>), ProviderError> {
+        send(builder, self.timeout, &self.errors, &self.name, request_id).await
+    }
+
+    /// [`open_stream`] through this endpoint.
+    pub(crate) async fn open_stream(
+        &self,
+        builder: RequestBuilder,
+        request_id: &str,
+    ) -> Result<SseStream, ProviderError> {
+        open_stream(builder, self.timeout, &self.errors, &self.name, request_id).await
+    }
+}
+
 /// Sends a non-streaming call and returns the body of a 2xx answer.
 /// `timeout` bounds the whole exchange, since the answer is useless until it is complete.
 pub(crate) async fn send(

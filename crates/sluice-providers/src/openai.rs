@@ -3,25 +3,24 @@
 
 use crate::config::{AuthStyle, ConfigError, EndpointConfig};
 use crate::error::{truncate, ProviderError};
-use crate::http::{self, ErrorMapper, REQUEST_ID_HEADER};
+use crate::http::{self, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use reqwest::{RequestBuilder, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+#[cfg(test)]
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// One OpenAI-compatible endpoint.
 #[derive(Debug)]
 pub struct OpenAiCompatible {
-    name: String,
+    transport: http::Transport,
     model: String,
     url: Url,
     /// Prebuilt and marked sensitive so the key never shows in Debug output.
     auth: Option<(HeaderName, HeaderValue)>,
-    errors: ErrorMapper,
-    timeout: Duration,
     http: reqwest::Client,
 }
 
@@ -41,14 +40,11 @@ impl OpenAiCompatible {
                 Some((name, http::secret_header(config, &value)?))
             }
         };
-        let timeout = http::check_timeout(config)?;
         Ok(Self {
-            name: config.name.clone(),
+            transport: http::Transport::new(config, key)?,
             model: config.model.clone(),
             url: completions_url(config)?,
             auth,
-            errors: ErrorMapper::new(key),
-            timeout,
             http,
         })
     }
@@ -61,7 +57,9 @@ impl OpenAiCompatible {
         retry_after: Option<Duration>,
         body: &str,
     ) -> ProviderError {
-        self.errors.status_error(status.as_u16(), retry_after, body)
+        self.transport
+            .errors
+            .status_error(status.as_u16(), retry_after, body)
     }
 
     fn request(&self, req: ChatRequest<'_>, stream: bool) -> RequestBuilder {
@@ -203,14 +201,7 @@ fn invalid(e: serde_json::Error) -> ProviderError {
 impl Provider for OpenAiCompatible {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, false);
-        let (text, rate) = http::send(
-            builder,
-            self.timeout,
-            &self.errors,
-            &self.name,
-            req.request_id,
-        )
-        .await?;
+        let (text, rate) = self.transport.send(builder, req.request_id).await?;
         let wire: WireResponse = serde_json::from_str(&text).map_err(invalid)?;
         let Some(choice) = wire.choices.into_iter().next() else {
             return Err(ProviderError::InvalidResponse(
@@ -232,14 +223,7 @@ impl Provider for OpenAiCompatible {
         deltas: mpsc::Sender<String>,
     ) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, true);
-        let mut events = http::open_stream(
-            builder,
-            self.timeout,
-            &self.errors,
-            &self.name,
-            req.request_id,
-        )
-        .await?;
+        let mut events = self.transport.open_stream(builder, req.request_id).await?;
         let mut out = ChatResponse {
             rate: events.rate(),
             content: String::new(),
@@ -254,7 +238,10 @@ impl Provider for OpenAiCompatible {
             let chunk: WireChunk = serde_json::from_str(&event.data).map_err(invalid)?;
             if let Some(error) = chunk.error {
                 // No status travels with a mid-stream error; the provider failed, so retry.
-                return Err(self.errors.status_error(500, None, &error.to_string()));
+                return Err(self
+                    .transport
+                    .errors
+                    .status_error(500, None, &error.to_string()));
             }
             if let Some(model) = chunk.model {
                 out.model = model;
