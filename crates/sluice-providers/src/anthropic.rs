@@ -167,14 +167,6 @@ struct WireUsage {
     output_tokens: Option<u32>,
 }
 
-fn usage(input: u32, output: u32) -> Usage {
-    Usage {
-        prompt_tokens: input,
-        completion_tokens: output,
-        total_tokens: input.saturating_add(output),
-    }
-}
-
 /// Anthropic's stop reasons in the OpenAI vocabulary the rest of Sluice uses.
 fn finish_reason(stop_reason: &str) -> String {
     match stop_reason {
@@ -222,7 +214,7 @@ impl Provider for Anthropic {
         Ok(ChatResponse {
             rate,
             content,
-            usage: usage(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)),
+            usage: Usage::new(u.input_tokens, u.output_tokens, None),
             model: wire.model.unwrap_or_else(|| self.model.clone()),
             finish_reason: wire.stop_reason.as_deref().map(finish_reason),
         })
@@ -235,13 +227,7 @@ impl Provider for Anthropic {
     ) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, true);
         let mut events = self.transport.open_stream(builder, req.request_id).await?;
-        let mut out = ChatResponse {
-            rate: events.rate(),
-            content: String::new(),
-            usage: Usage::default(),
-            model: self.model.clone(),
-            finish_reason: None,
-        };
+        let mut out = ChatResponse::streaming(self.model.clone(), events.rate());
         let (mut input, mut output) = (0, 0);
         while let Some(event) = events.next().await? {
             // The `type` inside the data names the event too, and unlike `event:` it is always there.
@@ -269,7 +255,7 @@ impl Provider for Anthropic {
                     output = tokens(&data["usage"]["output_tokens"]).unwrap_or(output);
                 }
                 "message_stop" => {
-                    out.usage = usage(input, output);
+                    out.usage = Usage::new(Some(input), Some(output), None);
                     return Ok(out);
                 }
                 "error" => {

@@ -194,15 +194,11 @@ struct UsageMetadata {
 
 impl From<UsageMetadata> for Usage {
     fn from(u: UsageMetadata) -> Self {
-        let prompt_tokens = u.prompt_token_count.unwrap_or(0);
-        let completion_tokens = u.candidates_token_count.unwrap_or(0);
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: u
-                .total_token_count
-                .unwrap_or(prompt_tokens.saturating_add(completion_tokens)),
-        }
+        Usage::new(
+            u.prompt_token_count,
+            u.candidates_token_count,
+            u.total_token_count,
+        )
     }
 }
 
@@ -263,13 +259,7 @@ impl Provider for Gemini {
     ) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, &self.stream_url);
         let mut events = self.transport.open_stream(builder, req.request_id).await?;
-        let mut out = ChatResponse {
-            rate: events.rate(),
-            content: String::new(),
-            usage: Usage::default(),
-            model: self.model.clone(),
-            finish_reason: None,
-        };
+        let mut out = ChatResponse::streaming(self.model.clone(), events.rate());
         while let Some(event) = events.next().await? {
             let chunk: WireResponse = serde_json::from_str(&event.data).map_err(invalid)?;
             if let Some(error) = chunk.error {

@@ -36,6 +36,19 @@ pub struct Usage {
     pub total_tokens: u32,
 }
 
+impl Usage {
+    /// Usage from the provider's counts; a missing total is the sum of the parts.
+    pub fn new(prompt: Option<u32>, completion: Option<u32>, total: Option<u32>) -> Usage {
+        let prompt_tokens = prompt.unwrap_or(0);
+        let completion_tokens = completion.unwrap_or(0);
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: total.unwrap_or(prompt_tokens.saturating_add(completion_tokens)),
+        }
+    }
+}
+
 /// A successful completion.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatResponse {
@@ -47,6 +60,19 @@ pub struct ChatResponse {
     /// The provider's rate-limit headers on this answer, fed to the endpoint's limiter.
     #[serde(skip)]
     pub rate: Option<RateHeaders>,
+}
+
+impl ChatResponse {
+    /// The empty answer a stream fills in as its events arrive.
+    pub(crate) fn streaming(model: String, rate: Option<RateHeaders>) -> ChatResponse {
+        ChatResponse {
+            content: String::new(),
+            usage: Usage::default(),
+            model,
+            finish_reason: None,
+            rate,
+        }
+    }
 }
 
 /// What a provider's rate-limit headers say about an endpoint's request budget.

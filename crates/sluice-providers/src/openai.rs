@@ -153,15 +153,7 @@ struct WireUsage {
 
 impl From<WireUsage> for Usage {
     fn from(u: WireUsage) -> Self {
-        let prompt_tokens = u.prompt_tokens.unwrap_or(0);
-        let completion_tokens = u.completion_tokens.unwrap_or(0);
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: u
-                .total_tokens
-                .unwrap_or(prompt_tokens.saturating_add(completion_tokens)),
-        }
+        Usage::new(u.prompt_tokens, u.completion_tokens, u.total_tokens)
     }
 }
 
@@ -224,13 +216,7 @@ impl Provider for OpenAiCompatible {
     ) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, true);
         let mut events = self.transport.open_stream(builder, req.request_id).await?;
-        let mut out = ChatResponse {
-            rate: events.rate(),
-            content: String::new(),
-            usage: Usage::default(),
-            model: self.model.clone(),
-            finish_reason: None,
-        };
+        let mut out = ChatResponse::streaming(self.model.clone(), events.rate());
         while let Some(event) = events.next().await? {
             if event.data == "[DONE]" {
                 return Ok(out);

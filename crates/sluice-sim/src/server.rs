@@ -61,15 +61,11 @@ enum Format {
 type Parsed = Result<(ChatRequest, String), String>;
 
 async fn chat(State(shared): AppState, headers: HeaderMap, body: Bytes) -> Response {
-    let parsed = parse_openai(&body, None);
-    handle_call(
-        &shared,
-        Format::OpenAi,
-        &headers,
-        openai_key(&headers),
-        parsed,
-    )
-    .await
+    openai_call(&shared, &headers, parse_openai(&body, None)).await
+}
+
+async fn openai_call(shared: &Shared, headers: &HeaderMap, parsed: Parsed) -> Response {
+    handle_call(shared, Format::OpenAi, headers, openai_key(headers), parsed).await
 }
 
 /// Azure puts the deployment in the path and may omit `model` from the body.
@@ -79,15 +75,7 @@ async fn chat_azure(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let parsed = parse_openai(&body, Some(deployment));
-    handle_call(
-        &shared,
-        Format::OpenAi,
-        &headers,
-        openai_key(&headers),
-        parsed,
-    )
-    .await
+    openai_call(&shared, &headers, parse_openai(&body, Some(deployment))).await
 }
 
 fn parse_openai(body: &[u8], deployment: Option<String>) -> Parsed {

@@ -6,25 +6,11 @@ use std::time::Duration;
 
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
-use sluice_sim::{spawn, Faults, SimConfig, SimHandle, SimKey};
+use sluice_sim::{Faults, SimConfig, SimHandle};
 
-const KEY: &str = "sk-test-main-0123456789";
+mod common;
 
-fn keyed(rpm: Option<u32>) -> SimConfig {
-    SimConfig {
-        keys: vec![SimKey {
-            name: "main".into(),
-            key: KEY.into(),
-            rpm,
-        }],
-        ..SimConfig::default()
-    }
-}
-
-async fn start(config: SimConfig) -> (SimHandle, Client) {
-    let sim = spawn(config, ([127, 0, 0, 1], 0).into()).await.unwrap();
-    (sim, Client::builder().no_proxy().build().unwrap())
-}
+use common::{keyed, start, KEY};
 
 const SYSTEM: &str = "be brief";
 const PROMPT: &str = "Hello, simulator!";

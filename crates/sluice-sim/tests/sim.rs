@@ -6,25 +6,11 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
-use sluice_sim::{spawn, Faults, Latency, SimConfig, SimHandle, SimKey};
+use sluice_sim::{Faults, Latency, SimConfig, SimHandle, SimKey};
 
-const KEY: &str = "sk-test-main-0123456789";
+mod common;
 
-fn keyed(rpm: Option<u32>) -> SimConfig {
-    SimConfig {
-        keys: vec![SimKey {
-            name: "main".into(),
-            key: KEY.into(),
-            rpm,
-        }],
-        ..SimConfig::default()
-    }
-}
-
-async fn start(config: SimConfig) -> (SimHandle, Client) {
-    let sim = spawn(config, ([127, 0, 0, 1], 0).into()).await.unwrap();
-    (sim, Client::builder().no_proxy().build().unwrap())
-}
+use common::{keyed, start, KEY};
 
 fn body(text: &str) -> Value {
     json!({"model": "gpt-sim", "messages": [{"role": "user", "content": text}], "temperature": 0.2, "extra": true})
