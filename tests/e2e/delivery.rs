@@ -306,15 +306,7 @@ async fn a_saturated_pool_does_not_hold_up_jobs_for_another_pool() {
 /// The same job path through an Anthropic or Gemini endpoint, in that provider's wire format.
 async fn jobs_succeed_through(kind: &str) {
     // A simulator of its own, so the app's OpenAI one can show that it was never called.
-    let sim = sluice_sim::spawn(
-        SimConfig {
-            default_rpm: 0,
-            ..SimConfig::default()
-        },
-        ([127, 0, 0, 1], 0).into(),
-    )
-    .await
-    .unwrap();
+    let sim = crate::helpers::spawn_sim(Faults::default()).await;
     let base_url = if kind == "gemini" {
         sim.gemini_base_url()
     } else {

@@ -30,6 +30,20 @@ pub fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// A simulator of a test's own, without request limits, answering with `faults`.
+pub async fn spawn_sim(faults: sluice_sim::Faults) -> SimHandle {
+    sluice_sim::spawn(
+        SimConfig {
+            default_rpm: 0,
+            faults,
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .expect("simulator")
+}
+
 /// What to boot.
 pub struct AppOptions {
     pub workers: usize,

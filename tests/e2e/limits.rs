@@ -2,26 +2,18 @@
 //! back, a dead primary pool falls back, a provider's retry-after is honoured, and workers
 //! sharing Redis stay under a key's limit together.
 
-use crate::helpers::{spawn_app, AppOptions};
+use crate::helpers::{spawn_app, spawn_sim, AppOptions};
 use sluice_core::{JobState, RequestId, Tier};
 use sluice_sim::{Faults, SimConfig};
 use std::time::{Duration, Instant};
 
 /// A second simulator that answers 503 to everything until healed.
 async fn broken_sim() -> sluice_sim::SimHandle {
-    sluice_sim::spawn(
-        SimConfig {
-            default_rpm: 0,
-            faults: Faults {
-                always_fail: Some(503),
-                ..Faults::default()
-            },
-            ..SimConfig::default()
-        },
-        ([127, 0, 0, 1], 0).into(),
-    )
+    spawn_sim(Faults {
+        always_fail: Some(503),
+        ..Faults::default()
+    })
     .await
-    .unwrap()
 }
 
 fn endpoint_toml(name: &str, url: &str) -> String {
@@ -34,15 +26,7 @@ fn endpoint_toml(name: &str, url: &str) -> String {
 #[tokio::test]
 async fn a_failing_endpoint_opens_its_breaker_and_closes_after_it_heals() {
     let broken = broken_sim().await;
-    let healthy = sluice_sim::spawn(
-        SimConfig {
-            default_rpm: 0,
-            ..SimConfig::default()
-        },
-        ([127, 0, 0, 1], 0).into(),
-    )
-    .await
-    .unwrap();
+    let healthy = spawn_sim(Faults::default()).await;
     let extra = format!(
         "[[pools]]\nname = \"duo\"\n{}{}\n[limits.breaker]\nfailure_threshold = 5\nopen_secs = 1.0\n",
         endpoint_toml("bad", &broken.base_url()),
@@ -314,19 +298,11 @@ async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
 async fn jobs_turned_away_with_429_go_before_fresh_work_once_the_pool_has_room() {
     // Three keys: each turns one job away (then its endpoint waits out the retry-after), so
     // three jobs come back through the retry lane.
-    let provider = sluice_sim::spawn(
-        SimConfig {
-            default_rpm: 0,
-            faults: Faults {
-                rate_limit_retry_after_secs: Some(1),
-                ..Faults::default()
-            },
-            ..SimConfig::default()
-        },
-        ([127, 0, 0, 1], 0).into(),
-    )
-    .await
-    .unwrap();
+    let provider = spawn_sim(Faults {
+        rate_limit_retry_after_secs: Some(1),
+        ..Faults::default()
+    })
+    .await;
     let mut trio = "[[pools]]\nname = \"trio\"\n".to_owned();
     for k in ["a", "b", "c"] {
         trio.push_str(&format!(
