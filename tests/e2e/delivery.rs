@@ -303,6 +303,55 @@ async fn a_saturated_pool_does_not_hold_up_jobs_for_another_pool() {
     app.cleanup().await;
 }
 
+#[tokio::test]
+async fn more_jobs_for_a_saturated_pool_than_the_buffer_holds_do_not_hold_up_another_pool() {
+    let app = spawn_app(AppOptions {
+        // 6 requests a minute, and a buffer of 8 messages per lane: 40 slow jobs are five
+        // buffers' worth, so the fast jobs behind them reach this worker only if the slow ones
+        // go back to wait in the broker.
+        extra_pools: vec![("slow", 6)],
+        concurrency: 8,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut slow = Vec::new();
+    for n in 0..40 {
+        let body = serde_json::json!({
+            "model": "slow",
+            "messages": [{"role": "user", "content": format!("slow {n}")}],
+        });
+        let (status, answer) = app.post_job(&key, &body).await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{answer}");
+        slow.push(
+            answer["request_id"]
+                .as_str()
+                .unwrap()
+                .parse::<RequestId>()
+                .unwrap(),
+        );
+    }
+    let mut fast = Vec::new();
+    for n in 0..20 {
+        fast.push(app.submit(&key, &format!("fast {n}")).await);
+    }
+    app.wait_terminal(&fast, Duration::from_secs(20)).await;
+    for id in &fast {
+        assert_eq!(app.state(*id).await, JobState::Succeeded);
+    }
+    // Parked jobs are neither lost nor run ahead of their pool's rate.
+    let mut done = 0;
+    for id in &slow {
+        match app.state(*id).await {
+            JobState::Succeeded => done += 1,
+            JobState::Queued | JobState::Running => {}
+            other => panic!("slow job {id} is {other:?}"),
+        }
+    }
+    assert!(done <= 4, "the slow pool went over its rate: {done} done");
+    app.cleanup().await;
+}
+
 /// The same job path through an Anthropic or Gemini endpoint, in that provider's wire format.
 async fn jobs_succeed_through(kind: &str) {
     // A simulator of its own, so the app's OpenAI one can show that it was never called.

@@ -243,6 +243,19 @@ impl PrivateRedis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// Keys matching `pattern`, read with redis-cli (installed with redis-server).
+    async fn keys(&self, pattern: &str) -> Vec<String> {
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--scan", "--pattern", pattern])
+            .output()
+            .await
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 #[tokio::test]
@@ -264,7 +277,7 @@ async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
     .await;
     let key = app.key("acme", Tier::Pro).await;
     let mut ids: Vec<RequestId> = Vec::new();
-    for n in 0..240 {
+    for n in 0..360 {
         ids.push(app.submit(&key, &format!("outage {n}")).await);
     }
     app.wait_for("some progress", Duration::from_secs(30), || async {
@@ -277,6 +290,23 @@ async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let during = app.count(JobState::Succeeded).await;
     redis.restart().await;
+    // Back in shared mode the workers write the endpoint's limiter state to Redis again
+    // (the restarted Redis starts empty, so the key can only come from them)...
+    let gcra_key = format!("{}:gcra:sim-1", app.prefix);
+    app.wait_for(
+        "the shared limiter state in Redis",
+        Duration::from_secs(10),
+        || async { redis.keys(&gcra_key).await.contains(&gcra_key) },
+    )
+    .await;
+    // ...and serve at the full shared rate: 19 jobs/s together, measured over 4 s.
+    let before = app.count(JobState::Succeeded).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = app.count(JobState::Succeeded).await;
+    assert!(
+        after - before >= 60,
+        "after Redis returned: {before} -> {after} in 4 s"
+    );
     app.wait_terminal(&ids, Duration::from_secs(60)).await;
     for id in &ids {
         assert_eq!(app.state(*id).await, JobState::Succeeded);
@@ -288,7 +318,7 @@ async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
     let stats = app.sim.stats();
     assert!(
         stats.rate_limited <= 5 && stats.blocks == 0,
-        "no 429 storm while Redis was down: {stats:?}"
+        "no 429 storm while Redis was down or after: {stats:?}"
     );
     app.cleanup().await;
     redis.kill().await;
@@ -359,4 +389,43 @@ async fn jobs_turned_away_with_429_go_before_fresh_work_once_the_pool_has_room()
     );
     app.cleanup().await;
     provider.shutdown();
+}
+
+#[tokio::test]
+async fn rate_limited_calls_do_not_use_up_a_jobs_attempts() {
+    // Two attempts only; the key throttles the job three times before it heals.
+    let app = spawn_app(AppOptions {
+        sim: SimConfig {
+            faults: Faults {
+                rate_limit_retry_after_secs: Some(1),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        retry_base_secs: 0.2,
+        max_attempts: 2,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let id = app.submit(&key, "throttled").await;
+    app.wait_for("three 429s", Duration::from_secs(20), || async {
+        app.sim.stats().rate_limited >= 3
+    })
+    .await;
+    let state = app.state(id).await;
+    assert!(
+        !state.is_terminal(),
+        "still retrying after three 429s: {state:?}"
+    );
+    app.sim.set_faults(Faults::default());
+    app.wait_terminal(&[id], Duration::from_secs(20)).await;
+    assert_eq!(app.state(id).await, JobState::Succeeded);
+    let events = app.store.events(id).await.unwrap();
+    let throttled = events
+        .iter()
+        .filter(|e| e.state == JobState::Retrying)
+        .count();
+    assert!(throttled >= 3, "{events:?}");
+    app.cleanup().await;
 }

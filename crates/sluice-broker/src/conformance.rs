@@ -103,6 +103,7 @@ macro_rules! broker_conformance_suite {
 /// A job with a fresh id.
 pub fn job(tenant: &str) -> JobRef {
     JobRef {
+        waiting_since_ms: None,
         tokens: 0,
         rate_limited: false,
         request_id: RequestId::new(),

@@ -193,6 +193,10 @@ pub struct JobRef {
     /// before fresh work for that pool, which was not turned away.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rate_limited: bool,
+    /// When a worker first held this job waiting for its pool (Unix milliseconds), kept when the
+    /// job is parked back in the broker so the wait before a fallback pool counts from then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since_ms: Option<i64>,
 }
 
 /// Completion tokens assumed when a job sets no `max_tokens`.

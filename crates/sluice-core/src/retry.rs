@@ -16,6 +16,13 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Extra delay as a fraction of the backoff, drawn uniformly from `[0, jitter)`.
     pub jitter: f64,
+    /// 429s a job may meet before it goes to `dead`. They do not count against `max_attempts`:
+    /// a throttled call is the pool's state, not the job's fault, but a key that answers 429
+    /// forever (a spent quota) must not hold jobs for ever either.
+    pub max_rate_limited: u32,
+    /// Wait after a job's first 429 when the provider names none, in seconds; doubles with every
+    /// further 429. Short, because the endpoint's limiter already waits out the provider.
+    pub rate_limited_delay_secs: f64,
 }
 
 impl Default for RetryPolicy {
@@ -25,6 +32,8 @@ impl Default for RetryPolicy {
             max_delay_secs: 600.0,
             max_attempts: 5,
             jitter: 0.25,
+            max_rate_limited: 20,
+            rate_limited_delay_secs: 1.0,
         }
     }
 }
@@ -53,8 +62,14 @@ impl RetryPolicy {
         if self.max_attempts == 0 {
             return Err(InvalidRetryPolicy::NoAttempts);
         }
-        let finite = self.base_delay_secs.is_finite() && self.max_delay_secs.is_finite();
-        if !finite || self.base_delay_secs < 0.0 || self.base_delay_secs > self.max_delay_secs {
+        let finite = self.base_delay_secs.is_finite()
+            && self.max_delay_secs.is_finite()
+            && self.rate_limited_delay_secs.is_finite();
+        if !finite
+            || self.base_delay_secs < 0.0
+            || self.base_delay_secs > self.max_delay_secs
+            || self.rate_limited_delay_secs < 0.0
+        {
             return Err(InvalidRetryPolicy::BadDelays);
         }
         if !(0.0..=1.0).contains(&self.jitter) {
@@ -84,6 +99,26 @@ impl RetryPolicy {
             RetryDecision::RetryAfter(self.backoff(attempts, unit))
         }
     }
+
+    /// Decide after a 429. `throttled` counts the job's 429s so far, this one included; the
+    /// wait starts at `rate_limited_delay_secs`, doubles per 429, and the provider's
+    /// `retry_after` is its floor.
+    pub fn decide_rate_limited(
+        &self,
+        throttled: u32,
+        retry_after: Option<Duration>,
+        unit: f64,
+    ) -> RetryDecision {
+        if throttled > self.max_rate_limited {
+            RetryDecision::Dead
+        } else {
+            let exp = throttled.saturating_sub(1).min(63) as i32;
+            let secs = (self.rate_limited_delay_secs * 2f64.powi(exp)).min(self.max_delay_secs);
+            let backoff = Duration::from_secs_f64(secs.max(0.0))
+                .mul_f64(1.0 + self.jitter * unit.clamp(0.0, 1.0));
+            RetryDecision::RetryAfter(backoff.max(retry_after.unwrap_or_default()))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -110,6 +145,36 @@ mod tests {
             p.decide(4, true, 0.5),
             RetryDecision::RetryAfter(_)
         ));
+    }
+
+    #[test]
+    fn rate_limits_have_their_own_budget_and_honour_retry_after() {
+        let p = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
+        // Far more 429s than max_attempts still retry.
+        assert_eq!(
+            p.decide_rate_limited(12, None, 0.5),
+            RetryDecision::RetryAfter(Duration::from_secs(600))
+        );
+        assert_eq!(
+            p.decide_rate_limited(1, Some(Duration::from_secs(30)), 0.5),
+            RetryDecision::RetryAfter(Duration::from_secs(30))
+        );
+        assert_eq!(
+            p.decide_rate_limited(3, Some(Duration::from_secs(2)), 0.5),
+            RetryDecision::RetryAfter(Duration::from_secs(4))
+        );
+        assert_eq!(
+            p.decide_rate_limited(1, None, 0.5),
+            RetryDecision::RetryAfter(Duration::from_secs(1))
+        );
+        assert!(matches!(
+            p.decide_rate_limited(20, None, 0.5),
+            RetryDecision::RetryAfter(_)
+        ));
+        assert_eq!(p.decide_rate_limited(21, None, 0.5), RetryDecision::Dead);
     }
 
     #[test]

@@ -70,6 +70,25 @@ impl<T> LaneQueue<T> {
     fn iter(&self) -> impl Iterator<Item = &T> {
         self.items.values().flatten()
     }
+
+    fn remove_where(&mut self, matches: &mut impl FnMut(&T) -> bool, out: &mut Vec<T>) {
+        let before = out.len();
+        for queue in self.items.values_mut() {
+            let mut kept = VecDeque::with_capacity(queue.len());
+            for item in queue.drain(..) {
+                if matches(&item) {
+                    out.push(item);
+                } else {
+                    kept.push_back(item);
+                }
+            }
+            *queue = kept;
+        }
+        self.items.retain(|_, queue| !queue.is_empty());
+        let items = &self.items;
+        self.turns.retain(|tenant| items.contains_key(tenant));
+        self.len -= out.len() - before;
+    }
 }
 
 fn slot(lane: Lane) -> Option<usize> {
@@ -153,6 +172,17 @@ impl<T> FairQueue<T> {
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.lanes.iter().flat_map(LaneQueue::iter)
     }
+
+    /// Take out every item that `matches`, leaving lane credit and tenant turns as they were:
+    /// taking items out is not a scheduling decision.
+    pub fn remove_where(&mut self, mut matches: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut out = Vec::new();
+        for lane in &mut self.lanes {
+            lane.remove_where(&mut matches, &mut out);
+        }
+        self.len -= out.len();
+        out
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +199,23 @@ mod tests {
             }
         }
         q
+    }
+
+    #[test]
+    fn removed_items_are_gone_and_the_rest_keep_their_order() {
+        let mut q = FairQueue::new(LaneWeights::default());
+        for n in 0..10 {
+            q.push(Lane::Standard, if n % 2 == 0 { "a" } else { "b" }, n)
+                .unwrap();
+        }
+        q.push(Lane::Batch, "c", 100).unwrap();
+        let mut removed = q.remove_where(|&n| n % 2 == 1 || n == 100);
+        removed.sort_unstable();
+        assert_eq!(removed, [1, 3, 5, 7, 9, 100]);
+        assert_eq!((q.len(), q.lane_len(Lane::Batch)), (5, 0));
+        let rest: Vec<usize> = std::iter::from_fn(|| q.pop().map(|(_, _, n)| n)).collect();
+        assert_eq!(rest, [0, 2, 4, 6, 8]);
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -101,6 +101,14 @@ pub struct EndpointConfig {
     pub burst: Option<u32>,
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Preference among the pool's endpoints that can all serve now: each is chosen in
+    /// proportion to its current rate times this weight (default 1). Limits still cap it.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn default_weight() -> f64 {
+    1.0
 }
 
 impl EndpointConfig {
@@ -124,6 +132,7 @@ impl EndpointConfig {
             tpm: None,
             burst: None,
             timeout_secs: default_timeout(),
+            weight: default_weight(),
         }
     }
 
@@ -153,6 +162,8 @@ pub enum ConfigError {
     BadBaseUrl { endpoint: String, reason: String },
     #[error("endpoint {endpoint}: rpm must be at least 1")]
     ZeroRpm { endpoint: String },
+    #[error("endpoint {endpoint}: weight must be a finite number above 0")]
+    BadWeight { endpoint: String },
     #[error("endpoint {endpoint}: timeout_secs must be at least 1")]
     ZeroTimeout { endpoint: String },
     #[error("pool {pool} has no endpoints")]

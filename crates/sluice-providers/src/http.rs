@@ -184,7 +184,14 @@ pub(crate) fn rate_headers(headers: &HeaderMap) -> Option<RateHeaders> {
                     .ok()
             })
         });
-    (remaining.is_some() || reset.is_some()).then_some(RateHeaders { remaining, reset })
+    let remaining_tokens = text("x-ratelimit-remaining-tokens")
+        .or_else(|| text("anthropic-ratelimit-tokens-remaining"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    (remaining.is_some() || reset.is_some() || remaining_tokens.is_some()).then_some(RateHeaders {
+        remaining,
+        reset,
+        remaining_tokens,
+    })
 }
 
 /// OpenAI's reset durations: number-unit pairs such as `1s`, `6m0s`, `1.5s`, `120ms`, `2h3m`.
@@ -486,8 +493,17 @@ mod tests {
             rate_headers(&h),
             Some(RateHeaders {
                 remaining: Some(0),
-                reset: Some(Duration::from_millis(750))
+                reset: Some(Duration::from_millis(750)),
+                remaining_tokens: None,
             })
+        );
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("1234"),
+        );
+        assert_eq!(
+            rate_headers(&h).and_then(|r| r.remaining_tokens),
+            Some(1234)
         );
         let mut a = HeaderMap::new();
         a.insert(

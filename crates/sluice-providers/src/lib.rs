@@ -19,7 +19,7 @@ pub use error::ProviderError;
 pub use gemini::Gemini;
 pub use openai::OpenAiCompatible;
 pub use pool::{Permit, Pool, PoolOptions, RouteTarget, Router};
-pub use shared::{SharedError, SharedLimiter, SharedLimits};
+pub use shared::{SharedBudget, SharedError, SharedLimiter, SharedLimits};
 
 /// One call's input: the job's request and its id, which is sent upstream as `x-sluice-request-id`.
 #[derive(Debug, Clone, Copy)]
@@ -75,13 +75,15 @@ impl ChatResponse {
     }
 }
 
-/// What a provider's rate-limit headers say about an endpoint's request budget.
+/// What a provider's rate-limit headers say about an endpoint's request and token budgets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RateHeaders {
     /// Requests left in the provider's current window.
     pub remaining: Option<u64>,
     /// When the provider's window resets, from now.
     pub reset: Option<Duration>,
+    /// Tokens left in the provider's current window.
+    pub remaining_tokens: Option<u64>,
 }
 
 /// Something that can answer a chat request: one endpoint of one provider.

@@ -6,7 +6,7 @@
 
 use crate::config::{ConfigError, EndpointConfig, PoolConfig, ProviderKind};
 use crate::openai::OpenAiCompatible;
-use crate::shared::{SharedLimiter, SharedLimits};
+use crate::shared::{SharedBudget, SharedLimiter, SharedLimits};
 use crate::{Anthropic, ChatRequest, ChatResponse, Gemini, Provider, ProviderError};
 use serde::Deserialize;
 use sluice_core::gcra::Gcra;
@@ -20,6 +20,8 @@ struct Endpoint {
     name: String,
     provider: Arc<dyn Provider>,
     shared: Option<SharedLimiter>,
+    /// The token budget shared with every worker, when the endpoint has a `tpm` and Redis is on.
+    budget: Option<SharedBudget>,
 }
 
 /// How every pool's endpoints adapt and protect themselves.
@@ -57,10 +59,12 @@ impl Health {
     }
 }
 
-/// Limiters, breakers and the round-robin cursor, under one lock so choosing and taking is atomic.
+/// Limiters, breakers and the choice credit, under one lock so choosing and taking is atomic.
 struct PoolState {
     health: Vec<Health>,
-    next: usize,
+    /// Smooth weighted round-robin credit per endpoint (as nginx balances upstreams): among the
+    /// endpoints that can serve now, each is chosen in proportion to its rpm times its weight.
+    credit: Vec<f64>,
 }
 
 /// What a permit needs to report its outcome.
@@ -93,6 +97,9 @@ pub struct Pool {
     name: String,
     endpoints: Vec<Arc<Endpoint>>,
     state: Arc<Mutex<PoolState>>,
+    /// Each endpoint's share when several can serve: configured rpm times weight. Static, so
+    /// equal endpoints alternate exactly; the limiters see to current rates.
+    shares: Vec<f64>,
     /// Time origin for the limiters and breakers.
     origin: Instant,
 }
@@ -143,6 +150,7 @@ impl Pool {
         }
         let mut seen = BTreeSet::new();
         let mut health = Vec::with_capacity(endpoints.len());
+        let mut weights = Vec::with_capacity(endpoints.len());
         let mut eps = Vec::with_capacity(endpoints.len());
         for (config, provider) in endpoints {
             if !seen.insert(config.name.clone()) {
@@ -153,6 +161,12 @@ impl Pool {
                     endpoint: config.name,
                 });
             }
+            if !(config.weight.is_finite() && config.weight > 0.0) {
+                return Err(ConfigError::BadWeight {
+                    endpoint: config.name,
+                });
+            }
+            weights.push(f64::from(config.rpm) * config.weight);
             let burst = config.effective_burst();
             health.push(Health {
                 rate: AdaptiveRate::new(config.rpm, burst, options.adaptive),
@@ -165,16 +179,26 @@ impl Pool {
                 .shared
                 .as_ref()
                 .map(|limits| limits.limiter(&config.name, config.rpm, burst));
+            let budget = options
+                .shared
+                .as_ref()
+                .zip(config.tpm)
+                .map(|(limits, tpm)| limits.token_budget(&config.name, tpm, (tpm / 60).max(1) - 1));
             eps.push(Arc::new(Endpoint {
                 name: config.name,
                 provider,
                 shared,
+                budget,
             }));
         }
         Ok(Pool {
             name: name.into(),
             endpoints: eps,
-            state: Arc::new(Mutex::new(PoolState { health, next: 0 })),
+            state: Arc::new(Mutex::new(PoolState {
+                credit: vec![0.0; health.len()],
+                health,
+            })),
+            shares: weights,
             origin: Instant::now(),
         })
     }
@@ -202,8 +226,9 @@ impl Pool {
     }
 
     /// A permit now, or `None` if no endpoint can serve now. Endpoints whose breaker is open are
-    /// skipped; among the others the first from the round-robin cursor that its limiter allows
-    /// wins, so under load each endpoint serves in proportion to its own rate.
+    /// skipped; among those whose limiter allows a call now, each is chosen in proportion to
+    /// its rpm times its weight, so a large key takes a large share even when the pool is not
+    /// saturated (and under load each serves at its own rate anyway).
     pub async fn try_acquire(&self) -> Option<Permit> {
         self.try_acquire_for(0).await
     }
@@ -213,17 +238,30 @@ impl Pool {
     pub async fn try_acquire_for(&self, tokens: u32) -> Option<Permit> {
         let index = self.take_local(tokens)?;
         let endpoint = &self.endpoints[index];
+        let give_back = || {
+            // Other workers used this endpoint's share: give back the local cell, the probe
+            // slot if any, and the local token charge.
+            let now = self.origin.elapsed();
+            let mut state = lock(&self.state);
+            let health = &mut state.health[index];
+            health.rate.on_other_failure(now);
+            health.breaker.on_cancelled(now);
+            if let Some(budget) = health.tokens.as_mut() {
+                budget.refund(now, tokens);
+            }
+        };
+        if let Some(budget) = &endpoint.budget {
+            if budget.try_take(tokens).await.is_err() {
+                give_back();
+                return None;
+            }
+        }
         if let Some(shared) = &endpoint.shared {
             if shared.try_acquire().await.is_err() {
-                // Other workers used this endpoint's share: give back the probe slot, if any.
-                let now = self.origin.elapsed();
-                let mut state = lock(&self.state);
-                let health = &mut state.health[index];
-                health.rate.on_other_failure(now);
-                health.breaker.on_cancelled(now);
-                if let Some(budget) = health.tokens.as_mut() {
-                    budget.refund(now, tokens);
+                if let Some(budget) = &endpoint.budget {
+                    budget.adjust(-i64::from(tokens)).await;
                 }
+                give_back();
                 return None;
             }
         }
@@ -231,23 +269,30 @@ impl Pool {
     }
 
     fn take_local(&self, tokens: u32) -> Option<usize> {
-        let mut state = lock(&self.state);
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
         let now = self.origin.elapsed();
-        let n = self.endpoints.len();
-        let start = state.next;
-        for k in 0..n {
-            let i = (start + k) % n;
+        // Endpoints that could serve this call now, with their share: rpm x weight.
+        let mut ready: Vec<(usize, f64)> = state
+            .health
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| {
+                h.breaker.state(now) != BreakerState::Open && h.wait(now, tokens).is_zero()
+            })
+            .map(|(i, _)| (i, self.shares[i]))
+            .collect();
+        if ready.is_empty() {
+            return None;
+        }
+        let total: f64 = ready.iter().map(|(_, share)| share).sum();
+        for &(i, share) in &ready {
+            state.credit[i] += share;
+        }
+        // The most credit goes first; the others are tried in turn if it cannot take the call.
+        ready.sort_by(|a, b| state.credit[b.0].total_cmp(&state.credit[a.0]));
+        for (i, _) in ready {
             let health = &mut state.health[i];
-            if health.breaker.state(now) == BreakerState::Open {
-                continue;
-            }
-            if health
-                .tokens
-                .as_ref()
-                .is_some_and(|t| !t.wait_time(now, tokens).is_zero())
-            {
-                continue;
-            }
             if health.rate.try_acquire(now).is_err() {
                 continue;
             }
@@ -260,10 +305,23 @@ impl Pool {
                 // Conforms (checked above), so this records the charge without waiting.
                 let _ = budget.reserve(now, tokens);
             }
-            state.next = (i + 1) % n;
+            state.credit[i] -= total;
             return Some(i);
         }
         None
+    }
+
+    /// Calls per second the pool's endpoints allow together at their current rates, leaving
+    /// out endpoints whose breaker is open: how fast a backlog for this pool drains.
+    pub fn capacity_per_sec(&self) -> f64 {
+        let state = lock(&self.state);
+        let now = self.origin.elapsed();
+        state
+            .health
+            .iter()
+            .filter(|h| h.breaker.state(now) != BreakerState::Open)
+            .map(|h| h.rate.effective_rpm(now) / 60.0)
+            .sum()
     }
 
     /// How long until some endpoint could grant a permit (zero if one can now), without taking
@@ -343,7 +401,7 @@ impl Permit {
     /// Spend the permit on one call.
     pub async fn call(mut self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let outcome = self.endpoint.provider.chat(req).await;
-        self.report(&outcome);
+        self.settle(&outcome).await;
         outcome
     }
 
@@ -355,17 +413,24 @@ impl Permit {
         deltas: tokio::sync::mpsc::Sender<String>,
     ) -> Result<ChatResponse, ProviderError> {
         let outcome = self.endpoint.provider.chat_stream(req, deltas).await;
-        self.report(&outcome);
+        self.settle(&outcome).await;
         outcome
+    }
+
+    /// Report the outcome, then correct the shared token budget by what the call really used.
+    async fn settle(&mut self, outcome: &Result<ChatResponse, ProviderError>) {
+        let correction = self.report(outcome);
+        if let (Some(budget), Some(delta)) = (&self.endpoint.budget, correction) {
+            budget.adjust(delta).await;
+        }
     }
 
     /// Feed the outcome to the endpoint's limiter and breaker. Only failures that speak to the
     /// endpoint's health (5xx, timeouts, broken connections) count against its breaker; a 429
     /// is the limiter's business and a 4xx is the request's fault.
-    fn report(&mut self, outcome: &Result<ChatResponse, ProviderError>) {
-        let Some(feedback) = self.feedback.take() else {
-            return;
-        };
+    /// Returns the token correction (real use minus the charge), when there is one to make.
+    fn report(&mut self, outcome: &Result<ChatResponse, ProviderError>) -> Option<i64> {
+        let feedback = self.feedback.take()?;
         let now = feedback.now();
         let mut state = feedback.lock();
         let health = &mut state.health[feedback.index];
@@ -383,12 +448,19 @@ impl Permit {
                 budget.refund(now, feedback.charged - used);
             }
         }
+        let correction = used.map(|used| i64::from(used) - i64::from(feedback.charged));
         match outcome {
             Ok(response) => {
                 health.rate.on_success(now);
                 health.breaker.on_success(now);
                 if let Some(rate) = response.rate {
                     health.rate.observe_headers(now, rate.remaining, rate.reset);
+                    if let (Some(budget), Some(left)) =
+                        (health.tokens.as_mut(), rate.remaining_tokens)
+                    {
+                        // The provider counts tokens its own way: never plan on more than it says.
+                        budget.cap_available(now, u32::try_from(left).unwrap_or(u32::MAX));
+                    }
                 }
             }
             Err(ProviderError::RateLimited { retry_after, .. }) => {
@@ -404,6 +476,7 @@ impl Permit {
                 health.breaker.on_failure(now);
             }
         }
+        correction
     }
 }
 
@@ -417,6 +490,13 @@ impl Drop for Permit {
             health.breaker.on_cancelled(now);
             if let Some(budget) = health.tokens.as_mut() {
                 budget.refund(now, feedback.charged);
+            }
+            if let (Some(budget), Ok(runtime)) = (
+                self.endpoint.budget.clone(),
+                tokio::runtime::Handle::try_current(),
+            ) {
+                let charged = i64::from(feedback.charged);
+                runtime.spawn(async move { budget.adjust(-charged).await });
             }
         }
     }
@@ -606,6 +686,60 @@ mod tests {
         }
         assert_eq!(&names[..2], ["e0", "e1"]);
         assert!(p.wait_time() > Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn endpoints_are_chosen_in_proportion_to_rate_times_weight() {
+        let count = |permits: &[Permit], name: &str| {
+            permits.iter().filter(|p| p.endpoint() == name).count()
+        };
+        // No ramp after idle, so neither endpoint runs dry within 22 calls (bursts of 9 and 99)
+        // and only the choice decides the split: 1 : 10 by rate, where plain round-robin would
+        // give 11 : 11.
+        let options = PoolOptions {
+            adaptive: AdaptiveConfig {
+                ramp_secs: 0.0,
+                ..AdaptiveConfig::default()
+            },
+            ..PoolOptions::default()
+        };
+        let endpoint = |name: &str, rpm: u32, weight: f64| {
+            let mut config = EndpointConfig::new(name, "http://x/v1", "m", rpm);
+            config.weight = weight;
+            let provider: Arc<dyn Provider> = Arc::new(Fixed(Ok(())));
+            (config, provider)
+        };
+        let by_rate = Pool::build(
+            "r",
+            vec![endpoint("e0", 600, 1.0), endpoint("e1", 6_000, 1.0)],
+            &options,
+        )
+        .unwrap();
+        let mut held = Vec::new();
+        for _ in 0..22 {
+            held.push(by_rate.try_acquire().await.unwrap());
+        }
+        assert_eq!((count(&held, "e0"), count(&held, "e1")), (2, 20));
+
+        let by_weight = Pool::build(
+            "w",
+            vec![endpoint("slow", 6_000, 1.0), endpoint("fast", 6_000, 3.0)],
+            &options,
+        )
+        .unwrap();
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            held.push(by_weight.try_acquire().await.unwrap());
+        }
+        assert_eq!((count(&held, "slow"), count(&held, "fast")), (10, 30));
+        assert!((by_weight.capacity_per_sec() - 200.0).abs() < 1e-6);
+
+        assert_eq!(
+            Pool::build("b", vec![endpoint("bad", 60, 0.0)], &options).err(),
+            Some(ConfigError::BadWeight {
+                endpoint: "bad".into()
+            })
+        );
     }
 
     #[tokio::test]

@@ -60,6 +60,38 @@ if wait < 0 then wait = 0 end
 return {granted, wait}
 ";
 
+/// A token budget on Redis server time: all-or-nothing takes, and corrections after the call.
+const TOKENS_LUA: &str = r"
+-- KEYS[1]: the endpoint's token TAT in microseconds of Redis server time.
+-- ARGV: time per token T (us, fractional), burst tolerance tau (us), tokens, mode:
+--   'take' records the tokens only if they conform now; 'charge' records them regardless (the
+--   real usage was above the estimate); 'refund' gives them back (it was below).
+-- Returns {1, 0} when recorded, or {0, wait_us} when a take does not conform yet.
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3]) * t
+local mode = ARGV[4]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+if mode == 'take' then
+  -- A call larger than the whole burst conforms once the budget is idle, as locally.
+  local tolerance = math.max(tau + t, cost)
+  local wait = tat + cost - tolerance - now
+  if wait > 0 then return {0, math.ceil(wait)} end
+  tat = tat + cost
+elseif mode == 'charge' then
+  tat = tat + cost
+else
+  tat = math.max(tat - cost, now)
+end
+local ttl_ms = math.ceil((tat - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', string.format('%.0f', ttl_ms))
+return {1, 0}
+";
+
 /// Heartbeat registry: refresh this worker (unless ARGV[1] is empty), drop stale ones, count.
 const HEARTBEAT_LUA: &str = r"
 -- KEYS[1]: sorted set of worker ids scored by last heartbeat, ms of Redis server time.
@@ -141,6 +173,7 @@ struct Inner {
     live: AtomicU64,
     expected: AtomicU64,
     gcra: redis::Script,
+    tokens: redis::Script,
     heartbeat: redis::Script,
     heartbeat_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -178,6 +211,7 @@ impl SharedLimits {
             live: AtomicU64::new(0),
             expected: AtomicU64::new(DEFAULT_EXPECTED_WORKERS),
             gcra: redis::Script::new(GCRA_LUA),
+            tokens: redis::Script::new(TOKENS_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
             heartbeat_task: Mutex::new(None),
         });
@@ -211,6 +245,27 @@ impl SharedLimits {
                 demand: AtomicU32::new(0),
                 leased: Mutex::new(VecDeque::new()),
                 gate: tokio::sync::Mutex::new(None),
+                local: Mutex::new(LocalShare {
+                    divisor: 0,
+                    gcra: Gcra::per_minute(0, 0),
+                }),
+                origin: Instant::now(),
+            }),
+        }
+    }
+
+    /// A token budget for `endpoint` at `per_minute` tokens with `burst` extra, shared with every
+    /// worker that uses the same prefix and endpoint name.
+    pub fn token_budget(&self, endpoint: &str, per_minute: u32, burst: u32) -> SharedBudget {
+        let interval_us = 60_000_000.0 / f64::from(per_minute.max(1));
+        SharedBudget {
+            inner: Arc::new(BudgetInner {
+                limits: Arc::clone(&self.inner),
+                key: format!("{}:tokens:{endpoint}", self.inner.prefix),
+                per_minute,
+                burst,
+                interval_us,
+                tau_us: interval_us * f64::from(burst),
                 local: Mutex::new(LocalShare {
                     divisor: 0,
                     gcra: Gcra::per_minute(0, 0),
@@ -532,6 +587,113 @@ impl LimiterInner {
             .gcra
             .try_acquire(self.origin.elapsed(), 1)
             .map_err(|wait| wait.max(MIN_WAIT))
+    }
+}
+
+/// One endpoint's token budget (`tpm`), shared through Redis like [`SharedLimiter`]: a call
+/// takes its estimate up front, all or nothing, and the real usage corrects it afterwards.
+/// While Redis is unreachable, a local share (`tpm / workers`) decides instead.
+#[derive(Clone)]
+pub struct SharedBudget {
+    inner: Arc<BudgetInner>,
+}
+
+struct BudgetInner {
+    limits: Arc<Inner>,
+    key: String,
+    per_minute: u32,
+    burst: u32,
+    interval_us: f64,
+    tau_us: f64,
+    local: Mutex<LocalShare>,
+    origin: Instant,
+}
+
+impl SharedBudget {
+    /// Take `tokens` now if they fit: `Ok(())`, or `Err(wait)` until they would.
+    pub async fn try_take(&self, tokens: u32) -> Result<(), Duration> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        match self.inner.shared(tokens, "take").await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(wait)) => Err(wait.max(MIN_WAIT)),
+            None => self
+                .inner
+                .with_local(|gcra, now| gcra.try_acquire(now, tokens).map_err(|w| w.max(MIN_WAIT))),
+        }
+    }
+
+    /// Correct an earlier take by `delta` tokens: positive charges more, negative refunds.
+    pub async fn adjust(&self, delta: i64) {
+        let tokens = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
+        if tokens == 0 {
+            return;
+        }
+        let mode = if delta > 0 { "charge" } else { "refund" };
+        if self.inner.shared(tokens, mode).await.is_none() {
+            self.inner.with_local(|gcra, now| {
+                if delta > 0 {
+                    gcra.reserve(now, tokens);
+                } else {
+                    gcra.refund(now, tokens);
+                }
+            });
+        }
+    }
+}
+
+impl fmt::Debug for SharedBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedBudget")
+            .field("key", &self.inner.key)
+            .field("per_minute", &self.inner.per_minute)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BudgetInner {
+    /// One decision on Redis; `None` when Redis is (or just turned) unreachable.
+    async fn shared(&self, tokens: u32, mode: &str) -> Option<Result<(), Duration>> {
+        if self.limits.degraded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let limits = &self.limits;
+        let answer: Result<(i64, i64), SharedError> = limits
+            .call(|mut conn| async move {
+                limits
+                    .tokens
+                    .key(&self.key)
+                    .arg(self.interval_us)
+                    .arg(self.tau_us)
+                    .arg(tokens)
+                    .arg(mode)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await;
+        match answer {
+            Ok((1, _)) => Some(Ok(())),
+            Ok((_, wait_us)) => Some(Err(Duration::from_micros(
+                u64::try_from(wait_us).unwrap_or(0),
+            ))),
+            Err(e) => {
+                self.limits.mark_degraded(&e);
+                None
+            }
+        }
+    }
+
+    /// Run `f` on this worker's local share of the budget.
+    fn with_local<T>(&self, f: impl FnOnce(&mut Gcra, Duration) -> T) -> T {
+        let divisor = self.limits.fallback_workers();
+        let mut local = lock(&self.local);
+        if local.divisor != divisor {
+            let share = |v: u32| u32::try_from(u64::from(v) / divisor).unwrap_or(u32::MAX);
+            local.gcra = Gcra::per_minute(share(self.per_minute).max(1), share(self.burst));
+            local.divisor = divisor;
+        }
+        f(&mut local.gcra, self.origin.elapsed())
     }
 }
 

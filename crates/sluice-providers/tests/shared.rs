@@ -380,3 +380,48 @@ async fn registry_counts_live_workers_and_drops_stale_ones() {
     drop((a, b));
     cleanup(&url, &prefix).await;
 }
+
+#[tokio::test]
+async fn workers_share_one_token_budget_and_corrections_move_it() {
+    let url = redis_url();
+    let prefix = unique_prefix("tokens");
+    let a = SharedLimits::connect(&url, &prefix, "wa").await.unwrap();
+    let b = SharedLimits::connect(&url, &prefix, "wb").await.unwrap();
+    // 6,000 tokens a minute = 100 a second, with 99 extra: 100 tokens at once, then 1 per 10 ms.
+    let budget_a = a.token_budget("ep-t", 6_000, 99);
+    let budget_b = b.token_budget("ep-t", 6_000, 99);
+    budget_a.try_take(100).await.unwrap();
+    let wait = budget_b.try_take(50).await.unwrap_err();
+    assert!(
+        wait >= Duration::from_millis(400),
+        "worker b sees worker a's take: {wait:?}"
+    );
+    // The call used only 40 of the 100: the refund is b's to use at once.
+    budget_a.adjust(-60).await;
+    budget_b.try_take(50).await.unwrap();
+    // A call that used more than its estimate pushes everyone back.
+    budget_b.adjust(200).await;
+    let wait = budget_a.try_take(1).await.unwrap_err();
+    assert!(wait >= Duration::from_secs(1), "{wait:?}");
+
+    // Over time, two workers taking 10 tokens at a time together stay within the budget.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let mut taken = 0u64;
+    while started.elapsed() < Duration::from_secs(2) {
+        for budget in [&budget_a, &budget_b] {
+            if budget.try_take(10).await.is_ok() {
+                taken += 10;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let most = (100.0 * elapsed) as u64 + 100 + 10;
+    assert!(
+        (150..=most).contains(&taken),
+        "{taken} tokens in {elapsed:.2} s (at most {most})"
+    );
+    assert!(!a.is_degraded() && !b.is_degraded());
+    cleanup(&url, &prefix).await;
+}

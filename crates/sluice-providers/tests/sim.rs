@@ -203,7 +203,7 @@ fn router_for(pools: Vec<PoolConfig>, alias: &str, pool: &str) -> Result<Router,
 }
 
 #[tokio::test]
-async fn pool_round_robins_across_endpoints() {
+async fn pool_spreads_calls_across_endpoints() {
     let sim = sim_with_keys(vec![key("a", None), key("b", None)]).await;
     let pool = PoolConfig {
         name: "large".into(),
@@ -230,7 +230,9 @@ async fn pool_round_robins_across_endpoints() {
             .await
             .unwrap();
     }
-    assert_eq!(used, ["a", "b", "a", "b", "a", "b"]);
+    // Equal endpoints alternate whenever both can serve (which the ramp after idle may briefly
+    // deny one of), so each serves half.
+    assert_eq!(&used[..2], ["a", "b"]);
     let stats = sim.stats();
     assert_eq!(stats.by_key.get("a"), Some(&3));
     assert_eq!(stats.by_key.get("b"), Some(&3));

@@ -23,6 +23,7 @@ pub struct NewJob {
 impl NewJob {
     fn job_ref(&self) -> JobRef {
         JobRef {
+            waiting_since_ms: None,
             request_id: self.id,
             tenant: self.principal.tenant.clone(),
             model: self.request.model.clone(),

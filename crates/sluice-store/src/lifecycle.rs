@@ -19,6 +19,8 @@ pub struct Claim {
     pub attempt: i32,
     /// Attempts in the current retry budget, this one included.
     pub tries: i32,
+    /// 429s the job met before this attempt (they do not count as tries).
+    pub throttled: i32,
     pub lane: Lane,
     pub request: JobRequest,
 }
@@ -47,6 +49,9 @@ pub struct Completion {
 pub struct Failure {
     pub error: String,
     pub endpoint: Option<String>,
+    /// The provider answered 429: the attempt is given back to the retry budget and counted
+    /// as a throttle instead, and the retry message goes before fresh work for the pool.
+    pub throttled: bool,
 }
 
 impl Store {
@@ -78,12 +83,13 @@ impl Store {
                  FROM input
                  WHERE jobs.id = input.id AND jobs.attempt = input.attempt
                    AND jobs.state IN ('queued', 'retrying')
-                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.tries, jobs.lane, jobs.request
+                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.tries, jobs.throttled,
+                           jobs.lane, jobs.request
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, 'running', jsonb_build_object('attempt', attempt) FROM j
              )
-             SELECT id, attempt, tries, lane, request FROM j",
+             SELECT id, attempt, tries, throttled, lane, request FROM j",
         )
         .bind(&ids)
         .bind(&attempts)
@@ -102,6 +108,7 @@ impl Store {
                     id: RequestId(id),
                     attempt,
                     tries: r.try_get("tries")?,
+                    throttled: r.try_get("throttled")?,
                     lane: parse_lane(&lane)?,
                     request: serde_json::from_value(request).map_err(corrupt)?,
                 },
@@ -232,13 +239,16 @@ impl Store {
             "WITH j AS (
                  UPDATE jobs SET state = $3, error = $4, endpoint = COALESCE($5, endpoint),
                                  lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
-                                 finished_at = CASE WHEN $3 = 'dead' THEN now() END
+                                 finished_at = CASE WHEN $3 = 'dead' THEN now() END,
+                                 tries = tries - CASE WHEN $8 THEN 1 ELSE 0 END,
+                                 throttled = throttled + CASE WHEN $8 THEN 1 ELSE 0 END
                  WHERE id = $1 AND attempt = $2 AND state = 'running'
-                 RETURNING id, event_seq, attempt, tenant, model
+                 RETURNING id, event_seq, attempt, tenant, model, request
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, $3,
-                        jsonb_build_object('error', $4::text, 'delay_ms', $7::bigint) FROM j
+                        jsonb_build_object('error', $4::text, 'delay_ms', $7::bigint,
+                                           'throttled', $8::boolean) FROM j
              ), o AS (
                  INSERT INTO outbox (job_id, lane, attempt, deliver_at, reason)
                  SELECT id, $6, attempt, now() + $7 * interval '1 millisecond',
@@ -246,7 +256,7 @@ impl Store {
                  FROM j
                  RETURNING id, job_id, deliver_at
              )
-             SELECT o.id AS outbox_id, o.deliver_at, j.attempt, j.tenant, j.model
+             SELECT o.id AS outbox_id, o.deliver_at, j.attempt, j.tenant, j.model, j.request
              FROM o JOIN j ON j.id = o.job_id",
         )
         .bind(id.0)
@@ -256,6 +266,7 @@ impl Store {
         .bind(&failure.endpoint)
         .bind(lane.as_str())
         .bind(crate::millis(delay))
+        .bind(failure.throttled)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
@@ -263,8 +274,9 @@ impl Store {
                 outbox_id: r.try_get("outbox_id")?,
                 lane,
                 job: JobRef {
-                    tokens: 0,
-                    rate_limited: false,
+                    waiting_since_ms: None,
+                    tokens: crate::outbox::estimated_tokens(&r)?,
+                    rate_limited: failure.throttled,
                     request_id: id,
                     tenant: r.try_get("tenant")?,
                     model: r.try_get("model")?,
@@ -296,7 +308,7 @@ impl Store {
                                  finished_at = CASE WHEN jobs.tries >= $1 THEN now() END
                  FROM x WHERE jobs.id = x.id
                  RETURNING jobs.id, jobs.event_seq, jobs.state, jobs.attempt, jobs.tenant,
-                           jobs.model, jobs.error
+                           jobs.model, jobs.error, jobs.request
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, state, jsonb_build_object('error', error) FROM j
@@ -307,7 +319,8 @@ impl Store {
                  FROM j
                  RETURNING id, job_id, lane, deliver_at, reason
              )
-             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant, j.model
+             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant,
+                    j.model, j.request
              FROM o JOIN j ON j.id = o.job_id",
         )
         .bind(i32::try_from(max_tries).unwrap_or(i32::MAX))
@@ -324,7 +337,7 @@ impl Store {
                  UPDATE jobs SET state = 'queued', tries = 0, lease_until = NULL, finished_at = NULL,
                                  updated_at = now(), event_seq = event_seq + 1
                  WHERE id = $1 AND state = 'dead'
-                 RETURNING id, event_seq, attempt, lane, tenant, model
+                 RETURNING id, event_seq, attempt, lane, tenant, model, request
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, 'queued', '{\"replayed\": true}'::jsonb FROM j
@@ -332,7 +345,8 @@ impl Store {
                  INSERT INTO outbox (job_id, lane, attempt) SELECT id, lane, attempt FROM j
                  RETURNING id, job_id, lane, deliver_at, reason
              )
-             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant, j.model
+             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant,
+                    j.model, j.request
              FROM o JOIN j ON j.id = o.job_id",
         )
         .bind(id.0)

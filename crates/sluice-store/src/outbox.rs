@@ -1,10 +1,10 @@
 //! The outbox: lane messages stored with the state change that needs them. The writer deletes
 //! a row once the broker confirmed its message; the relay republishes rows left behind.
 
-use crate::jobs::parse_lane;
+use crate::jobs::{corrupt, parse_lane};
 use crate::{millis, Store, StoreError};
 use chrono::{DateTime, Utc};
-use sluice_core::{JobRef, Lane, RequestId};
+use sluice_core::{JobRef, JobRequest, Lane, RequestId};
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 use std::time::Duration;
@@ -30,13 +30,22 @@ impl OutboxMessage {
     }
 }
 
+/// The token estimate of the job whose `request` the row carries, so a message republished
+/// from the database is charged against token limits like the one first published.
+pub(crate) fn estimated_tokens(r: &PgRow) -> Result<u32, StoreError> {
+    let request: serde_json::Value = r.try_get("request")?;
+    let request: JobRequest = serde_json::from_value(request).map_err(corrupt)?;
+    Ok(request.estimated_tokens())
+}
+
 pub(crate) fn message_from_row(r: &PgRow) -> Result<OutboxMessage, StoreError> {
     let lane: String = r.try_get("lane")?;
     Ok(OutboxMessage {
         outbox_id: r.try_get("outbox_id")?,
         lane: parse_lane(&lane)?,
         job: JobRef {
-            tokens: 0,
+            waiting_since_ms: None,
+            tokens: estimated_tokens(r)?,
             rate_limited: false,
             request_id: RequestId(r.try_get("id")?),
             tenant: r.try_get("tenant")?,
@@ -80,7 +89,7 @@ impl Store {
              FROM x, jobs j
              WHERE o.id = x.id AND j.id = o.job_id
              RETURNING o.id AS outbox_id, o.lane, o.deliver_at, o.reason, o.attempt,
-                       j.id, j.tenant, j.model",
+                       j.id, j.tenant, j.model, j.request",
         )
         .bind(millis(grace))
         .bind(millis(lock))

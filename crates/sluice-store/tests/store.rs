@@ -207,6 +207,7 @@ async fn retry_then_dead_then_replay() {
     let failure = Failure {
         error: "provider returned 500".into(),
         endpoint: Some("e1".into()),
+        throttled: false,
     };
     let retry = db
         .store
@@ -246,6 +247,34 @@ async fn retry_then_dead_then_replay() {
         (3, 1),
         "replay resets the retry budget, not the fence"
     );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate() {
+    let db = TestDb::new().await;
+    let job = new_job("acme", "hi");
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    let throttle = Failure {
+        error: "rate limited".into(),
+        endpoint: Some("e1".into()),
+        throttled: true,
+    };
+    let mut message = msg;
+    for n in 1..=3 {
+        let claim = db.store.claim(&message.job, LEASE).await.unwrap().unwrap();
+        assert_eq!((claim.tries, claim.throttled), (1, n - 1));
+        message = db
+            .store
+            .retry_later(job.id, claim.attempt, &throttle, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(message.job.rate_limited, "the retry goes before fresh work");
+        assert_eq!(message.job.tokens, job.request.estimated_tokens());
+    }
+    let claim = db.store.claim(&message.job, LEASE).await.unwrap().unwrap();
+    assert_eq!((claim.attempt, claim.tries, claim.throttled), (4, 1, 3));
     db.drop().await;
 }
 
@@ -370,7 +399,8 @@ async fn relay_takes_only_old_unlocked_rows() {
     assert_eq!(
         rows[0].job,
         JobRef {
-            tokens: 0,
+            waiting_since_ms: None,
+            tokens: job.request.estimated_tokens(),
             rate_limited: false,
             request_id: job.id,
             tenant: "acme".into(),

@@ -7,7 +7,7 @@ mod process;
 
 use futures::StreamExt;
 use serde::Deserialize;
-use sluice_broker::{BrokerError, Delivery};
+use sluice_broker::{BrokerError, Delivery, PublishOptions};
 use sluice_core::{FairQueue, JobRef, Lane, LaneWeights, RequestId, RetryPolicy};
 use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::Router;
@@ -34,6 +34,10 @@ pub struct WorkerConfig {
     pub shutdown_grace_secs: f64,
     /// How long a job waits for its route's primary pool before a fallback pool may serve it.
     pub fallback_after_secs: f64,
+    /// A job whose pools could not serve it for longer than this (by their current pace and the
+    /// jobs ahead of it) is parked back in its lane with a delay, so the worker's bounded buffer
+    /// holds jobs that can run soon and a saturated pool holds up no one bound elsewhere.
+    pub park_after_secs: f64,
     pub weights: LaneWeights,
     pub retry: RetryPolicy,
 }
@@ -47,6 +51,7 @@ impl Default for WorkerConfig {
             reap_interval_secs: 5.0,
             shutdown_grace_secs: 30.0,
             fallback_after_secs: 10.0,
+            park_after_secs: 2.0,
             weights: LaneWeights::default(),
             retry: RetryPolicy::default(),
         }
@@ -60,6 +65,10 @@ impl WorkerConfig {
 
     fn fallback_after(&self) -> Duration {
         Duration::from_secs_f64(self.fallback_after_secs.max(0.0))
+    }
+
+    fn park_after(&self) -> Duration {
+        Duration::from_secs_f64(self.park_after_secs.max(0.0))
     }
 }
 
@@ -114,6 +123,18 @@ impl Worker {
             .retry
             .validate()
             .map_err(|e| WorkerError::Config(e.to_string()))?;
+        let finite = [
+            config.lease_secs,
+            config.reap_interval_secs,
+            config.shutdown_grace_secs,
+            config.fallback_after_secs,
+            config.park_after_secs,
+        ];
+        if finite.iter().any(|s| !s.is_finite() || *s < 0.0) {
+            return Err(WorkerError::Config(
+                "durations in seconds must be finite and not negative".into(),
+            ));
+        }
         if config.concurrency == 0 || config.prefetch == 0 {
             return Err(WorkerError::Config(
                 "concurrency and prefetch must be at least 1".into(),
@@ -188,6 +209,7 @@ impl Worker {
 
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut queue: FairQueue<Waiting> = FairQueue::new(self.config.weights);
+        let mut next_park = Instant::now();
         tracing::info!(
             message = "worker started",
             concurrency = self.config.concurrency
@@ -213,6 +235,10 @@ impl Worker {
             // Everything that arrived meanwhile competes for this pick.
             while let Ok(d) = rx.try_recv() {
                 enqueue(&mut queue, d).await;
+            }
+            if Instant::now() >= next_park {
+                self.park_overdue(&mut queue).await;
+                next_park = Instant::now() + PARK_CHECK_EVERY;
             }
             // Only jobs one of whose pools can serve now compete, so a saturated pool holds
             // up no one else; a job turned away with a 429 goes first once its pool has room.
@@ -300,6 +326,97 @@ impl Worker {
         None
     }
 
+    /// Hand back to the broker, with a delay, the jobs that would wait longer than
+    /// `park_after` here: the wait of each is estimated from its primary pool's next free slot
+    /// plus the jobs ahead of it at the pool's current pace (or the end of its fallback wait).
+    async fn park_overdue(&self, queue: &mut FairQueue<Waiting>) {
+        let park_after = self.config.park_after();
+        let mut blocked: HashMap<&str, Vec<(bool, Instant, RequestId)>> = HashMap::new();
+        for waiting in queue.iter() {
+            if self.usable_pool(waiting).is_none() {
+                let job = &waiting.delivery.job;
+                blocked.entry(job.model.as_str()).or_default().push((
+                    !job.rate_limited,
+                    waiting.since,
+                    job.request_id,
+                ));
+            }
+        }
+        let mut park: HashMap<RequestId, Duration> = HashMap::new();
+        for (model, mut jobs) in blocked {
+            let route = self.router.route(model);
+            // Each pool's next free slot and pace; fallbacks count only after the fallback wait.
+            let pools: Vec<(Duration, f64)> = route
+                .iter()
+                .map(|p| (p.wait_time(), p.capacity_per_sec()))
+                .collect();
+            // Jobs turned away with a 429 first, then by arrival: the order they would run in.
+            jobs.sort_unstable();
+            for (ahead, (_, since, id)) in jobs.into_iter().enumerate() {
+                let fallback = self.config.fallback_after().saturating_sub(since.elapsed());
+                let estimate = pools
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(free_at, pace))| {
+                        let queued = if pace > 0.0 {
+                            Duration::from_secs_f64(ahead as f64 / pace)
+                        } else {
+                            MAX_PARK
+                        };
+                        let start = if i == 0 { Duration::ZERO } else { fallback };
+                        start.saturating_add(free_at).saturating_add(queued)
+                    })
+                    .min()
+                    .unwrap_or(Duration::ZERO);
+                if estimate > park_after {
+                    park.insert(id, estimate.clamp(MIN_PARK, MAX_PARK));
+                }
+            }
+        }
+        if park.is_empty() {
+            return;
+        }
+        let parked = queue.remove_where(|w| park.contains_key(&w.delivery.job.request_id));
+        tracing::debug!(
+            message = "parking jobs whose pools are saturated",
+            jobs = parked.len()
+        );
+        let broker = self.publisher.broker();
+        let results = futures::future::join_all(parked.into_iter().map(|waiting| {
+            let delay = park
+                .get(&waiting.delivery.job.request_id)
+                .copied()
+                .unwrap_or(MIN_PARK);
+            let mut job = waiting.delivery.job.clone();
+            job.waiting_since_ms.get_or_insert_with(|| {
+                let waited = i64::try_from(waiting.since.elapsed().as_millis()).unwrap_or(0);
+                unix_now_ms() - waited
+            });
+            let lane = waiting.delivery.lane;
+            async move {
+                // Published before the ack: a crash between the two leaves a duplicate, which
+                // the claim's attempt fence drops, never a lost job.
+                match broker
+                    .publish(lane, &job, PublishOptions::delayed(delay))
+                    .await
+                {
+                    Ok(()) => {
+                        ack_quietly(waiting.delivery).await;
+                        None
+                    }
+                    Err(error) => {
+                        tracing::warn!(message = "could not park a job; it stays in memory", %error);
+                        Some(waiting)
+                    }
+                }
+            }
+        }))
+        .await;
+        for waiting in results.into_iter().flatten() {
+            requeue(queue, waiting).await;
+        }
+    }
+
     /// How long until some waiting job could go: a pool frees up or a fallback timer runs out.
     /// Bounded, so new deliveries and shutdown are still noticed promptly.
     fn soonest_wait(&self, queue: &FairQueue<Waiting>) -> Duration {
@@ -372,21 +489,40 @@ impl Worker {
     }
 }
 
-/// A delivery in the worker's buffer, with when it arrived (for fallback decisions).
+/// How often the buffer is checked for jobs to park.
+const PARK_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Bounds of a parking delay: long enough not to churn, short enough to notice a freed pool.
+const MIN_PARK: Duration = Duration::from_secs(1);
+const MAX_PARK: Duration = Duration::from_secs(60);
+
+/// A delivery in the worker's buffer, with since when it has waited for a pool (for fallback
+/// decisions; a parked job keeps its first wait's start).
 struct Waiting {
     delivery: Delivery,
     since: Instant,
 }
 
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 async fn enqueue(queue: &mut FairQueue<Waiting>, delivery: Delivery) {
-    requeue(
-        queue,
-        Waiting {
-            delivery,
-            since: Instant::now(),
-        },
-    )
-    .await;
+    let now = Instant::now();
+    let since = delivery
+        .job
+        .waiting_since_ms
+        .and_then(|ms| u64::try_from(unix_now_ms().saturating_sub(ms)).ok())
+        .and_then(|waited| now.checked_sub(Duration::from_millis(waited)))
+        .unwrap_or(now);
+    requeue(queue, Waiting { delivery, since }).await;
+}
+
+async fn ack_quietly(delivery: Delivery) {
+    if let Err(error) = delivery.ack().await {
+        tracing::debug!(message = "ack failed; the broker redelivers and the fence drops it", %error);
+    }
 }
 
 async fn requeue(queue: &mut FairQueue<Waiting>, waiting: Waiting) {

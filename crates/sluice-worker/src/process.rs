@@ -32,6 +32,7 @@ impl Worker {
             let failure = Failure {
                 error: format!("no route for model {:?}", claim.request.model),
                 endpoint: None,
+                throttled: false,
             };
             self.finish_failed(delivery, claim.attempt, failure, None)
                 .await;
@@ -81,18 +82,27 @@ impl Worker {
                 ack(delivery).await;
             }
             Err(error) => {
+                let throttled = matches!(error, ProviderError::RateLimited { .. });
                 let failure = Failure {
                     error: error.to_string(),
                     endpoint: Some(endpoint),
+                    throttled,
                 };
-                let tries = u32::try_from(claim.tries).unwrap_or(u32::MAX);
-                self.finish_failed(delivery, claim.attempt, failure, Some((&error, tries)))
+                // A 429 is counted apart from the tries: it is the pool's state, not the job's fault.
+                let count = if throttled {
+                    claim.throttled.saturating_add(1)
+                } else {
+                    claim.tries
+                };
+                let count = u32::try_from(count).unwrap_or(u32::MAX);
+                self.finish_failed(delivery, claim.attempt, failure, Some((&error, count)))
                     .await;
             }
         }
     }
 
     /// Route a failed attempt to `retry` or `dead`, then ack the message that carried it.
+    /// `provider` is the provider's error with the job's tries so far, or for a 429 its throttles.
     async fn finish_failed(
         &self,
         delivery: Delivery,
@@ -102,6 +112,10 @@ impl Worker {
     ) {
         let id = delivery.job.request_id;
         let decision = match provider {
+            Some((ProviderError::RateLimited { retry_after, .. }, throttled)) => self
+                .config
+                .retry
+                .decide_rate_limited(throttled, *retry_after, rand::random::<f64>()),
             Some((error, tries)) => {
                 match self
                     .config
@@ -128,11 +142,7 @@ impl Worker {
             }
         };
         match stored {
-            Ok(Some(mut message)) => {
-                message.job.rate_limited =
-                    matches!(provider, Some((ProviderError::RateLimited { .. }, _)));
-                self.publish(message).await
-            }
+            Ok(Some(message)) => self.publish(message).await,
             Ok(None) => {
                 tracing::info!(message = "failure not recorded: the job was cancelled or taken over", request_id = %id)
             }
