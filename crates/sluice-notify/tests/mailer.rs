@@ -1,0 +1,622 @@
+//! The mailer against a real PostgreSQL and a real SMTP server (aiosmtpd, `scripts/smtp_sink.py`,
+//! started per test on a free port): one email per finished job, retries, crashes, give-ups.
+#![allow(clippy::unwrap_used)]
+
+use sluice_core::{JobRequest, Lane, Message, Principal, RequestId, Role, Tier};
+use sluice_notify::{Mailer, MailerConfig, TlsMode};
+use sluice_store::{Failure, Ingested, NewJob, NotificationState, Store, StoreConfig};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const LEASE: Duration = Duration::from_secs(30);
+const BASE_URL: &str = "http://sluice.test:8080";
+
+struct TestDb {
+    store: Store,
+    schema: String,
+}
+
+impl TestDb {
+    async fn new() -> TestDb {
+        let schema = format!("notify_test_{}", uuid::Uuid::now_v7().simple());
+        let url = std::env::var("SLUICE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let store = Store::connect(&StoreConfig {
+            url,
+            schema: Some(schema.clone()),
+            max_connections: 4,
+            migrate: true,
+            ..StoreConfig::default()
+        })
+        .await
+        .unwrap();
+        TestDb { store, schema }
+    }
+
+    async fn drop(self) {
+        self.store.drop_schema(&self.schema).await.unwrap();
+    }
+}
+
+/// How the test job ends.
+enum End {
+    Succeeded(&'static str),
+    Dead(&'static str),
+}
+
+/// Store a job for `email`, run it to its end with the store's own lifecycle calls, and
+/// queue its notification as the finishing transaction will.
+async fn finished_job(store: &Store, email: Option<&str>, end: End) -> RequestId {
+    let job = NewJob {
+        id: RequestId::new(),
+        principal: Principal {
+            tenant: "acme".into(),
+            user: "u1".into(),
+            tier: Tier::Free,
+            email: email.map(str::to_owned),
+        },
+        lane: Lane::Batch,
+        request: JobRequest {
+            model: "small".into(),
+            messages: vec![Message {
+                role: Role::User,
+                content: "hello".into(),
+            }],
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: None,
+        },
+        idempotency: None,
+    };
+    let message = match store.insert_job(&job).await.unwrap() {
+        Ingested::Created(m) => m,
+        other => panic!("expected a new job, got {other:?}"),
+    };
+    let claim = store.claim(&message.job, LEASE).await.unwrap().unwrap();
+    match end {
+        End::Succeeded(text) => {
+            let result = serde_json::json!({
+                "content": text,
+                "usage": {"prompt_tokens": 3, "completion_tokens": 5},
+                "model": "small-v1",
+                "finish_reason": "stop",
+            });
+            assert!(store
+                .complete(job.id, claim.attempt, &result, "e1")
+                .await
+                .unwrap());
+        }
+        End::Dead(error) => {
+            let failure = Failure {
+                error: error.into(),
+                endpoint: Some("e1".into()),
+                throttled: false,
+            };
+            store
+                .dead_letter(job.id, claim.attempt, &failure)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    let queued = store.queue_notifications_for(&[job.id]).await.unwrap();
+    assert_eq!(queued, u64::from(email.is_some()));
+    job.id
+}
+
+/// The virtualenv with aiosmtpd, made by `scripts/pyenv.sh` on first use (once per test binary).
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let script = scripts().join("pyenv.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
+        assert!(out.status.success(), "{} failed", script.display());
+        let venv = String::from_utf8(out.stdout).unwrap();
+        let venv = venv.lines().last().unwrap_or_default().trim();
+        PathBuf::from(venv).join("bin").join("python")
+    })
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A directory the sink writes into, removed at the end.
+struct Maildir(PathBuf);
+
+impl Maildir {
+    fn new() -> Maildir {
+        let dir = std::env::temp_dir().join(format!("sluice-mail-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Maildir(dir)
+    }
+
+    /// Every message received so far, in order.
+    fn messages(&self) -> Vec<Email> {
+        let mut numbered: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .filter_map(|e| {
+                let path = e.unwrap().path();
+                let n = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".eml")?
+                    .parse()
+                    .ok()?;
+                Some((n, path))
+            })
+            .collect();
+        numbered.sort();
+        numbered
+            .into_iter()
+            .map(|(_, path)| Email::parse(&std::fs::read(path).unwrap()))
+            .collect()
+    }
+
+    /// Wait until `n` messages arrived, then a little longer to catch any duplicate.
+    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Email> {
+        let start = Instant::now();
+        while self.messages().len() < n {
+            assert!(
+                start.elapsed() < within,
+                "{n} email(s) expected within {within:?}, got {}",
+                self.messages().len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        self.messages()
+    }
+}
+
+impl Drop for Maildir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The aiosmtpd sink; killed when dropped.
+struct Sink {
+    _child: tokio::process::Child,
+}
+
+impl Sink {
+    async fn start(port: u16, dir: &Maildir) -> Sink {
+        let mut child = tokio::process::Command::new(python())
+            .arg(scripts().join("smtp_sink.py"))
+            .arg("127.0.0.1")
+            .arg(port.to_string())
+            .arg(&dir.0)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            BufReader::new(stdout).read_line(&mut line),
+        )
+        .await
+        .expect("the SMTP sink did not start within 30 s")
+        .unwrap();
+        assert_eq!(line.trim(), "ready", "the SMTP sink said {line:?}");
+        Sink { _child: child }
+    }
+}
+
+/// A received message, decoded.
+#[derive(Debug)]
+struct Email {
+    to: String,
+    subject: String,
+    message_id: String,
+    content_type: String,
+    plain: String,
+    html: String,
+}
+
+impl Email {
+    fn parse(raw: &[u8]) -> Email {
+        use mailparse::MailHeaderMap;
+        let mail = mailparse::parse_mail(raw).unwrap();
+        let header = |name: &str| mail.headers.get_first_value(name).unwrap_or_default();
+        let part = |mime: &str| {
+            mail.subparts
+                .iter()
+                .find(|p| p.ctype.mimetype == mime)
+                .map(|p| p.get_body().unwrap().replace("\r\n", "\n"))
+                .unwrap_or_default()
+        };
+        Email {
+            to: header("To"),
+            subject: header("Subject"),
+            message_id: header("Message-ID"),
+            content_type: mail.ctype.mimetype.clone(),
+            plain: part("text/plain"),
+            html: part("text/html"),
+        }
+    }
+}
+
+fn config(port: u16) -> MailerConfig {
+    MailerConfig {
+        smtp_host: "127.0.0.1".into(),
+        smtp_port: Some(port),
+        tls: TlsMode::None,
+        from: "Sluice <sluice@sluice.test>".into(),
+        public_base_url: BASE_URL.into(),
+        backoff_base_secs: 0.2,
+        poll_interval_secs: 0.05,
+        timeout_secs: 5.0,
+        ..MailerConfig::default()
+    }
+}
+
+fn spawn(store: &Store, config: MailerConfig) -> (CancellationToken, JoinHandle<()>) {
+    let mailer = Mailer::new(store.clone(), config).unwrap();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(mailer.run(shutdown.clone()));
+    (shutdown, handle)
+}
+
+async fn stop((shutdown, handle): (CancellationToken, JoinHandle<()>)) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("the mailer stops on shutdown")
+        .unwrap();
+}
+
+async fn state_of(store: &Store, id: RequestId) -> sluice_store::NotificationRow {
+    store.notification_for(id).await.unwrap().unwrap()
+}
+
+/// Poll the notification row until `done` holds.
+async fn wait_row(
+    store: &Store,
+    id: RequestId,
+    within: Duration,
+    done: impl Fn(&sluice_store::NotificationRow) -> bool,
+) -> sluice_store::NotificationRow {
+    let start = Instant::now();
+    loop {
+        let row = state_of(store, id).await;
+        if done(&row) {
+            return row;
+        }
+        assert!(start.elapsed() < within, "row never got there: {row:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_finished_job_gets_exactly_one_email_with_both_parts_and_the_link() {
+    let db = TestDb::new().await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let _sink = Sink::start(port, &dir).await;
+    let id = finished_job(
+        &db.store,
+        Some("ada@example.com"),
+        End::Succeeded("The answer is <b>42</b> & that's \"final\"."),
+    )
+    .await;
+    // Queueing the same job again is a no-op: one email per job.
+    assert_eq!(db.store.queue_notifications_for(&[id]).await.unwrap(), 0);
+
+    let mailer = spawn(&db.store, config(port));
+    let emails = dir.wait_for(1, Duration::from_secs(20)).await;
+    stop(mailer).await;
+
+    assert_eq!(emails.len(), 1, "{emails:#?}");
+    let email = &emails[0];
+    let link = format!("{BASE_URL}/v1/jobs/{id}");
+    assert_eq!(email.to, "ada@example.com");
+    assert_eq!(email.subject, format!("Your Sluice job {id} succeeded"));
+    assert_eq!(email.message_id, format!("<job-{id}@sluice.test>"));
+    assert_eq!(email.content_type, "multipart/alternative");
+    assert!(email.plain.contains(&link), "{}", email.plain);
+    assert!(email
+        .plain
+        .contains("The answer is <b>42</b> & that's \"final\"."));
+    assert!(
+        email.html.contains(&format!("href=\"{link}\"")),
+        "{}",
+        email.html
+    );
+    assert!(email
+        .html
+        .contains("The answer is &lt;b&gt;42&lt;/b&gt; &amp; that&#39;s &quot;final&quot;."));
+
+    let row = state_of(&db.store, id).await;
+    assert_eq!(row.state, NotificationState::Sent);
+    assert_eq!(row.attempts, 1);
+    assert!(row.sent_at.is_some() && row.locked_until.is_none());
+    assert_eq!(row.email, "ada@example.com");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn with_the_server_down_the_mailer_backs_off_and_sends_once_it_is_up() {
+    let db = TestDb::new().await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let id = finished_job(&db.store, Some("bob@example.com"), End::Succeeded("ok")).await;
+
+    let started = Instant::now();
+    let mailer = spawn(&db.store, config(port));
+    let row = wait_row(&db.store, id, Duration::from_secs(20), |r| r.attempts >= 3).await;
+    // Backoff, not a hot loop: the second and third tries waited 0.2 s and 0.4 s at least.
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert_eq!(row.state, NotificationState::Pending);
+    let error = row.last_error.unwrap();
+    assert!(error.starts_with("SMTP:"), "{error}");
+    assert!(row.next_attempt_at > row.created_at);
+
+    let _sink = Sink::start(port, &dir).await;
+    let emails = dir.wait_for(1, Duration::from_secs(20)).await;
+    stop(mailer).await;
+    assert_eq!(emails.len(), 1, "no duplicate: {emails:#?}");
+    assert_eq!(emails[0].to, "bob@example.com");
+    let row = state_of(&db.store, id).await;
+    assert_eq!(row.state, NotificationState::Sent);
+    assert!(row.attempts >= 4, "{row:?}");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_mailer_that_died_after_claiming_is_replaced_once_its_lease_passes() {
+    let db = TestDb::new().await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let _sink = Sink::start(port, &dir).await;
+    let id = finished_job(
+        &db.store,
+        Some("cy@example.com"),
+        End::Dead("provider said <no> after 5 tries"),
+    )
+    .await;
+
+    // The first mailer claims the email and dies before sending it.
+    let claimed = db
+        .store
+        .claim_notifications(10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].request_id, id);
+    let claimed_at = Instant::now();
+    drop(claimed);
+
+    let mailer = spawn(&db.store, config(port));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        dir.messages().is_empty(),
+        "nobody sends while the lease holds"
+    );
+    let emails = dir.wait_for(1, Duration::from_secs(20)).await;
+    assert!(claimed_at.elapsed() >= Duration::from_secs(2));
+    stop(mailer).await;
+
+    assert_eq!(emails.len(), 1, "{emails:#?}");
+    let email = &emails[0];
+    assert_eq!(email.subject, format!("Your Sluice job {id} failed"));
+    assert!(email.plain.contains("provider said <no> after 5 tries"));
+    assert!(email
+        .html
+        .contains("provider said &lt;no&gt; after 5 tries"));
+    assert!(email.plain.contains(&format!("{BASE_URL}/v1/jobs/{id}")));
+    let row = state_of(&db.store, id).await;
+    assert_eq!((row.state, row.attempts), (NotificationState::Sent, 2));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn an_email_sent_but_not_recorded_before_a_crash_comes_again_with_the_same_message_id() {
+    let db = TestDb::new().await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let _sink = Sink::start(port, &dir).await;
+    let id = finished_job(&db.store, Some("di@example.com"), End::Succeeded("hi")).await;
+
+    // A mailer claims, hands the email to the server, and dies before marking it sent.
+    let crashed = Mailer::new(db.store.clone(), config(port)).unwrap();
+    let claimed = db
+        .store
+        .claim_notifications(10, Duration::from_secs(1))
+        .await
+        .unwrap();
+    crashed.deliver(&claimed[0]).await.unwrap();
+    drop(crashed);
+
+    let mailer = spawn(&db.store, config(port));
+    let emails = dir.wait_for(2, Duration::from_secs(20)).await;
+    stop(mailer).await;
+    assert_eq!(emails.len(), 2, "at least once: the duplicate is sent once");
+    assert_eq!(emails[0].message_id, emails[1].message_id);
+    assert_eq!(emails[0].message_id, format!("<job-{id}@sluice.test>"));
+    assert_eq!(state_of(&db.store, id).await.state, NotificationState::Sent);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn jobs_without_an_email_address_or_not_finished_get_none() {
+    let db = TestDb::new().await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let _sink = Sink::start(port, &dir).await;
+    let id = finished_job(&db.store, None, End::Succeeded("quiet")).await;
+    assert!(db.store.notification_for(id).await.unwrap().is_none());
+
+    // A job still queued is not notified, whatever its address.
+    let queued = NewJob {
+        id: RequestId::new(),
+        principal: Principal {
+            tenant: "acme".into(),
+            user: "u1".into(),
+            tier: Tier::Free,
+            email: Some("eve@example.com".into()),
+        },
+        lane: Lane::Batch,
+        request: JobRequest {
+            model: "small".into(),
+            messages: vec![Message {
+                role: Role::User,
+                content: "later".into(),
+            }],
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: None,
+        },
+        idempotency: None,
+    };
+    db.store.insert_job(&queued).await.unwrap();
+    assert_eq!(
+        db.store
+            .queue_notifications_for(&[queued.id])
+            .await
+            .unwrap(),
+        0
+    );
+
+    let mailer = Mailer::new(db.store.clone(), config(port)).unwrap();
+    let pass = mailer.run_once(&CancellationToken::new()).await.unwrap();
+    assert_eq!(pass.claimed, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(dir.messages().is_empty());
+    assert!(db.store.notification_counts().await.unwrap().is_empty());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn an_email_is_given_up_after_max_attempts_with_the_error() {
+    let db = TestDb::new().await;
+    // Nothing listens on this port: every try fails.
+    let port = free_port();
+    let id = finished_job(&db.store, Some("fay@example.com"), End::Succeeded("x")).await;
+    // A recipient no server will take fails at once, without retries.
+    let bad = finished_job(&db.store, Some("not an address"), End::Succeeded("x")).await;
+
+    let mailer = spawn(
+        &db.store,
+        MailerConfig {
+            max_attempts: 3,
+            backoff_base_secs: 0.05,
+            ..config(port)
+        },
+    );
+    let row = wait_row(&db.store, id, Duration::from_secs(20), |r| {
+        r.state != NotificationState::Pending
+    })
+    .await;
+    let bad_row = wait_row(&db.store, bad, Duration::from_secs(20), |r| {
+        r.state != NotificationState::Pending
+    })
+    .await;
+    // Nothing more happens to a row given up on.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop(mailer).await;
+
+    assert_eq!(row.state, NotificationState::Failed);
+    assert_eq!(row.attempts, 3);
+    assert!(row.sent_at.is_none() && row.locked_until.is_none());
+    let error = row.last_error.unwrap();
+    assert!(error.starts_with("SMTP:"), "{error}");
+    assert_eq!(state_of(&db.store, id).await.attempts, 3);
+
+    assert_eq!(bad_row.state, NotificationState::Failed);
+    assert_eq!(bad_row.attempts, 1);
+    assert!(
+        bad_row
+            .last_error
+            .unwrap()
+            .contains("invalid recipient address"),
+        "a bad address is not retried"
+    );
+    let counts = db.store.notification_counts().await.unwrap();
+    assert_eq!(counts, vec![(NotificationState::Failed, 2)]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn two_mailers_send_each_email_once() {
+    let db = TestDb::new().await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let _sink = Sink::start(port, &dir).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let email = format!("user{n}@example.com");
+        ids.push(finished_job(&db.store, Some(&email), End::Succeeded("done")).await);
+    }
+    let small = MailerConfig {
+        batch_size: 3,
+        ..config(port)
+    };
+    let a = spawn(&db.store, small.clone());
+    let b = spawn(&db.store, small);
+    let emails = dir.wait_for(20, Duration::from_secs(30)).await;
+    stop(a).await;
+    stop(b).await;
+    assert_eq!(emails.len(), 20);
+    let mut to: Vec<&str> = emails.iter().map(|e| e.to.as_str()).collect();
+    to.sort();
+    to.dedup();
+    assert_eq!(to.len(), 20, "every address got exactly one email");
+    for id in ids {
+        let row = state_of(&db.store, id).await;
+        assert_eq!((row.state, row.attempts), (NotificationState::Sent, 1));
+    }
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_replayed_dead_job_is_told_its_final_outcome() {
+    let db = TestDb::new().await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let _sink = Sink::start(port, &dir).await;
+    let id = finished_job(&db.store, Some("gus@example.com"), End::Dead("boom")).await;
+    // An operator replays it before the mailer got to its email.
+    let replayed = db.store.replay(id).await.unwrap().unwrap();
+    let mailer = Mailer::new(db.store.clone(), config(port)).unwrap();
+    let pass = mailer.run_once(&CancellationToken::new()).await.unwrap();
+    assert_eq!(
+        pass.claimed, 0,
+        "the job is running again: nothing to tell yet"
+    );
+
+    let claim = db.store.claim(&replayed.job, LEASE).await.unwrap().unwrap();
+    let result = serde_json::json!({"content": "second time lucky"});
+    assert!(db
+        .store
+        .complete(id, claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    let pass = mailer.run_once(&CancellationToken::new()).await.unwrap();
+    assert_eq!((pass.claimed, pass.sent), (1, 1));
+    let emails = dir.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(emails.len(), 1);
+    assert_eq!(emails[0].subject, format!("Your Sluice job {id} succeeded"));
+    assert!(emails[0].plain.contains("second time lucky"));
+    db.drop().await;
+}
