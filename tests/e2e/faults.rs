@@ -183,8 +183,10 @@ async fn a_job_stranded_in_the_outbox_is_relayed_and_completes() {
             temperature: None,
             top_p: None,
             stop: None,
+            stream: false,
         },
         idempotency: None,
+        notify_email: None,
     };
     app.store
         .insert_jobs(std::slice::from_ref(&job))

@@ -65,6 +65,8 @@ pub struct AppOptions {
     /// Share endpoint limits between workers through Redis: the machine's, or this URL.
     pub redis: bool,
     pub redis_url: Option<String>,
+    /// Send completion emails (a `[mail]` section) to an SMTP server on this local port.
+    pub smtp_port: Option<u16>,
 }
 
 impl Default for AppOptions {
@@ -87,6 +89,7 @@ impl Default for AppOptions {
             extra_toml: String::new(),
             redis: false,
             redis_url: None,
+            smtp_port: None,
         }
     }
 }
@@ -187,6 +190,16 @@ default = {route}
             options.redis_url.clone().unwrap_or_else(redis_url)
         ));
     }
+    if let Some(port) = options.smtp_port {
+        // The API's port is not known yet; emails link to this base URL instead. The lease is
+        // the shortest the mailer takes, so a killed worker's email is sent again soon.
+        config.push_str(&format!(
+            "\n[mail]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\ntls = \"none\"\n\
+             from = \"Sluice <sluice@sluice.test>\"\npublic_base_url = \"http://sluice.test:8080\"\n\
+             backoff_base_secs = 0.2\npoll_interval_secs = 0.2\nlease_secs = 10\n\
+             timeout_secs = 5\n"
+        ));
+    }
     let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));
     std::fs::write(&config_path, config).unwrap();
 
@@ -253,6 +266,18 @@ impl TestApp {
         (child, line)
     }
 
+    /// Start another API node on this app's config (a random port); its process and base URL.
+    pub async fn start_api_node(&self) -> (Child, String) {
+        let (child, line) = self.start("serve", "listening on ").await;
+        let url = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_owned();
+        (child, url)
+    }
+
     pub async fn start_worker(&mut self) {
         let (child, _) = self.start("worker", "worker started").await;
         self.workers.push(child);
@@ -298,6 +323,19 @@ impl TestApp {
                 user: format!("{tenant}-user"),
                 tier,
                 email: None,
+            })
+            .await
+            .unwrap()
+    }
+
+    /// A key whose user has an email address, for completion emails.
+    pub async fn key_with_email(&self, tenant: &str, tier: Tier, email: &str) -> String {
+        self.store
+            .create_api_key(&Principal {
+                tenant: tenant.into(),
+                user: format!("{tenant}-user"),
+                tier,
+                email: Some(email.into()),
             })
             .await
             .unwrap()

@@ -4,7 +4,9 @@
 
 mod api;
 mod delivery;
+mod events;
 mod fairness;
 mod faults;
 mod helpers;
 mod limits;
+mod notify;

@@ -49,29 +49,37 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
         parts: &mut Parts,
         state: &Arc<ApiState>,
     ) -> Result<Self, Self::Rejection> {
-        let key = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::unauthorized("send an API key as Authorization: Bearer sk_sluice_...")
-            })?;
-        let hash = sluice_store::hash_key(key);
-        if let Some(principal) = state.keys.get(&hash) {
-            return Ok(Caller(principal));
+        let key = bearer(&parts.headers).ok_or_else(|| {
+            ApiError::unauthorized("send an API key as Authorization: Bearer sk_sluice_...")
+        })?;
+        authenticate(state, key).await.map(Caller)
+    }
+}
+
+/// The API key of an `Authorization: Bearer ...` header, if there is one.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
+/// The principal an API key stands for (cached briefly), or 401.
+pub(crate) async fn authenticate(state: &ApiState, key: &str) -> Result<Principal, ApiError> {
+    let hash = sluice_store::hash_key(key);
+    if let Some(principal) = state.keys.get(&hash) {
+        return Ok(principal);
+    }
+    match state.store.principal_for_key(key).await {
+        Ok(Some(principal)) => {
+            state.keys.put(hash, principal.clone());
+            Ok(principal)
         }
-        match state.store.principal_for_key(key).await {
-            Ok(Some(principal)) => {
-                state.keys.put(hash, principal.clone());
-                Ok(Caller(principal))
-            }
-            Ok(None) => Err(ApiError::unauthorized("unknown or revoked API key")),
-            Err(error) => Err(ApiError::internal(error)),
-        }
+        Ok(None) => Err(ApiError::unauthorized("unknown or revoked API key")),
+        Err(error) => Err(ApiError::internal(error)),
     }
 }

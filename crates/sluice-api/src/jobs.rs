@@ -10,7 +10,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sluice_core::{JobRequest, JobState, Lane, Message, RequestId};
+use sluice_core::{JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
 use sluice_store::{CancelOutcome, Ingested, JobRecord, NewJob};
 use std::sync::Arc;
 
@@ -31,6 +31,45 @@ pub struct SubmitJob {
     pub top_p: Option<f32>,
     #[serde(default)]
     pub stop: Option<Vec<String>>,
+    /// Stream the answer's text as deltas to WebSocket and SSE subscribers while it runs.
+    #[serde(default)]
+    pub stream: bool,
+    /// How to tell the caller the job finished, beyond polling.
+    #[serde(default)]
+    pub notify: Option<Notify>,
+}
+
+/// `"notify": {"email": true}` asks for a completion email to the key's address; `false`
+/// turns off the one the free tier gets by default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    #[serde(default)]
+    pub email: Option<bool>,
+}
+
+/// Where the job's completion email goes: the key's address if the request asks for email,
+/// or, when it does not say, if the key is free tier (free jobs wait longest, in `batch`).
+fn notify_email(principal: &Principal, asked: Option<bool>) -> Result<Option<String>, ApiError> {
+    if !asked.unwrap_or(principal.tier == Tier::Free) {
+        return Ok(None);
+    }
+    let address = principal
+        .email
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty());
+    match (address, asked) {
+        (Some(address), _) => Ok(Some(address.to_owned())),
+        (None, Some(true)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no_email",
+            "notify.email asks for a completion email, but this API key has no email address; \
+             use a key created with --email, or leave notify.email out",
+        )),
+        // The free tier's default email needs an address; without one the caller polls.
+        (None, _) => Ok(None),
+    }
 }
 
 impl SubmitJob {
@@ -77,6 +116,7 @@ impl SubmitJob {
             temperature: self.temperature,
             top_p: self.top_p,
             stop: self.stop,
+            stream: self.stream,
         })
     }
 }
@@ -151,10 +191,16 @@ pub async fn submit(
     headers: HeaderMap,
     JsonBody { value: body }: JsonBody<SubmitJob>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let asked = body.notify.as_ref().and_then(|n| n.email);
     let request = body.parse(&state)?;
+    let notify_email = notify_email(&principal, asked)?;
     let idempotency = idempotency_key(&headers)?
         .map(|key| -> Result<_, ApiError> {
-            let canonical = serde_json::to_vec(&request).map_err(ApiError::internal)?;
+            let mut canonical = serde_json::to_vec(&request).map_err(ApiError::internal)?;
+            // An explicit notify choice is part of the body; leaving it out hashes as before.
+            if let Some(email) = asked {
+                canonical.extend_from_slice(format!("\nnotify.email={email}").as_bytes());
+            }
             Ok((key, Sha256::digest(&canonical).to_vec()))
         })
         .transpose()?;
@@ -165,6 +211,7 @@ pub async fn submit(
         lane,
         request,
         idempotency,
+        notify_email,
     };
     let message = if job.idempotency.is_some() {
         match state
@@ -197,6 +244,7 @@ pub async fn submit(
     };
     let request_id = message.job.request_id;
     tracing::debug!(message = "job accepted", %request_id, %lane);
+    state.bus.changed(request_id, &message.job.tenant);
     state.publisher.publish_in_background(message);
     Ok((
         StatusCode::ACCEPTED,
@@ -208,7 +256,7 @@ pub async fn submit(
     ))
 }
 
-fn parse_id(id: &str) -> Result<RequestId, ApiError> {
+pub(crate) fn parse_id(id: &str) -> Result<RequestId, ApiError> {
     // A malformed id is as unknown as a well-formed one that does not exist.
     id.parse().map_err(|_| ApiError::not_found("no such job"))
 }
@@ -244,12 +292,88 @@ pub async fn cancel(
         .await
         .map_err(ApiError::internal)?
     {
-        CancelOutcome::Cancelled => view(&state, &principal.tenant, id).await,
+        CancelOutcome::Cancelled => {
+            state.bus.changed(id, &principal.tenant);
+            view(&state, &principal.tenant, id).await
+        }
         CancelOutcome::Terminal(job_state) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_cancellable",
             format!("the job is already {job_state}"),
         )),
         CancelOutcome::NotFound => Err(ApiError::not_found("no such job")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn key(tier: Tier, email: Option<&str>) -> Principal {
+        Principal {
+            tenant: "acme".into(),
+            user: "u1".into(),
+            tier,
+            email: email.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_free_tier_gets_email_by_default_and_may_turn_it_off() {
+        let free = key(Tier::Free, Some("ada@example.com"));
+        assert_eq!(
+            notify_email(&free, None).unwrap().as_deref(),
+            Some("ada@example.com")
+        );
+        assert_eq!(
+            notify_email(&free, Some(true)).unwrap().as_deref(),
+            Some("ada@example.com")
+        );
+        assert_eq!(notify_email(&free, Some(false)).unwrap(), None);
+        // A free key without an address polls, unless the request insists on email.
+        assert_eq!(notify_email(&key(Tier::Free, None), None).unwrap(), None);
+        assert_eq!(
+            notify_email(&key(Tier::Free, Some("  ")), None).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn other_tiers_get_email_only_when_they_ask() {
+        for tier in [Tier::Enterprise, Tier::Pro, Tier::Basic] {
+            let k = key(tier, Some("bo@example.com"));
+            assert_eq!(notify_email(&k, None).unwrap(), None, "{tier}");
+            assert_eq!(notify_email(&k, Some(false)).unwrap(), None, "{tier}");
+            assert_eq!(
+                notify_email(&k, Some(true)).unwrap().as_deref(),
+                Some("bo@example.com"),
+                "{tier}"
+            );
+        }
+    }
+
+    #[test]
+    fn asking_for_email_with_a_key_without_an_address_is_refused() {
+        for tier in Tier::ALL {
+            let err = notify_email(&key(tier, None), Some(true)).unwrap_err();
+            assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+            assert_eq!(err.code, "no_email");
+            assert!(err.message.contains("no email address"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn the_notify_field_parses_strictly() {
+        let body: SubmitJob = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": [], "notify": {"email": false}
+        }))
+        .unwrap();
+        assert_eq!(body.notify.unwrap().email, Some(false));
+        let bad = serde_json::from_value::<SubmitJob>(serde_json::json!({
+            "model": "m", "messages": [], "notify": {"sms": true}
+        }))
+        .unwrap_err();
+        assert!(bad.to_string().contains("unknown field"), "{bad}");
     }
 }

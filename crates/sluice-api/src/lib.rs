@@ -1,16 +1,20 @@
-//! Sluice's HTTP API: clients submit jobs, poll and cancel them; operators probe health.
+//! Sluice's HTTP API: clients submit jobs, poll, follow (SSE, WebSocket) and cancel them;
+//! operators probe health.
 //! Handlers are thin: authenticate, parse the body into domain types, call the store and publisher.
 
 mod auth;
 mod error;
+mod events;
 mod jobs;
 mod json;
+mod stream;
 
 pub use error::ApiError;
 
 use axum::routing::get;
 use axum::Router;
 use sluice_core::{Lane, TierLanes};
+use sluice_notify::{EventBus, Hub};
 use sluice_outbox::Publisher;
 use sluice_store::{JobWriter, Store};
 use std::collections::BTreeSet;
@@ -29,6 +33,10 @@ pub struct ApiState {
     /// Model aliases that have a route; others are refused at ingest.
     pub models: BTreeSet<String>,
     pub tier_lanes: TierLanes,
+    /// Announces state changes made here (submit, cancel) to every API node.
+    pub bus: EventBus,
+    /// Fans events out to this node's WebSocket and SSE subscribers.
+    pub hub: Hub,
     keys: auth::KeyCache,
 }
 
@@ -39,6 +47,8 @@ impl ApiState {
         publisher: Publisher,
         models: BTreeSet<String>,
         tier_lanes: TierLanes,
+        bus: EventBus,
+        hub: Hub,
     ) -> Arc<ApiState> {
         Arc::new(ApiState {
             store,
@@ -46,6 +56,8 @@ impl ApiState {
             publisher,
             models,
             tier_lanes,
+            bus,
+            hub,
             keys: auth::KeyCache::default(),
         })
     }
@@ -56,6 +68,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/jobs", axum::routing::post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::sse))
+        .route("/v1/stream", get(stream::websocket))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .fallback(not_found)

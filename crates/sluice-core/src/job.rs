@@ -172,6 +172,9 @@ pub struct JobRequest {
     pub top_p: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Vec<String>>,
+    /// Stream the answer: subscribers see its text as deltas while the job runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 /// What travels through a lane: enough to schedule and claim a job without reading it first.
@@ -279,6 +282,7 @@ mod tests {
             temperature: None,
             top_p: None,
             stop: None,
+            stream: false,
         };
         assert_eq!(job.estimated_tokens(), 11 + 100);
         job.max_tokens = None;

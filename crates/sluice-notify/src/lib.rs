@@ -1,11 +1,19 @@
-//! Tells people their jobs finished: the mailer sends each job's completion email over SMTP
-//! from the store's notifications, retrying with backoff, so no email is lost in a crash.
+//! Tells people what their jobs do: the event bus and hub carry every state change (and
+//! streamed tokens) to WebSocket and SSE subscribers on any API node, and the mailer sends
+//! each job's completion email over SMTP from the store's notifications, retrying with
+//! backoff, so no email is lost in a crash.
 //!
 //! Delivery is at least once: a mailer that dies after the server took a message but before
 //! it was marked sent makes the next mailer send it again, with the same `Message-ID`.
 
+pub mod bus;
+pub mod hub;
 pub mod mailer;
 pub mod message;
+#[cfg(feature = "testing")]
+pub mod testing;
 
+pub use bus::{BusError, BusMessage, EventBus};
+pub use hub::{Hub, Outgoing, Subscription};
 pub use mailer::{ConfigError, Mailer, MailerConfig, Pass, SendError, TlsMode};
 pub use message::{compose, message_id, ComposeError};

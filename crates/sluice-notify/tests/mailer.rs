@@ -3,12 +3,10 @@
 #![allow(clippy::unwrap_used)]
 
 use sluice_core::{JobRequest, Lane, Message, Principal, RequestId, Role, Tier};
+use sluice_notify::testing::{free_port, Maildir, Sink};
 use sluice_notify::{Mailer, MailerConfig, TlsMode};
 use sluice_store::{Failure, Ingested, NewJob, NotificationState, Store, StoreConfig};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -48,8 +46,8 @@ enum End {
     Dead(&'static str),
 }
 
-/// Store a job for `email`, run it to its end with the store's own lifecycle calls, and
-/// queue its notification as the finishing transaction will.
+/// Store a job for `email` and run it to its end with the store's own lifecycle calls, whose
+/// finishing statement queues its notification.
 async fn finished_job(store: &Store, email: Option<&str>, end: End) -> RequestId {
     let job = NewJob {
         id: RequestId::new(),
@@ -70,8 +68,10 @@ async fn finished_job(store: &Store, email: Option<&str>, end: End) -> RequestId
             temperature: None,
             top_p: None,
             stop: None,
+            stream: false,
         },
         idempotency: None,
+        notify_email: email.map(str::to_owned),
     };
     let message = match store.insert_job(&job).await.unwrap() {
         Ingested::Created(m) => m,
@@ -104,156 +104,9 @@ async fn finished_job(store: &Store, email: Option<&str>, end: End) -> RequestId
                 .unwrap();
         }
     }
-    let queued = store.queue_notifications_for(&[job.id]).await.unwrap();
-    assert_eq!(queued, u64::from(email.is_some()));
+    let queued = store.notification_for(job.id).await.unwrap();
+    assert_eq!(queued.is_some(), email.is_some());
     job.id
-}
-
-/// The virtualenv with aiosmtpd, made by `scripts/pyenv.sh` on first use (once per test binary).
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let script = scripts().join("pyenv.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
-        assert!(out.status.success(), "{} failed", script.display());
-        let venv = String::from_utf8(out.stdout).unwrap();
-        let venv = venv.lines().last().unwrap_or_default().trim();
-        PathBuf::from(venv).join("bin").join("python")
-    })
-}
-
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A directory the sink writes into, removed at the end.
-struct Maildir(PathBuf);
-
-impl Maildir {
-    fn new() -> Maildir {
-        let dir = std::env::temp_dir().join(format!("sluice-mail-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Maildir(dir)
-    }
-
-    /// Every message received so far, in order.
-    fn messages(&self) -> Vec<Email> {
-        let mut numbered: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .filter_map(|e| {
-                let path = e.unwrap().path();
-                let n = path
-                    .file_name()?
-                    .to_str()?
-                    .strip_suffix(".eml")?
-                    .parse()
-                    .ok()?;
-                Some((n, path))
-            })
-            .collect();
-        numbered.sort();
-        numbered
-            .into_iter()
-            .map(|(_, path)| Email::parse(&std::fs::read(path).unwrap()))
-            .collect()
-    }
-
-    /// Wait until `n` messages arrived, then a little longer to catch any duplicate.
-    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Email> {
-        let start = Instant::now();
-        while self.messages().len() < n {
-            assert!(
-                start.elapsed() < within,
-                "{n} email(s) expected within {within:?}, got {}",
-                self.messages().len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        self.messages()
-    }
-}
-
-impl Drop for Maildir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The aiosmtpd sink; killed when dropped.
-struct Sink {
-    _child: tokio::process::Child,
-}
-
-impl Sink {
-    async fn start(port: u16, dir: &Maildir) -> Sink {
-        let mut child = tokio::process::Command::new(python())
-            .arg(scripts().join("smtp_sink.py"))
-            .arg("127.0.0.1")
-            .arg(port.to_string())
-            .arg(&dir.0)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            BufReader::new(stdout).read_line(&mut line),
-        )
-        .await
-        .expect("the SMTP sink did not start within 30 s")
-        .unwrap();
-        assert_eq!(line.trim(), "ready", "the SMTP sink said {line:?}");
-        Sink { _child: child }
-    }
-}
-
-/// A received message, decoded.
-#[derive(Debug)]
-struct Email {
-    to: String,
-    subject: String,
-    message_id: String,
-    content_type: String,
-    plain: String,
-    html: String,
-}
-
-impl Email {
-    fn parse(raw: &[u8]) -> Email {
-        use mailparse::MailHeaderMap;
-        let mail = mailparse::parse_mail(raw).unwrap();
-        let header = |name: &str| mail.headers.get_first_value(name).unwrap_or_default();
-        let part = |mime: &str| {
-            mail.subparts
-                .iter()
-                .find(|p| p.ctype.mimetype == mime)
-                .map(|p| p.get_body().unwrap().replace("\r\n", "\n"))
-                .unwrap_or_default()
-        };
-        Email {
-            to: header("To"),
-            subject: header("Subject"),
-            message_id: header("Message-ID"),
-            content_type: mail.ctype.mimetype.clone(),
-            plain: part("text/plain"),
-            html: part("text/html"),
-        }
-    }
 }
 
 fn config(port: u16) -> MailerConfig {
@@ -486,8 +339,10 @@ async fn jobs_without_an_email_address_or_not_finished_get_none() {
             temperature: None,
             top_p: None,
             stop: None,
+            stream: false,
         },
         idempotency: None,
+        notify_email: Some("eve@example.com".into()),
     };
     db.store.insert_job(&queued).await.unwrap();
     assert_eq!(

@@ -303,6 +303,7 @@ mod tests {
             temperature: Some(0.5),
             top_p: None,
             stop: Some(vec!["END".into()]),
+            stream: false,
         };
         let body = serde_json::to_value(wire_request("claude", &job, false)).ok();
         let expected = serde_json::json!({

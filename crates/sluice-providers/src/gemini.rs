@@ -325,6 +325,7 @@ mod tests {
             temperature: None,
             top_p: Some(0.9),
             stop: None,
+            stream: false,
         };
         let body = serde_json::to_value(wire_request(&job)).unwrap_or_default();
         let expected = serde_json::json!({

@@ -660,6 +660,7 @@ mod tests {
             temperature: None,
             top_p: None,
             stop: None,
+            stream: false,
         }
     }
 

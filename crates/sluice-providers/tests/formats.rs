@@ -46,6 +46,7 @@ fn job(max_tokens: Option<u32>) -> JobRequest {
         temperature: Some(0.2),
         top_p: None,
         stop: None,
+        stream: false,
     }
 }
 

@@ -22,6 +22,7 @@ fn job() -> JobRequest {
         temperature: Some(0.2),
         top_p: None,
         stop: None,
+        stream: false,
     }
 }
 

@@ -18,6 +18,9 @@ pub struct NewJob {
     pub request: JobRequest,
     /// `Idempotency-Key` header and a hash of the body it came with.
     pub idempotency: Option<(String, Vec<u8>)>,
+    /// Where the completion email goes; `None` sends none. Chosen at ingest (by tier or by
+    /// the request), not taken from the key, so keys with an address need not mean email.
+    pub notify_email: Option<String>,
 }
 
 impl NewJob {
@@ -146,7 +149,7 @@ impl Store {
         .bind(job.lane.as_str())
         .bind(&job.request.model)
         .bind(&request)
-        .bind(&job.principal.email)
+        .bind(&job.notify_email)
         .bind(key)
         .bind(hash)
         .fetch_optional(&mut *tx)
@@ -211,7 +214,7 @@ impl Store {
             lanes.push(job.lane.as_str());
             models.push(job.request.model.as_str());
             requests.push(serde_json::to_string(&job.request).map_err(corrupt)?);
-            emails.push(job.principal.email.as_deref());
+            emails.push(job.notify_email.as_deref());
         }
         let rows: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
             "WITH input AS (
@@ -323,7 +326,12 @@ impl Store {
                  UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = now(),
                                  updated_at = now(), event_seq = event_seq + 1
                  WHERE id = $1 AND tenant = $2 AND state IN ('queued', 'retrying', 'running')
-                 RETURNING id, event_seq
+                 RETURNING id, event_seq, notify_email
+             ), n AS (
+                 -- Cancelling finishes the job: its email is queued with the state change.
+                 INSERT INTO notifications (job_id, email)
+                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL
+                 ON CONFLICT (job_id) DO NOTHING
              )
              INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'cancelled' FROM j
              RETURNING job_id",

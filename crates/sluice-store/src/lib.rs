@@ -5,6 +5,7 @@
 //! so a redelivered or stale message can never overwrite a newer outcome.
 
 mod batch;
+mod events;
 mod jobs;
 mod keys;
 mod lifecycle;
@@ -14,6 +15,7 @@ mod stats;
 mod writer;
 
 pub use batch::Batcher;
+pub use events::OwnedEvent;
 pub use jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};
 pub use keys::{hash_key, new_api_key, KEY_PREFIX};
 pub use lifecycle::{Claim, Completion, DeadJob, Failure};

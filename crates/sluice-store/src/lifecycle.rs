@@ -181,9 +181,14 @@ impl Store {
                                  finished_at = now(), updated_at = now(), event_seq = event_seq + 1
                  FROM input
                  WHERE jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = 'running'
-                 RETURNING jobs.id, jobs.event_seq, jobs.attempt
+                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.notify_email
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'succeeded' FROM j
+             ), n AS (
+                 -- The completion email, in the same statement: queued exactly when the job ends.
+                 INSERT INTO notifications (job_id, email)
+                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL
+                 ON CONFLICT (job_id) DO NOTHING
              )
              SELECT id, attempt FROM j",
         )
@@ -243,7 +248,7 @@ impl Store {
                                  tries = tries - CASE WHEN $8 THEN 1 ELSE 0 END,
                                  throttled = throttled + CASE WHEN $8 THEN 1 ELSE 0 END
                  WHERE id = $1 AND attempt = $2 AND state = 'running'
-                 RETURNING id, event_seq, attempt, tenant, model, request
+                 RETURNING id, event_seq, attempt, tenant, model, request, state, notify_email
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, $3,
@@ -255,6 +260,11 @@ impl Store {
                         CASE WHEN $6 = 'dead' THEN $4 END
                  FROM j
                  RETURNING id, job_id, deliver_at
+             ), n AS (
+                 -- A dead job is finished: its email is queued with the state change.
+                 INSERT INTO notifications (job_id, email)
+                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL AND state = 'dead'
+                 ON CONFLICT (job_id) DO NOTHING
              )
              SELECT o.id AS outbox_id, o.deliver_at, j.attempt, j.tenant, j.model, j.request
              FROM o JOIN j ON j.id = o.job_id",
@@ -308,7 +318,7 @@ impl Store {
                                  finished_at = CASE WHEN jobs.tries >= $1 THEN now() END
                  FROM x WHERE jobs.id = x.id
                  RETURNING jobs.id, jobs.event_seq, jobs.state, jobs.attempt, jobs.tenant,
-                           jobs.model, jobs.error, jobs.request
+                           jobs.model, jobs.error, jobs.request, jobs.notify_email
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, state, jsonb_build_object('error', error) FROM j
@@ -318,6 +328,11 @@ impl Store {
                         CASE WHEN state = 'dead' THEN error END
                  FROM j
                  RETURNING id, job_id, lane, deliver_at, reason
+             ), n AS (
+                 -- Jobs reaped into `dead` are finished: their emails are queued with them.
+                 INSERT INTO notifications (job_id, email)
+                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL AND state = 'dead'
+                 ON CONFLICT (job_id) DO NOTHING
              )
              SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant,
                     j.model, j.request

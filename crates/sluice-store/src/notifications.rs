@@ -6,7 +6,7 @@ use crate::{millis, Store, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobState, RequestId};
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Row};
+use sqlx::Row;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -100,15 +100,13 @@ fn notification_from_row(r: &PgRow) -> Result<Notification, StoreError> {
 
 impl Store {
     /// Queue the completion emails of those jobs that are terminal and asked for one; answers
-    /// how many were new. Call it in the transaction that finishes the jobs, so an email is
-    /// queued exactly when its job ends. Queueing a job again is a no-op: one email per job.
-    pub(crate) async fn queue_notifications(
-        conn: &mut PgConnection,
-        job_ids: &[Uuid],
-    ) -> Result<u64, StoreError> {
+    /// how many were new. The statements that finish a job queue its email themselves; this
+    /// is for tests and repairs. Queueing a job again is a no-op: one email per job.
+    pub async fn queue_notifications_for(&self, job_ids: &[RequestId]) -> Result<u64, StoreError> {
         if job_ids.is_empty() {
             return Ok(0);
         }
+        let ids: Vec<Uuid> = job_ids.iter().map(|id| id.0).collect();
         let done = sqlx::query(
             "INSERT INTO notifications (job_id, email)
              SELECT id, notify_email FROM jobs
@@ -118,17 +116,10 @@ impl Store {
              ORDER BY id
              ON CONFLICT (job_id) DO NOTHING",
         )
-        .bind(job_ids)
-        .execute(conn)
+        .bind(&ids)
+        .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
-    }
-
-    /// [`Store::queue_notifications`] on a connection of its own (tests and repairs).
-    pub async fn queue_notifications_for(&self, job_ids: &[RequestId]) -> Result<u64, StoreError> {
-        let ids: Vec<Uuid> = job_ids.iter().map(|id| id.0).collect();
-        let mut conn = self.pool.acquire().await?;
-        Self::queue_notifications(&mut conn, &ids).await
     }
 
     /// Take up to `limit` due notifications, holding each for `lease`: another mailer takes

@@ -56,8 +56,10 @@ fn new_job(tenant: &str, text: &str) -> NewJob {
             temperature: None,
             top_p: None,
             stop: None,
+            stream: false,
         },
         idempotency: None,
+        notify_email: None,
     }
 }
 
@@ -478,5 +480,224 @@ async fn batched_claims_and_completions_answer_each_caller_once() {
         db.store.job(b.job.request_id).await.unwrap().unwrap().state,
         JobState::Running
     );
+    db.drop().await;
+}
+
+/// A job for `email`, inserted and claimed: ready to be finished one way or another.
+async fn claimed_job_for(
+    db: &TestDb,
+    email: Option<&str>,
+    lease: Duration,
+) -> (RequestId, sluice_store::Claim) {
+    let mut job = new_job("acme", "tell me");
+    job.notify_email = email.map(str::to_owned);
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    let claim = db.store.claim(&msg.job, lease).await.unwrap().unwrap();
+    (job.id, claim)
+}
+
+/// The job's notification row, asserting it is a fresh pending one for `email`.
+async fn assert_pending_email(db: &TestDb, id: RequestId, email: &str) {
+    let row = db
+        .store
+        .notification_for(id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("job {id} has no notification"));
+    assert_eq!(row.email, email);
+    assert_eq!(row.state, sluice_store::NotificationState::Pending);
+    assert_eq!(row.attempts, 0);
+    assert!(row.locked_until.is_none() && row.sent_at.is_none());
+}
+
+async fn notifications_in_total(db: &TestDb) -> i64 {
+    db.store
+        .notification_counts()
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_completion_none() {
+    let db = TestDb::new().await;
+    let (id, claim) = claimed_job_for(&db, Some("ada@example.com"), LEASE).await;
+    // Running is not finished: nothing to tell yet.
+    assert!(db.store.notification_for(id).await.unwrap().is_none());
+    let result = serde_json::json!({"content": "42"});
+    assert!(db
+        .store
+        .complete(id, claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    assert_pending_email(&db, id, "ada@example.com").await;
+
+    // A duplicate completion (a redelivered message) fails the fence and adds nothing.
+    assert!(!db
+        .store
+        .complete(id, claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    let answers = db
+        .store
+        .complete_many(&[sluice_store::Completion {
+            id,
+            attempt: claim.attempt,
+            result,
+            endpoint: "e2".into(),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(answers, vec![false]);
+    assert_eq!(notifications_in_total(&db).await, 1);
+    // Nor does queueing it by hand: one email per job.
+    assert_eq!(db.store.queue_notifications_for(&[id]).await.unwrap(), 0);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_does_not() {
+    let db = TestDb::new().await;
+    let failure = Failure {
+        error: "boom".into(),
+        endpoint: Some("e1".into()),
+        throttled: false,
+    };
+    let (id, claim) = claimed_job_for(&db, Some("bo@example.com"), LEASE).await;
+    let retry = db
+        .store
+        .retry_later(id, claim.attempt, &failure, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        db.store.notification_for(id).await.unwrap().is_none(),
+        "a retrying job is not finished"
+    );
+
+    let again = db.store.claim(&retry.job, LEASE).await.unwrap().unwrap();
+    db.store
+        .dead_letter(id, again.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_pending_email(&db, id, "bo@example.com").await;
+    // A stale dead-letter of the same attempt changes nothing.
+    assert!(db
+        .store
+        .dead_letter(id, again.attempt, &failure)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(notifications_in_total(&db).await, 1);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_does_not() {
+    let db = TestDb::new().await;
+    let short = Duration::from_millis(100);
+    let (retried, _) = claimed_job_for(&db, Some("cy@example.com"), short).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Tries left (1 of 2 used): back to retry, not finished.
+    let reaped = db.store.reap_expired(2, 100).await.unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].lane, Lane::Retry);
+    assert!(db.store.notification_for(retried).await.unwrap().is_none());
+
+    // The second expiry spends the budget: dead, and the email is queued with it.
+    db.store
+        .claim(&reaped[0].job, short)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let dead = db.store.reap_expired(2, 100).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].lane, Lane::Dead);
+    assert_eq!(
+        db.store.job(retried).await.unwrap().unwrap().state,
+        JobState::Dead
+    );
+    assert_pending_email(&db, retried, "cy@example.com").await;
+    assert!(db.store.reap_expired(2, 100).await.unwrap().is_empty());
+    assert_eq!(notifications_in_total(&db).await, 1);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_job_with_an_email_queues_one_notification() {
+    let db = TestDb::new().await;
+    let mut queued = new_job("acme", "never mind");
+    queued.notify_email = Some("di@example.com".into());
+    created(db.store.insert_job(&queued).await.unwrap());
+    let (running, _) = claimed_job_for(&db, Some("ed@example.com"), LEASE).await;
+
+    for id in [queued.id, running] {
+        assert_eq!(
+            db.store.cancel("acme", id).await.unwrap(),
+            CancelOutcome::Cancelled
+        );
+    }
+    assert_pending_email(&db, queued.id, "di@example.com").await;
+    assert_pending_email(&db, running, "ed@example.com").await;
+    // Cancelling again is refused and queues nothing more.
+    assert_eq!(
+        db.store.cancel("acme", running).await.unwrap(),
+        CancelOutcome::Terminal(JobState::Cancelled)
+    );
+    assert_eq!(notifications_in_total(&db).await, 2);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn jobs_without_an_email_queue_no_notification_however_they_end() {
+    let db = TestDb::new().await;
+    let (done, claim) = claimed_job_for(&db, None, LEASE).await;
+    assert!(db
+        .store
+        .complete(
+            done,
+            claim.attempt,
+            &serde_json::json!({"content": "x"}),
+            "e1"
+        )
+        .await
+        .unwrap());
+    let (dead, claim) = claimed_job_for(&db, None, LEASE).await;
+    let failure = Failure {
+        error: "no".into(),
+        endpoint: None,
+        throttled: false,
+    };
+    db.store
+        .dead_letter(dead, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    let (cancelled, _) = claimed_job_for(&db, None, LEASE).await;
+    assert_eq!(
+        db.store.cancel("acme", cancelled).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    // The batched ingest path stores the address (or its absence) just the same.
+    let mut batched = new_job("acme", "batched");
+    batched.notify_email = Some("fi@example.com".into());
+    let writer = JobWriter::spawn(db.store.clone(), 1, 8);
+    let msg = writer.insert(batched.clone()).await.unwrap();
+    let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    assert!(db
+        .store
+        .complete(batched.id, claim.attempt, &serde_json::json!({}), "e1")
+        .await
+        .unwrap());
+
+    for id in [done, dead, cancelled] {
+        assert!(db.store.notification_for(id).await.unwrap().is_none());
+    }
+    assert_pending_email(&db, batched.id, "fi@example.com").await;
+    assert_eq!(notifications_in_total(&db).await, 1);
     db.drop().await;
 }

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use sluice_broker::{BrokerError, Delivery, PublishOptions};
 use sluice_core::{FairQueue, JobRef, Lane, LaneWeights, RequestId, RetryPolicy};
+use sluice_notify::EventBus;
 use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::Router;
 use sluice_store::{Batcher, Claim, Completion, Store};
@@ -110,6 +111,8 @@ pub struct Worker {
     pub(crate) router: Arc<Router>,
     pub(crate) config: WorkerConfig,
     pub(crate) held: Held,
+    /// Where state changes and streamed text are announced to API nodes.
+    pub(crate) bus: EventBus,
 }
 
 impl Worker {
@@ -118,6 +121,7 @@ impl Worker {
         publisher: Publisher,
         router: Arc<Router>,
         config: WorkerConfig,
+        bus: EventBus,
     ) -> Result<Arc<Worker>, WorkerError> {
         config
             .retry
@@ -159,6 +163,7 @@ impl Worker {
             router,
             config,
             held: Held::default(),
+            bus,
         }))
     }
 
@@ -478,6 +483,9 @@ impl Worker {
                             message = "requeued jobs whose worker stopped",
                             jobs = messages.len()
                         );
+                        for m in &messages {
+                            worker.bus.changed(m.job.request_id, &m.job.tenant);
+                        }
                         if let Err(error) = worker.publisher.publish_many(messages).await {
                             tracing::warn!(message = "publishing reaped jobs failed; the relay will retry", %error);
                         }

@@ -4,6 +4,7 @@
 use crate::Worker;
 use sluice_broker::Delivery;
 use sluice_core::RetryDecision;
+use sluice_notify::BusMessage;
 use sluice_providers::{ChatRequest, Permit, ProviderError};
 use sluice_store::{Completion, Failure, OutboxMessage};
 use std::time::Duration;
@@ -28,6 +29,7 @@ impl Worker {
                 return;
             }
         };
+        self.bus.changed(id, &job.tenant);
         let Some(permit) = permit else {
             let failure = Failure {
                 error: format!("no route for model {:?}", claim.request.model),
@@ -42,12 +44,34 @@ impl Worker {
         self.held.insert(id, claim.attempt);
         let endpoint = permit.endpoint().to_owned();
         let request_id = id.to_string();
-        let outcome = permit
-            .call(ChatRequest {
-                request_id: &request_id,
-                job: &claim.request,
-            })
-            .await;
+        let request = ChatRequest {
+            request_id: &request_id,
+            job: &claim.request,
+        };
+        let outcome = if claim.request.stream {
+            let (tx, mut deltas) = tokio::sync::mpsc::channel::<String>(256);
+            let bus = self.bus.clone();
+            let tenant = job.tenant.clone();
+            // Deltas go out in order as they arrive; the stored result is the whole text.
+            let forward = tokio::spawn(async move {
+                let mut index = 0u32;
+                while let Some(text) = deltas.recv().await {
+                    bus.publish(BusMessage::Delta {
+                        request_id: id,
+                        tenant: tenant.clone(),
+                        index,
+                        text,
+                    });
+                    index += 1;
+                }
+            });
+            let outcome = permit.call_stream(request, tx).await;
+            // The sender is gone with the call, so the forwarder ends after the last delta.
+            let _ = forward.await;
+            outcome
+        } else {
+            permit.call(request).await
+        };
         self.held.remove(id);
 
         match outcome {
@@ -69,6 +93,7 @@ impl Worker {
                 };
                 match self.completions.call(completion).await {
                     Ok(true) => {
+                        self.bus.changed(id, &job.tenant);
                         tracing::debug!(message = "job succeeded", request_id = %id, %endpoint)
                     }
                     Ok(false) => {
@@ -142,7 +167,10 @@ impl Worker {
             }
         };
         match stored {
-            Ok(Some(message)) => self.publish(message).await,
+            Ok(Some(message)) => {
+                self.bus.changed(id, &message.job.tenant);
+                self.publish(message).await
+            }
             Ok(None) => {
                 tracing::info!(message = "failure not recorded: the job was cancelled or taken over", request_id = %id)
             }

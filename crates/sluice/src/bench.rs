@@ -152,7 +152,7 @@ async fn run_throughput(
     let publisher = Publisher::new(store.clone(), Arc::clone(broker));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
-    let state = stack::api_state(config, store.clone(), publisher.clone());
+    let state = stack::api_state(config, store.clone(), publisher.clone(), stop.clone())?;
     tokio::spawn(sluice_api::serve(listener, state, stop.clone()));
 
     let router: Arc<Router> = stack::router(config).await?;
@@ -167,6 +167,7 @@ async fn run_throughput(
             publisher.clone(),
             Arc::clone(&router),
             worker_config,
+            sluice_notify::EventBus::local(),
         )?;
         tokio::spawn(worker.run(stop.clone()));
     }

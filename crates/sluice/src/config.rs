@@ -43,6 +43,10 @@ pub struct Config {
     pub redis: Option<RedisSection>,
     #[serde(default)]
     pub sim: SimSection,
+    /// SMTP for completion emails, sent by every worker's mailer; without it none are sent
+    /// (notifications wait in the database until a worker with `[mail]` runs).
+    #[serde(default)]
+    pub mail: Option<sluice_notify::MailerConfig>,
 }
 
 /// Where Redis is; keys go under `prefix`.
@@ -109,6 +113,9 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(mail) = &self.mail {
+            mail.validate().context("invalid [mail] section")?;
+        }
         for (alias, target) in &self.routes {
             let pools = target.pools();
             if pools.is_empty() {
@@ -172,6 +179,29 @@ mod tests {
             let config = Config::load(None).unwrap();
             assert_eq!(config.listen, default_listen());
             assert!(config.routes.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_mail_section_is_read_and_checked() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "mail.toml",
+                "[mail]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = 2525\ntls = \"none\"\n\
+                 from = \"Sluice <sluice@example.com>\"\n",
+            )?;
+            jail.set_env("SLUICE_MAIL__LEASE_SECS", "30");
+            let mail = Config::load(Some(Path::new("mail.toml")))
+                .unwrap()
+                .mail
+                .unwrap();
+            assert_eq!(mail.smtp_port, Some(2525));
+            assert_eq!(mail.lease_secs, 30.0);
+
+            jail.create_file("bad.toml", "[mail]\nfrom = \"nobody\"\n")?;
+            let error = Config::load(Some(Path::new("bad.toml"))).unwrap_err();
+            assert!(format!("{error:#}").contains("[mail]"), "{error:#}");
             Ok(())
         });
     }

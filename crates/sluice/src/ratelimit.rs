@@ -155,8 +155,10 @@ async fn drive(
                         temperature: None,
                         top_p: None,
                         stop: None,
+                        stream: false,
                     },
                     idempotency: None,
+                    notify_email: None,
                 }
             })
             .collect();

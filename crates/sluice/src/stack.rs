@@ -7,11 +7,13 @@ use sluice_api::ApiState;
 use sluice_broker::rabbitmq::RabbitBroker;
 use sluice_broker::Broker;
 use sluice_core::RequestId;
+use sluice_notify::{EventBus, Hub};
 use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::{Router, SharedLimits};
 use sluice_store::{JobWriter, Store, StoreConfig};
 use sluice_worker::Worker;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -55,16 +57,42 @@ pub async fn router(config: &Config) -> anyhow::Result<Arc<Router>> {
     Ok(Arc::new(router))
 }
 
-/// The API state over an open store and broker.
-pub fn api_state(config: &Config, store: Store, publisher: Publisher) -> Arc<ApiState> {
+/// The event bus: Redis pub/sub when `[redis]` is configured, else in-process only (API nodes
+/// then learn of workers' state changes from the event log's poll alone).
+pub fn event_bus(config: &Config) -> anyhow::Result<EventBus> {
+    match &config.redis {
+        Some(redis) => {
+            EventBus::redis(&redis.url, &redis.prefix).context("invalid Redis configuration")
+        }
+        None => Ok(EventBus::local()),
+    }
+}
+
+/// The API state over an open store and broker, with its event hub.
+pub fn api_state(
+    config: &Config,
+    store: Store,
+    publisher: Publisher,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<ApiState>> {
     let writer = JobWriter::spawn(store.clone(), 4, 256);
-    ApiState::new(
+    let bus = event_bus(config)?;
+    // Without Redis the poll is the only way workers' changes reach subscribers here.
+    let poll = if config.redis.is_some() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(250)
+    };
+    let hub = Hub::spawn(store.clone(), &bus, poll, shutdown);
+    Ok(ApiState::new(
         store,
         writer,
         publisher,
         config.routes.keys().cloned().collect(),
         config.tiers,
-    )
+        bus,
+        hub,
+    ))
 }
 
 pub async fn serve(
@@ -93,7 +121,7 @@ pub async fn serve(
     // Scripts and tests read this line to find the port.
     println!("sluice api listening on http://{addr}");
     tracing::info!(message = "api listening", %addr);
-    let state = api_state(&config, store, publisher);
+    let state = api_state(&config, store, publisher, shutdown.clone())?;
     sluice_api::serve(listener, state, shutdown)
         .await
         .context("the API server failed")
@@ -108,9 +136,36 @@ pub async fn worker(
     let store = store(&config, migrate).await?;
     let broker = broker(&config).await?;
     let publisher = Publisher::new(store.clone(), broker);
-    let worker = Worker::new(store, publisher, router, config.worker.clone())?;
+    // Every worker with `[mail]` also sends completion emails; the notifications' leases keep
+    // two workers from sending the same one.
+    let mailer = match &config.mail {
+        Some(mail) => Some(
+            sluice_notify::Mailer::new(store.clone(), mail.clone())
+                .context("cannot set up the mailer from [mail]")?,
+        ),
+        None => None,
+    };
+    let worker = Worker::new(
+        store,
+        publisher,
+        router,
+        config.worker.clone(),
+        event_bus(&config)?,
+    )?;
+    // A child token, so a worker that fails also stops its mailer.
+    let mail_stop = shutdown.child_token();
+    let mailer = mailer.map(|mailer| tokio::spawn(mailer.run(mail_stop.clone())));
     println!("sluice worker started");
-    worker.run(shutdown).await.context("the worker failed")
+    let result = worker.run(shutdown).await.context("the worker failed");
+    if let Some(mailer) = mailer {
+        // The mailer finishes the send in progress; emails it had not started wait in the
+        // database for the next mailer.
+        mail_stop.cancel();
+        if let Err(error) = mailer.await {
+            tracing::error!(message = "the mailer failed", %error);
+        }
+    }
+    result
 }
 
 pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<()> {

@@ -1,0 +1,88 @@
+//! `GET /v1/jobs/{id}/events`: one job's events as Server-Sent Events, ending after the
+//! terminal one. `Last-Event-ID` resumes from the stored log, so a reconnect misses nothing.
+//!
+//! State changes carry `id: <seq>` and `event: state`; streamed text comes as `event: delta`
+//! without an id (deltas are not stored, so they cannot be resumed).
+
+use crate::auth::Caller;
+use crate::jobs::parse_id;
+use crate::{ApiError, ApiState};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::stream::{self, Stream, StreamExt};
+use sluice_notify::{Outgoing, Subscription};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+fn last_event_id(headers: &HeaderMap) -> Result<i32, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(0);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::invalid("Last-Event-ID must be the id of an earlier event"))
+}
+
+fn sse_event(message: &Outgoing) -> Event {
+    let event = match message {
+        Outgoing::Event { seq, .. } => Event::default().id(seq.to_string()).event("state"),
+        Outgoing::Delta { .. } => Event::default().event("delta"),
+    };
+    event
+        .json_data(message)
+        .unwrap_or_else(|_| Event::default().comment("unencodable event"))
+}
+
+pub async fn sse(
+    State(state): State<Arc<ApiState>>,
+    Caller(principal): Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = parse_id(&id)?;
+    let after = last_event_id(&headers)?;
+    // Another tenant's job answers exactly like an unknown one.
+    let job = state
+        .store
+        .get_job(&principal.tenant, id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("no such job"))?;
+    let subscription = state.hub.subscribe(&principal.tenant);
+    subscription.follow(id, after).await;
+    // A finished job whose events the client already has: nothing will come, end at once.
+    let finished = job.state.is_terminal()
+        && state
+            .store
+            .events_after(&[(id, after)])
+            .await
+            .map_err(ApiError::internal)?
+            .is_empty();
+    let events = stream::unfold(
+        (subscription, finished),
+        |(mut sub, done): (Subscription, bool)| async move {
+            if done {
+                return None;
+            }
+            match sub.recv().await {
+                Some(message) => {
+                    let end = message.is_terminal();
+                    Some((Ok(sse_event(&message)), (sub, end)))
+                }
+                None if sub.overloaded() => {
+                    let note = Event::default()
+                        .event("error")
+                        .data(r#"{"code":"overloaded","message":"too slow to keep up; reconnect with Last-Event-ID"}"#);
+                    Some((Ok(note), (sub, true)))
+                }
+                None => None,
+            }
+        },
+    )
+    .boxed();
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}

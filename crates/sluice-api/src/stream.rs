@@ -1,0 +1,214 @@
+//! `GET /v1/stream`: a WebSocket on which a key follows its tenant's jobs (some, or all of
+//! its user's) and receives their events and streamed text as JSON messages.
+//!
+//! Protocol (text frames, JSON; the schema is in docs/ARCHITECTURE.md "Events"):
+//! client: `{"type":"auth","api_key":..}` (first, unless the upgrade had `Authorization`),
+//! `{"type":"subscribe","request_ids":[..]}` or `{"type":"subscribe","all":true}`,
+//! `{"type":"unsubscribe","request_ids":[..]}`; server: `ready`, `subscribed`, `event`,
+//! `delta`, `error`. Close codes: 4401 not authenticated, 4408 too slow (buffer full).
+
+use crate::auth::{authenticate, bearer};
+use crate::ApiState;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use sluice_core::{Principal, RequestId};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Close code for a connection that never authenticated, or with a bad key.
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
+/// Close code for a subscriber too slow to keep up with its events.
+pub const CLOSE_OVERLOADED: u16 = 4408;
+/// How long a connection without `Authorization` has to send its `auth` message.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pings keep idle connections open through proxies and find dead peers.
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientMessage {
+    Auth {
+        api_key: String,
+    },
+    Subscribe {
+        #[serde(default)]
+        request_ids: Vec<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    Unsubscribe {
+        #[serde(default)]
+        request_ids: Vec<String>,
+    },
+}
+
+pub async fn websocket(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let key = bearer(&headers).map(str::to_owned);
+    ws.on_upgrade(move |socket| run(socket, state, key))
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// Authenticate from the upgrade's header, or the first message.
+async fn principal(
+    socket: &mut WebSocket,
+    state: &ApiState,
+    key: Option<String>,
+) -> Option<Principal> {
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let first = tokio::time::timeout(AUTH_TIMEOUT, socket.recv()).await;
+            let Ok(Some(Ok(Message::Text(text)))) = first else {
+                return None;
+            };
+            match serde_json::from_str::<ClientMessage>(&text) {
+                Ok(ClientMessage::Auth { api_key }) => api_key,
+                _ => return None,
+            }
+        }
+    };
+    authenticate(state, &key).await.ok()
+}
+
+async fn run(mut socket: WebSocket, state: Arc<ApiState>, key: Option<String>) {
+    let Some(principal) = principal(&mut socket, &state, key).await else {
+        close(
+            &mut socket,
+            CLOSE_UNAUTHORIZED,
+            "unauthorized: send a valid API key",
+        )
+        .await;
+        return;
+    };
+    let mut subscription = state.hub.subscribe(&principal.tenant);
+    let (mut tx, mut rx) = socket.split();
+    let ready = json!({ "type": "ready", "tenant": principal.tenant, "user": principal.user });
+    if tx
+        .send(Message::Text(ready.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            incoming = rx.next() => {
+                let text = match incoming {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => continue,
+                };
+                let reply = handle(&state, &principal, &subscription, &text).await;
+                if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+            outgoing = subscription.recv() => {
+                let Some(message) = outgoing else {
+                    let frame = CloseFrame {
+                        code: CLOSE_OVERLOADED,
+                        reason: Utf8Bytes::from_static("overloaded: too slow to keep up"),
+                    };
+                    let _ = tx.send(Message::Close(Some(frame))).await;
+                    return;
+                };
+                let Ok(text) = serde_json::to_string(&message) else { continue };
+                if tx.send(Message::Text(text.into())).await.is_err() {
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if tx.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Answer one client message.
+async fn handle(
+    state: &ApiState,
+    principal: &Principal,
+    subscription: &sluice_notify::Subscription,
+    text: &str,
+) -> serde_json::Value {
+    let error =
+        |code: &str, message: String| json!({ "type": "error", "code": code, "message": message });
+    let message = match serde_json::from_str::<ClientMessage>(text) {
+        Ok(m) => m,
+        Err(e) => {
+            return error(
+                "invalid_message",
+                format!("not a message this socket understands: {e}"),
+            )
+        }
+    };
+    match message {
+        ClientMessage::Auth { .. } => error(
+            "already_authenticated",
+            "this socket is authenticated".into(),
+        ),
+        ClientMessage::Subscribe { request_ids, all } => {
+            let mut followed = Vec::new();
+            let mut unknown = Vec::new();
+            for raw in request_ids {
+                let owned = match raw.parse::<RequestId>() {
+                    Ok(id) => match state.store.get_job(&principal.tenant, id).await {
+                        Ok(Some(_)) => Some(id),
+                        Ok(None) => None,
+                        Err(e) => {
+                            return error("internal", format!("could not look the job up: {e}"))
+                        }
+                    },
+                    Err(_) => None,
+                };
+                // Another tenant's job is exactly as unknown as one that does not exist.
+                match owned {
+                    Some(id) => {
+                        subscription.follow(id, 0).await;
+                        followed.push(id.to_string());
+                    }
+                    None => unknown.push(raw),
+                }
+            }
+            if all {
+                subscription.follow_user(&principal.user);
+            }
+            if !unknown.is_empty() {
+                return json!({
+                    "type": "error", "code": "not_found", "message": "no such job",
+                    "request_ids": unknown, "subscribed": followed,
+                });
+            }
+            json!({ "type": "subscribed", "request_ids": followed, "all": all })
+        }
+        ClientMessage::Unsubscribe { request_ids } => {
+            for id in request_ids
+                .iter()
+                .filter_map(|r| r.parse::<RequestId>().ok())
+            {
+                subscription.unfollow(id);
+            }
+            json!({ "type": "unsubscribed", "request_ids": request_ids })
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The event bus between processes: workers and API nodes announce that a job changed (its
+//! events are in the store's log) and stream token deltas; API nodes listen and fan out.
+//!
+//! With Redis it is one pub/sub channel, published from one connection so a process's messages
+//! arrive in the order it sent them; without Redis it is in-process (one-binary deployments).
+//! Pub/sub may drop messages (Redis down, a slow listener): state changes are recovered from
+//! the store by the hub's poll, deltas are best effort.
+
+use deadpool_redis::redis;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sluice_core::RequestId;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+
+/// Messages waiting to be published; beyond this, new ones are dropped (the hub's poll covers
+/// state changes, and a stream that far behind is better cut short than blocking workers).
+const PUBLISH_QUEUE: usize = 16_384;
+/// Messages a listener may fall behind before it loses some.
+const LISTEN_QUEUE: usize = 16_384;
+/// Pause before reconnecting to Redis after a failure.
+const RECONNECT_AFTER: Duration = Duration::from_millis(500);
+
+/// What travels on the bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BusMessage {
+    /// The job's state changed: its new events are in the store's event log.
+    Changed {
+        request_id: RequestId,
+        tenant: String,
+    },
+    /// Text a running `stream: true` job received, in order (`index` from 0). Not stored.
+    Delta {
+        request_id: RequestId,
+        tenant: String,
+        index: u32,
+        text: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("invalid Redis URL for the event bus: {0}")]
+    InvalidUrl(String),
+}
+
+/// A handle on the bus; cheap to clone.
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Every message also goes here, so listeners in this process hear it without Redis.
+    local: broadcast::Sender<BusMessage>,
+    redis: Option<RedisBus>,
+}
+
+struct RedisBus {
+    client: redis::Client,
+    channel: String,
+    outgoing: mpsc::Sender<BusMessage>,
+    /// Started on the first `subscribe`: a process that only publishes never listens.
+    listening: Mutex<Option<broadcast::Sender<BusMessage>>>,
+}
+
+impl EventBus {
+    /// A bus inside this process only.
+    pub fn local() -> EventBus {
+        let (local, _) = broadcast::channel(LISTEN_QUEUE);
+        EventBus {
+            inner: Arc::new(Inner { local, redis: None }),
+        }
+    }
+
+    /// A bus over Redis channel `{prefix}:events`. An unreachable Redis is not an error: messages
+    /// are dropped (with a warning) until it answers. Must be called inside a Tokio runtime.
+    pub fn redis(url: &str, prefix: &str) -> Result<EventBus, BusError> {
+        let client = redis::Client::open(url).map_err(|e| BusError::InvalidUrl(e.to_string()))?;
+        let (outgoing, queue) = mpsc::channel(PUBLISH_QUEUE);
+        let channel = format!("{prefix}:events");
+        tokio::spawn(publish_loop(client.clone(), channel.clone(), queue));
+        let (local, _) = broadcast::channel(1);
+        Ok(EventBus {
+            inner: Arc::new(Inner {
+                local,
+                redis: Some(RedisBus {
+                    client,
+                    channel,
+                    outgoing,
+                    listening: Mutex::new(None),
+                }),
+            }),
+        })
+    }
+
+    /// Announce a message; never waits.
+    pub fn publish(&self, message: BusMessage) {
+        match &self.inner.redis {
+            Some(redis) => {
+                if redis.outgoing.try_send(message).is_err() {
+                    tracing::warn!(message = "event bus backlog full; dropping an event");
+                }
+            }
+            None => {
+                // No listener is not an error.
+                let _ = self.inner.local.send(message);
+            }
+        }
+    }
+
+    /// The job's state changed.
+    pub fn changed(&self, request_id: RequestId, tenant: &str) {
+        self.publish(BusMessage::Changed {
+            request_id,
+            tenant: tenant.to_owned(),
+        });
+    }
+
+    /// Hear every message from now on. A listener that falls far behind loses messages
+    /// (`RecvError::Lagged`), which the hub's poll makes good for state changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<BusMessage> {
+        let Some(redis) = &self.inner.redis else {
+            return self.inner.local.subscribe();
+        };
+        let mut listening = redis.listening.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = listening.as_ref() {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = broadcast::channel(LISTEN_QUEUE);
+        tokio::spawn(listen_loop(
+            redis.client.clone(),
+            redis.channel.clone(),
+            sender.clone(),
+        ));
+        *listening = Some(sender);
+        receiver
+    }
+}
+
+async fn publish_loop(
+    client: redis::Client,
+    channel: String,
+    mut queue: mpsc::Receiver<BusMessage>,
+) {
+    let mut connection: Option<redis::aio::MultiplexedConnection> = None;
+    while let Some(message) = queue.recv().await {
+        let Ok(payload) = serde_json::to_string(&message) else {
+            continue;
+        };
+        if connection.is_none() {
+            match client.get_multiplexed_async_connection().await {
+                Ok(c) => connection = Some(c),
+                Err(error) => {
+                    tracing::warn!(message = "event bus cannot reach Redis; event dropped", %error);
+                    continue;
+                }
+            }
+        }
+        if let Some(c) = connection.as_mut() {
+            let sent: Result<i64, _> = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(payload)
+                .query_async(c)
+                .await;
+            if let Err(error) = sent {
+                tracing::warn!(message = "event bus publish failed; event dropped", %error);
+                connection = None;
+            }
+        }
+    }
+}
+
+async fn listen_loop(
+    client: redis::Client,
+    channel: String,
+    sender: broadcast::Sender<BusMessage>,
+) {
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                Ok(()) => {
+                    tracing::info!(message = "listening for job events", %channel);
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        let Ok(payload) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        match serde_json::from_str::<BusMessage>(&payload) {
+                            Ok(message) => {
+                                if sender.send(message).is_err() && sender.receiver_count() == 0 {
+                                    return;
+                                }
+                            }
+                            Err(error) => {
+                                tracing::debug!(message = "ignoring a malformed bus message", %error)
+                            }
+                        }
+                    }
+                    tracing::warn!(message = "event bus subscription ended; reconnecting");
+                }
+                Err(error) => tracing::warn!(message = "event bus subscribe failed", %error),
+            },
+            Err(error) => tracing::warn!(message = "event bus cannot reach Redis", %error),
+        }
+        if sender.receiver_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(RECONNECT_AFTER).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_json_shape() {
+        let id = RequestId::new();
+        let json = serde_json::to_value(BusMessage::Changed {
+            request_id: id,
+            tenant: "acme".into(),
+        })
+        .unwrap_or_default();
+        assert_eq!(json["kind"], "changed");
+        assert_eq!(json["request_id"], id.to_string());
+    }
+
+    #[tokio::test]
+    async fn the_local_bus_delivers_in_order() {
+        let bus = EventBus::local();
+        let mut rx = bus.subscribe();
+        let id = RequestId::new();
+        for index in 0..3 {
+            bus.publish(BusMessage::Delta {
+                request_id: id,
+                tenant: "t".into(),
+                index,
+                text: format!("{index}"),
+            });
+        }
+        for index in 0..3 {
+            match rx.recv().await {
+                Ok(BusMessage::Delta { index: got, .. }) => assert_eq!(got, index),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The API node's fan-out: subscriptions to jobs (or to all of a user's jobs) receive each
+//! stored state change exactly once and in order, read from the event log when the bus says
+//! a job changed, and again by a periodic poll that makes good what the bus lost.
+//!
+//! Each subscription remembers the last sequence number it saw per job, so duplicates from
+//! the bus and the poll are dropped and gaps are filled from the log. A subscriber that does
+//! not keep up (its bounded buffer fills) is cut off and marked overloaded.
+
+use crate::bus::{BusMessage, EventBus};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sluice_core::{JobState, RequestId};
+use sluice_store::{OwnedEvent, Store};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Messages a subscriber may have waiting before it counts as too slow.
+pub const SUBSCRIBER_BUFFER: usize = 1_024;
+
+/// What a subscriber receives: the JSON messages of the WebSocket and SSE streams.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Outgoing {
+    /// A stored state change; `seq` counts from 1 per job without gaps.
+    Event {
+        request_id: RequestId,
+        seq: i32,
+        state: JobState,
+        at: DateTime<Utc>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<serde_json::Value>,
+    },
+    /// Text streamed by a running job, in order from `index` 0.
+    Delta {
+        request_id: RequestId,
+        index: u32,
+        text: String,
+    },
+}
+
+impl Outgoing {
+    fn event(e: &OwnedEvent) -> Outgoing {
+        Outgoing::Event {
+            request_id: e.request_id,
+            seq: e.event.seq,
+            state: e.event.state,
+            at: e.event.at,
+            detail: e.event.detail.clone(),
+        }
+    }
+
+    /// True for the event of a terminal state.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Outgoing::Event { state, .. } if state.is_terminal())
+    }
+}
+
+/// The fan-out of one API node; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    store: Store,
+    subs: Mutex<HashMap<u64, Sub>>,
+    next_id: AtomicU64,
+}
+
+struct Sub {
+    tenant: String,
+    /// Set for a subscription to all of this user's jobs.
+    user: Option<String>,
+    /// When a user-wide subscription began: earlier events of its jobs are not sent.
+    since: DateTime<Utc>,
+    /// Jobs followed, with the last sequence number sent.
+    jobs: HashMap<RequestId, i32>,
+    tx: mpsc::Sender<Outgoing>,
+    overloaded: Arc<AtomicBool>,
+}
+
+impl Sub {
+    /// Whether this subscription wants `event`, given what it already has.
+    fn wants(&self, e: &OwnedEvent) -> bool {
+        if e.tenant != self.tenant {
+            return false;
+        }
+        match self.jobs.get(&e.request_id) {
+            Some(&last) => e.event.seq > last,
+            None => self.user.as_deref() == Some(e.user_id.as_str()) && e.event.at >= self.since,
+        }
+    }
+
+    /// Queue `message`; false once the subscriber is too slow (it is then dropped).
+    fn send(&self, message: Outgoing) -> bool {
+        match self.tx.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overloaded.store(true, Ordering::Relaxed);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+impl Hub {
+    /// Start the hub: it listens on `bus` and polls the log every `poll_every` for jobs its
+    /// subscribers follow, until `shutdown`.
+    pub fn spawn(
+        store: Store,
+        bus: &EventBus,
+        poll_every: Duration,
+        shutdown: CancellationToken,
+    ) -> Hub {
+        let hub = Hub {
+            inner: Arc::new(HubInner {
+                store,
+                subs: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        };
+        tokio::spawn(listen(hub.clone(), bus.subscribe(), shutdown.clone()));
+        tokio::spawn(poll(hub.clone(), poll_every, shutdown));
+        hub
+    }
+
+    /// A new subscription for `tenant`, following nothing yet.
+    pub fn subscribe(&self, tenant: &str) -> Subscription {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let overloaded = Arc::new(AtomicBool::new(false));
+        self.inner.lock().insert(
+            id,
+            Sub {
+                tenant: tenant.to_owned(),
+                user: None,
+                since: Utc::now(),
+                jobs: HashMap::new(),
+                tx,
+                overloaded: Arc::clone(&overloaded),
+            },
+        );
+        Subscription {
+            id,
+            hub: self.clone(),
+            rx,
+            overloaded,
+        }
+    }
+
+    /// Bring every subscriber of `jobs` up to date from the log.
+    async fn refresh(&self, jobs: &[RequestId]) {
+        let wanted: Vec<(RequestId, i32)> = {
+            let subs = self.inner.lock();
+            jobs.iter()
+                .filter_map(|id| {
+                    subs.values()
+                        .filter_map(|s| s.jobs.get(id))
+                        .min()
+                        .map(|&last| (*id, last))
+                })
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        match self.inner.store.events_after(&wanted).await {
+            Ok(events) => self.deliver(&events),
+            Err(error) => tracing::warn!(message = "could not read job events", %error),
+        }
+    }
+
+    /// A job changed: read its new events if anyone could want them.
+    async fn changed(&self, id: RequestId, tenant: &str) {
+        let after = {
+            let subs = self.inner.lock();
+            let mut after: Option<i32> = None;
+            for sub in subs.values().filter(|s| s.tenant == tenant) {
+                let last = match (sub.jobs.get(&id), &sub.user) {
+                    (Some(&last), _) => last,
+                    (None, Some(_)) => 0,
+                    (None, None) => continue,
+                };
+                after = Some(after.map_or(last, |a| a.min(last)));
+            }
+            after
+        };
+        let Some(after) = after else {
+            return;
+        };
+        match self.inner.store.events_after(&[(id, after)]).await {
+            Ok(events) => self.deliver(&events),
+            Err(error) => tracing::warn!(message = "could not read job events", %error),
+        }
+    }
+
+    /// Send each subscriber the events it has not had, in order; drop the ones too slow.
+    fn deliver(&self, events: &[OwnedEvent]) {
+        let mut subs = self.inner.lock();
+        let mut gone = Vec::new();
+        for (id, sub) in subs.iter_mut() {
+            for e in events {
+                if !sub.wants(e) {
+                    continue;
+                }
+                if !sub.send(Outgoing::event(e)) {
+                    gone.push(*id);
+                    break;
+                }
+                sub.jobs.insert(e.request_id, e.event.seq);
+            }
+        }
+        for id in gone {
+            subs.remove(&id);
+        }
+    }
+
+    fn delta(&self, request_id: RequestId, tenant: &str, index: u32, text: &str) {
+        let mut subs = self.inner.lock();
+        let mut gone = Vec::new();
+        for (id, sub) in subs.iter() {
+            if sub.tenant == tenant && sub.jobs.contains_key(&request_id) {
+                let message = Outgoing::Delta {
+                    request_id,
+                    index,
+                    text: text.to_owned(),
+                };
+                if !sub.send(message) {
+                    gone.push(*id);
+                }
+            }
+        }
+        for id in gone {
+            subs.remove(&id);
+        }
+    }
+
+    /// Subscribers right now (for metrics and tests).
+    pub fn subscribers(&self) -> usize {
+        self.inner.lock().len()
+    }
+}
+
+impl HubInner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Sub>> {
+        // Plain maps updated in single steps: nothing to repair after a panic elsewhere.
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One subscriber's stream of messages. Dropping it ends the subscription.
+pub struct Subscription {
+    id: u64,
+    hub: Hub,
+    rx: mpsc::Receiver<Outgoing>,
+    overloaded: Arc<AtomicBool>,
+}
+
+impl Subscription {
+    /// Follow a job from after sequence number `after` (0: from the start); the stored events
+    /// after it are sent at once. The caller has checked that the job is the tenant's.
+    pub async fn follow(&self, id: RequestId, after: i32) {
+        let added = match self.hub.inner.lock().get_mut(&self.id) {
+            Some(sub) => {
+                sub.jobs.entry(id).or_insert(after);
+                true
+            }
+            None => false,
+        };
+        if added {
+            self.hub.refresh(&[id]).await;
+        }
+    }
+
+    /// Stop following a job.
+    pub fn unfollow(&self, id: RequestId) {
+        if let Some(sub) = self.hub.inner.lock().get_mut(&self.id) {
+            sub.jobs.remove(&id);
+        }
+    }
+
+    /// Follow every job of `user` (in this subscription's tenant) that changes from now on.
+    pub fn follow_user(&self, user: &str) {
+        if let Some(sub) = self.hub.inner.lock().get_mut(&self.id) {
+            sub.user = Some(user.to_owned());
+            sub.since = Utc::now();
+        }
+    }
+
+    /// The next message; `None` once the subscription was cut off (see [`Self::overloaded`]).
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        self.rx.recv().await
+    }
+
+    /// True if the subscription was cut off because its buffer filled.
+    pub fn overloaded(&self) -> bool {
+        self.overloaded.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.inner.lock().remove(&self.id);
+    }
+}
+
+async fn listen(hub: Hub, mut bus: broadcast::Receiver<BusMessage>, shutdown: CancellationToken) {
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            message = bus.recv() => message,
+        };
+        match message {
+            // Handled one at a time, so each job's events and deltas keep the bus's order.
+            Ok(BusMessage::Changed { request_id, tenant }) => {
+                hub.changed(request_id, &tenant).await
+            }
+            Ok(BusMessage::Delta {
+                request_id,
+                tenant,
+                index,
+                text,
+            }) => hub.delta(request_id, &tenant, index, &text),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    message = "the hub fell behind the event bus; the poll catches up",
+                    missed
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// A user-wide subscription as the poll reads it: tenant, user, since when.
+type UserFollow = (String, String, DateTime<Utc>);
+
+/// Make good what the bus lost: followed jobs' new events, and user-wide subscriptions'.
+async fn poll(hub: Hub, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let (jobs, users): (Vec<RequestId>, Vec<UserFollow>) = {
+            let subs = hub.inner.lock();
+            let mut jobs: Vec<RequestId> =
+                subs.values().flat_map(|s| s.jobs.keys().copied()).collect();
+            jobs.sort_unstable();
+            jobs.dedup();
+            let users = subs
+                .values()
+                .filter_map(|s| Some((s.tenant.clone(), s.user.clone()?, s.since)))
+                .collect();
+            (jobs, users)
+        };
+        hub.refresh(&jobs).await;
+        for (tenant, user, since) in users {
+            match hub
+                .inner
+                .store
+                .user_events_since(&tenant, &user, since)
+                .await
+            {
+                Ok(events) => hub.deliver(&events),
+                Err(error) => {
+                    tracing::warn!(message = "could not read a user's job events", %error)
+                }
+            }
+        }
+    }
+}
