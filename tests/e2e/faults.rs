@@ -164,30 +164,15 @@ async fn sigterm_lets_a_worker_finish_and_exit_cleanly() {
 async fn a_job_stranded_in_the_outbox_is_relayed_and_completes() {
     let app = spawn_app(AppOptions::default()).await;
     // What an API killed between commit and publish leaves behind: a job and its outbox row.
-    let job = sluice_store::NewJob {
-        id: RequestId::new(),
-        principal: sluice_core::Principal {
-            tenant: "acme".into(),
-            user: "u".into(),
-            tier: Tier::Pro,
-            email: None,
-        },
-        lane: Lane::Priority,
-        request: sluice_core::JobRequest {
-            model: "default".into(),
-            messages: vec![sluice_core::Message {
-                role: sluice_core::Role::User,
-                content: "stranded".into(),
-            }],
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: None,
-            stream: false,
-        },
-        idempotency: None,
-        notify_email: None,
+    let principal = sluice_core::Principal {
+        tenant: "acme".into(),
+        user: "u".into(),
+        tier: Tier::Pro,
+        email: None,
     };
+    let request =
+        sluice_core::JobRequest::new("default", vec![sluice_core::Message::user("stranded")]);
+    let job = sluice_store::NewJob::new(principal, Lane::Priority, request);
     app.store
         .insert_jobs(std::slice::from_ref(&job))
         .await

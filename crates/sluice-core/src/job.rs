@@ -158,6 +158,20 @@ pub struct Message {
     pub content: String,
 }
 
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+
+    /// A message from the user.
+    pub fn user(content: impl Into<String>) -> Message {
+        Message::new(Role::User, content)
+    }
+}
+
 /// What a client asks the LLM: a model alias, the conversation and sampling parameters.
 /// This is the part of a job that reaches the provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,6 +220,19 @@ pub struct JobRef {
 pub const DEFAULT_COMPLETION_ESTIMATE: u32 = 256;
 
 impl JobRequest {
+    /// A request for `model` with these messages and every parameter left to the provider.
+    pub fn new(model: impl Into<String>, messages: Vec<Message>) -> JobRequest {
+        JobRequest {
+            model: model.into(),
+            messages,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: None,
+            stream: false,
+        }
+    }
+
     /// Tokens this request may cost before the provider says: about four characters a prompt
     /// token, plus the completion it may produce (`max_tokens`, else a default).
     pub fn estimated_tokens(&self) -> u32 {
@@ -273,16 +300,8 @@ mod tests {
     #[test]
     fn token_estimates_count_prompt_and_completion() {
         let mut job = JobRequest {
-            model: "m".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: "x".repeat(41),
-            }],
             max_tokens: Some(100),
-            temperature: None,
-            top_p: None,
-            stop: None,
-            stream: false,
+            ..JobRequest::new("m", vec![Message::user("x".repeat(41))])
         };
         assert_eq!(job.estimated_tokens(), 11 + 100);
         job.max_tokens = None;

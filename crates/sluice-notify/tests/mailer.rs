@@ -2,7 +2,7 @@
 //! started per test on a free port): one email per finished job, retries, crashes, give-ups.
 #![allow(clippy::unwrap_used)]
 
-use sluice_core::{JobRequest, Lane, Message, Principal, RequestId, Role, Tier};
+use sluice_core::{JobRequest, Lane, Message, Principal, RequestId, Tier};
 use sluice_notify::testing::{free_port, Maildir, Sink};
 use sluice_notify::{Mailer, MailerConfig, TlsMode};
 use sluice_store::{Failure, Ingested, NewJob, NotificationState, Store, StoreConfig};
@@ -46,33 +46,25 @@ enum End {
     Dead(&'static str),
 }
 
+/// A free-tier job of tenant acme whose completion email goes to `email`.
+fn free_job(email: Option<&str>, text: &str) -> NewJob {
+    let principal = Principal {
+        tenant: "acme".into(),
+        user: "u1".into(),
+        tier: Tier::Free,
+        email: email.map(str::to_owned),
+    };
+    let request = JobRequest::new("small", vec![Message::user(text)]);
+    NewJob {
+        notify_email: email.map(str::to_owned),
+        ..NewJob::new(principal, Lane::Batch, request)
+    }
+}
+
 /// Store a job for `email` and run it to its end with the store's own lifecycle calls, whose
 /// finishing statement queues its notification.
 async fn finished_job(store: &Store, email: Option<&str>, end: End) -> RequestId {
-    let job = NewJob {
-        id: RequestId::new(),
-        principal: Principal {
-            tenant: "acme".into(),
-            user: "u1".into(),
-            tier: Tier::Free,
-            email: email.map(str::to_owned),
-        },
-        lane: Lane::Batch,
-        request: JobRequest {
-            model: "small".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: "hello".into(),
-            }],
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: None,
-            stream: false,
-        },
-        idempotency: None,
-        notify_email: email.map(str::to_owned),
-    };
+    let job = free_job(email, "hello");
     let message = match store.insert_job(&job).await.unwrap() {
         Ingested::Created(m) => m,
         other => panic!("expected a new job, got {other:?}"),
@@ -320,30 +312,7 @@ async fn jobs_without_an_email_address_or_not_finished_get_none() {
     assert!(db.store.notification_for(id).await.unwrap().is_none());
 
     // A job still queued is not notified, whatever its address.
-    let queued = NewJob {
-        id: RequestId::new(),
-        principal: Principal {
-            tenant: "acme".into(),
-            user: "u1".into(),
-            tier: Tier::Free,
-            email: Some("eve@example.com".into()),
-        },
-        lane: Lane::Batch,
-        request: JobRequest {
-            model: "small".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: "later".into(),
-            }],
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: None,
-            stream: false,
-        },
-        idempotency: None,
-        notify_email: Some("eve@example.com".into()),
-    };
+    let queued = free_job(Some("eve@example.com"), "later");
     db.store.insert_job(&queued).await.unwrap();
     assert_eq!(
         db.store

@@ -283,27 +283,21 @@ mod tests {
     use sluice_core::Message;
 
     fn msg(role: Role, content: &str) -> Message {
-        Message {
-            role,
-            content: content.into(),
-        }
+        Message::new(role, content)
     }
 
     #[test]
     fn system_messages_move_to_the_top_and_max_tokens_defaults() {
+        let messages = vec![
+            msg(Role::System, "be brief"),
+            msg(Role::User, "hi"),
+            msg(Role::Assistant, "hello"),
+            msg(Role::Tool, "42"),
+        ];
         let job = JobRequest {
-            model: "alias".into(),
-            messages: vec![
-                msg(Role::System, "be brief"),
-                msg(Role::User, "hi"),
-                msg(Role::Assistant, "hello"),
-                msg(Role::Tool, "42"),
-            ],
-            max_tokens: None,
             temperature: Some(0.5),
-            top_p: None,
             stop: Some(vec!["END".into()]),
-            stream: false,
+            ..JobRequest::new("alias", messages)
         };
         let body = serde_json::to_value(wire_request("claude", &job, false)).ok();
         let expected = serde_json::json!({

@@ -305,27 +305,15 @@ mod tests {
 
     #[test]
     fn roles_and_system_instruction() {
+        let messages = vec![
+            Message::new(Role::System, "be brief"),
+            Message::user("hi"),
+            Message::new(Role::Assistant, "hello"),
+        ];
         let job = JobRequest {
-            model: "alias".into(),
-            messages: vec![
-                Message {
-                    role: Role::System,
-                    content: "be brief".into(),
-                },
-                Message {
-                    role: Role::User,
-                    content: "hi".into(),
-                },
-                Message {
-                    role: Role::Assistant,
-                    content: "hello".into(),
-                },
-            ],
             max_tokens: Some(9),
-            temperature: None,
             top_p: Some(0.9),
-            stop: None,
-            stream: false,
+            ..JobRequest::new("alias", messages)
         };
         let body = serde_json::to_value(wire_request(&job)).unwrap_or_default();
         let expected = serde_json::json!({

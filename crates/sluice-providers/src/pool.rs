@@ -616,7 +616,7 @@ impl Router {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use sluice_core::{JobRequest, Message, Role};
+    use sluice_core::{JobRequest, Message};
 
     /// Answers with a fixed outcome.
     struct Fixed(Result<(), ProviderError>);
@@ -650,18 +650,7 @@ mod tests {
     }
 
     fn job() -> JobRequest {
-        JobRequest {
-            model: "m".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: "hi".into(),
-            }],
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: None,
-            stream: false,
-        }
+        JobRequest::new("m", vec![Message::user("hi")])
     }
 
     async fn call(pool: &Pool) -> Option<(String, Result<ChatResponse, ProviderError>)> {

@@ -22,31 +22,16 @@ const KINDS: [ProviderKind; 3] = [
 ];
 
 fn job(max_tokens: Option<u32>) -> JobRequest {
+    let messages = vec![
+        Message::new(Role::System, "be brief"),
+        Message::user("hello"),
+        Message::new(Role::Assistant, "hi, how can I help?"),
+        Message::user("tell me about sluices"),
+    ];
     JobRequest {
-        model: "m".into(),
-        messages: vec![
-            Message {
-                role: Role::System,
-                content: "be brief".into(),
-            },
-            Message {
-                role: Role::User,
-                content: "hello".into(),
-            },
-            Message {
-                role: Role::Assistant,
-                content: "hi, how can I help?".into(),
-            },
-            Message {
-                role: Role::User,
-                content: "tell me about sluices".into(),
-            },
-        ],
         max_tokens,
         temperature: Some(0.2),
-        top_p: None,
-        stop: None,
-        stream: false,
+        ..JobRequest::new("m", messages)
     }
 }
 

@@ -2,7 +2,7 @@
 //! They check error classification on real HTTP answers and that pools stay under their limits.
 #![allow(clippy::unwrap_used)]
 
-use sluice_core::{JobRequest, Message, Role};
+use sluice_core::{JobRequest, Message};
 use sluice_providers::{
     ChatRequest, ConfigError, EndpointConfig, OpenAiCompatible, PoolConfig, Provider,
     ProviderError, Router, Secret,
@@ -13,16 +13,9 @@ use std::time::{Duration, Instant};
 
 fn job() -> JobRequest {
     JobRequest {
-        model: "large".into(),
-        messages: vec![Message {
-            role: Role::User,
-            content: "hello there".into(),
-        }],
         max_tokens: Some(8),
         temperature: Some(0.2),
-        top_p: None,
-        stop: None,
-        stream: false,
+        ..JobRequest::new("large", vec![Message::user("hello there")])
     }
 }
 

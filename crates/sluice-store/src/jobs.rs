@@ -24,6 +24,18 @@ pub struct NewJob {
 }
 
 impl NewJob {
+    /// A job with a fresh request_id, no idempotency key and no completion email.
+    pub fn new(principal: Principal, lane: Lane, request: JobRequest) -> NewJob {
+        NewJob {
+            id: RequestId::new(),
+            principal,
+            lane,
+            request,
+            idempotency: None,
+            notify_email: None,
+        }
+    }
+
     fn job_ref(&self) -> JobRef {
         JobRef {
             waiting_since_ms: None,

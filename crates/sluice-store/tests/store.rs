@@ -1,7 +1,7 @@
 //! The store against a real PostgreSQL: ingest, fencing, retries, reaping, replay and the outbox.
 #![allow(clippy::unwrap_used)]
 
-use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Role, Tier};
+use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
 use sluice_store::{CancelOutcome, Failure, Ingested, JobWriter, NewJob, Store, StoreConfig};
 use std::time::Duration;
 
@@ -42,25 +42,11 @@ fn principal(tenant: &str) -> Principal {
 }
 
 fn new_job(tenant: &str, text: &str) -> NewJob {
-    NewJob {
-        id: RequestId::new(),
-        principal: principal(tenant),
-        lane: Lane::Priority,
-        request: JobRequest {
-            model: "default".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: text.into(),
-            }],
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: None,
-            stream: false,
-        },
-        idempotency: None,
-        notify_email: None,
-    }
+    NewJob::new(
+        principal(tenant),
+        Lane::Priority,
+        JobRequest::new("default", vec![Message::user(text)]),
+    )
 }
 
 fn created(i: Ingested) -> sluice_store::OutboxMessage {

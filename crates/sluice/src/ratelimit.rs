@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::stack;
 use anyhow::{bail, Context};
 use sluice_broker::Broker;
-use sluice_core::{JobRequest, Message, Principal, RequestId, Role, Tier};
+use sluice_core::{JobRequest, Message, Principal, Tier};
 use sluice_outbox::Publisher;
 use sluice_store::{NewJob, StoreConfig};
 use std::path::PathBuf;
@@ -136,30 +136,21 @@ async fn drive(
             .iter()
             .map(|&n| {
                 let tier = tiers[n % tiers.len()];
-                NewJob {
-                    id: RequestId::new(),
-                    principal: Principal {
-                        tenant: format!("tenant-{}", n % 7),
-                        user: "bench".into(),
-                        tier,
-                        email: None,
-                    },
-                    lane: sluice_core::TierLanes::default().lane_for(tier),
-                    request: JobRequest {
-                        model: "default".into(),
-                        messages: vec![Message {
-                            role: Role::User,
-                            content: format!("rate limit bench {n}"),
-                        }],
-                        max_tokens: None,
-                        temperature: None,
-                        top_p: None,
-                        stop: None,
-                        stream: false,
-                    },
-                    idempotency: None,
-                    notify_email: None,
-                }
+                let principal = Principal {
+                    tenant: format!("tenant-{}", n % 7),
+                    user: "bench".into(),
+                    tier,
+                    email: None,
+                };
+                let request = JobRequest::new(
+                    "default",
+                    vec![Message::user(format!("rate limit bench {n}"))],
+                );
+                NewJob::new(
+                    principal,
+                    sluice_core::TierLanes::default().lane_for(tier),
+                    request,
+                )
             })
             .collect();
         let messages = store.insert_jobs(&batch).await?;
