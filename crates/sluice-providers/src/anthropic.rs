@@ -2,7 +2,7 @@
 //! System messages move to the top-level `system`; stop reasons are reported in OpenAI's words.
 
 use crate::config::{ConfigError, EndpointConfig};
-use crate::error::{truncate, ProviderError};
+use crate::error::{invalid_json, ProviderError};
 use crate::http::{self, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
 use reqwest::header::HeaderValue;
@@ -33,10 +33,7 @@ impl Anthropic {
     /// Build the endpoint, reading its key from the environment if `api_key_env` is set.
     pub fn new(config: &EndpointConfig, http: reqwest::Client) -> Result<Self, ConfigError> {
         let key = http::resolve_key(config)?;
-        let header = match &key {
-            Some(k) => Some(http::secret_header(config, k.expose())?),
-            None => None,
-        };
+        let header = http::key_header(config, key.as_ref())?;
         Ok(Self {
             transport: http::Transport::new(config, key)?,
             model: config.model.clone(),
@@ -193,16 +190,12 @@ fn status_for(error_type: &str) -> u16 {
     }
 }
 
-fn invalid(e: serde_json::Error) -> ProviderError {
-    ProviderError::InvalidResponse(truncate(&e.to_string()))
-}
-
 #[async_trait::async_trait]
 impl Provider for Anthropic {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, false);
         let (text, rate) = self.transport.send(builder, req.request_id).await?;
-        let wire: WireResponse = serde_json::from_str(&text).map_err(invalid)?;
+        let wire: WireResponse = serde_json::from_str(&text).map_err(invalid_json)?;
         // Only text blocks are content; tool-use and thinking blocks are not part of the answer.
         let content = wire
             .content
@@ -231,7 +224,7 @@ impl Provider for Anthropic {
         let (mut input, mut output) = (0, 0);
         while let Some(event) = events.next().await? {
             // The `type` inside the data names the event too, and unlike `event:` it is always there.
-            let data: Value = serde_json::from_str(&event.data).map_err(invalid)?;
+            let data: Value = serde_json::from_str(&event.data).map_err(invalid_json)?;
             let tokens = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
             match data["type"].as_str().unwrap_or_default() {
                 "message_start" => {

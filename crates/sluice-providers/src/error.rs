@@ -59,6 +59,11 @@ impl ProviderError {
 }
 
 /// Cut `s` to at most [`MAX_MESSAGE_CHARS`] characters, marking the cut.
+/// A provider's answer that is not the JSON its format promises.
+pub(crate) fn invalid_json(e: serde_json::Error) -> ProviderError {
+    ProviderError::InvalidResponse(truncate(&e.to_string()))
+}
+
 pub(crate) fn truncate(s: &str) -> String {
     match s.char_indices().nth(MAX_MESSAGE_CHARS) {
         Some((at, _)) => format!("{}...", &s[..at]),

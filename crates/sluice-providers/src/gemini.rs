@@ -2,7 +2,7 @@
 //! Assistant turns become `model` turns, system messages the `systemInstruction`; finish reasons use OpenAI's words.
 
 use crate::config::{ConfigError, EndpointConfig};
-use crate::error::{truncate, ProviderError};
+use crate::error::{invalid_json, truncate, ProviderError};
 use crate::http::{self, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
 use reqwest::header::HeaderValue;
@@ -30,10 +30,7 @@ impl Gemini {
     /// Build the endpoint, reading its key from the environment if `api_key_env` is set.
     pub fn new(config: &EndpointConfig, http: reqwest::Client) -> Result<Self, ConfigError> {
         let key = http::resolve_key(config)?;
-        let header = match &key {
-            Some(k) => Some(http::secret_header(config, k.expose())?),
-            None => None,
-        };
+        let header = http::key_header(config, key.as_ref())?;
         // Google's own names are "models/gemini-..."; accept both spellings.
         let model = config
             .model
@@ -225,16 +222,12 @@ fn finish_reason(reason: &str) -> String {
     }
 }
 
-fn invalid(e: serde_json::Error) -> ProviderError {
-    ProviderError::InvalidResponse(truncate(&e.to_string()))
-}
-
 #[async_trait::async_trait]
 impl Provider for Gemini {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, &self.url);
         let (text, rate) = self.transport.send(builder, req.request_id).await?;
-        let wire: WireResponse = serde_json::from_str(&text).map_err(invalid)?;
+        let wire: WireResponse = serde_json::from_str(&text).map_err(invalid_json)?;
         let Some(candidate) = wire.candidates.first() else {
             // A blocked prompt answers 200 with feedback instead of candidates.
             let why = wire.prompt_feedback.map_or_else(
@@ -261,7 +254,7 @@ impl Provider for Gemini {
         let mut events = self.transport.open_stream(builder, req.request_id).await?;
         let mut out = ChatResponse::streaming(self.model.clone(), events.rate());
         while let Some(event) = events.next().await? {
-            let chunk: WireResponse = serde_json::from_str(&event.data).map_err(invalid)?;
+            let chunk: WireResponse = serde_json::from_str(&event.data).map_err(invalid_json)?;
             if let Some(error) = chunk.error {
                 let status = error["code"]
                     .as_u64()

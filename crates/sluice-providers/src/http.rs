@@ -42,6 +42,15 @@ pub(crate) fn secret_header(
     Ok(value)
 }
 
+/// The endpoint's key as a sensitive header value, for providers that send it in a header of
+/// their own (Anthropic's `x-api-key`, Gemini's `x-goog-api-key`).
+pub(crate) fn key_header(
+    config: &EndpointConfig,
+    key: Option<&Secret>,
+) -> Result<Option<HeaderValue>, ConfigError> {
+    key.map(|k| secret_header(config, k.expose())).transpose()
+}
+
 pub(crate) fn check_timeout(config: &EndpointConfig) -> Result<Duration, ConfigError> {
     if config.timeout_secs == 0 {
         return Err(ConfigError::ZeroTimeout {

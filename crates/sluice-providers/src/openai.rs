@@ -2,7 +2,7 @@
 //! Maps HTTP outcomes onto [`ProviderError`] so the worker can tell retryable failures from permanent ones.
 
 use crate::config::{AuthStyle, ConfigError, EndpointConfig};
-use crate::error::{truncate, ProviderError};
+use crate::error::{invalid_json, ProviderError};
 use crate::http::{self, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION};
@@ -185,16 +185,12 @@ struct WireDelta {
     content: Option<String>,
 }
 
-fn invalid(e: serde_json::Error) -> ProviderError {
-    ProviderError::InvalidResponse(truncate(&e.to_string()))
-}
-
 #[async_trait::async_trait]
 impl Provider for OpenAiCompatible {
     async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
         let builder = self.request(req, false);
         let (text, rate) = self.transport.send(builder, req.request_id).await?;
-        let wire: WireResponse = serde_json::from_str(&text).map_err(invalid)?;
+        let wire: WireResponse = serde_json::from_str(&text).map_err(invalid_json)?;
         let Some(choice) = wire.choices.into_iter().next() else {
             return Err(ProviderError::InvalidResponse(
                 "no choices in response".into(),
@@ -221,7 +217,7 @@ impl Provider for OpenAiCompatible {
             if event.data == "[DONE]" {
                 return Ok(out);
             }
-            let chunk: WireChunk = serde_json::from_str(&event.data).map_err(invalid)?;
+            let chunk: WireChunk = serde_json::from_str(&event.data).map_err(invalid_json)?;
             if let Some(error) = chunk.error {
                 // No status travels with a mid-stream error; the provider failed, so retry.
                 return Err(self
