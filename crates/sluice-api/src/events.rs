@@ -52,32 +52,32 @@ pub async fn sse(
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::not_found("no such job"))?;
-    let subscription = state.hub.subscribe(&principal.tenant);
+    let mut subscription = state.hub.subscribe(&principal.tenant);
     subscription.follow(id, after).await;
-    // A finished job whose events the client already has: nothing will come, end at once.
-    let finished = job.state.is_terminal()
-        && state
-            .store
-            .events_after(&[(id, after)])
-            .await
-            .map_err(ApiError::internal)?
-            .is_empty();
+    // `follow` has queued the stored events after `after`: a finished job with none of them
+    // has nothing more to say, so the stream ends at once.
+    let first = subscription.try_recv();
+    let done = job.state.is_terminal() && first.is_none();
     let events = stream::unfold(
-        (subscription, finished),
-        |(mut sub, done): (Subscription, bool)| async move {
+        (subscription, first, done),
+        |(mut sub, first, done): (Subscription, Option<Outgoing>, bool)| async move {
             if done {
                 return None;
             }
-            match sub.recv().await {
+            let next = match first {
+                Some(message) => Some(message),
+                None => sub.recv().await,
+            };
+            match next {
                 Some(message) => {
                     let end = message.is_terminal();
-                    Some((Ok(sse_event(&message)), (sub, end)))
+                    Some((Ok(sse_event(&message)), (sub, None, end)))
                 }
                 None if sub.overloaded() => {
                     let note = Event::default()
                         .event("error")
                         .data(r#"{"code":"overloaded","message":"too slow to keep up; reconnect with Last-Event-ID"}"#);
-                    Some((Ok(note), (sub, true)))
+                    Some((Ok(note), (sub, None, true)))
                 }
                 None => None,
             }

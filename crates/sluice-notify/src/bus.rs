@@ -49,13 +49,13 @@ pub enum BusError {
 /// A handle on the bus; cheap to clone.
 #[derive(Clone)]
 pub struct EventBus {
-    inner: Arc<Inner>,
+    inner: Arc<Transport>,
 }
 
-struct Inner {
-    /// Every message also goes here, so listeners in this process hear it without Redis.
-    local: broadcast::Sender<BusMessage>,
-    redis: Option<RedisBus>,
+enum Transport {
+    /// Listeners in this process only.
+    Local(broadcast::Sender<BusMessage>),
+    Redis(RedisBus),
 }
 
 struct RedisBus {
@@ -71,7 +71,7 @@ impl EventBus {
     pub fn local() -> EventBus {
         let (local, _) = broadcast::channel(LISTEN_QUEUE);
         EventBus {
-            inner: Arc::new(Inner { local, redis: None }),
+            inner: Arc::new(Transport::Local(local)),
         }
     }
 
@@ -82,31 +82,27 @@ impl EventBus {
         let (outgoing, queue) = mpsc::channel(PUBLISH_QUEUE);
         let channel = format!("{prefix}:events");
         tokio::spawn(publish_loop(client.clone(), channel.clone(), queue));
-        let (local, _) = broadcast::channel(1);
         Ok(EventBus {
-            inner: Arc::new(Inner {
-                local,
-                redis: Some(RedisBus {
-                    client,
-                    channel,
-                    outgoing,
-                    listening: Mutex::new(None),
-                }),
-            }),
+            inner: Arc::new(Transport::Redis(RedisBus {
+                client,
+                channel,
+                outgoing,
+                listening: Mutex::new(None),
+            })),
         })
     }
 
     /// Announce a message; never waits.
     pub fn publish(&self, message: BusMessage) {
-        match &self.inner.redis {
-            Some(redis) => {
+        match &*self.inner {
+            Transport::Redis(redis) => {
                 if redis.outgoing.try_send(message).is_err() {
                     tracing::warn!(message = "event bus backlog full; dropping an event");
                 }
             }
-            None => {
+            Transport::Local(local) => {
                 // No listener is not an error.
-                let _ = self.inner.local.send(message);
+                let _ = local.send(message);
             }
         }
     }
@@ -122,8 +118,9 @@ impl EventBus {
     /// Hear every message from now on. A listener that falls far behind loses messages
     /// (`RecvError::Lagged`), which the hub's poll makes good for state changes.
     pub fn subscribe(&self) -> broadcast::Receiver<BusMessage> {
-        let Some(redis) = &self.inner.redis else {
-            return self.inner.local.subscribe();
+        let redis = match &*self.inner {
+            Transport::Local(local) => return local.subscribe(),
+            Transport::Redis(redis) => redis,
         };
         let mut listening = redis.listening.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sender) = listening.as_ref() {

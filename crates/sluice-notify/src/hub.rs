@@ -297,6 +297,12 @@ impl Subscription {
         self.rx.recv().await
     }
 
+    /// The next message if one is waiting now. After [`Self::follow`] returns, the job's stored
+    /// events after `after` are already waiting.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        self.rx.try_recv().ok()
+    }
+
     /// True if the subscription was cut off because its buffer filled.
     pub fn overloaded(&self) -> bool {
         self.overloaded.load(Ordering::Relaxed)

@@ -444,6 +444,20 @@ struct LocalShare {
     gcra: Gcra,
 }
 
+impl LocalShare {
+    /// This worker's share (`1 / divisor`) of `per_minute` and `burst`. Rebuilt only when the
+    /// count changes (it is frozen while Redis is down), so a new outage starts with at most
+    /// this worker's share of the burst.
+    fn share(&mut self, divisor: u64, per_minute: u32, burst: u32) -> &mut Gcra {
+        if self.divisor != divisor {
+            let part = |v: u32| u32::try_from(u64::from(v) / divisor).unwrap_or(u32::MAX);
+            self.gcra = Gcra::per_minute(part(per_minute).max(1), part(burst));
+            self.divisor = divisor;
+        }
+        &mut self.gcra
+    }
+}
+
 impl SharedLimiter {
     /// How long a leased cell may wait for a caller before it is dropped.
     pub const LEASE_HOLD: Duration = Duration::from_millis(250);
@@ -575,16 +589,8 @@ impl LimiterInner {
     /// The local fallback: this worker's share of the endpoint's rate and burst.
     fn local(&self) -> Result<(), Duration> {
         let divisor = self.limits.fallback_workers();
-        let mut local = lock(&self.local);
-        if local.divisor != divisor {
-            // Rebuilt only when the count changes (it is frozen while Redis is down), so a new
-            // outage starts with at most this worker's share of the burst.
-            let share = |v: u32| u32::try_from(u64::from(v) / divisor).unwrap_or(u32::MAX);
-            local.gcra = Gcra::per_minute(share(self.per_minute).max(1), share(self.burst));
-            local.divisor = divisor;
-        }
-        local
-            .gcra
+        lock(&self.local)
+            .share(divisor, self.per_minute, self.burst)
             .try_acquire(self.origin.elapsed(), 1)
             .map_err(|wait| wait.max(MIN_WAIT))
     }
@@ -688,12 +694,10 @@ impl BudgetInner {
     fn with_local<T>(&self, f: impl FnOnce(&mut Gcra, Duration) -> T) -> T {
         let divisor = self.limits.fallback_workers();
         let mut local = lock(&self.local);
-        if local.divisor != divisor {
-            let share = |v: u32| u32::try_from(u64::from(v) / divisor).unwrap_or(u32::MAX);
-            local.gcra = Gcra::per_minute(share(self.per_minute).max(1), share(self.burst));
-            local.divisor = divisor;
-        }
-        f(&mut local.gcra, self.origin.elapsed())
+        f(
+            local.share(divisor, self.per_minute, self.burst),
+            self.origin.elapsed(),
+        )
     }
 }
 
