@@ -270,19 +270,7 @@ async fn a_saturated_pool_does_not_hold_up_jobs_for_another_pool() {
     let key = app.key("acme", Tier::Pro).await;
     let mut slow = Vec::new();
     for n in 0..4 {
-        let body = serde_json::json!({
-            "model": "slow",
-            "messages": [{"role": "user", "content": format!("slow {n}")}],
-        });
-        let (status, answer) = app.post_job(&key, &body).await;
-        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{answer}");
-        slow.push(
-            answer["request_id"]
-                .as_str()
-                .unwrap()
-                .parse::<RequestId>()
-                .unwrap(),
-        );
+        slow.push(app.submit_model(&key, "slow", &format!("slow {n}")).await);
     }
     // Same lane, same tenant, queued behind the slow pool's jobs.
     let mut fast = Vec::new();
@@ -317,19 +305,7 @@ async fn more_jobs_for_a_saturated_pool_than_the_buffer_holds_do_not_hold_up_ano
     let key = app.key("acme", Tier::Pro).await;
     let mut slow = Vec::new();
     for n in 0..40 {
-        let body = serde_json::json!({
-            "model": "slow",
-            "messages": [{"role": "user", "content": format!("slow {n}")}],
-        });
-        let (status, answer) = app.post_job(&key, &body).await;
-        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{answer}");
-        slow.push(
-            answer["request_id"]
-                .as_str()
-                .unwrap()
-                .parse::<RequestId>()
-                .unwrap(),
-        );
+        slow.push(app.submit_model(&key, "slow", &format!("slow {n}")).await);
     }
     let mut fast = Vec::new();
     for n in 0..20 {

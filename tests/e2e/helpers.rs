@@ -355,7 +355,14 @@ impl TestApp {
 
     /// Submit a job and return its id; panics unless accepted.
     pub async fn submit(&self, key: &str, text: &str) -> RequestId {
-        let (status, body) = self.post_job(key, &job_body(text)).await;
+        self.submit_model(key, "default", text).await
+    }
+
+    /// [`TestApp::submit`] for another model alias.
+    pub async fn submit_model(&self, key: &str, model: &str, text: &str) -> RequestId {
+        let mut job = job_body(text);
+        job["model"] = model.into();
+        let (status, body) = self.post_job(key, &job).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         body["request_id"].as_str().unwrap().parse().unwrap()
     }

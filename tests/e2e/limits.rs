@@ -4,6 +4,7 @@
 
 use crate::helpers::{spawn_app, spawn_sim, AppOptions};
 use sluice_core::{JobState, RequestId, Tier};
+use sluice_providers::testing::PrivateRedis;
 use sluice_sim::{Faults, SimConfig};
 use std::time::{Duration, Instant};
 
@@ -194,70 +195,6 @@ async fn two_workers_sharing_redis_stay_under_the_keys_limit_together() {
     app.cleanup().await;
 }
 
-/// A redis-server of this test's own, so killing it disturbs no other test.
-struct PrivateRedis {
-    port: u16,
-    child: Option<tokio::process::Child>,
-}
-
-impl PrivateRedis {
-    async fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = PrivateRedis { port, child: None };
-        redis.restart().await;
-        redis
-    }
-
-    async fn restart(&mut self) {
-        let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("redis-server did not start on port {}", self.port);
-    }
-
-    async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill().unwrap();
-            child.wait().await.unwrap();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Keys matching `pattern`, read with redis-cli (installed with redis-server).
-    async fn keys(&self, pattern: &str) -> Vec<String> {
-        let out = tokio::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "--scan", "--pattern", pattern])
-            .output()
-            .await
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
 #[tokio::test]
 async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
     let mut redis = PrivateRedis::start().await;
@@ -284,7 +221,7 @@ async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
         app.count(JobState::Succeeded).await >= 40
     })
     .await;
-    redis.kill().await;
+    redis.stop().await;
     let at_kill = app.count(JobState::Succeeded).await;
     // Workers now run on their local share of the limit (rpm / live workers), ~19 jobs/s.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -321,7 +258,7 @@ async fn redis_killed_mid_run_loses_no_job_and_keeps_under_the_limit() {
         "no 429 storm while Redis was down or after: {stats:?}"
     );
     app.cleanup().await;
-    redis.kill().await;
+    redis.stop().await;
 }
 
 #[tokio::test]

@@ -5,7 +5,8 @@
 use sluice_core::{JobRequest, Lane, Message, Principal, RequestId, Tier};
 use sluice_notify::testing::{free_port, Maildir, Sink};
 use sluice_notify::{Mailer, MailerConfig, TlsMode};
-use sluice_store::{Failure, Ingested, NewJob, NotificationState, Store, StoreConfig};
+use sluice_store::testing::TestDb;
+use sluice_store::{Failure, Ingested, NewJob, NotificationState, Store};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -13,31 +14,13 @@ use tokio_util::sync::CancellationToken;
 const LEASE: Duration = Duration::from_secs(30);
 const BASE_URL: &str = "http://sluice.test:8080";
 
-struct TestDb {
-    store: Store,
-    schema: String,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let schema = format!("notify_test_{}", uuid::Uuid::now_v7().simple());
-        let url = std::env::var("SLUICE_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let store = Store::connect(&StoreConfig {
-            url,
-            schema: Some(schema.clone()),
-            max_connections: 4,
-            migrate: true,
-            ..StoreConfig::default()
-        })
-        .await
-        .unwrap();
-        TestDb { store, schema }
-    }
-
-    async fn drop(self) {
-        self.store.drop_schema(&self.schema).await.unwrap();
-    }
+/// A scratch database and an SMTP sink already listening: the sink's mail directory and port.
+async fn db_and_sink() -> (TestDb, Maildir, u16, Sink) {
+    let db = TestDb::new("notify_test").await;
+    let dir = Maildir::new();
+    let port = free_port();
+    let sink = Sink::start(port, &dir).await;
+    (db, dir, port, sink)
 }
 
 /// How the test job ends.
@@ -154,10 +137,7 @@ async fn wait_row(
 
 #[tokio::test]
 async fn a_finished_job_gets_exactly_one_email_with_both_parts_and_the_link() {
-    let db = TestDb::new().await;
-    let dir = Maildir::new();
-    let port = free_port();
-    let _sink = Sink::start(port, &dir).await;
+    let (db, dir, port, _sink) = db_and_sink().await;
     let id = finished_job(
         &db.store,
         Some("ada@example.com"),
@@ -201,7 +181,7 @@ async fn a_finished_job_gets_exactly_one_email_with_both_parts_and_the_link() {
 
 #[tokio::test]
 async fn with_the_server_down_the_mailer_backs_off_and_sends_once_it_is_up() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("notify_test").await;
     let dir = Maildir::new();
     let port = free_port();
     let id = finished_job(&db.store, Some("bob@example.com"), End::Succeeded("ok")).await;
@@ -229,10 +209,7 @@ async fn with_the_server_down_the_mailer_backs_off_and_sends_once_it_is_up() {
 
 #[tokio::test]
 async fn a_mailer_that_died_after_claiming_is_replaced_once_its_lease_passes() {
-    let db = TestDb::new().await;
-    let dir = Maildir::new();
-    let port = free_port();
-    let _sink = Sink::start(port, &dir).await;
+    let (db, dir, port, _sink) = db_and_sink().await;
     let id = finished_job(
         &db.store,
         Some("cy@example.com"),
@@ -276,10 +253,7 @@ async fn a_mailer_that_died_after_claiming_is_replaced_once_its_lease_passes() {
 
 #[tokio::test]
 async fn an_email_sent_but_not_recorded_before_a_crash_comes_again_with_the_same_message_id() {
-    let db = TestDb::new().await;
-    let dir = Maildir::new();
-    let port = free_port();
-    let _sink = Sink::start(port, &dir).await;
+    let (db, dir, port, _sink) = db_and_sink().await;
     let id = finished_job(&db.store, Some("di@example.com"), End::Succeeded("hi")).await;
 
     // A mailer claims, hands the email to the server, and dies before marking it sent.
@@ -304,10 +278,7 @@ async fn an_email_sent_but_not_recorded_before_a_crash_comes_again_with_the_same
 
 #[tokio::test]
 async fn jobs_without_an_email_address_or_not_finished_get_none() {
-    let db = TestDb::new().await;
-    let dir = Maildir::new();
-    let port = free_port();
-    let _sink = Sink::start(port, &dir).await;
+    let (db, dir, port, _sink) = db_and_sink().await;
     let id = finished_job(&db.store, None, End::Succeeded("quiet")).await;
     assert!(db.store.notification_for(id).await.unwrap().is_none());
 
@@ -333,7 +304,7 @@ async fn jobs_without_an_email_address_or_not_finished_get_none() {
 
 #[tokio::test]
 async fn an_email_is_given_up_after_max_attempts_with_the_error() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("notify_test").await;
     // Nothing listens on this port: every try fails.
     let port = free_port();
     let id = finished_job(&db.store, Some("fay@example.com"), End::Succeeded("x")).await;
@@ -383,10 +354,7 @@ async fn an_email_is_given_up_after_max_attempts_with_the_error() {
 
 #[tokio::test]
 async fn two_mailers_send_each_email_once() {
-    let db = TestDb::new().await;
-    let dir = Maildir::new();
-    let port = free_port();
-    let _sink = Sink::start(port, &dir).await;
+    let (db, dir, port, _sink) = db_and_sink().await;
     let mut ids = Vec::new();
     for n in 0..20 {
         let email = format!("user{n}@example.com");
@@ -415,10 +383,7 @@ async fn two_mailers_send_each_email_once() {
 
 #[tokio::test]
 async fn a_replayed_dead_job_is_told_its_final_outcome() {
-    let db = TestDb::new().await;
-    let dir = Maildir::new();
-    let port = free_port();
-    let _sink = Sink::start(port, &dir).await;
+    let (db, dir, port, _sink) = db_and_sink().await;
     let id = finished_job(&db.store, Some("gus@example.com"), End::Dead("boom")).await;
     // An operator replays it before the mailer got to its email.
     let replayed = db.store.replay(id).await.unwrap().unwrap();

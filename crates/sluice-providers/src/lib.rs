@@ -9,6 +9,8 @@ mod http;
 mod openai;
 mod pool;
 mod shared;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -5,11 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 use deadpool_redis::redis::{self, AsyncCommands};
+use sluice_providers::testing::PrivateRedis;
 use sluice_providers::{SharedError, SharedLimiter, SharedLimits};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::process::{Child, Command};
 
 const RATE: u32 = 600;
 const BURST: u32 = 1;
@@ -220,63 +219,6 @@ async fn bad_url_fails_fast_without_leaking_the_password() {
         .await
         .unwrap_err();
     assert!(matches!(err, SharedError::EmptyName), "{err:?}");
-}
-
-/// A private redis-server for a test that stops and restarts Redis.
-struct PrivateRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    async fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = PrivateRedis { port, child: None };
-        r.restart().await;
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("this test needs redis-server on PATH");
-        self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
-        for _ in 0..100 {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("private redis-server did not start on port {}", self.port);
-    }
-
-    async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
-        }
-    }
 }
 
 /// Poll `cond` every 50 ms for up to `limit`.

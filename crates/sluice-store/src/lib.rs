@@ -12,6 +12,8 @@ mod lifecycle;
 mod notifications;
 mod outbox;
 mod stats;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod writer;
 
 pub use batch::Batcher;

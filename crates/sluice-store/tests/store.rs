@@ -2,35 +2,9 @@
 #![allow(clippy::unwrap_used)]
 
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
-use sluice_store::{CancelOutcome, Failure, Ingested, JobWriter, NewJob, Store, StoreConfig};
+use sluice_store::testing::TestDb;
+use sluice_store::{CancelOutcome, Failure, Ingested, JobWriter, NewJob};
 use std::time::Duration;
-
-struct TestDb {
-    store: Store,
-    schema: String,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let schema = format!("store_test_{}", uuid::Uuid::now_v7().simple());
-        let url = std::env::var("SLUICE_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let store = Store::connect(&StoreConfig {
-            url,
-            schema: Some(schema.clone()),
-            max_connections: 4,
-            migrate: true,
-            ..StoreConfig::default()
-        })
-        .await
-        .unwrap();
-        TestDb { store, schema }
-    }
-
-    async fn drop(self) {
-        self.store.drop_schema(&self.schema).await.unwrap();
-    }
-}
 
 fn principal(tenant: &str) -> Principal {
     Principal {
@@ -60,7 +34,7 @@ const LEASE: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn api_keys_resolve_to_their_principal_and_are_stored_hashed() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let p = principal("acme");
     let key = db.store.create_api_key(&p).await.unwrap();
     assert!(key.starts_with("sk_sluice_"));
@@ -83,7 +57,7 @@ async fn api_keys_resolve_to_their_principal_and_are_stored_hashed() {
 
 #[tokio::test]
 async fn ingest_writes_job_event_and_outbox_together() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     assert_eq!(msg.job.request_id, job.id);
@@ -103,7 +77,7 @@ async fn ingest_writes_job_event_and_outbox_together() {
 
 #[tokio::test]
 async fn idempotency_key_returns_the_same_job_or_a_conflict() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let mut first = new_job("acme", "hi");
     first.idempotency = Some(("k1".into(), vec![1, 2, 3]));
     created(db.store.insert_job(&first).await.unwrap());
@@ -131,7 +105,7 @@ async fn idempotency_key_returns_the_same_job_or_a_conflict() {
 
 #[tokio::test]
 async fn batched_writer_stores_every_job() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let writer = JobWriter::spawn(db.store.clone(), 2, 64);
     let mut tasks = Vec::new();
     for n in 0..300 {
@@ -154,7 +128,7 @@ async fn batched_writer_stores_every_job() {
 
 #[tokio::test]
 async fn claim_and_completion_are_fenced_by_attempt() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
@@ -188,7 +162,7 @@ async fn claim_and_completion_are_fenced_by_attempt() {
 
 #[tokio::test]
 async fn retry_then_dead_then_replay() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
@@ -240,7 +214,7 @@ async fn retry_then_dead_then_replay() {
 
 #[tokio::test]
 async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     let throttle = Failure {
@@ -268,7 +242,7 @@ async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate()
 
 #[tokio::test]
 async fn cancel_respects_tenants_and_terminal_states() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     assert_eq!(
@@ -306,7 +280,7 @@ async fn cancel_respects_tenants_and_terminal_states() {
 
 #[tokio::test]
 async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let kept = new_job("acme", "kept");
     let lost = new_job("acme", "lost");
     let spent = new_job("acme", "spent");
@@ -369,7 +343,7 @@ async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
 
 #[tokio::test]
 async fn relay_takes_only_old_unlocked_rows() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let job = new_job("acme", "hi");
     created(db.store.insert_job(&job).await.unwrap());
     let grace = Duration::from_millis(300);
@@ -411,7 +385,7 @@ async fn relay_takes_only_old_unlocked_rows() {
 
 #[tokio::test]
 async fn batched_claims_and_completions_answer_each_caller_once() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let a = created(db.store.insert_job(&new_job("acme", "a")).await.unwrap());
     let b = created(db.store.insert_job(&new_job("acme", "b")).await.unwrap());
     let cancelled = created(db.store.insert_job(&new_job("acme", "c")).await.unwrap());
@@ -508,7 +482,7 @@ async fn notifications_in_total(db: &TestDb) -> i64 {
 
 #[tokio::test]
 async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_completion_none() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let (id, claim) = claimed_job_for(&db, Some("ada@example.com"), LEASE).await;
     // Running is not finished: nothing to tell yet.
     assert!(db.store.notification_for(id).await.unwrap().is_none());
@@ -545,7 +519,7 @@ async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_compl
 
 #[tokio::test]
 async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_does_not() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let failure = Failure {
         error: "boom".into(),
         endpoint: Some("e1".into()),
@@ -583,7 +557,7 @@ async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_doe
 
 #[tokio::test]
 async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_does_not() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let short = Duration::from_millis(100);
     let (retried, _) = claimed_job_for(&db, Some("cy@example.com"), short).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -615,7 +589,7 @@ async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_
 
 #[tokio::test]
 async fn a_cancelled_job_with_an_email_queues_one_notification() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let mut queued = new_job("acme", "never mind");
     queued.notify_email = Some("di@example.com".into());
     created(db.store.insert_job(&queued).await.unwrap());
@@ -640,7 +614,7 @@ async fn a_cancelled_job_with_an_email_queues_one_notification() {
 
 #[tokio::test]
 async fn jobs_without_an_email_queue_no_notification_however_they_end() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("store_test").await;
     let (done, claim) = claimed_job_for(&db, None, LEASE).await;
     assert!(db
         .store
