@@ -239,6 +239,8 @@ async fn a_streamed_jobs_deltas_reach_websocket_and_sse_and_add_up_to_the_result
         json!({ "type": "subscribe", "request_ids": [id.to_string()] }),
     )
     .await;
+    // Unblock only once the server has the subscription, or the job may finish before it.
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "subscribed");
     let sse = app
         .http
         .get(format!("{}/v1/jobs/{id}/events", app.api))
@@ -250,8 +252,10 @@ async fn a_streamed_jobs_deltas_reach_websocket_and_sse_and_add_up_to_the_result
 
     let mut ws_text = String::new();
     let mut ws_index = 0;
+    let mut seen = Vec::new();
     loop {
         let message = next_json(&mut socket).await.unwrap();
+        seen.push(message.clone());
         if message["type"] == "delta" {
             assert_eq!(message["index"], ws_index);
             ws_index += 1;
@@ -270,7 +274,7 @@ async fn a_streamed_jobs_deltas_reach_websocket_and_sse_and_add_up_to_the_result
     let job = app.store.job(id).await.unwrap().unwrap();
     assert_eq!(job.state, JobState::Succeeded);
     let content = job.result.unwrap()["content"].as_str().unwrap().to_owned();
-    assert!(ws_index > 1, "the answer came in several deltas");
+    assert!(ws_index > 1, "the answer came in several deltas: {seen:?}");
     assert_eq!(ws_text, content);
     assert_eq!(sse_text, content);
     app.cleanup().await;
@@ -332,5 +336,176 @@ async fn the_tenant_wall_and_authentication_hold_on_streams() {
         let frame = close.expect("a close code");
         assert_eq!(u16::from(frame.code), 4401);
     }
+    app.cleanup().await;
+}
+
+/// Open `/v1/stream` with a tiny receive buffer, subscribed to all of the key's jobs, and
+/// read nothing more: the server's writes to it block as soon as the kernel buffers fill.
+async fn stalled_subscriber(api: &str, key: &str) -> Socket {
+    let addr: std::net::SocketAddr = api.trim_start_matches("http://").parse().unwrap();
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4_096).unwrap();
+    let stream = tcp.connect(addr).await.unwrap();
+    let mut request = format!("ws://{addr}/v1/stream")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (mut socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "ready");
+    send(&mut socket, json!({ "type": "subscribe", "all": true })).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "subscribed");
+    socket
+}
+
+/// Submit `n` streamed jobs of `words` words each: several megabytes of deltas, more than
+/// the kernel buffers of a connection hold.
+async fn flood(app: &crate::helpers::TestApp, key: &str, n: usize, words: u32) -> Vec<RequestId> {
+    let mut ids = Vec::new();
+    for chunk in 0..n.div_ceil(25) {
+        let batch = (0..25.min(n - chunk * 25)).map(|i| {
+            let mut body = job_body(&format!("flood {chunk}-{i}"));
+            body["stream"] = json!(true);
+            body["max_tokens"] = json!(words);
+            async move { app.post_job(key, &body).await }
+        });
+        for (status, accepted) in futures::future::join_all(batch).await {
+            assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{accepted}");
+            ids.push(accepted["request_id"].as_str().unwrap().parse().unwrap());
+        }
+    }
+    ids
+}
+
+/// Read `socket` to its end: the text messages before it, and the close frame if one came.
+async fn drain(mut socket: Socket) -> (usize, Option<u16>) {
+    let mut texts = 0;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("the stalled connection neither sent nor ended within 30 s");
+        match next {
+            Some(Ok(Message::Text(_))) => texts += 1,
+            Some(Ok(Message::Close(frame))) => {
+                return (texts, frame.map(|f| u16::from(f.code)));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (texts, None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_cut_off_with_a_reason_and_holds_up_nobody() {
+    const JOBS: usize = 150;
+    const WORDS: u32 = 400;
+    let app = spawn_app(AppOptions {
+        redis: true,
+        // The simulator sends a whole answer at once: fewer jobs at a time keep the bursts a
+        // reading subscriber sees within its buffer.
+        concurrency: 8,
+        sim: SimConfig {
+            default_rpm: 0,
+            completion_tokens: WORDS,
+            ..SimConfig::default()
+        },
+        // The simulator answers 400 words at once, and this test's own reader shares two cores
+        // with everything else: a buffer of 16,384 messages absorbs those bursts for it and
+        // still overflows for a reader that stopped. The stalled client resumes reading long
+        // before its writes would time out.
+        extra_toml: "[streams]\nbuffer = 16384\nwrite_timeout_secs = 300\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let stalled = stalled_subscriber(&app.api, &key).await;
+    let mut reader = connect(&app.api, Some(&key)).await;
+    next_json(&mut reader).await.unwrap();
+    send(&mut reader, json!({ "type": "subscribe", "all": true })).await;
+    assert_eq!(next_json(&mut reader).await.unwrap()["type"], "subscribed");
+    let collect = tokio::spawn(async move {
+        let mut states: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+        let (mut deltas, mut ended) = (0usize, 0usize);
+        while ended < JOBS {
+            let Some(message) = next_json(&mut reader).await else {
+                panic!("the reading subscriber was cut off after {deltas} deltas and {ended} jobs");
+            };
+            match message["type"].as_str() {
+                Some("delta") => deltas += 1,
+                Some("event") => {
+                    let id = message["request_id"].as_str().unwrap().to_owned();
+                    let state = message["state"].as_str().unwrap().to_owned();
+                    ended += usize::from(state == "succeeded");
+                    let seq = message["seq"].as_i64().unwrap();
+                    states.entry(id).or_default().push((seq, state));
+                }
+                other => panic!("unexpected message {other:?}: {message}"),
+            }
+        }
+        (states, deltas)
+    });
+
+    let ids = flood(&app, &key, JOBS, WORDS).await;
+    app.wait_terminal(&ids, Duration::from_secs(120)).await;
+    let (states, deltas) = tokio::time::timeout(Duration::from_secs(30), collect)
+        .await
+        .expect("the reading subscriber fell behind")
+        .unwrap();
+    // The reader got every state change of every job, in order, each once.
+    for id in &ids {
+        let stored: Vec<(i64, String)> = app
+            .store
+            .events(*id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| (i64::from(e.seq), e.state.to_string()))
+            .collect();
+        assert_eq!(states[&id.to_string()], stored, "job {id}");
+        assert_eq!(app.state(*id).await, JobState::Succeeded);
+    }
+    assert!(deltas > JOBS * WORDS as usize / 2, "only {deltas} deltas");
+
+    // The stalled one gets what was already on its way, then the overload close code.
+    let (texts, code) = drain(stalled).await;
+    assert_eq!(code, Some(4408), "after {texts} messages");
+    assert!(
+        texts < deltas,
+        "the stalled subscriber got {texts} of {deltas} messages: it was never cut off"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_stays_stalled_past_the_write_timeout_is_dropped() {
+    const JOBS: usize = 120;
+    const WORDS: u32 = 400;
+    let app = spawn_app(AppOptions {
+        redis: true,
+        concurrency: 32,
+        sim: SimConfig {
+            default_rpm: 0,
+            completion_tokens: WORDS,
+            ..SimConfig::default()
+        },
+        // A buffer too big to fill: only the write timeout can end the connection.
+        extra_toml: "[streams]\nbuffer = 1000000\nwrite_timeout_secs = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let stalled = stalled_subscriber(&app.api, &key).await;
+    let ids = flood(&app, &key, JOBS, WORDS).await;
+    app.wait_terminal(&ids, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The server gave up on its blocked write: what the kernel held arrives, then the
+    // connection ends without a closing handshake (there was no room left to send one).
+    let (texts, code) = drain(stalled).await;
+    assert_eq!(code, None, "after {texts} messages");
+    assert!(texts > 0);
     app.cleanup().await;
 }

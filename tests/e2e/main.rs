@@ -10,3 +10,4 @@ mod faults;
 mod helpers;
 mod limits;
 mod notify;
+mod watch;

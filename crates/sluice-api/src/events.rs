@@ -68,7 +68,8 @@ pub async fn sse(
                 Some(message) => Some(message),
                 None => sub.recv().await,
             };
-            match next {
+            // Once cut off, what is still buffered is stale: the client resumes from the log.
+            match next.filter(|_| !sub.overloaded()) {
                 Some(message) => {
                     let end = message.is_terminal();
                     Some((Ok(sse_event(&message)), (sub, None, end)))

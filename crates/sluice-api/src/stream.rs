@@ -13,10 +13,12 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
+use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use sluice_core::{Principal, RequestId};
+use sluice_notify::{Outgoing, Subscription};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,12 +99,15 @@ async fn run(mut socket: WebSocket, state: Arc<ApiState>, key: Option<String>) {
         return;
     };
     let mut subscription = state.hub.subscribe(&principal.tenant);
+    let write_timeout = state.hub.config().write_timeout();
     let (mut tx, mut rx) = socket.split();
     let ready = json!({ "type": "ready", "tenant": principal.tenant, "user": principal.user });
-    if tx
-        .send(Message::Text(ready.to_string().into()))
-        .await
-        .is_err()
+    if !write(
+        &mut tx,
+        write_timeout,
+        Message::Text(ready.to_string().into()),
+    )
+    .await
     {
         return;
     }
@@ -117,26 +122,30 @@ async fn run(mut socket: WebSocket, state: Arc<ApiState>, key: Option<String>) {
                     Some(Ok(_)) => continue,
                 };
                 let reply = handle(&state, &principal, &subscription, &text).await;
-                if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                if !write(&mut tx, write_timeout, Message::Text(reply.to_string().into())).await {
                     return;
                 }
             }
             outgoing = subscription.recv() => {
-                let Some(message) = outgoing else {
+                // Once cut off, what is still buffered is stale: say why and go.
+                let Some(first) = outgoing.filter(|_| !subscription.overloaded()) else {
                     let frame = CloseFrame {
                         code: CLOSE_OVERLOADED,
                         reason: Utf8Bytes::from_static("overloaded: too slow to keep up"),
                     };
-                    let _ = tx.send(Message::Close(Some(frame))).await;
+                    write(&mut tx, write_timeout, Message::Close(Some(frame))).await;
                     return;
                 };
-                let Ok(text) = serde_json::to_string(&message) else { continue };
-                if tx.send(Message::Text(text.into())).await.is_err() {
+                let sent = tokio::time::timeout(
+                    write_timeout,
+                    forward(&mut tx, first, &mut subscription),
+                );
+                if !matches!(sent.await, Ok(Ok(()))) {
                     return;
                 }
             }
             _ = ping.tick() => {
-                if tx.send(Message::Ping(Default::default())).await.is_err() {
+                if !write(&mut tx, write_timeout, Message::Ping(Default::default())).await {
                     return;
                 }
             }
@@ -144,11 +153,48 @@ async fn run(mut socket: WebSocket, state: Arc<ApiState>, key: Option<String>) {
     }
 }
 
+/// Messages written before one flush: a burst of deltas costs one write, not one per message.
+const FORWARD_BATCH: usize = 256;
+
+/// Send `first` and whatever else is waiting (up to a batch), then flush once.
+async fn forward(
+    tx: &mut SplitSink<WebSocket, Message>,
+    first: Outgoing,
+    subscription: &mut Subscription,
+) -> Result<(), axum::Error> {
+    let mut next = Some(first);
+    let mut count = 0;
+    while let Some(message) = next.take() {
+        if let Ok(text) = serde_json::to_string(&message) {
+            tx.feed(Message::Text(text.into())).await?;
+        }
+        count += 1;
+        if count < FORWARD_BATCH && !subscription.overloaded() {
+            next = subscription.try_recv();
+        }
+    }
+    tx.flush().await
+}
+
+/// Send one message; false if the connection is gone or the peer stopped reading. A peer that
+/// does not read blocks our writes, so past `timeout` it is dropped: a stuck connection holds
+/// no more than its bounded buffer.
+async fn write(
+    tx: &mut SplitSink<WebSocket, Message>,
+    timeout: Duration,
+    message: Message,
+) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, tx.send(message)).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Answer one client message.
 async fn handle(
     state: &ApiState,
     principal: &Principal,
-    subscription: &sluice_notify::Subscription,
+    subscription: &Subscription,
     text: &str,
 ) -> serde_json::Value {
     let error =

@@ -137,33 +137,37 @@ impl EventBus {
     }
 }
 
+/// Messages sent to Redis in one round trip, when that many are waiting.
+const PUBLISH_BATCH: usize = 256;
+
 async fn publish_loop(
     client: redis::Client,
     channel: String,
     mut queue: mpsc::Receiver<BusMessage>,
 ) {
     let mut connection: Option<redis::aio::MultiplexedConnection> = None;
-    while let Some(message) = queue.recv().await {
-        let Ok(payload) = serde_json::to_string(&message) else {
-            continue;
-        };
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    // Whatever is waiting goes out in one pipeline: a streamed job's deltas come in bursts.
+    while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let mut pipe = redis::pipe();
+        for message in batch.drain(..) {
+            if let Ok(payload) = serde_json::to_string(&message) {
+                pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+            }
+        }
         if connection.is_none() {
             match client.get_multiplexed_async_connection().await {
                 Ok(c) => connection = Some(c),
                 Err(error) => {
-                    tracing::warn!(message = "event bus cannot reach Redis; event dropped", %error);
+                    tracing::warn!(message = "event bus cannot reach Redis; events dropped", %error);
                     continue;
                 }
             }
         }
         if let Some(c) = connection.as_mut() {
-            let sent: Result<i64, _> = redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(payload)
-                .query_async(c)
-                .await;
+            let sent: Result<(), _> = pipe.query_async(c).await;
             if let Err(error) = sent {
-                tracing::warn!(message = "event bus publish failed; event dropped", %error);
+                tracing::warn!(message = "event bus publish failed; events dropped", %error);
                 connection = None;
             }
         }

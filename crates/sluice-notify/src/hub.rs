@@ -8,7 +8,7 @@
 
 use crate::bus::{BusMessage, EventBus};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sluice_core::{JobState, RequestId};
 use sluice_store::{OwnedEvent, Store};
 use std::collections::HashMap;
@@ -18,8 +18,41 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// Messages a subscriber may have waiting before it counts as too slow.
-pub const SUBSCRIBER_BUFFER: usize = 1_024;
+/// How an API node treats its stream subscribers (`[streams]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Messages a subscriber may have waiting before it counts as too slow and is cut off.
+    pub buffer: usize,
+    /// How long one write to a subscriber's connection may block (the peer not reading)
+    /// before the connection is dropped.
+    pub write_timeout_secs: f64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            buffer: 4_096,
+            write_timeout_secs: 10.0,
+        }
+    }
+}
+
+impl StreamsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.buffer == 0 {
+            return Err("streams.buffer must be at least 1".into());
+        }
+        if !(self.write_timeout_secs.is_finite() && self.write_timeout_secs > 0.0) {
+            return Err("streams.write_timeout_secs must be a positive number of seconds".into());
+        }
+        Ok(())
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.write_timeout_secs)
+    }
+}
 
 /// What a subscriber receives: the JSON messages of the WebSocket and SSE streams.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -67,6 +100,7 @@ pub struct Hub {
 
 struct HubInner {
     store: Store,
+    config: StreamsConfig,
     subs: Mutex<HashMap<u64, Sub>>,
     next_id: AtomicU64,
 }
@@ -109,29 +143,31 @@ impl Sub {
 }
 
 impl Hub {
-    /// Start the hub: it listens on `bus` and polls the log every `poll_every` for jobs its
-    /// subscribers follow, until `shutdown`.
+    /// Start the hub: it listens on `bus` and polls the log every `poll.every` for jobs its
+    /// subscribers follow, until `shutdown`. A `buffer` of 0 is taken as 1.
     pub fn spawn(
         store: Store,
         bus: &EventBus,
-        poll_every: Duration,
+        poll: Poll,
+        config: StreamsConfig,
         shutdown: CancellationToken,
     ) -> Hub {
         let hub = Hub {
             inner: Arc::new(HubInner {
                 store,
+                config,
                 subs: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
             }),
         };
         tokio::spawn(listen(hub.clone(), bus.subscribe(), shutdown.clone()));
-        tokio::spawn(poll(hub.clone(), poll_every, shutdown));
+        tokio::spawn(poll_loop(hub.clone(), poll, shutdown));
         hub
     }
 
     /// A new subscription for `tenant`, following nothing yet.
     pub fn subscribe(&self, tenant: &str) -> Subscription {
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let (tx, rx) = mpsc::channel(self.inner.config.buffer.max(1));
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let overloaded = Arc::new(AtomicBool::new(false));
         self.inner.lock().insert(
@@ -153,8 +189,8 @@ impl Hub {
         }
     }
 
-    /// Bring every subscriber of `jobs` up to date from the log.
-    async fn refresh(&self, jobs: &[RequestId]) {
+    /// Bring every subscriber of `jobs` up to date from the log, up to events `settle` old.
+    async fn refresh(&self, jobs: &[RequestId], settle: Duration) {
         let wanted: Vec<(RequestId, i32)> = {
             let subs = self.inner.lock();
             jobs.iter()
@@ -169,31 +205,34 @@ impl Hub {
         if wanted.is_empty() {
             return;
         }
-        match self.inner.store.events_after(&wanted).await {
+        match self.inner.store.events_after(&wanted, settle).await {
             Ok(events) => self.deliver(&events),
             Err(error) => tracing::warn!(message = "could not read job events", %error),
         }
     }
 
-    /// A job changed: read its new events if anyone could want them.
-    async fn changed(&self, id: RequestId, tenant: &str) {
-        let after = {
+    /// Jobs changed: read, in one query, the new events of those anyone could want.
+    async fn changed(&self, jobs: &[(RequestId, String)]) {
+        let wanted: Vec<(RequestId, i32)> = {
             let subs = self.inner.lock();
-            let mut after: Option<i32> = None;
-            for sub in subs.values().filter(|s| s.tenant == tenant) {
-                let last = match (sub.jobs.get(&id), &sub.user) {
-                    (Some(&last), _) => last,
-                    (None, Some(_)) => 0,
-                    (None, None) => continue,
-                };
-                after = Some(after.map_or(last, |a| a.min(last)));
-            }
-            after
+            jobs.iter()
+                .filter_map(|(id, tenant)| {
+                    subs.values()
+                        .filter(|s| &s.tenant == tenant)
+                        .filter_map(|sub| match (sub.jobs.get(id), &sub.user) {
+                            (Some(&last), _) => Some(last),
+                            (None, Some(_)) => Some(0),
+                            (None, None) => None,
+                        })
+                        .min()
+                        .map(|after| (*id, after))
+                })
+                .collect()
         };
-        let Some(after) = after else {
+        if wanted.is_empty() {
             return;
-        };
-        match self.inner.store.events_after(&[(id, after)]).await {
+        }
+        match self.inner.store.events_after(&wanted, Duration::ZERO).await {
             Ok(events) => self.deliver(&events),
             Err(error) => tracing::warn!(message = "could not read job events", %error),
         }
@@ -240,6 +279,11 @@ impl Hub {
         }
     }
 
+    /// The settings subscribers' connections follow.
+    pub fn config(&self) -> StreamsConfig {
+        self.inner.config
+    }
+
     /// Subscribers right now (for metrics and tests).
     pub fn subscribers(&self) -> usize {
         self.inner.lock().len()
@@ -273,7 +317,7 @@ impl Subscription {
             None => false,
         };
         if added {
-            self.hub.refresh(&[id]).await;
+            self.hub.refresh(&[id], Duration::ZERO).await;
         }
     }
 
@@ -315,16 +359,27 @@ impl Drop for Subscription {
     }
 }
 
+/// State changes waiting to be read from the log; beyond this the poll catches up.
+const CHANGED_QUEUE: usize = 16_384;
+/// Jobs whose new events are read in one query.
+const CHANGED_BATCH: usize = 512;
+
+/// Forward the bus: deltas at once, state changes through [`read_changes`], so a slow query
+/// never holds up the deltas behind it. A job's deltas still precede the state change they
+/// came before: that change is only read from the log after its bus message arrived.
 async fn listen(hub: Hub, mut bus: broadcast::Receiver<BusMessage>, shutdown: CancellationToken) {
+    let (changes, queue) = mpsc::channel(CHANGED_QUEUE);
+    tokio::spawn(read_changes(hub.clone(), queue));
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return,
             message = bus.recv() => message,
         };
         match message {
-            // Handled one at a time, so each job's events and deltas keep the bus's order.
             Ok(BusMessage::Changed { request_id, tenant }) => {
-                hub.changed(request_id, &tenant).await
+                if changes.try_send((request_id, tenant)).is_err() {
+                    tracing::debug!(message = "state changes backed up; the poll catches up");
+                }
             }
             Ok(BusMessage::Delta {
                 request_id,
@@ -343,15 +398,36 @@ async fn listen(hub: Hub, mut bus: broadcast::Receiver<BusMessage>, shutdown: Ca
     }
 }
 
+/// Read changed jobs' new events, whatever has queued up in one query.
+async fn read_changes(hub: Hub, mut queue: mpsc::Receiver<(RequestId, String)>) {
+    let mut batch = Vec::with_capacity(CHANGED_BATCH);
+    while queue.recv_many(&mut batch, CHANGED_BATCH).await > 0 {
+        batch.sort_unstable();
+        batch.dedup();
+        hub.changed(&batch).await;
+        batch.clear();
+    }
+}
+
 /// A user-wide subscription as the poll reads it: tenant, user, since when.
 type UserFollow = (String, String, DateTime<Utc>);
 
+/// How the hub reads the log to make good what the bus lost.
+#[derive(Debug, Clone, Copy)]
+pub struct Poll {
+    /// How often.
+    pub every: Duration,
+    /// Events younger than this are left to the bus, which delivers a job's deltas before the
+    /// state change that follows them; zero when the bus does not reach other processes.
+    pub settle: Duration,
+}
+
 /// Make good what the bus lost: followed jobs' new events, and user-wide subscriptions'.
-async fn poll(hub: Hub, every: Duration, shutdown: CancellationToken) {
+async fn poll_loop(hub: Hub, poll: Poll, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(poll.every) => {}
         }
         let (jobs, users): (Vec<RequestId>, Vec<UserFollow>) = {
             let subs = hub.inner.lock();
@@ -365,12 +441,12 @@ async fn poll(hub: Hub, every: Duration, shutdown: CancellationToken) {
                 .collect();
             (jobs, users)
         };
-        hub.refresh(&jobs).await;
+        hub.refresh(&jobs, poll.settle).await;
         for (tenant, user, since) in users {
             match hub
                 .inner
                 .store
-                .user_events_since(&tenant, &user, since)
+                .user_events_since(&tenant, &user, since, poll.settle)
                 .await
             {
                 Ok(events) => hub.deliver(&events),

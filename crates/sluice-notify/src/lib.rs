@@ -14,6 +14,6 @@ pub mod message;
 pub mod testing;
 
 pub use bus::{BusError, BusMessage, EventBus};
-pub use hub::{Hub, Outgoing, Subscription};
+pub use hub::{Hub, Outgoing, Poll, StreamsConfig, Subscription};
 pub use mailer::{ConfigError, Mailer, MailerConfig, Pass, SendError, TlsMode};
 pub use message::{compose, message_id, ComposeError};

@@ -6,6 +6,7 @@ use crate::error::{truncate, ProviderError};
 use crate::RateHeaders;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Response, Url};
+use sluice_core::sse::{SseEvent, SseParser};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -379,77 +380,6 @@ impl SseStream {
     }
 }
 
-/// One server-sent event: its `event:` name, if any, and its `data:` lines joined by `\n`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct SseEvent {
-    pub(crate) event: Option<String>,
-    pub(crate) data: String,
-}
-
-/// Incremental SSE parser: an event is the lines up to a blank line. Bytes are buffered until a
-/// line is complete, so chunk boundaries may fall anywhere, even inside a UTF-8 character.
-#[derive(Debug, Default)]
-pub(crate) struct SseParser {
-    buf: Vec<u8>,
-    event: Option<String>,
-    data: Option<String>,
-}
-
-impl SseParser {
-    pub(crate) fn push(&mut self, bytes: &[u8], out: &mut VecDeque<SseEvent>) {
-        self.buf.extend_from_slice(bytes);
-        let mut start = 0;
-        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
-            let end = start + nl;
-            let line = self.buf[start..end]
-                .strip_suffix(b"\r")
-                .unwrap_or(&self.buf[start..end]);
-            let line = String::from_utf8_lossy(line).into_owned();
-            self.line(&line, out);
-            start = end + 1;
-        }
-        self.buf.drain(..start);
-    }
-
-    /// The body ended: a last event without its blank line still counts.
-    pub(crate) fn finish(&mut self, out: &mut VecDeque<SseEvent>) {
-        if !self.buf.is_empty() {
-            let rest = std::mem::take(&mut self.buf);
-            let line =
-                String::from_utf8_lossy(rest.strip_suffix(b"\r").unwrap_or(&rest)).into_owned();
-            self.line(&line, out);
-        }
-        self.line("", out);
-    }
-
-    fn line(&mut self, line: &str, out: &mut VecDeque<SseEvent>) {
-        if line.is_empty() {
-            if let Some(data) = self.data.take() {
-                out.push_back(SseEvent {
-                    event: self.event.take(),
-                    data,
-                });
-            }
-            self.event = None;
-            return;
-        }
-        // Lines starting with ':' are comments (keep-alives); `id` and `retry` do not matter here.
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match field {
-            "data" => match &mut self.data {
-                Some(data) => {
-                    data.push('\n');
-                    data.push_str(value);
-                }
-                None => self.data = Some(value.to_owned()),
-            },
-            "event" => self.event = Some(value.to_owned()),
-            _ => {}
-        }
-    }
-}
-
 /// Sends one delta to the caller. A closed receiver means nobody listens for deltas any more;
 /// the call still completes and returns the whole response, so that is not an error.
 pub(crate) async fn emit(deltas: &tokio::sync::mpsc::Sender<String>, text: &str) {
@@ -529,54 +459,6 @@ mod tests {
         assert!(rate.reset.unwrap() > Duration::from_secs(25));
     }
     use super::*;
-
-    fn parse_in_chunks(body: &[u8], chunk: usize) -> Vec<SseEvent> {
-        let mut p = SseParser::default();
-        let mut out = VecDeque::new();
-        for piece in body.chunks(chunk) {
-            p.push(piece, &mut out);
-        }
-        p.finish(&mut out);
-        out.into_iter().collect()
-    }
-
-    #[test]
-    fn sse_events_survive_any_chunking() {
-        let body = "event: message_start\ndata: {\"a\":\"é\"}\n\n: keep-alive\n\ndata: one\r\ndata: two\r\n\r\ndata: [DONE]";
-        let expected = vec![
-            SseEvent {
-                event: Some("message_start".into()),
-                data: "{\"a\":\"é\"}".into(),
-            },
-            SseEvent {
-                event: None,
-                data: "one\ntwo".into(),
-            },
-            SseEvent {
-                event: None,
-                data: "[DONE]".into(),
-            },
-        ];
-        for chunk in 1..=body.len() {
-            assert_eq!(
-                parse_in_chunks(body.as_bytes(), chunk),
-                expected,
-                "chunk size {chunk}"
-            );
-        }
-    }
-
-    #[test]
-    fn event_names_do_not_leak_into_the_next_event() {
-        let events = parse_in_chunks(b"event: ping\n\ndata:x\n\n", 64);
-        assert_eq!(
-            events,
-            [SseEvent {
-                event: None,
-                data: "x".into()
-            }]
-        );
-    }
 
     #[test]
     fn classification_is_shared() {

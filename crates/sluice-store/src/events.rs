@@ -7,7 +7,12 @@ use chrono::{DateTime, Utc};
 use sluice_core::RequestId;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
+use std::time::Duration;
 use uuid::Uuid;
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1_000.0
+}
 
 /// One stored event with the job it belongs to and that job's owner.
 #[derive(Debug, Clone)]
@@ -16,6 +21,26 @@ pub struct OwnedEvent {
     pub tenant: String,
     pub user_id: String,
     pub event: JobEvent,
+}
+
+/// Keep, per job, the events before its first unsettled one: a later event may be settled while
+/// an earlier one is not (transaction times are not in sequence order), and a subscriber must
+/// never skip a sequence number.
+fn settled_prefix(rows: &[PgRow]) -> Result<Vec<OwnedEvent>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut held: Option<RequestId> = None;
+    for r in rows {
+        let event = owned_event(r)?;
+        if held == Some(event.request_id) {
+            continue;
+        }
+        if r.try_get::<bool, _>("settled")? {
+            out.push(event);
+        } else {
+            held = Some(event.request_id);
+        }
+    }
+    Ok(out)
 }
 
 fn owned_event(r: &PgRow) -> Result<OwnedEvent, StoreError> {
@@ -35,10 +60,15 @@ fn owned_event(r: &PgRow) -> Result<OwnedEvent, StoreError> {
 
 impl Store {
     /// For each `(job, after)`, the job's events with a sequence number above `after`, ordered
-    /// by job and sequence. Unknown jobs have none.
+    /// by job and sequence, up to (not including) the first recorded less than `settle` ago.
+    /// Unknown jobs have none.
+    ///
+    /// A settle time lets a poll that backs up a faster channel (the event bus) leave the
+    /// newest events to it, so they arrive in the order that channel keeps (deltas first).
     pub async fn events_after(
         &self,
         jobs: &[(RequestId, i32)],
+        settle: Duration,
     ) -> Result<Vec<OwnedEvent>, StoreError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -46,7 +76,8 @@ impl Store {
         let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| id.0).collect();
         let after: Vec<i32> = jobs.iter().map(|(_, seq)| *seq).collect();
         let rows = sqlx::query(
-            "SELECT e.job_id, e.seq, e.state, e.at, e.detail, j.tenant, j.user_id
+            "SELECT e.job_id, e.seq, e.state, e.at, e.detail, j.tenant, j.user_id,
+                    e.at <= now() - $3 * interval '1 millisecond' AS settled
              FROM UNNEST($1::uuid[], $2::int[]) AS w(id, after)
              JOIN job_events e ON e.job_id = w.id AND e.seq > w.after
              JOIN jobs j ON j.id = e.job_id
@@ -54,20 +85,24 @@ impl Store {
         )
         .bind(&ids)
         .bind(&after)
+        .bind(millis(settle))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(owned_event).collect()
+        settled_prefix(&rows)
     }
 
-    /// Events of one user's jobs recorded at or after `since`, ordered by job and sequence.
+    /// Events of one user's jobs recorded at or after `since`, ordered by job and sequence,
+    /// settled as in [`Store::events_after`].
     pub async fn user_events_since(
         &self,
         tenant: &str,
         user_id: &str,
         since: DateTime<Utc>,
+        settle: Duration,
     ) -> Result<Vec<OwnedEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT e.job_id, e.seq, e.state, e.at, e.detail, j.tenant, j.user_id
+            "SELECT e.job_id, e.seq, e.state, e.at, e.detail, j.tenant, j.user_id,
+                    e.at <= now() - $4 * interval '1 millisecond' AS settled
              FROM jobs j JOIN job_events e ON e.job_id = j.id
              WHERE j.tenant = $1 AND j.user_id = $2 AND e.at >= $3
                -- updated_at is the transaction's start, at most a little before its events;
@@ -78,8 +113,9 @@ impl Store {
         .bind(tenant)
         .bind(user_id)
         .bind(since)
+        .bind(millis(settle))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(owned_event).collect()
+        settled_prefix(&rows)
     }
 }

@@ -661,3 +661,41 @@ async fn jobs_without_an_email_queue_no_notification_however_they_end() {
     assert_eq!(notifications_in_total(&db).await, 1);
     db.drop().await;
 }
+
+#[tokio::test]
+async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow() {
+    let db = TestDb::new("store_test").await;
+    let job = new_job("acme", "hi");
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    let result = serde_json::json!({"content": "x"});
+    assert!(db.store.complete(job.id, 1, &result, "e1").await.unwrap());
+    let job_after = [(job.id, 0)];
+    let seqs = |events: Vec<sluice_store::OwnedEvent>| -> Vec<i32> {
+        events.iter().map(|e| e.event.seq).collect()
+    };
+    let all = db.store.events_after(&job_after, Duration::ZERO);
+    assert_eq!(seqs(all.await.unwrap()), [1, 2, 3]);
+    let fresh = db.store.events_after(&job_after, Duration::from_secs(60));
+    assert!(seqs(fresh.await.unwrap()).is_empty());
+    // Transaction times need not follow sequence numbers: an unsettled `running` holds back
+    // the settled `succeeded` after it, so no reader skips a number.
+    sqlx::query("UPDATE job_events SET at = at - interval '1 hour' WHERE job_id = $1")
+        .bind(job.id.0)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE job_events SET at = now() WHERE job_id = $1 AND seq = 2")
+        .bind(job.id.0)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let settled = db.store.events_after(&job_after, Duration::from_secs(60));
+    assert_eq!(seqs(settled.await.unwrap()), [1]);
+    let since = chrono::Utc::now() - chrono::Duration::hours(2);
+    let user = db
+        .store
+        .user_events_since("acme", "u1", since, Duration::from_secs(60));
+    assert_eq!(seqs(user.await.unwrap()), [1]);
+    db.drop().await;
+}

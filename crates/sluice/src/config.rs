@@ -47,6 +47,9 @@ pub struct Config {
     /// (notifications wait in the database until a worker with `[mail]` runs).
     #[serde(default)]
     pub mail: Option<sluice_notify::MailerConfig>,
+    /// WebSocket and SSE subscribers: how much may wait for a slow one, and for how long.
+    #[serde(default)]
+    pub streams: sluice_notify::StreamsConfig,
 }
 
 /// Where Redis is; keys go under `prefix`.
@@ -113,6 +116,9 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.streams
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid [streams] section: {e}"))?;
         if let Some(mail) = &self.mail {
             mail.validate().context("invalid [mail] section")?;
         }
@@ -216,6 +222,10 @@ mod tests {
             jail.create_file("typo.toml", "listn = \"127.0.0.1:1\"\n")?;
             let error = Config::load(Some(Path::new("typo.toml"))).unwrap_err();
             assert!(format!("{error:#}").contains("listn"), "{error:#}");
+
+            jail.create_file("streams.toml", "[streams]\nbuffer = 0\n")?;
+            let error = Config::load(Some(Path::new("streams.toml"))).unwrap_err();
+            assert!(format!("{error:#}").contains("streams.buffer"), "{error:#}");
 
             let error = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
             assert!(format!("{error:#}").contains("does not exist"), "{error:#}");

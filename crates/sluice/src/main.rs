@@ -1,5 +1,5 @@
 //! The `sluice` command: runs the API, workers and the provider simulator, and talks to a
-//! running deployment (keys, submit, status, dead-letter queue) and benchmarks it.
+//! running deployment (keys, submit, status, watch, dead-letter queue) and benchmarks it.
 
 mod bench;
 mod client;
@@ -76,6 +76,16 @@ enum Command {
     Status {
         #[command(flatten)]
         api: client::ApiArgs,
+        id: RequestId,
+    },
+    /// Follow a job's events until it ends (resuming if the connection drops); exits
+    /// non-zero unless it succeeded.
+    Watch {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        /// Print each event as a line of JSON instead of text.
+        #[arg(long)]
+        json: bool,
         id: RequestId,
     },
     /// Inspect and replay dead-lettered jobs.
@@ -235,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             message,
         } => client::submit(&api, &model, max_tokens, &message.join(" "), wait).await,
         Command::Status { api, id } => client::status(&api, id).await,
+        Command::Watch { api, json, id } => client::watch(&api, id, json).await,
         Command::Dlq { command } => {
             let config = Config::load(path)?;
             match command {

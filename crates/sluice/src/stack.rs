@@ -7,7 +7,7 @@ use sluice_api::ApiState;
 use sluice_broker::rabbitmq::RabbitBroker;
 use sluice_broker::Broker;
 use sluice_core::RequestId;
-use sluice_notify::{EventBus, Hub};
+use sluice_notify::{EventBus, Hub, Poll};
 use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::{Router, SharedLimits};
 use sluice_store::{JobWriter, Store, StoreConfig};
@@ -77,13 +77,20 @@ pub fn api_state(
 ) -> anyhow::Result<Arc<ApiState>> {
     let writer = JobWriter::spawn(store.clone(), 4, 256);
     let bus = event_bus(config)?;
-    // Without Redis the poll is the only way workers' changes reach subscribers here.
+    // Without Redis the poll is the only way workers' changes reach subscribers here; with it,
+    // the poll only makes good what pub/sub lost, and leaves the newest events to the bus.
     let poll = if config.redis.is_some() {
-        Duration::from_secs(1)
+        Poll {
+            every: Duration::from_secs(1),
+            settle: Duration::from_secs(2),
+        }
     } else {
-        Duration::from_millis(250)
+        Poll {
+            every: Duration::from_millis(250),
+            settle: Duration::ZERO,
+        }
     };
-    let hub = Hub::spawn(store.clone(), &bus, poll, shutdown);
+    let hub = Hub::spawn(store.clone(), &bus, poll, config.streams, shutdown);
     Ok(ApiState::new(
         store,
         writer,
