@@ -509,3 +509,48 @@ async fn a_connection_that_stays_stalled_past_the_write_timeout_is_dropped() {
     assert!(texts > 0);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn malformed_websocket_messages_get_a_json_error_and_the_socket_stays_open() {
+    let app = spawn_app(AppOptions::default()).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut socket = connect(&app.api, Some(&key)).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "ready");
+    for bad in [
+        "not json at all",
+        r#"{"type":"dance"}"#,
+        r#"{"type":"subscribe","request_ids":"not-a-list"}"#,
+        r#"{"type":"subscribe","all":true,"extra":1}"#,
+        "[]",
+    ] {
+        socket.send(Message::Text(bad.into())).await.unwrap();
+        let answer = next_json(&mut socket).await.expect("socket closed");
+        assert_eq!(answer["type"], "error", "{bad}: {answer}");
+        assert_eq!(answer["code"], "invalid_message", "{bad}: {answer}");
+        assert!(!answer["message"].as_str().unwrap().is_empty());
+    }
+    socket
+        .send(Message::Binary(vec![0, 159, 146, 150].into()))
+        .await
+        .unwrap();
+    let answer = next_json(&mut socket).await.expect("socket closed");
+    assert_eq!(answer["code"], "invalid_message", "{answer}");
+    // A second auth is refused in words too; the socket still works afterwards.
+    send(&mut socket, json!({ "type": "auth", "api_key": key })).await;
+    let answer = next_json(&mut socket).await.unwrap();
+    assert_eq!(answer["code"], "already_authenticated");
+    let id = app.submit(&key, "still listening").await;
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "request_ids": [id.to_string()] }),
+    )
+    .await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "subscribed");
+    loop {
+        let message = next_json(&mut socket).await.unwrap();
+        if message["state"] == "succeeded" {
+            break;
+        }
+    }
+    app.cleanup().await;
+}

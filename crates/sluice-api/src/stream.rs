@@ -116,12 +116,17 @@ async fn run(mut socket: WebSocket, state: Arc<ApiState>, key: Option<String>) {
     loop {
         tokio::select! {
             incoming = rx.next() => {
-                let text = match incoming {
-                    Some(Ok(Message::Text(text))) => text,
+                let reply = match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        handle(&state, &principal, &subscription, &text).await
+                    }
+                    Some(Ok(Message::Binary(_))) => json!({
+                        "type": "error", "code": "invalid_message",
+                        "message": "messages are JSON in text frames, not binary",
+                    }),
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                     Some(Ok(_)) => continue,
                 };
-                let reply = handle(&state, &principal, &subscription, &text).await;
                 if !write(&mut tx, write_timeout, Message::Text(reply.to_string().into())).await {
                     return;
                 }
