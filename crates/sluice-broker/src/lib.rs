@@ -14,6 +14,8 @@ pub use sluice_core::{JobRef, Lane};
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod rabbitmq;
+pub mod sql;
+pub mod sqs;
 
 pub use rabbitmq::{RabbitBroker, RabbitConfig};
 

@@ -1,0 +1,1 @@
+//! The SQL queue: lanes as a table in PostgreSQL or SQLite (work in progress).

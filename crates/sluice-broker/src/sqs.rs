@@ -1,0 +1,1 @@
+//! SQS lanes: one queue per lane under a prefix (work in progress).
