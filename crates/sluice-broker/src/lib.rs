@@ -14,8 +14,6 @@ pub use sluice_core::{JobRef, Lane};
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod rabbitmq;
-pub mod sql;
-pub mod sqs;
 
 pub use rabbitmq::{RabbitBroker, RabbitConfig};
 

@@ -1,1 +1,0 @@
-//! The SQL queue: lanes as a table in PostgreSQL or SQLite (work in progress).

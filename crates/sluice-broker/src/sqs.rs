@@ -1,1 +1,0 @@
-//! SQS lanes: one queue per lane under a prefix (work in progress).
