@@ -1,14 +1,25 @@
 //! The job path from submit to result: many jobs over two worker processes, retries through
 //! the `retry` lane with backoff, dead-lettering and replay, and the CLI around them.
 
-use crate::helpers::{spawn_app, AppOptions};
+use crate::helpers::{spawn_app, AppOptions, Queue};
 use sluice_core::{JobState, RequestId, Tier};
 use sluice_sim::{Faults, SimConfig};
 use std::time::Duration;
 
 #[tokio::test]
 async fn two_hundred_jobs_across_four_tiers_all_succeed_with_the_providers_answer() {
+    two_hundred_jobs_succeed_on(Queue::Rabbitmq).await;
+}
+
+#[tokio::test]
+async fn two_hundred_jobs_across_four_tiers_all_succeed_on_sqs_lanes() {
+    two_hundred_jobs_succeed_on(Queue::Sqs).await;
+}
+
+/// The foundation's end-to-end job test, unchanged on each lane backend.
+async fn two_hundred_jobs_succeed_on(queue: Queue) {
     let app = spawn_app(AppOptions {
+        queue,
         workers: 2,
         sim: SimConfig {
             default_rpm: 0,

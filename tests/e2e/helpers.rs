@@ -67,6 +67,17 @@ pub struct AppOptions {
     pub redis_url: Option<String>,
     /// Send completion emails (a `[mail]` section) to an SMTP server on this local port.
     pub smtp_port: Option<u16>,
+    /// Where the lanes are.
+    pub queue: Queue,
+}
+
+/// The lane backend an app runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Queue {
+    #[default]
+    Rabbitmq,
+    /// SQS lanes on a moto server of the test's own.
+    Sqs,
 }
 
 impl Default for AppOptions {
@@ -90,6 +101,7 @@ impl Default for AppOptions {
             redis: false,
             redis_url: None,
             smtp_port: None,
+            queue: Queue::Rabbitmq,
         }
     }
 }
@@ -104,6 +116,8 @@ pub struct TestApp {
     schema: String,
     api_process: Option<Child>,
     pub workers: Vec<Child>,
+    /// The SQS server of a `Queue::Sqs` app; stopped with the app.
+    moto: Option<sluice_sqs::testing::MotoServer>,
 }
 
 pub async fn spawn_app(options: AppOptions) -> TestApp {
@@ -200,6 +214,18 @@ default = {route}
              timeout_secs = 5\n"
         ));
     }
+    let moto = match options.queue {
+        Queue::Rabbitmq => None,
+        Queue::Sqs => {
+            let moto = sluice_sqs::testing::MotoServer::start().await;
+            config.push_str(&format!(
+                "\n[queue]\nbackend = \"sqs\"\n[queue.sqs]\nprefix = \"{prefix}\"\n\
+                 endpoint_url = \"{}\"\nvisibility_timeout_secs = 5\nwait_time_secs = 1\n",
+                moto.endpoint()
+            ));
+            Some(moto)
+        }
+    };
     let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));
     std::fs::write(&config_path, config).unwrap();
 
@@ -224,6 +250,7 @@ default = {route}
         schema,
         api_process: None,
         workers: Vec::new(),
+        moto,
     };
     let (child, line) = app.start("serve", "listening on ").await;
     app.api = line
@@ -477,7 +504,9 @@ impl TestApp {
             let _ = child.wait().await;
         }
         self.sim.shutdown();
-        let _ = self.broker().await.delete_all().await;
+        if self.moto.take().is_none() {
+            let _ = self.broker().await.delete_all().await;
+        }
         // Delay queues other processes declared expire on their own; lanes are deleted here.
         self.store.drop_schema(&self.schema).await.unwrap();
         let _ = std::fs::remove_file(&self.config_path);

@@ -23,6 +23,10 @@ pub struct Config {
     pub listen: SocketAddr,
     #[serde(default)]
     pub database: StoreConfig,
+    /// Which backend holds the lanes, and its settings (`[queue]`).
+    #[serde(default)]
+    pub queue: QueueSection,
+    /// RabbitMQ, when `[queue] backend = "rabbitmq"` (the default).
     #[serde(default = "default_rabbitmq")]
     pub rabbitmq: RabbitConfig,
     #[serde(default)]
@@ -50,6 +54,25 @@ pub struct Config {
     /// WebSocket and SSE subscribers: how much may wait for a slow one, and for how long.
     #[serde(default)]
     pub streams: sluice_notify::StreamsConfig,
+}
+
+/// The backend the lanes live in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    /// RabbitMQ, configured by `[rabbitmq]`.
+    #[default]
+    Rabbitmq,
+    /// Amazon SQS (or a compatible server), configured by `[queue.sqs]`.
+    Sqs,
+}
+
+/// `[queue]`: where the lanes are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSection {
+    pub backend: QueueBackend,
+    pub sqs: sluice_sqs::SqsConfig,
 }
 
 /// Where Redis is; keys go under `prefix`.
@@ -116,6 +139,12 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if self.queue.backend == QueueBackend::Sqs {
+            self.queue
+                .sqs
+                .validate()
+                .context("invalid [queue.sqs] section")?;
+        }
         self.streams
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid [streams] section: {e}"))?;

@@ -1,7 +1,7 @@
 //! Builds the running pieces from configuration: store, broker, publisher, API and worker,
 //! and the operator commands that need them directly (migrate, dlq).
 
-use crate::config::Config;
+use crate::config::{Config, QueueBackend};
 use anyhow::Context;
 use sluice_api::ApiState;
 use sluice_broker::rabbitmq::RabbitBroker;
@@ -30,12 +30,22 @@ pub async fn store(config: &Config, migrate: bool) -> anyhow::Result<Store> {
     })
 }
 
+/// The lanes, in the backend `[queue]` names, declared and ready.
 pub async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
-    let broker = RabbitBroker::connect(config.rabbitmq.clone())
-        .await
-        .context("cannot connect to RabbitMQ")?;
+    let broker: Arc<dyn Broker> = match config.queue.backend {
+        QueueBackend::Rabbitmq => Arc::new(
+            RabbitBroker::connect(config.rabbitmq.clone())
+                .await
+                .context("cannot connect to RabbitMQ")?,
+        ),
+        QueueBackend::Sqs => Arc::new(
+            sluice_sqs::SqsBroker::connect(config.queue.sqs.clone())
+                .await
+                .context("cannot reach SQS")?,
+        ),
+    };
     broker.declare().await.context("cannot declare the lanes")?;
-    Ok(Arc::new(broker))
+    Ok(broker)
 }
 
 /// The provider pools; with `[redis]` configured their limits are shared by every worker.
