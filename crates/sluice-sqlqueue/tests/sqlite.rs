@@ -1,0 +1,243 @@
+//! The broker conformance suite and SQLite-only cases for the SQL queue, each test on a
+//! database file of its own in a temporary directory.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{must, receive_in_background, Scratch};
+use sluice_broker::conformance::{job, Fixture, RawAccess, RawMessage};
+use sluice_broker::{broker_conformance_suite, Broker, BrokerError, Lane, PublishOptions};
+use sluice_sqlqueue::{SqlQueue, SqlQueueConfig, TABLE};
+use sqlx::sqlite::SqlitePoolOptions;
+use sqlx::{Row, SqlitePool};
+
+fn now_us() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap()
+}
+
+/// A fresh database file and a pool on it, as the embedded mode would open it.
+async fn database() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    (dir, url)
+}
+
+async fn pool(url: &str) -> SqlitePool {
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(SqlQueue::sqlite_connect_options(url).unwrap())
+        .await
+        .unwrap()
+}
+
+fn config() -> SqlQueueConfig {
+    SqlQueueConfig {
+        namespace: format!("ns_{}", uuid::Uuid::now_v7().simple()),
+        // Short, so the suite's redelivery of a dropped message fits its bounds.
+        visibility_timeout_secs: 2,
+        ..SqlQueueConfig::default()
+    }
+}
+
+/// Talks to the table with plain SQL, beneath the queue's encoding.
+struct SqliteRaw {
+    pool: SqlitePool,
+    namespace: String,
+}
+
+#[async_trait::async_trait]
+impl RawAccess for SqliteRaw {
+    async fn inject(&self, lane: Lane, body: Vec<u8>) -> Result<(), BrokerError> {
+        let body = String::from_utf8(body).map_err(|e| BrokerError::Malformed(e.to_string()))?;
+        let now = now_us();
+        sqlx::query(&format!(
+            "INSERT INTO {TABLE} (namespace, lane, body, available_at, created_at)
+             VALUES ($1, $2, $3, $4, $4)"
+        ))
+        .bind(&self.namespace)
+        .bind(lane.as_str())
+        .bind(body)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| BrokerError::Publish {
+            queue: lane.to_string(),
+            source: Box::new(e),
+        })?;
+        Ok(())
+    }
+
+    async fn take(&self, lane: Lane) -> Result<Option<RawMessage>, BrokerError> {
+        let row = sqlx::query(&format!(
+            "DELETE FROM {TABLE} WHERE id = (
+                SELECT id FROM {TABLE}
+                WHERE namespace = $1 AND lane = $2 AND available_at <= $3
+                ORDER BY available_at, id LIMIT 1)
+             RETURNING body, reason"
+        ))
+        .bind(&self.namespace)
+        .bind(lane.as_str())
+        .bind(now_us())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| BrokerError::Consume {
+            queue: lane.to_string(),
+            source: Box::new(e),
+        })?;
+        Ok(row.map(|row| RawMessage {
+            body: row.get::<String, _>("body").into_bytes(),
+            reason: row.get("reason"),
+        }))
+    }
+}
+
+async fn fixture() -> Fixture {
+    let (dir, url) = database().await;
+    let pool = pool(&url).await;
+    let config = config();
+    let raw = SqliteRaw {
+        pool: pool.clone(),
+        namespace: config.namespace.clone(),
+    };
+    let queue = SqlQueue::sqlite(pool, config).unwrap();
+    Fixture {
+        broker: Arc::new(Scratch {
+            queue,
+            schema: None,
+            dir: Some(dir),
+        }),
+        raw: Box::new(raw),
+    }
+}
+
+broker_conformance_suite!(sql_sqlite, fixture());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_dropped_too_often_goes_to_dead() {
+    let (_dir, url) = database().await;
+    let queue = SqlQueue::sqlite(
+        pool(&url).await,
+        SqlQueueConfig {
+            visibility_timeout_secs: 1,
+            max_receive_count: 2,
+            ..config()
+        },
+    )
+    .unwrap();
+    common::dropped_too_often_goes_to_dead(&queue, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_requeues_do_not_count_towards_the_limit() {
+    let (_dir, url) = database().await;
+    let queue = SqlQueue::sqlite(
+        pool(&url).await,
+        SqlQueueConfig {
+            max_receive_count: 2,
+            ..config()
+        },
+    )
+    .unwrap();
+    common::requeues_do_not_count_towards_the_limit(&queue, 2).await;
+}
+
+/// Two queues on separate pools of one file: a stale holder cannot delete the new claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_stale_ack_keeps_the_new_claim() {
+    let (_dir, url) = database().await;
+    let config = SqlQueueConfig {
+        poll_interval_ms: 100,
+        ..config()
+    };
+    let a = SqlQueue::sqlite(pool(&url).await, config.clone()).unwrap();
+    let b = SqlQueue::sqlite(pool(&url).await, config.clone()).unwrap();
+    let admin = pool(&url).await;
+    let expire = || async {
+        sqlx::query(&format!(
+            "UPDATE {TABLE} SET available_at = $1 WHERE namespace = $2"
+        ))
+        .bind(now_us() - 1_000_000)
+        .bind(&config.namespace)
+        .execute(&admin)
+        .await
+        .unwrap();
+    };
+    common::stale_ack_keeps_the_new_claim(&a, &b, expire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_namespaces_are_isolated() {
+    let (_dir, url) = database().await;
+    let pool = pool(&url).await;
+    let a = SqlQueue::sqlite(pool.clone(), config()).unwrap();
+    let b = SqlQueue::sqlite(pool, config()).unwrap();
+    common::namespaces_are_isolated(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_publish_before_declare_is_unroutable() {
+    let (_dir, url) = database().await;
+    let queue = SqlQueue::sqlite(pool(&url).await, config()).unwrap();
+    common::publish_before_declare_is_unroutable(&queue).await;
+}
+
+/// Within one process a publish wakes an idle consumer at once, not at the fallback poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_publish_wakes_an_idle_consumer() {
+    let (_dir, url) = database().await;
+    let queue = SqlQueue::connect(
+        &url,
+        SqlQueueConfig {
+            poll_interval_ms: 10_000,
+            ..config()
+        },
+    )
+    .await
+    .unwrap();
+    must(queue.declare().await, "declare");
+    let consumer = must(queue.consume(Lane::Standard, 1).await, "consume");
+    let receiving = receive_in_background(consumer);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let sent = job("t1");
+    let published = Instant::now();
+    must(
+        queue
+            .publish(Lane::Standard, &sent, PublishOptions::default())
+            .await,
+        "publish",
+    );
+    let (arrived, got, _consumer) = tokio::time::timeout(Duration::from_secs(9), receiving)
+        .await
+        .expect("the idle consumer was not woken before its fallback poll")
+        .unwrap();
+    assert_eq!(got.job, sent);
+    let took = arrived - published;
+    assert!(took < Duration::from_secs(1), "woken after {took:?}");
+    must(got.ack().await, "ack");
+}
+
+/// The schema setting is PostgreSQL's; on SQLite it is refused rather than ignored.
+#[tokio::test]
+async fn sqlite_refuses_a_schema() {
+    let (_dir, url) = database().await;
+    let result = SqlQueue::sqlite(
+        pool(&url).await,
+        SqlQueueConfig {
+            schema: Some("sluice".into()),
+            ..config()
+        },
+    );
+    assert!(
+        matches!(result, Err(BrokerError::Connection(_))),
+        "{result:?}"
+    );
+}
