@@ -47,7 +47,11 @@ async fn backlogged_lanes_complete_in_proportion_to_their_weights() {
     )
     .bind(SKIP)
     .bind(WINDOW)
-    .fetch_all(app.store.pool())
+    .fetch_all(
+        app.store
+            .pg_pool()
+            .expect("the e2e stack runs on PostgreSQL"),
+    )
     .await
     .unwrap();
     let count = |lane: &str| rows.iter().find(|r| r.0 == lane).map_or(0, |r| r.1) as f64;

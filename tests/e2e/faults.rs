@@ -121,7 +121,11 @@ async fn kill_9_of_a_worker_mid_run_loses_no_job() {
     let (reaped,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM job_events WHERE detail->>'error' LIKE 'lease expired%'",
     )
-    .fetch_one(app.store.pool())
+    .fetch_one(
+        app.store
+            .pg_pool()
+            .expect("the e2e stack runs on PostgreSQL"),
+    )
     .await
     .unwrap();
     assert!(

@@ -484,7 +484,11 @@ impl TestApp {
              ) t",
         )
         .bind(&self.schema)
-        .fetch_one(self.store.pool())
+        .fetch_one(
+            self.store
+                .pg_pool()
+                .expect("the e2e stack runs on PostgreSQL"),
+        )
         .await
         .unwrap();
         n

@@ -1,8 +1,10 @@
 //! Reading the job event log for subscribers: the events of some jobs after a sequence number,
 //! and a user's recent events, each with the job's owner so callers can check tenant walls.
+//! Shared types and the PostgreSQL statements; SQLite's are in `sqlite::events`.
 
 use crate::jobs::{corrupt, JobEvent};
-use crate::{Store, StoreError};
+use crate::postgres::PgBackend;
+use crate::StoreError;
 use chrono::{DateTime, Utc};
 use sluice_core::RequestId;
 use sqlx::postgres::PgRow;
@@ -25,22 +27,29 @@ pub struct OwnedEvent {
 
 /// Keep, per job, the events before its first unsettled one: a later event may be settled while
 /// an earlier one is not (transaction times are not in sequence order), and a subscriber must
-/// never skip a sequence number.
-fn settled_prefix(rows: &[PgRow]) -> Result<Vec<OwnedEvent>, StoreError> {
-    let mut out = Vec::with_capacity(rows.len());
+/// never skip a sequence number. Input is ordered by job and sequence, each with its `settled`.
+pub(crate) fn settled_prefix(events: Vec<(OwnedEvent, bool)>) -> Vec<OwnedEvent> {
+    let mut out = Vec::with_capacity(events.len());
     let mut held: Option<RequestId> = None;
-    for r in rows {
-        let event = owned_event(r)?;
+    for (event, settled) in events {
         if held == Some(event.request_id) {
             continue;
         }
-        if r.try_get::<bool, _>("settled")? {
+        if settled {
             out.push(event);
         } else {
             held = Some(event.request_id);
         }
     }
-    Ok(out)
+    out
+}
+
+fn settled_rows(rows: &[PgRow]) -> Result<Vec<OwnedEvent>, StoreError> {
+    let events = rows
+        .iter()
+        .map(|r| Ok((owned_event(r)?, r.try_get::<bool, _>("settled")?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(settled_prefix(events))
 }
 
 fn owned_event(r: &PgRow) -> Result<OwnedEvent, StoreError> {
@@ -58,14 +67,14 @@ fn owned_event(r: &PgRow) -> Result<OwnedEvent, StoreError> {
     })
 }
 
-impl Store {
+impl PgBackend {
     /// For each `(job, after)`, the job's events with a sequence number above `after`, ordered
     /// by job and sequence, up to (not including) the first recorded less than `settle` ago.
     /// Unknown jobs have none.
     ///
     /// A settle time lets a poll that backs up a faster channel (the event bus) leave the
     /// newest events to it, so they arrive in the order that channel keeps (deltas first).
-    pub async fn events_after(
+    pub(crate) async fn events_after(
         &self,
         jobs: &[(RequestId, i32)],
         settle: Duration,
@@ -88,12 +97,12 @@ impl Store {
         .bind(millis(settle))
         .fetch_all(&self.pool)
         .await?;
-        settled_prefix(&rows)
+        settled_rows(&rows)
     }
 
     /// Events of one user's jobs recorded at or after `since`, ordered by job and sequence,
     /// settled as in [`Store::events_after`].
-    pub async fn user_events_since(
+    pub(crate) async fn user_events_since(
         &self,
         tenant: &str,
         user_id: &str,
@@ -116,6 +125,6 @@ impl Store {
         .bind(millis(settle))
         .fetch_all(&self.pool)
         .await?;
-        settled_prefix(&rows)
+        settled_rows(&rows)
     }
 }

@@ -1,8 +1,10 @@
-//! Ingest, read and cancel jobs. Ingest writes the job, its first event and its outbox
-//! row in one transaction, so a `202` always means the job is durable and will be queued.
+//! Ingest, read and cancel jobs: the shared types and the PostgreSQL statements (SQLite's in
+//! `sqlite::jobs`). Ingest writes the job, its first event and its outbox row in one transaction,
+//! so a `202` always means the job is durable and will be queued.
 
 use crate::outbox::OutboxMessage;
-use crate::{Store, StoreError};
+use crate::postgres::PgBackend;
+use crate::StoreError;
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Principal, RequestId, Tier};
 use sqlx::postgres::PgRow;
@@ -36,7 +38,7 @@ impl NewJob {
         }
     }
 
-    fn job_ref(&self) -> JobRef {
+    pub(crate) fn job_ref(&self) -> JobRef {
         JobRef {
             waiting_since_ms: None,
             request_id: self.id,
@@ -100,7 +102,7 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-const JOB_COLUMNS: &str =
+pub(crate) const JOB_COLUMNS: &str =
     "id, tenant, user_id, tier, lane, model, state, attempt, tries, request, \
      result, error, endpoint, created_at, updated_at, started_at, finished_at";
 
@@ -138,9 +140,9 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
     })
 }
 
-impl Store {
+impl PgBackend {
     /// Accept one job, honouring its idempotency key.
-    pub async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
+    pub(crate) async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
         let request = serde_json::to_value(&job.request).map_err(corrupt)?;
         let (key, hash) = match &job.idempotency {
             Some((k, h)) => (Some(k.as_str()), Some(h.as_slice())),
@@ -206,7 +208,10 @@ impl Store {
     }
 
     /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
-    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<OutboxMessage>, StoreError> {
+    pub(crate) async fn insert_jobs(
+        &self,
+        jobs: &[NewJob],
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -275,7 +280,7 @@ impl Store {
     }
 
     /// A tenant's job; another tenant's id answers `None`, exactly like an unknown one.
-    pub async fn get_job(
+    pub(crate) async fn get_job(
         &self,
         tenant: &str,
         id: RequestId,
@@ -291,7 +296,7 @@ impl Store {
     }
 
     /// Any job, for operators and tests.
-    pub async fn job(&self, id: RequestId) -> Result<Option<JobRecord>, StoreError> {
+    pub(crate) async fn job(&self, id: RequestId) -> Result<Option<JobRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
             .bind(id.0)
             .fetch_optional(&self.pool)
@@ -300,7 +305,7 @@ impl Store {
     }
 
     /// A job's event log in order.
-    pub async fn events(&self, id: RequestId) -> Result<Vec<JobEvent>, StoreError> {
+    pub(crate) async fn events(&self, id: RequestId) -> Result<Vec<JobEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, state, at, detail FROM job_events WHERE job_id = $1 ORDER BY seq",
         )
@@ -321,7 +326,7 @@ impl Store {
     }
 
     /// Jobs per state, for tests, the CLI and readiness checks.
-    pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, StoreError> {
+    pub(crate) async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, StoreError> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
                 .fetch_all(&self.pool)
@@ -332,7 +337,11 @@ impl Store {
     }
 
     /// Cancel a tenant's job unless it is already terminal. A running job's result will be discarded.
-    pub async fn cancel(&self, tenant: &str, id: RequestId) -> Result<CancelOutcome, StoreError> {
+    pub(crate) async fn cancel(
+        &self,
+        tenant: &str,
+        id: RequestId,
+    ) -> Result<CancelOutcome, StoreError> {
         let cancelled = sqlx::query(
             "WITH j AS (
                  UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = now(),

@@ -1,7 +1,9 @@
 //! API keys: generated with a recognisable prefix, stored only as a SHA-256 hash,
 //! and resolved to the principal (tenant, user, tier, email) they stand for.
+//! Key generation and the PostgreSQL statements; SQLite's are in `sqlite::keys`.
 
-use crate::{Store, StoreError};
+use crate::postgres::PgBackend;
+use crate::StoreError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
@@ -24,9 +26,9 @@ pub fn hash_key(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
 }
 
-impl Store {
+impl PgBackend {
     /// Create a key for a principal; returns the plaintext key, which is never stored.
-    pub async fn create_api_key(&self, principal: &Principal) -> Result<String, StoreError> {
+    pub(crate) async fn create_api_key(&self, principal: &Principal) -> Result<String, StoreError> {
         let key = new_api_key();
         sqlx::query(
             "INSERT INTO api_keys (id, key_hash, key_prefix, tenant, user_id, tier, email)
@@ -45,7 +47,10 @@ impl Store {
     }
 
     /// The principal behind a key, if the key exists and is not revoked.
-    pub async fn principal_for_key(&self, key: &str) -> Result<Option<Principal>, StoreError> {
+    pub(crate) async fn principal_for_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<Principal>, StoreError> {
         if !key.starts_with(KEY_PREFIX) {
             return Ok(None);
         }

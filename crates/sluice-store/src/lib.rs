@@ -1,16 +1,22 @@
-//! Sluice's durable state on PostgreSQL: jobs and their event log, API keys, and the outbox
-//! that ties every lane message to the transaction that made it necessary.
+//! Sluice's durable state on PostgreSQL or SQLite: jobs and their event log, API keys, and the
+//! outbox that ties every lane message to the transaction that made it necessary.
 //!
-//! Every state change is one conditional statement fenced by the job's `attempt`,
-//! so a redelivered or stale message can never overwrite a newer outcome.
+//! Every state change is fenced by the job's `attempt`, so a redelivered or stale message can
+//! never overwrite a newer outcome. [`Store`] has one public API; `StoreConfig.url` picks the
+//! backend (`postgres://...` or `sqlite://path/to/file.db`) and each method dispatches to it.
+//! The shared types and the PostgreSQL statements live in the top-level modules, the SQLite
+//! statements in `sqlite/`, mirroring them file for file.
 
 mod batch;
+mod dispatch;
 mod events;
 mod jobs;
 mod keys;
 mod lifecycle;
 mod notifications;
 mod outbox;
+mod postgres;
+mod sqlite;
 mod stats;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -27,23 +33,25 @@ pub use stats::LaneWait;
 pub use writer::JobWriter;
 
 use serde::Deserialize;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Executor, PgPool};
+use sqlx::{PgPool, SqlitePool};
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Where the database is and how to use it.
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// `postgres://user@host/db` or `sqlite://path/to/file.db` (the file is created if missing).
     pub url: String,
     /// Postgres schema holding Sluice's tables; created if missing. Tests use one per run.
+    /// PostgreSQL only: SQLite keeps everything in its one file, and refuses a schema.
     pub schema: Option<String>,
+    /// Pool size. On SQLite this sizes the read pool: writes always share one connection.
     pub max_connections: u32,
     /// Apply pending migrations at start.
     pub migrate: bool,
-    /// Shown in `pg_stat_activity`, so operators can tell Sluice's connections apart.
+    /// Shown in `pg_stat_activity`, so operators can tell Sluice's connections apart
+    /// (PostgreSQL only).
     pub application_name: String,
 }
 
@@ -102,15 +110,59 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the job writer has stopped")]
     WriterStopped,
+    /// The operation has no meaning on this backend (e.g. schemas on SQLite).
+    #[error("{operation} is not supported on {backend}")]
+    Unsupported {
+        operation: &'static str,
+        backend: Backend,
+    },
+    #[error("unsupported database URL {0:?}: use postgres://... or sqlite://path/to/file.db")]
+    UnsupportedUrl(String),
+}
+
+/// Which database a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Postgres => "PostgreSQL",
+            Backend::Sqlite => "SQLite",
+        })
+    }
+}
+
+impl Backend {
+    /// The backend a URL names, from its scheme.
+    pub fn for_url(url: &str) -> Result<Backend, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
 }
 
 /// Handle to the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: PgPool,
+    db: Db,
 }
 
-fn valid_schema(name: &str) -> bool {
+/// The connection pools of the backend in use.
+#[derive(Clone, Debug)]
+enum Db {
+    Postgres(postgres::PgBackend),
+    Sqlite(sqlite::SqliteBackend),
+}
+
+pub(crate) fn valid_schema(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name
@@ -120,67 +172,83 @@ fn valid_schema(name: &str) -> bool {
 }
 
 impl Store {
-    /// Connect, create the schema if one is named, and migrate when configured to.
+    /// Connect to the database `config.url` names, create the schema if one is named
+    /// (PostgreSQL only), and migrate when configured to.
     pub async fn connect(config: &StoreConfig) -> Result<Store, StoreError> {
-        let mut options =
-            PgConnectOptions::from_str(&config.url)?.application_name(&config.application_name);
-        if let Some(schema) = &config.schema {
-            if !valid_schema(schema) {
-                return Err(StoreError::InvalidSchema(schema.clone()));
-            }
-            // DDL cannot take bind parameters; the name was checked above.
-            let admin = PgPoolOptions::new()
-                .max_connections(1)
-                .connect_with(options.clone())
-                .await?;
-            admin
-                .execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
-                .await?;
-            admin.close().await;
-            options = options.options([("search_path", schema.as_str())]);
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?;
-        let store = Store { pool };
+        let db = match Backend::for_url(&config.url)? {
+            Backend::Postgres => Db::Postgres(postgres::PgBackend::connect(config).await?),
+            Backend::Sqlite => Db::Sqlite(sqlite::SqliteBackend::connect(config).await?),
+        };
+        let store = Store { db };
         if config.migrate {
             store.migrate().await?;
         }
         Ok(store)
     }
 
-    /// Apply pending migrations from `migrations/postgres`.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("../../migrations/postgres")
-            .run(&self.pool)
-            .await?;
-        Ok(())
+    /// Which database this store runs on.
+    pub fn backend(&self) -> Backend {
+        match &self.db {
+            Db::Postgres(_) => Backend::Postgres,
+            Db::Sqlite(_) => Backend::Sqlite,
+        }
     }
 
-    /// Drop a schema and everything in it (test clean-up).
-    pub async fn drop_schema(&self, schema: &str) -> Result<(), StoreError> {
-        if !valid_schema(schema) {
-            return Err(StoreError::InvalidSchema(schema.to_owned()));
+    /// Apply pending migrations from `migrations/postgres` or `migrations/sqlite`.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Postgres(pg) => pg.migrate().await,
+            Db::Sqlite(lite) => lite.migrate().await,
         }
-        self.pool
-            .execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
-            .await?;
-        Ok(())
+    }
+
+    /// Drop a schema and everything in it (test clean-up). PostgreSQL only: on SQLite this
+    /// answers [`StoreError::Unsupported`]; delete the database file instead.
+    pub async fn drop_schema(&self, schema: &str) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Postgres(pg) => pg.drop_schema(schema).await,
+            Db::Sqlite(_) => Err(StoreError::Unsupported {
+                operation: "dropping a schema",
+                backend: Backend::Sqlite,
+            }),
+        }
     }
 
     /// True when the database answers.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        match &self.db {
+            Db::Postgres(pg) => pg.ping().await,
+            Db::Sqlite(lite) => lite.ping().await,
+        }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// Close every connection; waits for those in use to be returned.
+    pub async fn close(&self) {
+        match &self.db {
+            Db::Postgres(pg) => pg.pool.close().await,
+            Db::Sqlite(lite) => lite.close().await,
+        }
+    }
+
+    /// The PostgreSQL pool, for raw SQL in tests and tools; `None` on SQLite.
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match &self.db {
+            Db::Postgres(pg) => Some(&pg.pool),
+            Db::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite pool that writes, for raw SQL in tests and tools; `None` on PostgreSQL.
+    /// SQLite has one writer: keep what runs on it short.
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.db {
+            Db::Postgres(_) => None,
+            Db::Sqlite(lite) => Some(&lite.write),
+        }
     }
 }
 
-fn millis(d: Duration) -> i64 {
+pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 

@@ -1,9 +1,11 @@
 //! A job's life after ingest: claim with a lease, heartbeat, complete, retry, dead-letter,
 //! reap expired leases and replay from `dead`. Each is one statement fenced by `attempt`.
+//! Shared types and the PostgreSQL statements; SQLite's are in `sqlite::lifecycle`.
 
 use crate::jobs::{corrupt, parse_lane};
 use crate::outbox::OutboxMessage;
-use crate::{millis, Store, StoreError};
+use crate::postgres::PgBackend;
+use crate::{millis, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobRequest, Lane, RequestId};
 use sqlx::Row;
@@ -54,17 +56,10 @@ pub struct Failure {
     pub throttled: bool,
 }
 
-impl Store {
-    /// Move a queued or retrying job to `running` if the message's attempt is still current.
-    /// `None` means the message is stale (job terminal, cancelled, or already claimed): ack and drop it.
-    pub async fn claim(&self, job: &JobRef, lease: Duration) -> Result<Option<Claim>, StoreError> {
-        let mut claims = self.claim_many(std::slice::from_ref(job), lease).await?;
-        Ok(claims.pop().flatten())
-    }
-
+impl PgBackend {
     /// [`Store::claim`] for many messages in one statement; answers in input order.
     /// Of two messages for the same job and attempt, only the first gets the claim.
-    pub async fn claim_many(
+    pub(crate) async fn claim_many(
         &self,
         jobs: &[JobRef],
         lease: Duration,
@@ -121,7 +116,7 @@ impl Store {
     }
 
     /// Extend the leases of jobs still running under these attempts.
-    pub async fn heartbeat(
+    pub(crate) async fn heartbeat(
         &self,
         held: &[(RequestId, i32)],
         lease: Duration,
@@ -144,27 +139,8 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Store a success. `false` if the attempt is no longer current (cancelled, reaped, replaced).
-    pub async fn complete(
-        &self,
-        id: RequestId,
-        attempt: i32,
-        result: &serde_json::Value,
-        endpoint: &str,
-    ) -> Result<bool, StoreError> {
-        let done = self
-            .complete_many(&[Completion {
-                id,
-                attempt,
-                result: result.clone(),
-                endpoint: endpoint.to_owned(),
-            }])
-            .await?;
-        Ok(done.first().copied().unwrap_or(false))
-    }
-
     /// [`Store::complete`] for many jobs in one statement; answers in input order.
-    pub async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
+    pub(crate) async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
         let ids: Vec<Uuid> = done.iter().map(|c| c.id.0).collect();
         let attempts: Vec<i32> = done.iter().map(|c| c.attempt).collect();
         let results: Vec<String> = done.iter().map(|c| c.result.to_string()).collect();
@@ -205,29 +181,7 @@ impl Store {
             .collect())
     }
 
-    /// Record a retryable failure and queue the retry message, deliverable after `delay`.
-    pub async fn retry_later(
-        &self,
-        id: RequestId,
-        attempt: i32,
-        failure: &Failure,
-        delay: Duration,
-    ) -> Result<Option<OutboxMessage>, StoreError> {
-        self.fail(id, attempt, failure, Lane::Retry, delay).await
-    }
-
-    /// Record a permanent failure (or spent retries) and queue the job's `dead` message.
-    pub async fn dead_letter(
-        &self,
-        id: RequestId,
-        attempt: i32,
-        failure: &Failure,
-    ) -> Result<Option<OutboxMessage>, StoreError> {
-        self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO)
-            .await
-    }
-
-    async fn fail(
+    pub(crate) async fn fail(
         &self,
         id: RequestId,
         attempt: i32,
@@ -301,7 +255,7 @@ impl Store {
 
     /// Requeue jobs whose lease expired (their worker died): to `retry` at once, or to `dead`
     /// when the retry budget is spent. Safe to run from every worker at the same time.
-    pub async fn reap_expired(
+    pub(crate) async fn reap_expired(
         &self,
         max_tries: u32,
         limit: i64,
@@ -346,7 +300,7 @@ impl Store {
     }
 
     /// Put a dead job back in its lane with a fresh retry budget.
-    pub async fn replay(&self, id: RequestId) -> Result<Option<OutboxMessage>, StoreError> {
+    pub(crate) async fn replay(&self, id: RequestId) -> Result<Option<OutboxMessage>, StoreError> {
         let row = sqlx::query(
             "WITH j AS (
                  UPDATE jobs SET state = 'queued', tries = 0, lease_until = NULL, finished_at = NULL,
@@ -373,7 +327,7 @@ impl Store {
     }
 
     /// The most recently dead-lettered jobs.
-    pub async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
+    pub(crate) async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, tenant, model, error, updated_at FROM jobs WHERE state = 'dead'
              ORDER BY updated_at DESC LIMIT $1",

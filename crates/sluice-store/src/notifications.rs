@@ -1,8 +1,10 @@
 //! Completion emails waiting to be sent: queued in the transaction that finishes a job, then
 //! claimed by mailers under a lease, so a mailer that dies mid-send only delays an email.
+//! Shared types and the PostgreSQL statements; SQLite's are in `sqlite::notifications`.
 
 use crate::jobs::corrupt;
-use crate::{millis, Store, StoreError};
+use crate::postgres::PgBackend;
+use crate::{millis, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobState, RequestId};
 use sqlx::postgres::PgRow;
@@ -98,11 +100,14 @@ fn notification_from_row(r: &PgRow) -> Result<Notification, StoreError> {
     })
 }
 
-impl Store {
+impl PgBackend {
     /// Queue the completion emails of those jobs that are terminal and asked for one; answers
     /// how many were new. The statements that finish a job queue its email themselves; this
     /// is for tests and repairs. Queueing a job again is a no-op: one email per job.
-    pub async fn queue_notifications_for(&self, job_ids: &[RequestId]) -> Result<u64, StoreError> {
+    pub(crate) async fn queue_notifications_for(
+        &self,
+        job_ids: &[RequestId],
+    ) -> Result<u64, StoreError> {
         if job_ids.is_empty() {
             return Ok(0);
         }
@@ -124,7 +129,7 @@ impl Store {
 
     /// Take up to `limit` due notifications, holding each for `lease`: another mailer takes
     /// a row only once its lease has passed, i.e. its mailer has presumably died.
-    pub async fn claim_notifications(
+    pub(crate) async fn claim_notifications(
         &self,
         limit: i64,
         lease: Duration,
@@ -159,7 +164,7 @@ impl Store {
     }
 
     /// Record that a notification's email was handed to the SMTP server.
-    pub async fn notification_sent(&self, id: i64) -> Result<(), StoreError> {
+    pub(crate) async fn notification_sent(&self, id: i64) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE notifications SET state = 'sent', sent_at = now(), locked_until = NULL
              WHERE id = $1 AND state = 'pending'",
@@ -172,7 +177,7 @@ impl Store {
 
     /// Record a failed send: try again after `retry_in`, or give up for good when `None`.
     /// A row another mailer already marked sent stays sent.
-    pub async fn notification_failed(
+    pub(crate) async fn notification_failed(
         &self,
         id: i64,
         error: &str,
@@ -195,7 +200,7 @@ impl Store {
 
     /// Give back claimed notifications that were not tried (a mailer shutting down), so the
     /// next mailer need not wait for their leases; the claim does not count as an attempt.
-    pub async fn release_notifications(&self, ids: &[i64]) -> Result<(), StoreError> {
+    pub(crate) async fn release_notifications(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -210,7 +215,7 @@ impl Store {
     }
 
     /// The notification of a job, if it has one.
-    pub async fn notification_for(
+    pub(crate) async fn notification_for(
         &self,
         id: RequestId,
     ) -> Result<Option<NotificationRow>, StoreError> {
@@ -241,7 +246,9 @@ impl Store {
     }
 
     /// Notifications per state (readiness and metrics).
-    pub async fn notification_counts(&self) -> Result<Vec<(NotificationState, i64)>, StoreError> {
+    pub(crate) async fn notification_counts(
+        &self,
+    ) -> Result<Vec<(NotificationState, i64)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT state, count(*) FROM notifications GROUP BY state ORDER BY state",
         )

@@ -1,8 +1,10 @@
 //! The outbox: lane messages stored with the state change that needs them. The writer deletes
 //! a row once the broker confirmed its message; the relay republishes rows left behind.
+//! Shared types and the PostgreSQL statements; SQLite's are in `sqlite::outbox`.
 
 use crate::jobs::{corrupt, parse_lane};
-use crate::{millis, Store, StoreError};
+use crate::postgres::PgBackend;
+use crate::{millis, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobRequest, Lane, RequestId};
 use sqlx::postgres::PgRow;
@@ -57,9 +59,9 @@ pub(crate) fn message_from_row(r: &PgRow) -> Result<OutboxMessage, StoreError> {
     })
 }
 
-impl Store {
+impl PgBackend {
     /// Forget outbox rows whose messages the broker confirmed.
-    pub async fn mark_published(&self, outbox_ids: &[i64]) -> Result<(), StoreError> {
+    pub(crate) async fn mark_published(&self, outbox_ids: &[i64]) -> Result<(), StoreError> {
         if outbox_ids.is_empty() {
             return Ok(());
         }
@@ -72,7 +74,7 @@ impl Store {
 
     /// Take outbox rows older than `grace` that nobody published, locking them for `lock`
     /// so concurrent relays do not publish the same row twice in a row.
-    pub async fn unpublished(
+    pub(crate) async fn unpublished(
         &self,
         grace: Duration,
         lock: Duration,
@@ -100,7 +102,7 @@ impl Store {
     }
 
     /// Outbox rows still waiting to be published (tests and readiness).
-    pub async fn outbox_len(&self) -> Result<i64, StoreError> {
+    pub(crate) async fn outbox_len(&self) -> Result<i64, StoreError> {
         let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
             .fetch_one(&self.pool)
             .await?;

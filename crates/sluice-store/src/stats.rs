@@ -1,11 +1,12 @@
 //! Aggregates over all jobs, for benchmarks and operators.
-//! These scan the jobs table; they are not for request paths.
+//! These scan the jobs table; they are not for request paths. SQLite's are in `sqlite::stats`.
 
-use crate::{Store, StoreError};
+use crate::postgres::PgBackend;
+use crate::StoreError;
 
-impl Store {
+impl PgBackend {
     /// Jobs in a terminal state.
-    pub async fn finished_count(&self) -> Result<i64, StoreError> {
+    pub(crate) async fn finished_count(&self) -> Result<i64, StoreError> {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')",
         )
@@ -16,7 +17,7 @@ impl Store {
 
     /// (seconds from first accept to last finish, p50 and p99 submit-to-finish in seconds,
     /// jobs that finished other than `succeeded`).
-    pub async fn latency_summary(&self) -> Result<(f64, f64, f64, i64), StoreError> {
+    pub(crate) async fn latency_summary(&self) -> Result<(f64, f64, f64, i64), StoreError> {
         let row: (Option<f64>, Option<f64>, Option<f64>, i64) = sqlx::query_as(
             "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8),
@@ -44,9 +45,9 @@ pub struct LaneWait {
     pub p95: f64,
 }
 
-impl Store {
+impl PgBackend {
     /// p50 and p95 queue wait per lane over jobs that started.
-    pub async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
+    pub(crate) async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
         let rows: Vec<(String, i64, Option<f64>, Option<f64>)> = sqlx::query_as(
             "SELECT lane, count(*),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)::float8),
@@ -67,7 +68,7 @@ impl Store {
     }
 
     /// Jobs that finished in `[from, to)` seconds after the first claim: utilization over a window.
-    pub async fn finished_in_window(&self, from: f64, to: f64) -> Result<i64, StoreError> {
+    pub(crate) async fn finished_in_window(&self, from: f64, to: f64) -> Result<i64, StoreError> {
         let (n,): (i64,) = sqlx::query_as(
             "WITH first AS (SELECT min(started_at) AS t0 FROM jobs)
              SELECT count(*) FROM jobs, first
@@ -82,7 +83,7 @@ impl Store {
     }
 
     /// Seconds from the first claim to the last finish.
-    pub async fn run_span(&self) -> Result<f64, StoreError> {
+    pub(crate) async fn run_span(&self) -> Result<f64, StoreError> {
         let (span,): (Option<f64>,) = sqlx::query_as(
             "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8 FROM jobs",
         )

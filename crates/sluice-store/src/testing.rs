@@ -1,16 +1,24 @@
-//! Test support for this and other crates' tests: a store on a scratch schema of the real
-//! PostgreSQL (`SLUICE_TEST_DATABASE_URL`, default the local server), dropped when done.
+//! Test support for this and other crates' tests: a migrated store of its own, either on a
+//! scratch schema of the real PostgreSQL or in a scratch SQLite file, removed when done.
 
-use crate::{Store, StoreConfig};
+use crate::{Backend, Store, StoreConfig};
+use std::path::PathBuf;
 
-/// A migrated store in a schema of its own.
+/// A migrated store in a schema (PostgreSQL) or a file (SQLite) of its own.
 pub struct TestDb {
     pub store: Store,
-    schema: String,
+    scratch: Scratch,
+}
+
+enum Scratch {
+    Schema(String),
+    /// The database file; its `-wal` and `-shm` companions go with it.
+    File(PathBuf),
 }
 
 impl TestDb {
-    /// Connect to a new schema named `{prefix}_{uuid}`; panics if the database is not there.
+    /// PostgreSQL (`SLUICE_TEST_DATABASE_URL`, default the local server), on a new schema named
+    /// `{prefix}_{uuid}`; panics if the database is not there.
     pub async fn new(prefix: &str) -> TestDb {
         let schema = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
         let url = std::env::var("SLUICE_TEST_DATABASE_URL")
@@ -24,13 +32,71 @@ impl TestDb {
         })
         .await
         .unwrap_or_else(|e| panic!("these tests need PostgreSQL: {e}"));
-        TestDb { store, schema }
+        TestDb {
+            store,
+            scratch: Scratch::Schema(schema),
+        }
     }
 
-    /// Drop the schema and everything in it.
+    /// SQLite, in a new file `{prefix}_{uuid}.db` under the temporary directory; the file is
+    /// removed by [`TestDb::drop`], or when the value is dropped (a test that panicked).
+    pub async fn sqlite(prefix: &str) -> TestDb {
+        let path =
+            std::env::temp_dir().join(format!("{prefix}_{}.db", uuid::Uuid::now_v7().simple()));
+        let store = Store::connect(&StoreConfig {
+            url: format!("sqlite://{}", path.display()),
+            max_connections: 4,
+            migrate: true,
+            ..StoreConfig::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("cannot create SQLite test database {path:?}: {e}"));
+        TestDb {
+            store,
+            scratch: Scratch::File(path),
+        }
+    }
+
+    /// A store of the given backend: [`TestDb::new`] or [`TestDb::sqlite`].
+    pub async fn on(backend: Backend, prefix: &str) -> TestDb {
+        match backend {
+            Backend::Postgres => TestDb::new(prefix).await,
+            Backend::Sqlite => TestDb::sqlite(prefix).await,
+        }
+    }
+
+    /// The SQLite file, for tests that reopen it; `None` on PostgreSQL.
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        match &self.scratch {
+            Scratch::File(path) => Some(path),
+            Scratch::Schema(_) => None,
+        }
+    }
+
+    /// Drop the schema and everything in it, or close and delete the SQLite file.
     pub async fn drop(self) {
-        if let Err(e) = self.store.drop_schema(&self.schema).await {
-            panic!("could not drop test schema {}: {e}", self.schema);
+        match &self.scratch {
+            Scratch::Schema(schema) => {
+                if let Err(e) = self.store.drop_schema(schema).await {
+                    panic!("could not drop test schema {schema}: {e}");
+                }
+            }
+            // Closed first so the files go with no connection left writing to them; the
+            // `Drop` impl then deletes them.
+            Scratch::File(_) => self.store.close().await,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Scratch::File(path) = &self.scratch {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                // Missing is fine (no WAL yet); anything else only leaves a temp file behind.
+                let _ = std::fs::remove_file(file);
+            }
         }
     }
 }

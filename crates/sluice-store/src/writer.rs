@@ -1,4 +1,5 @@
-//! Batched ingest: jobs from concurrent requests are inserted together, one statement per batch.
+//! Batched ingest: jobs from concurrent requests are inserted together, one transaction per batch
+//! (one statement on PostgreSQL, a few short inserts per job under the write lock on SQLite).
 
 use crate::batch::Batcher;
 use crate::jobs::NewJob;

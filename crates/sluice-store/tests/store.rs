@@ -1,6 +1,9 @@
-//! The store against a real PostgreSQL: ingest, fencing, retries, reaping, replay and the outbox.
+//! The store against a real PostgreSQL and a SQLite file: ingest, fencing, retries, reaping,
+//! replay, the outbox and notifications. Each test runs on both, as `postgres::name` and
+//! `sqlite::name`; a few SQLite-only tests cover its single writer and its file.
 #![allow(clippy::unwrap_used)]
 
+use sha2::{Digest, Sha256};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
 use sluice_store::testing::TestDb;
 use sluice_store::{CancelOutcome, Failure, Ingested, JobWriter, NewJob};
@@ -32,9 +35,96 @@ fn created(i: Ingested) -> sluice_store::OutboxMessage {
 
 const LEASE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn api_keys_resolve_to_their_principal_and_are_stored_hashed() {
-    let db = TestDb::new("store_test").await;
+/// Run each named `async fn(TestDb)` on both backends, as `postgres::name` and `sqlite::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::TestDb::new("store_test").await).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::TestDb::sqlite("store_test").await).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    api_keys_resolve_to_their_principal_and_are_stored_hashed,
+    ingest_writes_job_event_and_outbox_together,
+    idempotency_key_returns_the_same_job_or_a_conflict,
+    batched_writer_stores_every_job,
+    claim_and_completion_are_fenced_by_attempt,
+    retry_then_dead_then_replay,
+    a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate,
+    cancel_respects_tenants_and_terminal_states,
+    expired_leases_are_reaped_once_and_heartbeats_keep_them,
+    relay_takes_only_old_unlocked_rows,
+    batched_claims_and_completions_answer_each_caller_once,
+    a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_completion_none,
+    a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_does_not,
+    a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_does_not,
+    a_cancelled_job_with_an_email_queues_one_notification,
+    jobs_without_an_email_queue_no_notification_however_they_end,
+    events_younger_than_the_settle_time_are_held_back_with_all_that_follow,
+    mailers_claim_due_notifications_once_and_record_the_outcome,
+    stats_summarise_finished_jobs,
+);
+
+/// The stored hash and prefix of the only API key, by raw SQL on either backend.
+async fn stored_key(db: &TestDb) -> (Vec<u8>, String) {
+    let sql = "SELECT key_hash, key_prefix FROM api_keys";
+    match (db.store.pg_pool(), db.store.sqlite_pool()) {
+        (Some(pool), _) => sqlx::query_as(sql).fetch_one(pool).await.unwrap(),
+        (None, Some(pool)) => sqlx::query_as(sql).fetch_one(pool).await.unwrap(),
+        (None, None) => unreachable!("a store has one backend"),
+    }
+}
+
+/// Move a job's events an hour into the past, except `running` (seq 2), which is made new:
+/// a settled event after an unsettled one.
+async fn age_events(db: &TestDb, id: RequestId) {
+    if let Some(pool) = db.store.pg_pool() {
+        sqlx::query("UPDATE job_events SET at = at - interval '1 hour' WHERE job_id = $1")
+            .bind(id.0)
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE job_events SET at = now() WHERE job_id = $1 AND seq = 2")
+            .bind(id.0)
+            .execute(pool)
+            .await
+            .unwrap();
+    } else if let Some(pool) = db.store.sqlite_pool() {
+        // Timestamps are fixed-width UTC text (see migrations/sqlite/0001_init.sql).
+        sqlx::query(
+            "UPDATE job_events SET at = strftime('%Y-%m-%dT%H:%M:%fZ', at, '-1 hour')
+             WHERE job_id = ?1",
+        )
+        .bind(id.0)
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE job_events SET at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE job_id = ?1 AND seq = 2",
+        )
+        .bind(id.0)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+async fn api_keys_resolve_to_their_principal_and_are_stored_hashed(db: TestDb) {
     let p = principal("acme");
     let key = db.store.create_api_key(&p).await.unwrap();
     assert!(key.starts_with("sk_sluice_"));
@@ -43,21 +133,14 @@ async fn api_keys_resolve_to_their_principal_and_are_stored_hashed() {
         db.store.principal_for_key("sk_sluice_nope").await.unwrap(),
         None
     );
-    let (hashed, prefix): (bool, String) = sqlx::query_as(
-        "SELECT key_hash = sha256(convert_to($1, 'UTF8')), key_prefix FROM api_keys",
-    )
-    .bind(&key)
-    .fetch_one(db.store.pool())
-    .await
-    .unwrap();
+    let (hash, prefix) = stored_key(&db).await;
+    let hashed = hash == Sha256::digest(key.as_bytes()).as_slice();
     assert!(hashed, "the key is stored as its SHA-256");
     assert!(key.starts_with(&prefix) && prefix.len() < 16);
     db.drop().await;
 }
 
-#[tokio::test]
-async fn ingest_writes_job_event_and_outbox_together() {
-    let db = TestDb::new("store_test").await;
+async fn ingest_writes_job_event_and_outbox_together(db: TestDb) {
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     assert_eq!(msg.job.request_id, job.id);
@@ -75,9 +158,7 @@ async fn ingest_writes_job_event_and_outbox_together() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn idempotency_key_returns_the_same_job_or_a_conflict() {
-    let db = TestDb::new("store_test").await;
+async fn idempotency_key_returns_the_same_job_or_a_conflict(db: TestDb) {
     let mut first = new_job("acme", "hi");
     first.idempotency = Some(("k1".into(), vec![1, 2, 3]));
     created(db.store.insert_job(&first).await.unwrap());
@@ -103,9 +184,7 @@ async fn idempotency_key_returns_the_same_job_or_a_conflict() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn batched_writer_stores_every_job() {
-    let db = TestDb::new("store_test").await;
+async fn batched_writer_stores_every_job(db: TestDb) {
     let writer = JobWriter::spawn(db.store.clone(), 2, 64);
     let mut tasks = Vec::new();
     for n in 0..300 {
@@ -126,9 +205,7 @@ async fn batched_writer_stores_every_job() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn claim_and_completion_are_fenced_by_attempt() {
-    let db = TestDb::new("store_test").await;
+async fn claim_and_completion_are_fenced_by_attempt(db: TestDb) {
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
@@ -160,9 +237,7 @@ async fn claim_and_completion_are_fenced_by_attempt() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn retry_then_dead_then_replay() {
-    let db = TestDb::new("store_test").await;
+async fn retry_then_dead_then_replay(db: TestDb) {
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
@@ -212,9 +287,7 @@ async fn retry_then_dead_then_replay() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate() {
-    let db = TestDb::new("store_test").await;
+async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate(db: TestDb) {
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     let throttle = Failure {
@@ -240,9 +313,7 @@ async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate()
     db.drop().await;
 }
 
-#[tokio::test]
-async fn cancel_respects_tenants_and_terminal_states() {
-    let db = TestDb::new("store_test").await;
+async fn cancel_respects_tenants_and_terminal_states(db: TestDb) {
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     assert_eq!(
@@ -278,9 +349,7 @@ async fn cancel_respects_tenants_and_terminal_states() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
-    let db = TestDb::new("store_test").await;
+async fn expired_leases_are_reaped_once_and_heartbeats_keep_them(db: TestDb) {
     let kept = new_job("acme", "kept");
     let lost = new_job("acme", "lost");
     let spent = new_job("acme", "spent");
@@ -341,9 +410,7 @@ async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn relay_takes_only_old_unlocked_rows() {
-    let db = TestDb::new("store_test").await;
+async fn relay_takes_only_old_unlocked_rows(db: TestDb) {
     let job = new_job("acme", "hi");
     created(db.store.insert_job(&job).await.unwrap());
     let grace = Duration::from_millis(300);
@@ -383,9 +450,7 @@ async fn relay_takes_only_old_unlocked_rows() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn batched_claims_and_completions_answer_each_caller_once() {
-    let db = TestDb::new("store_test").await;
+async fn batched_claims_and_completions_answer_each_caller_once(db: TestDb) {
     let a = created(db.store.insert_job(&new_job("acme", "a")).await.unwrap());
     let b = created(db.store.insert_job(&new_job("acme", "b")).await.unwrap());
     let cancelled = created(db.store.insert_job(&new_job("acme", "c")).await.unwrap());
@@ -480,9 +545,9 @@ async fn notifications_in_total(db: &TestDb) -> i64 {
         .sum()
 }
 
-#[tokio::test]
-async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_completion_none() {
-    let db = TestDb::new("store_test").await;
+async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_completion_none(
+    db: TestDb,
+) {
     let (id, claim) = claimed_job_for(&db, Some("ada@example.com"), LEASE).await;
     // Running is not finished: nothing to tell yet.
     assert!(db.store.notification_for(id).await.unwrap().is_none());
@@ -517,9 +582,7 @@ async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_compl
     db.drop().await;
 }
 
-#[tokio::test]
-async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_does_not() {
-    let db = TestDb::new("store_test").await;
+async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_does_not(db: TestDb) {
     let failure = Failure {
         error: "boom".into(),
         endpoint: Some("e1".into()),
@@ -555,9 +618,9 @@ async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_doe
     db.drop().await;
 }
 
-#[tokio::test]
-async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_does_not() {
-    let db = TestDb::new("store_test").await;
+async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_does_not(
+    db: TestDb,
+) {
     let short = Duration::from_millis(100);
     let (retried, _) = claimed_job_for(&db, Some("cy@example.com"), short).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -587,9 +650,7 @@ async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_
     db.drop().await;
 }
 
-#[tokio::test]
-async fn a_cancelled_job_with_an_email_queues_one_notification() {
-    let db = TestDb::new("store_test").await;
+async fn a_cancelled_job_with_an_email_queues_one_notification(db: TestDb) {
     let mut queued = new_job("acme", "never mind");
     queued.notify_email = Some("di@example.com".into());
     created(db.store.insert_job(&queued).await.unwrap());
@@ -612,9 +673,7 @@ async fn a_cancelled_job_with_an_email_queues_one_notification() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn jobs_without_an_email_queue_no_notification_however_they_end() {
-    let db = TestDb::new("store_test").await;
+async fn jobs_without_an_email_queue_no_notification_however_they_end(db: TestDb) {
     let (done, claim) = claimed_job_for(&db, None, LEASE).await;
     assert!(db
         .store
@@ -662,9 +721,7 @@ async fn jobs_without_an_email_queue_no_notification_however_they_end() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow() {
-    let db = TestDb::new("store_test").await;
+async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(db: TestDb) {
     let job = new_job("acme", "hi");
     let msg = created(db.store.insert_job(&job).await.unwrap());
     db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
@@ -680,16 +737,7 @@ async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(
     assert!(seqs(fresh.await.unwrap()).is_empty());
     // Transaction times need not follow sequence numbers: an unsettled `running` holds back
     // the settled `succeeded` after it, so no reader skips a number.
-    sqlx::query("UPDATE job_events SET at = at - interval '1 hour' WHERE job_id = $1")
-        .bind(job.id.0)
-        .execute(db.store.pool())
-        .await
-        .unwrap();
-    sqlx::query("UPDATE job_events SET at = now() WHERE job_id = $1 AND seq = 2")
-        .bind(job.id.0)
-        .execute(db.store.pool())
-        .await
-        .unwrap();
+    age_events(&db, job.id).await;
     let settled = db.store.events_after(&job_after, Duration::from_secs(60));
     assert_eq!(seqs(settled.await.unwrap()), [1]);
     let since = chrono::Utc::now() - chrono::Duration::hours(2);
@@ -698,4 +746,386 @@ async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(
         .user_events_since("acme", "u1", since, Duration::from_secs(60));
     assert_eq!(seqs(user.await.unwrap()), [1]);
     db.drop().await;
+}
+
+async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb) {
+    use sluice_store::NotificationState;
+    let (done, claim) = claimed_job_for(&db, Some("ada@example.com"), LEASE).await;
+    let result = serde_json::json!({"content": "42"});
+    assert!(db
+        .store
+        .complete(done, claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    let failure = Failure {
+        error: "boom".into(),
+        endpoint: None,
+        throttled: false,
+    };
+    let (dead, claim) = claimed_job_for(&db, Some("bo@example.com"), LEASE).await;
+    db.store
+        .dead_letter(dead, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let taken = db.store.claim_notifications(10, LEASE).await.unwrap();
+    assert_eq!(taken.len(), 2);
+    let ok = taken.iter().find(|n| n.request_id == done).unwrap();
+    assert_eq!(
+        (ok.job_state, ok.content.as_deref(), ok.attempts),
+        (JobState::Succeeded, Some("42"), 1)
+    );
+    assert_eq!(ok.email, "ada@example.com");
+    let bad = taken.iter().find(|n| n.request_id == dead).unwrap();
+    assert_eq!(
+        (bad.job_state, bad.content.as_deref(), bad.error.as_deref()),
+        (JobState::Dead, None, Some("boom"))
+    );
+    assert!(
+        db.store
+            .claim_notifications(10, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "held rows are not taken twice"
+    );
+
+    // Given back untried: free at once, and the claim did not count.
+    db.store.release_notifications(&[ok.id]).await.unwrap();
+    let row = db.store.notification_for(done).await.unwrap().unwrap();
+    assert_eq!((row.attempts, row.locked_until), (0, None));
+    let again = db.store.claim_notifications(10, LEASE).await.unwrap();
+    assert_eq!(again.len(), 1);
+    // A transient failure is retried when due, a permanent one is given up.
+    db.store
+        .notification_failed(ok.id, "421 try later", Some(Duration::ZERO))
+        .await
+        .unwrap();
+    db.store
+        .notification_failed(bad.id, "550 no such user", None)
+        .await
+        .unwrap();
+    let retried = db.store.claim_notifications(10, LEASE).await.unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!((retried[0].id, retried[0].attempts), (ok.id, 2));
+    db.store.notification_sent(ok.id).await.unwrap();
+    // A late failure report cannot undo a send.
+    db.store
+        .notification_failed(ok.id, "late", None)
+        .await
+        .unwrap();
+    let row = db.store.notification_for(done).await.unwrap().unwrap();
+    assert_eq!(row.state, NotificationState::Sent);
+    assert!(row.sent_at.is_some() && row.locked_until.is_none());
+    assert_eq!(
+        db.store
+            .notification_for(dead)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_error
+            .as_deref(),
+        Some("550 no such user")
+    );
+    assert_eq!(
+        db.store.notification_counts().await.unwrap(),
+        vec![(NotificationState::Failed, 1), (NotificationState::Sent, 1)]
+    );
+    assert!(db
+        .store
+        .claim_notifications(10, LEASE)
+        .await
+        .unwrap()
+        .is_empty());
+    db.drop().await;
+}
+
+async fn stats_summarise_finished_jobs(db: TestDb) {
+    assert_eq!(
+        db.store.latency_summary().await.unwrap(),
+        (0.0, 0.0, 0.0, 0)
+    );
+    assert_eq!(db.store.run_span().await.unwrap(), 0.0);
+    let (done, claim) = claimed_job_for(&db, None, LEASE).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(db
+        .store
+        .complete(done, claim.attempt, &serde_json::json!({}), "e1")
+        .await
+        .unwrap());
+    let (dead, claim) = claimed_job_for(&db, None, LEASE).await;
+    let failure = Failure {
+        error: "no".into(),
+        endpoint: None,
+        throttled: false,
+    };
+    db.store
+        .dead_letter(dead, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    created(
+        db.store
+            .insert_job(&new_job("acme", "waiting"))
+            .await
+            .unwrap(),
+    );
+
+    assert_eq!(db.store.finished_count().await.unwrap(), 2);
+    let (span, p50, p99, not_succeeded) = db.store.latency_summary().await.unwrap();
+    assert!(
+        span >= 0.02 && p99 >= p50 && p50 >= 0.0,
+        "{span} {p50} {p99}"
+    );
+    assert_eq!(not_succeeded, 2, "one dead and one still queued");
+    let waits = db.store.queue_wait_by_lane().await.unwrap();
+    assert_eq!(waits.len(), 1);
+    assert_eq!((waits[0].lane.as_str(), waits[0].jobs), ("priority", 2));
+    assert!(waits[0].p95 >= waits[0].p50 && waits[0].p50 >= 0.0);
+    assert!(db.store.run_span().await.unwrap() >= 0.02);
+    assert_eq!(db.store.finished_in_window(0.0, 3600.0).await.unwrap(), 2);
+    assert_eq!(
+        db.store.finished_in_window(3600.0, 7200.0).await.unwrap(),
+        0
+    );
+    db.drop().await;
+}
+
+/// SQLite's own concerns: one writer under concurrent load, durability of its file, and the
+/// PostgreSQL-only operations it refuses.
+mod sqlite_only {
+    use super::*;
+    use sluice_store::{Backend, Store, StoreConfig, StoreError};
+    use std::io::BufRead;
+
+    const JOBS: usize = 400;
+
+    /// An API (ingest through the batched writer and one at a time with idempotency keys,
+    /// reads) and a worker (batched claims, heartbeats, completions, outbox clean-up, reaper
+    /// and relay sweeps) in one process on one file: no statement may fail with SQLITE_BUSY.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_concurrent_inserts_claims_and_completions_all_succeed() {
+        let db = TestDb::sqlite("store_load").await;
+        let store = db.store.clone();
+        let writer = JobWriter::spawn(store.clone(), 2, 64);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<sluice_store::OutboxMessage>();
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+
+        let mut api = Vec::new();
+        for producer in 0..8 {
+            let (store, writer, tx) = (store.clone(), writer.clone(), tx.clone());
+            api.push(tokio::spawn(async move {
+                for n in 0..JOBS / 8 {
+                    let mut job = new_job("acme", &format!("job {producer}-{n}"));
+                    let msg = if n % 4 == 0 {
+                        job.idempotency = Some((format!("k{producer}-{n}"), vec![1]));
+                        created(store.insert_job(&job).await.unwrap())
+                    } else {
+                        writer.insert(job.clone()).await.unwrap()
+                    };
+                    // A poll right after the 202, as a client would.
+                    assert!(store.get_job("acme", job.id).await.unwrap().is_some());
+                    tx.send(msg).unwrap();
+                }
+            }));
+        }
+        drop(tx);
+
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let (store, rx) = (store.clone(), rx.clone());
+            workers.push(tokio::spawn(async move {
+                let mut done = 0;
+                loop {
+                    let mut batch = Vec::new();
+                    if rx.lock().await.recv_many(&mut batch, 16).await == 0 {
+                        return done;
+                    }
+                    let refs: Vec<JobRef> = batch.iter().map(|m| m.job.clone()).collect();
+                    let claims = store.claim_many(&refs, LEASE).await.unwrap();
+                    let held: Vec<(RequestId, i32)> =
+                        claims.iter().flatten().map(|c| (c.id, c.attempt)).collect();
+                    assert_eq!(held.len(), batch.len(), "every fresh message is claimed");
+                    store.heartbeat(&held, LEASE).await.unwrap();
+                    let ids: Vec<i64> = batch.iter().map(|m| m.outbox_id).collect();
+                    store.mark_published(&ids).await.unwrap();
+                    let completions: Vec<sluice_store::Completion> = held
+                        .iter()
+                        .map(|&(id, attempt)| sluice_store::Completion {
+                            id,
+                            attempt,
+                            result: serde_json::json!({"content": "ok"}),
+                            endpoint: "e1".into(),
+                        })
+                        .collect();
+                    let answers = store.complete_many(&completions).await.unwrap();
+                    assert!(answers.iter().all(|&a| a));
+                    done += answers.len();
+                }
+            }));
+        }
+
+        let sweeping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sweeper = {
+            let (store, sweeping) = (store.clone(), sweeping.clone());
+            tokio::spawn(async move {
+                let mut sweeps = 0;
+                while sweeping.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert!(store.reap_expired(5, 100).await.unwrap().is_empty());
+                    let hour = Duration::from_secs(3600);
+                    assert!(store
+                        .unpublished(hour, LEASE, 100)
+                        .await
+                        .unwrap()
+                        .is_empty());
+                    store.count_by_state().await.unwrap();
+                    sweeps += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                sweeps
+            })
+        };
+
+        for task in api {
+            task.await.unwrap();
+        }
+        let mut completed = 0;
+        for task in workers {
+            completed += task.await.unwrap();
+        }
+        sweeping.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(sweeper.await.unwrap() > 0);
+
+        assert_eq!(completed, JOBS);
+        let states = store.count_by_state().await.unwrap();
+        assert_eq!(states, vec![(JobState::Succeeded, JOBS as i64)]);
+        assert_eq!(store.finished_count().await.unwrap(), JOBS as i64);
+        assert_eq!(store.outbox_len().await.unwrap(), 0);
+        drop(store);
+        db.drop().await;
+    }
+
+    /// Set by the parent of [`accepted_jobs_survive_kill_9`] for the child it kills.
+    const CHILD_DB: &str = "SLUICE_STORE_KILL_TEST_DB";
+
+    /// The child half of [`accepted_jobs_survive_kill_9`]: accepts jobs until killed, printing
+    /// each request_id once its insert returned. Does nothing in an ordinary test run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill_9_child() {
+        let Ok(path) = std::env::var(CHILD_DB) else {
+            return;
+        };
+        let store = Store::connect(&StoreConfig {
+            url: format!("sqlite://{path}"),
+            ..StoreConfig::default()
+        })
+        .await
+        .unwrap();
+        let writer = JobWriter::spawn(store.clone(), 2, 16);
+        for n in 0.. {
+            let job = new_job("acme", &format!("job {n}"));
+            let id = job.id;
+            if n % 2 == 0 {
+                writer.insert(job).await.unwrap();
+            } else {
+                created(store.insert_job(&job).await.unwrap());
+            }
+            println!("accepted {id}");
+        }
+    }
+
+    /// Every job whose insert returned (a `202`) is in the file after the process holding it
+    /// is killed with SIGKILL mid-stream.
+    #[tokio::test]
+    async fn accepted_jobs_survive_kill_9() {
+        let db = TestDb::sqlite("store_kill").await;
+        let path = db.sqlite_path().unwrap().to_owned();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "sqlite_only::kill_9_child", "--nocapture"])
+            .env(CHILD_DB, &path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let accepted = tokio::task::spawn_blocking(move || {
+            let mut ids = Vec::new();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                if let Some(id) = line.strip_prefix("accepted ") {
+                    ids.push(id.parse::<RequestId>().unwrap());
+                    if ids.len() == 200 {
+                        break;
+                    }
+                }
+            }
+            (ids, child)
+        });
+        let (ids, mut child) = accepted.await.unwrap();
+        child.kill().unwrap(); // SIGKILL: no destructor, no checkpoint, no clean close.
+        child.wait().unwrap();
+        assert_eq!(ids.len(), 200, "the child accepted jobs");
+        for id in ids {
+            let job = db.store.job(id).await.unwrap();
+            assert!(job.is_some(), "accepted job {id} was lost");
+        }
+        db.drop().await;
+    }
+
+    /// `sqlite::memory:` (throwaway use): reads see the writes, which share its one connection.
+    #[tokio::test]
+    async fn an_in_memory_database_serves_reads_and_writes() {
+        let store = Store::connect(&StoreConfig {
+            url: "sqlite::memory:".into(),
+            ..StoreConfig::default()
+        })
+        .await
+        .unwrap();
+        let job = new_job("acme", "hi");
+        let msg = created(store.insert_job(&job).await.unwrap());
+        assert!(store.get_job("acme", job.id).await.unwrap().is_some());
+        let claim = store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+        let result = serde_json::json!({"content": "x"});
+        assert!(store
+            .complete(job.id, claim.attempt, &result, "e1")
+            .await
+            .unwrap());
+        assert_eq!(store.events(job.id).await.unwrap().len(), 3);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_only_operations_answer_a_typed_error() {
+        let db = TestDb::sqlite("store_unsupported").await;
+        assert_eq!(db.store.backend(), Backend::Sqlite);
+        assert!(db.store.pg_pool().is_none());
+        assert!(matches!(
+            db.store.drop_schema("anything").await,
+            Err(StoreError::Unsupported {
+                backend: Backend::Sqlite,
+                ..
+            })
+        ));
+        let with_schema = Store::connect(&StoreConfig {
+            url: format!("sqlite://{}", db.sqlite_path().unwrap().display()),
+            schema: Some("elsewhere".into()),
+            ..StoreConfig::default()
+        })
+        .await;
+        assert!(matches!(with_schema, Err(StoreError::Unsupported { .. })));
+        let unknown = Store::connect(&StoreConfig {
+            url: "mysql://root:secret@localhost/db".into(),
+            ..StoreConfig::default()
+        })
+        .await;
+        match unknown {
+            Err(error @ StoreError::UnsupportedUrl(_)) => {
+                assert!(!error.to_string().contains("secret"), "{error}")
+            }
+            other => panic!("expected an unsupported URL, got {other:?}"),
+        }
+        assert!(db.store.ping().await);
+        db.drop().await;
+    }
 }

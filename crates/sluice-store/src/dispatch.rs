@@ -1,0 +1,338 @@
+//! The public API of [`Store`]: every method here hands its call to the backend in use, so
+//! callers never know whether PostgreSQL or SQLite holds the state.
+
+use crate::jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};
+use crate::lifecycle::{Claim, Completion, DeadJob, Failure};
+use crate::notifications::{Notification, NotificationRow, NotificationState};
+use crate::outbox::OutboxMessage;
+use crate::stats::LaneWait;
+use crate::{Db, OwnedEvent, Store, StoreError};
+use chrono::{DateTime, Utc};
+use sluice_core::{JobRef, JobState, Lane, Principal, RequestId};
+use std::time::Duration;
+
+/// Call the same method, with the same arguments, on whichever backend the store holds.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* $(,)? )) => {
+        match &$self.db {
+            Db::Postgres(pg) => pg.$method($($arg),*).await,
+            Db::Sqlite(lite) => lite.$method($($arg),*).await,
+        }
+    };
+}
+
+/// Ingest, read and cancel (see `jobs`).
+impl Store {
+    /// Accept one job, honouring its idempotency key. The job, its first event and its outbox
+    /// row are written in one transaction, so a `202` always means the job is durable.
+    pub async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
+        dispatch!(self.insert_job(job))
+    }
+
+    /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
+    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<OutboxMessage>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self.insert_jobs(jobs))
+    }
+
+    /// A tenant's job; another tenant's id answers `None`, exactly like an unknown one.
+    pub async fn get_job(
+        &self,
+        tenant: &str,
+        id: RequestId,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        dispatch!(self.get_job(tenant, id))
+    }
+
+    /// Any job, for operators and tests.
+    pub async fn job(&self, id: RequestId) -> Result<Option<JobRecord>, StoreError> {
+        dispatch!(self.job(id))
+    }
+
+    /// A job's event log in order.
+    pub async fn events(&self, id: RequestId) -> Result<Vec<JobEvent>, StoreError> {
+        dispatch!(self.events(id))
+    }
+
+    /// Jobs per state, for tests, the CLI and readiness checks.
+    pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, StoreError> {
+        dispatch!(self.count_by_state())
+    }
+
+    /// Cancel a tenant's job unless it is already terminal. A running job's result will be
+    /// discarded. The completion email, if any, is queued with the state change.
+    pub async fn cancel(&self, tenant: &str, id: RequestId) -> Result<CancelOutcome, StoreError> {
+        dispatch!(self.cancel(tenant, id))
+    }
+}
+
+/// Claim, heartbeat, complete, retry, dead-letter, reap and replay (see `lifecycle`).
+impl Store {
+    /// Move a queued or retrying job to `running` if the message's attempt is still current.
+    /// `None` means the message is stale (job terminal, cancelled, or already claimed): ack and drop it.
+    pub async fn claim(&self, job: &JobRef, lease: Duration) -> Result<Option<Claim>, StoreError> {
+        let mut claims = self.claim_many(std::slice::from_ref(job), lease).await?;
+        Ok(claims.pop().flatten())
+    }
+
+    /// [`Store::claim`] for many messages in one transaction; answers in input order.
+    /// Of two messages for the same job and attempt, only the first gets the claim.
+    pub async fn claim_many(
+        &self,
+        jobs: &[JobRef],
+        lease: Duration,
+    ) -> Result<Vec<Option<Claim>>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self.claim_many(jobs, lease))
+    }
+
+    /// Extend the leases of jobs still running under these attempts.
+    pub async fn heartbeat(
+        &self,
+        held: &[(RequestId, i32)],
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
+        if held.is_empty() {
+            return Ok(0);
+        }
+        dispatch!(self.heartbeat(held, lease))
+    }
+
+    /// Store a success. `false` if the attempt is no longer current (cancelled, reaped, replaced).
+    pub async fn complete(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        result: &serde_json::Value,
+        endpoint: &str,
+    ) -> Result<bool, StoreError> {
+        let done = self
+            .complete_many(&[Completion {
+                id,
+                attempt,
+                result: result.clone(),
+                endpoint: endpoint.to_owned(),
+            }])
+            .await?;
+        Ok(done.first().copied().unwrap_or(false))
+    }
+
+    /// [`Store::complete`] for many jobs in one transaction; answers in input order. Each
+    /// completion queues the job's email, if it asked for one, with the state change.
+    pub async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self.complete_many(done))
+    }
+
+    /// Record a retryable failure and queue the retry message, deliverable after `delay`.
+    pub async fn retry_later(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        failure: &Failure,
+        delay: Duration,
+    ) -> Result<Option<OutboxMessage>, StoreError> {
+        dispatch!(self.fail(id, attempt, failure, Lane::Retry, delay))
+    }
+
+    /// Record a permanent failure (or spent retries) and queue the job's `dead` message.
+    pub async fn dead_letter(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        failure: &Failure,
+    ) -> Result<Option<OutboxMessage>, StoreError> {
+        dispatch!(self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO))
+    }
+
+    /// Requeue jobs whose lease expired (their worker died): to `retry` at once, or to `dead`
+    /// when the retry budget is spent. Safe to run from every worker at the same time.
+    pub async fn reap_expired(
+        &self,
+        max_tries: u32,
+        limit: i64,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        dispatch!(self.reap_expired(max_tries, limit))
+    }
+
+    /// Put a dead job back in its lane with a fresh retry budget.
+    pub async fn replay(&self, id: RequestId) -> Result<Option<OutboxMessage>, StoreError> {
+        dispatch!(self.replay(id))
+    }
+
+    /// The most recently dead-lettered jobs.
+    pub async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
+        dispatch!(self.dead_jobs(limit))
+    }
+}
+
+/// The event log for subscribers (see `events`).
+impl Store {
+    /// For each `(job, after)`, the job's events with a sequence number above `after`, ordered
+    /// by job and sequence, up to (not including) the first recorded less than `settle` ago.
+    /// Unknown jobs have none.
+    ///
+    /// A settle time lets a poll that backs up a faster channel (the event bus) leave the
+    /// newest events to it, so they arrive in the order that channel keeps (deltas first).
+    pub async fn events_after(
+        &self,
+        jobs: &[(RequestId, i32)],
+        settle: Duration,
+    ) -> Result<Vec<OwnedEvent>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self.events_after(jobs, settle))
+    }
+
+    /// Events of one user's jobs recorded at or after `since`, ordered by job and sequence,
+    /// settled as in [`Store::events_after`].
+    pub async fn user_events_since(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        since: DateTime<Utc>,
+        settle: Duration,
+    ) -> Result<Vec<OwnedEvent>, StoreError> {
+        dispatch!(self.user_events_since(tenant, user_id, since, settle))
+    }
+}
+
+/// API keys (see `keys`).
+impl Store {
+    /// Create a key for a principal; returns the plaintext key, which is never stored.
+    pub async fn create_api_key(&self, principal: &Principal) -> Result<String, StoreError> {
+        dispatch!(self.create_api_key(principal))
+    }
+
+    /// The principal behind a key, if the key exists and is not revoked.
+    pub async fn principal_for_key(&self, key: &str) -> Result<Option<Principal>, StoreError> {
+        if !key.starts_with(crate::KEY_PREFIX) {
+            return Ok(None);
+        }
+        dispatch!(self.principal_for_key(key))
+    }
+}
+
+/// Completion emails (see `notifications`).
+impl Store {
+    /// Queue the completion emails of those jobs that are terminal and asked for one; answers
+    /// how many were new. The statements that finish a job queue its email themselves; this
+    /// is for tests and repairs. Queueing a job again is a no-op: one email per job.
+    pub async fn queue_notifications_for(&self, job_ids: &[RequestId]) -> Result<u64, StoreError> {
+        if job_ids.is_empty() {
+            return Ok(0);
+        }
+        dispatch!(self.queue_notifications_for(job_ids))
+    }
+
+    /// Take up to `limit` due notifications, holding each for `lease`: another mailer takes
+    /// a row only once its lease has passed, i.e. its mailer has presumably died.
+    pub async fn claim_notifications(
+        &self,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<Notification>, StoreError> {
+        dispatch!(self.claim_notifications(limit, lease))
+    }
+
+    /// Record that a notification's email was handed to the SMTP server.
+    pub async fn notification_sent(&self, id: i64) -> Result<(), StoreError> {
+        dispatch!(self.notification_sent(id))
+    }
+
+    /// Record a failed send: try again after `retry_in`, or give up for good when `None`.
+    /// A row another mailer already marked sent stays sent.
+    pub async fn notification_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_in: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.notification_failed(id, error, retry_in))
+    }
+
+    /// Give back claimed notifications that were not tried (a mailer shutting down), so the
+    /// next mailer need not wait for their leases; the claim does not count as an attempt.
+    pub async fn release_notifications(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        dispatch!(self.release_notifications(ids))
+    }
+
+    /// The notification of a job, if it has one.
+    pub async fn notification_for(
+        &self,
+        id: RequestId,
+    ) -> Result<Option<NotificationRow>, StoreError> {
+        dispatch!(self.notification_for(id))
+    }
+
+    /// Notifications per state (readiness and metrics).
+    pub async fn notification_counts(&self) -> Result<Vec<(NotificationState, i64)>, StoreError> {
+        dispatch!(self.notification_counts())
+    }
+}
+
+/// The outbox (see `outbox`).
+impl Store {
+    /// Forget outbox rows whose messages the broker confirmed.
+    pub async fn mark_published(&self, outbox_ids: &[i64]) -> Result<(), StoreError> {
+        if outbox_ids.is_empty() {
+            return Ok(());
+        }
+        dispatch!(self.mark_published(outbox_ids))
+    }
+
+    /// Take outbox rows older than `grace` that nobody published, locking them for `lock`
+    /// so concurrent relays do not publish the same row twice in a row.
+    pub async fn unpublished(
+        &self,
+        grace: Duration,
+        lock: Duration,
+        limit: i64,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        dispatch!(self.unpublished(grace, lock, limit))
+    }
+
+    /// Outbox rows still waiting to be published (tests and readiness).
+    pub async fn outbox_len(&self) -> Result<i64, StoreError> {
+        dispatch!(self.outbox_len())
+    }
+}
+
+/// Aggregates for benchmarks and operators (see `stats`); they scan the jobs table.
+impl Store {
+    /// Jobs in a terminal state.
+    pub async fn finished_count(&self) -> Result<i64, StoreError> {
+        dispatch!(self.finished_count())
+    }
+
+    /// (seconds from first accept to last finish, p50 and p99 submit-to-finish in seconds,
+    /// jobs that finished other than `succeeded`).
+    pub async fn latency_summary(&self) -> Result<(f64, f64, f64, i64), StoreError> {
+        dispatch!(self.latency_summary())
+    }
+
+    /// p50 and p95 queue wait per lane over jobs that started.
+    pub async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
+        dispatch!(self.queue_wait_by_lane())
+    }
+
+    /// Jobs that finished in `[from, to)` seconds after the first claim: utilization over a window.
+    pub async fn finished_in_window(&self, from: f64, to: f64) -> Result<i64, StoreError> {
+        dispatch!(self.finished_in_window(from, to))
+    }
+
+    /// Seconds from the first claim to the last finish.
+    pub async fn run_span(&self) -> Result<f64, StoreError> {
+        dispatch!(self.run_span())
+    }
+}

@@ -1,0 +1,64 @@
+//! The PostgreSQL backend's pool, connection set-up, schema handling and migrations.
+//! Its statements live in the top-level modules (jobs, lifecycle, ...) beside the types they fill.
+
+use crate::{valid_schema, StoreConfig, StoreError};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A PostgreSQL connection pool; cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct PgBackend {
+    pub(crate) pool: PgPool,
+}
+
+impl PgBackend {
+    /// Connect, creating the configured schema first if one is named.
+    pub(crate) async fn connect(config: &StoreConfig) -> Result<PgBackend, StoreError> {
+        let mut options =
+            PgConnectOptions::from_str(&config.url)?.application_name(&config.application_name);
+        if let Some(schema) = &config.schema {
+            if !valid_schema(schema) {
+                return Err(StoreError::InvalidSchema(schema.clone()));
+            }
+            // DDL cannot take bind parameters; the name was checked above.
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            admin
+                .execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
+                .await?;
+            admin.close().await;
+            options = options.options([("search_path", schema.as_str())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(PgBackend { pool })
+    }
+
+    pub(crate) async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../../migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn drop_schema(&self, schema: &str) -> Result<(), StoreError> {
+        if !valid_schema(schema) {
+            return Err(StoreError::InvalidSchema(schema.to_owned()));
+        }
+        self.pool
+            .execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}

@@ -1,0 +1,137 @@
+//! SQLite aggregates for benchmarks and operators, mirroring `crate::stats`. SQLite has no
+//! `percentile_cont`, so the timestamps are read and the percentiles computed here.
+
+use super::{parse_ts, ts, SqliteBackend};
+use crate::stats::LaneWait;
+use crate::StoreError;
+use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+
+/// PostgreSQL's `percentile_cont`: linear interpolation between the two nearest ranks.
+fn percentile_cont(sorted: &[f64], p: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    let rank = p.clamp(0.0, 1.0) * last as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    let (a, b) = (sorted.get(lo)?, sorted.get(hi)?);
+    Some(a + (b - a) * (rank - lo as f64))
+}
+
+fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
+}
+
+fn opt(s: Option<String>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    s.as_deref().map(parse_ts).transpose()
+}
+
+impl SqliteBackend {
+    pub(crate) async fn finished_count(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok(n)
+    }
+
+    pub(crate) async fn latency_summary(&self) -> Result<(f64, f64, f64, i64), StoreError> {
+        let rows: Vec<(String, Option<String>, String)> =
+            sqlx::query_as("SELECT created_at, finished_at, state FROM jobs")
+                .fetch_all(&self.read)
+                .await?;
+        let mut first_created: Option<DateTime<Utc>> = None;
+        let mut last_finished: Option<DateTime<Utc>> = None;
+        let mut latencies = Vec::with_capacity(rows.len());
+        let mut not_succeeded = 0;
+        for (created, finished, state) in rows {
+            let created = parse_ts(&created)?;
+            first_created = Some(first_created.map_or(created, |t| t.min(created)));
+            if let Some(finished) = opt(finished)? {
+                last_finished = Some(last_finished.map_or(finished, |t| t.max(finished)));
+                latencies.push(seconds(created, finished));
+            }
+            if state != "succeeded" {
+                not_succeeded += 1;
+            }
+        }
+        latencies.sort_by(f64::total_cmp);
+        let span = match (first_created, last_finished) {
+            (Some(a), Some(b)) => seconds(a, b),
+            _ => 0.0,
+        };
+        Ok((
+            span,
+            percentile_cont(&latencies, 0.5).unwrap_or_default(),
+            percentile_cont(&latencies, 0.99).unwrap_or_default(),
+            not_succeeded,
+        ))
+    }
+
+    pub(crate) async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT lane, created_at, started_at FROM jobs WHERE started_at IS NOT NULL",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        let mut by_lane: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (lane, created, started) in rows {
+            let wait = seconds(parse_ts(&created)?, parse_ts(&started)?);
+            by_lane.entry(lane).or_default().push(wait);
+        }
+        Ok(by_lane
+            .into_iter()
+            .map(|(lane, mut waits)| {
+                waits.sort_by(f64::total_cmp);
+                LaneWait {
+                    lane,
+                    jobs: i64::try_from(waits.len()).unwrap_or(i64::MAX),
+                    p50: percentile_cont(&waits, 0.5).unwrap_or_default(),
+                    p95: percentile_cont(&waits, 0.95).unwrap_or_default(),
+                }
+            })
+            .collect())
+    }
+
+    pub(crate) async fn finished_in_window(&self, from: f64, to: f64) -> Result<i64, StoreError> {
+        let (t0,): (Option<String>,) = sqlx::query_as("SELECT min(started_at) FROM jobs")
+            .fetch_one(&self.read)
+            .await?;
+        let Some(t0) = opt(t0)? else {
+            return Ok(0);
+        };
+        let offset = |s: f64| t0 + chrono::Duration::microseconds((s * 1e6) as i64);
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM jobs WHERE finished_at >= ?1 AND finished_at < ?2",
+        )
+        .bind(ts(offset(from)))
+        .bind(ts(offset(to)))
+        .fetch_one(&self.read)
+        .await?;
+        Ok(n)
+    }
+
+    pub(crate) async fn run_span(&self) -> Result<f64, StoreError> {
+        // Fixed-width timestamps: the text minimum and maximum are the earliest and latest.
+        let (first, last): (Option<String>, Option<String>) =
+            sqlx::query_as("SELECT min(started_at), max(finished_at) FROM jobs")
+                .fetch_one(&self.read)
+                .await?;
+        Ok(match (opt(first)?, opt(last)?) {
+            (Some(a), Some(b)) => seconds(a, b),
+            _ => 0.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile_cont;
+
+    #[test]
+    fn percentiles_interpolate_like_postgres() {
+        assert_eq!(percentile_cont(&[], 0.5), None);
+        assert_eq!(percentile_cont(&[3.0], 0.99), Some(3.0));
+        assert_eq!(percentile_cont(&[1.0, 2.0, 3.0, 4.0], 0.5), Some(2.5));
+        assert_eq!(percentile_cont(&[0.0, 10.0], 0.95), Some(9.5));
+    }
+}
