@@ -16,6 +16,16 @@ async fn two_hundred_jobs_across_four_tiers_all_succeed_on_sqs_lanes() {
     two_hundred_jobs_succeed_on(Queue::Sqs).await;
 }
 
+#[tokio::test]
+async fn two_hundred_jobs_across_four_tiers_all_succeed_on_the_sql_queue_in_postgres() {
+    two_hundred_jobs_succeed_on(Queue::SqlPostgres).await;
+}
+
+#[tokio::test]
+async fn two_hundred_jobs_across_four_tiers_all_succeed_on_sqlite_with_the_sql_queue() {
+    two_hundred_jobs_succeed_on(Queue::Sqlite).await;
+}
+
 /// The foundation's end-to-end job test, unchanged on each lane backend.
 async fn two_hundred_jobs_succeed_on(queue: Queue) {
     let app = spawn_app(AppOptions {

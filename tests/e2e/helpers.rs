@@ -78,6 +78,10 @@ pub enum Queue {
     Rabbitmq,
     /// SQS lanes on a moto server of the test's own.
     Sqs,
+    /// The SQL queue in the app's PostgreSQL schema.
+    SqlPostgres,
+    /// Store and SQL queue in one SQLite file shared by the app's processes.
+    Sqlite,
 }
 
 impl Default for AppOptions {
@@ -118,6 +122,8 @@ pub struct TestApp {
     pub workers: Vec<Child>,
     /// The SQS server of a `Queue::Sqs` app; stopped with the app.
     moto: Option<sluice_sqs::testing::MotoServer>,
+    /// The database file of a `Queue::Sqlite` app; removed with the app.
+    sqlite_file: Option<PathBuf>,
 }
 
 pub async fn spawn_app(options: AppOptions) -> TestApp {
@@ -127,6 +133,18 @@ pub async fn spawn_app(options: AppOptions) -> TestApp {
     let sim = sluice_sim::spawn(options.sim.clone(), ([127, 0, 0, 1], 0).into())
         .await
         .expect("simulator");
+    let sqlite_file = std::env::temp_dir().join(format!("sluice-e2e-{id}.db"));
+    let database_url = match options.queue {
+        Queue::Sqlite => format!("sqlite://{}", sqlite_file.display()),
+        _ => database_url(),
+    };
+    let database_section = match options.queue {
+        Queue::Sqlite => format!("[database]\nurl = \"{database_url}\"\n"),
+        _ => format!(
+            "[database]\nurl = \"{database_url}\"\nschema = \"{schema}\"\n\
+             max_connections = 4\napplication_name = \"{schema}\"\n"
+        ),
+    };
     let burst = options
         .burst
         .map(|b| format!("burst = {b}"))
@@ -135,11 +153,7 @@ pub async fn spawn_app(options: AppOptions) -> TestApp {
         r#"
 listen = "127.0.0.1:0"
 
-[database]
-url = "{db}"
-schema = "{schema}"
-max_connections = 4
-application_name = "{schema}"
+{database}
 
 [rabbitmq]
 url = "{amqp}"
@@ -173,7 +187,7 @@ timeout_secs = {timeout}
 default = {route}
 "#,
         route = options.default_route,
-        db = database_url(),
+        database = database_section,
         amqp = rabbitmq_url(),
         concurrency = options.concurrency,
         lease = options.lease_secs,
@@ -225,14 +239,23 @@ default = {route}
             ));
             Some(moto)
         }
+        Queue::SqlPostgres | Queue::Sqlite => {
+            // A quick fallback poll: with SQLite, other processes' messages are only seen by it.
+            config.push_str(&format!(
+                "\n[queue]\nbackend = \"sql\"\n[queue.sql]\nnamespace = \"{prefix}\"\n\
+                 visibility_timeout_secs = 5\npoll_interval_ms = 100\n"
+            ));
+            None
+        }
     };
     let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));
     std::fs::write(&config_path, config).unwrap();
 
     // Migrate once here so the processes start on a ready schema.
+    let sqlite = options.queue == Queue::Sqlite;
     let store = Store::connect(&StoreConfig {
-        url: database_url(),
-        schema: Some(schema.clone()),
+        url: database_url,
+        schema: (!sqlite).then(|| schema.clone()),
         max_connections: 4,
         migrate: true,
         ..StoreConfig::default()
@@ -251,6 +274,7 @@ default = {route}
         api_process: None,
         workers: Vec::new(),
         moto,
+        sqlite_file: sqlite.then_some(sqlite_file),
     };
     let (child, line) = app.start("serve", "listening on ").await;
     app.api = line
@@ -508,6 +532,13 @@ impl TestApp {
             let _ = child.wait().await;
         }
         self.sim.shutdown();
+        if let Some(file) = self.sqlite_file.take() {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+            }
+            let _ = std::fs::remove_file(&self.config_path);
+            return;
+        }
         if self.moto.take().is_none() {
             let _ = self.broker().await.delete_all().await;
         }

@@ -113,7 +113,7 @@ async fn throughput(
     config.routes = BTreeMap::from([("default".to_owned(), "sim".into())]);
 
     let store = stack::store(&config, true).await?;
-    let broker = stack::broker(&config).await?;
+    let broker = stack::broker(&config, &store).await?;
     let result = run_throughput(
         &config,
         &store,
@@ -150,7 +150,16 @@ async fn run_throughput(
     let publisher = Publisher::new(store.clone(), Arc::clone(broker));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
-    let state = stack::api_state(config, store.clone(), publisher.clone(), stop.clone())?;
+    let bus = stack::event_bus(config)?;
+    let poll = stack::hub_poll(config.redis.is_some());
+    let state = stack::api_state(
+        config,
+        store.clone(),
+        publisher.clone(),
+        bus,
+        poll,
+        stop.clone(),
+    )?;
     tokio::spawn(sluice_api::serve(listener, state, stop.clone()));
 
     let router: Arc<Router> = stack::router(config).await?;

@@ -65,6 +65,9 @@ pub enum QueueBackend {
     Rabbitmq,
     /// Amazon SQS (or a compatible server), configured by `[queue.sqs]`.
     Sqs,
+    /// A table in the store's own database (PostgreSQL or SQLite), configured by
+    /// `[queue.sql]`: no broker to run.
+    Sql,
 }
 
 /// `[queue]`: where the lanes are.
@@ -73,6 +76,7 @@ pub enum QueueBackend {
 pub struct QueueSection {
     pub backend: QueueBackend,
     pub sqs: sluice_sqs::SqsConfig,
+    pub sql: sluice_sqlqueue::SqlQueueConfig,
 }
 
 /// Where Redis is; keys go under `prefix`.

@@ -1,9 +1,11 @@
-//! The `sluice` command: runs the API, workers and the provider simulator, and talks to a
+//! The `sluice` command: runs the API, workers and the provider simulator (or all of them in
+//! one process on SQLite: `dev`), and talks to a
 //! running deployment (keys, submit, status, watch, dead-letter queue) and benchmarks it.
 
 mod bench;
 mod client;
 mod config;
+mod embedded;
 mod ratelimit;
 mod stack;
 
@@ -36,6 +38,24 @@ enum Command {
         /// Do not apply database migrations at start.
         #[arg(long)]
         no_migrate: bool,
+        /// Run everything (API, worker, mailer) in this process on one SQLite file, with the
+        /// lanes in it too: no PostgreSQL, RabbitMQ or Redis. Like `dev` without the simulator.
+        #[arg(long)]
+        embedded: bool,
+        /// The SQLite file of `--embedded`.
+        #[arg(long, env = "SLUICE_DATA", default_value = embedded::DEFAULT_DATA)]
+        data: PathBuf,
+    },
+    /// Run the whole system in this process on one SQLite file, with the provider simulator
+    /// when no real provider is configured; prints the URL and an API key (kept across
+    /// restarts on the same file). Needs no other service.
+    Dev {
+        /// The SQLite file holding every job and the lanes.
+        #[arg(long, env = "SLUICE_DATA", default_value = embedded::DEFAULT_DATA)]
+        data: PathBuf,
+        /// Listen here (default: the config's `listen`, 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
     },
     /// Run a worker that drains the lanes into the provider pools.
     Worker {
@@ -179,9 +199,36 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let path = cli.config.as_deref();
     match cli.command {
-        Command::Serve { no_migrate } => {
+        Command::Serve {
+            no_migrate,
+            embedded: true,
+            data,
+        } => {
+            if no_migrate {
+                anyhow::bail!(
+                    "--no-migrate does not apply to --embedded: its file is always migrated"
+                );
+            }
+            let config = Config::load(path)?;
+            let options = embedded::Embedded {
+                data,
+                simulator: false,
+                listen: None,
+            };
+            embedded::run(config, options, shutdown_signal()).await
+        }
+        Command::Serve { no_migrate, .. } => {
             let config = Config::load(path)?;
             stack::serve(config, !no_migrate, shutdown_signal()).await
+        }
+        Command::Dev { data, listen } => {
+            let config = Config::load(path)?;
+            let options = embedded::Embedded {
+                data,
+                simulator: true,
+                listen,
+            };
+            embedded::run(config, options, shutdown_signal()).await
         }
         Command::Worker { no_migrate } => {
             let config = Config::load(path)?;

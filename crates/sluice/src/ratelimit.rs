@@ -91,7 +91,7 @@ pub async fn run(
     run_config.rabbitmq.url = config.rabbitmq.url.clone();
     run_config.rabbitmq.prefix = prefix.clone();
     let store = stack::store(&run_config, true).await?;
-    let broker = stack::broker(&run_config).await?;
+    let broker = stack::broker(&run_config, &store).await?;
     let path: PathBuf = std::env::temp_dir().join(format!("sluice-bench-{run_id}.toml"));
     std::fs::write(
         &path,

@@ -30,8 +30,9 @@ pub async fn store(config: &Config, migrate: bool) -> anyhow::Result<Store> {
     })
 }
 
-/// The lanes, in the backend `[queue]` names, declared and ready.
-pub async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+/// The lanes, in the backend `[queue]` names, declared and ready. The SQL queue lives in
+/// `store`'s database (and schema).
+pub async fn broker(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn Broker>> {
     let broker: Arc<dyn Broker> = match config.queue.backend {
         QueueBackend::Rabbitmq => Arc::new(
             RabbitBroker::connect(config.rabbitmq.clone())
@@ -43,6 +44,15 @@ pub async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
                 .await
                 .context("cannot reach SQS")?,
         ),
+        QueueBackend::Sql => {
+            let sql = config.queue.sql.clone();
+            let queue = match (store.pg_pool(), store.sqlite_pool()) {
+                (Some(pool), _) => sluice_sqlqueue::SqlQueue::postgres(pool.clone(), sql),
+                (None, Some(pool)) => sluice_sqlqueue::SqlQueue::sqlite(pool.clone(), sql),
+                (None, None) => anyhow::bail!("the store has no SQL database for the queue"),
+            };
+            Arc::new(queue.context("invalid [queue.sql] section")?)
+        }
     };
     broker.declare().await.context("cannot declare the lanes")?;
     Ok(broker)
@@ -78,18 +88,12 @@ pub fn event_bus(config: &Config) -> anyhow::Result<EventBus> {
     }
 }
 
-/// The API state over an open store and broker, with its event hub.
-pub fn api_state(
-    config: &Config,
-    store: Store,
-    publisher: Publisher,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Arc<ApiState>> {
-    let writer = JobWriter::spawn(store.clone(), 4, 256);
-    let bus = event_bus(config)?;
-    // Without Redis the poll is the only way workers' changes reach subscribers here; with it,
-    // the poll only makes good what pub/sub lost, and leaves the newest events to the bus.
-    let poll = if config.redis.is_some() {
+/// How the hub polls the event log. With a bus that reaches the workers (Redis, or the
+/// in-process bus of the embedded mode) the poll only makes good what the bus lost and leaves
+/// the newest events to it, so a job's deltas are not overtaken by its terminal event;
+/// without one, the poll is the only way workers' changes reach subscribers.
+pub fn hub_poll(bus_reaches_workers: bool) -> Poll {
+    if bus_reaches_workers {
         Poll {
             every: Duration::from_secs(1),
             settle: Duration::from_secs(2),
@@ -99,7 +103,19 @@ pub fn api_state(
             every: Duration::from_millis(250),
             settle: Duration::ZERO,
         }
-    };
+    }
+}
+
+/// The API state over an open store and broker, with its event hub on `bus`.
+pub fn api_state(
+    config: &Config,
+    store: Store,
+    publisher: Publisher,
+    bus: EventBus,
+    poll: Poll,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<ApiState>> {
+    let writer = JobWriter::spawn(store.clone(), 4, 256);
     let hub = Hub::spawn(store.clone(), &bus, poll, config.streams, shutdown);
     Ok(ApiState::new(
         store,
@@ -123,7 +139,7 @@ pub async fn serve(
         );
     }
     let store = store(&config, migrate).await?;
-    let broker = broker(&config).await?;
+    let broker = broker(&config, &store).await?;
     let publisher = Publisher::new(store.clone(), broker);
     sluice_outbox::spawn_relay(
         store.clone(),
@@ -138,7 +154,9 @@ pub async fn serve(
     // Scripts and tests read this line to find the port.
     println!("sluice api listening on http://{addr}");
     tracing::info!(message = "api listening", %addr);
-    let state = api_state(&config, store, publisher, shutdown.clone())?;
+    let bus = event_bus(&config)?;
+    let poll = hub_poll(config.redis.is_some());
+    let state = api_state(&config, store, publisher, bus, poll, shutdown.clone())?;
     sluice_api::serve(listener, state, shutdown)
         .await
         .context("the API server failed")
@@ -151,7 +169,7 @@ pub async fn worker(
 ) -> anyhow::Result<()> {
     let router = router(&config).await?;
     let store = store(&config, migrate).await?;
-    let broker = broker(&config).await?;
+    let broker = broker(&config, &store).await?;
     let publisher = Publisher::new(store.clone(), broker);
     // Every worker with `[mail]` also sends completion emails; the notifications' leases keep
     // two workers from sending the same one.
@@ -210,7 +228,7 @@ pub async fn dlq_replay(config: &Config, id: RequestId) -> anyhow::Result<()> {
         .replay(id)
         .await?
         .with_context(|| format!("job {id} is not dead (or does not exist)"))?;
-    let broker = broker(config).await?;
+    let broker = broker(config, &store).await?;
     let publisher = Publisher::new(store, broker);
     // If this publish fails the job is still queued in the outbox and a relay sends it.
     publisher
