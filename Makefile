@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SLUICE = $(CARGO) run --release --quiet --bin sluice --
 
-.PHONY: run test check bench services build
+.PHONY: run dev test check bench services build
 
 ## Run the API, one worker and the provider simulator against this machine's services
 ## with ./sluice.toml, in the foreground until Ctrl-C.
@@ -12,6 +12,10 @@ run: services build
 	$(SLUICE) worker & \
 	$(SLUICE) serve & \
 	wait
+
+## The whole system in one process on ./sluice-data/sluice.db: no service needed.
+dev: build
+	$(SLUICE) dev
 
 build:
 	$(CARGO) build --release --bin sluice

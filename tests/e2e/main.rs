@@ -4,6 +4,7 @@
 
 mod api;
 mod delivery;
+mod embedded;
 mod events;
 mod fairness;
 mod faults;

@@ -1,0 +1,283 @@
+//! `sluice dev`: the whole system in one process on one SQLite file. Jobs complete, the printed
+//! key survives a restart, a `kill -9` mid-run loses no accepted job, and it needs none of the
+//! machine's services (shown inside a network namespace where they cannot be reached).
+
+use crate::helpers::BIN;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A directory of the test's own with a config for `sluice dev`, removed at the end.
+struct DevDir {
+    dir: PathBuf,
+}
+
+impl DevDir {
+    fn new(config: &str) -> DevDir {
+        let dir = std::env::temp_dir().join(format!("sluice-dev-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("sluice.toml"), config).unwrap();
+        DevDir { dir }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data").join("sluice.db")
+    }
+}
+
+impl Drop for DevDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `sluice dev`: its process, base URL and the key it printed.
+struct Dev {
+    child: Child,
+    api: String,
+    key: String,
+}
+
+async fn start_dev(dir: &DevDir) -> Dev {
+    let mut child = Command::new(BIN)
+        .current_dir(&dir.dir)
+        .args(["--config", "sluice.toml", "dev", "--listen", "127.0.0.1:0"])
+        .arg("--data")
+        .arg(dir.data())
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut api, mut key) = (None, None);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("sluice api listening on ") {
+                api = Some(url.trim().to_owned());
+            }
+            if let Some(k) = line.strip_prefix("api key: ") {
+                key = Some(k.trim().to_owned());
+                return;
+            }
+        }
+        panic!("sluice dev exited before it was ready");
+    })
+    .await
+    .expect("sluice dev was not ready within 30 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Dev {
+        child,
+        api: api.expect("no URL printed"),
+        key: key.unwrap(),
+    }
+}
+
+impl Dev {
+    async fn submit(&self, http: &reqwest::Client, text: &str) -> String {
+        let body = json!({ "model": "default", "messages": [{ "role": "user", "content": text }] });
+        let response = http
+            .post(format!("{}/v1/jobs", self.api))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+        let accepted: Value = response.json().await.unwrap();
+        accepted["request_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn job(&self, http: &reqwest::Client, id: &str) -> Value {
+        let response = http
+            .get(format!("{}/v1/jobs/{id}", self.api))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    /// The states of `ids`, once every one is terminal; panics after `timeout`.
+    async fn wait_terminal(&self, http: &reqwest::Client, ids: &[String], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut pending = 0;
+            for id in ids {
+                let state = self.job(http, id).await["state"].clone();
+                if !matches!(
+                    state.as_str(),
+                    Some("succeeded" | "failed" | "cancelled" | "dead")
+                ) {
+                    pending += 1;
+                }
+            }
+            if pending == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pending} of {} jobs not terminal after {timeout:?}",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn kill_9(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    async fn terminate(mut self) {
+        let pid = self.child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("sluice dev did not stop after SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "sluice dev exited with {exit}");
+    }
+}
+
+/// Short leases and visibility, so work a killed process held comes back within seconds.
+const QUICK_RECOVERY: &str = r#"
+[worker]
+concurrency = 8
+prefetch = 8
+lease_secs = 2
+reap_interval_secs = 0.5
+
+[queue.sql]
+visibility_timeout_secs = 3
+"#;
+
+#[tokio::test]
+async fn dev_runs_jobs_on_one_file_and_its_key_survives_a_restart() {
+    let dir = DevDir::new(QUICK_RECOVERY);
+    let http = reqwest::Client::new();
+    let dev = start_dev(&dir).await;
+    let ids = vec![
+        dev.submit(&http, "first question").await,
+        dev.submit(&http, "second question").await,
+    ];
+    dev.wait_terminal(&http, &ids, Duration::from_secs(30))
+        .await;
+    let job = dev.job(&http, &ids[0]).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["result"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Simulated reply to: first question"));
+    assert!(dir.data().exists());
+    let key = dev.key.clone();
+    dev.terminate().await;
+
+    let again = start_dev(&dir).await;
+    assert_eq!(again.key, key, "the same key after a restart");
+    // The jobs of the first run are still there, and the key still works for new ones.
+    assert_eq!(again.job(&http, &ids[1]).await["state"], "succeeded");
+    let more = vec![again.submit(&http, "after the restart").await];
+    again
+        .wait_terminal(&http, &more, Duration::from_secs(30))
+        .await;
+    assert_eq!(again.job(&http, &more[0]).await["state"], "succeeded");
+    again.terminate().await;
+}
+
+#[tokio::test]
+async fn a_dev_process_killed_mid_run_loses_none_of_its_100_jobs() {
+    let config = format!("{QUICK_RECOVERY}\n[sim]\nlatency = {{ kind = \"fixed\", ms = 200 }}\n");
+    let dir = DevDir::new(&config);
+    let http = reqwest::Client::new();
+    let dev = start_dev(&dir).await;
+    let mut ids = Vec::new();
+    for n in 0..100 {
+        ids.push(dev.submit(&http, &format!("job {n}")).await);
+    }
+    // Kill it once some jobs are done and others are running or waiting.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut done = 0;
+        for id in &ids {
+            done += usize::from(dev.job(&http, id).await["state"] == "succeeded");
+        }
+        if done >= 10 {
+            assert!(done < 100, "every job finished before the kill");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dev.kill_9().await;
+
+    let again = start_dev(&dir).await;
+    again
+        .wait_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
+    let store = sluice_store::Store::connect(&sluice_store::StoreConfig {
+        url: format!("sqlite://{}", dir.data().display()),
+        schema: None,
+        migrate: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for id in &ids {
+        let job = again.job(&http, id).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        // Exactly one terminal event per job: none lost, none finished twice.
+        let events = store.events(id.parse().unwrap()).await.unwrap();
+        let terminal = events.iter().filter(|e| e.state.is_terminal()).count();
+        assert_eq!(terminal, 1, "{id}: {events:?}");
+    }
+    again.terminate().await;
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn dev_needs_no_service_a_curl_job_completes_without_network() {
+    // A network namespace of its own has only a loopback of its own: PostgreSQL, RabbitMQ and
+    // Redis on this machine cannot be reached from it, as on a machine without them.
+    let script = repo_root().join("scripts/embedded-smoke.sh");
+    let dir = DevDir::new("");
+    let out = Command::new("unshare")
+        .args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(&script)
+        .arg(BIN)
+        .current_dir(&dir.dir)
+        .env("SLUICE_LOG", "warn")
+        .env(
+            "SLUICE_DATABASE__URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        )
+        .output()
+        .await
+        .expect("unshare (util-linux) runs the smoke script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("\"state\":\"succeeded\""), "{stdout}");
+    // The namespace really had no way to the services.
+    assert!(stdout.contains("postgres unreachable"), "{stdout}");
+}
