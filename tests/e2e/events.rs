@@ -399,28 +399,34 @@ async fn drain(mut socket: Socket) -> (usize, Option<u16>) {
     }
 }
 
-#[tokio::test]
-async fn a_subscriber_that_never_reads_is_cut_off_with_a_reason_and_holds_up_nobody() {
-    const JOBS: usize = 150;
-    const WORDS: u32 = 400;
-    let app = spawn_app(AppOptions {
+/// Words per answer in the flood tests.
+const WORDS: u32 = 400;
+
+/// An app with Redis whose simulator answers `WORDS` words, with these `[streams]` settings.
+async fn streaming_app(concurrency: usize, streams: &str) -> crate::helpers::TestApp {
+    spawn_app(AppOptions {
         redis: true,
-        // The simulator sends a whole answer at once: fewer jobs at a time keep the bursts a
-        // reading subscriber sees within its buffer.
-        concurrency: 8,
+        concurrency,
         sim: SimConfig {
             default_rpm: 0,
             completion_tokens: WORDS,
             ..SimConfig::default()
         },
-        // The simulator answers 400 words at once, and this test's own reader shares two cores
-        // with everything else: a buffer of 16,384 messages absorbs those bursts for it and
-        // still overflows for a reader that stopped. The stalled client resumes reading long
-        // before its writes would time out.
-        extra_toml: "[streams]\nbuffer = 16384\nwrite_timeout_secs = 300\n".into(),
+        extra_toml: streams.into(),
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_cut_off_with_a_reason_and_holds_up_nobody() {
+    const JOBS: usize = 150;
+    // The simulator sends a whole answer at once: fewer jobs at a time keep the bursts a
+    // reading subscriber sees within its buffer. This test's own reader shares two cores with
+    // everything else: a buffer of 16,384 messages absorbs those bursts for it and still
+    // overflows for a reader that stopped. The stalled client resumes reading long before its
+    // writes would time out.
+    let app = streaming_app(8, "[streams]\nbuffer = 16384\nwrite_timeout_secs = 300\n").await;
     let key = app.key("acme", Tier::Pro).await;
     let stalled = stalled_subscriber(&app.api, &key).await;
     let mut reader = connect(&app.api, Some(&key)).await;
@@ -483,20 +489,8 @@ async fn a_subscriber_that_never_reads_is_cut_off_with_a_reason_and_holds_up_nob
 #[tokio::test]
 async fn a_connection_that_stays_stalled_past_the_write_timeout_is_dropped() {
     const JOBS: usize = 120;
-    const WORDS: u32 = 400;
-    let app = spawn_app(AppOptions {
-        redis: true,
-        concurrency: 32,
-        sim: SimConfig {
-            default_rpm: 0,
-            completion_tokens: WORDS,
-            ..SimConfig::default()
-        },
-        // A buffer too big to fill: only the write timeout can end the connection.
-        extra_toml: "[streams]\nbuffer = 1000000\nwrite_timeout_secs = 1\n".into(),
-        ..Default::default()
-    })
-    .await;
+    // A buffer too big to fill: only the write timeout can end the connection.
+    let app = streaming_app(32, "[streams]\nbuffer = 1000000\nwrite_timeout_secs = 1\n").await;
     let key = app.key("acme", Tier::Pro).await;
     let stalled = stalled_subscriber(&app.api, &key).await;
     let ids = flood(&app, &key, JOBS, WORDS).await;

@@ -17,6 +17,30 @@ pub mod rabbitmq;
 
 pub use rabbitmq::{RabbitBroker, RabbitConfig};
 
+/// Doubling waits between reconnects or retried receives, from 100 ms up to 5 s; start over
+/// with `Backoff::default()` after a success.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next try.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (delay * 2).min(Duration::from_secs(5));
+        delay
+    }
+}
+
 /// Any error a backend library raises, kept as the source of a [`BrokerError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

@@ -25,7 +25,8 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::{
-    Acknowledge, BoxError, Broker, BrokerError, Consumer, Delivery, JobRef, Lane, PublishOptions,
+    Acknowledge, Backoff, BoxError, Broker, BrokerError, Consumer, Delivery, JobRef, Lane,
+    PublishOptions,
 };
 
 /// Header carrying a dead-lettered job's reason.
@@ -35,8 +36,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound for any single round trip, so a wedged connection surfaces as an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 const PUBLISH_ATTEMPTS: u32 = 3;
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Publishing does not count as "use" for `x-expires`, so a holding queue is
 /// redeclared (renewing its lease) at least this often while we publish into it.
 const REDECLARE_HOLDING_AFTER: Duration = Duration::from_secs(30);
@@ -440,7 +439,7 @@ impl Shared {
                         self.forget_holding(queue);
                     }
                     Self::discard(&self.publisher).await;
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -552,27 +551,6 @@ fn reason_of(props: &BasicProperties) -> Option<String> {
     }
 }
 
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            next: BACKOFF_START,
-        }
-    }
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (delay * 2).min(BACKOFF_MAX);
-        delay
-    }
-}
-
 /// A consumer's channel and lapin stream; the channel closes when the last clone drops.
 struct Subscription {
     channel: Channel,
@@ -629,7 +607,7 @@ impl ConsumeLoop {
                     }
                     Err(e) => {
                         warn!(%queue, error = %e, "re-subscribing failed; will retry");
-                        tokio::time::sleep(self.backoff.next()).await;
+                        tokio::time::sleep(self.backoff.next_delay()).await;
                     }
                 }
                 continue;
@@ -702,7 +680,7 @@ impl ConsumeLoop {
 
     async fn drop_subscription(&mut self) {
         self.sub = None;
-        tokio::time::sleep(self.backoff.next()).await;
+        tokio::time::sleep(self.backoff.next_delay()).await;
     }
 }
 

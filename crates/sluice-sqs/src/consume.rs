@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
-use sluice_broker::{Acknowledge, BrokerError, Consumer, Delivery, JobRef, Lane};
+use sluice_broker::{Acknowledge, Backoff, BrokerError, Consumer, Delivery, JobRef, Lane};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::{
-    now_ms, reason_attribute, remaining_delay_secs, Backoff, Outgoing, Shared, SqsCallError,
+    now_ms, reason_attribute, remaining_delay_secs, Outgoing, Shared, SqsCallError,
     NOT_BEFORE_ATTRIBUTE, REASON_ATTRIBUTE,
 };
 
@@ -101,7 +101,7 @@ impl Poller {
                     if self.tx.send(item).await.is_err() {
                         return;
                     }
-                    let pause = self.backoff.next();
+                    let pause = self.backoff.next_delay();
                     tokio::select! {
                         _ = self.tx.closed() => return,
                         _ = tokio::time::sleep(pause) => {}

@@ -32,7 +32,9 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
 use futures::{StreamExt, TryStreamExt};
-use sluice_broker::{BoxError, Broker, BrokerError, Consumer, JobRef, Lane, PublishOptions};
+use sluice_broker::{
+    Backoff, BoxError, Broker, BrokerError, Consumer, JobRef, Lane, PublishOptions,
+};
 use tracing::{info, warn};
 
 mod config;
@@ -66,8 +68,6 @@ const RETENTION_SECS: u32 = 1_209_600;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Added to the long-poll wait to bound one attempt of any call.
 const ATTEMPT_MARGIN: Duration = Duration::from_secs(10);
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// One SQS call that failed, with the service's error code or the transport's error chain.
 #[derive(Debug, thiserror::Error)]
@@ -388,7 +388,7 @@ impl Shared {
             let retry: Vec<&str> = failed.iter().map(|f| f.id()).collect();
             warn!(%queue, failed = retry.len(), attempt, "SQS failed part of a batch; re-sending those");
             pending.retain(|(id, _)| retry.contains(&id.as_str()));
-            tokio::time::sleep(backoff.next()).await;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         Err(BrokerError::Publish {
             queue,
@@ -644,27 +644,6 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            next: BACKOFF_START,
-        }
-    }
-}
-
-impl Backoff {
-    pub(crate) fn next(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (delay * 2).min(BACKOFF_MAX);
-        delay
-    }
 }
 
 #[async_trait::async_trait]
