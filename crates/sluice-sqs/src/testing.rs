@@ -18,8 +18,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Spawning again on another port covers a port taken between choosing and binding it.
 const START_ATTEMPTS: u32 = 3;
 
-/// The virtualenv's `moto_server`, made by `scripts/pyenv.sh` on first use (once per test binary).
-pub fn moto_server_bin() -> &'static Path {
+/// The virtualenv's Python with moto, made by `scripts/pyenv.sh` on first use (once per test
+/// binary). It runs `scripts/moto_sqs.py`: moto's server with its receives made atomic.
+pub fn moto_python() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let script = scripts().join("pyenv.sh");
@@ -31,7 +32,7 @@ pub fn moto_server_bin() -> &'static Path {
         assert!(out.status.success(), "{} failed", script.display());
         let venv = String::from_utf8_lossy(&out.stdout);
         let venv = venv.lines().last().unwrap_or_default().trim();
-        PathBuf::from(venv).join("bin").join("moto_server")
+        PathBuf::from(venv).join("bin").join("python")
     })
 }
 
@@ -57,17 +58,19 @@ pub struct MotoServer {
 impl MotoServer {
     /// Spawns `moto_server` on a free port and waits until it answers HTTP.
     pub async fn start() -> MotoServer {
-        let bin = moto_server_bin();
+        let python = moto_python();
+        let script = scripts().join("moto_sqs.py");
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
-            let child = Command::new(bin)
+            let child = Command::new(python)
+                .arg(&script)
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 // moto logs every request; nobody reads it, and a full pipe would block it.
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .unwrap_or_else(|e| panic!("could not start {}: {e}", bin.display()));
+                .unwrap_or_else(|e| panic!("could not start {}: {e}", script.display()));
             let mut server = MotoServer {
                 child,
                 endpoint: format!("http://127.0.0.1:{port}"),

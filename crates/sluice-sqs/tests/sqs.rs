@@ -108,8 +108,11 @@ async fn setup(tune: impl FnOnce(&mut SqsConfig)) -> (SqsBroker, SdkRaw) {
 }
 
 async fn fixture() -> Fixture {
-    // 2 s visibility: a dropped delivery comes back well inside RECEIVE_TIMEOUT (15 s).
-    let (broker, raw) = setup(|c| c.visibility_timeout_secs = 2).await;
+    // 5 s visibility: a dropped delivery comes back well inside RECEIVE_TIMEOUT (15 s), and
+    // heartbeats (every third of it) stay few enough that moto, one Python process on a
+    // loaded machine, answers them before a held message turns visible again (at 2 s it
+    // sometimes did not, and a held message went to a second consumer).
+    let (broker, raw) = setup(|c| c.visibility_timeout_secs = 5).await;
     Fixture {
         broker: Arc::new(broker),
         raw: Box::new(raw),
