@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod bench;
 mod delivery;
 mod embedded;
 mod events;

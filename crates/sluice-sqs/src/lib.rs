@@ -39,6 +39,7 @@ use tracing::{info, warn};
 
 mod config;
 mod consume;
+pub mod moto;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -315,9 +315,8 @@ impl Store {
         dispatch!(self.finished_count())
     }
 
-    /// (seconds from first accept to last finish, p50 and p99 submit-to-finish in seconds,
-    /// jobs that finished other than `succeeded`).
-    pub async fn latency_summary(&self) -> Result<(f64, f64, f64, i64), StoreError> {
+    /// Submit-to-finish latency percentiles, the run's span and the jobs not `succeeded`.
+    pub async fn latency_summary(&self) -> Result<crate::LatencySummary, StoreError> {
         dispatch!(self.latency_summary())
     }
 

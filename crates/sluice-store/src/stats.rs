@@ -15,25 +15,38 @@ impl PgBackend {
         Ok(n)
     }
 
-    /// (seconds from first accept to last finish, p50 and p99 submit-to-finish in seconds,
-    /// jobs that finished other than `succeeded`).
-    pub(crate) async fn latency_summary(&self) -> Result<(f64, f64, f64, i64), StoreError> {
-        let row: (Option<f64>, Option<f64>, Option<f64>, i64) = sqlx::query_as(
+    /// Submit-to-finish latency over all jobs; see [`LatencySummary`].
+    pub(crate) async fn latency_summary(&self) -> Result<LatencySummary, StoreError> {
+        let row: (Option<f64>, Option<f64>, Option<f64>, Option<f64>, i64) = sqlx::query_as(
             "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8),
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8),
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8),
                     count(*) FILTER (WHERE state <> 'succeeded')
              FROM jobs",
         )
         .fetch_one(&self.pool)
         .await?;
-        Ok((
-            row.0.unwrap_or_default(),
-            row.1.unwrap_or_default(),
-            row.2.unwrap_or_default(),
-            row.3,
-        ))
+        Ok(LatencySummary {
+            span: row.0.unwrap_or_default(),
+            p50: row.1.unwrap_or_default(),
+            p95: row.2.unwrap_or_default(),
+            p99: row.3.unwrap_or_default(),
+            not_succeeded: row.4,
+        })
     }
+}
+
+/// Submit-to-finish latency over all jobs, in seconds (0 when none finished).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LatencySummary {
+    /// From the first job's acceptance to the last one's finish.
+    pub span: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    /// Jobs not (yet) `succeeded`: failed, cancelled, dead or still in flight.
+    pub not_succeeded: i64,
 }
 
 /// Queue wait (accept to first claim) of one lane, in seconds.

@@ -33,6 +33,14 @@ pub async fn store(config: &Config, migrate: bool) -> anyhow::Result<Store> {
 /// The lanes, in the backend `[queue]` names, declared and ready. The SQL queue lives in
 /// `store`'s database (and schema).
 pub async fn broker(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn Broker>> {
+    let broker = connect_broker(config, store).await?;
+    broker.declare().await.context("cannot declare the lanes")?;
+    Ok(broker)
+}
+
+/// [`broker`] without declaring the lanes, for callers that must be able to delete them
+/// again even if declaring fails half-way (the benchmark's throwaway lanes).
+pub async fn connect_broker(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn Broker>> {
     let broker: Arc<dyn Broker> = match config.queue.backend {
         QueueBackend::Rabbitmq => Arc::new(
             RabbitBroker::connect(config.rabbitmq.clone())
@@ -54,7 +62,6 @@ pub async fn broker(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn Br
             Arc::new(queue.context("invalid [queue.sql] section")?)
         }
     };
-    broker.declare().await.context("cannot declare the lanes")?;
     Ok(broker)
 }
 

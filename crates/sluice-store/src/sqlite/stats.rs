@@ -2,7 +2,7 @@
 //! `percentile_cont`, so the timestamps are read and the percentiles computed here.
 
 use super::{parse_ts, ts, SqliteBackend};
-use crate::stats::LaneWait;
+use crate::stats::{LaneWait, LatencySummary};
 use crate::StoreError;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -34,7 +34,7 @@ impl SqliteBackend {
         Ok(n)
     }
 
-    pub(crate) async fn latency_summary(&self) -> Result<(f64, f64, f64, i64), StoreError> {
+    pub(crate) async fn latency_summary(&self) -> Result<LatencySummary, StoreError> {
         let rows: Vec<(String, Option<String>, String)> =
             sqlx::query_as("SELECT created_at, finished_at, state FROM jobs")
                 .fetch_all(&self.read)
@@ -59,12 +59,13 @@ impl SqliteBackend {
             (Some(a), Some(b)) => seconds(a, b),
             _ => 0.0,
         };
-        Ok((
+        Ok(LatencySummary {
             span,
-            percentile_cont(&latencies, 0.5).unwrap_or_default(),
-            percentile_cont(&latencies, 0.99).unwrap_or_default(),
+            p50: percentile_cont(&latencies, 0.5).unwrap_or_default(),
+            p95: percentile_cont(&latencies, 0.95).unwrap_or_default(),
+            p99: percentile_cont(&latencies, 0.99).unwrap_or_default(),
             not_succeeded,
-        ))
+        })
     }
 
     pub(crate) async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
