@@ -281,3 +281,62 @@ async fn dev_needs_no_service_a_curl_job_completes_without_network() {
     // The namespace really had no way to the services.
     assert!(stdout.contains("postgres unreachable"), "{stdout}");
 }
+
+#[tokio::test]
+async fn serve_embedded_runs_real_pools_without_starting_a_simulator() {
+    // The pools point at a simulator of the test's own: `serve --embedded` must use them and
+    // start none of its own.
+    let sim = crate::helpers::spawn_sim(sluice_sim::Faults::default()).await;
+    let config = format!(
+        "{QUICK_RECOVERY}\n[[pools]]\nname = \"real\"\n[[pools.endpoints]]\nname = \"real-1\"\n\
+         base_url = \"{}\"\nmodel = \"sim-model\"\napi_key = \"sk-test\"\nrpm = 6000\n\n\
+         [routes]\ndefault = \"real\"\n",
+        sim.base_url()
+    );
+    let dir = DevDir::new(&config);
+    let mut child = Command::new(BIN)
+        .current_dir(&dir.dir)
+        .args(["--config", "sluice.toml", "serve", "--embedded", "--data"])
+        .arg(dir.data())
+        .env("SLUICE_LOG", "warn")
+        .env("SLUICE_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = line.starts_with("api key: ");
+            printed.push(line);
+            if done {
+                return;
+            }
+        }
+        panic!("serve --embedded exited: {printed:?}");
+    })
+    .await
+    .expect("serve --embedded was not ready within 30 s");
+    assert!(
+        !printed.iter().any(|l| l.contains("simulator")),
+        "{printed:?}"
+    );
+    let api = printed[0]
+        .trim_start_matches("sluice api listening on ")
+        .to_owned();
+    let key = printed
+        .last()
+        .unwrap()
+        .trim_start_matches("api key: ")
+        .to_owned();
+    let dev = Dev { child, api, key };
+    let http = reqwest::Client::new();
+    let id = vec![dev.submit(&http, "through the real pool").await];
+    dev.wait_terminal(&http, &id, Duration::from_secs(30)).await;
+    let job = dev.job(&http, &id[0]).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["endpoint"], "real-1");
+    assert_eq!(sim.calls_for_job(&id[0]), 1);
+    dev.terminate().await;
+}
