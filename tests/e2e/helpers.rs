@@ -533,9 +533,7 @@ impl TestApp {
         }
         self.sim.shutdown();
         if let Some(file) = self.sqlite_file.take() {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
-            }
+            let _ = sluice_store::remove_sqlite_files(&file);
             let _ = std::fs::remove_file(&self.config_path);
             return;
         }

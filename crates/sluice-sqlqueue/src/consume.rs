@@ -12,7 +12,8 @@ use sluice_broker::{Acknowledge, BrokerError, Consumer, Delivery, JobRef, Lane};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
-use crate::{micros, timed, Backoff, Shared, SqlQueueError};
+use crate::{micros, timed, Shared, SqlQueueError};
+use sluice_broker::Backoff;
 
 /// Most messages one claim statement takes, however large the prefetch.
 const MAX_CLAIM: usize = 256;
@@ -192,7 +193,7 @@ impl ConsumeState {
             let rows = match claimed {
                 Ok(rows) => rows,
                 Err(e) => {
-                    self.pause = Some(self.backoff.next());
+                    self.pause = Some(self.backoff.next_delay());
                     return Err(self.consume_error(e));
                 }
             };

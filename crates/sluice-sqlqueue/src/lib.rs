@@ -152,28 +152,6 @@ async fn timed<T>(
     }
 }
 
-/// Exponential backoff for retrying after database trouble.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            next: Duration::from_millis(100),
-        }
-    }
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (delay * 2).min(Duration::from_secs(5));
-        delay
-    }
-}
-
 /// Lowercase SQL identifiers only, since DDL cannot take bind parameters.
 fn valid_identifier(name: &str) -> bool {
     !name.is_empty()

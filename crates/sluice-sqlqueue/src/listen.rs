@@ -15,7 +15,8 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::{Backoff, Wakers};
+use crate::Wakers;
+use sluice_broker::Backoff;
 
 /// How long `consume` waits for the first `LISTEN` before relying on the fallback poll.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,7 +53,7 @@ async fn run(pool: PgPool, channel: String, wakers: Arc<Wakers>, ready: oneshot:
             Ok(listener) => listener,
             Err(e) => {
                 warn!(%channel, error = %e, "cannot LISTEN; will retry");
-                tokio::time::sleep(backoff.next()).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
@@ -85,6 +86,6 @@ async fn run(pool: PgPool, channel: String, wakers: Arc<Wakers>, ready: oneshot:
             }
         }
         drop(listener);
-        tokio::time::sleep(backoff.next()).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -5,7 +5,7 @@
 //! Errors are returned, never panicked on; the `testing` module wraps this for tests.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Spawning again on another port covers a port taken between choosing and binding it.
 const START_ATTEMPTS: u32 = 3;
+
+/// The virtualenv `pyenv` (the repository's `scripts/pyenv.sh`) creates or updates: the
+/// script prints its path last.
+pub fn venv(pyenv: &Path) -> io::Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(pyenv)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run {}: {e}", pyenv.display())))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{} failed ({})",
+            pyenv.display(),
+            out.status
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(
+        stdout.lines().last().unwrap_or_default().trim(),
+    ))
+}
 
 /// A TCP port nothing listens on right now.
 pub fn free_port() -> io::Result<u16> {

@@ -6,7 +6,6 @@
 // Everything here panics on failure: it runs only inside tests, where a panic is the report.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use crate::SqsConfig;
@@ -16,16 +15,9 @@ use crate::SqsConfig;
 pub fn moto_python() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let script = scripts().join("pyenv.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
-        assert!(out.status.success(), "{} failed", script.display());
-        let venv = String::from_utf8_lossy(&out.stdout);
-        let venv = venv.lines().last().unwrap_or_default().trim();
-        PathBuf::from(venv).join("bin").join("python")
+        let venv = crate::moto::venv(&scripts().join("pyenv.sh"))
+            .unwrap_or_else(|e| panic!("no Python virtualenv for moto: {e}"));
+        venv.join("bin").join("python")
     })
 }
 

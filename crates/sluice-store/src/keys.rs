@@ -9,7 +9,6 @@ use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sluice_core::{Principal, Tier};
-use sqlx::Row;
 use uuid::Uuid;
 
 /// Every key starts with this, so secret scanners can spot a leaked one.
@@ -61,19 +60,26 @@ impl PgBackend {
         .bind(hash_key(key))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            let tier: String = r.try_get("tier")?;
-            Ok(Principal {
-                tenant: r.try_get("tenant")?,
-                user: r.try_get("user_id")?,
-                tier: tier
-                    .parse::<Tier>()
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                email: r.try_get("email")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(principal_from_row).transpose()
     }
+}
+
+/// A key's owner from an `api_keys` row (`tenant`, `user_id`, `tier`, `email`), on either
+/// database: the columns are plain text on both.
+pub(crate) fn principal_from_row<R: sqlx::Row>(r: &R) -> Result<Principal, StoreError>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'v> String: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+{
+    let tier: String = r.try_get("tier")?;
+    Ok(Principal {
+        tenant: r.try_get("tenant")?,
+        user: r.try_get("user_id")?,
+        tier: tier
+            .parse::<Tier>()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        email: r.try_get("email")?,
+    })
 }
 
 #[cfg(test)]

@@ -79,6 +79,23 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
+/// Delete a SQLite database file with its `-wal`, `-shm` and `-journal` companions. Missing
+/// files are fine; the first other error is returned after trying them all.
+pub fn remove_sqlite_files(path: &std::path::Path) -> std::io::Result<()> {
+    let mut first_error = None;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::remove_file(&file) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                first_error.get_or_insert(error);
+            }
+            _ => {}
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// Hide the password of a `scheme://user:password@host` URL.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -91,12 +91,8 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Scratch::File(path) = &self.scratch {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut file = path.clone().into_os_string();
-                file.push(suffix);
-                // Missing is fine (no WAL yet); anything else only leaves a temp file behind.
-                let _ = std::fs::remove_file(file);
-            }
+            // A failure only leaves a temp file behind.
+            let _ = crate::remove_sqlite_files(path);
         }
     }
 }

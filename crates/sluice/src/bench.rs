@@ -229,17 +229,9 @@ fn find_moto_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
     let script = Path::new("scripts/pyenv.sh");
     if script.is_file() {
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("cannot run {}", script.display()))?;
-        if !out.status.success() {
-            bail!("{} failed ({})", script.display(), out.status);
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let venv = stdout.lines().last().unwrap_or_default().trim();
-        let bin = Path::new(venv).join("bin").join("moto_server");
+        let bin = sluice_sqs::moto::venv(script)?
+            .join("bin")
+            .join("moto_server");
         if bin.is_file() {
             return Ok(bin);
         }
@@ -463,17 +455,8 @@ async fn cleanup_store(store: &Store, scratch: &Scratch) {
 }
 
 fn remove_sqlite_file(file: &Path) {
-    for suffix in ["", "-wal", "-shm", "-journal"] {
-        let mut path = file.as_os_str().to_owned();
-        path.push(suffix);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => eprintln!(
-                "warning: could not remove {}: {error}",
-                Path::new(&path).display()
-            ),
-        }
+    if let Err(error) = sluice_store::remove_sqlite_files(file) {
+        eprintln!("warning: could not remove {}: {error}", file.display());
     }
 }
 

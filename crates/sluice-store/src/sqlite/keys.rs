@@ -5,8 +5,7 @@ use super::{ts, SqliteBackend};
 use crate::keys::{hash_key, new_api_key, KEY_PREFIX};
 use crate::StoreError;
 use chrono::Utc;
-use sluice_core::{Principal, Tier};
-use sqlx::Row;
+use sluice_core::Principal;
 use uuid::Uuid;
 
 impl SqliteBackend {
@@ -40,17 +39,8 @@ impl SqliteBackend {
         .bind(hash_key(key))
         .fetch_optional(&self.read)
         .await?;
-        row.map(|r| {
-            let tier: String = r.try_get("tier")?;
-            Ok(Principal {
-                tenant: r.try_get("tenant")?,
-                user: r.try_get("user_id")?,
-                tier: tier
-                    .parse::<Tier>()
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                email: r.try_get("email")?,
-            })
-        })
-        .transpose()
+        row.as_ref()
+            .map(crate::keys::principal_from_row)
+            .transpose()
     }
 }
