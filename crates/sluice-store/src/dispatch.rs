@@ -1,7 +1,8 @@
 //! The public API of [`Store`]: every method here hands its call to the backend in use, so
 //! callers never know whether PostgreSQL or SQLite holds the state.
 
-use crate::jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};
+use crate::admission::{LaneStats, SemanticEntry, SettledFollowers};
+use crate::jobs::{Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse};
 use crate::lifecycle::{Claim, Completion, DeadJob, Failure};
 use crate::notifications::{Notification, NotificationRow, NotificationState};
 use crate::outbox::OutboxMessage;
@@ -30,7 +31,9 @@ impl Store {
     }
 
     /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
-    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<OutboxMessage>, StoreError> {
+    /// A job with a request hash identical to a job in flight of its tenant is stored as that
+    /// job's follower: it is not queued and takes the other's outcome.
+    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<Accepted>, StoreError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -116,6 +119,7 @@ impl Store {
                 attempt,
                 result: result.clone(),
                 endpoint: endpoint.to_owned(),
+                cost_usd: None,
             }])
             .await?;
         Ok(done.first().copied().unwrap_or(false))
@@ -333,5 +337,75 @@ impl Store {
     /// Seconds from the first claim to the last finish.
     pub async fn run_span(&self) -> Result<f64, StoreError> {
         dispatch!(self.run_span())
+    }
+}
+
+/// Admission: reused answers, lane load, spend and embeddings (see `admission`).
+impl Store {
+    /// The tenant's newest successful job with this request hash finished within `within`:
+    /// the exact cache's hit.
+    pub async fn reusable_answer(
+        &self,
+        tenant: &str,
+        request_hash: &[u8],
+        within: Duration,
+    ) -> Result<Option<RequestId>, StoreError> {
+        dispatch!(self.reusable_answer(tenant, request_hash, within))
+    }
+
+    /// Store `job` as succeeded at once with `source`'s answer (events, email and all);
+    /// `false`, writing nothing, unless `source` is a successful job of the same tenant.
+    pub async fn insert_answered(
+        &self,
+        job: &NewJob,
+        source: RequestId,
+        how: Reuse,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.insert_answered(job, source, how))
+    }
+
+    /// Give followers whose leader finished the leader's outcome, and queue on their own those
+    /// whose leader was cancelled. Completion settles followers of succeeded jobs itself; this
+    /// catches the rest and the race of a follower attached as its leader finished.
+    pub async fn settle_followers(&self, limit: i64) -> Result<SettledFollowers, StoreError> {
+        dispatch!(self.settle_followers(limit))
+    }
+
+    /// Per lane: queued jobs, the oldest one's arrival and first starts within `window`.
+    pub async fn lane_stats(&self, window: Duration) -> Result<Vec<LaneStats>, StoreError> {
+        dispatch!(self.lane_stats(window))
+    }
+
+    /// A queued job's place in its lane: 1 + the jobs accepted before it still queued there.
+    pub async fn queue_position(&self, lane: Lane, id: RequestId) -> Result<u64, StoreError> {
+        dispatch!(self.queue_position(lane, id))
+    }
+
+    /// The tenant's spend today (UTC) in US dollars.
+    pub async fn spent_today(&self, tenant: &str) -> Result<f64, StoreError> {
+        dispatch!(self.spent_today(tenant))
+    }
+
+    /// Remember a job's prompt embedding (little-endian f32s) for the semantic cache.
+    pub async fn put_semantic_entry(
+        &self,
+        job: RequestId,
+        tenant: &str,
+        model: &str,
+        embedding: &[u8],
+    ) -> Result<(), StoreError> {
+        dispatch!(self.put_semantic_entry(job, tenant, model, embedding))
+    }
+
+    /// Embeddings of the tenant's successful jobs for a model alias from the last `within`,
+    /// newest first, at most `limit`: the candidates of a semantic cache look-up.
+    pub async fn semantic_candidates(
+        &self,
+        tenant: &str,
+        model: &str,
+        within: Duration,
+        limit: i64,
+    ) -> Result<Vec<SemanticEntry>, StoreError> {
+        dispatch!(self.semantic_candidates(tenant, model, within, limit))
     }
 }

@@ -23,6 +23,12 @@ pub struct NewJob {
     /// Where the completion email goes; `None` sends none. Chosen at ingest (by tier or by
     /// the request), not taken from the key, so keys with an address need not mean email.
     pub notify_email: Option<String>,
+    /// Hash of tenant, model alias, messages and parameters: an identical job in flight takes
+    /// this one as a follower. `None` opts out of every reuse.
+    pub request_hash: Option<Vec<u8>>,
+    /// The route workers use instead of the request's model alias (e.g. `pool:small`), with
+    /// the reason admission chose it.
+    pub route: Option<(String, String)>,
 }
 
 impl NewJob {
@@ -35,7 +41,20 @@ impl NewJob {
             request,
             idempotency: None,
             notify_email: None,
+            request_hash: None,
+            route: None,
         }
+    }
+
+    /// What workers route by: the chosen route, else the request's model alias.
+    pub fn routing_key(&self) -> &str {
+        self.route
+            .as_ref()
+            .map_or(self.request.model.as_str(), |(route, _)| route.as_str())
+    }
+
+    pub(crate) fn route_reason(&self) -> Option<&str> {
+        self.route.as_ref().map(|(_, reason)| reason.as_str())
     }
 
     pub(crate) fn job_ref(&self) -> JobRef {
@@ -43,7 +62,7 @@ impl NewJob {
             waiting_since_ms: None,
             request_id: self.id,
             tenant: self.principal.tenant.clone(),
-            model: self.request.model.clone(),
+            model: self.routing_key().to_owned(),
             attempt: 0,
             tokens: self.request.estimated_tokens(),
             rate_limited: false,
@@ -60,6 +79,55 @@ pub enum Ingested {
     Existing(Box<JobRecord>),
     /// The idempotency key was used before with a different body.
     Conflict,
+}
+
+/// What the batched ingest did with one job.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Stored and queued; publish this message, then mark it published.
+    Queued(OutboxMessage),
+    /// Stored as a follower of an identical job in flight, which answers for both.
+    Attached { leader: RequestId },
+}
+
+impl Accepted {
+    /// The outbox message of a queued job; `None` for a follower.
+    pub fn into_queued(self) -> Option<OutboxMessage> {
+        match self {
+            Accepted::Queued(message) => Some(message),
+            Accepted::Attached { .. } => None,
+        }
+    }
+}
+
+/// How a job was answered without a provider call of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// An earlier identical job's answer (exact cache).
+    Exact,
+    /// An earlier job whose prompt meant the same (semantic cache).
+    Semantic,
+    /// The identical job this one was attached to while both were in flight.
+    Dedup,
+}
+
+impl Reuse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reuse::Exact => "exact",
+            Reuse::Semantic => "semantic",
+            Reuse::Dedup => "dedup",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<Reuse, StoreError> {
+        match s {
+            "exact" => Ok(Reuse::Exact),
+            "semantic" => Ok(Reuse::Semantic),
+            "dedup" => Ok(Reuse::Dedup),
+            other => Err(corrupt(format!("unknown cache kind {other:?}"))),
+        }
+    }
 }
 
 /// A job as clients see it.
@@ -82,6 +150,14 @@ pub struct JobRecord {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The identical job this one is attached to, if any.
+    pub leader: Option<RequestId>,
+    /// Set when the answer was reused instead of calling a provider.
+    pub cached: Option<Reuse>,
+    /// Why admission routed the job to the pool `model` names.
+    pub route_reason: Option<String>,
+    /// What the job's provider call cost in US dollars.
+    pub cost_usd: Option<f64>,
 }
 
 /// One entry of a job's event log.
@@ -104,7 +180,8 @@ pub enum CancelOutcome {
 
 pub(crate) const JOB_COLUMNS: &str =
     "id, tenant, user_id, tier, lane, model, state, attempt, tries, request, \
-     result, error, endpoint, created_at, updated_at, started_at, finished_at";
+     result, error, endpoint, created_at, updated_at, started_at, finished_at, leader, cached, \
+     route_reason, cost_usd";
 
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -137,6 +214,14 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
         updated_at: row.try_get("updated_at")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
+        leader: row.try_get::<Option<Uuid>, _>("leader")?.map(RequestId),
+        cached: row
+            .try_get::<Option<String>, _>("cached")?
+            .as_deref()
+            .map(Reuse::parse)
+            .transpose()?,
+        route_reason: row.try_get("route_reason")?,
+        cost_usd: row.try_get("cost_usd")?,
     })
 }
 
@@ -151,8 +236,8 @@ impl PgBackend {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                               state, idempotency_key, body_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10)
+                               state, idempotency_key, body_hash, request_hash, route_reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING id",
         )
@@ -161,11 +246,13 @@ impl PgBackend {
         .bind(&job.principal.user)
         .bind(job.principal.tier.as_str())
         .bind(job.lane.as_str())
-        .bind(&job.request.model)
+        .bind(job.routing_key())
         .bind(&request)
         .bind(&job.notify_email)
         .bind(key)
         .bind(hash)
+        .bind(&job.request_hash)
+        .bind(job.route_reason())
         .fetch_optional(&mut *tx)
         .await?;
 
@@ -208,10 +295,9 @@ impl PgBackend {
     }
 
     /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
-    pub(crate) async fn insert_jobs(
-        &self,
-        jobs: &[NewJob],
-    ) -> Result<Vec<OutboxMessage>, StoreError> {
+    /// A job identical to one in flight (same tenant and request hash) is stored as its
+    /// follower instead of being queued; the unique index on requests in flight decides.
+    pub(crate) async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<Accepted>, StoreError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -223,25 +309,36 @@ impl PgBackend {
         let mut models = Vec::with_capacity(jobs.len());
         let mut requests = Vec::with_capacity(jobs.len());
         let mut emails = Vec::with_capacity(jobs.len());
+        let mut hashes = Vec::with_capacity(jobs.len());
+        let mut reasons = Vec::with_capacity(jobs.len());
         for job in jobs {
             ids.push(job.id.0);
             tenants.push(job.principal.tenant.as_str());
             users.push(job.principal.user.as_str());
             tiers.push(job.principal.tier.as_str());
             lanes.push(job.lane.as_str());
-            models.push(job.request.model.as_str());
+            models.push(job.routing_key());
             requests.push(serde_json::to_string(&job.request).map_err(corrupt)?);
             emails.push(job.notify_email.as_deref());
+            hashes.push(job.request_hash.as_deref());
+            reasons.push(job.route_reason());
         }
+        let mut tx = self.pool.begin().await?;
+        // ON CONFLICT without a target: the only unique index these rows can meet is the one on
+        // requests in flight (ids are fresh, idempotency keys absent).
         let rows: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
             "WITH input AS (
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                      $6::text[], $7::text[], $8::text[])
-                     AS t(id, tenant, user_id, tier, lane, model, request, notify_email)
+                                      $6::text[], $7::text[], $8::text[], $9::bytea[], $10::text[])
+                     AS t(id, tenant, user_id, tier, lane, model, request, notify_email,
+                          request_hash, route_reason)
              ), j AS (
-                 INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email, state)
-                 SELECT id, tenant, user_id, tier, lane, model, request::jsonb, notify_email, 'queued'
+                 INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                                   state, request_hash, route_reason)
+                 SELECT id, tenant, user_id, tier, lane, model, request::jsonb, notify_email,
+                        'queued', request_hash, route_reason
                  FROM input
+                 ON CONFLICT DO NOTHING
                  RETURNING id, lane
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state) SELECT id, 1, 'queued' FROM j
@@ -258,25 +355,105 @@ impl PgBackend {
         .bind(&models)
         .bind(&requests)
         .bind(&emails)
-        .fetch_all(&self.pool)
+        .bind(&hashes)
+        .bind(&reasons)
+        .fetch_all(&mut *tx)
         .await?;
         let by_id: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> =
             rows.into_iter().map(|(o, j, at)| (j, (o, at))).collect();
-        jobs.iter()
-            .map(|job| {
-                let (outbox_id, deliver_at) = by_id
-                    .get(&job.id.0)
-                    .copied()
-                    .ok_or_else(|| corrupt(format!("job {} has no outbox row", job.id)))?;
-                Ok(OutboxMessage {
+        let mut accepted = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if let Some(&(outbox_id, deliver_at)) = by_id.get(&job.id.0) {
+                accepted.push(Accepted::Queued(OutboxMessage {
                     outbox_id,
                     lane: job.lane,
                     job: job.job_ref(),
                     deliver_at,
                     reason: None,
-                })
-            })
-            .collect()
+                }));
+                continue;
+            }
+            accepted.push(self.attach(&mut tx, job).await?);
+        }
+        tx.commit().await?;
+        Ok(accepted)
+    }
+
+    /// Store `job`, whose insert met an identical job in flight, as that job's follower. If
+    /// the one in flight finished meanwhile, queue `job` as a leader of its own after all.
+    async fn attach(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        job: &NewJob,
+    ) -> Result<Accepted, StoreError> {
+        let request = serde_json::to_value(&job.request).map_err(corrupt)?;
+        for _ in 0..3 {
+            let leader: Option<(Uuid,)> = sqlx::query_as(
+                "SELECT id FROM jobs
+                 WHERE tenant = $1 AND request_hash = $2 AND leader IS NULL
+                   AND idempotency_key IS NULL AND state IN ('queued', 'running', 'retrying')",
+            )
+            .bind(&job.principal.tenant)
+            .bind(&job.request_hash)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let inserted: Option<(Option<Uuid>,)> = sqlx::query_as(
+                "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                                   state, request_hash, route_reason, leader)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11)
+                 ON CONFLICT DO NOTHING
+                 RETURNING leader",
+            )
+            .bind(job.id.0)
+            .bind(&job.principal.tenant)
+            .bind(&job.principal.user)
+            .bind(job.principal.tier.as_str())
+            .bind(job.lane.as_str())
+            .bind(job.routing_key())
+            .bind(&request)
+            .bind(&job.notify_email)
+            .bind(&job.request_hash)
+            .bind(job.route_reason())
+            .bind(leader.map(|(id,)| id))
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some((leader,)) = inserted else {
+                // A new leader appeared between the look-up and the insert: look again.
+                continue;
+            };
+            let detail = leader.map(|id| serde_json::json!({ "attached_to": id }));
+            sqlx::query(
+                "INSERT INTO job_events (job_id, seq, state, detail) VALUES ($1, 1, 'queued', $2)",
+            )
+            .bind(job.id.0)
+            .bind(&detail)
+            .execute(&mut **tx)
+            .await?;
+            if let Some(leader) = leader {
+                return Ok(Accepted::Attached {
+                    leader: RequestId(leader),
+                });
+            }
+            let (outbox_id, deliver_at): (i64, DateTime<Utc>) = sqlx::query_as(
+                "INSERT INTO outbox (job_id, lane, attempt) VALUES ($1, $2, 0)
+                 RETURNING id, deliver_at",
+            )
+            .bind(job.id.0)
+            .bind(job.lane.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
+            return Ok(Accepted::Queued(OutboxMessage {
+                outbox_id,
+                lane: job.lane,
+                job: job.job_ref(),
+                deliver_at,
+                reason: None,
+            }));
+        }
+        Err(corrupt(format!(
+            "job {} could neither be queued nor attached to an identical job",
+            job.id
+        )))
     }
 
     /// A tenant's job; another tenant's id answers `None`, exactly like an unknown one.

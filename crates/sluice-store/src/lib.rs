@@ -7,6 +7,7 @@
 //! The shared types and the PostgreSQL statements live in the top-level modules, the SQLite
 //! statements in `sqlite/`, mirroring them file for file.
 
+mod admission;
 mod batch;
 mod dispatch;
 mod events;
@@ -22,9 +23,10 @@ mod stats;
 pub mod testing;
 mod writer;
 
+pub use admission::{LaneStats, SemanticEntry, SettledFollowers};
 pub use batch::Batcher;
 pub use events::OwnedEvent;
-pub use jobs::{CancelOutcome, Ingested, JobEvent, JobRecord, NewJob};
+pub use jobs::{Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse};
 pub use keys::{hash_key, new_api_key, KEY_PREFIX};
 pub use lifecycle::{Claim, Completion, DeadJob, Failure};
 pub use notifications::{Notification, NotificationRow, NotificationState};

@@ -44,6 +44,9 @@ pub struct Completion {
     pub attempt: i32,
     pub result: serde_json::Value,
     pub endpoint: String,
+    /// What the call cost in US dollars (usage times the endpoint's price), added to the
+    /// tenant's spend of the day; `None` when the endpoint has no price.
+    pub cost_usd: Option<f64>,
 }
 
 /// Why an attempt failed, stored on the job and in its event.
@@ -145,25 +148,50 @@ impl PgBackend {
         let attempts: Vec<i32> = done.iter().map(|c| c.attempt).collect();
         let results: Vec<String> = done.iter().map(|c| c.result.to_string()).collect();
         let endpoints: Vec<&str> = done.iter().map(|c| c.endpoint.as_str()).collect();
+        let costs: Vec<Option<f64>> = done.iter().map(|c| c.cost_usd).collect();
         let completed: Vec<(Uuid, i32)> = sqlx::query_as(
             "WITH input AS (
-                 SELECT DISTINCT ON (id, attempt) id, attempt, result, endpoint
-                 FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[])
-                     AS t(id, attempt, result, endpoint)
+                 SELECT DISTINCT ON (id, attempt) id, attempt, result, endpoint, cost
+                 FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::float8[])
+                     AS t(id, attempt, result, endpoint, cost)
                  ORDER BY id, attempt
              ), j AS (
                  UPDATE jobs SET state = 'succeeded', result = input.result::jsonb,
                                  endpoint = input.endpoint, error = NULL, lease_until = NULL,
+                                 cost_usd = input.cost,
                                  finished_at = now(), updated_at = now(), event_seq = event_seq + 1
                  FROM input
                  WHERE jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = 'running'
-                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.notify_email
+                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.notify_email, jobs.tenant,
+                           jobs.cost_usd, jobs.result, jobs.endpoint
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'succeeded' FROM j
              ), n AS (
                  -- The completion email, in the same statement: queued exactly when the job ends.
                  INSERT INTO notifications (job_id, email)
                  SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL
+                 ON CONFLICT (job_id) DO NOTHING
+             ), spend AS (
+                 INSERT INTO tenant_spend AS s (tenant, day, usd)
+                 SELECT tenant, (now() AT TIME ZONE 'UTC')::date, sum(cost_usd) FROM j
+                 WHERE cost_usd IS NOT NULL GROUP BY tenant
+                 ON CONFLICT (tenant, day) DO UPDATE SET usd = s.usd + EXCLUDED.usd
+             ), f AS (
+                 -- Jobs attached to these take the same answer, without a call of their own.
+                 UPDATE jobs SET state = 'succeeded', result = j.result, endpoint = j.endpoint,
+                                 cached = 'dedup', cost_usd = 0, started_at = now(),
+                                 finished_at = now(), updated_at = now(),
+                                 event_seq = jobs.event_seq + 1
+                 FROM j WHERE jobs.leader = j.id AND jobs.state = 'queued'
+                 RETURNING jobs.id, jobs.event_seq, jobs.notify_email, j.id AS leader
+             ), fe AS (
+                 INSERT INTO job_events (job_id, seq, state, detail)
+                 SELECT id, event_seq, 'succeeded',
+                        jsonb_build_object('cached', 'dedup', 'source', leader)
+                 FROM f
+             ), fn AS (
+                 INSERT INTO notifications (job_id, email)
+                 SELECT id, notify_email FROM f WHERE notify_email IS NOT NULL
                  ON CONFLICT (job_id) DO NOTHING
              )
              SELECT id, attempt FROM j",
@@ -172,6 +200,7 @@ impl PgBackend {
         .bind(&attempts)
         .bind(&results)
         .bind(&endpoints)
+        .bind(&costs)
         .fetch_all(&self.pool)
         .await?;
         let mut completed: std::collections::HashSet<(Uuid, i32)> = completed.into_iter().collect();
@@ -304,7 +333,9 @@ impl PgBackend {
         let row = sqlx::query(
             "WITH j AS (
                  UPDATE jobs SET state = 'queued', tries = 0, lease_until = NULL, finished_at = NULL,
-                                 updated_at = now(), event_seq = event_seq + 1
+                                 updated_at = now(), event_seq = event_seq + 1,
+                                 -- A replayed job runs alone: it may not lead identical ones.
+                                 request_hash = NULL
                  WHERE id = $1 AND state = 'dead'
                  RETURNING id, event_seq, attempt, lane, tenant, model, request
              ), e AS (

@@ -2,15 +2,14 @@
 //! (one statement on PostgreSQL, a few short inserts per job under the write lock on SQLite).
 
 use crate::batch::Batcher;
-use crate::jobs::NewJob;
-use crate::outbox::OutboxMessage;
+use crate::jobs::{Accepted, NewJob};
 use crate::{Store, StoreError};
 use std::sync::Arc;
 
 /// Front of the batched ingest path; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct JobWriter {
-    batcher: Batcher<NewJob, OutboxMessage>,
+    batcher: Batcher<NewJob, Accepted>,
 }
 
 impl JobWriter {
@@ -23,8 +22,9 @@ impl JobWriter {
         JobWriter { batcher }
     }
 
-    /// Store one job (batched with concurrent callers); returns its outbox message once committed.
-    pub async fn insert(&self, job: NewJob) -> Result<OutboxMessage, Arc<StoreError>> {
+    /// Store one job (batched with concurrent callers) once committed: queued with its outbox
+    /// message, or attached to an identical job in flight.
+    pub async fn insert(&self, job: NewJob) -> Result<Accepted, Arc<StoreError>> {
         self.batcher.call(job).await
     }
 }

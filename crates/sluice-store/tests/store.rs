@@ -6,7 +6,7 @@
 use sha2::{Digest, Sha256};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
 use sluice_store::testing::TestDb;
-use sluice_store::{CancelOutcome, Failure, Ingested, JobWriter, NewJob};
+use sluice_store::{Accepted, CancelOutcome, Failure, Ingested, JobWriter, NewJob, Reuse};
 use std::time::Duration;
 
 fn principal(tenant: &str) -> Principal {
@@ -77,6 +77,11 @@ on_both_backends!(
     events_younger_than_the_settle_time_are_held_back_with_all_that_follow,
     mailers_claim_due_notifications_once_and_record_the_outcome,
     stats_summarise_finished_jobs,
+    identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer,
+    a_reusable_answer_completes_a_job_at_once_within_its_tenant_only,
+    followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone,
+    lane_stats_and_positions_count_queued_leaders,
+    semantic_candidates_are_the_tenants_recent_successes,
 );
 
 /// The stored hash and prefix of the only API key, by raw SQL on either backend.
@@ -192,7 +197,7 @@ async fn batched_writer_stores_every_job(db: TestDb) {
         tasks.push(tokio::spawn(async move {
             let job = new_job("acme", &format!("job {n}"));
             let id = job.id;
-            let msg = writer.insert(job).await.unwrap();
+            let msg = writer.insert(job).await.unwrap().into_queued().unwrap();
             assert_eq!(msg.job.request_id, id);
             id
         }));
@@ -484,6 +489,7 @@ async fn batched_claims_and_completions_answer_each_caller_once(db: TestDb) {
         attempt,
         result: serde_json::json!({"content": id.to_string()}),
         endpoint: "e1".into(),
+        cost_usd: None,
     };
     let answers = db
         .store
@@ -572,6 +578,7 @@ async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_compl
             attempt: claim.attempt,
             result,
             endpoint: "e2".into(),
+            cost_usd: None,
         }])
         .await
         .unwrap();
@@ -705,7 +712,12 @@ async fn jobs_without_an_email_queue_no_notification_however_they_end(db: TestDb
     let mut batched = new_job("acme", "batched");
     batched.notify_email = Some("fi@example.com".into());
     let writer = JobWriter::spawn(db.store.clone(), 1, 8);
-    let msg = writer.insert(batched.clone()).await.unwrap();
+    let msg = writer
+        .insert(batched.clone())
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
     let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
     assert!(db
         .store
@@ -929,7 +941,12 @@ mod sqlite_only {
                         job.idempotency = Some((format!("k{producer}-{n}"), vec![1]));
                         created(store.insert_job(&job).await.unwrap())
                     } else {
-                        writer.insert(job.clone()).await.unwrap()
+                        writer
+                            .insert(job.clone())
+                            .await
+                            .unwrap()
+                            .into_queued()
+                            .unwrap()
                     };
                     // A poll right after the 202, as a client would.
                     assert!(store.get_job("acme", job.id).await.unwrap().is_some());
@@ -964,6 +981,7 @@ mod sqlite_only {
                             attempt,
                             result: serde_json::json!({"content": "ok"}),
                             endpoint: "e1".into(),
+                            cost_usd: None,
                         })
                         .collect();
                     let answers = store.complete_many(&completions).await.unwrap();
@@ -1135,4 +1153,340 @@ mod sqlite_only {
         assert!(db.store.ping().await);
         db.drop().await;
     }
+}
+
+fn hashed_job(tenant: &str, text: &str) -> NewJob {
+    let mut job = new_job(tenant, text);
+    job.request_hash = Some(Sha256::digest(text.as_bytes()).to_vec());
+    job
+}
+
+async fn complete_with(db: &TestDb, message: &sluice_store::OutboxMessage, content: &str) {
+    let claim = db.store.claim(&message.job, LEASE).await.unwrap().unwrap();
+    let done = db
+        .store
+        .complete_many(&[sluice_store::Completion {
+            id: claim.id,
+            attempt: claim.attempt,
+            result: serde_json::json!({ "content": content }),
+            endpoint: "e1".into(),
+            cost_usd: Some(0.25),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(done, [true]);
+}
+
+async fn identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer(db: TestDb) {
+    let writer = JobWriter::spawn(db.store.clone(), 2, 8);
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let writer = writer.clone();
+        // The same request from two tenants: each tenant gets its own leader.
+        let tenant = if n % 10 == 9 { "other" } else { "acme" };
+        let job = hashed_job(tenant, "same question");
+        tasks.push(tokio::spawn(async move {
+            (job.id, tenant, writer.insert(job).await.unwrap())
+        }));
+    }
+    let mut leaders = std::collections::HashMap::new();
+    let mut followers = Vec::new();
+    for task in tasks {
+        let (id, tenant, accepted) = task.await.unwrap();
+        match accepted {
+            Accepted::Queued(message) => {
+                assert!(
+                    leaders.insert(tenant, message).is_none(),
+                    "two leaders in {tenant}"
+                );
+            }
+            Accepted::Attached { leader } => followers.push((id, tenant, leader)),
+        }
+    }
+    assert_eq!(leaders.len(), 2, "one leader per tenant");
+    assert_eq!(followers.len(), 18);
+    for (_, tenant, leader) in &followers {
+        assert_eq!(
+            *leader, leaders[tenant].job.request_id,
+            "followers stay in their tenant"
+        );
+    }
+    // Jobs that opted out of reuse never attach.
+    let alone = writer
+        .insert(new_job("acme", "same question"))
+        .await
+        .unwrap();
+    assert!(matches!(alone, Accepted::Queued(_)));
+
+    complete_with(&db, &leaders["acme"], "the answer").await;
+    for (id, tenant, _) in followers.iter().filter(|(_, t, _)| *t == "acme") {
+        let job = db.store.get_job(tenant, *id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Succeeded);
+        assert_eq!(job.result.unwrap()["content"], "the answer");
+        assert_eq!(job.cached, Some(Reuse::Dedup));
+        assert_eq!(job.cost_usd, Some(0.0));
+        let events = db.store.events(*id).await.unwrap();
+        let states: Vec<JobState> = events.iter().map(|e| e.state).collect();
+        assert_eq!(states, [JobState::Queued, JobState::Succeeded]);
+        assert_eq!(
+            events[0].detail.as_ref().unwrap()["attached_to"],
+            leaders["acme"].job.request_id.to_string()
+        );
+    }
+    // The other tenant's followers still wait for their own leader.
+    for (id, tenant, _) in followers.iter().filter(|(_, t, _)| *t == "other") {
+        assert_eq!(
+            db.store.get_job(tenant, *id).await.unwrap().unwrap().state,
+            JobState::Queued
+        );
+    }
+    assert_eq!(db.store.spent_today("acme").await.unwrap(), 0.25);
+    assert_eq!(db.store.spent_today("other").await.unwrap(), 0.0);
+    // Once the leader finished, an identical job leads again.
+    let next = writer
+        .insert(hashed_job("acme", "same question"))
+        .await
+        .unwrap();
+    assert!(matches!(next, Accepted::Queued(_)), "{next:?}");
+}
+
+async fn a_reusable_answer_completes_a_job_at_once_within_its_tenant_only(db: TestDb) {
+    let source = hashed_job("acme", "cache me");
+    let hash = source.request_hash.clone().unwrap();
+    let message = created(db.store.insert_job(&source).await.unwrap());
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        db.store.reusable_answer("acme", &hash, hour).await.unwrap(),
+        None,
+        "not done yet"
+    );
+    complete_with(&db, &message, "cached words").await;
+    assert_eq!(
+        db.store.reusable_answer("acme", &hash, hour).await.unwrap(),
+        Some(source.id)
+    );
+    assert_eq!(
+        db.store
+            .reusable_answer("other", &hash, hour)
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        db.store
+            .reusable_answer("acme", &hash, Duration::from_millis(5))
+            .await
+            .unwrap(),
+        None,
+        "too old for the window"
+    );
+
+    let outbox_before = db.store.outbox_len().await.unwrap();
+    let mut hit = hashed_job("acme", "cache me");
+    hit.notify_email = Some("ada@example.com".into());
+    assert!(db
+        .store
+        .insert_answered(&hit, source.id, Reuse::Exact)
+        .await
+        .unwrap());
+    let job = db.store.get_job("acme", hit.id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.result.unwrap()["content"], "cached words");
+    assert_eq!(job.cached, Some(Reuse::Exact));
+    assert_eq!(job.cost_usd, Some(0.0));
+    let states: Vec<JobState> = db
+        .store
+        .events(hit.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.state)
+        .collect();
+    assert_eq!(states, [JobState::Queued, JobState::Succeeded]);
+    assert_pending_email(&db, hit.id, "ada@example.com").await;
+    assert_eq!(
+        db.store.outbox_len().await.unwrap(),
+        0,
+        "an answered job is not queued"
+    );
+
+    // Another tenant cannot borrow the answer, even knowing its id.
+    let stranger = hashed_job("other", "cache me");
+    assert!(!db
+        .store
+        .insert_answered(&stranger, source.id, Reuse::Exact)
+        .await
+        .unwrap());
+    assert!(
+        db.store.job(stranger.id).await.unwrap().is_none(),
+        "nothing written"
+    );
+}
+
+async fn followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone(db: TestDb) {
+    let writer = JobWriter::spawn(db.store.clone(), 1, 8);
+    let leader = writer
+        .insert(hashed_job("acme", "doomed"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    let follower = hashed_job("acme", "doomed");
+    let follower_id = follower.id;
+    assert!(matches!(
+        writer.insert(follower).await.unwrap(),
+        Accepted::Attached { .. }
+    ));
+    let claim = db.store.claim(&leader.job, LEASE).await.unwrap().unwrap();
+    let failure = Failure {
+        error: "provider said 400".into(),
+        endpoint: Some("e1".into()),
+        throttled: false,
+    };
+    db.store
+        .dead_letter(claim.id, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    let settled = db.store.settle_followers(100).await.unwrap();
+    assert_eq!(settled.finished, [(follower_id, "acme".to_owned())]);
+    assert!(settled.released.is_empty());
+    let job = db.store.job(follower_id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Dead);
+    let error = job.error.unwrap();
+    assert!(
+        error.contains(&leader.job.request_id.to_string()) && error.contains("provider said 400"),
+        "{error}"
+    );
+    assert!(
+        db.store
+            .settle_followers(100)
+            .await
+            .unwrap()
+            .finished
+            .is_empty(),
+        "settled once"
+    );
+
+    let leader = writer
+        .insert(hashed_job("acme", "changed my mind"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    let follower = hashed_job("acme", "changed my mind");
+    let follower_id = follower.id;
+    assert!(matches!(
+        writer.insert(follower).await.unwrap(),
+        Accepted::Attached { .. }
+    ));
+    assert_eq!(
+        db.store
+            .cancel("acme", leader.job.request_id)
+            .await
+            .unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let settled = db.store.settle_followers(100).await.unwrap();
+    assert!(settled.finished.is_empty());
+    assert_eq!(settled.released.len(), 1);
+    assert_eq!(settled.released[0].job.request_id, follower_id);
+    let job = db.store.job(follower_id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.leader), (JobState::Queued, None));
+    // The released job runs like any other.
+    complete_with(&db, &settled.released[0], "ran alone").await;
+}
+
+async fn lane_stats_and_positions_count_queued_leaders(db: TestDb) {
+    let writer = JobWriter::spawn(db.store.clone(), 1, 8);
+    let mut priority = Vec::new();
+    for n in 0..3 {
+        priority.push(
+            writer
+                .insert(new_job("acme", &format!("p{n}")))
+                .await
+                .unwrap()
+                .into_queued()
+                .unwrap(),
+        );
+    }
+    let mut batch = new_job("acme", "b0");
+    batch.lane = Lane::Batch;
+    writer.insert(batch).await.unwrap();
+    // A follower waits in no lane.
+    writer.insert(hashed_job("acme", "lead")).await.unwrap();
+    assert!(matches!(
+        writer.insert(hashed_job("acme", "lead")).await.unwrap(),
+        Accepted::Attached { .. }
+    ));
+    for (n, message) in priority.iter().enumerate() {
+        let position = db
+            .store
+            .queue_position(Lane::Priority, message.job.request_id)
+            .await
+            .unwrap();
+        assert_eq!(position, n as u64 + 1);
+    }
+    db.store
+        .claim(&priority[0].job, LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let stats = db.store.lane_stats(Duration::from_secs(60)).await.unwrap();
+    let of = |lane| stats.iter().find(|s| s.lane == lane).cloned().unwrap();
+    assert_eq!(
+        (of(Lane::Priority).depth, of(Lane::Priority).started),
+        (3, 1),
+        "{stats:?}"
+    );
+    assert_eq!((of(Lane::Batch).depth, of(Lane::Batch).started), (1, 0));
+    assert!(of(Lane::Priority).oldest.is_some());
+    assert_eq!(
+        db.store
+            .queue_position(Lane::Priority, priority[2].job.request_id)
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+async fn semantic_candidates_are_the_tenants_recent_successes(db: TestDb) {
+    let done = created(db.store.insert_job(&new_job("acme", "one")).await.unwrap());
+    let pending = created(db.store.insert_job(&new_job("acme", "two")).await.unwrap());
+    complete_with(&db, &done, "answer one").await;
+    let vector = sluice_core_vector(&[1.0, 0.0]);
+    for (message, tenant) in [(&done, "acme"), (&pending, "acme")] {
+        db.store
+            .put_semantic_entry(message.job.request_id, tenant, "default", &vector)
+            .await
+            .unwrap();
+    }
+    let hour = Duration::from_secs(3600);
+    let found = db
+        .store
+        .semantic_candidates("acme", "default", hour, 10)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1, "only finished successes answer");
+    assert_eq!(
+        (found[0].job, found[0].embedding.clone()),
+        (done.job.request_id, vector)
+    );
+    assert!(db
+        .store
+        .semantic_candidates("other", "default", hour, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(db
+        .store
+        .semantic_candidates("acme", "auto", hour, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+fn sluice_core_vector(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

@@ -3,7 +3,8 @@
 
 use super::{parse_json, parse_ts, ts, SqliteBackend};
 use crate::jobs::{
-    corrupt, parse_lane, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, JOB_COLUMNS,
+    corrupt, parse_lane, Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse,
+    JOB_COLUMNS,
 };
 use crate::outbox::OutboxMessage;
 use crate::StoreError;
@@ -59,6 +60,16 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
         updated_at: req_ts(row, "updated_at")?,
         started_at: opt_ts(row, "started_at")?,
         finished_at: opt_ts(row, "finished_at")?,
+        leader: row
+            .try_get::<Option<uuid::Uuid>, _>("leader")?
+            .map(RequestId),
+        cached: row
+            .try_get::<Option<String>, _>("cached")?
+            .as_deref()
+            .map(Reuse::parse)
+            .transpose()?,
+        route_reason: row.try_get("route_reason")?,
+        cost_usd: row.try_get("cost_usd")?,
     })
 }
 
@@ -108,24 +119,42 @@ pub(super) async fn insert_event(
 
 impl SqliteBackend {
     /// Insert a new job's row, its `queued` event and its outbox row; `None` when the
-    /// idempotency key was already used in the tenant (nothing is written then).
+    /// idempotency key was already used in the tenant (nothing is written then). A job with a
+    /// request hash identical to a job in flight is stored as that job's follower instead.
     async fn insert_new(
         tx: &mut Transaction<'static, Sqlite>,
         job: &NewJob,
         idempotency: Option<&(String, Vec<u8>)>,
-    ) -> Result<Option<OutboxMessage>, StoreError> {
+    ) -> Result<Option<Accepted>, StoreError> {
         let request = serde_json::to_string(&job.request).map_err(corrupt)?;
         let (key, hash) = match idempotency {
             Some((k, h)) => (Some(k.as_str()), Some(h.as_slice())),
             None => (None, None),
         };
+        // One writer at a time: the leader found here cannot change before the insert.
+        let leader: Option<(uuid::Uuid,)> = match (&job.request_hash, key) {
+            (Some(request_hash), None) => {
+                sqlx::query_as(
+                    "SELECT id FROM jobs
+                     WHERE tenant = ?1 AND request_hash = ?2 AND leader IS NULL
+                       AND idempotency_key IS NULL AND state IN ('queued', 'running', 'retrying')",
+                )
+                .bind(&job.principal.tenant)
+                .bind(request_hash)
+                .fetch_optional(&mut **tx)
+                .await?
+            }
+            _ => None,
+        };
+        let leader = leader.map(|(id,)| id);
         // Taken inside the transaction, after the write lock: times follow commit order.
         let now = Utc::now();
         let at = ts(now);
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                               state, idempotency_key, body_hash, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10, ?11, ?11)
+                               state, idempotency_key, body_hash, created_at, updated_at,
+                               request_hash, route_reason, leader)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10, ?11, ?11, ?12, ?13, ?14)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING id",
         )
@@ -134,16 +163,26 @@ impl SqliteBackend {
         .bind(&job.principal.user)
         .bind(job.principal.tier.as_str())
         .bind(job.lane.as_str())
-        .bind(&job.request.model)
+        .bind(job.routing_key())
         .bind(&request)
         .bind(&job.notify_email)
         .bind(key)
         .bind(hash)
         .bind(&at)
+        .bind(&job.request_hash)
+        .bind(job.route_reason())
+        .bind(leader)
         .fetch_optional(&mut **tx)
         .await?;
         if inserted.is_none() {
             return Ok(None);
+        }
+        if let Some(leader) = leader {
+            let detail = serde_json::json!({ "attached_to": leader });
+            insert_event(tx, job.id.0, 1, "queued", Some(&detail), &at).await?;
+            return Ok(Some(Accepted::Attached {
+                leader: RequestId(leader),
+            }));
         }
         insert_event(tx, job.id.0, 1, "queued", None, &at).await?;
         let (outbox_id,): (i64,) = sqlx::query_as(
@@ -155,19 +194,22 @@ impl SqliteBackend {
         .bind(&at)
         .fetch_one(&mut **tx)
         .await?;
-        Ok(Some(OutboxMessage {
+        Ok(Some(Accepted::Queued(OutboxMessage {
             outbox_id,
             lane: job.lane,
             job: job.job_ref(),
             deliver_at: parse_ts(&at)?,
             reason: None,
-        }))
+        })))
     }
 
     pub(crate) async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
         let mut tx = self.begin_write().await?;
-        if let Some(message) = Self::insert_new(&mut tx, job, job.idempotency.as_ref()).await? {
+        if let Some(accepted) = Self::insert_new(&mut tx, job, job.idempotency.as_ref()).await? {
             tx.commit().await?;
+            let message = accepted
+                .into_queued()
+                .ok_or_else(|| corrupt("a job with an idempotency key was attached"))?;
             return Ok(Ingested::Created(message));
         }
         // The key was used before; read that job while still holding the lock, then let go.
@@ -191,10 +233,7 @@ impl SqliteBackend {
 
     /// Jobs without idempotency keys: one transaction of three short inserts per job, which
     /// in-process SQLite runs in microseconds each; any failure stores none of the batch.
-    pub(crate) async fn insert_jobs(
-        &self,
-        jobs: &[NewJob],
-    ) -> Result<Vec<OutboxMessage>, StoreError> {
+    pub(crate) async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<Accepted>, StoreError> {
         let mut tx = self.begin_write().await?;
         let mut messages = Vec::with_capacity(jobs.len());
         for job in jobs {

@@ -14,13 +14,13 @@ use sqlx::{Row, Sqlite, Transaction};
 use std::time::Duration;
 use uuid::Uuid;
 
-fn request_of(row: &SqliteRow) -> Result<JobRequest, StoreError> {
+pub(super) fn request_of(row: &SqliteRow) -> Result<JobRequest, StoreError> {
     let request: String = row.try_get("request")?;
     serde_json::from_str(&request).map_err(corrupt)
 }
 
 /// Queue a lane message for a job in the transaction changing its state.
-async fn insert_outbox(
+pub(super) async fn insert_outbox(
     tx: &mut Transaction<'static, Sqlite>,
     job_id: Uuid,
     lane: &str,
@@ -130,25 +130,56 @@ impl SqliteBackend {
         let now = ts(Utc::now());
         let mut answers = Vec::with_capacity(done.len());
         for c in done {
-            let row: Option<(i32, Option<String>)> = sqlx::query_as(
+            let row: Option<(i32, Option<String>, String)> = sqlx::query_as(
                 "UPDATE jobs SET state = 'succeeded', result = ?3, endpoint = ?4, error = NULL,
                                  lease_until = NULL, finished_at = ?5, updated_at = ?5,
-                                 event_seq = event_seq + 1
+                                 cost_usd = ?6, event_seq = event_seq + 1
                  WHERE id = ?1 AND attempt = ?2 AND state = 'running'
-                 RETURNING event_seq, notify_email",
+                 RETURNING event_seq, notify_email, tenant",
             )
             .bind(c.id.0)
             .bind(c.attempt)
             .bind(c.result.to_string())
             .bind(&c.endpoint)
             .bind(&now)
+            .bind(c.cost_usd)
             .fetch_optional(&mut *tx)
             .await?;
             let completed = row.is_some();
-            if let Some((seq, email)) = row {
+            if let Some((seq, email, tenant)) = row {
                 insert_event(&mut tx, c.id.0, seq, "succeeded", None, &now).await?;
                 // The completion email, in the same transaction: queued exactly when the job ends.
                 queue_notification(&mut tx, c.id.0, email.as_deref(), &now).await?;
+                if let Some(cost) = c.cost_usd {
+                    sqlx::query(
+                        "INSERT INTO tenant_spend (tenant, day, usd) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (tenant, day) DO UPDATE SET usd = usd + excluded.usd",
+                    )
+                    .bind(&tenant)
+                    .bind(&now[..10])
+                    .bind(cost)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                // Jobs attached to this one take the same answer, without a call of their own.
+                let followers: Vec<(uuid::Uuid, i32, Option<String>)> = sqlx::query_as(
+                    "UPDATE jobs SET state = 'succeeded', result = ?2, endpoint = ?3,
+                                     cached = 'dedup', cost_usd = 0, started_at = ?4,
+                                     finished_at = ?4, updated_at = ?4, event_seq = event_seq + 1
+                     WHERE leader = ?1 AND state = 'queued'
+                     RETURNING id, event_seq, notify_email",
+                )
+                .bind(c.id.0)
+                .bind(c.result.to_string())
+                .bind(&c.endpoint)
+                .bind(&now)
+                .fetch_all(&mut *tx)
+                .await?;
+                let detail = serde_json::json!({ "cached": "dedup", "source": c.id });
+                for (id, seq, email) in followers {
+                    insert_event(&mut tx, id, seq, "succeeded", Some(&detail), &now).await?;
+                    queue_notification(&mut tx, id, email.as_deref(), &now).await?;
+                }
             }
             answers.push(completed);
         }
@@ -311,7 +342,7 @@ impl SqliteBackend {
         let now = ts(Utc::now());
         let row = sqlx::query(
             "UPDATE jobs SET state = 'queued', tries = 0, lease_until = NULL, finished_at = NULL,
-                             updated_at = ?2, event_seq = event_seq + 1
+                             updated_at = ?2, event_seq = event_seq + 1, request_hash = NULL
              WHERE id = ?1 AND state = 'dead'
              RETURNING event_seq, attempt, lane, tenant, model, request",
         )

@@ -7,6 +7,7 @@
 //! busy timeout for another process) and holds it only for a few short statements. Reads use
 //! their own pool: in WAL mode they never wait for the writer.
 
+mod admission;
 mod events;
 mod jobs;
 mod keys;

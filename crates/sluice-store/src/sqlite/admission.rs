@@ -1,0 +1,293 @@
+//! SQLite statements for admission, mirroring `crate::admission`: reused answers, followers,
+//! lane load, spend and embeddings. One writer at a time makes the follower checks race-free.
+
+use super::jobs::{insert_event, queue_notification};
+use super::lifecycle::{insert_outbox, request_of};
+use super::{parse_ts, ts, ts_before, SqliteBackend};
+use crate::admission::{LaneStats, SemanticEntry, SettledFollowers};
+use crate::jobs::{corrupt, parse_lane, NewJob, Reuse};
+use crate::outbox::OutboxMessage;
+use crate::StoreError;
+use chrono::Utc;
+use sluice_core::{JobRef, Lane, RequestId};
+use sqlx::Row;
+use std::time::Duration;
+use uuid::Uuid;
+
+impl SqliteBackend {
+    pub(crate) async fn reusable_answer(
+        &self,
+        tenant: &str,
+        request_hash: &[u8],
+        within: Duration,
+    ) -> Result<Option<RequestId>, StoreError> {
+        let row: Option<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM jobs
+             WHERE tenant = ?1 AND request_hash = ?2 AND state = 'succeeded' AND leader IS NULL
+               AND finished_at > ?3
+             ORDER BY finished_at DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(request_hash)
+        .bind(ts_before(Utc::now(), within))
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|(id,)| RequestId(id)))
+    }
+
+    pub(crate) async fn insert_answered(
+        &self,
+        job: &NewJob,
+        source: RequestId,
+        how: Reuse,
+    ) -> Result<bool, StoreError> {
+        let request = serde_json::to_string(&job.request).map_err(corrupt)?;
+        let mut tx = self.begin_write().await?;
+        let at = ts(Utc::now());
+        let inserted: Option<(Option<String>,)> = sqlx::query_as(
+            "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                               state, request_hash, route_reason, result, endpoint, cached,
+                               cost_usd, event_seq, created_at, updated_at, started_at,
+                               finished_at)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'succeeded', ?9, ?11, result, endpoint, ?12,
+                    0, 2, ?13, ?13, ?13, ?13
+             FROM jobs WHERE id = ?10 AND tenant = ?2 AND state = 'succeeded'
+             RETURNING notify_email",
+        )
+        .bind(job.id.0)
+        .bind(&job.principal.tenant)
+        .bind(&job.principal.user)
+        .bind(job.principal.tier.as_str())
+        .bind(job.lane.as_str())
+        .bind(job.routing_key())
+        .bind(&request)
+        .bind(&job.notify_email)
+        .bind(&job.request_hash)
+        .bind(source.0)
+        .bind(job.route_reason())
+        .bind(how.as_str())
+        .bind(&at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((email,)) = inserted else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        let detail = serde_json::json!({ "cached": how.as_str(), "source": source });
+        insert_event(&mut tx, job.id.0, 1, "queued", None, &at).await?;
+        insert_event(&mut tx, job.id.0, 2, "succeeded", Some(&detail), &at).await?;
+        queue_notification(&mut tx, job.id.0, email.as_deref(), &at).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(crate) async fn settle_followers(
+        &self,
+        limit: i64,
+    ) -> Result<SettledFollowers, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let at = ts(Utc::now());
+        let rows = sqlx::query(
+            "SELECT f.id, f.tenant, f.notify_email, f.attempt, f.lane, f.model, f.request,
+                    l.id AS leader, l.state AS leader_state, l.result, l.error, l.endpoint
+             FROM jobs f LEFT JOIN jobs l ON l.id = f.leader
+             WHERE f.leader IS NOT NULL AND f.state = 'queued'
+               AND (l.id IS NULL OR l.state IN ('succeeded', 'failed', 'dead', 'cancelled'))
+             ORDER BY f.id LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut settled = SettledFollowers::default();
+        for r in &rows {
+            let id: Uuid = r.try_get("id")?;
+            let tenant: String = r.try_get("tenant")?;
+            let leader: Option<Uuid> = r.try_get("leader")?;
+            let leader_state: Option<String> = r.try_get("leader_state")?;
+            match (leader, leader_state.as_deref()) {
+                (Some(leader), Some(state @ ("succeeded" | "failed" | "dead"))) => {
+                    let error: Option<String> = r.try_get("error")?;
+                    let error = (state != "succeeded").then(|| {
+                        format!(
+                            "the identical job {leader} this one was attached to ended {state}: {}",
+                            error.unwrap_or_default()
+                        )
+                    });
+                    let (seq,): (i32,) = sqlx::query_as(
+                        "UPDATE jobs SET state = ?2, result = ?3, endpoint = ?4, error = ?5,
+                                         cached = CASE WHEN ?2 = 'succeeded' THEN 'dedup' END,
+                                         cost_usd = 0, started_at = ?6, finished_at = ?6,
+                                         updated_at = ?6, event_seq = event_seq + 1
+                         WHERE id = ?1 RETURNING event_seq",
+                    )
+                    .bind(id)
+                    .bind(state)
+                    .bind(r.try_get::<Option<String>, _>("result")?)
+                    .bind(r.try_get::<Option<String>, _>("endpoint")?)
+                    .bind(&error)
+                    .bind(&at)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let detail = match &error {
+                        None => serde_json::json!({ "cached": "dedup", "source": leader }),
+                        Some(error) => serde_json::json!({ "error": error }),
+                    };
+                    insert_event(&mut tx, id, seq, state, Some(&detail), &at).await?;
+                    let email: Option<String> = r.try_get("notify_email")?;
+                    queue_notification(&mut tx, id, email.as_deref(), &at).await?;
+                    settled.finished.push((RequestId(id), tenant));
+                }
+                _ => {
+                    // The leader was cancelled or is gone: this job runs alone.
+                    sqlx::query(
+                        "UPDATE jobs SET leader = NULL, request_hash = NULL, updated_at = ?2
+                         WHERE id = ?1",
+                    )
+                    .bind(id)
+                    .bind(&at)
+                    .execute(&mut *tx)
+                    .await?;
+                    let lane: String = r.try_get("lane")?;
+                    let attempt: i32 = r.try_get("attempt")?;
+                    let outbox_id =
+                        insert_outbox(&mut tx, id, &lane, attempt, &at, None, &at).await?;
+                    settled.released.push(OutboxMessage {
+                        outbox_id,
+                        lane: parse_lane(&lane)?,
+                        job: JobRef {
+                            waiting_since_ms: None,
+                            tokens: request_of(r)?.estimated_tokens(),
+                            rate_limited: false,
+                            request_id: RequestId(id),
+                            tenant,
+                            model: r.try_get("model")?,
+                            attempt,
+                        },
+                        deliver_at: parse_ts(&at)?,
+                        reason: None,
+                    });
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(settled)
+    }
+
+    pub(crate) async fn lane_stats(&self, window: Duration) -> Result<Vec<LaneStats>, StoreError> {
+        let queued: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT lane, count(*), min(created_at) FROM jobs
+             WHERE state = 'queued' AND leader IS NULL GROUP BY lane",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        let started: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT lane, count(*) FROM jobs
+             WHERE started_at > ?1 AND leader IS NULL GROUP BY lane",
+        )
+        .bind(ts_before(Utc::now(), window))
+        .fetch_all(&self.read)
+        .await?;
+        let mut stats: Vec<LaneStats> = Vec::new();
+        for (lane, depth, oldest) in queued {
+            stats.push(LaneStats {
+                lane: parse_lane(&lane)?,
+                depth: u64::try_from(depth).unwrap_or(0),
+                oldest: oldest.as_deref().map(parse_ts).transpose()?,
+                started: 0,
+            });
+        }
+        for (lane, n) in started {
+            let lane = parse_lane(&lane)?;
+            let n = u64::try_from(n).unwrap_or(0);
+            match stats.iter_mut().find(|s| s.lane == lane) {
+                Some(s) => s.started = n,
+                None => stats.push(LaneStats {
+                    lane,
+                    depth: 0,
+                    oldest: None,
+                    started: n,
+                }),
+            }
+        }
+        Ok(stats)
+    }
+
+    pub(crate) async fn queue_position(
+        &self,
+        lane: Lane,
+        id: RequestId,
+    ) -> Result<u64, StoreError> {
+        let (ahead,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM jobs
+             WHERE lane = ?1 AND state = 'queued' AND leader IS NULL AND id < ?2",
+        )
+        .bind(lane.as_str())
+        .bind(id.0)
+        .fetch_one(&self.read)
+        .await?;
+        Ok(u64::try_from(ahead).unwrap_or(0) + 1)
+    }
+
+    pub(crate) async fn spent_today(&self, tenant: &str) -> Result<f64, StoreError> {
+        let today = ts(Utc::now());
+        let row: Option<(f64,)> =
+            sqlx::query_as("SELECT usd FROM tenant_spend WHERE tenant = ?1 AND day = ?2")
+                .bind(tenant)
+                .bind(&today[..10])
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(row.map_or(0.0, |(usd,)| usd))
+    }
+
+    pub(crate) async fn put_semantic_entry(
+        &self,
+        job: RequestId,
+        tenant: &str,
+        model: &str,
+        embedding: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO semantic_entries (job_id, tenant, model, embedding, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(job.0)
+        .bind(tenant)
+        .bind(model)
+        .bind(embedding)
+        .bind(ts(Utc::now()))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn semantic_candidates(
+        &self,
+        tenant: &str,
+        model: &str,
+        within: Duration,
+        limit: i64,
+    ) -> Result<Vec<SemanticEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.job_id, s.embedding FROM semantic_entries s
+             JOIN jobs j ON j.id = s.job_id
+             WHERE s.tenant = ?1 AND s.model = ?2 AND s.created_at > ?3 AND j.state = 'succeeded'
+             ORDER BY s.created_at DESC LIMIT ?4",
+        )
+        .bind(tenant)
+        .bind(model)
+        .bind(ts_before(Utc::now(), within))
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SemanticEntry {
+                    job: RequestId(r.try_get("job_id")?),
+                    embedding: r.try_get("embedding")?,
+                })
+            })
+            .collect()
+    }
+}
