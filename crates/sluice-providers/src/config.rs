@@ -172,6 +172,8 @@ pub enum ConfigError {
     DuplicatePool(String),
     #[error("duplicate endpoint name {0}")]
     DuplicateEndpoint(String),
+    #[error("route alias {0:?} starts with \"pool:\", which names single pools")]
+    ReservedAlias(String),
     #[error("route {alias} points to unknown pool {pool}")]
     UnknownPool { alias: String, pool: String },
 }

@@ -20,7 +20,10 @@ pub use config::{AuthStyle, ConfigError, EndpointConfig, PoolConfig, ProviderKin
 pub use error::ProviderError;
 pub use gemini::Gemini;
 pub use openai::OpenAiCompatible;
-pub use pool::{Permit, Pool, PoolOptions, RouteTarget, Router};
+pub use pool::{
+    pool_route, ClassifyPools, Permit, Pool, PoolOptions, RouteSpec, RouteTarget, Router,
+    POOL_ROUTE_PREFIX,
+};
 pub use shared::{SharedBudget, SharedError, SharedLimiter, SharedLimits};
 
 /// One call's input: the job's request and its id, which is sent upstream as `x-sluice-request-id`.

@@ -510,12 +510,41 @@ impl fmt::Debug for Permit {
     }
 }
 
-/// Where a model alias goes: one pool, or a pool and then fallbacks in order.
+/// Where a model alias goes: one pool, a pool and then fallbacks in order, or a table that
+/// also names where admission may send a job instead (see [`RouteSpec`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum RouteTarget {
     Pool(String),
     Chain(Vec<String>),
+    Spec(RouteSpec),
+}
+
+/// A route as a table: its pools, plus the choices admission makes per job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// The pool, then fallbacks in order. A classified route may leave it out: its jobs then
+    /// go to the pool the classifier picks.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// Where jobs go once their tenant has spent `[budgets] cheaper_at` of its daily budget.
+    #[serde(default)]
+    pub cheaper: Option<String>,
+    /// Complexity routing: a rule-based classifier sends each job to one of these pools.
+    #[serde(default)]
+    pub classify: Option<ClassifyPools>,
+    /// Answer from an earlier job of the tenant whose prompt means the same (`[semantic_cache]`).
+    #[serde(default)]
+    pub semantic_cache: bool,
+}
+
+/// The pools a classified route chooses between.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyPools {
+    pub simple: String,
+    pub complex: String,
 }
 
 impl RouteTarget {
@@ -524,6 +553,30 @@ impl RouteTarget {
         match self {
             RouteTarget::Pool(p) => vec![p.as_str()],
             RouteTarget::Chain(ps) => ps.iter().map(String::as_str).collect(),
+            RouteTarget::Spec(spec) => match (&spec.classify, spec.pools.is_empty()) {
+                (Some(classify), true) => vec![classify.complex.as_str()],
+                _ => spec.pools.iter().map(String::as_str).collect(),
+            },
+        }
+    }
+
+    /// Every pool the route may send a job to: its pools, the cheaper one, the classified ones.
+    pub fn all_pools(&self) -> Vec<&str> {
+        let mut all = self.pools();
+        if let RouteTarget::Spec(spec) = self {
+            all.extend(spec.cheaper.as_deref());
+            if let Some(classify) = &spec.classify {
+                all.extend([classify.simple.as_str(), classify.complex.as_str()]);
+            }
+        }
+        all
+    }
+
+    /// The table form's options; the plain forms have none.
+    pub fn spec(&self) -> Option<&RouteSpec> {
+        match self {
+            RouteTarget::Spec(spec) => Some(spec),
+            _ => None,
         }
     }
 }
@@ -533,6 +586,14 @@ impl From<&str> for RouteTarget {
         RouteTarget::Pool(pool.to_owned())
     }
 }
+
+/// The routing key that sends a job to one pool alone, as admission chooses it: `pool:NAME`.
+pub fn pool_route(pool: &str) -> String {
+    format!("{POOL_ROUTE_PREFIX}{pool}")
+}
+
+/// Routing keys with this prefix name a pool, not a model alias; aliases may not use it.
+pub const POOL_ROUTE_PREFIX: &str = "pool:";
 
 /// Model alias -> pools (primary, then fallbacks). Cheap to share behind an `Arc`.
 #[derive(Debug)]
@@ -572,6 +633,17 @@ impl Router {
         }
         let mut table = BTreeMap::new();
         for (alias, target) in routes {
+            if alias.starts_with(POOL_ROUTE_PREFIX) {
+                return Err(ConfigError::ReservedAlias(alias.clone()));
+            }
+            for pool in target.all_pools() {
+                if !by_name.contains_key(pool) {
+                    return Err(ConfigError::UnknownPool {
+                        alias: alias.clone(),
+                        pool: pool.to_owned(),
+                    });
+                }
+            }
             let names = target.pools();
             if names.is_empty() {
                 return Err(ConfigError::UnknownPool {
@@ -593,6 +665,10 @@ impl Router {
                 .collect::<Result<Vec<_>, _>>()?;
             table.insert(alias.clone(), chain);
         }
+        // Admission may send a job to one pool of its route by name (cheaper, classified).
+        for (name, pool) in &by_name {
+            table.insert(pool_route(name), vec![Arc::clone(pool)]);
+        }
         Ok(Router { routes: table })
     }
 
@@ -606,9 +682,12 @@ impl Router {
         self.routes.get(alias).map_or(&[], Vec::as_slice)
     }
 
-    /// The model aliases this router serves, sorted.
+    /// The model aliases this router serves, sorted (not the `pool:NAME` keys).
     pub fn aliases(&self) -> impl Iterator<Item = &str> {
-        self.routes.keys().map(String::as_str)
+        self.routes
+            .keys()
+            .map(String::as_str)
+            .filter(|key| !key.starts_with(POOL_ROUTE_PREFIX))
     }
 }
 
@@ -796,6 +875,60 @@ mod tests {
         let chain: RouteTarget = serde_json::from_str("[\"a\", \"b\"]").unwrap();
         assert_eq!(one.pools(), ["a"]);
         assert_eq!(chain.pools(), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_route_table_names_its_cheaper_and_classified_pools() {
+        let spec: RouteTarget = serde_json::from_str(
+            r#"{"pools": ["large", "backup"], "cheaper": "small", "semantic_cache": true}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.pools(), ["large", "backup"]);
+        assert_eq!(spec.all_pools(), ["large", "backup", "small"]);
+        assert!(spec.spec().unwrap().semantic_cache);
+        let auto: RouteTarget =
+            serde_json::from_str(r#"{"classify": {"simple": "small", "complex": "large"}}"#)
+                .unwrap();
+        assert_eq!(auto.pools(), ["large"], "unclassified jobs go to the complex pool");
+        assert_eq!(auto.all_pools(), ["large", "small", "large"]);
+        assert!(serde_json::from_str::<RouteTarget>(r#"{"pools": ["a"], "cheap": "b"}"#).is_err());
+    }
+
+    #[test]
+    fn pools_are_routable_by_name_and_aliases_may_not_take_that_form() {
+        let pool = |name: &str| PoolConfig {
+            name: name.into(),
+            endpoints: vec![EndpointConfig::new(format!("{name}-1"), "http://x/v1", "m", 60)],
+        };
+        let pools = vec![pool("large"), pool("small")];
+        let auto = RouteTarget::Spec(RouteSpec {
+            classify: Some(ClassifyPools {
+                simple: "small".into(),
+                complex: "large".into(),
+            }),
+            ..RouteSpec::default()
+        });
+        let routes = BTreeMap::from([("auto".to_owned(), auto.clone())]);
+        let router = Router::new(&pools, &routes, reqwest::Client::new()).unwrap();
+        assert_eq!(router.route(&pool_route("small"))[0].name(), "small");
+        assert_eq!(router.route("auto")[0].name(), "large");
+        assert_eq!(router.aliases().collect::<Vec<_>>(), ["auto"]);
+
+        let reserved = BTreeMap::from([("pool:x".to_owned(), auto)]);
+        assert!(matches!(
+            Router::new(&pools, &reserved, reqwest::Client::new()),
+            Err(ConfigError::ReservedAlias(_))
+        ));
+        let unknown = RouteTarget::Spec(RouteSpec {
+            pools: vec!["large".into()],
+            cheaper: Some("tiny".into()),
+            ..RouteSpec::default()
+        });
+        let routes = BTreeMap::from([("x".to_owned(), unknown)]);
+        assert!(matches!(
+            Router::new(&pools, &routes, reqwest::Client::new()),
+            Err(ConfigError::UnknownPool { pool, .. }) if pool == "tiny"
+        ));
     }
 
     #[test]

@@ -156,11 +156,10 @@ impl Config {
             mail.validate().context("invalid [mail] section")?;
         }
         for (alias, target) in &self.routes {
-            let pools = target.pools();
-            if pools.is_empty() {
+            if target.pools().is_empty() {
                 bail!("route {alias:?} names no pool");
             }
-            for pool in pools {
+            for pool in target.all_pools() {
                 if !self.pools.iter().any(|p| p.name == pool) {
                     bail!("route {alias:?} names pool {pool:?}, which is not configured");
                 }
