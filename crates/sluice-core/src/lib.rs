@@ -1,5 +1,5 @@
 //! Sluice's domain model and policies: what a job, lane, tier and principal are,
-//! and the pure decisions (state transitions, fair scheduling, rate limiting, retry) made about them.
+//! and the pure decisions (state transitions, fair scheduling, rate limiting, retry, admission) made about them.
 //!
 //! Nothing in this crate performs I/O; every other crate depends on it.
 
@@ -11,6 +11,7 @@ pub mod lane;
 pub mod principal;
 pub mod retry;
 pub mod scheduler;
+pub mod shedding;
 pub mod sse;
 
 pub use adaptive::{AdaptiveConfig, AdaptiveRate};
@@ -21,3 +22,7 @@ pub use principal::{ParseTierError, Principal, Tier, TierLanes};
 
 pub use retry::{RetryDecision, RetryPolicy};
 pub use scheduler::FairQueue;
+pub use shedding::{
+    assess, estimated_wait, Admission, Assessment, LaneEstimate, LaneLoad, LoadLevel, OverTarget,
+    WaitTargets,
+};
