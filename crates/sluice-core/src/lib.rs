@@ -5,6 +5,7 @@
 
 pub mod adaptive;
 pub mod breaker;
+pub mod complexity;
 pub mod gcra;
 pub mod job;
 pub mod lane;
@@ -16,6 +17,7 @@ pub mod sse;
 
 pub use adaptive::{AdaptiveConfig, AdaptiveRate};
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
+pub use complexity::{classify, Classification, Complexity};
 pub use job::{InvalidTransition, JobRef, JobRequest, JobState, Message, RequestId, Role};
 pub use lane::{Lane, LaneWeights, ParseLaneError};
 pub use principal::{ParseTierError, Principal, Tier, TierLanes};
