@@ -9,6 +9,7 @@ pub mod complexity;
 pub mod gcra;
 pub mod job;
 pub mod lane;
+pub mod price;
 pub mod principal;
 pub mod retry;
 pub mod scheduler;
@@ -20,6 +21,7 @@ pub use breaker::{Breaker, BreakerConfig, BreakerState};
 pub use complexity::{classify, Classification, Complexity};
 pub use job::{InvalidTransition, JobRef, JobRequest, JobState, Message, RequestId, Role};
 pub use lane::{Lane, LaneWeights, ParseLaneError};
+pub use price::{budget_state, BudgetState, Price};
 pub use principal::{ParseTierError, Principal, Tier, TierLanes};
 
 pub use retry::{RetryDecision, RetryPolicy};
