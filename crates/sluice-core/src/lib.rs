@@ -11,6 +11,7 @@ pub mod job;
 pub mod lane;
 pub mod price;
 pub mod principal;
+pub mod quota;
 pub mod retry;
 pub mod scheduler;
 pub mod shedding;
@@ -23,6 +24,10 @@ pub use job::{InvalidTransition, JobRef, JobRequest, JobState, Message, RequestI
 pub use lane::{Lane, LaneWeights, ParseLaneError};
 pub use price::{budget_state, BudgetState, Price};
 pub use principal::{ParseTierError, Principal, Tier, TierLanes};
+pub use quota::{
+    counters, Counter, Exceeded, LocalQuotas, QuotaConfig, QuotaRule, QuotaScope, QuotaWindow,
+    TierQuotas,
+};
 
 pub use retry::{RetryDecision, RetryPolicy};
 pub use scheduler::FairQueue;
