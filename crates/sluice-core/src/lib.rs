@@ -1,23 +1,37 @@
 //! Sluice's domain model and policies: what a job, lane, tier and principal are,
-//! and the pure decisions (state transitions, fair scheduling, rate limiting, retry) made about them.
+//! and the pure decisions (state transitions, fair scheduling, rate limiting, retry, admission) made about them.
 //!
 //! Nothing in this crate performs I/O; every other crate depends on it.
 
 pub mod adaptive;
 pub mod breaker;
+pub mod complexity;
 pub mod gcra;
 pub mod job;
 pub mod lane;
+pub mod price;
 pub mod principal;
+pub mod quota;
 pub mod retry;
 pub mod scheduler;
+pub mod shedding;
 pub mod sse;
 
 pub use adaptive::{AdaptiveConfig, AdaptiveRate};
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
+pub use complexity::{classify, Classification, Complexity};
 pub use job::{InvalidTransition, JobRef, JobRequest, JobState, Message, RequestId, Role};
 pub use lane::{Lane, LaneWeights, ParseLaneError};
+pub use price::{budget_state, BudgetState, Price};
 pub use principal::{ParseTierError, Principal, Tier, TierLanes};
+pub use quota::{
+    counters, Counter, Exceeded, LocalQuotas, QuotaConfig, QuotaRule, QuotaScope, QuotaWindow,
+    TierQuotas,
+};
 
 pub use retry::{RetryDecision, RetryPolicy};
 pub use scheduler::FairQueue;
+pub use shedding::{
+    assess, estimated_wait, Admission, Assessment, LaneEstimate, LaneLoad, LoadLevel, OverTarget,
+    WaitTargets,
+};
