@@ -105,6 +105,10 @@ pub struct EndpointConfig {
     /// proportion to its current rate times this weight (default 1). Limits still cap it.
     #[serde(default = "default_weight")]
     pub weight: f64,
+    /// US dollars per million input and output tokens: each job's cost, and what tenants'
+    /// daily budgets are held against. Without it the endpoint's calls cost nothing.
+    #[serde(default)]
+    pub price: Option<sluice_core::Price>,
 }
 
 fn default_weight() -> f64 {
@@ -133,6 +137,7 @@ impl EndpointConfig {
             burst: None,
             timeout_secs: default_timeout(),
             weight: default_weight(),
+            price: None,
         }
     }
 
@@ -164,6 +169,8 @@ pub enum ConfigError {
     ZeroRpm { endpoint: String },
     #[error("endpoint {endpoint}: weight must be a finite number above 0")]
     BadWeight { endpoint: String },
+    #[error("endpoint {endpoint}: bad price: {reason}")]
+    BadPrice { endpoint: String, reason: String },
     #[error("endpoint {endpoint}: timeout_secs must be at least 1")]
     ZeroTimeout { endpoint: String },
     #[error("pool {pool} has no endpoints")]

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 struct Endpoint {
     name: String,
+    /// What a call costs, for the job's cost and its tenant's budget.
+    price: Option<sluice_core::Price>,
     provider: Arc<dyn Provider>,
     shared: Option<SharedLimiter>,
     /// The token budget shared with every worker, when the endpoint has a `tpm` and Redis is on.
@@ -166,6 +168,12 @@ impl Pool {
                     endpoint: config.name,
                 });
             }
+            if let Some(Err(reason)) = config.price.as_ref().map(sluice_core::Price::validate) {
+                return Err(ConfigError::BadPrice {
+                    endpoint: config.name,
+                    reason,
+                });
+            }
             weights.push(f64::from(config.rpm) * config.weight);
             let burst = config.effective_burst();
             health.push(Health {
@@ -186,6 +194,7 @@ impl Pool {
                 .map(|(limits, tpm)| limits.token_budget(&config.name, tpm, (tpm / 60).max(1) - 1));
             eps.push(Arc::new(Endpoint {
                 name: config.name,
+                price: config.price,
                 provider,
                 shared,
                 budget,
@@ -396,6 +405,11 @@ impl Permit {
     /// Name of the endpoint this permit is for, recorded on the job.
     pub fn endpoint(&self) -> &str {
         &self.endpoint.name
+    }
+
+    /// The endpoint's price, if it has one: what its calls cost.
+    pub fn price(&self) -> Option<sluice_core::Price> {
+        self.endpoint.price
     }
 
     /// Spend the permit on one call.

@@ -205,6 +205,7 @@ impl Worker {
         let background = CancellationToken::new();
         self.spawn_heartbeat(background.clone());
         self.spawn_reaper(background.clone());
+        self.spawn_follower_settler(background.clone());
         sluice_outbox::spawn_relay(
             self.store.clone(),
             self.publisher.clone(),
@@ -497,6 +498,41 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Give jobs attached to an identical one the outcome it ended with, when completion did
+    /// not already (a failure, a cancel, or a follower attached as its leader finished).
+    fn spawn_follower_settler(self: &Arc<Self>, stop: CancellationToken) {
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(SETTLE_FOLLOWERS_EVERY) => {}
+                }
+                match worker.store.settle_followers(500).await {
+                    Ok(settled) => {
+                        for (id, tenant) in &settled.finished {
+                            worker.bus.changed(*id, tenant);
+                        }
+                        if !settled.released.is_empty() {
+                            tracing::info!(
+                                message = "jobs whose identical job was cancelled run on their own",
+                                jobs = settled.released.len()
+                            );
+                            if let Err(error) = worker.publisher.publish_many(settled.released).await {
+                                tracing::warn!(message = "publishing released jobs failed; the relay will retry", %error);
+                            }
+                        }
+                    }
+                    Err(error) => tracing::warn!(message = "settling followers failed", %error),
+                }
+            }
+        });
+    }
+}
+
+/// How often followers of finished jobs are looked for.
+const SETTLE_FOLLOWERS_EVERY: Duration = Duration::from_secs(1);
 /// How often the buffer is checked for jobs to park.
 const PARK_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Bounds of a parking delay: long enough not to churn, short enough to notice a freed pool.

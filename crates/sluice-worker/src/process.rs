@@ -43,6 +43,7 @@ impl Worker {
 
         self.held.insert(id, claim.attempt);
         let endpoint = permit.endpoint().to_owned();
+        let price = permit.price();
         let request_id = id.to_string();
         let request = ChatRequest {
             request_id: &request_id,
@@ -76,6 +77,9 @@ impl Worker {
 
         match outcome {
             Ok(response) => {
+                let cost = price.map(|p| {
+                    p.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
+                });
                 let result = match serde_json::to_value(&response) {
                     Ok(v) => v,
                     Err(error) => {
@@ -90,6 +94,7 @@ impl Worker {
                     attempt: claim.attempt,
                     result,
                     endpoint: endpoint.clone(),
+                    cost_usd: cost,
                 };
                 match self.completions.call(completion).await {
                     Ok(true) => {
