@@ -10,6 +10,10 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent as `Retry-After` (whole seconds, at least 1): when trying again may succeed.
+    pub retry_after: Option<std::time::Duration>,
+    /// More about the error, beside `code` and `message` (e.g. the limit a request exceeded).
+    pub detail: Option<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -18,7 +22,19 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+            detail: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    pub fn with_detail(mut self, key: &'static str, value: serde_json::Value) -> Self {
+        self.detail = Some((key, value));
+        self
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -50,10 +66,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": { "code": self.code, "message": self.message }
-        });
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
+        if let Some((key, value)) = self.detail {
+            error[key] = value;
+        }
+        let mut response =
+            (self.status, axum::Json(serde_json::json!({ "error": error }))).into_response();
+        if let Some(after) = self.retry_after {
+            // Round up: retrying before the time given must not be invited.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs.max(1)),
+            );
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

@@ -1,17 +1,20 @@
 //! Submit, poll and cancel jobs. Bodies are parsed into [`JobRequest`] at the edge, so
 //! everything after this module trusts its input.
 
+use crate::admission::Admission;
 use crate::auth::Caller;
 use crate::json::JsonBody;
 use crate::{ApiError, ApiState};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sluice_core::{JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
-use sluice_store::{CancelOutcome, Ingested, JobRecord, NewJob};
+use sluice_providers::POOL_ROUTE_PREFIX;
+use sluice_store::{Accepted as StoreAccepted, CancelOutcome, Ingested, JobRecord, NewJob, Reuse};
 use std::sync::Arc;
 
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -37,6 +40,9 @@ pub struct SubmitJob {
     /// How to tell the caller the job finished, beyond polling.
     #[serde(default)]
     pub notify: Option<Notify>,
+    /// `false` opts out of every reuse: no cached answer, no attaching to an identical job.
+    #[serde(default)]
+    pub cache: Option<bool>,
 }
 
 /// `"notify": {"email": true}` asks for a completion email to the key's address; `false`
@@ -82,14 +88,20 @@ impl SubmitJob {
                 "messages may hold at most {MAX_MESSAGES} messages"
             )));
         }
-        if !state.models.contains(&self.model) {
+        if !state.admission.routes.contains_key(&self.model) {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unknown_model",
                 format!(
                     "no route for model {:?}; known models: {}",
                     self.model,
-                    state.models.iter().cloned().collect::<Vec<_>>().join(", ")
+                    state
+                        .admission
+                        .routes
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -126,6 +138,19 @@ pub struct Accepted {
     pub request_id: RequestId,
     pub state: JobState,
     pub lane: Lane,
+    /// Place in the lane (1 = next), from the lane's depth as last read.
+    pub position: u64,
+    /// Seconds until the job starts: its position over the lane's measured drain rate;
+    /// absent while nothing has drained from the lane lately.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_wait_secs: Option<f64>,
+    /// The identical job in flight this one is attached to: its answer will be this one's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<RequestId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_reason: Option<String>,
 }
 
 /// A job as `GET /v1/jobs/{id}` shows it.
@@ -142,6 +167,23 @@ pub struct JobView {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The answer was reused, not asked of a provider; `cache` says how.
+    pub cached: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<RequestId>,
+    /// The pool admission chose, and why, when it was not the model's route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_wait_secs: Option<f64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,15 +194,27 @@ pub struct JobView {
 
 impl From<JobRecord> for JobView {
     fn from(job: JobRecord) -> Self {
+        let route = job
+            .model
+            .strip_prefix(POOL_ROUTE_PREFIX)
+            .map(str::to_owned);
         JobView {
             request_id: job.id,
             state: job.state,
             lane: job.lane,
-            model: job.model,
+            model: job.request.model,
             attempts: job.attempt,
             result: job.result,
             error: job.error,
             endpoint: job.endpoint,
+            cached: job.cached.is_some(),
+            cache: job.cached.map(Reuse::as_str),
+            attached_to: job.leader,
+            route,
+            route_reason: job.route_reason,
+            cost_usd: job.cost_usd,
+            position: None,
+            estimated_wait_secs: None,
             created_at: job.created_at,
             updated_at: job.updated_at,
             started_at: job.started_at,
@@ -185,13 +239,29 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+/// What `POST /v1/jobs` answers: 202 with the queued job, or 200 with a job answered at once.
+pub enum Submitted {
+    Queued(Accepted),
+    Answered(Box<JobView>),
+}
+
+impl IntoResponse for Submitted {
+    fn into_response(self) -> Response {
+        match self {
+            Submitted::Queued(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+            Submitted::Answered(view) => (StatusCode::OK, Json(*view)).into_response(),
+        }
+    }
+}
+
 pub async fn submit(
     State(state): State<Arc<ApiState>>,
     Caller(principal): Caller,
     headers: HeaderMap,
     JsonBody { value: body }: JsonBody<SubmitJob>,
-) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+) -> Result<Submitted, ApiError> {
     let asked = body.notify.as_ref().and_then(|n| n.email);
+    let reuse = body.cache.unwrap_or(true);
     let request = body.parse(&state)?;
     let notify_email = notify_email(&principal, asked)?;
     let idempotency = idempotency_key(&headers)?
@@ -201,35 +271,75 @@ pub async fn submit(
             if let Some(email) = asked {
                 canonical.extend_from_slice(format!("\nnotify.email={email}").as_bytes());
             }
+            if !reuse {
+                canonical.extend_from_slice(b"\ncache=false");
+            }
             Ok((key, Sha256::digest(&canonical).to_vec()))
         })
         .transpose()?;
+    let admission = &state.admission;
+    admission.take_quota(&principal).await?;
     let lane = state.tier_lanes.lane_for(principal.tier);
-    let job = NewJob {
+    let request_hash = reuse.then(|| Admission::request_hash(&principal.tenant, &request));
+    let mut job = NewJob {
         id: RequestId::new(),
         principal,
         lane,
         request,
         idempotency,
         notify_email,
+        request_hash,
+        route: None,
     };
-    let message = if job.idempotency.is_some() {
+    // A job with an Idempotency-Key keeps its own identity: it is never answered from another.
+    let may_reuse = job.idempotency.is_none();
+    if let (Some(hash), true) = (&job.request_hash, may_reuse) {
+        let tenant = &job.principal.tenant;
+        if let Some(source) = admission.exact_answer(&state.store, tenant, hash).await? {
+            if let Some(view) = answer(&state, &job, source, Reuse::Exact).await? {
+                return Ok(Submitted::Answered(view));
+            }
+        }
+    }
+    admission.check_load(&job.principal, lane)?;
+    let routing = admission.route(&state.store, &job.principal, &job.request).await?;
+    job.route = routing.route;
+    let mut embedding = None;
+    if let (Some(cache), true) = (admission.semantic_for(&job.request), may_reuse && reuse) {
+        let (hit, vector) = admission
+            .semantic_answer(cache, &state.store, &job.principal.tenant, &job.request)
+            .await?;
+        if let Some(source) = hit {
+            if let Some(view) = answer(&state, &job, source, Reuse::Semantic).await? {
+                return Ok(Submitted::Answered(view));
+            }
+        }
+        embedding = vector;
+    }
+    let id = job.id;
+    let tenant = job.principal.tenant.clone();
+    let model = job.request.model.clone();
+    let route = job.route.clone();
+    let accepted = if job.idempotency.is_some() {
         match state
             .store
             .insert_job(&job)
             .await
             .map_err(ApiError::internal)?
         {
-            Ingested::Created(message) => message,
+            Ingested::Created(message) => StoreAccepted::Queued(message),
             Ingested::Existing(existing) => {
-                return Ok((
-                    StatusCode::ACCEPTED,
-                    Json(Accepted {
-                        request_id: existing.id,
-                        state: existing.state,
-                        lane: existing.lane,
-                    }),
-                ))
+                let position = admission.position_now(existing.lane);
+                return Ok(Submitted::Queued(Accepted {
+                    request_id: existing.id,
+                    state: existing.state,
+                    lane: existing.lane,
+                    position,
+                    estimated_wait_secs: admission.estimate(existing.lane, position),
+                    attached_to: existing.leader,
+                    route: None,
+                    route_reason: existing.route_reason,
+                }));
             }
             Ingested::Conflict => {
                 return Err(ApiError::new(
@@ -242,18 +352,69 @@ pub async fn submit(
     } else {
         state.writer.insert(job).await.map_err(ApiError::internal)?
     };
-    let request_id = message.job.request_id;
-    tracing::debug!(message = "job accepted", %request_id, %lane);
-    state.bus.changed(request_id, &message.job.tenant);
-    state.publisher.publish_in_background(message);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            request_id,
-            state: JobState::Queued,
-            lane,
-        }),
-    ))
+    if let Some(vector) = embedding {
+        // Best effort: a job whose embedding is lost is only never a semantic hit.
+        if let Err(error) = state
+            .store
+            .put_semantic_entry(id, &tenant, &model, &vector)
+            .await
+        {
+            tracing::warn!(message = "could not store a prompt embedding", request_id = %id, %error);
+        }
+    }
+    state.bus.changed(id, &tenant);
+    let attached_to = match accepted {
+        StoreAccepted::Queued(message) => {
+            state.publisher.publish_in_background(message);
+            None
+        }
+        StoreAccepted::Attached { leader } => Some(leader),
+    };
+    tracing::debug!(message = "job accepted", request_id = %id, %lane, attached = attached_to.is_some());
+    let position = admission.position_now(lane);
+    let (route, route_reason) = match route {
+        Some((key, reason)) => (
+            key.strip_prefix(POOL_ROUTE_PREFIX).map(str::to_owned),
+            Some(reason),
+        ),
+        None => (None, None),
+    };
+    Ok(Submitted::Queued(Accepted {
+        request_id: id,
+        state: JobState::Queued,
+        lane,
+        position,
+        estimated_wait_secs: admission.estimate(lane, position),
+        attached_to,
+        route,
+        route_reason,
+    }))
+}
+
+/// Store `job` as answered by `source`'s result; `None` if `source` no longer qualifies.
+async fn answer(
+    state: &ApiState,
+    job: &NewJob,
+    source: RequestId,
+    how: Reuse,
+) -> Result<Option<Box<JobView>>, ApiError> {
+    let stored = state
+        .store
+        .insert_answered(job, source, how)
+        .await
+        .map_err(ApiError::internal)?;
+    if !stored {
+        return Ok(None);
+    }
+    state.bus.changed(job.id, &job.principal.tenant);
+    tracing::debug!(message = "job answered from cache", request_id = %job.id, cache = how.as_str(), %source);
+    let record = state
+        .store
+        .get_job(&job.principal.tenant, job.id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::internal("an answered job vanished"))?;
+    Ok(Some(Box::new(record.into())))
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<RequestId, ApiError> {
@@ -261,15 +422,27 @@ pub(crate) fn parse_id(id: &str) -> Result<RequestId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("no such job"))
 }
 
-/// The tenant's job as a view; another tenant's answers exactly like an unknown one.
+/// The tenant's job as a view; another tenant's answers exactly like an unknown one. A queued
+/// job shows its place in its lane (a follower its leader's) and its estimated wait.
 async fn view(state: &ApiState, tenant: &str, id: RequestId) -> Result<Json<JobView>, ApiError> {
-    state
+    let job = state
         .store
         .get_job(tenant, id)
         .await
         .map_err(ApiError::internal)?
-        .map(|job| Json(job.into()))
-        .ok_or_else(|| ApiError::not_found("no such job"))
+        .ok_or_else(|| ApiError::not_found("no such job"))?;
+    let queued = (job.state == JobState::Queued).then_some((job.lane, job.leader.unwrap_or(job.id)));
+    let mut view: JobView = job.into();
+    if let Some((lane, ahead_of)) = queued {
+        let position = state
+            .store
+            .queue_position(lane, ahead_of)
+            .await
+            .map_err(ApiError::internal)?;
+        view.position = Some(position);
+        view.estimated_wait_secs = state.admission.estimate(lane, position);
+    }
+    Ok(Json(view))
 }
 
 pub async fn get(

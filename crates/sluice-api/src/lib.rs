@@ -2,6 +2,7 @@
 //! operators probe health.
 //! Handlers are thin: authenticate, parse the body into domain types, call the store and publisher.
 
+pub mod admission;
 mod auth;
 mod error;
 mod events;
@@ -9,6 +10,7 @@ mod jobs;
 mod json;
 mod stream;
 
+pub use admission::Admission;
 pub use error::ApiError;
 
 use axum::routing::get;
@@ -17,7 +19,6 @@ use sluice_core::{Lane, TierLanes};
 use sluice_notify::{EventBus, Hub};
 use sluice_outbox::Publisher;
 use sluice_store::{JobWriter, Store};
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +31,9 @@ pub struct ApiState {
     pub store: Store,
     pub writer: JobWriter,
     pub publisher: Publisher,
-    /// Model aliases that have a route; others are refused at ingest.
-    pub models: BTreeSet<String>,
+    /// Quotas, caches, load shedding, budgets and routing; its routes are the model aliases
+    /// accepted at ingest.
+    pub admission: Arc<Admission>,
     pub tier_lanes: TierLanes,
     /// Announces state changes made here (submit, cancel) to every API node.
     pub bus: EventBus,
@@ -45,7 +47,7 @@ impl ApiState {
         store: Store,
         writer: JobWriter,
         publisher: Publisher,
-        models: BTreeSet<String>,
+        admission: Arc<Admission>,
         tier_lanes: TierLanes,
         bus: EventBus,
         hub: Hub,
@@ -54,7 +56,7 @@ impl ApiState {
             store,
             writer,
             publisher,
-            models,
+            admission,
             tier_lanes,
             bus,
             hub,
@@ -104,7 +106,17 @@ async fn ready(
             "the broker does not answer: {error}"
         )));
     }
-    Ok(axum::Json(serde_json::json!({ "status": "ready" })))
+    // The load level is information, not unreadiness: a node shedding load still serves.
+    let load = state.admission.load();
+    Ok(axum::Json(serde_json::json!({
+        "status": "ready",
+        "load": {
+            "level": load.assessment.level,
+            "reason": load.assessment.reason,
+            "shedding": state.admission.shedding.enabled,
+            "lanes": load.assessment.lanes,
+        }
+    })))
 }
 
 async fn not_found() -> ApiError {

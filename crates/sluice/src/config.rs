@@ -54,6 +54,21 @@ pub struct Config {
     /// WebSocket and SSE subscribers: how much may wait for a slow one, and for how long.
     #[serde(default)]
     pub streams: sluice_notify::StreamsConfig,
+    /// Answers reused from earlier identical jobs (`[cache]`).
+    #[serde(default)]
+    pub cache: sluice_api::admission::CacheConfig,
+    /// Per-user and per-tenant request quotas by tier (`[quotas.<tier>]`).
+    #[serde(default)]
+    pub quotas: sluice_core::QuotaConfig,
+    /// Load levels and what each refuses (`[shedding]`).
+    #[serde(default)]
+    pub shedding: sluice_api::admission::SheddingConfig,
+    /// Tenants' daily budgets in US dollars (`[budgets]`).
+    #[serde(default)]
+    pub budgets: sluice_api::admission::BudgetConfig,
+    /// Embeddings for routes with `semantic_cache = true` (`[semantic_cache]`).
+    #[serde(default)]
+    pub semantic_cache: Option<sluice_api::admission::SemanticCacheConfig>,
 }
 
 /// The backend the lanes live in.
@@ -154,6 +169,28 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("invalid [streams] section: {e}"))?;
         if let Some(mail) = &self.mail {
             mail.validate().context("invalid [mail] section")?;
+        }
+        let sections: [(&str, Result<(), String>); 5] = [
+            ("cache", self.cache.validate()),
+            ("quotas", self.quotas.validate()),
+            ("shedding", self.shedding.validate()),
+            ("budgets", self.budgets.validate()),
+            (
+                "semantic_cache",
+                self.semantic_cache
+                    .as_ref()
+                    .map_or(Ok(()), |s| s.validate()),
+            ),
+        ];
+        for (section, checked) in sections {
+            checked.map_err(|e| anyhow::anyhow!("invalid [{section}] section: {e}"))?;
+        }
+        let semantic_routes = self
+            .routes
+            .iter()
+            .filter(|(_, t)| t.spec().is_some_and(|s| s.semantic_cache));
+        if let (Some((alias, _)), None) = (semantic_routes.clone().next(), &self.semantic_cache) {
+            bail!("route {alias:?} sets semantic_cache, but there is no [semantic_cache] section");
         }
         for (alias, target) in &self.routes {
             if target.pools().is_empty() {

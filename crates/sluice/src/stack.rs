@@ -3,7 +3,9 @@
 
 use crate::config::{Config, QueueBackend};
 use anyhow::Context;
-use sluice_api::ApiState;
+use sluice_admission::Quotas;
+use sluice_api::admission::SemanticCache;
+use sluice_api::{Admission, ApiState};
 use sluice_broker::rabbitmq::RabbitBroker;
 use sluice_broker::Broker;
 use sluice_core::RequestId;
@@ -113,6 +115,43 @@ pub fn hub_poll(bus_reaches_workers: bool) -> Poll {
     }
 }
 
+/// Admission's moving parts: quotas counted in Redis when `[redis]` is configured (else in
+/// this process), the semantic cache's embeddings client, and the lane-load monitor.
+pub fn admission(
+    config: &Config,
+    store: &Store,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Admission>> {
+    let quotas = match &config.redis {
+        Some(redis) => Quotas::redis(&redis.url, &redis.prefix, config.quotas.clone())
+            .context("invalid Redis configuration for quotas")?,
+        None => Quotas::local(config.quotas.clone()),
+    };
+    let semantic = match &config.semantic_cache {
+        Some(semantic) => {
+            let http = reqwest::Client::new();
+            let client = sluice_providers::Embeddings::new(&semantic.embeddings, http)
+                .context("invalid [semantic_cache.embeddings] section")?;
+            Some(SemanticCache {
+                config: semantic.clone(),
+                client,
+            })
+        }
+        None => None,
+    };
+    let admission = Arc::new(Admission::new(
+        config.cache.clone(),
+        config.shedding.clone(),
+        config.budgets.clone(),
+        quotas,
+        semantic,
+        config.routes.clone(),
+        &config.tiers,
+    ));
+    admission.spawn_load_monitor(store.clone(), config.tiers, shutdown);
+    Ok(admission)
+}
+
 /// The API state over an open store and broker, with its event hub on `bus`.
 pub fn api_state(
     config: &Config,
@@ -123,12 +162,13 @@ pub fn api_state(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<ApiState>> {
     let writer = JobWriter::spawn(store.clone(), 4, 256);
+    let admission = admission(config, &store, shutdown.clone())?;
     let hub = Hub::spawn(store.clone(), &bus, poll, config.streams, shutdown);
     Ok(ApiState::new(
         store,
         writer,
         publisher,
-        config.routes.keys().cloned().collect(),
+        admission,
         config.tiers,
         bus,
         hub,
