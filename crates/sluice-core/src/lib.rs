@@ -11,6 +11,7 @@ pub mod lane;
 pub mod principal;
 pub mod retry;
 pub mod scheduler;
+pub mod semantic;
 pub mod sse;
 
 pub use adaptive::{AdaptiveConfig, AdaptiveRate};
