@@ -14,6 +14,7 @@ pub mod principal;
 pub mod quota;
 pub mod retry;
 pub mod scheduler;
+pub mod semantic;
 pub mod shedding;
 pub mod sse;
 

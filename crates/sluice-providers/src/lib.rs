@@ -3,6 +3,7 @@
 
 mod anthropic;
 mod config;
+mod embeddings;
 mod error;
 mod gemini;
 mod http;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 pub use anthropic::Anthropic;
 pub use config::{AuthStyle, ConfigError, EndpointConfig, PoolConfig, ProviderKind, Secret};
+pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use error::ProviderError;
 pub use gemini::Gemini;
 pub use openai::OpenAiCompatible;

@@ -16,6 +16,7 @@ mod server;
 mod state;
 mod wire;
 mod wire_anthropic;
+mod wire_embeddings;
 mod wire_gemini;
 
 use std::collections::BTreeMap;
@@ -26,6 +27,9 @@ pub use config::{Faults, Latency, SimConfig, SimKey};
 pub use server::{serve, spawn, SimHandle};
 
 /// Counters since start or the last reset. Keys appear under their configured name.
+///
+/// Every counter but `embeddings` counts chat calls (in any format) only, so a semantic cache
+/// in front of the same simulator leaves them as they were.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SimStats {
     /// Authenticated calls, whatever their outcome.
@@ -40,6 +44,9 @@ pub struct SimStats {
     /// Times a key got blocked for hammering.
     #[serde(default)]
     pub blocks: u64,
+    /// Authenticated embeddings calls, whatever their outcome.
+    #[serde(default)]
+    pub embeddings: u64,
     pub by_key: BTreeMap<String, u64>,
     /// Calls per `x-sluice-request-id`.
     pub by_job: BTreeMap<String, u64>,

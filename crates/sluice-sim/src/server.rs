@@ -1,4 +1,4 @@
-//! The axum server: OpenAI, Anthropic and Gemini routes, control routes, and the handle to drive it.
+//! The axum server: OpenAI (chat and embeddings), Anthropic and Gemini routes, control routes, and the handle to drive it.
 //! Handlers stay thin; decisions live in `state` and response bytes in `wire`.
 
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::bucket::LimitState;
 use crate::state::{LimitReason, Shared, Verdict};
 use crate::wire::{self, ChatRequest};
-use crate::{wire_anthropic, wire_gemini};
+use crate::{wire_anthropic, wire_embeddings, wire_gemini};
 use crate::{Faults, SimConfig, SimStats};
 
 type AppState = State<Arc<Shared>>;
@@ -35,6 +35,8 @@ fn router(shared: Arc<Shared>) -> Router {
             "/openai/deployments/{deployment}/chat/completions",
             post(chat_azure),
         )
+        .route("/v1/embeddings", post(embeddings))
+        .route("/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
         // Gemini serves the same methods under both API versions.
         .route("/v1beta/models/{call}", post(gemini))
@@ -152,18 +154,53 @@ async fn handle_call(
 ) -> Response {
     let job = header_str(headers, "x-sluice-request-id");
     let verdict = shared.admit(key, job, parsed.is_ok());
+    let resp = match (verdict, parsed) {
+        (Verdict::Proceed { state }, Ok((req, model))) => {
+            let mut resp = answer(shared, format, &req, &model).await;
+            limit_headers(format, resp.headers_mut(), &state);
+            resp
+        }
+        (verdict, parsed) => refuse(format, key.is_some(), verdict, parsed.err()),
+    };
+    with_request_id(resp)
+}
 
-    let mut resp = match (verdict, parsed) {
-        (Verdict::Unauthorized, _) => unauthorized(format, key.is_some()),
-        (
-            Verdict::Limited {
-                key_name,
-                state,
-                retry_after,
-                reason,
-            },
-            _,
-        ) => {
+/// OpenAI embeddings: the same key check, limits and faults as chat (see
+/// [`Shared::admit_embeddings`] for how they are kept apart), answered at once: the latency
+/// setting models generating a reply, which an embedding does not do.
+async fn embeddings(State(shared): AppState, headers: HeaderMap, body: Bytes) -> Response {
+    let key = openai_key(&headers);
+    let parsed = wire_embeddings::parse_request(&body);
+    let verdict = shared.admit_embeddings(key, parsed.is_ok());
+    let resp = match (verdict, parsed) {
+        (Verdict::Proceed { state }, Ok(req)) => {
+            let mut resp = Json(wire_embeddings::response_body(&req)).into_response();
+            limit_headers(Format::OpenAi, resp.headers_mut(), &state);
+            resp
+        }
+        (verdict, parsed) => refuse(Format::OpenAi, key.is_some(), verdict, parsed.err()),
+    };
+    with_request_id(resp)
+}
+
+fn with_request_id(mut resp: Response) -> Response {
+    if let Ok(v) = HeaderValue::try_from(format!("req-sim-{}", Uuid::now_v7().simple())) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The answer to a call that is not served, in `format`'s error shape; `invalid` is the 400
+/// message of a body that did not parse.
+fn refuse(format: Format, key_given: bool, verdict: Verdict, invalid: Option<String>) -> Response {
+    match verdict {
+        Verdict::Unauthorized => unauthorized(format, key_given),
+        Verdict::Limited {
+            key_name,
+            state,
+            retry_after,
+            reason,
+        } => {
             let body = match format {
                 Format::OpenAi => wire::rate_limit_body(&key_name, state.limit, retry_after),
                 Format::Anthropic => {
@@ -181,7 +218,7 @@ async fn handle_call(
             limit_headers(format, resp.headers_mut(), &state);
             resp
         }
-        (Verdict::Fault { status, state }, _) => {
+        Verdict::Fault { status, state } => {
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let body = match format {
                 Format::OpenAi => wire::fault_body(status),
@@ -195,16 +232,9 @@ async fn handle_call(
             limit_headers(format, resp.headers_mut(), &state);
             resp
         }
-        (Verdict::Proceed { state }, Ok((req, model))) => {
-            let mut resp = answer(shared, format, &req, &model).await;
-            limit_headers(format, resp.headers_mut(), &state);
-            resp
-        }
-        // Verdict::Invalid, or (defensively) any verdict for a body that did not parse.
-        (_, parsed) => {
-            let message = parsed
-                .err()
-                .unwrap_or_else(|| "Invalid request.".to_owned());
+        // Verdict::Invalid, or (defensively) a go-ahead for a body that did not parse.
+        Verdict::Invalid | Verdict::Proceed { .. } => {
+            let message = invalid.unwrap_or_else(|| "Invalid request.".to_owned());
             let body = match format {
                 Format::OpenAi => wire::error_body(&message, "invalid_request_error", None),
                 Format::Anthropic => wire_anthropic::error_body("invalid_request_error", &message),
@@ -212,11 +242,7 @@ async fn handle_call(
             };
             (StatusCode::BAD_REQUEST, Json(body)).into_response()
         }
-    };
-    if let Ok(v) = HeaderValue::try_from(format!("req-sim-{}", Uuid::now_v7().simple())) {
-        resp.headers_mut().insert("x-request-id", v);
     }
-    resp
 }
 
 fn unauthorized(format: Format, key_given: bool) -> Response {

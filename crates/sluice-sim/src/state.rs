@@ -16,7 +16,7 @@ use crate::{Faults, SimConfig, SimStats};
 #[derive(Debug)]
 pub enum Verdict {
     Unauthorized,
-    /// The body was invalid; the call was counted as failed.
+    /// The body was invalid; a chat call was counted as failed.
     Invalid,
     Limited {
         key_name: String,
@@ -47,6 +47,9 @@ pub enum LimitReason {
 struct KeyEntry {
     name: String,
     bucket: TokenBucket,
+    /// Embeddings have a bucket of their own at the key's rate, as providers limit each model
+    /// separately: embedding calls never use up the chat budget the worker's limiter plans with.
+    embed_bucket: TokenBucket,
     calls: u64,
     hammer: Hammer,
     /// Calls received per [`TIMELINE_STEP`] since start or reset, for window checks.
@@ -116,6 +119,8 @@ struct Inner {
     failed: u64,
     blocked: u64,
     blocks: u64,
+    /// Authenticated embeddings calls, whatever their outcome.
+    embeddings: u64,
     /// Calls past the limiter since start or reset, for `fail_first`.
     admitted: u64,
     /// Origin of the per-key timelines.
@@ -141,6 +146,7 @@ impl Shared {
             failed: 0,
             blocked: 0,
             blocks: 0,
+            embeddings: 0,
             admitted: 0,
             started: Instant::now(),
             faults: config.faults.clone(),
@@ -158,22 +164,30 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs auth, counting, rate limiting and fault selection for one call.
+    /// The entry of an accepted key, created on first use when no keys are configured.
+    fn authenticate<'a>(
+        &self,
+        keys: &'a mut HashMap<String, KeyEntry>,
+        key: Option<&str>,
+        now: Instant,
+    ) -> Option<&'a mut KeyEntry> {
+        let key = key.filter(|k| !k.is_empty())?;
+        if !keys.contains_key(key) {
+            if !self.config.keys.is_empty() {
+                return None;
+            }
+            let entry = self.anonymous_entry(keys, key, now);
+            keys.insert(key.to_owned(), entry);
+        }
+        keys.get_mut(key)
+    }
+
+    /// Runs auth, counting, rate limiting and fault selection for one chat call.
     pub fn admit(&self, key: Option<&str>, job_id: Option<&str>, valid: bool) -> Verdict {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let Some(key) = key.filter(|k| !k.is_empty()) else {
-            return Verdict::Unauthorized;
-        };
-        if !inner.keys.contains_key(key) {
-            if !self.config.keys.is_empty() {
-                return Verdict::Unauthorized;
-            }
-            let entry = self.anonymous_entry(inner, key, now);
-            inner.keys.insert(key.to_owned(), entry);
-        }
-        let Some(entry) = inner.keys.get_mut(key) else {
+        let Some(entry) = self.authenticate(&mut inner.keys, key, now) else {
             return Verdict::Unauthorized;
         };
 
@@ -271,11 +285,63 @@ impl Shared {
         }
     }
 
+    /// Runs auth, counting, rate limiting and faults for one embeddings call.
+    ///
+    /// Kept apart from chat calls so that turning on a semantic cache changes no chat numbers:
+    /// embeddings count only in `embeddings`, spend their own bucket, are never blocked for
+    /// hammering and do not count toward `fail_first` or `fail_first_per_job`. The faults that
+    /// describe the provider as a whole (`rate_limit_retry_after_secs`, `always_fail`,
+    /// `error_rate`) apply to them too.
+    pub fn admit_embeddings(&self, key: Option<&str>, valid: bool) -> Verdict {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(entry) = self.authenticate(&mut inner.keys, key, now) else {
+            return Verdict::Unauthorized;
+        };
+        inner.embeddings += 1;
+        if !valid {
+            return Verdict::Invalid;
+        }
+        if let Some(secs) = inner.faults.rate_limit_retry_after_secs {
+            return Verdict::Limited {
+                key_name: entry.name.clone(),
+                state: entry.embed_bucket.peek(now),
+                retry_after: Duration::from_secs(secs),
+                reason: LimitReason::Told,
+            };
+        }
+        let state = match entry.embed_bucket.try_acquire(now) {
+            Decision::Allowed(state) => state,
+            Decision::Limited { state, retry_after } => {
+                return Verdict::Limited {
+                    key_name: entry.name.clone(),
+                    state,
+                    retry_after,
+                    reason: LimitReason::Bucket,
+                }
+            }
+        };
+        let f = &inner.faults;
+        let status = f.always_fail.or_else(|| {
+            (f.error_rate > 0.0 && inner.rng.gen::<f64>() < f.error_rate).then_some(500)
+        });
+        match status {
+            Some(status) => Verdict::Fault { status, state },
+            None => Verdict::Proceed { state },
+        }
+    }
+
     /// Names an unconfigured key after a prefix of itself, made unique among known keys.
-    fn anonymous_entry(&self, inner: &Inner, key: &str, now: Instant) -> KeyEntry {
+    fn anonymous_entry(
+        &self,
+        keys: &HashMap<String, KeyEntry>,
+        key: &str,
+        now: Instant,
+    ) -> KeyEntry {
         let prefix: String = key.chars().take(6).collect();
         let base = format!("anonymous-{prefix}");
-        let taken = |n: &str| inner.keys.values().any(|e| e.name == n);
+        let taken = |n: &str| keys.values().any(|e| e.name == n);
         let mut name = base.clone();
         let mut i = 2;
         while taken(&name) {
@@ -285,6 +351,7 @@ impl Shared {
         let bucket = TokenBucket::new(self.config.default_rpm, self.config.burst_seconds, now);
         KeyEntry {
             name,
+            embed_bucket: bucket.clone(),
             bucket,
             calls: 0,
             hammer: Hammer::default(),
@@ -305,6 +372,7 @@ impl Shared {
             failed: inner.failed,
             blocked: inner.blocked,
             blocks: inner.blocks,
+            embeddings: inner.embeddings,
             by_key: inner
                 .keys
                 .values()
@@ -340,6 +408,7 @@ impl Shared {
         inner.failed = 0;
         inner.blocked = 0;
         inner.blocks = 0;
+        inner.embeddings = 0;
         inner.admitted = 0;
         inner.started = Instant::now();
         self.ok.store(0, Ordering::Relaxed);
@@ -381,6 +450,7 @@ fn configured_keys(config: &SimConfig) -> HashMap<String, KeyEntry> {
                 k.key.clone(),
                 KeyEntry {
                     name: k.name.clone(),
+                    embed_bucket: bucket.clone(),
                     bucket,
                     calls: 0,
                     hammer: Hammer::default(),
