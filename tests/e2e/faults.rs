@@ -14,6 +14,8 @@ async fn submit_many(app: &TestApp, n: usize) -> Vec<RequestId> {
     }
     let mut ids = Vec::with_capacity(n);
     let mut pending = Vec::new();
+    // Distinct texts across calls: identical ones would share an answer.
+    let salt = uuid::Uuid::now_v7();
     for i in 0..n {
         let (app_http, url, key) = (
             app.http.clone(),
@@ -24,7 +26,7 @@ async fn submit_many(app: &TestApp, n: usize) -> Vec<RequestId> {
             let response = app_http
                 .post(url)
                 .bearer_auth(key)
-                .json(&crate::helpers::job_body(&format!("job {i}")))
+                .json(&crate::helpers::job_body(&format!("job {i} {salt}")))
                 .send()
                 .await
                 .unwrap();
@@ -283,6 +285,7 @@ async fn kill_9_of_the_api_mid_submission_loses_no_accepted_job() {
     let key = app.key("acme", Tier::Pro).await;
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
+    let salt = uuid::Uuid::now_v7();
     for i in 0..400 {
         let (http, url, key, accepted) = (
             app.http.clone(),
@@ -294,7 +297,7 @@ async fn kill_9_of_the_api_mid_submission_loses_no_accepted_job() {
             let response = http
                 .post(url)
                 .bearer_auth(key)
-                .json(&crate::helpers::job_body(&format!("job {i}")))
+                .json(&crate::helpers::job_body(&format!("job {i} {salt}")))
                 .send()
                 .await
                 .ok()?;

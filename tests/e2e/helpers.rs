@@ -212,6 +212,11 @@ default = {route}
     }
     config.push('\n');
     config.push_str(&options.extra_toml);
+    // Bursts of test jobs would trip the default wait targets: only tests about load
+    // shedding (which bring their own section) have it on.
+    if !options.extra_toml.contains("[shedding") {
+        config.push_str("\n[shedding]\nenabled = false\n");
+    }
     if options.redis {
         config.push_str(&format!(
             "\n[redis]\nurl = \"{}\"\nprefix = \"{prefix}\"\n",
@@ -327,6 +332,22 @@ impl TestApp {
             .trim()
             .to_owned();
         (child, url)
+    }
+
+    /// Restart the API and every worker on the config file as it is now, for tests that edit
+    /// it after the simulator's address is known.
+    pub async fn restart_api_and_workers(&mut self) {
+        let workers = self.workers.len();
+        for mut child in self.workers.drain(..).chain(self.api_process.take()) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        let (child, url) = self.start_api_node().await;
+        self.api = url;
+        self.api_process = Some(child);
+        for _ in 0..workers {
+            self.start_worker().await;
+        }
     }
 
     pub async fn start_worker(&mut self) {

@@ -265,10 +265,17 @@ impl Admission {
                                     .oldest
                                     .and_then(|at| (now - at).to_std().ok())
                                     .unwrap_or_default();
+                                // Over the time the lane has drained within the window, so a
+                                // burst's first seconds do not read as a slow lane.
+                                let draining = s
+                                    .first_started
+                                    .and_then(|at| (now - at).to_std().ok())
+                                    .unwrap_or(window)
+                                    .clamp(Duration::from_secs(1), window);
                                 let load = LaneLoad {
                                     depth: s.depth,
                                     oldest_wait,
-                                    drained_per_sec: s.started as f64 / window.as_secs_f64(),
+                                    drained_per_sec: s.started as f64 / draining.as_secs_f64(),
                                 };
                                 (s.lane, load)
                             })
@@ -352,12 +359,10 @@ impl Admission {
             LoadAdmission::Refuse {
                 retry_after,
                 reason,
-            } => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                reason,
-            )
-            .with_retry_after(retry_after)),
+            } => Err(
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", reason)
+                    .with_retry_after(retry_after),
+            ),
         }
     }
 
@@ -453,27 +458,34 @@ impl Admission {
         self.semantic.as_ref().filter(|_| opted_in && allowed)
     }
 
-    /// The tenant's earlier job (same model alias) whose prompt means the same, with the
-    /// prompt's embedding to remember if there is none. An embeddings outage skips the cache.
+    /// The tenant's earlier job whose last message means the same after an identical
+    /// conversation (same model alias, same earlier messages), with the last message's
+    /// embedding to remember if there is none. An embeddings outage skips the cache.
+    ///
+    /// Only the last message is embedded: a long shared system prompt would otherwise
+    /// dominate the vector and make different questions look alike.
     pub async fn semantic_answer(
         &self,
         cache: &SemanticCache,
         store: &Store,
         tenant: &str,
         request: &JobRequest,
-    ) -> Result<(Option<RequestId>, Option<Vec<u8>>), ApiError> {
-        let text = semantic::prompt_text(&request.messages);
-        let vector = match cache.client.embed(&text).await {
+    ) -> Result<SemanticLookup, ApiError> {
+        let Some((last, context)) = request.messages.split_last() else {
+            return Ok(SemanticLookup::default());
+        };
+        let scope = semantic_scope(&request.model, context);
+        let vector = match cache.client.embed(&last.content).await {
             Ok(vector) => vector,
             Err(error) => {
                 tracing::warn!(message = "embeddings failed; semantic cache skipped", %error);
-                return Ok((None, None));
+                return Ok(SemanticLookup::default());
             }
         };
         let candidates = store
             .semantic_candidates(
                 tenant,
-                &request.model,
+                &scope,
                 Duration::from_secs(cache.config.ttl_secs),
                 cache.config.max_candidates,
             )
@@ -489,8 +501,14 @@ impl Admission {
             cache.config.threshold,
         );
         Ok(match hit {
-            Some((id, _)) => (Some(id), None),
-            None => (None, Some(semantic::encode_vector(&vector))),
+            Some((id, _)) => SemanticLookup {
+                hit: Some(id),
+                remember: None,
+            },
+            None => SemanticLookup {
+                hit: None,
+                remember: Some((scope, semantic::encode_vector(&vector))),
+            },
         })
     }
 
@@ -505,6 +523,22 @@ impl Admission {
     pub fn position_now(&self, lane: Lane) -> u64 {
         self.load().lanes.get(&lane).map_or(0, |l| l.depth) + 1
     }
+}
+
+/// What a semantic look-up found: an earlier job to answer from, or the scope and embedding
+/// to store with the new job so later ones can find it.
+#[derive(Debug, Default)]
+pub struct SemanticLookup {
+    pub hit: Option<RequestId>,
+    pub remember: Option<(String, Vec<u8>)>,
+}
+
+/// Embeddings are compared only within one model alias and one exact earlier conversation.
+fn semantic_scope(model: &str, context: &[sluice_core::Message]) -> String {
+    let context = serde_json::to_string(context).unwrap_or_default();
+    let digest = Sha256::digest(context.as_bytes());
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{model}#{hex}")
 }
 
 fn until_utc_midnight() -> Duration {

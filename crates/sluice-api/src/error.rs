@@ -70,8 +70,11 @@ impl IntoResponse for ApiError {
         if let Some((key, value)) = self.detail {
             error[key] = value;
         }
-        let mut response =
-            (self.status, axum::Json(serde_json::json!({ "error": error }))).into_response();
+        let mut response = (
+            self.status,
+            axum::Json(serde_json::json!({ "error": error })),
+        )
+            .into_response();
         if let Some(after) = self.retry_after {
             // Round up: retrying before the time given must not be invited.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

@@ -194,10 +194,7 @@ pub struct JobView {
 
 impl From<JobRecord> for JobView {
     fn from(job: JobRecord) -> Self {
-        let route = job
-            .model
-            .strip_prefix(POOL_ROUTE_PREFIX)
-            .map(str::to_owned);
+        let route = job.model.strip_prefix(POOL_ROUTE_PREFIX).map(str::to_owned);
         JobView {
             request_id: job.id,
             state: job.state,
@@ -302,23 +299,24 @@ pub async fn submit(
         }
     }
     admission.check_load(&job.principal, lane)?;
-    let routing = admission.route(&state.store, &job.principal, &job.request).await?;
+    let routing = admission
+        .route(&state.store, &job.principal, &job.request)
+        .await?;
     job.route = routing.route;
     let mut embedding = None;
     if let (Some(cache), true) = (admission.semantic_for(&job.request), may_reuse && reuse) {
-        let (hit, vector) = admission
+        let lookup = admission
             .semantic_answer(cache, &state.store, &job.principal.tenant, &job.request)
             .await?;
-        if let Some(source) = hit {
+        if let Some(source) = lookup.hit {
             if let Some(view) = answer(&state, &job, source, Reuse::Semantic).await? {
                 return Ok(Submitted::Answered(view));
             }
         }
-        embedding = vector;
+        embedding = lookup.remember;
     }
     let id = job.id;
     let tenant = job.principal.tenant.clone();
-    let model = job.request.model.clone();
     let route = job.route.clone();
     let accepted = if job.idempotency.is_some() {
         match state
@@ -352,11 +350,11 @@ pub async fn submit(
     } else {
         state.writer.insert(job).await.map_err(ApiError::internal)?
     };
-    if let Some(vector) = embedding {
+    if let Some((scope, vector)) = embedding {
         // Best effort: a job whose embedding is lost is only never a semantic hit.
         if let Err(error) = state
             .store
-            .put_semantic_entry(id, &tenant, &model, &vector)
+            .put_semantic_entry(id, &tenant, &scope, &vector)
             .await
         {
             tracing::warn!(message = "could not store a prompt embedding", request_id = %id, %error);
@@ -431,7 +429,8 @@ async fn view(state: &ApiState, tenant: &str, id: RequestId) -> Result<Json<JobV
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::not_found("no such job"))?;
-    let queued = (job.state == JobState::Queued).then_some((job.lane, job.leader.unwrap_or(job.id)));
+    let queued =
+        (job.state == JobState::Queued).then_some((job.lane, job.leader.unwrap_or(job.id)));
     let mut view: JobView = job.into();
     if let Some((lane, ahead_of)) = queued {
         let position = state

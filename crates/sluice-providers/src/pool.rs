@@ -903,7 +903,11 @@ mod tests {
         let auto: RouteTarget =
             serde_json::from_str(r#"{"classify": {"simple": "small", "complex": "large"}}"#)
                 .unwrap();
-        assert_eq!(auto.pools(), ["large"], "unclassified jobs go to the complex pool");
+        assert_eq!(
+            auto.pools(),
+            ["large"],
+            "unclassified jobs go to the complex pool"
+        );
         assert_eq!(auto.all_pools(), ["large", "small", "large"]);
         assert!(serde_json::from_str::<RouteTarget>(r#"{"pools": ["a"], "cheap": "b"}"#).is_err());
     }
@@ -912,7 +916,12 @@ mod tests {
     fn pools_are_routable_by_name_and_aliases_may_not_take_that_form() {
         let pool = |name: &str| PoolConfig {
             name: name.into(),
-            endpoints: vec![EndpointConfig::new(format!("{name}-1"), "http://x/v1", "m", 60)],
+            endpoints: vec![EndpointConfig::new(
+                format!("{name}-1"),
+                "http://x/v1",
+                "m",
+                60,
+            )],
         };
         let pools = vec![pool("large"), pool("small")];
         let auto = RouteTarget::Spec(RouteSpec {

@@ -22,6 +22,9 @@ pub struct LaneStats {
     pub oldest: Option<DateTime<Utc>>,
     /// Jobs of the lane that started their first attempt within the window asked for.
     pub started: u64,
+    /// When the first of those started: a rate over less than the whole window when the lane
+    /// has not been draining that long.
+    pub first_started: Option<DateTime<Utc>>,
 }
 
 /// Followers whose leader has finished, settled by [`crate::Store::settle_followers`].
@@ -197,12 +200,12 @@ impl PgBackend {
                  SELECT lane, count(*) AS depth, min(created_at) AS oldest FROM jobs
                  WHERE state = 'queued' AND leader IS NULL GROUP BY lane
              ), s AS (
-                 SELECT lane, count(*) AS started FROM jobs
+                 SELECT lane, count(*) AS started, min(started_at) AS first_started FROM jobs
                  WHERE started_at > now() - $1 * interval '1 millisecond' AND leader IS NULL
                  GROUP BY lane
              )
              SELECT COALESCE(q.lane, s.lane) AS lane, COALESCE(q.depth, 0) AS depth, q.oldest,
-                    COALESCE(s.started, 0) AS started
+                    COALESCE(s.started, 0) AS started, s.first_started
              FROM q FULL JOIN s ON s.lane = q.lane",
         )
         .bind(millis(window))
@@ -216,6 +219,7 @@ impl PgBackend {
                     depth: u64::try_from(r.try_get::<i64, _>("depth")?).unwrap_or(0),
                     oldest: r.try_get("oldest")?,
                     started: u64::try_from(r.try_get::<i64, _>("started")?).unwrap_or(0),
+                    first_started: r.try_get("first_started")?,
                 })
             })
             .collect()

@@ -386,7 +386,8 @@ impl Store {
         dispatch!(self.spent_today(tenant))
     }
 
-    /// Remember a job's prompt embedding (little-endian f32s) for the semantic cache.
+    /// Remember a job's prompt embedding (little-endian f32s) for the semantic cache, under a
+    /// scope (the model alias and what else must match exactly).
     pub async fn put_semantic_entry(
         &self,
         job: RequestId,
@@ -397,7 +398,7 @@ impl Store {
         dispatch!(self.put_semantic_entry(job, tenant, model, embedding))
     }
 
-    /// Embeddings of the tenant's successful jobs for a model alias from the last `within`,
+    /// Embeddings of the tenant's successful jobs in a scope from the last `within`,
     /// newest first, at most `limit`: the candidates of a semantic cache look-up.
     pub async fn semantic_candidates(
         &self,

@@ -519,7 +519,9 @@ impl Worker {
                                 message = "jobs whose identical job was cancelled run on their own",
                                 jobs = settled.released.len()
                             );
-                            if let Err(error) = worker.publisher.publish_many(settled.released).await {
+                            if let Err(error) =
+                                worker.publisher.publish_many(settled.released).await
+                            {
                                 tracing::warn!(message = "publishing released jobs failed; the relay will retry", %error);
                             }
                         }

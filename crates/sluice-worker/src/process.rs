@@ -78,7 +78,10 @@ impl Worker {
         match outcome {
             Ok(response) => {
                 let cost = price.map(|p| {
-                    p.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
+                    p.cost(
+                        response.usage.prompt_tokens,
+                        response.usage.completion_tokens,
+                    )
                 });
                 let result = match serde_json::to_value(&response) {
                     Ok(v) => v,

@@ -153,7 +153,12 @@ async fn drive(
                 )
             })
             .collect();
+        // Jobs without a request hash are never attached: every one is queued.
         let messages = store.insert_jobs(&batch).await?;
+        let messages = messages
+            .into_iter()
+            .filter_map(|a| a.into_queued())
+            .collect();
         publisher.publish_many(messages).await?;
     }
     eprintln!(

@@ -180,8 +180,8 @@ impl SqliteBackend {
         )
         .fetch_all(&self.read)
         .await?;
-        let started: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT lane, count(*) FROM jobs
+        let started: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT lane, count(*), min(started_at) FROM jobs
              WHERE started_at > ?1 AND leader IS NULL GROUP BY lane",
         )
         .bind(ts_before(Utc::now(), window))
@@ -194,18 +194,24 @@ impl SqliteBackend {
                 depth: u64::try_from(depth).unwrap_or(0),
                 oldest: oldest.as_deref().map(parse_ts).transpose()?,
                 started: 0,
+                first_started: None,
             });
         }
-        for (lane, n) in started {
+        for (lane, n, first) in started {
             let lane = parse_lane(&lane)?;
             let n = u64::try_from(n).unwrap_or(0);
+            let first = first.as_deref().map(parse_ts).transpose()?;
             match stats.iter_mut().find(|s| s.lane == lane) {
-                Some(s) => s.started = n,
+                Some(s) => {
+                    s.started = n;
+                    s.first_started = first;
+                }
                 None => stats.push(LaneStats {
                     lane,
                     depth: 0,
                     oldest: None,
                     started: n,
+                    first_started: first,
                 }),
             }
         }
