@@ -511,3 +511,44 @@ async fn the_estimated_wait_of_a_queued_job_is_within_twice_the_real_one_in_stea
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn jobs_attached_to_one_whose_worker_is_killed_all_finish_once_it_is_retried() {
+    let mut app = spawn_app(AppOptions {
+        sim: sim_with_latency(3000),
+        ..AppOptions::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let body = job_body("a slow question asked twenty times");
+    let posts = (0..20).map(|_| app.post_job(&key, &body));
+    let ids: Vec<RequestId> = futures::future::join_all(posts)
+        .await
+        .iter()
+        .map(|(status, b)| {
+            assert_eq!(*status, StatusCode::ACCEPTED, "{b}");
+            id_of(b)
+        })
+        .collect();
+    app.wait_for("the one call to start", Duration::from_secs(10), || async {
+        app.count(JobState::Running).await == 1
+    })
+    .await;
+    app.kill_worker(0).await;
+    app.start_worker().await;
+    // The lease (5 s here) runs out, the job is retried, and its answer reaches all 20.
+    app.wait_terminal(&ids, Duration::from_secs(60)).await;
+    let mut contents = std::collections::BTreeSet::new();
+    for id in &ids {
+        let (_, job) = app.get_job(&key, *id).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        contents.insert(job["result"]["content"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(contents.len(), 1);
+    let calls = app.sim.stats().total;
+    assert!(
+        (1..=2).contains(&calls),
+        "the killed call and its retry at most: {calls}"
+    );
+    app.cleanup().await;
+}
