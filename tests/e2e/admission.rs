@@ -64,6 +64,28 @@ async fn succeeded(app: &TestApp, key: &str, id: RequestId) -> Value {
     job
 }
 
+/// Poll `/readyz` until the API reports this load level; its answer then.
+async fn wait_for_load_level(app: &TestApp, level: &str, timeout: Duration) -> Value {
+    let ready = format!("{}/readyz", app.api);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer: Value = app
+            .http
+            .get(&ready)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if answer["load"]["level"] == level {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "load never {level}: {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Sleep until `offset` into the next window of `window` seconds (windows start at the epoch).
 async fn align_to_window(window: u64, offset: Duration) {
     let now = std::time::SystemTime::now()
@@ -220,24 +242,7 @@ async fn under_heavy_load_free_jobs_are_refused_while_pro_jobs_enter_until_the_b
     for n in 0..10 {
         backlog.push(app.submit(&free, &format!("backlog {n}")).await);
     }
-    let ready = format!("{}/readyz", app.api);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let load = loop {
-        let load: Value = app
-            .http
-            .get(&ready)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if load["load"]["level"] == "heavy" {
-            break load;
-        }
-        assert!(Instant::now() < deadline, "never heavy: {load}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let load = wait_for_load_level(&app, "heavy", Duration::from_secs(20)).await;
     let reason = load["load"]["reason"].as_str().unwrap();
     assert!(
         reason.contains("batch") && reason.contains("free"),
@@ -258,23 +263,7 @@ async fn under_heavy_load_free_jobs_are_refused_while_pro_jobs_enter_until_the_b
 
     app.wait_terminal(&backlog, Duration::from_secs(60)).await;
     app.wait_terminal(&[pro_job], Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let load: Value = app
-            .http
-            .get(&ready)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if load["load"]["level"] == "normal" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still not normal: {load}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_load_level(&app, "normal", Duration::from_secs(10)).await;
     let (status, _, b) = post_to(&app, &app.api, &free, &job_body("free again")).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{b}");
     app.cleanup().await;
