@@ -2,6 +2,7 @@
 //! PostgreSQL and RabbitMQ, with the provider simulator; one fresh schema and queue prefix per test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod admission;
 mod api;
 mod bench;

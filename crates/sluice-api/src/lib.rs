@@ -2,6 +2,7 @@
 //! operators probe health.
 //! Handlers are thin: authenticate, parse the body into domain types, call the store and publisher.
 
+mod admin;
 pub mod admission;
 mod auth;
 mod error;
@@ -74,6 +75,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/stream", get(stream::websocket))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        .merge(admin::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))

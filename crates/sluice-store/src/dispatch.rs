@@ -170,6 +170,12 @@ impl Store {
         dispatch!(self.replay(id))
     }
 
+    /// Delete a dead job for good (events, outbox rows, email and embedding with it); `false`
+    /// unless it exists and is dead.
+    pub async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
+        dispatch!(self.purge_dead(id))
+    }
+
     /// The most recently dead-lettered jobs.
     pub async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
         dispatch!(self.dead_jobs(limit))
@@ -215,7 +221,32 @@ impl Store {
         dispatch!(self.create_api_key(principal))
     }
 
-    /// The principal behind a key, if the key exists and is not revoked.
+    /// Create an operator key for `/admin/v1`, named for whoever holds it; the plaintext key
+    /// is returned once and never stored. It authenticates nothing else.
+    pub async fn create_admin_key(&self, name: &str) -> Result<String, StoreError> {
+        dispatch!(self.create_admin_key(name))
+    }
+
+    /// The operator's name behind an admin key, if it exists and is not revoked.
+    pub async fn admin_for_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        if !key.starts_with(crate::KEY_PREFIX) {
+            return Ok(None);
+        }
+        dispatch!(self.admin_for_key(key))
+    }
+
+    /// Every key, tenant and admin, revoked or not, oldest first.
+    pub async fn api_keys(&self) -> Result<Vec<crate::KeyInfo>, StoreError> {
+        dispatch!(self.api_keys())
+    }
+
+    /// Revoke a key by id; `false` if there is no such key or it was already revoked.
+    pub async fn revoke_api_key(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        dispatch!(self.revoke_api_key(id))
+    }
+
+    /// The principal behind a tenant key, if the key exists and is not revoked (admin keys
+    /// stand for no tenant).
     pub async fn principal_for_key(&self, key: &str) -> Result<Option<Principal>, StoreError> {
         if !key.starts_with(crate::KEY_PREFIX) {
             return Ok(None);

@@ -546,4 +546,25 @@ impl PgBackend {
             None => CancelOutcome::NotFound,
         })
     }
+
+    /// Delete a dead job with its events, outbox rows, notification and embedding.
+    pub(crate) async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM jobs WHERE id = $1 AND state = 'dead'")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for table in ["job_events", "outbox", "semantic_entries"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE job_id = $1"))
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
 }

@@ -9,6 +9,7 @@ use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sluice_core::{Principal, Tier};
+use sqlx::Row;
 use uuid::Uuid;
 
 /// Every key starts with this, so secret scanners can spot a leaked one.
@@ -55,13 +56,83 @@ impl PgBackend {
         }
         let row = sqlx::query(
             "SELECT tenant, user_id, tier, email FROM api_keys
-             WHERE key_hash = $1 AND revoked_at IS NULL",
+             WHERE key_hash = $1 AND revoked_at IS NULL AND role = 'tenant'",
         )
         .bind(hash_key(key))
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(principal_from_row).transpose()
     }
+
+    pub(crate) async fn create_admin_key(&self, name: &str) -> Result<String, StoreError> {
+        let key = new_api_key();
+        sqlx::query(
+            "INSERT INTO api_keys (id, key_hash, key_prefix, tenant, user_id, tier, role)
+             VALUES ($1, $2, $3, '', $4, 'enterprise', 'admin')",
+        )
+        .bind(Uuid::now_v7())
+        .bind(hash_key(&key))
+        .bind(&key[..KEY_PREFIX.len() + 4])
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(key)
+    }
+
+    pub(crate) async fn admin_for_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT user_id FROM api_keys
+             WHERE key_hash = $1 AND revoked_at IS NULL AND role = 'admin'",
+        )
+        .bind(hash_key(key))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(name,)| name))
+    }
+
+    pub(crate) async fn api_keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, key_prefix, tenant, user_id, tier, role, email, created_at, revoked_at
+             FROM api_keys ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyInfo {
+                    id: r.try_get("id")?,
+                    prefix: r.try_get("key_prefix")?,
+                    admin: r.try_get::<String, _>("role")? == "admin",
+                    principal: principal_from_row(r)?,
+                    created_at: r.try_get("created_at")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn revoke_api_key(&self, id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// An API key as operators list it; the secret itself is never stored.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub id: Uuid,
+    /// The key's first characters, to tell keys apart.
+    pub prefix: String,
+    /// An operator key for `/admin/v1`; its principal's `user` is the operator's name.
+    pub admin: bool,
+    pub principal: Principal,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A key's owner from an `api_keys` row (`tenant`, `user_id`, `tier`, `email`), on either

@@ -27,7 +27,7 @@ pub use admission::{LaneStats, SemanticEntry, SettledFollowers};
 pub use batch::Batcher;
 pub use events::OwnedEvent;
 pub use jobs::{Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse};
-pub use keys::{hash_key, new_api_key, KEY_PREFIX};
+pub use keys::{hash_key, new_api_key, KeyInfo, KEY_PREFIX};
 pub use lifecycle::{Claim, Completion, DeadJob, Failure};
 pub use notifications::{Notification, NotificationRow, NotificationState};
 pub use outbox::OutboxMessage;

@@ -82,6 +82,8 @@ on_both_backends!(
     followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone,
     lane_stats_and_positions_count_queued_leaders,
     semantic_candidates_are_the_tenants_recent_successes,
+    admin_keys_stand_for_no_tenant_and_revoked_keys_for_nothing,
+    only_dead_jobs_are_purged_and_they_leave_nothing_behind,
 );
 
 /// The stored hash and prefix of the only API key, by raw SQL on either backend.
@@ -1489,4 +1491,50 @@ async fn semantic_candidates_are_the_tenants_recent_successes(db: TestDb) {
 
 fn sluice_core_vector(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+async fn admin_keys_stand_for_no_tenant_and_revoked_keys_for_nothing(db: TestDb) {
+    let admin = db.store.create_admin_key("ops").await.unwrap();
+    let tenant = db.store.create_api_key(&principal("acme")).await.unwrap();
+    assert_eq!(
+        db.store.admin_for_key(&admin).await.unwrap().as_deref(),
+        Some("ops")
+    );
+    assert!(db.store.principal_for_key(&admin).await.unwrap().is_none());
+    assert!(db.store.admin_for_key(&tenant).await.unwrap().is_none());
+    assert!(db.store.principal_for_key(&tenant).await.unwrap().is_some());
+    let keys = db.store.api_keys().await.unwrap();
+    assert_eq!(keys.iter().filter(|k| k.admin).count(), 1);
+    let acme = keys.iter().find(|k| !k.admin).unwrap();
+    assert!(tenant.starts_with(&acme.prefix) && acme.revoked_at.is_none());
+    assert!(db.store.revoke_api_key(acme.id).await.unwrap());
+    assert!(!db.store.revoke_api_key(acme.id).await.unwrap(), "once");
+    assert!(db.store.principal_for_key(&tenant).await.unwrap().is_none());
+}
+
+async fn only_dead_jobs_are_purged_and_they_leave_nothing_behind(db: TestDb) {
+    let mut job = new_job("acme", "doomed");
+    job.notify_email = Some("ada@example.com".into());
+    let message = created(db.store.insert_job(&job).await.unwrap());
+    assert!(
+        !db.store.purge_dead(job.id).await.unwrap(),
+        "queued jobs stay"
+    );
+    let claim = db.store.claim(&message.job, LEASE).await.unwrap().unwrap();
+    let failure = Failure {
+        error: "bad".into(),
+        endpoint: None,
+        throttled: false,
+    };
+    db.store
+        .dead_letter(claim.id, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(db.store.notification_for(job.id).await.unwrap().is_some());
+    assert!(db.store.purge_dead(job.id).await.unwrap());
+    assert!(db.store.job(job.id).await.unwrap().is_none());
+    assert!(db.store.events(job.id).await.unwrap().is_empty());
+    assert!(db.store.notification_for(job.id).await.unwrap().is_none());
+    assert!(!db.store.purge_dead(job.id).await.unwrap());
 }

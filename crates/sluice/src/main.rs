@@ -124,15 +124,23 @@ enum Command {
 enum KeysCommand {
     /// Create an API key; prints only the key.
     Create {
-        #[arg(long)]
-        tenant: String,
+        #[arg(long, required_unless_present = "admin")]
+        tenant: Option<String>,
+        /// The user; for an admin key, the operator's name.
         #[arg(long)]
         user: String,
-        #[arg(long)]
-        tier: Tier,
+        #[arg(long, required_unless_present = "admin")]
+        tier: Option<Tier>,
         #[arg(long)]
         email: Option<String>,
+        /// An operator key for /admin/v1 (and nothing else).
+        #[arg(long, conflicts_with_all = ["tenant", "tier", "email"])]
+        admin: bool,
     },
+    /// List keys (never the secrets): id, prefix, role, tenant, user, tier, revoked.
+    List,
+    /// Revoke a key by its id (from `keys list`).
+    Revoke { id: uuid::Uuid },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +152,70 @@ enum DlqCommand {
     },
     /// Put a dead job back in its lane with a fresh retry budget.
     Replay { id: RequestId },
+    /// Show a job (any state) with its event log.
+    Inspect { id: RequestId },
+    /// Delete a dead job for good.
+    Purge { id: RequestId },
+}
+
+async fn keys(store: &sluice_store::Store, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            tenant,
+            user,
+            tier,
+            email,
+            admin,
+        } => {
+            if user.trim().is_empty() {
+                anyhow::bail!("--user must not be empty");
+            }
+            let key = if admin {
+                store.create_admin_key(&user).await
+            } else {
+                let (Some(tenant), Some(tier)) = (tenant, tier) else {
+                    anyhow::bail!("a tenant key needs --tenant and --tier (or pass --admin)");
+                };
+                if tenant.trim().is_empty() {
+                    anyhow::bail!("--tenant must not be empty");
+                }
+                store
+                    .create_api_key(&Principal {
+                        tenant,
+                        user,
+                        tier,
+                        email,
+                    })
+                    .await
+            }
+            .context("could not store the key")?;
+            println!("{key}");
+        }
+        KeysCommand::List => {
+            for key in store.api_keys().await.context("could not list keys")? {
+                let role = if key.admin { "admin" } else { "tenant" };
+                let revoked = key.revoked_at.map_or_else(
+                    || "active".to_owned(),
+                    |at| format!("revoked {}", at.to_rfc3339()),
+                );
+                println!(
+                    "{}\t{}...\t{role}\t{}\t{}\t{}\t{revoked}",
+                    key.id,
+                    key.prefix,
+                    key.principal.tenant,
+                    key.principal.user,
+                    key.principal.tier
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            if !store.revoke_api_key(id).await.context("could not revoke")? {
+                anyhow::bail!("no active key with id {id}");
+            }
+            eprintln!("revoked {id}");
+        }
+    }
+    Ok(())
 }
 
 fn init_tracing() {
@@ -256,33 +328,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("migrations applied");
             Ok(())
         }
-        Command::Keys {
-            command:
-                KeysCommand::Create {
-                    tenant,
-                    user,
-                    tier,
-                    email,
-                },
-        } => {
-            for (what, value) in [("tenant", &tenant), ("user", &user)] {
-                if value.trim().is_empty() {
-                    anyhow::bail!("--{what} must not be empty");
-                }
-            }
+        Command::Keys { command } => {
             let config = Config::load(path)?;
             let store = stack::store(&config, config.database.migrate).await?;
-            let key = store
-                .create_api_key(&Principal {
-                    tenant,
-                    user,
-                    tier,
-                    email,
-                })
-                .await
-                .context("could not store the key")?;
-            println!("{key}");
-            Ok(())
+            keys(&store, command).await
         }
         Command::Submit {
             api,
@@ -298,6 +347,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 DlqCommand::List { limit } => stack::dlq_list(&config, limit).await,
                 DlqCommand::Replay { id } => stack::dlq_replay(&config, id).await,
+                DlqCommand::Inspect { id } => stack::dlq_inspect(&config, id).await,
+                DlqCommand::Purge { id } => stack::dlq_purge(&config, id).await,
             }
         }
         Command::Bench { command } => {

@@ -285,3 +285,37 @@ pub async fn dlq_replay(config: &Config, id: RequestId) -> anyhow::Result<()> {
     println!("{id}");
     Ok(())
 }
+
+pub async fn dlq_inspect(config: &Config, id: RequestId) -> anyhow::Result<()> {
+    let store = store(config, false).await?;
+    let job = store
+        .job(id)
+        .await?
+        .with_context(|| format!("no job {id}"))?;
+    println!(
+        "{}\t{}\t{}\t{}\t{}\tattempts {}",
+        job.id, job.tenant, job.user, job.model, job.state, job.attempt
+    );
+    if let Some(error) = &job.error {
+        println!("error\t{error}");
+    }
+    for event in store.events(id).await? {
+        let detail = event.detail.map(|d| d.to_string()).unwrap_or_default();
+        println!(
+            "{}\t{}\t{}\t{detail}",
+            event.seq,
+            event.at.to_rfc3339(),
+            event.state
+        );
+    }
+    Ok(())
+}
+
+pub async fn dlq_purge(config: &Config, id: RequestId) -> anyhow::Result<()> {
+    let store = store(config, false).await?;
+    if !store.purge_dead(id).await? {
+        anyhow::bail!("job {id} is not dead (or does not exist): only dead jobs are purged");
+    }
+    eprintln!("purged {id}");
+    Ok(())
+}

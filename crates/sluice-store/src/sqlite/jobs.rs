@@ -331,4 +331,24 @@ impl SqliteBackend {
             None => CancelOutcome::NotFound,
         })
     }
+
+    pub(crate) async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM jobs WHERE id = ?1 AND state = 'dead'")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for table in ["job_events", "outbox", "semantic_entries"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE job_id = ?1"))
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
 }

@@ -1,0 +1,346 @@
+//! The operator API under `/admin/v1`: dead-lettered jobs (list, inspect, replay, purge), lane
+//! depths and API keys. Only admin keys reach it, and admin keys reach nothing else.
+
+use crate::auth::bearer;
+use crate::jobs::JobView;
+use crate::json::JsonBody;
+use crate::{ApiError, ApiState};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sluice_core::{Lane, Principal, RequestId, Tier};
+use std::sync::Arc;
+
+/// An operator, by the name their admin key was created with.
+pub(crate) struct Admin(#[allow(dead_code)] pub String);
+
+impl FromRequestParts<Arc<ApiState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        let key = bearer(&parts.headers).ok_or_else(|| {
+            ApiError::unauthorized("send an admin key as Authorization: Bearer sk_sluice_...")
+        })?;
+        match state.store.admin_for_key(key).await {
+            Ok(Some(name)) => Ok(Admin(name)),
+            Ok(None) => Err(ApiError::unauthorized(
+                "this route needs an admin key (sluice keys create --admin)",
+            )),
+            Err(error) => Err(ApiError::internal(error)),
+        }
+    }
+}
+
+pub(crate) fn routes() -> Router<Arc<ApiState>> {
+    Router::new()
+        .route("/admin/v1/dead", get(dead))
+        .route("/admin/v1/jobs/{id}", get(inspect).delete(purge))
+        .route("/admin/v1/jobs/{id}/replay", post(replay))
+        .route("/admin/v1/lanes", get(lanes))
+        .route("/admin/v1/keys", get(keys).post(create_key))
+        .route("/admin/v1/keys/{id}", axum::routing::delete(revoke_key))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Limit {
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    100
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct DeadView {
+    request_id: RequestId,
+    tenant: String,
+    model: String,
+    error: Option<String>,
+    dead_at: chrono::DateTime<chrono::Utc>,
+}
+
+async fn dead(
+    State(state): State<Arc<ApiState>>,
+    _: Admin,
+    Query(Limit { limit }): Query<Limit>,
+) -> Result<Json<Vec<DeadView>>, ApiError> {
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::invalid("limit must be between 1 and 10000"));
+    }
+    let dead = state
+        .store
+        .dead_jobs(limit)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        dead.into_iter()
+            .map(|d| DeadView {
+                request_id: d.id,
+                tenant: d.tenant,
+                model: d.model,
+                error: d.error,
+                dead_at: d.at,
+            })
+            .collect(),
+    ))
+}
+
+/// Any tenant's job, with its tenant and its whole event log.
+#[derive(Debug, Serialize)]
+pub(crate) struct Inspected {
+    tenant: String,
+    user: String,
+    tier: Tier,
+    job: JobView,
+    events: Vec<EventView>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct EventView {
+    seq: i32,
+    state: sluice_core::JobState,
+    at: chrono::DateTime<chrono::Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<serde_json::Value>,
+}
+
+fn parse_id(id: &str) -> Result<RequestId, ApiError> {
+    id.parse().map_err(|_| ApiError::not_found("no such job"))
+}
+
+async fn inspected(state: &ApiState, id: RequestId) -> Result<Inspected, ApiError> {
+    let job = state
+        .store
+        .job(id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("no such job"))?;
+    let events = state
+        .store
+        .events(id)
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|e| EventView {
+            seq: e.seq,
+            state: e.state,
+            at: e.at,
+            detail: e.detail,
+        })
+        .collect();
+    Ok(Inspected {
+        tenant: job.tenant.clone(),
+        user: job.user.clone(),
+        tier: job.tier,
+        job: job.into(),
+        events,
+    })
+}
+
+async fn inspect(
+    State(state): State<Arc<ApiState>>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Inspected>, ApiError> {
+    Ok(Json(inspected(&state, parse_id(&id)?).await?))
+}
+
+/// Put a dead job back in its lane with a fresh retry budget.
+async fn replay(
+    State(state): State<Arc<ApiState>>,
+    Admin(name): Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Inspected>, ApiError> {
+    let id = parse_id(&id)?;
+    let Some(message) = state.store.replay(id).await.map_err(ApiError::internal)? else {
+        return Err(not_dead(&state, id).await);
+    };
+    tracing::info!(message = "dead job replayed", request_id = %id, admin = %name);
+    state.bus.changed(id, &message.job.tenant);
+    // The outbox row is committed: if this publish fails, the relay sends it.
+    state.publisher.publish_in_background(message);
+    Ok(Json(inspected(&state, id).await?))
+}
+
+/// Delete a dead job for good.
+async fn purge(
+    State(state): State<Arc<ApiState>>,
+    Admin(name): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    if !state
+        .store
+        .purge_dead(id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(not_dead(&state, id).await);
+    }
+    tracing::info!(message = "dead job purged", request_id = %id, admin = %name);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// 404 for an unknown job, 409 for one that is not dead.
+async fn not_dead(state: &ApiState, id: RequestId) -> ApiError {
+    match state.store.job(id).await {
+        Ok(Some(job)) => ApiError::new(
+            StatusCode::CONFLICT,
+            "not_dead",
+            format!("the job is {}, not dead", job.state),
+        ),
+        Ok(None) => ApiError::not_found("no such job"),
+        Err(error) => ApiError::internal(error),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct LaneView {
+    lane: Lane,
+    /// Jobs queued in the lane, from the database.
+    queued: u64,
+    /// Messages the broker holds for the lane (includes delayed retries where it can tell).
+    broker_depth: Option<u64>,
+    oldest_wait_secs: f64,
+    drained_per_sec: f64,
+}
+
+async fn lanes(
+    State(state): State<Arc<ApiState>>,
+    _: Admin,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let load = state.admission.load();
+    let mut lanes = Vec::new();
+    for lane in Lane::ALL {
+        let broker_depth = state.publisher.broker().depth(lane).await.ok();
+        let measured = load.lanes.get(&lane).cloned().unwrap_or_default();
+        lanes.push(LaneView {
+            lane,
+            queued: measured.depth,
+            broker_depth,
+            oldest_wait_secs: measured.oldest_wait.as_secs_f64(),
+            drained_per_sec: measured.drained_per_sec,
+        });
+    }
+    Ok(Json(serde_json::json!({
+        "lanes": lanes,
+        "load": { "level": load.assessment.level, "reason": load.assessment.reason },
+    })))
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct KeyView {
+    id: uuid::Uuid,
+    prefix: String,
+    admin: bool,
+    tenant: String,
+    user: String,
+    tier: Tier,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<String>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+async fn keys(
+    State(state): State<Arc<ApiState>>,
+    _: Admin,
+) -> Result<Json<Vec<KeyView>>, ApiError> {
+    let keys = state.store.api_keys().await.map_err(ApiError::internal)?;
+    Ok(Json(
+        keys.into_iter()
+            .map(|k| KeyView {
+                id: k.id,
+                prefix: k.prefix,
+                admin: k.admin,
+                tenant: k.principal.tenant,
+                user: k.principal.user,
+                tier: k.principal.tier,
+                email: k.principal.email,
+                created_at: k.created_at,
+                revoked_at: k.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+/// A key to create: a tenant key for `tenant`/`user`/`tier`, or with `admin: true` an
+/// operator key named `user`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewKey {
+    #[serde(default)]
+    tenant: Option<String>,
+    user: String,
+    #[serde(default)]
+    tier: Option<Tier>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    admin: bool,
+}
+
+async fn create_key(
+    State(state): State<Arc<ApiState>>,
+    Admin(name): Admin,
+    JsonBody { value: new }: JsonBody<NewKey>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let nonempty = |s: &str| !s.trim().is_empty() && s.len() <= 200;
+    if !nonempty(&new.user) {
+        return Err(ApiError::invalid("user must be 1 to 200 characters"));
+    }
+    let key = if new.admin {
+        if new.tenant.is_some() || new.tier.is_some() || new.email.is_some() {
+            return Err(ApiError::invalid(
+                "an admin key has no tenant, tier or email: give only user",
+            ));
+        }
+        state.store.create_admin_key(&new.user).await
+    } else {
+        let (Some(tenant), Some(tier)) = (new.tenant, new.tier) else {
+            return Err(ApiError::invalid("a tenant key needs tenant and tier"));
+        };
+        if !nonempty(&tenant) {
+            return Err(ApiError::invalid("tenant must be 1 to 200 characters"));
+        }
+        state
+            .store
+            .create_api_key(&Principal {
+                tenant,
+                user: new.user.clone(),
+                tier,
+                email: new.email,
+            })
+            .await
+    }
+    .map_err(ApiError::internal)?;
+    tracing::info!(message = "API key created", admin = %name, user = %new.user, operator_key = new.admin);
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "key": key }))))
+}
+
+async fn revoke_key(
+    State(state): State<Arc<ApiState>>,
+    Admin(name): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: uuid::Uuid = id.parse().map_err(|_| ApiError::not_found("no such key"))?;
+    if !state
+        .store
+        .revoke_api_key(id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::not_found("no such key, or it is already revoked"));
+    }
+    tracing::info!(message = "API key revoked", admin = %name, key = %id);
+    Ok(StatusCode::NO_CONTENT)
+}
