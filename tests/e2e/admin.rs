@@ -223,3 +223,56 @@ async fn admins_create_and_revoke_keys_through_the_api_and_the_cli() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_paused_lane_or_endpoint_holds_its_jobs_until_resumed() {
+    let app = spawn_app(AppOptions::default()).await;
+    let ops = app.store.create_admin_key("ops").await.unwrap();
+    let free = app.key("freebie", Tier::Free).await;
+    let pro = app.key("payer", Tier::Pro).await;
+    let post = |path: &'static str| admin(&app, reqwest::Method::POST, path, &ops);
+
+    let (status, paused) = post("/admin/v1/lanes/batch/pause").await;
+    assert_eq!(status, StatusCode::OK, "{paused}");
+    assert_eq!(paused["paused"], json!(["lane:batch"]));
+    // Workers read pauses every second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = app.submit(&free, "waits in the paused batch lane").await;
+    let served = app.submit(&pro, "the priority lane still runs").await;
+    app.wait_terminal(&[served], Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.state(held).await, JobState::Queued, "held while paused");
+    let (status, _) = post("/admin/v1/lanes/batch/resume").await;
+    assert_eq!(status, StatusCode::OK);
+    app.wait_terminal(&[held], Duration::from_secs(30)).await;
+    assert_eq!(app.state(held).await, JobState::Succeeded);
+
+    let (status, paused) = post("/admin/v1/endpoints/sim-1/pause").await;
+    assert_eq!(status, StatusCode::OK, "{paused}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let calls = app.sim.stats().total;
+    let held = app.submit(&pro, "waits for its only endpoint").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(app.sim.stats().total, calls, "no call to a paused endpoint");
+    assert_ne!(app.state(held).await, JobState::Succeeded);
+    let (status, lanes) = admin(&app, reqwest::Method::GET, "/admin/v1/lanes", &ops).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lanes["paused"], json!(["endpoint:sim-1"]));
+    post("/admin/v1/endpoints/sim-1/resume").await;
+    app.wait_terminal(&[held], Duration::from_secs(30)).await;
+    assert_eq!(app.state(held).await, JobState::Succeeded);
+
+    let (status, _) = post("/admin/v1/endpoints/nope/pause").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = post("/admin/v1/lanes/dead/pause").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = admin(
+        &app,
+        reqwest::Method::POST,
+        "/admin/v1/lanes/batch/pause",
+        &pro,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.cleanup().await;
+}

@@ -43,6 +43,8 @@ pub(crate) fn routes() -> Router<Arc<ApiState>> {
         .route("/admin/v1/jobs/{id}", get(inspect).delete(purge))
         .route("/admin/v1/jobs/{id}/replay", post(replay))
         .route("/admin/v1/lanes", get(lanes))
+        .route("/admin/v1/lanes/{lane}/{action}", post(pause_lane))
+        .route("/admin/v1/endpoints/{name}/{action}", post(pause_endpoint))
         .route("/admin/v1/keys", get(keys).post(create_key))
         .route("/admin/v1/keys/{id}", axum::routing::delete(revoke_key))
 }
@@ -230,10 +232,61 @@ async fn lanes(
             drained_per_sec: measured.drained_per_sec,
         });
     }
+    let paused = state.store.pauses().await.map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({
         "lanes": lanes,
+        "paused": paused,
         "load": { "level": load.assessment.level, "reason": load.assessment.reason },
     })))
+}
+
+/// `pause` or `resume` a target; answers what is paused now.
+async fn set_paused(
+    state: &ApiState,
+    admin: &str,
+    target: String,
+    action: &str,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let changed = match action {
+        "pause" => state.store.pause(&target, admin).await,
+        "resume" => state.store.resume(&target).await,
+        _ => return Err(ApiError::not_found("no such route: use pause or resume")),
+    }
+    .map_err(ApiError::internal)?;
+    if changed {
+        tracing::info!(message = "operator changed a pause", %target, action, %admin);
+    }
+    let paused = state.store.pauses().await.map_err(ApiError::internal)?;
+    Ok(Json(
+        serde_json::json!({ "changed": changed, "paused": paused }),
+    ))
+}
+
+/// Workers stop taking jobs from a paused lane (within a second); its jobs wait in the broker.
+async fn pause_lane(
+    State(state): State<Arc<ApiState>>,
+    Admin(name): Admin,
+    Path((lane, action)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let lane: Lane = lane
+        .parse()
+        .ok()
+        .filter(|l| Lane::CONSUMED.contains(l))
+        .ok_or_else(|| ApiError::not_found("no such lane: priority, standard, batch or retry"))?;
+    set_paused(&state, &name, format!("lane:{lane}"), &action).await
+}
+
+/// Workers send nothing to a paused endpoint (within a second); its pool's others serve, or
+/// the route's fallbacks once every endpoint of the pool is paused.
+async fn pause_endpoint(
+    State(state): State<Arc<ApiState>>,
+    Admin(admin): Admin,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.admission.endpoints.contains(&name) {
+        return Err(ApiError::not_found(format!("no endpoint named {name:?}")));
+    }
+    set_paused(&state, &admin, format!("endpoint:{name}"), &action).await
 }
 
 #[derive(Debug, Serialize)]

@@ -196,6 +196,8 @@ pub struct Admission {
     pub semantic: Option<SemanticCache>,
     /// Model alias -> route, for the route's cheaper and classified pools and semantic cache.
     pub routes: BTreeMap<String, RouteTarget>,
+    /// Every configured endpoint's name: what operators may pause.
+    pub endpoints: std::collections::BTreeSet<String>,
     load: RwLock<Arc<LoadSnapshot>>,
     /// Tenants' spend today as last read, with when: budgets need not be exact to the cent.
     spend: Mutex<HashMap<String, (Instant, f64)>>,
@@ -219,6 +221,7 @@ impl Admission {
         quotas: Quotas,
         semantic: Option<SemanticCache>,
         routes: BTreeMap<String, RouteTarget>,
+        endpoints: std::collections::BTreeSet<String>,
         tiers: &TierLanes,
     ) -> Admission {
         let idle = LoadSnapshot {
@@ -232,6 +235,7 @@ impl Admission {
             quotas,
             semantic,
             routes,
+            endpoints,
             load: RwLock::new(Arc::new(idle)),
             spend: Mutex::new(HashMap::new()),
         }

@@ -44,11 +44,24 @@ struct Health {
     /// Token budget, when the endpoint has a `tpm`: charged the estimate up front and
     /// corrected with the real usage afterwards.
     tokens: Option<Gcra>,
+    /// An operator paused the endpoint: it takes no calls until resumed.
+    paused: bool,
 }
 
+/// How long a paused endpoint reports until it could serve: it is looked at again then.
+const PAUSED_WAIT: Duration = Duration::from_secs(1);
+
 impl Health {
+    /// Whether the endpoint may be asked at all: not paused, breaker not open.
+    fn available(&self, now: Duration) -> bool {
+        !self.paused && self.breaker.state(now) != BreakerState::Open
+    }
+
     /// How long until a call estimated at `tokens` could go, without taking anything.
     fn wait(&self, now: Duration, tokens: u32) -> Duration {
+        if self.paused {
+            return PAUSED_WAIT;
+        }
         let requests = match self.breaker.retry_in(now) {
             Some(open) => open.max(self.rate.wait_time(now)),
             None => self.rate.wait_time(now),
@@ -182,6 +195,7 @@ impl Pool {
                 tokens: config
                     .tpm
                     .map(|tpm| Gcra::per_minute(tpm, (tpm / 60).max(1) - 1)),
+                paused: false,
             });
             let shared = options
                 .shared
@@ -286,9 +300,7 @@ impl Pool {
             .health
             .iter()
             .enumerate()
-            .filter(|(_, h)| {
-                h.breaker.state(now) != BreakerState::Open && h.wait(now, tokens).is_zero()
-            })
+            .filter(|(_, h)| h.available(now) && h.wait(now, tokens).is_zero())
             .map(|(i, _)| (i, self.shares[i]))
             .collect();
         if ready.is_empty() {
@@ -328,6 +340,8 @@ impl Pool {
         state
             .health
             .iter()
+            // A paused endpoint keeps its pace here: it may be resumed any second, and jobs
+            // waiting for it should be looked at again soon, not parked as if it were broken.
             .filter(|h| h.breaker.state(now) != BreakerState::Open)
             .map(|h| h.rate.effective_rpm(now) / 60.0)
             .sum()
@@ -352,14 +366,21 @@ impl Pool {
             .unwrap_or(Duration::MAX)
     }
 
-    /// Whether every endpoint's breaker is open: the pool cannot serve at all for now.
+    /// Whether every endpoint is paused or has its breaker open: the pool cannot serve at all
+    /// for now, so its route's fallback pools may.
     pub fn is_down(&self) -> bool {
         let state = lock(&self.state);
         let now = self.origin.elapsed();
-        state
-            .health
-            .iter()
-            .all(|h| h.breaker.state(now) == BreakerState::Open)
+        state.health.iter().all(|h| !h.available(now))
+    }
+
+    /// Pause the endpoints named in `paused` and resume the others (an operator's choice,
+    /// read by every worker from the database).
+    pub fn set_paused(&self, paused: &std::collections::HashSet<String>) {
+        let mut state = lock(&self.state);
+        for (endpoint, health) in self.endpoints.iter().zip(state.health.iter_mut()) {
+            health.paused = paused.contains(&endpoint.name);
+        }
     }
 
     /// Each endpoint's current effective rate in requests per minute (for metrics and tests).
@@ -696,6 +717,24 @@ impl Router {
         self.routes.get(alias).map_or(&[], Vec::as_slice)
     }
 
+    /// Pause the named endpoints in every pool and resume all others.
+    pub fn set_paused_endpoints(&self, paused: &std::collections::HashSet<String>) {
+        for (key, pools) in &self.routes {
+            if key.starts_with(POOL_ROUTE_PREFIX) {
+                pools.iter().for_each(|pool| pool.set_paused(paused));
+            }
+        }
+    }
+
+    /// Every endpoint name the router knows.
+    pub fn endpoint_names(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|(key, _)| key.starts_with(POOL_ROUTE_PREFIX))
+            .flat_map(|(_, pools)| pools.iter().flat_map(|p| p.endpoints().map(str::to_owned)))
+            .collect()
+    }
+
     /// The model aliases this router serves, sorted (not the `pool:NAME` keys).
     pub fn aliases(&self) -> impl Iterator<Item = &str> {
         self.routes
@@ -881,6 +920,26 @@ mod tests {
                 endpoint: "e1".into()
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_paused_endpoint_takes_no_calls_until_resumed() {
+        let pool = pool_of(vec![(6000, Ok(())), (6000, Ok(()))]).unwrap();
+        let names: Vec<String> = pool.endpoints().map(str::to_owned).collect();
+        pool.set_paused(&std::collections::HashSet::from([names[0].clone()]));
+        for _ in 0..3 {
+            let (endpoint, _) = call(&pool).await.unwrap();
+            assert_eq!(endpoint, names[1], "only the running endpoint serves");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pool.set_paused(&names.iter().cloned().collect());
+        assert!(pool.is_down());
+        assert!(pool.try_acquire().await.is_none());
+        assert!(pool.wait_time() > Duration::ZERO);
+        pool.set_paused(&std::collections::HashSet::new());
+        assert!(!pool.is_down());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(call(&pool).await.is_some());
     }
 
     #[test]

@@ -305,4 +305,30 @@ impl PgBackend {
             })
             .collect())
     }
+
+    pub(crate) async fn pause(&self, target: &str, by: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO pauses (target, paused_by) VALUES ($1, $2) ON CONFLICT (target) DO NOTHING",
+        )
+        .bind(target)
+        .bind(by)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(crate) async fn resume(&self, target: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM pauses WHERE target = $1")
+            .bind(target)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(crate) async fn pauses(&self) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT target FROM pauses ORDER BY target")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
 }

@@ -440,4 +440,19 @@ impl Store {
     ) -> Result<Vec<SemanticEntry>, StoreError> {
         dispatch!(self.semantic_candidates(tenant, model, within, limit))
     }
+
+    /// Pause a lane (`lane:NAME`) or an endpoint (`endpoint:NAME`); `false` if it already was.
+    pub async fn pause(&self, target: &str, by: &str) -> Result<bool, StoreError> {
+        dispatch!(self.pause(target, by))
+    }
+
+    /// Resume a paused lane or endpoint; `false` if it was not paused.
+    pub async fn resume(&self, target: &str) -> Result<bool, StoreError> {
+        dispatch!(self.resume(target))
+    }
+
+    /// Everything paused, as `lane:NAME` and `endpoint:NAME`.
+    pub async fn pauses(&self) -> Result<Vec<String>, StoreError> {
+        dispatch!(self.pauses())
+    }
 }

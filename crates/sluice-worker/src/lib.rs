@@ -113,6 +113,8 @@ pub struct Worker {
     pub(crate) held: Held,
     /// Where state changes and streamed text are announced to API nodes.
     pub(crate) bus: EventBus,
+    /// Lanes an operator paused: their jobs stay buffered, untaken, until resumed.
+    pub(crate) paused_lanes: Arc<Mutex<Vec<Lane>>>,
 }
 
 impl Worker {
@@ -164,6 +166,7 @@ impl Worker {
             config,
             held: Held::default(),
             bus,
+            paused_lanes: Arc::default(),
         }))
     }
 
@@ -206,6 +209,7 @@ impl Worker {
         self.spawn_heartbeat(background.clone());
         self.spawn_reaper(background.clone());
         self.spawn_follower_settler(background.clone());
+        self.spawn_pause_reader(background.clone());
         sluice_outbox::spawn_relay(
             self.store.clone(),
             self.publisher.clone(),
@@ -248,9 +252,12 @@ impl Worker {
             }
             // Only jobs one of whose pools can serve now compete, so a saturated pool holds
             // up no one else; a job turned away with a 429 goes first once its pool has room.
+            let paused = self.paused_lanes();
+            let runnable =
+                |w: &Waiting| !paused.contains(&w.delivery.lane) && self.usable_pool(w).is_some();
             let picked = queue
-                .pop_where(|w| w.delivery.job.rate_limited && self.usable_pool(w).is_some())
-                .or_else(|| queue.pop_where(|w| self.usable_pool(w).is_some()));
+                .pop_where(|w| w.delivery.job.rate_limited && runnable(w))
+                .or_else(|| queue.pop_where(runnable));
             let Some((_, _, waiting)) = picked else {
                 drop(slot);
                 let wait = self.soonest_wait(&queue);
@@ -527,6 +534,50 @@ impl Worker {
                         }
                     }
                     Err(error) => tracing::warn!(message = "settling followers failed", %error),
+                }
+            }
+        });
+    }
+}
+
+impl Worker {
+    fn paused_lanes(&self) -> Vec<Lane> {
+        self.paused_lanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Read what operators paused every second: lanes this worker stops taking jobs from, and
+    /// endpoints its pools stop calling.
+    fn spawn_pause_reader(self: &Arc<Self>, stop: CancellationToken) {
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                match worker.store.pauses().await {
+                    Ok(targets) => {
+                        let lanes: Vec<Lane> = targets
+                            .iter()
+                            .filter_map(|t| t.strip_prefix("lane:"))
+                            .filter_map(|l| l.parse().ok())
+                            .collect();
+                        let endpoints: std::collections::HashSet<String> = targets
+                            .iter()
+                            .filter_map(|t| t.strip_prefix("endpoint:"))
+                            .map(str::to_owned)
+                            .collect();
+                        worker.router.set_paused_endpoints(&endpoints);
+                        *worker
+                            .paused_lanes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = lanes;
+                    }
+                    // Keep the last known pauses: an outage must not resume what was paused.
+                    Err(error) => tracing::warn!(message = "could not read pauses", %error),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(SETTLE_FOLLOWERS_EVERY) => {}
                 }
             }
         });

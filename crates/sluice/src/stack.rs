@@ -146,6 +146,11 @@ pub fn admission(
         quotas,
         semantic,
         config.routes.clone(),
+        config
+            .pools
+            .iter()
+            .flat_map(|p| p.endpoints.iter().map(|e| e.name.clone()))
+            .collect(),
         &config.tiers,
     ));
     admission.spawn_load_monitor(store.clone(), config.tiers, shutdown);
