@@ -4,7 +4,8 @@
 #   docker run --rm -p 8080:8080 -e SLUICE_LISTEN=0.0.0.0:8080 sluice serve
 
 # ---- build ------------------------------------------------------------------------------
-FROM rust:1.85-bookworm AS builder
+# The locked AWS SDK crates need Rust 1.94.1 or newer (the workspace's rust-version says 1.85).
+FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 # Migrations are embedded into the binary at compile time (sqlx::migrate!), so they are part
 # of the build context along with the workspace.
