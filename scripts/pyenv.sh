@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create or update the Python virtualenv the tests' helper servers run in (the SMTP sink
-# scripts/smtp_sink.py on aiosmtpd, and moto's SQS-compatible server), and print its path.
+# scripts/smtp_sink.py on aiosmtpd, and moto's SQS-compatible server) and the deployment checks
+# use (scripts/check-deploy.sh: checkov, jsonschema, python-hcl2, dockerfile-parse), and print its path.
 # Idempotent, and quick when everything is already installed.
 set -euo pipefail
 
@@ -8,7 +9,8 @@ venv="${SLUICE_VENV:-$HOME/.cache/sluice/venv}"
 mkdir -p "$(dirname "$venv")"
 
 ready() {
-  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import aiosmtpd, moto.server, flask_cors' 2>/dev/null
+  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import aiosmtpd, moto.server, flask_cors, checkov, jsonschema, yaml, hcl2, dockerfile_parse' \
+    2>/dev/null
 }
 
 if ! ready; then
@@ -16,10 +18,11 @@ if ! ready; then
   exec 9>"$venv.lock"
   flock 9
   if ! ready; then
-    echo "pyenv: creating $venv with aiosmtpd and moto[server]" >&2
+    echo "pyenv: creating $venv with aiosmtpd, moto[server], checkov and the deploy checkers" >&2
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-      'aiosmtpd>=1.4,<2' 'moto[server]>=5,<6' >&2
+      'aiosmtpd>=1.4,<2' 'moto[server]>=5,<6' \
+      'checkov>=3.2,<4' 'jsonschema>=4.18,<5' 'PyYAML>=6,<7' 'python-hcl2>=4,<9' 'dockerfile-parse>=2,<3' >&2
   fi
 fi
 echo "$venv"
