@@ -213,17 +213,28 @@ pub struct Routing {
     pub route: Option<(String, String)>,
 }
 
+/// The configuration sections admission follows: `[cache]`, `[shedding]`, `[budgets]`.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionPolicy {
+    pub cache: CacheConfig,
+    pub shedding: SheddingConfig,
+    pub budgets: BudgetConfig,
+}
+
 impl Admission {
     pub fn new(
-        cache: CacheConfig,
-        shedding: SheddingConfig,
-        budgets: BudgetConfig,
+        policy: AdmissionPolicy,
         quotas: Quotas,
         semantic: Option<SemanticCache>,
         routes: BTreeMap<String, RouteTarget>,
         endpoints: std::collections::BTreeSet<String>,
         tiers: &TierLanes,
     ) -> Admission {
+        let AdmissionPolicy {
+            cache,
+            shedding,
+            budgets,
+        } = policy;
         let idle = LoadSnapshot {
             assessment: assess(&BTreeMap::new(), tiers, &shedding.targets),
             lanes: BTreeMap::new(),

@@ -4,7 +4,7 @@
 use crate::config::{Config, QueueBackend};
 use anyhow::Context;
 use sluice_admission::Quotas;
-use sluice_api::admission::SemanticCache;
+use sluice_api::admission::{AdmissionPolicy, SemanticCache};
 use sluice_api::{Admission, ApiState};
 use sluice_broker::rabbitmq::RabbitBroker;
 use sluice_broker::Broker;
@@ -139,10 +139,13 @@ pub fn admission(
         }
         None => None,
     };
+    let policy = AdmissionPolicy {
+        cache: config.cache.clone(),
+        shedding: config.shedding.clone(),
+        budgets: config.budgets.clone(),
+    };
     let admission = Arc::new(Admission::new(
-        config.cache.clone(),
-        config.shedding.clone(),
-        config.budgets.clone(),
+        policy,
         quotas,
         semantic,
         config.routes.clone(),
