@@ -13,5 +13,6 @@ mod fairness;
 mod faults;
 mod helpers;
 mod limits;
+mod logs;
 mod notify;
 mod watch;

@@ -251,6 +251,7 @@ impl IntoResponse for Submitted {
     }
 }
 
+#[tracing::instrument(name = "submit", skip_all, fields(request_id = tracing::field::Empty, tenant = %principal.tenant))]
 pub async fn submit(
     State(state): State<Arc<ApiState>>,
     Caller(principal): Caller,
@@ -278,8 +279,10 @@ pub async fn submit(
     admission.take_quota(&principal).await?;
     let lane = state.tier_lanes.lane_for(principal.tier);
     let request_hash = reuse.then(|| Admission::request_hash(&principal.tenant, &request));
+    let id = RequestId::new();
+    tracing::Span::current().record("request_id", tracing::field::display(id));
     let mut job = NewJob {
-        id: RequestId::new(),
+        id,
         principal,
         lane,
         request,
@@ -315,7 +318,6 @@ pub async fn submit(
         }
         embedding = lookup.remember;
     }
-    let id = job.id;
     let tenant = job.principal.tenant.clone();
     let route = job.route.clone();
     let accepted = if job.idempotency.is_some() {

@@ -8,9 +8,24 @@ use sluice_notify::BusMessage;
 use sluice_providers::{ChatRequest, Permit, ProviderError};
 use sluice_store::{Completion, Failure, OutboxMessage};
 use std::time::Duration;
+use tracing::Instrument;
 
 impl Worker {
+    /// Handle one delivery inside a span carrying its request_id, so every line logged
+    /// meanwhile names the job.
     pub(crate) async fn process(&self, delivery: Delivery, permit: Option<Permit>) {
+        let span = tracing::info_span!(
+            "job",
+            request_id = %delivery.job.request_id,
+            attempt = delivery.job.attempt,
+            lane = %delivery.lane,
+        );
+        self.process_in_span(delivery, permit)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_in_span(&self, delivery: Delivery, permit: Option<Permit>) {
         let job = delivery.job.clone();
         let id = job.request_id;
         let claim = match self.claims.call(job.clone()).await {

@@ -149,8 +149,10 @@ impl Config {
         // Variables read by the client commands and the test suite are not configuration.
         let figment = figment.merge(Env::prefixed("SLUICE_").split("__").filter(|key| {
             let key = key.as_str().to_ascii_lowercase();
-            !matches!(key.as_str(), "config" | "api_url" | "api_key" | "log")
-                && !key.starts_with("test_")
+            !matches!(
+                key.as_str(),
+                "config" | "api_url" | "api_key" | "log" | "log_format"
+            ) && !key.starts_with("test_")
         }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate()?;

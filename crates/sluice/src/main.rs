@@ -218,14 +218,31 @@ async fn keys(store: &sluice_store::Store, command: KeysCommand) -> anyhow::Resu
     Ok(())
 }
 
+/// Logs go to stderr, filtered by `SLUICE_LOG` (else `RUST_LOG`), as text or, with
+/// `SLUICE_LOG_FORMAT=json`, one JSON object a line carrying the current span's fields (a job's
+/// `request_id` on everything logged while it is handled).
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match std::env::var("SLUICE_LOG_FORMAT").as_deref() {
+        Ok("json") => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+        Ok("human") | Ok("") | Err(_) => builder.init(),
+        Ok(other) => {
+            builder.init();
+            tracing::warn!(
+                message = "SLUICE_LOG_FORMAT must be human or json; logging as human",
+                value = other
+            );
+        }
+    }
 }
 
 /// Fires on Ctrl-C or SIGTERM.
