@@ -12,5 +12,6 @@ mod fairness;
 mod faults;
 mod helpers;
 mod limits;
+mod metrics;
 mod notify;
 mod watch;
