@@ -120,6 +120,8 @@ pub struct TestApp {
     schema: String,
     api_process: Option<Child>,
     pub workers: Vec<Child>,
+    /// Each worker's metrics URL (`http://ADDR/metrics`), in the order of `workers`.
+    pub worker_metrics: Vec<String>,
     /// The SQS server of a `Queue::Sqs` app; stopped with the app.
     moto: Option<sluice_sqs::testing::MotoServer>,
     /// The database file of a `Queue::Sqlite` app; removed with the app.
@@ -165,6 +167,7 @@ prefetch = {concurrency}
 lease_secs = {lease}
 reap_interval_secs = 0.5
 shutdown_grace_secs = 10
+metrics_listen = "127.0.0.1:0"
 
 [worker.retry]
 base_delay_secs = {base}
@@ -278,6 +281,7 @@ default = {route}
         schema,
         api_process: None,
         workers: Vec::new(),
+        worker_metrics: Vec::new(),
         moto,
         sqlite_file: sqlite.then_some(sqlite_file),
     };
@@ -342,6 +346,7 @@ impl TestApp {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
+        self.worker_metrics.clear();
         let (child, url) = self.start_api_node().await;
         self.api = url;
         self.api_process = Some(child);
@@ -351,12 +356,16 @@ impl TestApp {
     }
 
     pub async fn start_worker(&mut self) {
-        let (child, _) = self.start("worker", "worker started").await;
+        // Printed just before "worker started", once the metrics port is bound.
+        let (child, line) = self.start("worker", "worker metrics on ").await;
+        let url = line.split("metrics on ").nth(1).unwrap().trim();
+        self.worker_metrics.push(format!("{url}/metrics"));
         self.workers.push(child);
     }
 
     /// `kill -9` a worker.
     pub async fn kill_worker(&mut self, index: usize) {
+        self.worker_metrics.remove(index);
         let mut child = self.workers.remove(index);
         child.start_kill().unwrap();
         child.wait().await.unwrap();
@@ -364,6 +373,7 @@ impl TestApp {
 
     /// SIGTERM a worker and wait for it to exit; returns its exit status.
     pub async fn terminate_worker(&mut self, index: usize) -> std::process::ExitStatus {
+        self.worker_metrics.remove(index);
         let mut child = self.workers.remove(index);
         let pid = child.id().unwrap();
         let status = std::process::Command::new("kill")

@@ -14,5 +14,6 @@ mod faults;
 mod helpers;
 mod limits;
 mod logs;
+mod metrics;
 mod notify;
 mod watch;

@@ -296,6 +296,7 @@ impl Admission {
                             })
                             .collect();
                         let assessment = assess(&lanes, &tiers, &admission.shedding.targets);
+                        crate::telemetry::lane_load(&lanes, assessment.level);
                         if last_level != Some(assessment.level) {
                             tracing::info!(message = "load level", level = %assessment.level, reason = %assessment.reason);
                             last_level = Some(assessment.level);

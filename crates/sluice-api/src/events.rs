@@ -58,6 +58,8 @@ pub async fn sse(
     // has nothing more to say, so the stream ends at once.
     let first = subscription.try_recv();
     let done = job.state.is_terminal() && first.is_none();
+    // Counted until the response stream is dropped: ended, or the client went away.
+    let subscriber = crate::telemetry::Subscriber::open("sse");
     let events = stream::unfold(
         (subscription, first, done),
         |(mut sub, first, done): (Subscription, Option<Outgoing>, bool)| async move {
@@ -84,6 +86,10 @@ pub async fn sse(
             }
         },
     )
+    .map(move |event| {
+        let _counted = &subscriber;
+        event
+    })
     .boxed();
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }

@@ -4,6 +4,7 @@
 use crate::admission::Admission;
 use crate::auth::Caller;
 use crate::json::JsonBody;
+use crate::telemetry;
 use crate::{ApiError, ApiState};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -276,7 +277,11 @@ pub async fn submit(
         })
         .transpose()?;
     let admission = &state.admission;
-    admission.take_quota(&principal).await?;
+    let tier = principal.tier;
+    admission
+        .take_quota(&principal)
+        .await
+        .inspect_err(|_| telemetry::job("refused", tier))?;
     let lane = state.tier_lanes.lane_for(principal.tier);
     let request_hash = reuse.then(|| Admission::request_hash(&principal.tenant, &request));
     let id = RequestId::new();
@@ -295,26 +300,39 @@ pub async fn submit(
     let may_reuse = job.idempotency.is_none();
     if let (Some(hash), true) = (&job.request_hash, may_reuse) {
         let tenant = &job.principal.tenant;
+        let mut answered = None;
         if let Some(source) = admission.exact_answer(&state.store, tenant, hash).await? {
-            if let Some(view) = answer(&state, &job, source, Reuse::Exact).await? {
-                return Ok(Submitted::Answered(view));
-            }
+            answered = answer(&state, &job, source, Reuse::Exact).await?;
+        }
+        telemetry::cache_lookup("exact", answered.is_some());
+        if let Some(view) = answered {
+            return Ok(Submitted::Answered(view));
         }
     }
-    admission.check_load(&job.principal, lane)?;
+    admission
+        .check_load(&job.principal, lane)
+        .inspect_err(|_| telemetry::job("shed", tier))?;
     let routing = admission
         .route(&state.store, &job.principal, &job.request)
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if e.code == "budget_exhausted" {
+                telemetry::job("refused", tier);
+            }
+        })?;
     job.route = routing.route;
     let mut embedding = None;
     if let (Some(cache), true) = (admission.semantic_for(&job.request), may_reuse && reuse) {
         let lookup = admission
             .semantic_answer(cache, &state.store, &job.principal.tenant, &job.request)
             .await?;
+        let mut answered = None;
         if let Some(source) = lookup.hit {
-            if let Some(view) = answer(&state, &job, source, Reuse::Semantic).await? {
-                return Ok(Submitted::Answered(view));
-            }
+            answered = answer(&state, &job, source, Reuse::Semantic).await?;
+        }
+        telemetry::cache_lookup("semantic", answered.is_some());
+        if let Some(view) = answered {
+            return Ok(Submitted::Answered(view));
         }
         embedding = lookup.remember;
     }
@@ -370,6 +388,15 @@ pub async fn submit(
         }
         StoreAccepted::Attached { leader } => Some(leader),
     };
+    // A job attached to an identical one in flight is reused, not queued: it counts as cached.
+    telemetry::job(
+        if attached_to.is_some() {
+            "cached"
+        } else {
+            "accepted"
+        },
+        tier,
+    );
     tracing::debug!(message = "job accepted", request_id = %id, %lane, attached = attached_to.is_some());
     let position = admission.position_now(lane);
     let (route, route_reason) = match route {
@@ -407,6 +434,7 @@ async fn answer(
         return Ok(None);
     }
     state.bus.changed(job.id, &job.principal.tenant);
+    telemetry::job("cached", job.principal.tier);
     tracing::debug!(message = "job answered from cache", request_id = %job.id, cache = how.as_str(), %source);
     let record = state
         .store
@@ -468,7 +496,16 @@ pub async fn cancel(
     {
         CancelOutcome::Cancelled => {
             state.bus.changed(id, &principal.tenant);
-            view(&state, &principal.tenant, id).await
+            // Read here rather than through `view`: the counter wants the submitter's tier,
+            // and a cancelled job has no place in a lane to look up.
+            let job = state
+                .store
+                .get_job(&principal.tenant, id)
+                .await
+                .map_err(ApiError::internal)?
+                .ok_or_else(|| ApiError::not_found("no such job"))?;
+            telemetry::job("cancelled", job.tier);
+            Ok(Json(job.into()))
         }
         CancelOutcome::Terminal(job_state) => Err(ApiError::new(
             StatusCode::CONFLICT,

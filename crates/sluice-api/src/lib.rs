@@ -10,6 +10,7 @@ mod events;
 mod jobs;
 mod json;
 mod stream;
+mod telemetry;
 
 pub use admission::Admission;
 pub use error::ApiError;
@@ -23,6 +24,12 @@ use sluice_store::{JobWriter, Store};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// Renders the process's metrics as Prometheus text; the binary owns the recorder.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The content type of the Prometheus text format.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -40,10 +47,13 @@ pub struct ApiState {
     pub bus: EventBus,
     /// Fans events out to this node's WebSocket and SSE subscribers.
     pub hub: Hub,
+    /// What `GET /metrics` serves; without it the route answers 404.
+    pub metrics: Option<RenderMetrics>,
     keys: auth::KeyCache,
 }
 
 impl ApiState {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         writer: JobWriter,
@@ -52,6 +62,7 @@ impl ApiState {
         tier_lanes: TierLanes,
         bus: EventBus,
         hub: Hub,
+        metrics: Option<RenderMetrics>,
     ) -> Arc<ApiState> {
         Arc::new(ApiState {
             store,
@@ -61,6 +72,7 @@ impl ApiState {
             tier_lanes,
             bus,
             hub,
+            metrics,
             keys: auth::KeyCache::default(),
         })
     }
@@ -76,6 +88,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .merge(admin::routes())
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -119,6 +132,20 @@ async fn ready(
             "lanes": load.assessment.lanes,
         }
     })))
+}
+
+/// Prometheus text, without a key like the health probes: scrapers hold no API key.
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let render = state
+        .metrics
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("metrics are not enabled"))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+        render(),
+    ))
 }
 
 async fn not_found() -> ApiError {

@@ -98,6 +98,8 @@ async fn run(mut socket: WebSocket, state: Arc<ApiState>, key: Option<String>) {
         .await;
         return;
     };
+    // Counted from authentication until the socket closes, however it closes.
+    let _subscriber = crate::telemetry::Subscriber::open("websocket");
     let mut subscription = state.hub.subscribe(&principal.tenant);
     let write_timeout = state.hub.config().write_timeout();
     let (mut tx, mut rx) = socket.split();

@@ -23,8 +23,8 @@ pub use error::ProviderError;
 pub use gemini::Gemini;
 pub use openai::OpenAiCompatible;
 pub use pool::{
-    pool_route, ClassifyPools, Permit, Pool, PoolOptions, RouteSpec, RouteTarget, Router,
-    POOL_ROUTE_PREFIX,
+    pool_route, ClassifyPools, EndpointStats, Permit, Pool, PoolOptions, RouteSpec, RouteTarget,
+    Router, POOL_ROUTE_PREFIX,
 };
 pub use shared::{SharedBudget, SharedError, SharedLimiter, SharedLimits};
 

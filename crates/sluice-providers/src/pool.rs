@@ -11,13 +11,15 @@ use crate::{Anthropic, ChatRequest, ChatResponse, Gemini, Provider, ProviderErro
 use serde::Deserialize;
 use sluice_core::gcra::Gcra;
 use sluice_core::{AdaptiveConfig, AdaptiveRate, Breaker, BreakerConfig, BreakerState};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 struct Endpoint {
     name: String,
+    /// The configured limit, against which use is measured.
+    rpm: u32,
     /// What a call costs, for the job's cost and its tenant's budget.
     price: Option<sluice_core::Price>,
     provider: Arc<dyn Provider>,
@@ -46,6 +48,36 @@ struct Health {
     tokens: Option<Gcra>,
     /// An operator paused the endpoint: it takes no calls until resumed.
     paused: bool,
+    /// When this process's permits of the last minute were granted, oldest first: the
+    /// limiter's state is a rate, not a count, and utilization wants the count.
+    granted: VecDeque<Duration>,
+}
+
+/// The window of [`EndpointStats::used_last_minute`].
+const USE_WINDOW: Duration = Duration::from_secs(60);
+
+impl Health {
+    fn forget_before(&mut self, now: Duration) {
+        while self
+            .granted
+            .front()
+            .is_some_and(|at| now.saturating_sub(*at) > USE_WINDOW)
+        {
+            self.granted.pop_front();
+        }
+    }
+}
+
+/// One endpoint as metrics see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointStats {
+    pub name: String,
+    /// The configured requests per minute.
+    pub rpm: u32,
+    /// Permits this process was granted on the endpoint in the last minute (other workers'
+    /// are theirs to report).
+    pub used_last_minute: u32,
+    pub breaker: BreakerState,
 }
 
 /// How long a paused endpoint reports until it could serve: it is looked at again then.
@@ -196,6 +228,7 @@ impl Pool {
                     .tpm
                     .map(|tpm| Gcra::per_minute(tpm, (tpm / 60).max(1) - 1)),
                 paused: false,
+                granted: VecDeque::new(),
             });
             let shared = options
                 .shared
@@ -208,6 +241,7 @@ impl Pool {
                 .map(|(limits, tpm)| limits.token_budget(&config.name, tpm, (tpm / 60).max(1) - 1));
             eps.push(Arc::new(Endpoint {
                 name: config.name,
+                rpm: config.rpm,
                 price: config.price,
                 provider,
                 shared,
@@ -287,6 +321,13 @@ impl Pool {
                 give_back();
                 return None;
             }
+        }
+        {
+            let now = self.origin.elapsed();
+            let mut state = lock(&self.state);
+            let health = &mut state.health[index];
+            health.forget_before(now);
+            health.granted.push_back(now);
         }
         Some(self.permit(index, tokens))
     }
@@ -391,6 +432,25 @@ impl Pool {
             .iter()
             .zip(&state.health)
             .map(|(e, h)| (e.name.clone(), h.rate.effective_rpm(now)))
+            .collect()
+    }
+
+    /// Each endpoint's configured rate, its use over the last minute and its breaker state.
+    pub fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        let mut state = lock(&self.state);
+        let now = self.origin.elapsed();
+        self.endpoints
+            .iter()
+            .zip(state.health.iter_mut())
+            .map(|(e, h)| {
+                h.forget_before(now);
+                EndpointStats {
+                    name: e.name.clone(),
+                    rpm: e.rpm,
+                    used_last_minute: u32::try_from(h.granted.len()).unwrap_or(u32::MAX),
+                    breaker: h.breaker.state(now),
+                }
+            })
             .collect()
     }
 
@@ -726,13 +786,13 @@ impl Router {
         }
     }
 
-    /// Every endpoint name the router knows.
-    pub fn endpoint_names(&self) -> Vec<String> {
+    /// Every pool once, by name.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
         self.routes
             .iter()
             .filter(|(key, _)| key.starts_with(POOL_ROUTE_PREFIX))
-            .flat_map(|(_, pools)| pools.iter().flat_map(|p| p.endpoints().map(str::to_owned)))
-            .collect()
+            .filter_map(|(_, chain)| chain.first())
+            .map(|p| &**p)
     }
 
     /// The model aliases this router serves, sorted (not the `pool:NAME` keys).
@@ -887,6 +947,36 @@ mod tests {
             "the breaker opens after 5 consecutive failures"
         );
         assert!(!p.is_down(), "the healthy endpoint keeps the pool up");
+    }
+
+    #[tokio::test]
+    async fn endpoint_stats_count_granted_permits_and_show_the_breaker() {
+        let down = Err(ProviderError::Server {
+            status: 503,
+            message: "down".into(),
+        });
+        let p = pool_of(vec![(60_000, down), (60_000, Ok(()))]).unwrap();
+        let mut granted = 0;
+        for _ in 0..40 {
+            if call(&p).await.is_some() {
+                granted += 1;
+            } else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let stats = p.endpoint_stats();
+        assert_eq!(stats.len(), 2);
+        assert_eq!(stats[0].rpm, 60_000);
+        assert_eq!(
+            stats.iter().map(|s| s.used_last_minute).sum::<u32>(),
+            granted
+        );
+        assert_eq!(
+            stats[0].used_last_minute, 5,
+            "the failing one until it opened"
+        );
+        assert_eq!(stats[0].breaker, BreakerState::Open);
+        assert_eq!(stats[1].breaker, BreakerState::Closed);
     }
 
     #[tokio::test]

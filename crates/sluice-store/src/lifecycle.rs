@@ -25,6 +25,8 @@ pub struct Claim {
     pub throttled: i32,
     pub lane: Lane,
     pub request: JobRequest,
+    /// When the job was accepted: the start of its queue wait and of its time to completion.
+    pub created_at: DateTime<Utc>,
 }
 
 /// A dead-lettered job as operators list it.
@@ -82,12 +84,12 @@ impl PgBackend {
                  WHERE jobs.id = input.id AND jobs.attempt = input.attempt
                    AND jobs.state IN ('queued', 'retrying')
                  RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.tries, jobs.throttled,
-                           jobs.lane, jobs.request
+                           jobs.lane, jobs.request, jobs.created_at
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, 'running', jsonb_build_object('attempt', attempt) FROM j
              )
-             SELECT id, attempt, tries, throttled, lane, request FROM j",
+             SELECT id, attempt, tries, throttled, lane, request, created_at FROM j",
         )
         .bind(&ids)
         .bind(&attempts)
@@ -109,6 +111,7 @@ impl PgBackend {
                     throttled: r.try_get("throttled")?,
                     lane: parse_lane(&lane)?,
                     request: serde_json::from_value(request).map_err(corrupt)?,
+                    created_at: r.try_get("created_at")?,
                 },
             );
         }

@@ -4,6 +4,7 @@
 //! Alongside run the lease heartbeat, the reaper for leases of dead workers, and the outbox relay.
 
 mod process;
+mod telemetry;
 
 use futures::StreamExt;
 use serde::Deserialize;
@@ -41,6 +42,9 @@ pub struct WorkerConfig {
     pub park_after_secs: f64,
     pub weights: LaneWeights,
     pub retry: RetryPolicy,
+    /// Where the worker process serves `GET /metrics` (Prometheus text); none by default.
+    /// Served by the `sluice` binary, which owns the recorder; port 0 picks a free one.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -55,6 +59,7 @@ impl Default for WorkerConfig {
             park_after_secs: 2.0,
             weights: LaneWeights::default(),
             retry: RetryPolicy::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -210,6 +215,7 @@ impl Worker {
         self.spawn_reaper(background.clone());
         self.spawn_follower_settler(background.clone());
         self.spawn_pause_reader(background.clone());
+        self.spawn_endpoint_sampler(background.clone());
         sluice_outbox::spawn_relay(
             self.store.clone(),
             self.publisher.clone(),
@@ -582,8 +588,25 @@ impl Worker {
             }
         });
     }
+
+    /// Sample every endpoint's limit use and breaker into gauges: they change with time, not
+    /// only with calls, so they are read on a clock.
+    fn spawn_endpoint_sampler(self: &Arc<Self>, stop: CancellationToken) {
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                telemetry::endpoints(&worker.router);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(SAMPLE_ENDPOINTS_EVERY) => {}
+                }
+            }
+        });
+    }
 }
 
+/// How often endpoint gauges are refreshed.
+const SAMPLE_ENDPOINTS_EVERY: Duration = Duration::from_secs(1);
 /// How often followers of finished jobs are looked for.
 const SETTLE_FOLLOWERS_EVERY: Duration = Duration::from_secs(1);
 /// How often the buffer is checked for jobs to park.

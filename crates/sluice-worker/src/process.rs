@@ -1,13 +1,13 @@
 //! One job's turn: claim it, call the provider through the permit, and record the outcome.
 //! Every write is fenced by the claim's attempt, so a stale message changes nothing.
 
-use crate::Worker;
+use crate::{telemetry, Worker};
 use sluice_broker::Delivery;
 use sluice_core::RetryDecision;
 use sluice_notify::BusMessage;
 use sluice_providers::{ChatRequest, Permit, ProviderError};
-use sluice_store::{Completion, Failure, OutboxMessage};
-use std::time::Duration;
+use sluice_store::{Claim, Completion, Failure, OutboxMessage};
+use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 impl Worker {
@@ -45,14 +45,17 @@ impl Worker {
             }
         };
         self.bus.changed(id, &job.tenant);
+        // The first claim ever ends the job's wait in its lane (later ones follow retries).
+        if claim.attempt == 1 {
+            telemetry::queue_wait(claim.lane, claim.created_at);
+        }
         let Some(permit) = permit else {
             let failure = Failure {
                 error: format!("no route for model {:?}", claim.request.model),
                 endpoint: None,
                 throttled: false,
             };
-            self.finish_failed(delivery, claim.attempt, failure, None)
-                .await;
+            self.finish_failed(delivery, &claim, failure, None).await;
             return;
         };
 
@@ -64,6 +67,7 @@ impl Worker {
             request_id: &request_id,
             job: &claim.request,
         };
+        let called = Instant::now();
         let outcome = if claim.request.stream {
             let (tx, mut deltas) = tokio::sync::mpsc::channel::<String>(256);
             let bus = self.bus.clone();
@@ -89,6 +93,12 @@ impl Worker {
             permit.call(request).await
         };
         self.held.remove(id);
+        let call_outcome = match &outcome {
+            Ok(_) => "ok",
+            Err(ProviderError::RateLimited { .. }) => "rate_limited",
+            Err(_) => "error",
+        };
+        telemetry::provider_call(&endpoint, call_outcome, called.elapsed());
 
         match outcome {
             Ok(response) => {
@@ -98,6 +108,13 @@ impl Worker {
                         response.usage.completion_tokens,
                     )
                 });
+                // What the provider served and bills, whether or not the result is kept.
+                telemetry::usage(
+                    &endpoint,
+                    response.usage.prompt_tokens,
+                    response.usage.completion_tokens,
+                    cost,
+                );
                 let result = match serde_json::to_value(&response) {
                     Ok(v) => v,
                     Err(error) => {
@@ -116,6 +133,8 @@ impl Worker {
                 };
                 match self.completions.call(completion).await {
                     Ok(true) => {
+                        telemetry::job("completed", claim.lane);
+                        telemetry::job_duration(claim.lane, claim.created_at);
                         self.bus.changed(id, &job.tenant);
                         tracing::debug!(message = "job succeeded", request_id = %id, %endpoint)
                     }
@@ -143,7 +162,7 @@ impl Worker {
                     claim.tries
                 };
                 let count = u32::try_from(count).unwrap_or(u32::MAX);
-                self.finish_failed(delivery, claim.attempt, failure, Some((&error, count)))
+                self.finish_failed(delivery, &claim, failure, Some((&error, count)))
                     .await;
             }
         }
@@ -154,11 +173,12 @@ impl Worker {
     async fn finish_failed(
         &self,
         delivery: Delivery,
-        attempt: i32,
+        claim: &Claim,
         failure: Failure,
         provider: Option<(&ProviderError, u32)>,
     ) {
         let id = delivery.job.request_id;
+        let attempt = claim.attempt;
         let decision = match provider {
             Some((ProviderError::RateLimited { retry_after, .. }, throttled)) => self
                 .config
@@ -179,6 +199,10 @@ impl Worker {
             }
             None => RetryDecision::Dead,
         };
+        let event = match decision {
+            RetryDecision::RetryAfter(_) => "failed",
+            RetryDecision::Dead => "dead",
+        };
         let stored = match decision {
             RetryDecision::RetryAfter(delay) => {
                 tracing::info!(message = "attempt failed; retrying", request_id = %id, attempt, error = %failure.error, delay_ms = delay.as_millis() as u64);
@@ -191,6 +215,7 @@ impl Worker {
         };
         match stored {
             Ok(Some(message)) => {
+                telemetry::job(event, claim.lane);
                 self.bus.changed(id, &message.job.tenant);
                 self.publish(message).await
             }

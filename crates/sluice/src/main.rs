@@ -6,6 +6,7 @@ mod bench;
 mod client;
 mod config;
 mod embedded;
+mod metrics;
 mod ratelimit;
 mod stack;
 

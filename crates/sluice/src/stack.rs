@@ -180,6 +180,7 @@ pub fn api_state(
         config.tiers,
         bus,
         hub,
+        Some(crate::metrics::render(crate::metrics::install()?)),
     ))
 }
 
@@ -243,6 +244,10 @@ pub async fn worker(
         event_bus(&config)?,
     )?;
     // A child token, so a worker that fails also stops its mailer.
+    let metrics = crate::metrics::install()?;
+    if let Some(addr) = config.worker.metrics_listen {
+        crate::metrics::serve_worker(addr, metrics, shutdown.child_token()).await?;
+    }
     let mail_stop = shutdown.child_token();
     let mailer = mailer.map(|mailer| tokio::spawn(mailer.run(mail_stop.clone())));
     println!("sluice worker started");

@@ -62,7 +62,7 @@ impl SqliteBackend {
                                  lease_until = ?3, started_at = COALESCE(started_at, ?4),
                                  updated_at = ?4, event_seq = event_seq + 1
                  WHERE id = ?1 AND attempt = ?2 AND state IN ('queued', 'retrying')
-                 RETURNING event_seq, attempt, tries, throttled, lane, request",
+                 RETURNING event_seq, attempt, tries, throttled, lane, request, created_at",
             )
             .bind(job.request_id.0)
             .bind(job.attempt)
@@ -94,6 +94,7 @@ impl SqliteBackend {
                 throttled: r.try_get("throttled")?,
                 lane: parse_lane(&lane)?,
                 request: request_of(&r)?,
+                created_at: req_ts(&r, "created_at")?,
             }));
         }
         tx.commit().await?;
