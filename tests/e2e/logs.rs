@@ -77,3 +77,102 @@ async fn json_logs_of_api_and_worker_carry_the_jobs_request_id() {
     assert_eq!(done["level"], "DEBUG");
     app.cleanup().await;
 }
+
+/// A stand-in OTLP/HTTP collector: answers every request 200 and hands on each body.
+async fn collector() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                loop {
+                    // One request: headers up to the blank line, then content-length bytes.
+                    let head_end = loop {
+                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buffer.len() < head_end + length {
+                        let mut chunk = [0u8; 8192];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buffer[head_end..head_end + length].to_vec();
+                    buffer.drain(..head_end + length);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let _ = tx.send((path, body));
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if socket.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_set_the_workers_job_spans_are_exported() {
+    let app = spawn_app(AppOptions {
+        workers: 0,
+        ..AppOptions::default()
+    })
+    .await;
+    let (endpoint, mut received) = collector().await;
+    let mut worker = Command::new(BIN)
+        .args(["--config", app.config_path.to_str().unwrap(), "worker"])
+        // The export follows the log filter: the job span is at info.
+        .env("SLUICE_LOG", "warn,sluice_worker=info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let key = app.key("acme", Tier::Pro).await;
+    let id = app.submit(&key, "trace me").await;
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    // The span's request_id attribute is a protobuf string: its UTF-8 bytes are in the body.
+    let wanted = id.to_string().into_bytes();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some((path, body)) = received.recv().await {
+            assert_eq!(path, "/v1/traces");
+            if body.windows(wanted.len()).any(|w| w == wanted.as_slice()) {
+                assert!(
+                    body.windows(3).any(|w| w == b"job"),
+                    "the span is named job"
+                );
+                return;
+            }
+        }
+    })
+    .await
+    .expect("no exported span carried the job's request_id within 20 s");
+    let _ = worker.start_kill();
+    app.cleanup().await;
+}

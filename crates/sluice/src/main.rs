@@ -6,6 +6,7 @@ mod bench;
 mod client;
 mod config;
 mod embedded;
+mod logging;
 mod metrics;
 mod ratelimit;
 mod stack;
@@ -219,33 +220,6 @@ async fn keys(store: &sluice_store::Store, command: KeysCommand) -> anyhow::Resu
     Ok(())
 }
 
-/// Logs go to stderr, filtered by `SLUICE_LOG` (else `RUST_LOG`), as text or, with
-/// `SLUICE_LOG_FORMAT=json`, one JSON object a line carrying the current span's fields (a job's
-/// `request_id` on everything logged while it is handled).
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match std::env::var("SLUICE_LOG_FORMAT").as_deref() {
-        Ok("json") => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-        Ok("human") | Ok("") | Err(_) => builder.init(),
-        Ok(other) => {
-            builder.init();
-            tracing::warn!(
-                message = "SLUICE_LOG_FORMAT must be human or json; logging as human",
-                value = other
-            );
-        }
-    }
-}
-
 /// Fires on Ctrl-C or SIGTERM.
 fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
@@ -276,14 +250,17 @@ fn shutdown_signal() -> CancellationToken {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    init_tracing();
-    match run(Cli::parse()).await {
+    let telemetry = logging::init();
+    let code = match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Spans still batched go out before the process ends.
+    telemetry.shutdown();
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
