@@ -1538,3 +1538,26 @@ async fn only_dead_jobs_are_purged_and_they_leave_nothing_behind(db: TestDb) {
     assert!(db.store.notification_for(job.id).await.unwrap().is_none());
     assert!(!db.store.purge_dead(job.id).await.unwrap());
 }
+
+/// A `sslmode=require` URL gets an encrypted connection (RDS forces TLS), and the default
+/// `prefer` takes TLS where the server offers it.
+#[tokio::test]
+async fn postgres_connections_use_tls_when_the_url_requires_it() {
+    let base = std::env::var("SLUICE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let store = sluice_store::Store::connect(&sluice_store::StoreConfig {
+        url: format!("{base}{separator}sslmode=require"),
+        migrate: false,
+        ..sluice_store::StoreConfig::default()
+    })
+    .await
+    .unwrap();
+    let (ssl,): (bool,) =
+        sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(store.pg_pool().unwrap())
+            .await
+            .unwrap();
+    assert!(ssl, "the connection is not encrypted");
+    store.close().await;
+}
