@@ -374,3 +374,117 @@ async fn local_clones_share_counters() {
     }
     expect_refused(take(&nodes, 3, &p).await, QuotaScope::User, "clones share");
 }
+
+/// A private redis-server that speaks only TLS, with a self-signed certificate made for it;
+/// stopped when dropped.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_redis() -> TlsRedis {
+    let dir = std::env::temp_dir().join(unique_prefix("tls").replace(':', "-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+        ])
+        .arg("/CN=127.0.0.1")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert)
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    TlsRedis {
+        child,
+        port,
+        _dir: TempDir(dir),
+    }
+}
+
+/// ElastiCache with encryption in transit speaks only TLS: `rediss://` URLs must work. The
+/// limit is enforced, which only a reached Redis does (an unreachable one fails open).
+#[tokio::test]
+async fn quotas_are_counted_in_a_redis_that_speaks_only_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = tls_redis();
+    let url = format!("rediss://127.0.0.1:{}/#insecure", redis.port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS redis-server did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let config = free(&[(60, 2)], &[]);
+    let quotas = Quotas::redis(&url, &unique_prefix("tls"), config).unwrap();
+    window_with_room(60, Duration::from_secs(5)).await;
+    let ada = principal("acme", "ada");
+    quotas.take(&ada).await.unwrap();
+    quotas.take(&ada).await.unwrap();
+    expect_refused(
+        quotas.take(&ada).await,
+        QuotaScope::User,
+        "the third over TLS",
+    );
+}

@@ -250,6 +250,8 @@ fn shutdown_signal() -> CancellationToken {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Startup: fails only if another provider was installed first, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let telemetry = logging::init();
     let code = match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
