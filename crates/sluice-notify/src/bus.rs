@@ -55,7 +55,8 @@ pub struct EventBus {
 enum Transport {
     /// Listeners in this process only.
     Local(broadcast::Sender<BusMessage>),
-    Redis(RedisBus),
+    /// Boxed: the client holds its TLS settings, far larger than a local sender.
+    Redis(Box<RedisBus>),
 }
 
 struct RedisBus {
@@ -83,12 +84,12 @@ impl EventBus {
         let channel = format!("{prefix}:events");
         tokio::spawn(publish_loop(client.clone(), channel.clone(), queue));
         Ok(EventBus {
-            inner: Arc::new(Transport::Redis(RedisBus {
+            inner: Arc::new(Transport::Redis(Box::new(RedisBus {
                 client,
                 channel,
                 outgoing,
                 listening: Mutex::new(None),
-            })),
+            }))),
         })
     }
 
