@@ -1,5 +1,5 @@
 //! Sluice's HTTP API: clients submit jobs, poll, follow (SSE, WebSocket) and cancel them;
-//! operators probe health.
+//! operators probe health, administer and watch the dashboard.
 //! Handlers are thin: authenticate, parse the body into domain types, call the store and publisher.
 
 mod admin;
