@@ -6,6 +6,7 @@ mod admin;
 mod admission;
 mod api;
 mod bench;
+mod dashboard;
 mod delivery;
 mod embedded;
 mod events;

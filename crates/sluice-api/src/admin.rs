@@ -82,17 +82,19 @@ async fn dead(
         .dead_jobs(limit)
         .await
         .map_err(ApiError::internal)?;
-    Ok(Json(
-        dead.into_iter()
-            .map(|d| DeadView {
-                request_id: d.id,
-                tenant: d.tenant,
-                model: d.model,
-                error: d.error,
-                dead_at: d.at,
-            })
-            .collect(),
-    ))
+    Ok(Json(dead.into_iter().map(DeadView::from).collect()))
+}
+
+impl From<sluice_store::DeadJob> for DeadView {
+    fn from(d: sluice_store::DeadJob) -> Self {
+        DeadView {
+            request_id: d.id,
+            tenant: d.tenant,
+            model: d.model,
+            error: d.error,
+            dead_at: d.at,
+        }
+    }
 }
 
 /// Any tenant's job, with its tenant and its whole event log.
@@ -283,7 +285,7 @@ async fn pause_endpoint(
     Admin(admin): Admin,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !state.admission.endpoints.contains(&name) {
+    if !state.admission.endpoints.contains_key(&name) {
         return Err(ApiError::not_found(format!("no endpoint named {name:?}")));
     }
     set_paused(&state, &admin, format!("endpoint:{name}"), &action).await

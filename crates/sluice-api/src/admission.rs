@@ -196,8 +196,9 @@ pub struct Admission {
     pub semantic: Option<SemanticCache>,
     /// Model alias -> route, for the route's cheaper and classified pools and semantic cache.
     pub routes: BTreeMap<String, RouteTarget>,
-    /// Every configured endpoint's name: what operators may pause.
-    pub endpoints: std::collections::BTreeSet<String>,
+    /// Every configured endpoint's name (what operators may pause) with its requests per
+    /// minute (what the dashboard measures its calls against).
+    pub endpoints: BTreeMap<String, u32>,
     load: RwLock<Arc<LoadSnapshot>>,
     /// Tenants' spend today as last read, with when: budgets need not be exact to the cent.
     spend: Mutex<HashMap<String, (Instant, f64)>>,
@@ -227,7 +228,7 @@ impl Admission {
         quotas: Quotas,
         semantic: Option<SemanticCache>,
         routes: BTreeMap<String, RouteTarget>,
-        endpoints: std::collections::BTreeSet<String>,
+        endpoints: BTreeMap<String, u32>,
         tiers: &TierLanes,
     ) -> Admission {
         let AdmissionPolicy {

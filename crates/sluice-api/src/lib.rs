@@ -1,10 +1,11 @@
 //! Sluice's HTTP API: clients submit jobs, poll, follow (SSE, WebSocket) and cancel them;
-//! operators probe health.
+//! operators probe health, administer and watch the dashboard.
 //! Handlers are thin: authenticate, parse the body into domain types, call the store and publisher.
 
 mod admin;
 pub mod admission;
 mod auth;
+mod dashboard;
 mod error;
 mod events;
 mod jobs;
@@ -88,6 +89,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .merge(admin::routes())
+        .merge(dashboard::routes())
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -6,7 +6,7 @@ use crate::jobs::{Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob
 use crate::lifecycle::{Claim, Completion, DeadJob, Failure};
 use crate::notifications::{Notification, NotificationRow, NotificationState};
 use crate::outbox::OutboxMessage;
-use crate::stats::LaneWait;
+use crate::stats::{EndpointMinute, FinishedBucket, LaneWait};
 use crate::{Db, OwnedEvent, Store, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobState, Lane, Principal, RequestId};
@@ -357,7 +357,33 @@ impl Store {
 
     /// p50 and p95 queue wait per lane over jobs that started.
     pub async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
-        dispatch!(self.queue_wait_by_lane())
+        dispatch!(self.queue_wait_by_lane(None))
+    }
+
+    /// p50 and p95 queue wait per lane over jobs that started since `since`.
+    pub async fn queue_wait_by_lane_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<LaneWait>, StoreError> {
+        dispatch!(self.queue_wait_by_lane(Some(since)))
+    }
+
+    /// Jobs finished since `since`, per `bucket_secs` bucket; empty buckets are left out.
+    pub async fn finished_per_bucket(
+        &self,
+        since: DateTime<Utc>,
+        bucket_secs: u32,
+    ) -> Result<Vec<FinishedBucket>, StoreError> {
+        dispatch!(self.finished_per_bucket(since, bucket_secs))
+    }
+
+    /// Provider calls (and the 429s among them) per endpoint and minute since `since`, read
+    /// from the job events: one per completion and per failed attempt.
+    pub async fn endpoint_calls_per_minute(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<EndpointMinute>, StoreError> {
+        dispatch!(self.endpoint_calls_per_minute(since))
     }
 
     /// Jobs that finished in `[from, to)` seconds after the first claim: utilization over a window.

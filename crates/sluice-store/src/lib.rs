@@ -31,7 +31,7 @@ pub use keys::{hash_key, new_api_key, KeyInfo, KEY_PREFIX};
 pub use lifecycle::{Claim, Completion, DeadJob, Failure};
 pub use notifications::{Notification, NotificationRow, NotificationState};
 pub use outbox::OutboxMessage;
-pub use stats::{LaneWait, LatencySummary};
+pub use stats::{EndpointMinute, FinishedBucket, LaneWait, LatencySummary};
 pub use writer::JobWriter;
 
 use serde::Deserialize;

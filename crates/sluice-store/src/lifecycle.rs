@@ -239,7 +239,7 @@ impl PgBackend {
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, $3,
                         jsonb_build_object('error', $4::text, 'delay_ms', $7::bigint,
-                                           'throttled', $8::boolean) FROM j
+                                           'throttled', $8::boolean, 'endpoint', $5::text) FROM j
              ), o AS (
                  INSERT INTO outbox (job_id, lane, attempt, deliver_at, reason)
                  SELECT id, $6, attempt, now() + $7 * interval '1 millisecond',

@@ -3,6 +3,7 @@
 
 use crate::postgres::PgBackend;
 use crate::StoreError;
+use chrono::{DateTime, Utc};
 
 impl PgBackend {
     /// Jobs in a terminal state.
@@ -59,14 +60,19 @@ pub struct LaneWait {
 }
 
 impl PgBackend {
-    /// p50 and p95 queue wait per lane over jobs that started.
-    pub(crate) async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
+    /// p50 and p95 queue wait per lane over jobs that started (since `since`, when given).
+    pub(crate) async fn queue_wait_by_lane(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<LaneWait>, StoreError> {
         let rows: Vec<(String, i64, Option<f64>, Option<f64>)> = sqlx::query_as(
             "SELECT lane, count(*),
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)::float8),
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)::float8)
-             FROM jobs WHERE started_at IS NOT NULL GROUP BY lane ORDER BY lane",
+             FROM jobs WHERE started_at IS NOT NULL AND ($1::timestamptz IS NULL OR started_at >= $1)
+             GROUP BY lane ORDER BY lane",
         )
+        .bind(since)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -103,5 +109,81 @@ impl PgBackend {
         .fetch_one(&self.pool)
         .await?;
         Ok(span.unwrap_or_default())
+    }
+}
+
+/// Jobs that reached a terminal state within one bucket of time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedBucket {
+    pub start: DateTime<Utc>,
+    pub jobs: i64,
+}
+
+/// Provider calls recorded for one endpoint within one minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointMinute {
+    pub endpoint: String,
+    pub minute: DateTime<Utc>,
+    /// Calls with a known outcome: successes, failures and 429s.
+    pub calls: i64,
+    /// Of those, the ones the provider answered 429.
+    pub throttled: i64,
+}
+
+/// Which job events stand for one provider call, and the endpoint that took it. A succeeded
+/// event without detail is a worker's completion (cached and attached answers carry detail);
+/// a failure event with `throttled` is a worker's failed call (the reaper's carry only an
+/// error). Failures name their endpoint since the dashboard came; older ones fall back to the
+/// job's last endpoint.
+const CALL_EVENTS: &str = "
+    SELECT CASE WHEN e.detail ? 'endpoint' THEN e.detail->>'endpoint' ELSE j.endpoint END AS endpoint,
+           e.at, COALESCE((e.detail->>'throttled')::boolean, false) AS throttled
+    FROM job_events e JOIN jobs j ON j.id = e.job_id
+    WHERE e.at >= $1
+      AND ((e.state = 'succeeded' AND e.detail IS NULL)
+           OR (e.state IN ('retrying', 'dead') AND e.detail ? 'throttled'))";
+
+impl PgBackend {
+    /// Jobs finished since `since`, counted per `bucket_secs` bucket (empty buckets left out).
+    pub(crate) async fn finished_per_bucket(
+        &self,
+        since: DateTime<Utc>,
+        bucket_secs: u32,
+    ) -> Result<Vec<FinishedBucket>, StoreError> {
+        let rows: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
+            "SELECT to_timestamp(floor(extract(epoch FROM finished_at) / $2) * $2), count(*)
+             FROM jobs WHERE finished_at >= $1 GROUP BY 1 ORDER BY 1",
+        )
+        .bind(since)
+        .bind(f64::from(bucket_secs.max(1)))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(start, jobs)| FinishedBucket { start, jobs })
+            .collect())
+    }
+
+    /// Provider calls per endpoint and minute since `since`, from the job events.
+    pub(crate) async fn endpoint_calls_per_minute(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<EndpointMinute>, StoreError> {
+        let rows: Vec<(String, DateTime<Utc>, i64, i64)> = sqlx::query_as(&format!(
+            "SELECT endpoint, date_trunc('minute', at), count(*), count(*) FILTER (WHERE throttled)
+             FROM ({CALL_EVENTS}) c WHERE endpoint IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2"
+        ))
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(endpoint, minute, calls, throttled)| EndpointMinute {
+                endpoint,
+                minute,
+                calls,
+                throttled,
+            })
+            .collect())
     }
 }

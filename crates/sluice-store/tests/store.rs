@@ -77,6 +77,7 @@ on_both_backends!(
     events_younger_than_the_settle_time_are_held_back_with_all_that_follow,
     mailers_claim_due_notifications_once_and_record_the_outcome,
     stats_summarise_finished_jobs,
+    dashboard_series_count_finished_jobs_and_calls_per_endpoint,
     identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer,
     a_reusable_answer_completes_a_job_at_once_within_its_tenant_only,
     followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone,
@@ -910,6 +911,84 @@ async fn stats_summarise_finished_jobs(db: TestDb) {
         db.store.finished_in_window(3600.0, 7200.0).await.unwrap(),
         0
     );
+    db.drop().await;
+}
+
+async fn dashboard_series_count_finished_jobs_and_calls_per_endpoint(db: TestDb) {
+    let since = chrono::Utc::now() - chrono::Duration::minutes(15);
+    let (done, claim) = claimed_job_for(&db, None, LEASE).await;
+    assert!(db
+        .store
+        .complete(done, claim.attempt, &serde_json::json!({}), "e1")
+        .await
+        .unwrap());
+    // A 429 from e2, then a failure on e2 that dead-letters the job.
+    let (dead, claim) = claimed_job_for(&db, None, LEASE).await;
+    let mut failure = Failure {
+        error: "provider returned 429".into(),
+        endpoint: Some("e2".into()),
+        throttled: true,
+    };
+    let retry = db
+        .store
+        .retry_later(dead, claim.attempt, &failure, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    let claim = db.store.claim(&retry.job, LEASE).await.unwrap().unwrap();
+    failure.error = "provider returned 400".into();
+    failure.throttled = false;
+    db.store
+        .dead_letter(dead, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    created(
+        db.store
+            .insert_job(&new_job("acme", "waiting"))
+            .await
+            .unwrap(),
+    );
+
+    let buckets = db.store.finished_per_bucket(since, 10).await.unwrap();
+    assert_eq!(
+        buckets.iter().map(|b| b.jobs).sum::<i64>(),
+        2,
+        "{buckets:?}"
+    );
+    assert!(buckets.iter().all(|b| b.start.timestamp() % 10 == 0));
+    let calls = db.store.endpoint_calls_per_minute(since).await.unwrap();
+    let total = |name: &str| {
+        calls
+            .iter()
+            .filter(|c| c.endpoint == name)
+            .fold((0, 0), |(a, b), c| (a + c.calls, b + c.throttled))
+    };
+    assert_eq!(total("e1"), (1, 0), "{calls:?}");
+    assert_eq!(total("e2"), (2, 1), "one 429 and one failure: {calls:?}");
+    assert!(calls.iter().all(|c| c.minute.timestamp() % 60 == 0));
+    let waits = db.store.queue_wait_by_lane_since(since).await.unwrap();
+    assert_eq!(waits.len(), 1);
+    assert_eq!(waits[0].jobs, 2);
+    let later = chrono::Utc::now() + chrono::Duration::minutes(1);
+    assert!(db
+        .store
+        .queue_wait_by_lane_since(later)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(db
+        .store
+        .finished_per_bucket(later, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(db
+        .store
+        .endpoint_calls_per_minute(later)
+        .await
+        .unwrap()
+        .is_empty());
     db.drop().await;
 }
 

@@ -152,7 +152,7 @@ pub fn admission(
         config
             .pools
             .iter()
-            .flat_map(|p| p.endpoints.iter().map(|e| e.name.clone()))
+            .flat_map(|p| p.endpoints.iter().map(|e| (e.name.clone(), e.rpm)))
             .collect(),
         &config.tiers,
     ));

@@ -228,6 +228,7 @@ impl SqliteBackend {
             "error": failure.error,
             "delay_ms": crate::millis(delay),
             "throttled": failure.throttled,
+            "endpoint": failure.endpoint,
         });
         let seq: i32 = r.try_get("event_seq")?;
         insert_event(&mut tx, id.0, seq, state, Some(&detail), &at).await?;

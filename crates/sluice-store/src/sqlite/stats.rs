@@ -2,7 +2,7 @@
 //! `percentile_cont`, so the timestamps are read and the percentiles computed here.
 
 use super::{parse_ts, ts, SqliteBackend};
-use crate::stats::{LaneWait, LatencySummary};
+use crate::stats::{EndpointMinute, FinishedBucket, LaneWait, LatencySummary};
 use crate::StoreError;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -68,10 +68,17 @@ impl SqliteBackend {
         })
     }
 
-    pub(crate) async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
+    pub(crate) async fn queue_wait_by_lane(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<LaneWait>, StoreError> {
+        // Fixed-width timestamps compare as text; the empty string is before them all.
+        let since = since.map(ts).unwrap_or_default();
         let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT lane, created_at, started_at FROM jobs WHERE started_at IS NOT NULL",
+            "SELECT lane, created_at, started_at FROM jobs
+             WHERE started_at IS NOT NULL AND started_at >= ?1",
         )
+        .bind(since)
         .fetch_all(&self.read)
         .await?;
         let mut by_lane: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -121,6 +128,78 @@ impl SqliteBackend {
             (Some(a), Some(b)) => seconds(a, b),
             _ => 0.0,
         })
+    }
+}
+
+/// The start of the `secs`-long bucket holding `t`, counted from the Unix epoch.
+fn bucket_start(t: DateTime<Utc>, secs: i64) -> DateTime<Utc> {
+    let secs = secs.max(1);
+    DateTime::from_timestamp(t.timestamp().div_euclid(secs) * secs, 0).unwrap_or(t)
+}
+
+impl SqliteBackend {
+    pub(crate) async fn finished_per_bucket(
+        &self,
+        since: DateTime<Utc>,
+        bucket_secs: u32,
+    ) -> Result<Vec<FinishedBucket>, StoreError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT finished_at FROM jobs WHERE finished_at >= ?1")
+                .bind(ts(since))
+                .fetch_all(&self.read)
+                .await?;
+        let mut buckets: BTreeMap<DateTime<Utc>, i64> = BTreeMap::new();
+        for (finished,) in rows {
+            let start = bucket_start(parse_ts(&finished)?, i64::from(bucket_secs));
+            *buckets.entry(start).or_default() += 1;
+        }
+        Ok(buckets
+            .into_iter()
+            .map(|(start, jobs)| FinishedBucket { start, jobs })
+            .collect())
+    }
+
+    /// The same call events as PostgreSQL's `CALL_EVENTS`, picked out here from the JSON.
+    pub(crate) async fn endpoint_calls_per_minute(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<EndpointMinute>, StoreError> {
+        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT e.state, e.at, e.detail, j.endpoint FROM job_events e JOIN jobs j ON j.id = e.job_id
+             WHERE e.at >= ?1 AND e.state IN ('succeeded', 'retrying', 'dead')",
+        )
+        .bind(ts(since))
+        .fetch_all(&self.read)
+        .await?;
+        let mut minutes: BTreeMap<(String, DateTime<Utc>), (i64, i64)> = BTreeMap::new();
+        for (state, at, detail, job_endpoint) in rows {
+            let detail = detail.as_deref().map(super::parse_json).transpose()?;
+            let (endpoint, throttled) = match (state.as_str(), &detail) {
+                ("succeeded", None) => (job_endpoint, false),
+                (_, Some(d)) if state != "succeeded" && d.get("throttled").is_some() => {
+                    let endpoint = match d.get("endpoint") {
+                        Some(e) => e.as_str().map(str::to_owned),
+                        None => job_endpoint,
+                    };
+                    (endpoint, d["throttled"].as_bool().unwrap_or(false))
+                }
+                _ => continue,
+            };
+            let Some(endpoint) = endpoint else { continue };
+            let minute = bucket_start(parse_ts(&at)?, 60);
+            let counts = minutes.entry((endpoint, minute)).or_default();
+            counts.0 += 1;
+            counts.1 += i64::from(throttled);
+        }
+        Ok(minutes
+            .into_iter()
+            .map(|((endpoint, minute), (calls, throttled))| EndpointMinute {
+                endpoint,
+                minute,
+                calls,
+                throttled,
+            })
+            .collect())
     }
 }
 
