@@ -16,4 +16,5 @@ mod limits;
 mod logs;
 mod metrics;
 mod notify;
+mod openapi;
 mod watch;

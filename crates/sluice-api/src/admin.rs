@@ -318,6 +318,15 @@ pub(crate) struct LoadView {
     reason: String,
 }
 
+/// What to do to a lane or endpoint (anything else is 404).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only described: handlers match on the path segment.
+pub(crate) enum PauseAction {
+    Pause,
+    Resume,
+}
+
 /// What a pause or resume answers: whether it changed anything, and what is paused now.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct PauseView {
@@ -354,7 +363,7 @@ async fn set_paused(
 
 #[utoipa::path(post, path = "/admin/v1/lanes/{lane}/{action}", tag = "admin",
     security(("admin_key" = [])),
-    params(("lane" = String, Path, description = "A consumed lane: priority, standard, batch or retry"), ("action" = String, Path, description = "pause or resume")),
+    params(("lane" = String, Path, description = "A consumed lane (others are 404)", example = "batch"), ("action" = PauseAction, Path)),
     responses(
         (status = 200, body = PauseView),
         (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
@@ -377,7 +386,7 @@ pub(crate) async fn pause_lane(
 
 #[utoipa::path(post, path = "/admin/v1/endpoints/{name}/{action}", tag = "admin",
     security(("admin_key" = [])),
-    params(("name" = String, Path, description = "A configured endpoint"), ("action" = String, Path, description = "pause or resume")),
+    params(("name" = String, Path, description = "A configured endpoint (others are 404)"), ("action" = PauseAction, Path)),
     responses(
         (status = 200, body = PauseView),
         (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),

@@ -25,6 +25,7 @@ const MAX_MESSAGES: usize = 1_000;
 /// The body of `POST /v1/jobs`. Unknown fields are refused, so a `tier` in the body is an error, not a hint.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "default", "messages": [{"role": "user", "content": "What is a sluice?"}]}))]
 pub struct SubmitJob {
     /// A model alias the configuration routes (the 422 `unknown_model` lists them).
     pub model: String,

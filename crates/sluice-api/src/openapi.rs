@@ -165,6 +165,7 @@ impl Modify for BearerKeys {
         schemas::Message,
         schemas::ErrorBody,
         schemas::ErrorDetail,
+        crate::admin::PauseAction,
     )),
     modifiers(&BearerKeys),
     tags(
@@ -226,6 +227,19 @@ mod tests {
             .map(|item| item.as_object().unwrap().len())
             .sum();
         assert_eq!(documented, routes.len(), "{routes:?}");
+    }
+
+    #[test]
+    fn every_reference_resolves() {
+        let text = serde_json::to_string(&*DOCUMENT).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for piece in text.split("\"$ref\":\"#/").skip(1) {
+            let pointer = format!("/{}", piece.split('"').next().unwrap());
+            assert!(
+                doc.pointer(&pointer).is_some(),
+                "{pointer} is not in the document"
+            );
+        }
     }
 
     #[test]
