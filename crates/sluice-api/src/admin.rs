@@ -457,9 +457,14 @@ pub(crate) async fn keys(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewKey {
+    /// Required for a tenant key; not blank, at most 200 bytes.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     tenant: Option<String>,
+    /// Not blank, at most 200 bytes.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     user: String,
+    /// Required for a tenant key.
     #[serde(default)]
     #[schema(value_type = Option<schemas::Tier>)]
     tier: Option<Tier>,
