@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or update the Python virtualenv the tests' helper servers run in (the SMTP sink
 # scripts/smtp_sink.py on aiosmtpd, and moto's SQS-compatible server) and the deployment checks
-# use (scripts/check-deploy.sh: checkov, jsonschema, python-hcl2, dockerfile-parse), and print its path.
+# use (scripts/check-deploy.sh: checkov, jsonschema, python-hcl2, dockerfile-parse), schemathesis
+# for the OpenAPI test (tests/e2e/openapi.rs), and print its path.
 # Idempotent, and quick when everything is already installed.
 set -euo pipefail
 
@@ -9,7 +10,7 @@ venv="${SLUICE_VENV:-$HOME/.cache/sluice/venv}"
 mkdir -p "$(dirname "$venv")"
 
 ready() {
-  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import aiosmtpd, moto.server, flask_cors, checkov, jsonschema, yaml, hcl2, dockerfile_parse' \
+  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import aiosmtpd, moto.server, flask_cors, checkov, jsonschema, yaml, hcl2, dockerfile_parse, schemathesis' \
     2>/dev/null
 }
 
@@ -22,7 +23,9 @@ if ! ready; then
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       'aiosmtpd>=1.4,<2' 'moto[server]>=5,<6' \
-      'checkov>=3.2,<4' 'jsonschema>=4.18,<5' 'PyYAML>=6,<7' 'python-hcl2>=4,<9' 'dockerfile-parse>=2,<3' >&2
+      'checkov>=3.2,<4' 'jsonschema>=4.18,<5' 'PyYAML>=6,<7' 'python-hcl2>=4,<9' 'dockerfile-parse>=2,<3' \
+      'schemathesis==4.32.5' 'pytest>=8,<9' 'packaging>=23,<24' >&2
+    # pytest 9 (schemathesis's) wants packaging>=24 and checkov wants <24: pytest 8 fits both.
   fi
 fi
 echo "$venv"

@@ -17,4 +17,5 @@ mod limits;
 mod logs;
 mod metrics;
 mod notify;
+mod openapi;
 mod watch;

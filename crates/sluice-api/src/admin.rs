@@ -4,7 +4,9 @@
 use crate::auth::bearer;
 use crate::jobs::JobView;
 use crate::json::JsonBody;
+use crate::openapi::{schemas, ErrorBody};
 use crate::{ApiError, ApiState};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -49,9 +51,12 @@ pub(crate) fn routes() -> Router<Arc<ApiState>> {
         .route("/admin/v1/keys/{id}", axum::routing::delete(revoke_key))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Limit {
+    /// How many jobs, newest first.
+    #[param(minimum = 1, maximum = 10000, default = 100)]
     #[serde(default = "default_limit")]
     limit: i64,
 }
@@ -60,8 +65,9 @@ fn default_limit() -> i64 {
     100
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct DeadView {
+    #[schema(value_type = uuid::Uuid)]
     request_id: RequestId,
     tenant: String,
     model: String,
@@ -69,11 +75,23 @@ pub(crate) struct DeadView {
     dead_at: chrono::DateTime<chrono::Utc>,
 }
 
-async fn dead(
+/// The most recently dead-lettered jobs of every tenant.
+#[utoipa::path(get, path = "/admin/v1/dead", tag = "admin",
+    security(("admin_key" = [])),
+    params(Limit),
+    responses(
+        (status = 200, body = Vec<DeadView>),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: a bad or unknown query parameter", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
+pub(crate) async fn dead(
     State(state): State<Arc<ApiState>>,
     _: Admin,
-    Query(Limit { limit }): Query<Limit>,
+    query: Result<Query<Limit>, QueryRejection>,
 ) -> Result<Json<Vec<DeadView>>, ApiError> {
+    // axum's rejection is plain text; a bad query is a bad request like any other here.
+    let Query(Limit { limit }) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::invalid("limit must be between 1 and 10000"));
     }
@@ -98,21 +116,24 @@ impl From<sluice_store::DeadJob> for DeadView {
 }
 
 /// Any tenant's job, with its tenant and its whole event log.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Inspected {
     tenant: String,
     user: String,
+    #[schema(value_type = schemas::Tier)]
     tier: Tier,
     job: JobView,
     events: Vec<EventView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct EventView {
     seq: i32,
+    #[schema(value_type = schemas::JobState)]
     state: sluice_core::JobState,
     at: chrono::DateTime<chrono::Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     detail: Option<serde_json::Value>,
 }
 
@@ -149,7 +170,17 @@ async fn inspected(state: &ApiState, id: RequestId) -> Result<Inspected, ApiErro
     })
 }
 
-async fn inspect(
+/// Any tenant's job with its tenant and whole event log.
+#[utoipa::path(get, path = "/admin/v1/jobs/{id}", tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = String, Path, description = "The job's request_id (a UUID); anything else is 404")),
+    responses(
+        (status = 200, body = Inspected),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such job", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
+pub(crate) async fn inspect(
     State(state): State<Arc<ApiState>>,
     _: Admin,
     Path(id): Path<String>,
@@ -157,8 +188,18 @@ async fn inspect(
     Ok(Json(inspected(&state, parse_id(&id)?).await?))
 }
 
+#[utoipa::path(post, path = "/admin/v1/jobs/{id}/replay", tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = String, Path, description = "The job's request_id (a UUID); anything else is 404")),
+    responses(
+        (status = 200, description = "Replayed", body = Inspected),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such job", body = ErrorBody),
+        (status = 409, description = "`not_dead`: the job is not dead", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
 /// Put a dead job back in its lane with a fresh retry budget.
-async fn replay(
+pub(crate) async fn replay(
     State(state): State<Arc<ApiState>>,
     Admin(name): Admin,
     Path(id): Path<String>,
@@ -174,8 +215,18 @@ async fn replay(
     Ok(Json(inspected(&state, id).await?))
 }
 
+#[utoipa::path(delete, path = "/admin/v1/jobs/{id}", tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = String, Path, description = "The job's request_id (a UUID); anything else is 404")),
+    responses(
+        (status = 204, description = "Purged"),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such job", body = ErrorBody),
+        (status = 409, description = "`not_dead`: the job is not dead", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
 /// Delete a dead job for good.
-async fn purge(
+pub(crate) async fn purge(
     State(state): State<Arc<ApiState>>,
     Admin(name): Admin,
     Path(id): Path<String>,
@@ -206,8 +257,9 @@ async fn not_dead(state: &ApiState, id: RequestId) -> ApiError {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct LaneView {
+    #[schema(value_type = schemas::Lane)]
     lane: Lane,
     /// Jobs queued in the lane, from the database.
     queued: u64,
@@ -217,10 +269,18 @@ pub(crate) struct LaneView {
     drained_per_sec: f64,
 }
 
-async fn lanes(
+/// Per lane: depth, the oldest job's wait, the drain rate; what is paused; the load level.
+#[utoipa::path(get, path = "/admin/v1/lanes", tag = "admin",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, body = LanesView),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
+pub(crate) async fn lanes(
     State(state): State<Arc<ApiState>>,
     _: Admin,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<LanesView>, ApiError> {
     let load = state.admission.load();
     let mut lanes = Vec::new();
     for lane in Lane::ALL {
@@ -235,11 +295,52 @@ async fn lanes(
         });
     }
     let paused = state.store.pauses().await.map_err(ApiError::internal)?;
-    Ok(Json(serde_json::json!({
-        "lanes": lanes,
-        "paused": paused,
-        "load": { "level": load.assessment.level, "reason": load.assessment.reason },
-    })))
+    Ok(Json(LanesView {
+        lanes,
+        paused,
+        load: LoadView {
+            level: load.assessment.level,
+            reason: load.assessment.reason.clone(),
+        },
+    }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct LanesView {
+    lanes: Vec<LaneView>,
+    /// What operators paused: `lane:NAME` and `endpoint:NAME`.
+    paused: Vec<String>,
+    load: LoadView,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct LoadView {
+    #[schema(value_type = schemas::LoadLevel)]
+    level: sluice_core::LoadLevel,
+    reason: String,
+}
+
+/// What to do to a lane or endpoint (anything else is 404).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only described: handlers match on the path segment.
+pub(crate) enum PauseAction {
+    Pause,
+    Resume,
+}
+
+/// What a pause or resume answers: whether it changed anything, and what is paused now.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct PauseView {
+    changed: bool,
+    paused: Vec<String>,
+}
+
+/// A new key's secret, shown this once.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct CreatedKey {
+    /// `sk_sluice_` and 32 URL-safe base64 characters.
+    key: String,
 }
 
 /// `pause` or `resume` a target; answers what is paused now.
@@ -248,7 +349,7 @@ async fn set_paused(
     admin: &str,
     target: String,
     action: &str,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PauseView>, ApiError> {
     let changed = match action {
         "pause" => state.store.pause(&target, admin).await,
         "resume" => state.store.resume(&target).await,
@@ -259,17 +360,24 @@ async fn set_paused(
         tracing::info!(message = "operator changed a pause", %target, action, %admin);
     }
     let paused = state.store.pauses().await.map_err(ApiError::internal)?;
-    Ok(Json(
-        serde_json::json!({ "changed": changed, "paused": paused }),
-    ))
+    Ok(Json(PauseView { changed, paused }))
 }
 
+#[utoipa::path(post, path = "/admin/v1/lanes/{lane}/{action}", tag = "admin",
+    security(("admin_key" = [])),
+    params(("lane" = String, Path, description = "A consumed lane (others are 404)", example = "batch"), ("action" = PauseAction, Path)),
+    responses(
+        (status = 200, body = PauseView),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such lane or action", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
 /// Workers stop taking jobs from a paused lane (within a second); its jobs wait in the broker.
-async fn pause_lane(
+pub(crate) async fn pause_lane(
     State(state): State<Arc<ApiState>>,
     Admin(name): Admin,
     Path((lane, action)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PauseView>, ApiError> {
     let lane: Lane = lane
         .parse()
         .ok()
@@ -278,26 +386,36 @@ async fn pause_lane(
     set_paused(&state, &name, format!("lane:{lane}"), &action).await
 }
 
+#[utoipa::path(post, path = "/admin/v1/endpoints/{name}/{action}", tag = "admin",
+    security(("admin_key" = [])),
+    params(("name" = String, Path, description = "A configured endpoint (others are 404)"), ("action" = PauseAction, Path)),
+    responses(
+        (status = 200, body = PauseView),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such endpoint or action", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
 /// Workers send nothing to a paused endpoint (within a second); its pool's others serve, or
 /// the route's fallbacks once every endpoint of the pool is paused.
-async fn pause_endpoint(
+pub(crate) async fn pause_endpoint(
     State(state): State<Arc<ApiState>>,
     Admin(admin): Admin,
     Path((name, action)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PauseView>, ApiError> {
     if !state.admission.endpoints.contains_key(&name) {
         return Err(ApiError::not_found(format!("no endpoint named {name:?}")));
     }
     set_paused(&state, &admin, format!("endpoint:{name}"), &action).await
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct KeyView {
     id: uuid::Uuid,
     prefix: String,
     admin: bool,
     tenant: String,
     user: String,
+    #[schema(value_type = schemas::Tier)]
     tier: Tier,
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<String>,
@@ -306,7 +424,15 @@ pub(crate) struct KeyView {
     revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-async fn keys(
+/// Every key (never its secret).
+#[utoipa::path(get, path = "/admin/v1/keys", tag = "admin",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, body = Vec<KeyView>),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
+pub(crate) async fn keys(
     State(state): State<Arc<ApiState>>,
     _: Admin,
 ) -> Result<Json<Vec<KeyView>>, ApiError> {
@@ -330,13 +456,19 @@ async fn keys(
 
 /// A key to create: a tenant key for `tenant`/`user`/`tier`, or with `admin: true` an
 /// operator key named `user`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewKey {
+    /// Required for a tenant key; not blank, at most 200 bytes.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     tenant: Option<String>,
+    /// Not blank, at most 200 bytes.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     user: String,
+    /// Required for a tenant key.
     #[serde(default)]
+    #[schema(value_type = Option<schemas::Tier>)]
     tier: Option<Tier>,
     #[serde(default)]
     email: Option<String>,
@@ -344,11 +476,24 @@ pub(crate) struct NewKey {
     admin: bool,
 }
 
-async fn create_key(
+/// Create a tenant key, or with `admin: true` an admin key; the secret is shown only here.
+#[utoipa::path(post, path = "/admin/v1/keys", tag = "admin",
+    security(("admin_key" = [])),
+    request_body(content = NewKey, content_type = "application/json"),
+    responses(
+        (status = 201, body = CreatedKey),
+        (status = 400, description = "`invalid_json`, or `bad_body` when the body cannot be read", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 413, description = "`body_too_large`: over 1 MiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: a wrong shape or a rule broken", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
+pub(crate) async fn create_key(
     State(state): State<Arc<ApiState>>,
     Admin(name): Admin,
     JsonBody { value: new }: JsonBody<NewKey>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     let nonempty = |s: &str| !s.trim().is_empty() && s.len() <= 200;
     if !nonempty(&new.user) {
         return Err(ApiError::invalid("user must be 1 to 200 characters"));
@@ -379,10 +524,20 @@ async fn create_key(
     }
     .map_err(ApiError::internal)?;
     tracing::info!(message = "API key created", admin = %name, user = %new.user, operator_key = new.admin);
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "key": key }))))
+    Ok((StatusCode::CREATED, Json(CreatedKey { key })))
 }
 
-async fn revoke_key(
+/// Revoke a key: it stops working within 10 seconds (tenant keys are cached that long).
+#[utoipa::path(delete, path = "/admin/v1/keys/{id}", tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = String, Path, description = "The key's id (a UUID); anything else is 404")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such key, or already revoked", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
+pub(crate) async fn revoke_key(
     State(state): State<Arc<ApiState>>,
     Admin(name): Admin,
     Path(id): Path<String>,

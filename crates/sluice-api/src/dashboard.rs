@@ -2,7 +2,9 @@
 //! admin JSON at `/admin/v1/dashboard` it polls (lane depths, throughput, calls, waits, dead).
 
 use crate::admin::{Admin, DeadView};
+use crate::openapi::schemas::{self, ErrorBody};
 use crate::{ApiError, ApiState};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -35,7 +37,11 @@ pub(crate) fn routes() -> Router<Arc<ApiState>> {
         .route("/admin/v1/dashboard", get(data))
 }
 
-async fn page() -> impl IntoResponse {
+/// The dashboard page: it holds no data and asks for an admin key in its URL fragment.
+#[utoipa::path(get, path = "/dashboard", tag = "ops", responses(
+    (status = 200, description = "The dashboard page", body = String, content_type = "text/html"),
+))]
+pub(crate) async fn page() -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -45,23 +51,34 @@ async fn page() -> impl IntoResponse {
     )
 }
 
-async fn uplot_js() -> impl IntoResponse {
+/// uPlot, the dashboard's charting library (MIT).
+#[utoipa::path(get, path = "/dashboard/uplot.min.js", tag = "ops", responses(
+    (status = 200, description = "uPlot 1.6.32", body = String, content_type = "text/javascript"),
+))]
+pub(crate) async fn uplot_js() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         UPLOT_JS,
     )
 }
 
-async fn uplot_css() -> impl IntoResponse {
+/// uPlot's style sheet.
+#[utoipa::path(get, path = "/dashboard/uplot.min.css", tag = "ops", responses(
+    (status = 200, description = "uPlot 1.6.32's CSS", body = String, content_type = "text/css"),
+))]
+pub(crate) async fn uplot_css() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         UPLOT_CSS,
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Window {
+    /// The window the figures cover, in minutes.
+    #[param(minimum = 1, maximum = 1440, default = 15)]
     #[serde(default = "default_minutes")]
     minutes: u32,
 }
@@ -70,7 +87,7 @@ fn default_minutes() -> u32 {
     15
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct DashboardView {
     now: DateTime<Utc>,
     since: DateTime<Utc>,
@@ -81,8 +98,9 @@ pub(crate) struct DashboardView {
     dead: Vec<DeadView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct LaneRow {
+    #[schema(value_type = schemas::Lane)]
     lane: Lane,
     /// Jobs queued now, from the API's last read of lane load.
     depth: u64,
@@ -93,7 +111,7 @@ struct LaneRow {
     p95_wait_secs: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Throughput {
     bucket_secs: u32,
     /// Jobs finished (in any terminal state) within the window.
@@ -102,14 +120,14 @@ struct Throughput {
     buckets: Vec<Bucket>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Bucket {
     /// Unix seconds.
     start: i64,
     finished: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct EndpointRow {
     name: String,
     /// The configured requests per minute; `None` for an endpoint no longer configured.
@@ -120,7 +138,7 @@ struct EndpointRow {
     minutes: Vec<Minute>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Minute {
     /// Unix seconds.
     start: i64,
@@ -137,11 +155,22 @@ fn bucket_starts(since: DateTime<Utc>, now: DateTime<Utc>, step: i64) -> Vec<i64
         .collect()
 }
 
-async fn data(
+/// What the dashboard shows, over the last `minutes`.
+#[utoipa::path(get, path = "/admin/v1/dashboard", tag = "admin",
+    security(("admin_key" = [])),
+    params(Window),
+    responses(
+        (status = 200, body = DashboardView),
+        (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: a bad or unknown query parameter", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
+pub(crate) async fn data(
     State(state): State<Arc<ApiState>>,
     _: Admin,
-    Query(Window { minutes }): Query<Window>,
+    query: Result<Query<Window>, QueryRejection>,
 ) -> Result<Json<DashboardView>, ApiError> {
+    let Query(Window { minutes }) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     if !(1..=1440).contains(&minutes) {
         return Err(ApiError::invalid("minutes must be between 1 and 1440"));
     }

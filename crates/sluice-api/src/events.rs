@@ -6,6 +6,7 @@
 
 use crate::auth::Caller;
 use crate::jobs::parse_id;
+use crate::openapi::ErrorBody;
 use crate::{ApiError, ApiState};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -37,6 +38,21 @@ fn sse_event(message: &Outgoing) -> Event {
         .unwrap_or_else(|_| Event::default().comment("unencodable event"))
 }
 
+/// The job's events as Server-Sent Events (`event: state` with `id: <seq>`, `event: delta`);
+/// the stream ends after the terminal event.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    security(("tenant_key" = [])),
+    params(
+        ("id" = String, Path, description = "The job's request_id (a UUID); anything else is 404"),
+        ("Last-Event-ID" = Option<i32>, Header, description = "Resume after this event's id"),
+    ),
+    responses(
+        (status = 200, description = "An event stream of JSON `data:` lines", body = String, content_type = "text/event-stream"),
+        (status = 401, description = "`unauthorized`: no key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "`not_found`: unknown, malformed or another tenant's id", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: a bad Last-Event-ID", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
 pub async fn sse(
     State(state): State<Arc<ApiState>>,
     Caller(principal): Caller,

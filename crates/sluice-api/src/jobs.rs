@@ -4,6 +4,7 @@
 use crate::admission::Admission;
 use crate::auth::Caller;
 use crate::json::JsonBody;
+use crate::openapi::{schemas, ErrorBody};
 use crate::telemetry;
 use crate::{ApiError, ApiState};
 use axum::extract::{Path, State};
@@ -22,18 +23,25 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 const MAX_MESSAGES: usize = 1_000;
 
 /// The body of `POST /v1/jobs`. Unknown fields are refused, so a `tier` in the body is an error, not a hint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "default", "messages": [{"role": "user", "content": "What is a sluice?"}]}))]
 pub struct SubmitJob {
+    /// A model alias the configuration routes (the 422 `unknown_model` lists them).
     pub model: String,
+    #[schema(value_type = Vec<schemas::Message>, min_items = 1, max_items = 1000)]
     pub messages: Vec<Message>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     #[serde(default)]
+    #[schema(max_items = 4)]
     pub stop: Option<Vec<String>>,
     /// Stream the answer's text as deltas to WebSocket and SSE subscribers while it runs.
     #[serde(default)]
@@ -48,7 +56,7 @@ pub struct SubmitJob {
 
 /// `"notify": {"email": true}` asks for a completion email to the key's address; `false`
 /// turns off the one the free tier gets by default.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Notify {
     #[serde(default)]
@@ -134,10 +142,13 @@ impl SubmitJob {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Accepted {
+    #[schema(value_type = uuid::Uuid)]
     pub request_id: RequestId,
+    #[schema(value_type = schemas::JobState)]
     pub state: JobState,
+    #[schema(value_type = schemas::Lane)]
     pub lane: Lane,
     /// Place in the lane (1 = next), from the lane's depth as last read.
     pub position: u64,
@@ -147,6 +158,7 @@ pub struct Accepted {
     pub estimated_wait_secs: Option<f64>,
     /// The identical job in flight this one is attached to: its answer will be this one's.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<uuid::Uuid>)]
     pub attached_to: Option<RequestId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
@@ -155,14 +167,18 @@ pub struct Accepted {
 }
 
 /// A job as `GET /v1/jobs/{id}` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobView {
+    #[schema(value_type = uuid::Uuid)]
     pub request_id: RequestId,
+    #[schema(value_type = schemas::JobState)]
     pub state: JobState,
+    #[schema(value_type = schemas::Lane)]
     pub lane: Lane,
     pub model: String,
     pub attempts: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -171,8 +187,10 @@ pub struct JobView {
     /// The answer was reused, not asked of a provider; `cache` says how.
     pub cached: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub cache: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<uuid::Uuid>)]
     pub attached_to: Option<RequestId>,
     /// The pool admission chose, and why, when it was not the model's route.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -252,6 +270,29 @@ impl IntoResponse for Submitted {
     }
 }
 
+/// Submit a job: 202 when it is queued (or attached to an identical job in flight), 200 when
+/// it is answered at once from the cache.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    security(("tenant_key" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters: a retry with the same key and body answers the first job")),
+    request_body(content = SubmitJob, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Answered at once from the cache", body = JobView),
+        (status = 202, description = "Queued", body = Accepted),
+        (status = 400, description = "`invalid_json`, or `bad_body` when the body cannot be read", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no key, or an unknown or revoked one", body = ErrorBody),
+        (status = 402, description = "`budget_exhausted`: `error.budget` has `daily_usd` and `spent_usd`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until midnight UTC"))),
+        (status = 409, description = "`idempotency_conflict`: the key was used with another body", body = ErrorBody),
+        (status = 413, description = "`body_too_large`: over 1 MiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
+        (status = 422, description = "`invalid_request`, `unknown_model` or `no_email`", body = ErrorBody),
+        (status = 429, description = "`quota_exceeded`: `error.limit` has `scope`, `window_secs` and `limit`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the window resets"))),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+        (status = 503, description = "`overloaded`: shed under load", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the lane is expected to drain"))),
+    ))]
 #[tracing::instrument(name = "submit", skip_all, fields(request_id = tracing::field::Empty, tenant = %principal.tenant))]
 pub async fn submit(
     State(state): State<Arc<ApiState>>,
@@ -474,6 +515,16 @@ async fn view(state: &ApiState, tenant: &str, id: RequestId) -> Result<Json<JobV
     Ok(Json(view))
 }
 
+/// The tenant's job; a queued one with its place in its lane and its estimated wait.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    security(("tenant_key" = [])),
+    params(("id" = String, Path, description = "The job's request_id (a UUID); anything else is 404")),
+    responses(
+        (status = 200, body = JobView),
+        (status = 401, description = "`unauthorized`: no key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "`not_found`: unknown, malformed or another tenant's id", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
 pub async fn get(
     State(state): State<Arc<ApiState>>,
     Caller(principal): Caller,
@@ -482,6 +533,17 @@ pub async fn get(
     view(&state, &principal.tenant, parse_id(&id)?).await
 }
 
+/// Cancel a job that has not finished.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
+    security(("tenant_key" = [])),
+    params(("id" = String, Path, description = "The job's request_id (a UUID); anything else is 404")),
+    responses(
+        (status = 200, description = "Cancelled", body = JobView),
+        (status = 401, description = "`unauthorized`: no key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "`not_found`: unknown, malformed or another tenant's id", body = ErrorBody),
+        (status = 409, description = "`not_cancellable`: the job already finished", body = ErrorBody),
+        (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
+    ))]
 pub async fn cancel(
     State(state): State<Arc<ApiState>>,
     Caller(principal): Caller,

@@ -48,14 +48,48 @@ where
                 ApiError::new(rejection.status(), "bad_body", rejection.body_text())
             }
         })?;
-        let value = serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
-            _ => ApiError::new(
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_json",
                 format!("the body is not valid JSON: {e}"),
-            ),
+            )
         })?;
+        // PostgreSQL stores neither text nor jsonb with NUL in it: refuse it here, as bad input,
+        // rather than fail the insert with a 500 (and, batched, other clients' jobs with it).
+        if has_nul(&value) {
+            return Err(ApiError::invalid(
+                "strings may not contain the NUL character (\\u0000)",
+            ));
+        }
+        let value = serde_json::from_value(value).map_err(|e| ApiError::invalid(e.to_string()))?;
         Ok(JsonBody { value })
+    }
+}
+
+/// Whether any string or key in `value` holds a NUL character.
+fn has_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn nul_is_found_in_strings_and_keys_at_any_depth() {
+        let nul = |v: serde_json::Value| has_nul(&v);
+        assert!(nul(
+            serde_json::json!({"messages": [{"content": "a\u{0}b"}]})
+        ));
+        assert!(nul(serde_json::json!({"a\u{0}": 1})));
+        assert!(!nul(serde_json::json!({"a": ["\\u0000", 1, null, true]})));
     }
 }

@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod jobs;
 mod json;
+mod openapi;
 mod stream;
 mod telemetry;
 
@@ -91,6 +92,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(admin::routes())
         .merge(dashboard::routes())
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -108,13 +110,45 @@ pub async fn serve(
         .await
 }
 
-async fn health() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    /// Always `ok`: the process answers.
+    status: &'static str,
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Ready {
+    /// Always `ready` (a node that is not answers 503).
+    status: &'static str,
+    load: ReadyLoad,
+}
+
+/// The load level is information, not unreadiness: a node shedding load still serves.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ReadyLoad {
+    #[schema(value_type = openapi::schemas::LoadLevel)]
+    level: sluice_core::LoadLevel,
+    reason: String,
+    shedding: bool,
+    /// Per lane: its depth, oldest wait and drain rate as the load monitor last measured.
+    #[schema(value_type = Vec<Object>)]
+    lanes: Vec<sluice_core::LaneEstimate>,
+}
+
+/// Readiness: the database and the broker answer.
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses(
+    (status = 200, body = Ready),
+    (status = 503, description = "`unavailable`: the database or the broker does not answer", body = openapi::ErrorBody),
+))]
 async fn ready(
     axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<axum::Json<Ready>, ApiError> {
     if !state.store.ping().await {
         return Err(ApiError::unavailable("the database does not answer"));
     }
@@ -123,20 +157,23 @@ async fn ready(
             "the broker does not answer: {error}"
         )));
     }
-    // The load level is information, not unreadiness: a node shedding load still serves.
     let load = state.admission.load();
-    Ok(axum::Json(serde_json::json!({
-        "status": "ready",
-        "load": {
-            "level": load.assessment.level,
-            "reason": load.assessment.reason,
-            "shedding": state.admission.shedding.enabled,
-            "lanes": load.assessment.lanes,
-        }
-    })))
+    Ok(axum::Json(Ready {
+        status: "ready",
+        load: ReadyLoad {
+            level: load.assessment.level,
+            reason: load.assessment.reason.clone(),
+            shedding: state.admission.shedding.enabled,
+            lanes: load.assessment.lanes.clone(),
+        },
+    }))
 }
 
 /// Prometheus text, without a key like the health probes: scrapers hold no API key.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses(
+    (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+    (status = 404, description = "`not_found`: metrics are not enabled on this node", body = openapi::ErrorBody),
+))]
 async fn metrics(
     axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
 ) -> Result<impl axum::response::IntoResponse, ApiError> {
@@ -148,6 +185,14 @@ async fn metrics(
         [(axum::http::header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
         render(),
     ))
+}
+
+/// This API's OpenAPI 3 document; without a key, like the probes: it tells no secret.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses(
+    (status = 200, description = "The OpenAPI 3 document", body = Object),
+))]
+async fn openapi_json() -> axum::Json<&'static utoipa::openapi::OpenApi> {
+    axum::Json(&openapi::DOCUMENT)
 }
 
 async fn not_found() -> ApiError {

@@ -8,7 +8,9 @@
 //! `delta`, `error`. Close codes: 4401 not authenticated, 4408 too slow (buffer full).
 
 use crate::auth::{authenticate, bearer};
-use crate::ApiState;
+use crate::openapi::ErrorBody;
+use crate::{ApiError, ApiState};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -49,13 +51,25 @@ enum ClientMessage {
     },
 }
 
+/// Upgrade to the WebSocket; the key comes as `Authorization` or as the first message.
+#[utoipa::path(get, path = "/v1/stream", tag = "jobs",
+    security(("tenant_key" = []), ()),
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol (messages: docs/ARCHITECTURE.md); a bad key closes it with code 4401"),
+        (status = 400, description = "`not_a_websocket`: the request is not a WebSocket upgrade", body = ErrorBody),
+        (status = 426, description = "`not_a_websocket`: the connection cannot be upgraded", body = ErrorBody),
+    ))]
 pub async fn websocket(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // axum's own rejection is plain text: answer in the API's one error shape instead.
+    let ws = ws.map_err(|rejection| {
+        ApiError::new(rejection.status(), "not_a_websocket", rejection.body_text())
+    })?;
     let key = bearer(&headers).map(str::to_owned);
-    ws.on_upgrade(move |socket| run(socket, state, key))
+    Ok(ws.on_upgrade(move |socket| run(socket, state, key)))
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
