@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SLUICE = $(CARGO) run --release --quiet --bin sluice --
 
-.PHONY: run dev test check bench services build
+.PHONY: run dev test check bench services build test-deps
 
 ## Run the API, one worker and the provider simulator against this machine's services
 ## with ./sluice.toml, in the foreground until Ctrl-C.
@@ -21,7 +21,7 @@ build:
 	$(CARGO) build --release --bin sluice
 
 ## The whole test suite against the real services.
-test: services
+test: services test-deps
 	$(CARGO) test --workspace --doc --quiet
 	$(CARGO) nextest run --workspace --no-fail-fast
 
@@ -36,3 +36,7 @@ bench: services
 
 services:
 	@scripts/services.sh
+
+## What the tests need beyond Rust: the Python venv, headless Chromium, promtool.
+test-deps:
+	@scripts/test-deps.sh

@@ -162,8 +162,8 @@ check_alerts() {
       sudo_=""
       [ "$(id -u)" -eq 0 ] || sudo_="sudo"
       # The package may start a prometheus service where systemd runs; nothing here uses it.
-      $sudo_ apt-get update -qq >&2
-      DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends \
+      $sudo_ apt-get -o DPkg::Lock::Timeout=300 update -qq >&2
+      DEBIAN_FRONTEND=noninteractive $sudo_ apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
         prometheus >&2
     fi
     exec 7>&-

@@ -9,6 +9,6 @@ fi
 echo "chromium: installing Debian's chromium package" >&2
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 export DEBIAN_FRONTEND=noninteractive
-sudo_if_needed apt-get update -qq
-sudo_if_needed apt-get install -y -qq --no-install-recommends chromium >&2
+sudo_if_needed apt-get -o DPkg::Lock::Timeout=300 update -qq
+sudo_if_needed apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >&2
 test -x /usr/bin/chromium
