@@ -276,3 +276,50 @@ async fn a_paused_lane_or_endpoint_holds_its_jobs_until_resumed() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_cli_shows_lane_depths_and_pauses_and_resumes_lanes_and_endpoints() {
+    let app = spawn_app(AppOptions::default()).await;
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&app.cli(&["pause", "lane", "batch"]).await);
+    ok(&app.cli(&["pause", "endpoint", "sim-1"]).await);
+    assert_eq!(
+        app.store.pauses().await.unwrap(),
+        ["endpoint:sim-1", "lane:batch"]
+    );
+    let out = app.cli(&["lanes"]).await;
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for lane in ["priority", "standard", "batch", "retry", "dead"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{lane}\t"))),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("paused\tlane:batch") && text.contains("paused\tendpoint:sim-1"),
+        "{text}"
+    );
+    ok(&app.cli(&["resume", "lane", "batch"]).await);
+    ok(&app.cli(&["resume", "endpoint", "sim-1"]).await);
+    assert!(app.store.pauses().await.unwrap().is_empty());
+    for bad in [
+        ["pause", "lane", "dead"],
+        ["pause", "endpoint", "nope"],
+        ["pause", "lane", "fast"],
+    ] {
+        let out = app.cli(&bad).await;
+        assert!(!out.status.success(), "{bad:?} must fail");
+    }
+    assert!(
+        app.store.pauses().await.unwrap().is_empty(),
+        "refusals change nothing"
+    );
+    app.cleanup().await;
+}

@@ -110,6 +110,18 @@ enum Command {
         json: bool,
         id: RequestId,
     },
+    /// Lane depths (database and broker), the oldest job's wait, and what is paused.
+    Lanes,
+    /// Pause a lane or an endpoint: workers stop taking its jobs or calling it within a second.
+    Pause {
+        #[command(subcommand)]
+        target: PauseTarget,
+    },
+    /// Resume a paused lane or endpoint.
+    Resume {
+        #[command(subcommand)]
+        target: PauseTarget,
+    },
     /// Inspect and replay dead-lettered jobs.
     Dlq {
         #[command(subcommand)]
@@ -146,6 +158,14 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand)]
+enum PauseTarget {
+    /// priority, standard, batch or retry.
+    Lane { name: sluice_core::Lane },
+    /// An endpoint's name from `[[pools.endpoints]]`.
+    Endpoint { name: String },
+}
+
+#[derive(Subcommand)]
 enum DlqCommand {
     /// List the most recently dead-lettered jobs.
     List {
@@ -158,6 +178,42 @@ enum DlqCommand {
     Inspect { id: RequestId },
     /// Delete a dead job for good.
     Purge { id: RequestId },
+}
+
+async fn pause(config: &Config, target: PauseTarget, pause: bool) -> anyhow::Result<()> {
+    let target = match target {
+        PauseTarget::Lane { name } => {
+            if !sluice_core::Lane::CONSUMED.contains(&name) {
+                anyhow::bail!("lane {name} is not consumed by workers: pause priority, standard, batch or retry");
+            }
+            format!("lane:{name}")
+        }
+        PauseTarget::Endpoint { name } => {
+            let known = config
+                .pools
+                .iter()
+                .flat_map(|p| &p.endpoints)
+                .any(|e| e.name == name);
+            if !known {
+                anyhow::bail!("no endpoint named {name:?} in the configuration");
+            }
+            format!("endpoint:{name}")
+        }
+    };
+    let store = stack::store(config, false).await?;
+    let operator = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let changed = if pause {
+        store.pause(&target, &operator).await?
+    } else {
+        store.resume(&target).await?
+    };
+    let (done, already) = if pause {
+        ("paused", "was already paused")
+    } else {
+        ("resumed", "was not paused")
+    };
+    eprintln!("{target} {}", if changed { done } else { already });
+    Ok(())
 }
 
 async fn keys(store: &sluice_store::Store, command: KeysCommand) -> anyhow::Result<()> {
@@ -339,6 +395,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => client::submit(&api, &model, max_tokens, &message.join(" "), wait).await,
         Command::Status { api, id } => client::status(&api, id).await,
         Command::Watch { api, json, id } => client::watch(&api, id, json).await,
+        Command::Lanes => stack::lanes(&Config::load(path)?).await,
+        Command::Pause { target } => pause(&Config::load(path)?, target, true).await,
+        Command::Resume { target } => pause(&Config::load(path)?, target, false).await,
         Command::Dlq { command } => {
             let config = Config::load(path)?;
             match command {

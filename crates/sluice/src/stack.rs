@@ -332,3 +332,31 @@ pub async fn dlq_purge(config: &Config, id: RequestId) -> anyhow::Result<()> {
     eprintln!("purged {id}");
     Ok(())
 }
+
+/// Per lane: jobs queued (database), the broker's depth, the oldest job's wait; then pauses.
+pub async fn lanes(config: &Config) -> anyhow::Result<()> {
+    let store = store(config, false).await?;
+    let broker = broker(config, &store).await?;
+    let stats = store.lane_stats(Duration::from_secs(60)).await?;
+    let now = chrono::Utc::now();
+    println!("lane\tqueued\tbroker\toldest_wait_secs\tstarted_last_minute");
+    for lane in sluice_core::Lane::ALL {
+        let row = stats.iter().find(|s| s.lane == lane);
+        let broker_depth = broker
+            .depth(lane)
+            .await
+            .map_or_else(|e| format!("? ({e})"), |d| d.to_string());
+        let oldest = row
+            .and_then(|r| r.oldest)
+            .map_or(0.0, |at| (now - at).num_milliseconds() as f64 / 1000.0);
+        println!(
+            "{lane}\t{}\t{broker_depth}\t{oldest:.1}\t{}",
+            row.map_or(0, |r| r.depth),
+            row.map_or(0, |r| r.started)
+        );
+    }
+    for target in store.pauses().await? {
+        println!("paused\t{target}");
+    }
+    Ok(())
+}
