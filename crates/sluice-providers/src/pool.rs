@@ -779,11 +779,7 @@ impl Router {
 
     /// Pause the named endpoints in every pool and resume all others.
     pub fn set_paused_endpoints(&self, paused: &std::collections::HashSet<String>) {
-        for (key, pools) in &self.routes {
-            if key.starts_with(POOL_ROUTE_PREFIX) {
-                pools.iter().for_each(|pool| pool.set_paused(paused));
-            }
-        }
+        self.pools().for_each(|pool| pool.set_paused(paused));
     }
 
     /// Every pool once, by name.

@@ -15,6 +15,7 @@ use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::Router;
 use sluice_store::{Batcher, Claim, Completion, Store};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
@@ -118,8 +119,9 @@ pub struct Worker {
     pub(crate) held: Held,
     /// Where state changes and streamed text are announced to API nodes.
     pub(crate) bus: EventBus,
-    /// Lanes an operator paused: their jobs stay buffered, untaken, until resumed.
-    pub(crate) paused_lanes: Arc<Mutex<Vec<Lane>>>,
+    /// Lanes an operator paused, by [`Lane::index`]: their jobs stay buffered, untaken,
+    /// until resumed. Read on every pick, so no lock.
+    pub(crate) paused_lanes: [AtomicBool; Lane::ALL.len()],
 }
 
 impl Worker {
@@ -171,7 +173,7 @@ impl Worker {
             config,
             held: Held::default(),
             bus,
-            paused_lanes: Arc::default(),
+            paused_lanes: Default::default(),
         }))
     }
 
@@ -211,11 +213,7 @@ impl Worker {
         drop(tx);
 
         let background = CancellationToken::new();
-        self.spawn_heartbeat(background.clone());
-        self.spawn_reaper(background.clone());
-        self.spawn_follower_settler(background.clone());
-        self.spawn_pause_reader(background.clone());
-        self.spawn_endpoint_sampler(background.clone());
+        self.spawn_background(&background);
         sluice_outbox::spawn_relay(
             self.store.clone(),
             self.publisher.clone(),
@@ -258,9 +256,8 @@ impl Worker {
             }
             // Only jobs one of whose pools can serve now compete, so a saturated pool holds
             // up no one else; a job turned away with a 429 goes first once its pool has room.
-            let paused = self.paused_lanes();
             let runnable =
-                |w: &Waiting| !paused.contains(&w.delivery.lane) && self.usable_pool(w).is_some();
+                |w: &Waiting| !self.lane_paused(w.delivery.lane) && self.usable_pool(w).is_some();
             let picked = queue
                 .pop_where(|w| w.delivery.job.rate_limited && runnable(w))
                 .or_else(|| queue.pop_where(runnable));
@@ -460,148 +457,138 @@ impl Worker {
         soonest.max(Duration::from_millis(1))
     }
 
-    fn spawn_heartbeat(self: &Arc<Self>, stop: CancellationToken) {
+    /// Run `tick` on this worker every `period` until `stop` fires; the first run comes at
+    /// once when `now`, else after one period.
+    fn spawn_every<F, Fut>(
+        self: &Arc<Self>,
+        period: Duration,
+        now: bool,
+        stop: CancellationToken,
+        tick: F,
+    ) where
+        F: Fn(Arc<Worker>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let worker = Arc::clone(self);
         tokio::spawn(async move {
-            let lease = worker.config.lease();
+            if now {
+                tick(Arc::clone(&worker)).await;
+            }
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(lease / 3) => {}
+                    _ = tokio::time::sleep(period) => {}
                 }
-                let held = worker.held.snapshot();
-                if let Err(error) = worker.store.heartbeat(&held, lease).await {
-                    tracing::warn!(message = "lease heartbeat failed", %error, jobs = held.len());
-                }
+                tick(Arc::clone(&worker)).await;
             }
         });
     }
 
-    fn spawn_reaper(self: &Arc<Self>, stop: CancellationToken) {
-        let worker = Arc::clone(self);
-        tokio::spawn(async move {
-            let every = Duration::from_secs_f64(worker.config.reap_interval_secs.max(0.05));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                match worker
-                    .store
-                    .reap_expired(worker.config.retry.max_attempts, 500)
-                    .await
-                {
-                    Ok(messages) if messages.is_empty() => {}
-                    Ok(messages) => {
-                        tracing::warn!(
-                            message = "requeued jobs whose worker stopped",
-                            jobs = messages.len()
-                        );
-                        for m in &messages {
-                            worker.bus.changed(m.job.request_id, &m.job.tenant);
-                        }
-                        if let Err(error) = worker.publisher.publish_many(messages).await {
-                            tracing::warn!(message = "publishing reaped jobs failed; the relay will retry", %error);
-                        }
-                    }
-                    Err(error) => tracing::warn!(message = "reaper failed", %error),
-                }
-            }
+    /// The background duties: lease heartbeats, reaping dead workers' leases, settling
+    /// followers, reading pauses and sampling endpoint gauges.
+    fn spawn_background(self: &Arc<Self>, stop: &CancellationToken) {
+        let lease = self.config.lease();
+        let reap_every = Duration::from_secs_f64(self.config.reap_interval_secs.max(0.05));
+        self.spawn_every(lease / 3, false, stop.clone(), |w| async move {
+            w.heartbeat().await
+        });
+        self.spawn_every(reap_every, false, stop.clone(), |w| async move {
+            w.reap().await
+        });
+        self.spawn_every(
+            SETTLE_FOLLOWERS_EVERY,
+            false,
+            stop.clone(),
+            |w| async move { w.settle_followers().await },
+        );
+        self.spawn_every(READ_PAUSES_EVERY, true, stop.clone(), |w| async move {
+            w.read_pauses().await
+        });
+        // Limit use and breakers change with time, not only with calls: read on a clock.
+        self.spawn_every(SAMPLE_ENDPOINTS_EVERY, true, stop.clone(), |w| async move {
+            telemetry::endpoints(&w.router)
         });
     }
-}
 
-impl Worker {
+    async fn heartbeat(&self) {
+        let held = self.held.snapshot();
+        let lease = self.config.lease();
+        if let Err(error) = self.store.heartbeat(&held, lease).await {
+            tracing::warn!(message = "lease heartbeat failed", %error, jobs = held.len());
+        }
+    }
+
+    async fn reap(&self) {
+        match self
+            .store
+            .reap_expired(self.config.retry.max_attempts, 500)
+            .await
+        {
+            Ok(messages) if messages.is_empty() => {}
+            Ok(messages) => {
+                tracing::warn!(
+                    message = "requeued jobs whose worker stopped",
+                    jobs = messages.len()
+                );
+                for m in &messages {
+                    self.bus.changed(m.job.request_id, &m.job.tenant);
+                }
+                if let Err(error) = self.publisher.publish_many(messages).await {
+                    tracing::warn!(message = "publishing reaped jobs failed; the relay will retry", %error);
+                }
+            }
+            Err(error) => tracing::warn!(message = "reaper failed", %error),
+        }
+    }
+
     /// Give jobs attached to an identical one the outcome it ended with, when completion did
     /// not already (a failure, a cancel, or a follower attached as its leader finished).
-    fn spawn_follower_settler(self: &Arc<Self>, stop: CancellationToken) {
-        let worker = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(SETTLE_FOLLOWERS_EVERY) => {}
+    async fn settle_followers(&self) {
+        match self.store.settle_followers(500).await {
+            Ok(settled) => {
+                for (id, tenant) in &settled.finished {
+                    self.bus.changed(*id, tenant);
                 }
-                match worker.store.settle_followers(500).await {
-                    Ok(settled) => {
-                        for (id, tenant) in &settled.finished {
-                            worker.bus.changed(*id, tenant);
-                        }
-                        if !settled.released.is_empty() {
-                            tracing::info!(
-                                message = "jobs whose identical job was cancelled run on their own",
-                                jobs = settled.released.len()
-                            );
-                            if let Err(error) =
-                                worker.publisher.publish_many(settled.released).await
-                            {
-                                tracing::warn!(message = "publishing released jobs failed; the relay will retry", %error);
-                            }
-                        }
+                if !settled.released.is_empty() {
+                    tracing::info!(
+                        message = "jobs whose identical job was cancelled run on their own",
+                        jobs = settled.released.len()
+                    );
+                    if let Err(error) = self.publisher.publish_many(settled.released).await {
+                        tracing::warn!(message = "publishing released jobs failed; the relay will retry", %error);
                     }
-                    Err(error) => tracing::warn!(message = "settling followers failed", %error),
                 }
             }
-        });
-    }
-}
-
-impl Worker {
-    fn paused_lanes(&self) -> Vec<Lane> {
-        self.paused_lanes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            Err(error) => tracing::warn!(message = "settling followers failed", %error),
+        }
     }
 
-    /// Read what operators paused every second: lanes this worker stops taking jobs from, and
-    /// endpoints its pools stop calling.
-    fn spawn_pause_reader(self: &Arc<Self>, stop: CancellationToken) {
-        let worker = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                match worker.store.pauses().await {
-                    Ok(targets) => {
-                        let lanes: Vec<Lane> = targets
-                            .iter()
-                            .filter_map(|t| t.strip_prefix("lane:"))
-                            .filter_map(|l| l.parse().ok())
-                            .collect();
-                        let endpoints: std::collections::HashSet<String> = targets
-                            .iter()
-                            .filter_map(|t| t.strip_prefix("endpoint:"))
-                            .map(str::to_owned)
-                            .collect();
-                        worker.router.set_paused_endpoints(&endpoints);
-                        *worker
-                            .paused_lanes
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = lanes;
-                    }
-                    // Keep the last known pauses: an outage must not resume what was paused.
-                    Err(error) => tracing::warn!(message = "could not read pauses", %error),
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(SETTLE_FOLLOWERS_EVERY) => {}
+    fn lane_paused(&self, lane: Lane) -> bool {
+        self.paused_lanes[lane.index()].load(Ordering::Relaxed)
+    }
+
+    /// Read what operators paused: lanes this worker stops taking jobs from, and endpoints its
+    /// pools stop calling.
+    async fn read_pauses(&self) {
+        match self.store.pauses().await {
+            Ok(targets) => {
+                let endpoints: std::collections::HashSet<String> = targets
+                    .iter()
+                    .filter_map(|t| t.strip_prefix("endpoint:"))
+                    .map(str::to_owned)
+                    .collect();
+                self.router.set_paused_endpoints(&endpoints);
+                for lane in Lane::ALL {
+                    let paused = targets.iter().any(|t| {
+                        t.strip_prefix("lane:")
+                            .is_some_and(|name| name == lane.as_str())
+                    });
+                    self.paused_lanes[lane.index()].store(paused, Ordering::Relaxed);
                 }
             }
-        });
-    }
-
-    /// Sample every endpoint's limit use and breaker into gauges: they change with time, not
-    /// only with calls, so they are read on a clock.
-    fn spawn_endpoint_sampler(self: &Arc<Self>, stop: CancellationToken) {
-        let worker = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                telemetry::endpoints(&worker.router);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(SAMPLE_ENDPOINTS_EVERY) => {}
-                }
-            }
-        });
+            // Keep the last known pauses: an outage must not resume what was paused.
+            Err(error) => tracing::warn!(message = "could not read pauses", %error),
+        }
     }
 }
 
@@ -609,6 +596,8 @@ impl Worker {
 const SAMPLE_ENDPOINTS_EVERY: Duration = Duration::from_secs(1);
 /// How often followers of finished jobs are looked for.
 const SETTLE_FOLLOWERS_EVERY: Duration = Duration::from_secs(1);
+/// How often operators' pauses are read.
+const READ_PAUSES_EVERY: Duration = Duration::from_secs(1);
 /// How often the buffer is checked for jobs to park.
 const PARK_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Bounds of a parking delay: long enough not to churn, short enough to notice a freed pool.
