@@ -2,7 +2,7 @@
 //! depths and API keys. Only admin keys reach it, and admin keys reach nothing else.
 
 use crate::auth::bearer;
-use crate::jobs::JobView;
+use crate::jobs::{parse_id, JobView};
 use crate::json::JsonBody;
 use crate::openapi::{schemas, ErrorBody};
 use crate::{ApiError, ApiState};
@@ -135,10 +135,6 @@ pub(crate) struct EventView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     detail: Option<serde_json::Value>,
-}
-
-fn parse_id(id: &str) -> Result<RequestId, ApiError> {
-    id.parse().map_err(|_| ApiError::not_found("no such job"))
 }
 
 async fn inspected(state: &ApiState, id: RequestId) -> Result<Inspected, ApiError> {
