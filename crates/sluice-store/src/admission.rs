@@ -2,7 +2,7 @@
 //! identical jobs), lane load and queue positions, tenants' daily spend, and prompt embeddings.
 //! Shared types and the PostgreSQL statements; SQLite's are in `sqlite::admission`.
 
-use crate::jobs::{corrupt, parse_lane, NewJob, Reuse};
+use crate::jobs::{bind_new_job, corrupt, parse_lane, NewJob, Reuse};
 use crate::outbox::OutboxMessage;
 use crate::postgres::PgBackend;
 use crate::{millis, StoreError};
@@ -75,8 +75,9 @@ impl PgBackend {
     ) -> Result<bool, StoreError> {
         let request = serde_json::to_value(&job.request).map_err(corrupt)?;
         let detail = serde_json::json!({ "cached": how.as_str(), "source": source });
-        let row = sqlx::query(
-            "WITH src AS (
+        let row = bind_new_job(
+            sqlx::query(
+                "WITH src AS (
                  SELECT result, endpoint FROM jobs
                  WHERE id = $10 AND tenant = $2 AND state = 'succeeded'
              ), j AS (
@@ -97,15 +98,10 @@ impl PgBackend {
                  ON CONFLICT (job_id) DO NOTHING
              )
              SELECT id FROM j",
+            ),
+            job,
+            &request,
         )
-        .bind(job.id.0)
-        .bind(&job.principal.tenant)
-        .bind(&job.principal.user)
-        .bind(job.principal.tier.as_str())
-        .bind(job.lane.as_str())
-        .bind(job.routing_key())
-        .bind(&request)
-        .bind(&job.notify_email)
         .bind(&job.request_hash)
         .bind(source.0)
         .bind(job.route_reason())

@@ -183,6 +183,26 @@ pub(crate) const JOB_COLUMNS: &str =
      result, error, endpoint, created_at, updated_at, started_at, finished_at, leader, cached, \
      route_reason, cost_usd";
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Bind the columns every single-job insert starts with, as `$1..$8`: id, tenant, user_id,
+/// tier, lane, model (the routing key), request, notify_email.
+pub(crate) fn bind_new_job<'q>(
+    query: PgQuery<'q>,
+    job: &'q NewJob,
+    request: &'q serde_json::Value,
+) -> PgQuery<'q> {
+    query
+        .bind(job.id.0)
+        .bind(&job.principal.tenant)
+        .bind(&job.principal.user)
+        .bind(job.principal.tier.as_str())
+        .bind(job.lane.as_str())
+        .bind(job.routing_key())
+        .bind(request)
+        .bind(&job.notify_email)
+}
+
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
@@ -234,21 +254,17 @@ impl PgBackend {
             None => (None, None),
         };
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+        let inserted = bind_new_job(
+            sqlx::query(
+                "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
                                state, idempotency_key, body_hash, request_hash, route_reason)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING id",
+            ),
+            job,
+            &request,
         )
-        .bind(job.id.0)
-        .bind(&job.principal.tenant)
-        .bind(&job.principal.user)
-        .bind(job.principal.tier.as_str())
-        .bind(job.lane.as_str())
-        .bind(job.routing_key())
-        .bind(&request)
-        .bind(&job.notify_email)
         .bind(key)
         .bind(hash)
         .bind(&job.request_hash)
@@ -397,30 +413,27 @@ impl PgBackend {
             .bind(&job.request_hash)
             .fetch_optional(&mut **tx)
             .await?;
-            let inserted: Option<(Option<Uuid>,)> = sqlx::query_as(
-                "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                                   state, request_hash, route_reason, leader)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11)
-                 ON CONFLICT DO NOTHING
-                 RETURNING leader",
+            let inserted = bind_new_job(
+                sqlx::query(
+                    "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                                       state, request_hash, route_reason, leader)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11)
+                     ON CONFLICT DO NOTHING
+                     RETURNING leader",
+                ),
+                job,
+                &request,
             )
-            .bind(job.id.0)
-            .bind(&job.principal.tenant)
-            .bind(&job.principal.user)
-            .bind(job.principal.tier.as_str())
-            .bind(job.lane.as_str())
-            .bind(job.routing_key())
-            .bind(&request)
-            .bind(&job.notify_email)
             .bind(&job.request_hash)
             .bind(job.route_reason())
             .bind(leader.map(|(id,)| id))
             .fetch_optional(&mut **tx)
             .await?;
-            let Some((leader,)) = inserted else {
+            let Some(inserted) = inserted else {
                 // A new leader appeared between the look-up and the insert: look again.
                 continue;
             };
+            let leader: Option<Uuid> = inserted.try_get("leader")?;
             let detail = leader.map(|id| serde_json::json!({ "attached_to": id }));
             sqlx::query(
                 "INSERT INTO job_events (job_id, seq, state, detail) VALUES ($1, 1, 'queued', $2)",

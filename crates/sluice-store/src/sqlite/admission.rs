@@ -1,7 +1,7 @@
 //! SQLite statements for admission, mirroring `crate::admission`: reused answers, followers,
 //! lane load, spend and embeddings. One writer at a time makes the follower checks race-free.
 
-use super::jobs::{insert_event, queue_notification};
+use super::jobs::{bind_new_job, insert_event, queue_notification};
 use super::lifecycle::{insert_outbox, request_of};
 use super::{parse_ts, ts, ts_before, SqliteBackend};
 use crate::admission::{LaneStats, SemanticEntry, SettledFollowers};
@@ -44,24 +44,20 @@ impl SqliteBackend {
         let request = serde_json::to_string(&job.request).map_err(corrupt)?;
         let mut tx = self.begin_write().await?;
         let at = ts(Utc::now());
-        let inserted: Option<(Option<String>,)> = sqlx::query_as(
-            "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                               state, request_hash, route_reason, result, endpoint, cached,
-                               cost_usd, event_seq, created_at, updated_at, started_at,
-                               finished_at)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'succeeded', ?9, ?11, result, endpoint, ?12,
-                    0, 2, ?13, ?13, ?13, ?13
-             FROM jobs WHERE id = ?10 AND tenant = ?2 AND state = 'succeeded'
-             RETURNING notify_email",
+        let inserted = bind_new_job(
+            sqlx::query(
+                "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                                   state, request_hash, route_reason, result, endpoint, cached,
+                                   cost_usd, event_seq, created_at, updated_at, started_at,
+                                   finished_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'succeeded', ?9, ?11, result, endpoint,
+                        ?12, 0, 2, ?13, ?13, ?13, ?13
+                 FROM jobs WHERE id = ?10 AND tenant = ?2 AND state = 'succeeded'
+                 RETURNING notify_email",
+            ),
+            job,
+            &request,
         )
-        .bind(job.id.0)
-        .bind(&job.principal.tenant)
-        .bind(&job.principal.user)
-        .bind(job.principal.tier.as_str())
-        .bind(job.lane.as_str())
-        .bind(job.routing_key())
-        .bind(&request)
-        .bind(&job.notify_email)
         .bind(&job.request_hash)
         .bind(source.0)
         .bind(job.route_reason())
@@ -69,10 +65,11 @@ impl SqliteBackend {
         .bind(&at)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((email,)) = inserted else {
+        let Some(inserted) = inserted else {
             tx.rollback().await?;
             return Ok(false);
         };
+        let email: Option<String> = inserted.try_get("notify_email")?;
         let detail = serde_json::json!({ "cached": how.as_str(), "source": source });
         insert_event(&mut tx, job.id.0, 1, "queued", None, &at).await?;
         insert_event(&mut tx, job.id.0, 2, "succeeded", Some(&detail), &at).await?;

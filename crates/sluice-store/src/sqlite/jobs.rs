@@ -73,6 +73,26 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
     })
 }
 
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Bind the columns every single-job insert starts with, as `?1..?8`: id, tenant, user_id,
+/// tier, lane, model (the routing key), request, notify_email.
+pub(super) fn bind_new_job<'q>(
+    query: SqliteQuery<'q>,
+    job: &'q NewJob,
+    request: &'q str,
+) -> SqliteQuery<'q> {
+    query
+        .bind(job.id.0)
+        .bind(&job.principal.tenant)
+        .bind(&job.principal.user)
+        .bind(job.principal.tier.as_str())
+        .bind(job.lane.as_str())
+        .bind(job.routing_key())
+        .bind(request)
+        .bind(&job.notify_email)
+}
+
 /// Queue a finished job's completion email, if it asked for one; one per job.
 pub(super) async fn queue_notification(
     tx: &mut Transaction<'static, Sqlite>,
@@ -150,22 +170,18 @@ impl SqliteBackend {
         // Taken inside the transaction, after the write lock: times follow commit order.
         let now = Utc::now();
         let at = ts(now);
-        let inserted = sqlx::query(
-            "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                               state, idempotency_key, body_hash, created_at, updated_at,
-                               request_hash, route_reason, leader)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10, ?11, ?11, ?12, ?13, ?14)
-             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-             RETURNING id",
+        let inserted = bind_new_job(
+            sqlx::query(
+                "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                                   state, idempotency_key, body_hash, created_at, updated_at,
+                                   request_hash, route_reason, leader)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10, ?11, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                 RETURNING id",
+            ),
+            job,
+            &request,
         )
-        .bind(job.id.0)
-        .bind(&job.principal.tenant)
-        .bind(&job.principal.user)
-        .bind(job.principal.tier.as_str())
-        .bind(job.lane.as_str())
-        .bind(job.routing_key())
-        .bind(&request)
-        .bind(&job.notify_email)
         .bind(key)
         .bind(hash)
         .bind(&at)
