@@ -492,7 +492,7 @@ impl Admission {
             return Ok(SemanticLookup::default());
         };
         let scope = semantic_scope(&request.model, context);
-        let vector = match cache.client.embed(&last.content).await {
+        let vector = match cache.client.embed(&last.content.text()).await {
             Ok(vector) => vector,
             Err(error) => {
                 tracing::warn!(message = "embeddings failed; semantic cache skipped", %error);

@@ -138,6 +138,7 @@ impl SubmitJob {
             top_p: self.top_p,
             stop: self.stop,
             stream: self.stream,
+            ..JobRequest::new(String::new(), Vec::new())
         })
     }
 }

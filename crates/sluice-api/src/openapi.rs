@@ -308,6 +308,6 @@ mod tests {
         // A message the mirror describes parses as a core message.
         let message: core::Message =
             serde_json::from_value(serde_json::json!({"role": "user", "content": "hi"})).unwrap();
-        assert_eq!(message.content, "hi");
+        assert_eq!(message.content.text(), "hi");
     }
 }

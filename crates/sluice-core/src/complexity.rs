@@ -1,7 +1,7 @@
 //! A cheap rule-based guess at how demanding a prompt is, so an alias like `auto` can go to a
 //! small or a large pool. Plain string scanning; the rule that fired is kept for the job record.
 
-use crate::job::Message;
+use crate::chat::Message;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -63,7 +63,7 @@ pub struct Classification {
 pub fn classify(messages: &[Message]) -> Classification {
     let text = messages
         .iter()
-        .map(|m| m.content.as_str())
+        .map(|m| m.content.text())
         .collect::<Vec<_>>()
         .join("\n")
         .to_lowercase();
@@ -87,7 +87,10 @@ pub fn classify(messages: &[Message]) -> Classification {
         return complex(format!("reasoning or design keyword \"{word}\""));
     }
     // Counted on the original contents: lowercasing can change the length of some characters.
-    let chars: usize = messages.iter().map(|m| m.content.chars().count()).sum();
+    let chars: usize = messages
+        .iter()
+        .map(|m| m.content.text().chars().count())
+        .sum();
     if chars > LONG_PROMPT_CHARS {
         return complex(format!("long prompt ({chars} characters)"));
     }
@@ -175,7 +178,7 @@ fn word_at(text: &str, at: usize, len: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Role;
+    use crate::chat::Role;
 
     fn one(text: &str) -> Classification {
         classify(&[Message::user(text)])

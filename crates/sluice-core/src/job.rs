@@ -1,6 +1,7 @@
 //! Jobs: the request a client submits, its public handle, and the state machine
 //! every stored job follows (`queued -> running -> succeeded | failed | cancelled | dead`, plus `retrying`).
 
+use crate::chat::{Message, ResponseFormat, Role, Tool, ToolChoice, ToolMode};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -140,38 +141,6 @@ impl FromStr for JobState {
     }
 }
 
-/// Author of a chat message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-    Tool,
-}
-
-/// One chat message of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Message {
-    pub role: Role,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: Role, content: impl Into<String>) -> Message {
-        Message {
-            role,
-            content: content.into(),
-        }
-    }
-
-    /// A message from the user.
-    pub fn user(content: impl Into<String>) -> Message {
-        Message::new(Role::User, content)
-    }
-}
-
 /// What a client asks the LLM: a model alias, the conversation and sampling parameters.
 /// This is the part of a job that reaches the provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +158,18 @@ pub struct JobRequest {
     /// Stream the answer: subscribers see its text as deltas while the job runs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+    /// Asks the provider for a repeatable sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// Functions the model may call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// What travels through a lane: enough to schedule and claim a job without reading it first.
@@ -216,6 +197,39 @@ pub struct JobRef {
     pub waiting_since_ms: Option<i64>,
 }
 
+/// A request that breaks a rule: the field at fault in OpenAI's notation (`messages[2].role`,
+/// `tools[0].function.name`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidRequest {
+    pub param: Option<String>,
+    pub message: String,
+}
+
+impl InvalidRequest {
+    pub fn new(param: impl Into<String>, message: impl Into<String>) -> InvalidRequest {
+        InvalidRequest {
+            param: Some(param.into()),
+            message: message.into(),
+        }
+    }
+}
+
+/// Most messages one job may carry.
+pub const MAX_MESSAGES: usize = 1_000;
+/// Most tools one job may offer (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+/// Most stop sequences (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+
+/// Names of functions and JSON schemas: 1 to 64 of `a-z A-Z 0-9 _ -`, as OpenAI requires.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Completion tokens assumed when a job sets no `max_tokens`.
 pub const DEFAULT_COMPLETION_ESTIMATE: u32 = 256;
 
@@ -230,16 +244,230 @@ impl JobRequest {
             top_p: None,
             stop: None,
             stream: false,
+            seed: None,
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: None,
         }
+    }
+
+    /// Check the rules every front door enforces; the first broken one is the error.
+    pub fn validate(&self) -> Result<(), InvalidRequest> {
+        if self.messages.is_empty() {
+            return Err(InvalidRequest::new(
+                "messages",
+                "messages must hold at least one message",
+            ));
+        }
+        if self.messages.len() > MAX_MESSAGES {
+            return Err(InvalidRequest::new(
+                "messages",
+                format!("messages may hold at most {MAX_MESSAGES} messages"),
+            ));
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            validate_message(i, m)?;
+        }
+        if self.max_tokens == Some(0) {
+            return Err(InvalidRequest::new(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(InvalidRequest::new(
+                    "temperature",
+                    "temperature must be between 0 and 2",
+                ));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(InvalidRequest::new(
+                    "top_p",
+                    "top_p must be between 0 and 1",
+                ));
+            }
+        }
+        if self.stop.as_ref().is_some_and(|s| s.len() > MAX_STOP) {
+            return Err(InvalidRequest::new(
+                "stop",
+                format!("stop may hold at most {MAX_STOP} sequences"),
+            ));
+        }
+        self.validate_tools()?;
+        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format {
+            if !valid_name(&json_schema.name) {
+                return Err(InvalidRequest::new(
+                    "response_format.json_schema.name",
+                    "response_format.json_schema.name must be 1 to 64 letters, digits, '_' or '-'",
+                ));
+            }
+            if json_schema.schema.as_ref().is_some_and(|s| !s.is_object()) {
+                return Err(InvalidRequest::new(
+                    "response_format.json_schema.schema",
+                    "response_format.json_schema.schema must be a JSON Schema object",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_tools(&self) -> Result<(), InvalidRequest> {
+        if self.tools.len() > MAX_TOOLS {
+            return Err(InvalidRequest::new(
+                "tools",
+                format!("tools may hold at most {MAX_TOOLS} functions"),
+            ));
+        }
+        for (i, tool) in self.tools.iter().enumerate() {
+            let f = &tool.function;
+            if !valid_name(&f.name) {
+                return Err(InvalidRequest::new(
+                    format!("tools[{i}].function.name"),
+                    "a function name must be 1 to 64 letters, digits, '_' or '-'",
+                ));
+            }
+            if self.tools[..i].iter().any(|t| t.function.name == f.name) {
+                return Err(InvalidRequest::new(
+                    format!("tools[{i}].function.name"),
+                    format!("function {:?} is defined twice", f.name),
+                ));
+            }
+            if f.parameters.as_ref().is_some_and(|p| !p.is_object()) {
+                return Err(InvalidRequest::new(
+                    format!("tools[{i}].function.parameters"),
+                    "function parameters must be a JSON Schema object",
+                ));
+            }
+        }
+        match &self.tool_choice {
+            Some(ToolChoice::Mode(ToolMode::Required)) if self.tools.is_empty() => {
+                Err(InvalidRequest::new(
+                    "tool_choice",
+                    "tool_choice \"required\" needs at least one tool in tools",
+                ))
+            }
+            Some(choice) => match choice.named() {
+                Some(name) if !self.tools.iter().any(|t| t.function.name == name) => {
+                    Err(InvalidRequest::new(
+                        "tool_choice",
+                        format!("tool_choice names function {name:?}, which is not in tools"),
+                    ))
+                }
+                _ => Ok(()),
+            },
+            None if self.parallel_tool_calls.is_some() && self.tools.is_empty() => {
+                Err(InvalidRequest::new(
+                    "parallel_tool_calls",
+                    "parallel_tool_calls is only allowed when tools are given",
+                ))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether asking again gives the same answer: greedy decoding (temperature 0) or a fixed
+    /// seed. Anything else is a fresh sample each time, which a reused answer would not be.
+    pub fn is_deterministic(&self) -> bool {
+        self.temperature == Some(0.0) || self.seed.is_some()
     }
 
     /// Tokens this request may cost before the provider says: about four characters a prompt
     /// token, plus the completion it may produce (`max_tokens`, else a default).
     pub fn estimated_tokens(&self) -> u32 {
-        let chars: usize = self.messages.iter().map(|m| m.content.len()).sum();
+        let messages: usize = self
+            .messages
+            .iter()
+            .map(|m| {
+                let calls: usize = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| c.function.name.len() + c.function.arguments.len())
+                    .sum();
+                m.content.estimated_chars() + calls
+            })
+            .sum();
+        // Tool definitions are sent with every call and billed as prompt.
+        let tools: usize = self
+            .tools
+            .iter()
+            .map(|t| {
+                t.function.name.len()
+                    + t.function.description.as_ref().map_or(0, String::len)
+                    + t.function
+                        .parameters
+                        .as_ref()
+                        .map_or(0, |p| p.to_string().len())
+            })
+            .sum();
+        let chars = messages + tools;
         let prompt = u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX);
         prompt.saturating_add(self.max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE))
     }
+}
+
+fn validate_message(i: usize, m: &Message) -> Result<(), InvalidRequest> {
+    use crate::chat::{Content, ContentPart};
+    let at = |field: &str| format!("messages[{i}].{field}");
+    if m.role == Role::Tool && m.tool_call_id.as_deref().is_none_or(str::is_empty) {
+        return Err(InvalidRequest::new(
+            at("tool_call_id"),
+            "a tool message needs the tool_call_id of the call it answers",
+        ));
+    }
+    if m.role != Role::Tool && m.tool_call_id.is_some() {
+        return Err(InvalidRequest::new(
+            at("tool_call_id"),
+            "only tool messages carry a tool_call_id",
+        ));
+    }
+    if m.role != Role::Assistant && !m.tool_calls.is_empty() {
+        return Err(InvalidRequest::new(
+            at("tool_calls"),
+            "only assistant messages carry tool_calls",
+        ));
+    }
+    if let Some(j) = m
+        .tool_calls
+        .iter()
+        .position(|c| c.id.is_empty() || !valid_name(&c.function.name))
+    {
+        return Err(InvalidRequest::new(
+            format!("messages[{i}].tool_calls[{j}]"),
+            "a tool call needs an id and a function name of 1 to 64 letters, digits, '_' or '-'",
+        ));
+    }
+    if let Content::Parts(parts) = &m.content {
+        if parts.is_empty() {
+            return Err(InvalidRequest::new(
+                at("content"),
+                "content must not be an empty array",
+            ));
+        }
+        for (j, part) in parts.iter().enumerate() {
+            let ContentPart::ImageUrl { image_url } = part else {
+                continue;
+            };
+            if m.role != Role::User {
+                return Err(InvalidRequest::new(
+                    format!("messages[{i}].content[{j}]"),
+                    "image parts are only allowed in user messages",
+                ));
+            }
+            let url = image_url.url.as_str();
+            let fetchable = url.starts_with("https://") || url.starts_with("http://");
+            if !fetchable && image_url.inline_data().is_none() {
+                return Err(InvalidRequest::new(
+                    format!("messages[{i}].content[{j}].image_url.url"),
+                    "an image URL must be http(s):// or a data:<type>;base64,... URL",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -306,6 +534,81 @@ mod tests {
         assert_eq!(job.estimated_tokens(), 11 + 100);
         job.max_tokens = None;
         assert_eq!(job.estimated_tokens(), 11 + DEFAULT_COMPLETION_ESTIMATE);
+    }
+
+    #[test]
+    fn validation_names_the_field_at_fault() {
+        let ok = JobRequest::new("m", vec![Message::user("hi")]);
+        assert_eq!(ok.validate(), Ok(()));
+        let param = |r: JobRequest| r.validate().unwrap_err().param.unwrap();
+        assert_eq!(param(JobRequest::new("m", vec![])), "messages");
+        assert_eq!(
+            param(JobRequest {
+                temperature: Some(2.5),
+                ..ok.clone()
+            }),
+            "temperature"
+        );
+        assert_eq!(
+            param(JobRequest::new(
+                "m",
+                vec![Message::user("a"), Message::new(Role::Tool, "42")]
+            )),
+            "messages[1].tool_call_id"
+        );
+        let tool: crate::chat::Tool = serde_json::from_value(serde_json::json!({
+            "type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}
+        }))
+        .unwrap();
+        let named = ToolChoice::Function(crate::chat::NamedFunction {
+            kind: crate::chat::FunctionKind::Function,
+            function: crate::chat::FunctionName {
+                name: "other".into(),
+            },
+        });
+        assert_eq!(
+            param(JobRequest {
+                tools: vec![tool.clone()],
+                tool_choice: Some(named),
+                ..ok.clone()
+            }),
+            "tool_choice"
+        );
+        assert_eq!(
+            param(JobRequest {
+                tools: vec![tool.clone(), tool.clone()],
+                ..ok.clone()
+            }),
+            "tools[1].function.name"
+        );
+        assert_eq!(
+            param(JobRequest {
+                tool_choice: Some(ToolChoice::Mode(ToolMode::Required)),
+                ..ok.clone()
+            }),
+            "tool_choice"
+        );
+        let image: Message =
+            serde_json::from_value(serde_json::json!({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}))
+            .unwrap();
+        assert_eq!(
+            param(JobRequest::new("m", vec![image])),
+            "messages[0].content[0].image_url.url"
+        );
+    }
+
+    #[test]
+    fn only_greedy_or_seeded_requests_are_deterministic() {
+        let mut r = JobRequest::new("m", vec![Message::user("hi")]);
+        assert!(!r.is_deterministic(), "unset temperature samples");
+        r.temperature = Some(1.0);
+        assert!(!r.is_deterministic());
+        r.temperature = Some(0.0);
+        assert!(r.is_deterministic());
+        r.temperature = Some(0.7);
+        r.seed = Some(7);
+        assert!(r.is_deterministic());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod adaptive;
 pub mod breaker;
+pub mod chat;
 pub mod complexity;
 pub mod gcra;
 pub mod job;
@@ -20,8 +21,15 @@ pub mod sse;
 
 pub use adaptive::{AdaptiveConfig, AdaptiveRate};
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
+pub use chat::{
+    Content, ContentPart, ContentPartRef, FunctionCall, FunctionDef, FunctionKind, ImageUrl,
+    JsonSchemaFormat, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
+};
 pub use complexity::{classify, Classification, Complexity};
-pub use job::{InvalidTransition, JobRef, JobRequest, JobState, Message, RequestId, Role};
+pub use job::{
+    InvalidRequest, InvalidTransition, JobRef, JobRequest, JobState, RequestId, MAX_MESSAGES,
+    MAX_STOP, MAX_TOOLS,
+};
 pub use lane::{Lane, LaneWeights, ParseLaneError};
 pub use price::{budget_state, BudgetState, Price};
 pub use principal::{ParseTierError, Principal, Tier, TierLanes};

@@ -1,7 +1,7 @@
 //! Vector helpers for the semantic cache: cosine similarity, the byte form stored in the
 //! database, the text of a conversation to embed, and an exact nearest-match scan.
 
-use crate::job::{Message, Role};
+use crate::chat::{Message, Role};
 
 /// Cosine similarity of `a` and `b`, within `-1.0..=1.0`.
 ///
@@ -59,14 +59,19 @@ fn role_name(role: Role) -> &'static str {
 /// two conversations can give the same text (a content with a newline and `user: `), so anything
 /// that needs exact equality should compare the messages themselves.
 pub fn prompt_text(messages: &[Message]) -> String {
-    let mut out = String::with_capacity(messages.iter().map(|m| m.content.len() + 12).sum());
+    let mut out = String::with_capacity(
+        messages
+            .iter()
+            .map(|m| m.content.estimated_chars() + 12)
+            .sum(),
+    );
     for (i, m) in messages.iter().enumerate() {
         if i > 0 {
             out.push('\n');
         }
         out.push_str(role_name(m.role));
         out.push_str(": ");
-        out.push_str(&m.content);
+        out.push_str(&m.content.text());
     }
     out
 }

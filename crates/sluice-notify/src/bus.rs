@@ -31,10 +31,14 @@ pub enum BusMessage {
         request_id: RequestId,
         tenant: String,
     },
-    /// Text a running `stream: true` job received, in order (`index` from 0). Not stored.
+    /// Text a running `stream: true` job received, in order (`index` from 0 for each attempt).
+    /// Not stored. A retried job streams again from index 0 under its new `attempt`.
     Delta {
         request_id: RequestId,
         tenant: String,
+        /// The claim this text belongs to (the job's attempt counter).
+        #[serde(default)]
+        attempt: i32,
         index: u32,
         text: String,
     },
@@ -239,6 +243,7 @@ mod tests {
             bus.publish(BusMessage::Delta {
                 request_id: id,
                 tenant: "t".into(),
+                attempt: 1,
                 index,
                 text: format!("{index}"),
             });

@@ -67,9 +67,11 @@ pub enum Outgoing {
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<serde_json::Value>,
     },
-    /// Text streamed by a running job, in order from `index` 0.
+    /// Text streamed by a running job, in order from `index` 0 for each `attempt`: a retried
+    /// job streams its answer again under a higher attempt.
     Delta {
         request_id: RequestId,
+        attempt: i32,
         index: u32,
         text: String,
     },
@@ -259,13 +261,14 @@ impl Hub {
         }
     }
 
-    fn delta(&self, request_id: RequestId, tenant: &str, index: u32, text: &str) {
+    fn delta(&self, request_id: RequestId, tenant: &str, attempt: i32, index: u32, text: &str) {
         let mut subs = self.inner.lock();
         let mut gone = Vec::new();
         for (id, sub) in subs.iter() {
             if sub.tenant == tenant && sub.jobs.contains_key(&request_id) {
                 let message = Outgoing::Delta {
                     request_id,
+                    attempt,
                     index,
                     text: text.to_owned(),
                 };
@@ -384,9 +387,10 @@ async fn listen(hub: Hub, mut bus: broadcast::Receiver<BusMessage>, shutdown: Ca
             Ok(BusMessage::Delta {
                 request_id,
                 tenant,
+                attempt,
                 index,
                 text,
-            }) => hub.delta(request_id, &tenant, index, &text),
+            }) => hub.delta(request_id, &tenant, attempt, index, &text),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     message = "the hub fell behind the event bus; the poll catches up",

@@ -105,7 +105,9 @@ fn wire_request(job: &JobRequest) -> WireRequest<'_> {
     for m in &job.messages {
         let role = match m.role {
             Role::System => {
-                system.push(Part { text: &m.content });
+                system.push(Part {
+                    text: plain_text(&m.content),
+                });
                 continue;
             }
             Role::Assistant => "model",
@@ -114,7 +116,9 @@ fn wire_request(job: &JobRequest) -> WireRequest<'_> {
         };
         contents.push(Content {
             role: Some(role),
-            parts: vec![Part { text: &m.content }],
+            parts: vec![Part {
+                text: plain_text(&m.content),
+            }],
         });
     }
     let config = GenerationConfig {
@@ -237,6 +241,7 @@ impl Provider for Gemini {
             return Err(ProviderError::InvalidResponse(truncate(&why)));
         };
         Ok(ChatResponse {
+            tool_calls: Vec::new(),
             rate,
             content: candidate.text(),
             usage: wire.usage_metadata.map(Usage::from).unwrap_or_default(),
@@ -346,5 +351,13 @@ mod tests {
         assert_eq!(finish_reason("MAX_TOKENS"), "length");
         assert_eq!(finish_reason("SAFETY"), "content_filter");
         assert_eq!(finish_reason("OTHER"), "other");
+    }
+}
+
+// TEMPORARY until the adapters translate parts and tools: text content only.
+fn plain_text(content: &sluice_core::Content) -> &str {
+    match content {
+        sluice_core::Content::Text(text) => text,
+        sluice_core::Content::Parts(_) => "",
     }
 }

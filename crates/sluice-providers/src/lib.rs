@@ -60,6 +60,9 @@ impl Usage {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatResponse {
     pub content: String,
+    /// Functions the model called, in OpenAI's form whatever the provider's wire format.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<sluice_core::ToolCall>,
     pub usage: Usage,
     /// The model the provider says answered.
     pub model: String,
@@ -74,6 +77,7 @@ impl ChatResponse {
     pub(crate) fn streaming(model: String, rate: Option<RateHeaders>) -> ChatResponse {
         ChatResponse {
             content: String::new(),
+            tool_calls: Vec::new(),
             usage: Usage::default(),
             model,
             finish_reason: None,

@@ -197,6 +197,7 @@ impl Provider for OpenAiCompatible {
             ));
         };
         Ok(ChatResponse {
+            tool_calls: Vec::new(),
             rate,
             content: choice.message.content.unwrap_or_default(),
             usage: wire.usage.unwrap_or_default().into(),

@@ -813,6 +813,7 @@ mod tests {
     impl Provider for Fixed {
         async fn chat(&self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
             self.0.clone().map(|()| ChatResponse {
+                tool_calls: Vec::new(),
                 content: req.request_id.to_owned(),
                 usage: crate::Usage::default(),
                 model: "fixed".into(),

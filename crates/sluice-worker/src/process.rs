@@ -72,6 +72,7 @@ impl Worker {
             let (tx, mut deltas) = tokio::sync::mpsc::channel::<String>(256);
             let bus = self.bus.clone();
             let tenant = job.tenant.clone();
+            let attempt = claim.attempt;
             // Deltas go out in order as they arrive; the stored result is the whole text.
             let forward = tokio::spawn(async move {
                 let mut index = 0u32;
@@ -79,6 +80,7 @@ impl Worker {
                     bus.publish(BusMessage::Delta {
                         request_id: id,
                         tenant: tenant.clone(),
+                        attempt,
                         index,
                         text,
                     });
