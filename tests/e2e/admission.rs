@@ -2,7 +2,7 @@
 //! sharing one provider call, load shedding by tier, budgets and cost, complexity routing and
 //! the estimated wait against the real one.
 
-use crate::helpers::{job_body, spawn_app, AppOptions, TestApp};
+use crate::helpers::{greedy_body, job_body, spawn_app, AppOptions, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_core::{JobState, Principal, RequestId, Tier};
@@ -154,7 +154,7 @@ async fn an_identical_job_is_answered_from_cache_within_its_tenant_only() {
     let app = spawn_app(AppOptions::default()).await;
     let acme = app.key("acme", Tier::Pro).await;
     let other = app.key("other", Tier::Pro).await;
-    let body = job_body("What is the capital of France?");
+    let body = greedy_body("What is the capital of France?");
 
     let first = id_of(&app.post_job(&acme, &body).await.1);
     let answer = succeeded(&app, &acme, first).await;
@@ -187,6 +187,34 @@ async fn an_identical_job_is_answered_from_cache_within_its_tenant_only() {
     let job = succeeded(&app, &acme, id_of(&b)).await;
     assert_eq!(job["cached"], false);
     assert_eq!(app.sim.stats().total, calls + 2);
+
+    // A sampled request (no temperature) asks for a fresh sample, twice over; `cache: true`
+    // lets it take the answer of the sampled one before it.
+    let sampled = job_body("Tell me a story.");
+    for n in 0..2 {
+        let (status, b) = app.post_job(&acme, &sampled).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "sample {n}: {b}");
+        let job = succeeded(&app, &acme, id_of(&b)).await;
+        assert_eq!(job["cached"], false, "{job}");
+    }
+    assert_eq!(app.sim.stats().total, calls + 4);
+    let mut allowed = sampled.clone();
+    allowed["cache"] = json!(true);
+    let (status, b) = app.post_job(&acme, &allowed).await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "the earlier samples left no hash: {b}"
+    );
+    succeeded(&app, &acme, id_of(&b)).await;
+    let (status, b) = app.post_job(&acme, &allowed).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "answered from the opted-in sample: {b}"
+    );
+    assert_eq!(b["cache"], "exact");
+    assert_eq!(app.sim.stats().total, calls + 5);
     app.cleanup().await;
 }
 
@@ -198,7 +226,7 @@ async fn fifty_identical_concurrent_jobs_make_one_provider_call_and_fifty_result
     })
     .await;
     let key = app.key("acme", Tier::Pro).await;
-    let body = job_body("Summarise the plot of Hamlet in one line.");
+    let body = greedy_body("Summarise the plot of Hamlet in one line.");
     let posts = (0..50).map(|_| app.post_job(&key, &body));
     let answers = futures::future::join_all(posts).await;
     let mut ids = Vec::new();
@@ -418,11 +446,11 @@ async fn a_question_worded_alike_is_answered_from_the_semantic_cache() {
     let acme = app.key("acme", Tier::Pro).await;
     let other = app.key("other", Tier::Pro).await;
 
-    let first = app
-        .submit_model(&acme, "similar", "What is the capital of France?")
-        .await;
+    let mut question = greedy_body("What is the capital of France?");
+    question["model"] = json!("similar");
+    let first = id_of(&app.post_job(&acme, &question).await.1);
     let answer = succeeded(&app, &acme, first).await;
-    let mut alike = job_body("what is the capital of france");
+    let mut alike = greedy_body("what is the capital of france");
     alike["model"] = json!("similar");
     let (status, hit) = app.post_job(&acme, &alike).await;
     assert_eq!(status, StatusCode::OK, "{hit}");
@@ -431,7 +459,7 @@ async fn a_question_worded_alike_is_answered_from_the_semantic_cache() {
     assert_eq!(app.sim.stats().total, 1, "one chat call in all");
     assert_eq!(app.sim.stats().embeddings, 2);
 
-    let mut different = job_body("What is the capital of Spain?");
+    let mut different = greedy_body("What is the capital of Spain?");
     different["model"] = json!("similar");
     let (status, b) = app.post_job(&acme, &different).await;
     assert_eq!(
@@ -518,7 +546,7 @@ async fn jobs_attached_to_one_whose_worker_is_killed_all_finish_once_it_is_retri
     })
     .await;
     let key = app.key("acme", Tier::Pro).await;
-    let body = job_body("a slow question asked twenty times");
+    let body = greedy_body("a slow question asked twenty times");
     let posts = (0..20).map(|_| app.post_job(&key, &body));
     let ids: Vec<RequestId> = futures::future::join_all(posts)
         .await

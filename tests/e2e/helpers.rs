@@ -60,6 +60,8 @@ pub struct AppOptions {
     pub extra_pools: Vec<(&'static str, u32)>,
     /// The TOML value of the `default` route: a pool name or a list with fallbacks.
     pub default_route: &'static str,
+    /// More lines of `[routes]` (`alias = "pool"`), for pools in `extra_toml`.
+    pub extra_routes: String,
     /// Appended after the routes: more `[[pools]]`, `[limits.*]` sections.
     pub extra_toml: String,
     /// Share endpoint limits between workers through Redis: the machine's, or this URL.
@@ -101,6 +103,7 @@ impl Default for AppOptions {
             timeout_secs: 10,
             extra_pools: Vec::new(),
             default_route: "\"sim\"",
+            extra_routes: String::new(),
             extra_toml: String::new(),
             redis: false,
             redis_url: None,
@@ -202,6 +205,10 @@ default = {route}
     );
     // The config ends inside [routes]: route lines first, then the pools they name.
     let mut config = config;
+    config.push_str(&options.extra_routes);
+    if !options.extra_routes.ends_with('\n') {
+        config.push('\n');
+    }
     for (name, _) in &options.extra_pools {
         config.push_str(&format!("{name} = \"{name}\"\n"));
     }
@@ -579,4 +586,11 @@ impl TestApp {
 
 pub fn job_body(text: &str) -> Value {
     json!({ "model": "default", "messages": [{ "role": "user", "content": text }] })
+}
+
+/// [`job_body`] at temperature 0: deterministic, so identical ones may share an answer.
+pub fn greedy_body(text: &str) -> Value {
+    let mut body = job_body(text);
+    body["temperature"] = json!(0);
+    body
 }

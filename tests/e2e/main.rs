@@ -17,5 +17,6 @@ mod limits;
 mod logs;
 mod metrics;
 mod notify;
+mod openai;
 mod openapi;
 mod watch;

@@ -1,7 +1,7 @@
 //! `GET /metrics` on the API and on a worker after a run: each metric holds the value the run
 //! implies (jobs by event, cache hits, provider calls, tokens, cost, histograms, gauges).
 
-use crate::helpers::{job_body, spawn_app, AppOptions, TestApp};
+use crate::helpers::{greedy_body, spawn_app, AppOptions, TestApp};
 use reqwest::StatusCode;
 use sluice_core::{RequestId, Tier};
 use std::collections::BTreeMap;
@@ -126,7 +126,11 @@ async fn metrics_after_a_run_hold_what_the_run_implies() {
     for (tier, _) in tiers {
         let key = app.key(&format!("m-{tier}"), tier).await;
         for n in 0..10 {
-            ids.push(app.submit(&key, &format!("metrics job {tier} {n}")).await);
+            // Deterministic, so the resubmissions below can be answered from the cache.
+            let body = greedy_body(&format!("metrics job {tier} {n}"));
+            let (status, accepted) = app.post_job(&key, &body).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+            ids.push(accepted["request_id"].as_str().unwrap().parse().unwrap());
         }
         if tier == Tier::Pro {
             pro = key;
@@ -138,7 +142,7 @@ async fn metrics_after_a_run_hold_what_the_run_implies() {
     let pro = &pro;
     for n in 0..5 {
         let (status, body) = app
-            .post_job(pro, &job_body(&format!("metrics job pro {n}")))
+            .post_job(pro, &greedy_body(&format!("metrics job pro {n}")))
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["cache"], "exact", "{body}");

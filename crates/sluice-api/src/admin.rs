@@ -205,9 +205,9 @@ pub(crate) async fn replay(
         return Err(not_dead(&state, id).await);
     };
     tracing::info!(message = "dead job replayed", request_id = %id, admin = %name);
-    state.bus.changed(id, &message.job.tenant);
+    state.intake.bus.changed(id, &message.job.tenant);
     // The outbox row is committed: if this publish fails, the relay sends it.
-    state.publisher.publish_in_background(message);
+    state.intake.publisher.publish_in_background(message);
     Ok(Json(inspected(&state, id).await?))
 }
 
@@ -277,10 +277,10 @@ pub(crate) async fn lanes(
     State(state): State<Arc<ApiState>>,
     _: Admin,
 ) -> Result<Json<LanesView>, ApiError> {
-    let load = state.admission.load();
+    let load = state.intake.policy.load();
     let mut lanes = Vec::new();
     for lane in Lane::ALL {
-        let broker_depth = state.publisher.broker().depth(lane).await.ok();
+        let broker_depth = state.intake.publisher.broker().depth(lane).await.ok();
         let measured = load.lanes.get(&lane).cloned().unwrap_or_default();
         lanes.push(LaneView {
             lane,
@@ -398,7 +398,7 @@ pub(crate) async fn pause_endpoint(
     Admin(admin): Admin,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<Json<PauseView>, ApiError> {
-    if !state.admission.endpoints.contains_key(&name) {
+    if !state.intake.policy.endpoints.contains_key(&name) {
         return Err(ApiError::not_found(format!("no endpoint named {name:?}")));
     }
     set_paused(&state, &admin, format!("endpoint:{name}"), &action).await

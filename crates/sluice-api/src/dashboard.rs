@@ -185,7 +185,7 @@ pub(crate) async fn data(
     )
     .map_err(ApiError::internal)?;
 
-    let load = state.admission.load();
+    let load = state.intake.policy.load();
     let lanes = Lane::CONSUMED
         .iter()
         .map(|&lane| {
@@ -221,7 +221,8 @@ pub(crate) async fn data(
     // Every configured endpoint has a row, called or not; one no longer configured keeps its
     // row while its calls are in the window.
     let mut per_endpoint: BTreeMap<String, BTreeMap<i64, (i64, i64)>> = state
-        .admission
+        .intake
+        .policy
         .endpoints
         .keys()
         .map(|name| (name.clone(), BTreeMap::new()))
@@ -236,7 +237,7 @@ pub(crate) async fn data(
     let endpoints = per_endpoint
         .into_iter()
         .map(|(name, counted)| EndpointRow {
-            rpm: state.admission.endpoints.get(&name).copied(),
+            rpm: state.intake.policy.endpoints.get(&name).copied(),
             calls: counted.values().map(|c| c.0).sum(),
             throttled: counted.values().map(|c| c.1).sum(),
             minutes: minute_starts

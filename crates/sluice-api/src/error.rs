@@ -64,6 +64,57 @@ impl ApiError {
     }
 }
 
+/// The job API's answer to a refused submission.
+impl From<sluice_admission::AdmitError> for ApiError {
+    fn from(error: sluice_admission::AdmitError) -> Self {
+        use sluice_admission::AdmitError as E;
+        let message = error.to_string();
+        match error {
+            E::Invalid(invalid) => ApiError::invalid(invalid.message),
+            E::UnknownModel { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_model", message)
+            }
+            E::NoEmail => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_email", message),
+            E::QuotaExceeded {
+                scope,
+                window_secs,
+                limit,
+                retry_after,
+                ..
+            } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message)
+                .with_retry_after(retry_after)
+                .with_detail(
+                    "limit",
+                    serde_json::json!({
+                        "scope": scope, "window_secs": window_secs, "limit": limit,
+                    }),
+                ),
+            E::Overloaded { retry_after, .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+                    .with_retry_after(retry_after)
+            }
+            E::BudgetExhausted {
+                spent,
+                daily,
+                retry_after,
+                ..
+            } => ApiError::new(StatusCode::PAYMENT_REQUIRED, "budget_exhausted", message)
+                .with_retry_after(retry_after)
+                .with_detail(
+                    "budget",
+                    serde_json::json!({ "daily_usd": daily, "spent_usd": spent }),
+                ),
+            E::IdempotencyConflict => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)
+            }
+            E::BatchQueueFull { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "batch_queue_full", message)
+            }
+            E::Store(cause) => ApiError::internal(cause),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut error = serde_json::json!({ "code": self.code, "message": self.message });

@@ -1,7 +1,6 @@
 //! Submit, poll and cancel jobs. Bodies are parsed into [`JobRequest`] at the edge, so
 //! everything after this module trusts its input.
 
-use crate::admission::Admission;
 use crate::auth::Caller;
 use crate::json::JsonBody;
 use crate::openapi::{schemas, ErrorBody};
@@ -13,14 +12,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use sluice_core::{JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
+use sluice_admission::{Admitted, ReusePolicy, Submission, Ticket};
+use sluice_core::{
+    JobRequest, JobState, Lane, Message, RequestId, ResponseFormat, Tool, ToolChoice,
+};
 use sluice_providers::POOL_ROUTE_PREFIX;
-use sluice_store::{Accepted as StoreAccepted, CancelOutcome, Ingested, JobRecord, NewJob, Reuse};
+use sluice_store::{CancelOutcome, JobRecord, Reuse};
 use std::sync::Arc;
 
 const MAX_IDEMPOTENCY_KEY: usize = 255;
-const MAX_MESSAGES: usize = 1_000;
 
 /// The body of `POST /v1/jobs`. Unknown fields are refused, so a `tier` in the body is an error, not a hint.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -46,10 +46,33 @@ pub struct SubmitJob {
     /// Stream the answer's text as deltas to WebSocket and SSE subscribers while it runs.
     #[serde(default)]
     pub stream: bool,
+    /// A fixed seed makes the request deterministic (see `cache`).
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Functions the model may call, in OpenAI's form; calls come back in `result.tool_calls`.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>, max_items = 128)]
+    pub tools: Vec<Tool>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"name", "schema"}}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<ResponseFormat>,
+    /// A slower lane than the key's tier gives (`standard` or `batch`); a faster one is ignored.
+    #[serde(default)]
+    #[schema(value_type = Option<schemas::Lane>)]
+    pub lane: Option<Lane>,
     /// How to tell the caller the job finished, beyond polling.
     #[serde(default)]
     pub notify: Option<Notify>,
-    /// `false` opts out of every reuse: no cached answer, no attaching to an identical job.
+    /// `false` opts out of every reuse; `true` allows it for sampled requests too. Left out,
+    /// only deterministic requests (temperature 0 or a seed) take an earlier or identical
+    /// job's answer, unless the route sets `reuse_samples`.
     #[serde(default)]
     pub cache: Option<bool>,
 }
@@ -63,74 +86,18 @@ pub struct Notify {
     pub email: Option<bool>,
 }
 
-/// Where the job's completion email goes: the key's address if the request asks for email,
-/// or, when it does not say, if the key is free tier (free jobs wait longest, in `batch`).
-fn notify_email(principal: &Principal, asked: Option<bool>) -> Result<Option<String>, ApiError> {
-    if !asked.unwrap_or(principal.tier == Tier::Free) {
-        return Ok(None);
-    }
-    let address = principal
-        .email
-        .as_deref()
-        .map(str::trim)
-        .filter(|e| !e.is_empty());
-    match (address, asked) {
-        (Some(address), _) => Ok(Some(address.to_owned())),
-        (None, Some(true)) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "no_email",
-            "notify.email asks for a completion email, but this API key has no email address; \
-             use a key created with --email, or leave notify.email out",
-        )),
-        // The free tier's default email needs an address; without one the caller polls.
-        (None, _) => Ok(None),
+/// The reuse a `cache` field asks for.
+pub(crate) fn reuse_policy(cache: Option<bool>) -> ReusePolicy {
+    match cache {
+        None => ReusePolicy::Auto,
+        Some(true) => ReusePolicy::Allow,
+        Some(false) => ReusePolicy::Never,
     }
 }
 
 impl SubmitJob {
-    fn parse(self, state: &ApiState) -> Result<JobRequest, ApiError> {
-        if self.messages.is_empty() {
-            return Err(ApiError::invalid("messages must hold at least one message"));
-        }
-        if self.messages.len() > MAX_MESSAGES {
-            return Err(ApiError::invalid(format!(
-                "messages may hold at most {MAX_MESSAGES} messages"
-            )));
-        }
-        if !state.admission.routes.contains_key(&self.model) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown_model",
-                format!(
-                    "no route for model {:?}; known models: {}",
-                    self.model,
-                    state
-                        .admission
-                        .routes
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-        if self.max_tokens == Some(0) {
-            return Err(ApiError::invalid("max_tokens must be at least 1"));
-        }
-        if let Some(t) = self.temperature {
-            if !(0.0..=2.0).contains(&t) {
-                return Err(ApiError::invalid("temperature must be between 0 and 2"));
-            }
-        }
-        if let Some(p) = self.top_p {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(ApiError::invalid("top_p must be between 0 and 1"));
-            }
-        }
-        if self.stop.as_ref().is_some_and(|s| s.len() > 4) {
-            return Err(ApiError::invalid("stop may hold at most 4 sequences"));
-        }
-        Ok(JobRequest {
+    fn into_submission(self) -> Submission {
+        let request = JobRequest {
             model: self.model,
             messages: self.messages,
             max_tokens: self.max_tokens,
@@ -138,8 +105,18 @@ impl SubmitJob {
             top_p: self.top_p,
             stop: self.stop,
             stream: self.stream,
-            ..JobRequest::new(String::new(), Vec::new())
-        })
+            seed: self.seed,
+            tools: self.tools,
+            tool_choice: self.tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
+            response_format: self.response_format,
+        };
+        Submission {
+            lane: self.lane,
+            email: self.notify.and_then(|n| n.email),
+            reuse: reuse_policy(self.cache),
+            ..Submission::new(request)
+        }
     }
 }
 
@@ -165,6 +142,21 @@ pub struct Accepted {
     pub route: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route_reason: Option<String>,
+}
+
+impl From<Ticket> for Accepted {
+    fn from(ticket: Ticket) -> Self {
+        Accepted {
+            request_id: ticket.id,
+            state: ticket.state,
+            lane: ticket.lane,
+            position: ticket.position,
+            estimated_wait_secs: ticket.estimated_wait_secs,
+            attached_to: ticket.attached_to,
+            route: ticket.route,
+            route_reason: ticket.route_reason,
+        }
+    }
 }
 
 /// A job as `GET /v1/jobs/{id}` shows it.
@@ -240,7 +232,7 @@ impl From<JobRecord> for JobView {
     }
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -301,190 +293,16 @@ pub async fn submit(
     headers: HeaderMap,
     JsonBody { value: body }: JsonBody<SubmitJob>,
 ) -> Result<Submitted, ApiError> {
-    let asked = body.notify.as_ref().and_then(|n| n.email);
-    let reuse = body.cache.unwrap_or(true);
-    let request = body.parse(&state)?;
-    let notify_email = notify_email(&principal, asked)?;
-    let idempotency = idempotency_key(&headers)?
-        .map(|key| -> Result<_, ApiError> {
-            let mut canonical = serde_json::to_vec(&request).map_err(ApiError::internal)?;
-            // An explicit notify choice is part of the body; leaving it out hashes as before.
-            if let Some(email) = asked {
-                canonical.extend_from_slice(format!("\nnotify.email={email}").as_bytes());
-            }
-            if !reuse {
-                canonical.extend_from_slice(b"\ncache=false");
-            }
-            Ok((key, Sha256::digest(&canonical).to_vec()))
-        })
-        .transpose()?;
-    let admission = &state.admission;
-    let tier = principal.tier;
-    admission
-        .take_quota(&principal)
-        .await
-        .inspect_err(|_| telemetry::job("refused", tier))?;
-    let lane = state.tier_lanes.lane_for(principal.tier);
-    let request_hash = reuse.then(|| Admission::request_hash(&principal.tenant, &request));
-    let id = RequestId::new();
-    tracing::Span::current().record("request_id", tracing::field::display(id));
-    let mut job = NewJob {
-        id,
-        principal,
-        lane,
-        request,
-        idempotency,
-        notify_email,
-        request_hash,
-        route: None,
+    let submission = Submission {
+        idempotency_key: idempotency_key(&headers)?,
+        ..body.into_submission()
     };
-    // A job with an Idempotency-Key keeps its own identity: it is never answered from another.
-    let may_reuse = job.idempotency.is_none();
-    if let (Some(hash), true) = (&job.request_hash, may_reuse) {
-        let tenant = &job.principal.tenant;
-        let mut answered = None;
-        if let Some(source) = admission.exact_answer(&state.store, tenant, hash).await? {
-            answered = answer(&state, &job, source, Reuse::Exact).await?;
-        }
-        telemetry::cache_lookup("exact", answered.is_some());
-        if let Some(view) = answered {
-            return Ok(Submitted::Answered(view));
-        }
-    }
-    admission
-        .check_load(&job.principal, lane)
-        .inspect_err(|_| telemetry::job("shed", tier))?;
-    let routing = admission
-        .route(&state.store, &job.principal, &job.request)
-        .await
-        .inspect_err(|e| {
-            if e.code == "budget_exhausted" {
-                telemetry::job("refused", tier);
-            }
-        })?;
-    job.route = routing.route;
-    let mut embedding = None;
-    if let (Some(cache), true) = (admission.semantic_for(&job.request), may_reuse && reuse) {
-        let lookup = admission
-            .semantic_answer(cache, &state.store, &job.principal.tenant, &job.request)
-            .await?;
-        let mut answered = None;
-        if let Some(source) = lookup.hit {
-            answered = answer(&state, &job, source, Reuse::Semantic).await?;
-        }
-        telemetry::cache_lookup("semantic", answered.is_some());
-        if let Some(view) = answered {
-            return Ok(Submitted::Answered(view));
-        }
-        embedding = lookup.remember;
-    }
-    let tenant = job.principal.tenant.clone();
-    let route = job.route.clone();
-    let accepted = if job.idempotency.is_some() {
-        match state
-            .store
-            .insert_job(&job)
-            .await
-            .map_err(ApiError::internal)?
-        {
-            Ingested::Created(message) => StoreAccepted::Queued(message),
-            Ingested::Existing(existing) => {
-                let position = admission.position_now(existing.lane);
-                return Ok(Submitted::Queued(Accepted {
-                    request_id: existing.id,
-                    state: existing.state,
-                    lane: existing.lane,
-                    position,
-                    estimated_wait_secs: admission.estimate(existing.lane, position),
-                    attached_to: existing.leader,
-                    route: None,
-                    route_reason: existing.route_reason,
-                }));
-            }
-            Ingested::Conflict => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_conflict",
-                    "this Idempotency-Key was already used with a different body",
-                ))
-            }
-        }
-    } else {
-        state.writer.insert(job).await.map_err(ApiError::internal)?
-    };
-    if let Some((scope, vector)) = embedding {
-        // Best effort: a job whose embedding is lost is only never a semantic hit.
-        if let Err(error) = state
-            .store
-            .put_semantic_entry(id, &tenant, &scope, &vector)
-            .await
-        {
-            tracing::warn!(message = "could not store a prompt embedding", request_id = %id, %error);
-        }
-    }
-    state.bus.changed(id, &tenant);
-    let attached_to = match accepted {
-        StoreAccepted::Queued(message) => {
-            state.publisher.publish_in_background(message);
-            None
-        }
-        StoreAccepted::Attached { leader } => Some(leader),
-    };
-    // A job attached to an identical one in flight is reused, not queued: it counts as cached.
-    telemetry::job(
-        if attached_to.is_some() {
-            "cached"
-        } else {
-            "accepted"
-        },
-        tier,
-    );
-    tracing::debug!(message = "job accepted", request_id = %id, %lane, attached = attached_to.is_some());
-    let position = admission.position_now(lane);
-    let (route, route_reason) = match route {
-        Some((key, reason)) => (
-            key.strip_prefix(POOL_ROUTE_PREFIX).map(str::to_owned),
-            Some(reason),
-        ),
-        None => (None, None),
-    };
-    Ok(Submitted::Queued(Accepted {
-        request_id: id,
-        state: JobState::Queued,
-        lane,
-        position,
-        estimated_wait_secs: admission.estimate(lane, position),
-        attached_to,
-        route,
-        route_reason,
-    }))
-}
-
-/// Store `job` as answered by `source`'s result; `None` if `source` no longer qualifies.
-async fn answer(
-    state: &ApiState,
-    job: &NewJob,
-    source: RequestId,
-    how: Reuse,
-) -> Result<Option<Box<JobView>>, ApiError> {
-    let stored = state
-        .store
-        .insert_answered(job, source, how)
-        .await
-        .map_err(ApiError::internal)?;
-    if !stored {
-        return Ok(None);
-    }
-    state.bus.changed(job.id, &job.principal.tenant);
-    telemetry::job("cached", job.principal.tier);
-    tracing::debug!(message = "job answered from cache", request_id = %job.id, cache = how.as_str(), %source);
-    let record = state
-        .store
-        .get_job(&job.principal.tenant, job.id)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::internal("an answered job vanished"))?;
-    Ok(Some(Box::new(record.into())))
+    let admitted = state.intake.submit(principal, submission).await?;
+    tracing::Span::current().record("request_id", tracing::field::display(admitted.id()));
+    Ok(match admitted {
+        Admitted::Queued(ticket) => Submitted::Queued(ticket.into()),
+        Admitted::Answered { job, .. } => Submitted::Answered(Box::new((*job).into())),
+    })
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<RequestId, ApiError> {
@@ -511,7 +329,7 @@ async fn view(state: &ApiState, tenant: &str, id: RequestId) -> Result<Json<JobV
             .await
             .map_err(ApiError::internal)?;
         view.position = Some(position);
-        view.estimated_wait_secs = state.admission.estimate(lane, position);
+        view.estimated_wait_secs = state.intake.policy.estimate(lane, position);
     }
     Ok(Json(view))
 }
@@ -558,7 +376,7 @@ pub async fn cancel(
         .map_err(ApiError::internal)?
     {
         CancelOutcome::Cancelled => {
-            state.bus.changed(id, &principal.tenant);
+            state.intake.bus.changed(id, &principal.tenant);
             // Read here rather than through `view`: the counter wants the submitter's tier,
             // and a cancelled job has no place in a lane to look up.
             let job = state
@@ -576,6 +394,8 @@ pub async fn cancel(
             format!("the job is already {job_state}"),
         )),
         CancelOutcome::NotFound => Err(ApiError::not_found("no such job")),
+        // Only `cancel_waiting` leaves a running job alone; `cancel` never answers this.
+        CancelOutcome::Running => Err(ApiError::internal("a cancel left a running job alone")),
     }
 }
 
@@ -583,59 +403,6 @@ pub async fn cancel(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    fn key(tier: Tier, email: Option<&str>) -> Principal {
-        Principal {
-            tenant: "acme".into(),
-            user: "u1".into(),
-            tier,
-            email: email.map(str::to_owned),
-        }
-    }
-
-    #[test]
-    fn the_free_tier_gets_email_by_default_and_may_turn_it_off() {
-        let free = key(Tier::Free, Some("ada@example.com"));
-        assert_eq!(
-            notify_email(&free, None).unwrap().as_deref(),
-            Some("ada@example.com")
-        );
-        assert_eq!(
-            notify_email(&free, Some(true)).unwrap().as_deref(),
-            Some("ada@example.com")
-        );
-        assert_eq!(notify_email(&free, Some(false)).unwrap(), None);
-        // A free key without an address polls, unless the request insists on email.
-        assert_eq!(notify_email(&key(Tier::Free, None), None).unwrap(), None);
-        assert_eq!(
-            notify_email(&key(Tier::Free, Some("  ")), None).unwrap(),
-            None
-        );
-    }
-
-    #[test]
-    fn other_tiers_get_email_only_when_they_ask() {
-        for tier in [Tier::Enterprise, Tier::Pro, Tier::Basic] {
-            let k = key(tier, Some("bo@example.com"));
-            assert_eq!(notify_email(&k, None).unwrap(), None, "{tier}");
-            assert_eq!(notify_email(&k, Some(false)).unwrap(), None, "{tier}");
-            assert_eq!(
-                notify_email(&k, Some(true)).unwrap().as_deref(),
-                Some("bo@example.com"),
-                "{tier}"
-            );
-        }
-    }
-
-    #[test]
-    fn asking_for_email_with_a_key_without_an_address_is_refused() {
-        for tier in Tier::ALL {
-            let err = notify_email(&key(tier, None), Some(true)).unwrap_err();
-            assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
-            assert_eq!(err.code, "no_email");
-            assert!(err.message.contains("no email address"), "{}", err.message);
-        }
-    }
 
     #[test]
     fn the_notify_field_parses_strictly() {
@@ -649,5 +416,25 @@ mod tests {
         }))
         .unwrap_err();
         assert!(bad.to_string().contains("unknown field"), "{bad}");
+    }
+
+    #[test]
+    fn every_field_reaches_the_submission() {
+        let body: SubmitJob = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 3,
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
+            "response_format": {"type": "json_object"}, "lane": "batch", "cache": true,
+            "notify": {"email": true}
+        }))
+        .unwrap();
+        let s = body.into_submission();
+        assert_eq!(s.request.seed, Some(3));
+        assert_eq!(s.request.tools.len(), 1);
+        assert_eq!(s.request.response_format, Some(ResponseFormat::JsonObject));
+        assert_eq!(s.lane, Some(Lane::Batch));
+        assert_eq!(s.email, Some(true));
+        assert_eq!(s.reuse, ReusePolicy::Allow);
+        assert_eq!(reuse_policy(None), ReusePolicy::Auto);
+        assert_eq!(reuse_policy(Some(false)), ReusePolicy::Never);
     }
 }

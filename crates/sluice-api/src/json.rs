@@ -68,7 +68,7 @@ where
 }
 
 /// Whether any string or key in `value` holds a NUL character.
-fn has_nul(value: &serde_json::Value) -> bool {
+pub(crate) fn has_nul(value: &serde_json::Value) -> bool {
     use serde_json::Value;
     match value {
         Value::String(s) => s.contains('\0'),

@@ -3,26 +3,26 @@
 //! Handlers are thin: authenticate, parse the body into domain types, call the store and publisher.
 
 mod admin;
-pub mod admission;
 mod auth;
 mod dashboard;
 mod error;
 mod events;
 mod jobs;
 mod json;
+pub mod openai;
 mod openapi;
 mod stream;
 mod telemetry;
 
-pub use admission::Admission;
 pub use error::ApiError;
+pub use openai::{BatchConfig, OpenAiConfig};
 
 use axum::routing::get;
 use axum::Router;
-use sluice_core::{Lane, TierLanes};
-use sluice_notify::{EventBus, Hub};
-use sluice_outbox::Publisher;
-use sluice_store::{JobWriter, Store};
+use sluice_admission::Intake;
+use sluice_core::Lane;
+use sluice_notify::Hub;
+use sluice_store::Store;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,42 +39,34 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Everything a handler needs; shared by all requests.
 pub struct ApiState {
     pub store: Store,
-    pub writer: JobWriter,
-    pub publisher: Publisher,
-    /// Quotas, caches, load shedding, budgets and routing; its routes are the model aliases
-    /// accepted at ingest.
-    pub admission: Arc<Admission>,
-    pub tier_lanes: TierLanes,
-    /// Announces state changes made here (submit, cancel) to every API node.
-    pub bus: EventBus,
+    /// Admission, insert, publish and announce: what every front door submits through.
+    pub intake: Arc<Intake>,
     /// Fans events out to this node's WebSocket and SSE subscribers.
     pub hub: Hub,
     /// What `GET /metrics` serves; without it the route answers 404.
     pub metrics: Option<RenderMetrics>,
+    /// How held chat completions behave (`[openai]`).
+    pub openai: OpenAiConfig,
+    /// The Batch API's windows and limits (`[batches]`).
+    pub batches: BatchConfig,
     keys: auth::KeyCache,
 }
 
 impl ApiState {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        store: Store,
-        writer: JobWriter,
-        publisher: Publisher,
-        admission: Arc<Admission>,
-        tier_lanes: TierLanes,
-        bus: EventBus,
+        intake: Arc<Intake>,
         hub: Hub,
         metrics: Option<RenderMetrics>,
+        openai: OpenAiConfig,
+        batches: BatchConfig,
     ) -> Arc<ApiState> {
         Arc::new(ApiState {
-            store,
-            writer,
-            publisher,
-            admission,
-            tier_lanes,
-            bus,
+            store: intake.store.clone(),
+            intake,
             hub,
             metrics,
+            openai,
+            batches,
             keys: auth::KeyCache::default(),
         })
     }
@@ -89,6 +81,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/stream", get(stream::websocket))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        .merge(openai::routes())
         .merge(admin::routes())
         .merge(dashboard::routes())
         .route("/metrics", get(metrics))
@@ -152,18 +145,18 @@ async fn ready(
     if !state.store.ping().await {
         return Err(ApiError::unavailable("the database does not answer"));
     }
-    if let Err(error) = state.publisher.broker().depth(Lane::Priority).await {
+    if let Err(error) = state.intake.publisher.broker().depth(Lane::Priority).await {
         return Err(ApiError::unavailable(format!(
             "the broker does not answer: {error}"
         )));
     }
-    let load = state.admission.load();
+    let load = state.intake.policy.load();
     Ok(axum::Json(Ready {
         status: "ready",
         load: ReadyLoad {
             level: load.assessment.level,
             reason: load.assessment.reason.clone(),
-            shedding: state.admission.shedding.enabled,
+            shedding: state.intake.policy.shedding.enabled,
             lanes: load.assessment.lanes.clone(),
         },
     }))

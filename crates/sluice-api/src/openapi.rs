@@ -159,6 +159,18 @@ impl Modify for BearerKeys {
         crate::dashboard::uplot_js,
         crate::dashboard::uplot_css,
         crate::dashboard::data,
+        crate::openai::chat::completions,
+        crate::openai::models::list,
+        crate::openai::models::retrieve,
+        crate::openai::files::upload,
+        crate::openai::files::list,
+        crate::openai::files::retrieve,
+        crate::openai::files::content,
+        crate::openai::files::delete,
+        crate::openai::batches::create,
+        crate::openai::batches::list,
+        crate::openai::batches::retrieve,
+        crate::openai::batches::cancel,
     ),
     components(schemas(
         schemas::JobState,
@@ -174,6 +186,7 @@ impl Modify for BearerKeys {
     modifiers(&BearerKeys),
     tags(
         (name = "jobs", description = "Submit, poll, follow and cancel jobs (tenant key)"),
+        (name = "openai", description = "OpenAI-compatible chat completions, models, files and batches (tenant key): errors in OpenAI's shape"),
         (name = "admin", description = "Operators: dead jobs, lanes, pauses, keys (admin key)"),
         (name = "ops", description = "Health, readiness, metrics and this document (no key)"),
     )
@@ -195,6 +208,7 @@ mod tests {
             include_str!("lib.rs"),
             include_str!("admin.rs"),
             include_str!("dashboard.rs"),
+            include_str!("openai/mod.rs"),
         ] {
             for call in source.split(".route(\"").skip(1) {
                 let (path, rest) = call.split_once('"').unwrap();

@@ -472,6 +472,7 @@ fn validate_message(i: usize, m: &Message) -> Result<(), InvalidRequest> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use JobState::*;
 

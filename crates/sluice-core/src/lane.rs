@@ -39,6 +39,18 @@ impl Lane {
         }
     }
 
+    /// The lane a job enters when its tier gives `self` and its caller asks for `requested`:
+    /// a request may move a job down to a slower service lane, never up, and never into
+    /// `retry` or `dead`, which only Sluice fills.
+    pub fn lowered_to(self, requested: Lane) -> Lane {
+        let service = matches!(requested, Lane::Priority | Lane::Standard | Lane::Batch);
+        if service && requested > self {
+            requested
+        } else {
+            self
+        }
+    }
+
     /// Position in [`Lane::ALL`], handy for fixed-size per-lane arrays.
     pub fn index(self) -> usize {
         match self {
@@ -101,6 +113,25 @@ impl LaneWeights {
             Lane::Batch => self.batch,
             Lane::Retry => self.retry,
             Lane::Dead => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod lowering {
+    use super::Lane;
+
+    #[test]
+    fn a_request_lowers_its_lane_but_never_raises_it() {
+        assert_eq!(Lane::Priority.lowered_to(Lane::Batch), Lane::Batch);
+        assert_eq!(Lane::Standard.lowered_to(Lane::Batch), Lane::Batch);
+        assert_eq!(Lane::Batch.lowered_to(Lane::Priority), Lane::Batch);
+        assert_eq!(Lane::Standard.lowered_to(Lane::Priority), Lane::Standard);
+        assert_eq!(Lane::Priority.lowered_to(Lane::Priority), Lane::Priority);
+        for inner in [Lane::Retry, Lane::Dead] {
+            for tier in [Lane::Priority, Lane::Standard, Lane::Batch] {
+                assert_eq!(tier.lowered_to(inner), tier);
+            }
         }
     }
 }

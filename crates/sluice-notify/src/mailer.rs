@@ -1,7 +1,8 @@
-//! The mailer loop: claim due notifications under a lease, send each over SMTP, and mark it
-//! sent, or failed with an exponential backoff, or failed for good once retries are spent.
+//! The mailer loop: claim due notifications (a finished job's or an ended batch's) under a
+//! lease, send each over SMTP, and mark it sent, or failed with an exponential backoff, or
+//! failed for good once retries are spent.
 
-use crate::message::{compose, ComposeError};
+use crate::message::{compose, describe, ComposeError};
 use futures::StreamExt;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
@@ -58,7 +59,8 @@ pub struct MailerConfig {
     pub password: Option<String>,
     /// The sender, e.g. `Sluice <sluice@example.com>`; its domain also names the Message-IDs.
     pub from: String,
-    /// Where people reach the API; emails link to `{public_base_url}/v1/jobs/{id}`.
+    /// Where people reach the API; emails link to `{public_base_url}/v1/jobs/{id}`, or for a
+    /// batch to `{public_base_url}/v1/batches/{id}` and its files' content.
     pub public_base_url: String,
     /// Sends tried before an email is given up on.
     pub max_attempts: u32,
@@ -406,7 +408,7 @@ impl Mailer {
         match sent {
             Ok(()) => {
                 self.store.notification_sent(n.id).await?;
-                tracing::info!(message = "completion email sent", request_id = %n.request_id, attempts = n.attempts);
+                tracing::info!(message = "completion email sent", about = %describe(n), attempts = n.attempts);
                 Ok(Outcome::Sent)
             }
             Err(error) => {
@@ -417,14 +419,14 @@ impl Mailer {
                 let text = error.to_string();
                 match decision {
                     RetryDecision::RetryAfter(delay) => {
-                        tracing::warn!(message = "completion email not sent; will retry", request_id = %n.request_id, attempts, retry_in = ?delay, %error);
+                        tracing::warn!(message = "completion email not sent; will retry", about = %describe(n), attempts, retry_in = ?delay, %error);
                         self.store
                             .notification_failed(n.id, &text, Some(delay))
                             .await?;
                         Ok(Outcome::Retrying)
                     }
                     RetryDecision::Dead => {
-                        tracing::error!(message = "completion email given up", request_id = %n.request_id, attempts, %error);
+                        tracing::error!(message = "completion email given up", about = %describe(n), attempts, %error);
                         self.store.notification_failed(n.id, &text, None).await?;
                         Ok(Outcome::Failed)
                     }

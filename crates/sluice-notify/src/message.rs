@@ -1,16 +1,20 @@
-//! The completion email itself: subject, headers, and a plain-text and an HTML part that both
-//! carry the job's outcome and its link. Pure, so what a person receives is unit-tested.
+//! The completion emails themselves: subject, headers, and a plain-text and an HTML part that
+//! both carry the job's outcome or the batch's end, and the links to fetch them. Pure, so what
+//! a person receives is unit-tested.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::Message;
 use sluice_core::{JobState, RequestId};
-use sluice_store::Notification;
+use sluice_store::{BatchStatus, Notification, NotificationSubject};
 use std::fmt::Write as _;
 
 /// Longest result quoted in an email, in characters; the link has the whole of it.
 pub const MAX_CONTENT_CHARS: usize = 100_000;
+
+/// Most of a failed batch's errors listed in its email; the batch's record has them all.
+pub const MAX_BATCH_ERRORS: usize = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ComposeError {
@@ -24,7 +28,7 @@ pub enum ComposeError {
     Build(#[from] lettre::error::Error),
 }
 
-/// Build the email telling `n.email` how job `n.request_id` ended.
+/// Build the email telling `n.email` how its job or batch ended.
 pub fn compose(n: &Notification, from: &Mailbox, base_url: &str) -> Result<Message, ComposeError> {
     let to: Mailbox = n
         .email
@@ -34,26 +38,37 @@ pub fn compose(n: &Notification, from: &Mailbox, base_url: &str) -> Result<Messa
             address: n.email.clone(),
             source,
         })?;
-    let link = job_link(base_url, n.request_id);
+    let (id_header, id, stable_id) = match &n.subject {
+        NotificationSubject::Job { request_id, .. } => (
+            "X-Sluice-Request-Id",
+            request_id.to_string(),
+            message_id(*request_id, from),
+        ),
+        NotificationSubject::Batch { batch_id, .. } => (
+            "X-Sluice-Batch-Id",
+            batch_id.clone(),
+            batch_message_id(batch_id, from),
+        ),
+    };
     let message = Message::builder()
         .from(from.clone())
         .to(to)
         .subject(subject(n))
-        // The same id on every send of this job's email, so a duplicate sent after a crash
-        // (the server took it, the mailer died before marking it sent) is recognisable.
-        .message_id(Some(message_id(n.request_id, from)))
+        // The same id on every send of this email, so a duplicate sent after a crash (the
+        // server took it, the mailer died before marking it sent) is recognisable.
+        .message_id(Some(stable_id))
         // RFC 3834: an automatic message; auto-responders must not answer it.
         .raw_header(HeaderValue::new(
             HeaderName::new_from_ascii_str("Auto-Submitted"),
             "auto-generated".into(),
         ))
         .raw_header(HeaderValue::new(
-            HeaderName::new_from_ascii_str("X-Sluice-Request-Id"),
-            n.request_id.to_string(),
+            HeaderName::new_from_ascii_str(id_header),
+            id,
         ))
         .multipart(MultiPart::alternative_plain_html(
-            plain_body(n, &link),
-            html_body(n, &link),
+            plain_body(n, base_url),
+            html_body(n, base_url),
         ))?;
     Ok(message)
 }
@@ -63,13 +78,41 @@ pub fn message_id(id: RequestId, from: &Mailbox) -> String {
     format!("<job-{id}@{}>", from.email.domain())
 }
 
+/// `<{batch_id}@{domain of the sender}>` (batch ids start `batch_`): stable per batch.
+pub fn batch_message_id(batch_id: &str, from: &Mailbox) -> String {
+    format!("<{batch_id}@{}>", from.email.domain())
+}
+
+fn base(base_url: &str) -> &str {
+    base_url.trim_end_matches('/')
+}
+
 /// Where the job's full record is: `{base_url}/v1/jobs/{id}`.
 pub fn job_link(base_url: &str, id: RequestId) -> String {
-    format!("{}/v1/jobs/{id}", base_url.trim_end_matches('/'))
+    format!("{}/v1/jobs/{id}", base(base_url))
+}
+
+/// Where the batch's record is: `{base_url}/v1/batches/{id}`.
+pub fn batch_link(base_url: &str, id: &str) -> String {
+    format!("{}/v1/batches/{id}", base(base_url))
+}
+
+/// Where a file's content is: `{base_url}/v1/files/{id}/content`.
+pub fn file_content_link(base_url: &str, id: &str) -> String {
+    format!("{}/v1/files/{id}/content", base(base_url))
 }
 
 pub fn subject(n: &Notification) -> String {
-    format!("Your Sluice job {} {}", n.request_id, verb(n.job_state))
+    match &n.subject {
+        NotificationSubject::Job {
+            request_id,
+            job_state,
+            ..
+        } => format!("Your Sluice job {request_id} {}", verb(*job_state)),
+        NotificationSubject::Batch {
+            batch_id, status, ..
+        } => format!("Your Sluice batch {batch_id} {}", batch_verb(*status)),
+    }
 }
 
 fn verb(state: JobState) -> String {
@@ -81,11 +124,21 @@ fn verb(state: JobState) -> String {
     }
 }
 
-/// What happened, as a heading and the text under it.
-fn outcome(n: &Notification) -> (&'static str, String) {
-    match n.job_state {
+fn batch_verb(status: BatchStatus) -> String {
+    match status {
+        BatchStatus::Completed => "completed".into(),
+        BatchStatus::Failed => "failed".into(),
+        BatchStatus::Expired => "expired".into(),
+        BatchStatus::Cancelled => "was cancelled".into(),
+        other => format!("is {other}"),
+    }
+}
+
+/// What happened to a job, as a heading and the text under it.
+fn outcome(state: JobState, content: Option<&str>, error: Option<&str>) -> (&'static str, String) {
+    match state {
         JobState::Succeeded => {
-            let content = n.content.as_deref().unwrap_or_default();
+            let content = content.unwrap_or_default();
             if content.is_empty() {
                 ("Result", "(the model returned no text)".into())
             } else {
@@ -94,9 +147,7 @@ fn outcome(n: &Notification) -> (&'static str, String) {
         }
         JobState::Failed | JobState::Dead => (
             "Error",
-            n.error
-                .clone()
-                .unwrap_or_else(|| "(no error was recorded)".into()),
+            error.map_or_else(|| "(no error was recorded)".into(), str::to_owned),
         ),
         JobState::Cancelled => (
             "Outcome",
@@ -121,57 +172,238 @@ fn time(at: Option<DateTime<Utc>>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// What a batch's end means for its results, in a sentence.
+fn batch_outcome(status: BatchStatus) -> &'static str {
+    match status {
+        BatchStatus::Completed => "Every request of the batch finished.",
+        BatchStatus::Failed => "The batch was refused before any request ran.",
+        BatchStatus::Expired => {
+            "The batch's completion window passed first; requests that finished are in its files."
+        }
+        BatchStatus::Cancelled => {
+            "The batch was cancelled; requests that finished before are in its files."
+        }
+        _ => "The batch has not ended yet.",
+    }
+}
+
+/// The lines of a failed batch's `errors` (OpenAI's `{"data": [{"code", "message", "line"}]}`),
+/// at most [`MAX_BATCH_ERRORS`], and a count of the rest.
+fn batch_errors(errors: Option<&serde_json::Value>) -> Vec<String> {
+    let Some(errors) = errors else {
+        return Vec::new();
+    };
+    let items = match errors.get("data").unwrap_or(errors) {
+        serde_json::Value::Array(items) => items.clone(),
+        other => vec![other.clone()],
+    };
+    let mut lines: Vec<String> = items
+        .iter()
+        .take(MAX_BATCH_ERRORS)
+        .map(|item| {
+            let text = item
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map_or_else(|| item.to_string(), str::to_owned);
+            match item.get("line").and_then(|l| l.as_i64()) {
+                Some(line) => format!("line {line}: {text}"),
+                None => text,
+            }
+        })
+        .collect();
+    if items.len() > MAX_BATCH_ERRORS {
+        lines.push(format!("... and {} more", items.len() - MAX_BATCH_ERRORS));
+    }
+    lines
+}
+
 /// The plain-text part.
-pub fn plain_body(n: &Notification, link: &str) -> String {
-    let (heading, text) = outcome(n);
+pub fn plain_body(n: &Notification, base_url: &str) -> String {
     let mut body = String::new();
     // Writing to a String cannot fail.
-    let _ = write!(
-        body,
-        "Your Sluice job {id} {verb}.\n\n\
-         Model:     {model}\n\
-         Submitted: {created}\n\
-         Finished:  {finished}\n\n\
-         {heading}:\n{text}\n\n\
-         The job: {link}\n\n\
-         -- \n\
-         Sluice sent this email because the job asked for one when it finished.\n",
-        id = n.request_id,
-        verb = verb(n.job_state),
-        model = n.model,
-        created = time(Some(n.created_at)),
-        finished = time(n.finished_at),
-    );
+    match &n.subject {
+        NotificationSubject::Job {
+            request_id,
+            job_state,
+            model,
+            content,
+            error,
+            finished_at,
+        } => {
+            let (heading, text) = outcome(*job_state, content.as_deref(), error.as_deref());
+            let _ = write!(
+                body,
+                "Your Sluice job {request_id} {verb}.\n\n\
+                 Model:     {model}\n\
+                 Submitted: {created}\n\
+                 Finished:  {finished}\n\n\
+                 {heading}:\n{text}\n\n\
+                 The job: {link}\n\n\
+                 -- \n\
+                 Sluice sent this email because the job asked for one when it finished.\n",
+                verb = verb(*job_state),
+                created = time(Some(n.created_at)),
+                finished = time(*finished_at),
+                link = job_link(base_url, *request_id),
+            );
+        }
+        NotificationSubject::Batch {
+            batch_id,
+            status,
+            total,
+            completed,
+            failed,
+            output_file_id,
+            error_file_id,
+            errors,
+            finished_at,
+        } => {
+            let _ = write!(
+                body,
+                "Your Sluice batch {batch_id} {verb}.\n\n\
+                 Status:    {status}\n\
+                 Requests:  {total} in total, {completed} completed, {failed} failed\n\
+                 Submitted: {created}\n\
+                 Finished:  {finished}\n\n\
+                 {outcome}\n\n",
+                verb = batch_verb(*status),
+                created = time(Some(n.created_at)),
+                finished = time(*finished_at),
+                outcome = batch_outcome(*status),
+            );
+            let errors = batch_errors(errors.as_ref());
+            if !errors.is_empty() {
+                body.push_str("Errors:\n");
+                for line in errors {
+                    let _ = writeln!(body, "- {line}");
+                }
+                body.push('\n');
+            }
+            for (name, file) in [
+                ("Output file", output_file_id),
+                ("Error file", error_file_id),
+            ] {
+                if let Some(file) = file {
+                    let _ = write!(
+                        body,
+                        "{name}: {file}\n  GET {}\n",
+                        file_content_link(base_url, file)
+                    );
+                }
+            }
+            if output_file_id.is_none() && error_file_id.is_none() {
+                body.push_str("No output file was written.\n");
+            }
+            let _ = write!(
+                body,
+                "\nThe batch: GET {link}\n(send your API key as a bearer token)\n\n\
+                 -- \n\
+                 Sluice sent this email because the batch asked for one when it ended.\n",
+                link = batch_link(base_url, batch_id),
+            );
+        }
+    }
     body
 }
 
 /// The HTML part; everything that came from a model or a user is escaped.
-pub fn html_body(n: &Notification, link: &str) -> String {
-    let (heading, text) = outcome(n);
-    let link = escape_html(link);
+pub fn html_body(n: &Notification, base_url: &str) -> String {
     let mut body = String::new();
     let _ = write!(
         body,
-        "<!DOCTYPE html>\n<html>\n<head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body>\n\
-         <p>Your Sluice job <code>{id}</code> {verb}.</p>\n\
-         <table>\n\
-         <tr><th align=\"left\">Model</th><td>{model}</td></tr>\n\
-         <tr><th align=\"left\">Submitted</th><td>{created}</td></tr>\n\
-         <tr><th align=\"left\">Finished</th><td>{finished}</td></tr>\n\
-         </table>\n\
-         <h3>{heading}</h3>\n\
-         <pre style=\"white-space: pre-wrap\">{text}</pre>\n\
-         <p>The job: <a href=\"{link}\">{link}</a></p>\n\
-         <hr>\n<p><small>Sluice sent this email because the job asked for one when it finished.</small></p>\n\
-         </body>\n</html>\n",
+        "<!DOCTYPE html>\n<html>\n<head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body>\n",
         title = escape_html(&subject(n)),
-        id = n.request_id,
-        verb = escape_html(&verb(n.job_state)),
-        model = escape_html(&n.model),
-        created = time(Some(n.created_at)),
-        finished = time(n.finished_at),
-        text = escape_html(&text),
     );
+    match &n.subject {
+        NotificationSubject::Job {
+            request_id,
+            job_state,
+            model,
+            content,
+            error,
+            finished_at,
+        } => {
+            let (heading, text) = outcome(*job_state, content.as_deref(), error.as_deref());
+            let link = escape_html(&job_link(base_url, *request_id));
+            let _ = write!(
+                body,
+                "<p>Your Sluice job <code>{request_id}</code> {verb}.</p>\n\
+                 <table>\n\
+                 <tr><th align=\"left\">Model</th><td>{model}</td></tr>\n\
+                 <tr><th align=\"left\">Submitted</th><td>{created}</td></tr>\n\
+                 <tr><th align=\"left\">Finished</th><td>{finished}</td></tr>\n\
+                 </table>\n\
+                 <h3>{heading}</h3>\n\
+                 <pre style=\"white-space: pre-wrap\">{text}</pre>\n\
+                 <p>The job: <a href=\"{link}\">{link}</a></p>\n\
+                 <hr>\n<p><small>Sluice sent this email because the job asked for one when it finished.</small></p>\n",
+                verb = escape_html(&verb(*job_state)),
+                model = escape_html(model),
+                created = time(Some(n.created_at)),
+                finished = time(*finished_at),
+                text = escape_html(&text),
+            );
+        }
+        NotificationSubject::Batch {
+            batch_id,
+            status,
+            total,
+            completed,
+            failed,
+            output_file_id,
+            error_file_id,
+            errors,
+            finished_at,
+        } => {
+            let link = escape_html(&batch_link(base_url, batch_id));
+            let _ = write!(
+                body,
+                "<p>Your Sluice batch <code>{id}</code> {verb}.</p>\n\
+                 <table>\n\
+                 <tr><th align=\"left\">Status</th><td>{status}</td></tr>\n\
+                 <tr><th align=\"left\">Requests</th><td>{total} in total, {completed} completed, {failed} failed</td></tr>\n\
+                 <tr><th align=\"left\">Submitted</th><td>{created}</td></tr>\n\
+                 <tr><th align=\"left\">Finished</th><td>{finished}</td></tr>\n\
+                 </table>\n\
+                 <p>{outcome}</p>\n",
+                id = escape_html(batch_id),
+                verb = escape_html(&batch_verb(*status)),
+                created = time(Some(n.created_at)),
+                finished = time(*finished_at),
+                outcome = escape_html(batch_outcome(*status)),
+            );
+            let errors = batch_errors(errors.as_ref());
+            if !errors.is_empty() {
+                body.push_str("<h3>Errors</h3>\n<ul>\n");
+                for line in errors {
+                    let _ = writeln!(body, "<li>{}</li>", escape_html(&line));
+                }
+                body.push_str("</ul>\n");
+            }
+            for (name, file) in [
+                ("Output file", output_file_id),
+                ("Error file", error_file_id),
+            ] {
+                if let Some(file) = file {
+                    let content = escape_html(&file_content_link(base_url, file));
+                    let _ = writeln!(
+                        body,
+                        "<p>{name}: <code>{file}</code><br>GET <a href=\"{content}\">{content}</a></p>",
+                        file = escape_html(file),
+                    );
+                }
+            }
+            if output_file_id.is_none() && error_file_id.is_none() {
+                body.push_str("<p>No output file was written.</p>\n");
+            }
+            let _ = write!(
+                body,
+                "<p>The batch: GET <a href=\"{link}\">{link}</a> (send your API key as a bearer token)</p>\n\
+                 <hr>\n<p><small>Sluice sent this email because the batch asked for one when it ended.</small></p>\n",
+            );
+        }
+    }
+    body.push_str("</body>\n</html>\n");
     body
 }
 
@@ -191,6 +423,14 @@ pub fn escape_html(s: &str) -> String {
     out
 }
 
+/// Which job or batch a notification is about, for logs: `job <id>` or `batch <id>`.
+pub fn describe(n: &Notification) -> String {
+    match &n.subject {
+        NotificationSubject::Job { request_id, .. } => format!("job {request_id}"),
+        NotificationSubject::Batch { batch_id, .. } => format!("batch {batch_id}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -200,15 +440,53 @@ mod tests {
     fn notification(state: JobState) -> Notification {
         Notification {
             id: 7,
-            request_id: "0190b5e4-7d2a-7cc0-8000-000000000001".parse().unwrap(),
             email: "ada@example.com".into(),
             attempts: 1,
-            job_state: state,
-            model: "large".into(),
-            content: Some("x < y && \"z\" > 'w'\n<script>alert(1)</script>".into()),
-            error: Some("provider said <nope> & gave up".into()),
             created_at: Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap(),
-            finished_at: Some(Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 9).unwrap()),
+            subject: NotificationSubject::Job {
+                request_id: "0190b5e4-7d2a-7cc0-8000-000000000001".parse().unwrap(),
+                job_state: state,
+                model: "large".into(),
+                content: Some("x < y && \"z\" > 'w'\n<script>alert(1)</script>".into()),
+                error: Some("provider said <nope> & gave up".into()),
+                finished_at: Some(Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 9).unwrap()),
+            },
+        }
+    }
+
+    /// Change the job a test notification is about.
+    fn with_job(
+        mut n: Notification,
+        change: impl FnOnce(&mut Option<String>, &mut RequestId),
+    ) -> Notification {
+        if let NotificationSubject::Job {
+            content,
+            request_id,
+            ..
+        } = &mut n.subject
+        {
+            change(content, request_id);
+        }
+        n
+    }
+
+    fn batch(status: BatchStatus) -> Notification {
+        Notification {
+            id: 8,
+            email: "ada@example.com".into(),
+            attempts: 1,
+            created_at: Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap(),
+            subject: NotificationSubject::Batch {
+                batch_id: "batch_0190b5e47d2a7cc08000000000000002".into(),
+                status,
+                total: 10,
+                completed: 8,
+                failed: 2,
+                output_file_id: Some("file-out".into()),
+                error_file_id: Some("file-err".into()),
+                errors: None,
+                finished_at: Some(Utc.with_ymd_and_hms(2025, 1, 3, 3, 4, 9).unwrap()),
+            },
         }
     }
 
@@ -216,6 +494,7 @@ mod tests {
         "Sluice <sluice@mail.example.org>".parse().unwrap()
     }
 
+    const BASE: &str = "https://sluice.example.org";
     const LINK: &str = "https://sluice.example.org/v1/jobs/0190b5e4-7d2a-7cc0-8000-000000000001";
 
     fn parts(message: &Message) -> (String, String, mailparse::ParsedMail<'static>) {
@@ -310,10 +589,11 @@ mod tests {
             subject(&n),
             "Your Sluice job 0190b5e4-7d2a-7cc0-8000-000000000001 was cancelled"
         );
-        assert!(plain_body(&n, LINK).contains("cancelled before it finished"));
-        let mut n = notification(JobState::Succeeded);
-        n.content = None;
-        assert!(plain_body(&n, LINK).contains("(the model returned no text)"));
+        assert!(plain_body(&n, BASE).contains("cancelled before it finished"));
+        let n = with_job(notification(JobState::Succeeded), |content, _| {
+            *content = None
+        });
+        assert!(plain_body(&n, BASE).contains("(the model returned no text)"));
     }
 
     #[test]
@@ -325,8 +605,7 @@ mod tests {
             a.headers().get_raw("Message-ID"),
             b.headers().get_raw("Message-ID")
         );
-        let mut other = n.clone();
-        other.request_id = RequestId::new();
+        let other = with_job(n.clone(), |_, id| *id = RequestId::new());
         let c = compose(&other, &from(), "http://x").unwrap();
         assert_ne!(
             a.headers().get_raw("Message-ID"),
@@ -336,9 +615,10 @@ mod tests {
 
     #[test]
     fn long_results_are_cut_with_a_pointer_to_the_link() {
-        let mut n = notification(JobState::Succeeded);
-        n.content = Some("é".repeat(MAX_CONTENT_CHARS + 10));
-        let plain = plain_body(&n, LINK);
+        let n = with_job(notification(JobState::Succeeded), |content, _| {
+            *content = Some("é".repeat(MAX_CONTENT_CHARS + 10))
+        });
+        let plain = plain_body(&n, BASE);
         assert!(plain.contains("[truncated after 100000 characters"));
         assert_eq!(plain.matches('é').count(), MAX_CONTENT_CHARS);
     }
@@ -350,6 +630,86 @@ mod tests {
         let err = compose(&n, &from(), "http://x").unwrap_err();
         assert!(matches!(err, ComposeError::BadRecipient { .. }));
         assert!(err.to_string().contains("not an address"));
+    }
+
+    #[test]
+    fn a_batch_email_tells_how_it_ended_and_where_its_output_is() {
+        let n = batch(BatchStatus::Completed);
+        let message = compose(&n, &from(), "https://sluice.example.org/").unwrap();
+        let (plain, html, parsed) = parts(&message);
+        use mailparse::MailHeaderMap;
+        let header = |name: &str| parsed.headers.get_first_value(name).unwrap();
+        assert_eq!(
+            header("Subject"),
+            "Your Sluice batch batch_0190b5e47d2a7cc08000000000000002 completed"
+        );
+        assert_eq!(
+            header("Message-ID"),
+            "<batch_0190b5e47d2a7cc08000000000000002@mail.example.org>"
+        );
+        assert_eq!(
+            header("X-Sluice-Batch-Id"),
+            "batch_0190b5e47d2a7cc08000000000000002"
+        );
+        assert!(parsed
+            .headers
+            .get_first_value("X-Sluice-Request-Id")
+            .is_none());
+        assert!(plain.contains("Status:    completed"), "{plain}");
+        assert!(plain.contains("Requests:  10 in total, 8 completed, 2 failed"));
+        assert!(plain.contains(
+            "Output file: file-out\n  GET https://sluice.example.org/v1/files/file-out/content"
+        ));
+        assert!(plain.contains(
+            "Error file: file-err\n  GET https://sluice.example.org/v1/files/file-err/content"
+        ));
+        assert!(plain.contains(
+            "GET https://sluice.example.org/v1/batches/batch_0190b5e47d2a7cc08000000000000002"
+        ));
+        assert!(plain.contains("Finished:  2025-01-03T03:04:09Z"));
+        assert!(html.contains("<a href=\"https://sluice.example.org/v1/files/file-out/content\">"));
+        assert!(html.contains(
+            "<a href=\"https://sluice.example.org/v1/batches/batch_0190b5e47d2a7cc08000000000000002\">"
+        ));
+        assert!(!plain.contains("/v1/jobs/"), "a batch email links no job");
+    }
+
+    #[test]
+    fn batch_ends_read_sensibly_and_a_failed_batch_lists_its_errors() {
+        assert_eq!(
+            subject(&batch(BatchStatus::Cancelled)),
+            "Your Sluice batch batch_0190b5e47d2a7cc08000000000000002 was cancelled"
+        );
+        assert!(plain_body(&batch(BatchStatus::Expired), BASE).contains("completion window passed"));
+        let mut n = batch(BatchStatus::Failed);
+        let data: Vec<serde_json::Value> = (1..=12)
+            .map(|line| serde_json::json!({ "code": "invalid_json", "message": "not <JSON>", "line": line }))
+            .collect();
+        n.subject = match n.subject {
+            NotificationSubject::Batch {
+                batch_id, status, ..
+            } => NotificationSubject::Batch {
+                batch_id,
+                status,
+                total: 0,
+                completed: 0,
+                failed: 0,
+                output_file_id: None,
+                error_file_id: None,
+                errors: Some(serde_json::json!({ "object": "list", "data": data })),
+                finished_at: None,
+            },
+            other => other,
+        };
+        let plain = plain_body(&n, BASE);
+        assert!(plain.contains("- line 1: not <JSON>"), "{plain}");
+        assert!(plain.contains("- line 10: not <JSON>"));
+        assert!(!plain.contains("line 11:"));
+        assert!(plain.contains("... and 2 more"));
+        assert!(plain.contains("No output file was written."));
+        let html = html_body(&n, BASE);
+        assert!(html.contains("<li>line 1: not &lt;JSON&gt;</li>"), "{html}");
+        assert_eq!(describe(&n), "batch batch_0190b5e47d2a7cc08000000000000002");
     }
 
     #[test]

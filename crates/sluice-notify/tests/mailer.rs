@@ -6,7 +6,10 @@ use sluice_core::{JobRequest, Lane, Message, Principal, RequestId, Tier};
 use sluice_notify::testing::{free_port, Maildir, Sink};
 use sluice_notify::{Mailer, MailerConfig, TlsMode};
 use sluice_store::testing::TestDb;
-use sluice_store::{Failure, Ingested, NewJob, NotificationState, Store};
+use sluice_store::{
+    BatchLine, BatchStatus, Failure, FinishedFile, Ingested, NewBatch, NewFile, NewJob,
+    NotificationState, NotificationSubject, Store,
+};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +74,7 @@ async fn finished_job(store: &Store, email: Option<&str>, end: End) -> RequestId
                 error: error.into(),
                 endpoint: Some("e1".into()),
                 throttled: false,
+                status: Some(400),
             };
             store
                 .dead_letter(job.id, claim.attempt, &failure)
@@ -224,7 +228,10 @@ async fn a_mailer_that_died_after_claiming_is_replaced_once_its_lease_passes() {
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].request_id, id);
+    assert!(matches!(
+        claimed[0].subject,
+        NotificationSubject::Job { request_id, .. } if request_id == id
+    ));
     let claimed_at = Instant::now();
     drop(claimed);
 
@@ -407,5 +414,124 @@ async fn a_replayed_dead_job_is_told_its_final_outcome() {
     assert_eq!(emails.len(), 1);
     assert_eq!(emails[0].subject, format!("Your Sluice job {id} succeeded"));
     assert!(emails[0].plain.contains("second time lucky"));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn an_ended_batch_gets_one_email_with_its_counts_and_where_its_output_is() {
+    let (db, dir, port, _sink) = db_and_sink().await;
+    let store = &db.store;
+    let batch = NewBatch {
+        id: sluice_store::new_batch_id(),
+        tenant: "acme".into(),
+        user: "u1".into(),
+        tier: Tier::Free,
+        input_file_id: "file-input".into(),
+        endpoint: "/v1/chat/completions".into(),
+        completion_window: "24h".into(),
+        metadata: None,
+        expires_at: chrono::Utc::now() + chrono::Duration::hours(24),
+        notify_email: Some("hal@example.com".into()),
+    };
+    // The lines ask for no email of their own: one email tells about the whole batch.
+    let lines: Vec<BatchLine> = (1..=3)
+        .map(|line| BatchLine {
+            line,
+            custom_id: format!("req-{line}"),
+            job: free_job(None, &format!("line {line}")),
+        })
+        .collect();
+    let messages = store.create_batch(&batch, &lines).await.unwrap();
+    for (n, message) in messages.iter().enumerate() {
+        let claim = store.claim(&message.job, LEASE).await.unwrap().unwrap();
+        if n < 2 {
+            let result = serde_json::json!({ "content": "ok" });
+            assert!(store
+                .complete(claim.id, claim.attempt, &result, "e1")
+                .await
+                .unwrap());
+        } else {
+            let failure = Failure {
+                error: "provider said 400".into(),
+                endpoint: Some("e1".into()),
+                throttled: false,
+                status: Some(400),
+            };
+            store
+                .dead_letter(claim.id, claim.attempt, &failure)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    let output = NewFile {
+        id: sluice_store::new_file_id(),
+        tenant: "acme".into(),
+        purpose: "batch_output".into(),
+        filename: "batch_output.jsonl".into(),
+    };
+    store.begin_file(&output).await.unwrap();
+    store
+        .append_file_chunk(&output.id, 0, b"{}\n{}\n")
+        .await
+        .unwrap();
+    let mailer = Mailer::new(store.clone(), config(port)).unwrap();
+    assert_eq!(
+        mailer
+            .run_once(&CancellationToken::new())
+            .await
+            .unwrap()
+            .claimed,
+        0,
+        "an open batch has nothing to tell"
+    );
+    let file = FinishedFile {
+        id: output.id.clone(),
+        bytes: 6,
+        lines: 2,
+    };
+    assert!(store
+        .finish_batch(&batch.id, BatchStatus::Completed, (2, 1), Some(&file), None)
+        .await
+        .unwrap());
+
+    let running = spawn(store, config(port));
+    let emails = dir.wait_for(1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop(running).await;
+    let emails_now = dir.messages();
+    assert_eq!(
+        emails_now.len(),
+        1,
+        "one email for the batch: {emails_now:#?}"
+    );
+    let email = &emails[0];
+    assert_eq!(email.to, "hal@example.com");
+    assert_eq!(
+        email.subject,
+        format!("Your Sluice batch {} completed", batch.id)
+    );
+    assert_eq!(email.message_id, format!("<{}@sluice.test>", batch.id));
+    assert!(
+        email
+            .plain
+            .contains("Requests:  3 in total, 2 completed, 1 failed"),
+        "{}",
+        email.plain
+    );
+    let content = format!("{BASE_URL}/v1/files/{}/content", output.id);
+    assert!(email.plain.contains(&format!("Output file: {}", output.id)));
+    assert!(email.plain.contains(&content));
+    assert!(email
+        .plain
+        .contains(&format!("GET {BASE_URL}/v1/batches/{}", batch.id)));
+    assert!(email.html.contains(&format!("href=\"{content}\"")));
+
+    let row = store.batch_notification(&batch.id).await.unwrap().unwrap();
+    assert_eq!((row.state, row.attempts), (NotificationState::Sent, 1));
+    assert_eq!(
+        store.notification_counts().await.unwrap(),
+        vec![(NotificationState::Sent, 1)]
+    );
     db.drop().await;
 }

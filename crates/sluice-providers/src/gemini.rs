@@ -1,5 +1,5 @@
-//! The Google Gemini `generateContent` adapter (`POST {base_url}/models/{model}:generateContent`), plain and streamed.
-//! Assistant turns become `model` turns, system messages the `systemInstruction`; finish reasons use OpenAI's words.
+//! The Google Gemini `generateContent` adapter (`POST {base_url}/models/{model}:generateContent`), plain and streamed:
+//! jobs in OpenAI's vocabulary (images, tools, tool results, JSON formats) in, OpenAI-shaped answers and tool calls out.
 
 use crate::config::{ConfigError, EndpointConfig};
 use crate::error::{invalid_json, truncate, ProviderError};
@@ -9,7 +9,11 @@ use reqwest::header::HeaderValue;
 use reqwest::{RequestBuilder, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sluice_core::{JobRequest, Role};
+use sluice_core::{
+    ContentPartRef, FunctionCall, FunctionKind, JobRequest, Message, ResponseFormat, Role,
+    ToolCall, ToolChoice, ToolMode,
+};
+use std::borrow::Cow;
 use tokio::sync::mpsc;
 
 /// One Gemini endpoint, e.g. `base_url = "https://generativelanguage.googleapis.com/v1beta"`.
@@ -70,6 +74,10 @@ struct WireRequest<'a> {
     contents: Vec<Content<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     system_instruction: Option<Content<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     generation_config: Option<GenerationConfig<'a>>,
 }
@@ -81,9 +89,90 @@ struct Content<'a> {
     parts: Vec<Part<'a>>,
 }
 
-#[derive(Serialize, Debug)]
+/// One part; exactly one of the data fields is set (Gemini's `data` one-of).
+#[derive(Serialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
 struct Part<'a> {
-    text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inline_data: Option<InlineData<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file_data: Option<FileData<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function_call: Option<WireFunctionCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function_response: Option<FunctionResponse<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thought_signature: Option<&'static str>,
+}
+
+impl<'a> Part<'a> {
+    fn text(text: impl Into<Cow<'a, str>>) -> Part<'a> {
+        Part {
+            text: Some(text.into()),
+            ..Part::default()
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct InlineData<'a> {
+    mime_type: &'a str,
+    data: &'a str,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct FileData<'a> {
+    mime_type: &'static str,
+    file_uri: &'a str,
+}
+
+#[derive(Serialize, Debug)]
+struct WireFunctionCall<'a> {
+    name: &'a str,
+    args: Value,
+}
+
+#[derive(Serialize, Debug)]
+struct FunctionResponse<'a> {
+    name: &'a str,
+    response: Value,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct WireTool<'a> {
+    function_declarations: Vec<FunctionDeclaration<'a>>,
+}
+
+/// `parametersJsonSchema` takes the JSON Schema OpenAI-style tools carry as it is
+/// (`additionalProperties`, `$ref`, `const`, ...), where `parameters` only takes Gemini's
+/// OpenAPI subset and refuses fields it does not know.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct FunctionDeclaration<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters_json_schema: Option<&'a Value>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig<'a> {
+    function_calling_config: FunctionCallingConfig<'a>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct FunctionCallingConfig<'a> {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_function_names: Vec<&'a str>,
 }
 
 #[derive(Serialize, Debug)]
@@ -97,48 +186,209 @@ struct GenerationConfig<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stop_sequences: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+    /// Full JSON Schema, like `parametersJsonSchema` (`responseSchema` is the OpenAPI subset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_json_schema: Option<&'a Value>,
+}
+
+/// What Google documents for replaying a function call whose thought signature is unknown.
+/// Gemini 3 models refuse a function call turn whose first call has no signature, and a
+/// [`ToolCall`] has no field to keep the real one in, so every replayed call turn carries this.
+const SKIP_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// Gemini wants a media type for file URIs; guess it from the extension as clients do.
+fn mime_from_url(url: &str) -> &'static str {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("png") => "image/png",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("heic") => "image/heic",
+        Some("heif") => "image/heif",
+        _ => "image/jpeg",
+    }
+}
+
+fn content_parts(content: &sluice_core::Content) -> Vec<Part<'_>> {
+    content
+        .parts()
+        .into_iter()
+        .filter_map(|part| match part {
+            // Gemini refuses parts without data, and an empty text is one.
+            ContentPartRef::Text("") => None,
+            ContentPartRef::Text(text) => Some(Part::text(text)),
+            ContentPartRef::Image(image) => Some(match image.inline_data() {
+                Some((mime_type, data)) => Part {
+                    inline_data: Some(InlineData { mime_type, data }),
+                    ..Part::default()
+                },
+                None => Part {
+                    file_data: Some(FileData {
+                        mime_type: mime_from_url(&image.url),
+                        file_uri: &image.url,
+                    }),
+                    ..Part::default()
+                },
+            }),
+        })
+        .collect()
+}
+
+/// The function a tool message answers: the name of the nearest earlier call with its id;
+/// failing that the message's own `name`, or its id, so the request still goes.
+fn answered_name(messages: &[Message], at: usize) -> &str {
+    let m = &messages[at];
+    let id = m.tool_call_id.as_deref().unwrap_or_default();
+    messages[..at]
+        .iter()
+        .rev()
+        .flat_map(|earlier| earlier.tool_calls.iter())
+        .find(|c| c.id == id)
+        .map(|c| c.function.name.as_str())
+        .or(m.name.as_deref())
+        .unwrap_or(id)
 }
 
 fn wire_request(job: &JobRequest) -> WireRequest<'_> {
     let mut system = Vec::new();
-    let mut contents = Vec::with_capacity(job.messages.len());
-    for m in &job.messages {
-        let role = match m.role {
+    // Consecutive messages of one role share a turn: all of a call turn's responses must be in
+    // the one turn after it, and Gemini wants user and model turns to alternate.
+    let mut contents: Vec<Content<'_>> = Vec::with_capacity(job.messages.len());
+    for (at, m) in job.messages.iter().enumerate() {
+        let (role, parts) = match m.role {
             Role::System => {
-                system.push(Part {
-                    text: plain_text(&m.content),
-                });
+                system.push(Part::text(m.content.text()));
                 continue;
             }
-            Role::Assistant => "model",
-            // Jobs carry tool output as plain text without a call id, so the user sends it.
-            Role::User | Role::Tool => "user",
+            Role::Assistant => {
+                let mut parts = content_parts(&m.content);
+                for (i, call) in m.tool_calls.iter().enumerate() {
+                    // Arguments that are not a JSON object go as none, rather than failing
+                    // the conversation.
+                    let args = serde_json::from_str::<Value>(&call.function.arguments)
+                        .ok()
+                        .filter(Value::is_object)
+                        .unwrap_or_else(|| Value::Object(serde_json::Map::new()));
+                    parts.push(Part {
+                        function_call: Some(WireFunctionCall {
+                            name: &call.function.name,
+                            args,
+                        }),
+                        thought_signature: (i == 0).then_some(SKIP_SIGNATURE),
+                        ..Part::default()
+                    });
+                }
+                ("model", parts)
+            }
+            Role::Tool => {
+                let text = m.content.text();
+                // A result that is JSON goes as JSON, which the model reads as structure.
+                let content = serde_json::from_str::<Value>(&text)
+                    .unwrap_or_else(|_| Value::String(text.into_owned()));
+                let part = Part {
+                    function_response: Some(FunctionResponse {
+                        name: answered_name(&job.messages, at),
+                        response: serde_json::json!({ "content": content }),
+                    }),
+                    ..Part::default()
+                };
+                ("user", vec![part])
+            }
+            Role::User => ("user", content_parts(&m.content)),
         };
-        contents.push(Content {
-            role: Some(role),
-            parts: vec![Part {
-                text: plain_text(&m.content),
-            }],
-        });
+        if parts.is_empty() {
+            // An empty message says nothing, and Gemini refuses a turn without parts.
+            continue;
+        }
+        match contents.last_mut() {
+            Some(last) if last.role == Some(role) => last.parts.extend(parts),
+            _ => contents.push(Content {
+                role: Some(role),
+                parts,
+            }),
+        }
     }
+
+    let declarations: Vec<FunctionDeclaration<'_>> = job
+        .tools
+        .iter()
+        .map(|t| FunctionDeclaration {
+            name: &t.function.name,
+            description: t.function.description.as_deref(),
+            parameters_json_schema: t.function.parameters.as_ref(),
+        })
+        .collect();
+    let tool_config = job
+        .tool_choice
+        .as_ref()
+        .filter(|_| !declarations.is_empty())
+        .map(|choice| {
+            let (mode, allowed) = match choice {
+                ToolChoice::Mode(ToolMode::Auto) => ("AUTO", Vec::new()),
+                ToolChoice::Mode(ToolMode::Required) => ("ANY", Vec::new()),
+                ToolChoice::Mode(ToolMode::None) => ("NONE", Vec::new()),
+                ToolChoice::Function(f) => ("ANY", vec![f.function.name.as_str()]),
+            };
+            ToolConfig {
+                function_calling_config: FunctionCallingConfig {
+                    mode,
+                    allowed_function_names: allowed,
+                },
+            }
+        });
+    let tools = if declarations.is_empty() {
+        Vec::new()
+    } else {
+        vec![WireTool {
+            function_declarations: declarations,
+        }]
+    };
+
+    let (response_mime_type, response_json_schema) = match &job.response_format {
+        None | Some(ResponseFormat::Text) => (None, None),
+        Some(ResponseFormat::JsonObject) => (Some("application/json"), None),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            (Some("application/json"), json_schema.schema.as_ref())
+        }
+    };
     let config = GenerationConfig {
         max_output_tokens: job.max_tokens,
         temperature: job.temperature,
         top_p: job.top_p,
         stop_sequences: job.stop.as_deref(),
+        seed: job.seed.map(gemini_seed),
+        response_mime_type,
+        response_json_schema,
     };
     let has_config = config.max_output_tokens.is_some()
         || config.temperature.is_some()
         || config.top_p.is_some()
-        || config.stop_sequences.is_some();
+        || config.stop_sequences.is_some()
+        || config.seed.is_some()
+        || config.response_mime_type.is_some();
     WireRequest {
         contents,
         system_instruction: (!system.is_empty()).then_some(Content {
             role: None,
             parts: system,
         }),
+        tools,
+        tool_config,
         generation_config: has_config.then_some(config),
     }
+}
+
+/// Gemini's seed is 32 bits; a larger one is folded into range so it still picks one sample.
+fn gemini_seed(seed: i64) -> i32 {
+    i32::try_from(seed).unwrap_or_else(|_| {
+        let folded = seed.rem_euclid(1_i64 << 31);
+        i32::try_from(folded).unwrap_or(i32::MAX)
+    })
 }
 
 /// A `GenerateContentResponse`, whole or one streamed chunk of it.
@@ -174,12 +424,26 @@ struct CandidateContent {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ResponsePart {
     #[serde(default)]
     text: Option<String>,
     /// Thinking models mark their reasoning parts; those are not the answer.
     #[serde(default)]
     thought: bool,
+    #[serde(default)]
+    function_call: Option<ResponseCall>,
+}
+
+#[derive(Deserialize)]
+struct ResponseCall {
+    /// Only some Gemini models give calls ids.
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    args: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +476,40 @@ impl Candidate {
             .filter_map(|p| p.text.as_deref())
             .collect()
     }
+
+    /// The candidate's function calls in OpenAI's form; `first` numbers the synthesized ids
+    /// (`call_<n>`) of calls that came without one, counting calls earlier in the stream.
+    fn tool_calls(&self, first: usize) -> Vec<ToolCall> {
+        self.content
+            .iter()
+            .flat_map(|c| &c.parts)
+            .filter_map(|p| p.function_call.as_ref())
+            .enumerate()
+            .map(|(i, call)| ToolCall {
+                id: call
+                    .id
+                    .clone()
+                    .filter(|id| !id.is_empty())
+                    .unwrap_or_else(|| format!("call_{}", first + i)),
+                kind: FunctionKind::Function,
+                function: FunctionCall {
+                    name: call.name.clone(),
+                    arguments: call
+                        .args
+                        .as_ref()
+                        .map_or_else(|| "{}".to_owned(), Value::to_string),
+                },
+            })
+            .collect()
+    }
+}
+
+/// The finish reason of an answer: a normal stop that made calls ended for the calls.
+fn answer_finish(reason: Option<&str>, made_calls: bool) -> Option<String> {
+    match reason {
+        Some("STOP") if made_calls => Some("tool_calls".to_owned()),
+        other => other.map(finish_reason),
+    }
 }
 
 /// Gemini's finish reasons in the OpenAI vocabulary the rest of Sluice uses.
@@ -240,13 +538,17 @@ impl Provider for Gemini {
             );
             return Err(ProviderError::InvalidResponse(truncate(&why)));
         };
+        let tool_calls = candidate.tool_calls(0);
         Ok(ChatResponse {
-            tool_calls: Vec::new(),
+            finish_reason: answer_finish(
+                candidate.finish_reason.as_deref(),
+                !tool_calls.is_empty(),
+            ),
+            tool_calls,
             rate,
             content: candidate.text(),
             usage: wire.usage_metadata.map(Usage::from).unwrap_or_default(),
             model: wire.model_version.unwrap_or_else(|| self.model.clone()),
-            finish_reason: candidate.finish_reason.as_deref().map(finish_reason),
         })
     }
 
@@ -279,13 +581,19 @@ impl Provider for Gemini {
             }
             if let Some(candidate) = chunk.candidates.first() {
                 let text = candidate.text();
-                http::emit(&deltas, &text).await;
-                out.content.push_str(&text);
-                if let Some(reason) = &candidate.finish_reason {
-                    out.finish_reason = Some(finish_reason(reason));
+                if !text.is_empty() {
+                    http::emit(&deltas, &text).await;
+                    out.content.push_str(&text);
+                }
+                // Calls come whole, each in one chunk.
+                let calls = candidate.tool_calls(out.tool_calls.len());
+                out.tool_calls.extend(calls);
+                if candidate.finish_reason.is_some() {
+                    out.finish_reason = candidate.finish_reason.clone();
                 }
             }
         }
+        out.finish_reason = answer_finish(out.finish_reason.as_deref(), !out.tool_calls.is_empty());
         // Gemini's stream simply ends; only a finish reason tells a complete answer from a cut one.
         if out.finish_reason.is_none() {
             return Err(ProviderError::Connection(
@@ -299,7 +607,8 @@ impl Provider for Gemini {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_core::Message;
+    use serde_json::json;
+    use sluice_core::{ContentPart, ImageUrl, JsonSchemaFormat, Tool};
 
     #[test]
     fn roles_and_system_instruction() {
@@ -331,6 +640,223 @@ mod tests {
         assert!(body.get("generationConfig").is_none() && body.get("systemInstruction").is_none());
     }
 
+    fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+        ToolCall {
+            id: id.into(),
+            kind: FunctionKind::Function,
+            function: FunctionCall {
+                name: name.into(),
+                arguments: arguments.into(),
+            },
+        }
+    }
+
+    fn image(url: &str) -> ContentPart {
+        ContentPart::ImageUrl {
+            image_url: ImageUrl {
+                url: url.into(),
+                detail: None,
+            },
+        }
+    }
+
+    #[test]
+    fn images_tools_calls_and_results_translate() {
+        let tool: Tool = serde_json::from_value(json!({"type": "function", "function": {
+            "name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "required": ["city"], "additionalProperties": false,
+                           "properties": {"city": {"type": "string"}}}}}))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let look = sluice_core::Content::Parts(vec![
+            ContentPart::Text {
+                text: "compare".into(),
+            },
+            image("data:image/png;base64,iVBORw0KGgo="),
+            image("https://x.test/photos/a.PNG?size=2"),
+            image("https://x.test/b"),
+        ]);
+        let job = JobRequest {
+            seed: Some(42),
+            tools: vec![tool],
+            tool_choice: Some(
+                serde_json::from_value(
+                    json!({"type": "function", "function": {"name": "get_weather"}}),
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            parallel_tool_calls: Some(false),
+            response_format: Some(ResponseFormat::JsonSchema {
+                json_schema: JsonSchemaFormat {
+                    name: "report".into(),
+                    description: None,
+                    schema: Some(
+                        json!({"type": "object", "properties": {"ok": {"type": "boolean"}}}),
+                    ),
+                    strict: None,
+                },
+            }),
+            ..JobRequest::new(
+                "alias",
+                vec![
+                    Message::new(Role::System, "be brief"),
+                    Message::new(Role::User, look),
+                    Message {
+                        tool_calls: vec![
+                            call("call_0", "get_weather", r#"{"city":"Paris"}"#),
+                            call("call_1", "get_weather", "oops"),
+                        ],
+                        ..Message::new(Role::Assistant, "")
+                    },
+                    Message::tool_result("call_0", r#"{"temp": 21}"#),
+                    Message::tool_result("call_1", "rain"),
+                    Message::user("and tomorrow?"),
+                ],
+            )
+        };
+        let body = serde_json::to_value(wire_request(&job)).unwrap_or_default();
+        let expected = json!({
+            "contents": [
+                {"role": "user", "parts": [
+                    {"text": "compare"},
+                    {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}},
+                    {"fileData": {"mimeType": "image/png", "fileUri": "https://x.test/photos/a.PNG?size=2"}},
+                    {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://x.test/b"}}]},
+                {"role": "model", "parts": [
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                     "thoughtSignature": "skip_thought_signature_validator"},
+                    {"functionCall": {"name": "get_weather", "args": {}}}]},
+                {"role": "user", "parts": [
+                    {"functionResponse": {"name": "get_weather", "response": {"content": {"temp": 21}}}},
+                    {"functionResponse": {"name": "get_weather", "response": {"content": "rain"}}},
+                    {"text": "and tomorrow?"}]}],
+            "systemInstruction": {"parts": [{"text": "be brief"}]},
+            "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "Weather for a city",
+                "parametersJsonSchema": {"type": "object", "required": ["city"], "additionalProperties": false,
+                                         "properties": {"city": {"type": "string"}}}}]}],
+            "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}},
+            "generationConfig": {"seed": 42, "responseMimeType": "application/json",
+                "responseJsonSchema": {"type": "object", "properties": {"ok": {"type": "boolean"}}}},
+        });
+        assert_eq!(body, expected);
+
+        let object = JobRequest {
+            response_format: Some(ResponseFormat::JsonObject),
+            tools: Vec::new(),
+            seed: Some(i64::MAX),
+            ..job
+        };
+        let body = serde_json::to_value(wire_request(&object)).unwrap_or_default();
+        assert_eq!(
+            body["generationConfig"],
+            json!({"seed": 2147483647, "responseMimeType": "application/json"})
+        );
+        // Without tools there is nothing to configure.
+        assert!(body.get("tools").is_none() && body.get("toolConfig").is_none());
+        assert_eq!(gemini_seed(-1), -1);
+        assert_eq!(gemini_seed((1 << 32) + 5), 5);
+    }
+
+    #[test]
+    fn empty_messages_are_dropped_and_their_neighbours_merged() {
+        let job = JobRequest::new(
+            "alias",
+            vec![
+                Message::user("a"),
+                Message::new(Role::Assistant, ""),
+                Message::user("b"),
+            ],
+        );
+        let body = serde_json::to_value(wire_request(&job)).unwrap_or_default();
+        assert_eq!(
+            body["contents"],
+            json!([{"role": "user", "parts": [{"text": "a"}, {"text": "b"}]}])
+        );
+    }
+
+    #[test]
+    fn modes_map_onto_function_calling_config() {
+        for (choice, mode) in [("auto", "AUTO"), ("required", "ANY"), ("none", "NONE")] {
+            let job = JobRequest {
+                tools: vec![serde_json::from_value(
+                    json!({"type": "function", "function": {"name": "f"}}),
+                )
+                .unwrap_or_else(|e| panic!("{e}"))],
+                tool_choice: Some(
+                    serde_json::from_value(json!(choice)).unwrap_or_else(|e| panic!("{e}")),
+                ),
+                ..JobRequest::new("alias", vec![Message::user("x")])
+            };
+            let body = serde_json::to_value(wire_request(&job)).unwrap_or_default();
+            assert_eq!(
+                body["toolConfig"],
+                json!({"functionCallingConfig": {"mode": mode}}),
+                "{choice}"
+            );
+            // No parameters: the declaration has none either.
+            assert_eq!(
+                body["tools"],
+                json!([{"functionDeclarations": [{"name": "f"}]}])
+            );
+        }
+    }
+
+    #[test]
+    fn function_calls_become_tool_calls() {
+        let wire: WireResponse = serde_json::from_value(json!({"candidates": [{
+            "content": {"role": "model", "parts": [
+                {"text": "thinking...", "thought": true},
+                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2ln"},
+                {"functionCall": {"id": "fc-7", "name": "noop"}}]},
+            "finishReason": "STOP"}]}))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let candidate = &wire.candidates[0];
+        assert_eq!(
+            candidate.tool_calls(0),
+            vec![
+                call("call_0", "get_weather", r#"{"city":"Paris"}"#),
+                call("fc-7", "noop", "{}")
+            ]
+        );
+        assert_eq!(candidate.tool_calls(3)[0].id, "call_3");
+        assert_eq!(candidate.text(), "");
+        assert_eq!(
+            answer_finish(candidate.finish_reason.as_deref(), true).as_deref(),
+            Some("tool_calls")
+        );
+        assert_eq!(answer_finish(Some("STOP"), false).as_deref(), Some("stop"));
+        assert_eq!(
+            answer_finish(Some("MAX_TOKENS"), true).as_deref(),
+            Some("length")
+        );
+    }
+
+    #[test]
+    fn tool_results_find_their_function_by_call_id() {
+        let messages = vec![
+            Message {
+                tool_calls: vec![call("call_0", "first", "{}")],
+                ..Message::new(Role::Assistant, "")
+            },
+            Message::tool_result("call_0", "a"),
+            Message {
+                tool_calls: vec![call("call_0", "second", "{}")],
+                ..Message::new(Role::Assistant, "")
+            },
+            Message::tool_result("call_0", "b"),
+            Message {
+                name: Some("named".into()),
+                ..Message::tool_result("call_9", "c")
+            },
+            Message::tool_result("call_8", "d"),
+        ];
+        let names: Vec<&str> = (0..messages.len())
+            .filter(|&at| messages[at].role == Role::Tool)
+            .map(|at| answered_name(&messages, at))
+            .collect();
+        // Ids repeat across rounds (Gemini gives none; call_<n> restarts): the nearest wins.
+        assert_eq!(names, ["first", "second", "named", "call_8"]);
+    }
+
     #[test]
     fn urls_and_finish_reasons() {
         let mut c = EndpointConfig::new("g", "http://x/v1beta/", "models/gemini-sim", 60);
@@ -351,13 +877,5 @@ mod tests {
         assert_eq!(finish_reason("MAX_TOKENS"), "length");
         assert_eq!(finish_reason("SAFETY"), "content_filter");
         assert_eq!(finish_reason("OTHER"), "other");
-    }
-}
-
-// TEMPORARY until the adapters translate parts and tools: text content only.
-fn plain_text(content: &sluice_core::Content) -> &str {
-    match content {
-        sluice_core::Content::Text(text) => text,
-        sluice_core::Content::Parts(_) => "",
     }
 }

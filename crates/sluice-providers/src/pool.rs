@@ -632,6 +632,10 @@ pub struct RouteSpec {
     /// Answer from an earlier job of the tenant whose prompt means the same (`[semantic_cache]`).
     #[serde(default)]
     pub semantic_cache: bool,
+    /// Reuse answers to sampled requests too (temperature above 0 or unset, no seed): by
+    /// default only deterministic requests are answered from the cache or an identical job.
+    #[serde(default)]
+    pub reuse_samples: bool,
 }
 
 /// The pools a classified route chooses between.

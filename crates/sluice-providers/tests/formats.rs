@@ -2,7 +2,8 @@
 //! The simulator answers the same conversation identically in every format, so results must match.
 #![allow(clippy::unwrap_used)]
 
-use sluice_core::{JobRequest, Message, Role};
+use serde_json::{json, Value};
+use sluice_core::{Content, JobRequest, Message, Role, Tool};
 use sluice_providers::{
     ChatRequest, ChatResponse, EndpointConfig, PoolConfig, ProviderError, ProviderKind, Router,
     Secret,
@@ -298,4 +299,231 @@ async fn a_wrong_key_is_rejected_without_leaking_it() {
     }
     // Refused before the key was known: nothing counted.
     assert_eq!(sim.stats().total, 0);
+}
+
+// Tools, tool results, JSON formats and images, through each wire format and back.
+
+/// A function whose arguments need two properties; the simulator fills them in from the schema.
+fn weather_tool() -> Tool {
+    serde_json::from_value(json!({"type": "function", "function": {
+        "name": "get_weather", "description": "The weather for a city",
+        "parameters": {"type": "object", "required": ["city", "days"], "additionalProperties": false,
+            "properties": {"city": {"type": "string"},
+                           "days": {"type": "integer", "minimum": 2},
+                           "unit": {"type": "string", "enum": ["c", "f"]}}}}}))
+    .unwrap()
+}
+
+fn other_tool() -> Tool {
+    serde_json::from_value(json!({"type": "function", "function": {"name": "get_time"}})).unwrap()
+}
+
+/// The answer plain and streamed, with the streamed deltas, after checking that both calls
+/// agree on everything but the tool call ids (fresh per answer in some formats).
+async fn plain_and_streamed(
+    r: &Router,
+    job: &JobRequest,
+    what: &str,
+) -> (ChatResponse, ChatResponse, Vec<String>) {
+    let plain = call(r, job, what)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (streamed, deltas) = stream(r, job, what).await;
+    let streamed = streamed.unwrap_or_else(|e| panic!("{what} streamed: {e}"));
+    let without_ids = |r: &ChatResponse| {
+        let calls: Vec<_> = r.tool_calls.iter().map(|c| c.function.clone()).collect();
+        (
+            r.content.clone(),
+            calls,
+            r.finish_reason.clone(),
+            r.usage.clone(),
+        )
+    };
+    assert_eq!(without_ids(&plain), without_ids(&streamed), "{what}");
+    assert_eq!(deltas.concat(), streamed.content, "{what}");
+    (plain, streamed, deltas)
+}
+
+#[tokio::test]
+async fn tool_calls_and_their_results_round_trip_in_every_format() {
+    let sim = sim(UNLIMITED).await;
+    let question = vec![
+        Message::new(Role::System, "be brief"),
+        Message::user("what is the weather in Paris?"),
+    ];
+    for kind in KINDS {
+        let r = router(&sim, kind, "sk-k-secret");
+        for (choice, expected) in [
+            (None, "get_weather"),
+            (Some(json!("required")), "get_weather"),
+            (
+                Some(json!({"type": "function", "function": {"name": "get_time"}})),
+                "get_time",
+            ),
+        ] {
+            let job = JobRequest {
+                tools: vec![weather_tool(), other_tool()],
+                tool_choice: choice.map(|c| serde_json::from_value(c).unwrap()),
+                parallel_tool_calls: Some(false),
+                ..JobRequest::new("m", question.clone())
+            };
+            let what = format!("{kind:?} {expected}");
+            let (plain, streamed, _) = plain_and_streamed(&r, &job, &what).await;
+            for answer in [&plain, &streamed] {
+                assert_eq!(
+                    answer.finish_reason.as_deref(),
+                    Some("tool_calls"),
+                    "{what}"
+                );
+                assert_eq!(answer.content, "", "{what}");
+                let [call] = answer.tool_calls.as_slice() else {
+                    panic!("{what}: {:?}", answer.tool_calls)
+                };
+                assert!(!call.id.is_empty(), "{what}");
+                assert_eq!(call.function.name, expected, "{what}");
+                let args: Value = serde_json::from_str(&call.function.arguments).unwrap();
+                if expected == "get_weather" {
+                    // The required properties, with their types and bounds, and nothing else.
+                    assert_eq!(args, json!({"city": "sim", "days": 2}), "{what}");
+                } else {
+                    // A function without parameters is called with an empty object.
+                    assert_eq!(args, json!({}), "{what}");
+                }
+            }
+
+            // The follow-up carries the call and its result; the model answers in text.
+            for (answer, how) in [(&plain, "plain"), (&streamed, "streamed")] {
+                let mut messages = question.clone();
+                messages.push(Message {
+                    tool_calls: answer.tool_calls.clone(),
+                    ..Message::new(Role::Assistant, answer.content.as_str())
+                });
+                messages.push(Message::tool_result(
+                    answer.tool_calls[0].id.clone(),
+                    "sunny, 21 C",
+                ));
+                let follow = JobRequest {
+                    messages,
+                    ..job.clone()
+                };
+                let what = format!("{what} follow-up to {how}");
+                let (done, _, _) = plain_and_streamed(&r, &follow, &what).await;
+                assert!(
+                    done.content
+                        .starts_with("Simulated reply to tool result: sunny, 21 C"),
+                    "{what}: {}",
+                    done.content
+                );
+                assert_eq!(done.finish_reason.as_deref(), Some("stop"), "{what}");
+                assert!(done.tool_calls.is_empty(), "{what}");
+            }
+        }
+
+        // tool_choice none: the tools are offered, but the answer is text.
+        let job = JobRequest {
+            tools: vec![weather_tool()],
+            tool_choice: Some(serde_json::from_value(json!("none")).unwrap()),
+            ..JobRequest::new("m", question.clone())
+        };
+        let (plain, _, _) = plain_and_streamed(&r, &job, &format!("{kind:?} none")).await;
+        assert!(plain.tool_calls.is_empty(), "{kind:?}");
+        assert!(
+            plain
+                .content
+                .starts_with("Simulated reply to: what is the weather"),
+            "{kind:?}"
+        );
+    }
+    assert_eq!(sim.stats().failed, 0);
+}
+
+#[tokio::test]
+async fn response_formats_give_json_in_every_format() {
+    let sim = sim(UNLIMITED).await;
+    // OpenAI refuses JSON mode unless the conversation mentions JSON.
+    let messages = vec![Message::user("Rate sluices, in JSON.")];
+    let schema = json!({"type": "object", "required": ["answer", "confidence", "tags"],
+        "additionalProperties": false,
+        "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"},
+                       "tags": {"type": "array", "items": {"type": "string"}},
+                       "note": {"type": "boolean"}}});
+    let with_schema = JobRequest {
+        response_format: Some(
+            serde_json::from_value(json!({"type": "json_schema", "json_schema": {
+                "name": "rating", "schema": schema, "strict": true}}))
+            .unwrap(),
+        ),
+        ..JobRequest::new("m", messages.clone())
+    };
+    let object = JobRequest {
+        response_format: Some(serde_json::from_value(json!({"type": "json_object"})).unwrap()),
+        ..JobRequest::new("m", messages)
+    };
+    for kind in KINDS {
+        let r = router(&sim, kind, "sk-k-secret");
+        let (plain, _, deltas) =
+            plain_and_streamed(&r, &with_schema, &format!("{kind:?} schema")).await;
+        assert_eq!(plain.finish_reason.as_deref(), Some("stop"), "{kind:?}");
+        assert!(plain.tool_calls.is_empty(), "{kind:?}");
+        assert!(!deltas.is_empty(), "{kind:?}: the JSON streams as text");
+        let v: Value = serde_json::from_str(&plain.content)
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}: {}", plain.content));
+        assert!(v["answer"].is_string(), "{kind:?}: {v}");
+        assert!(v["confidence"].is_number(), "{kind:?}: {v}");
+        assert!(
+            v["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().all(Value::is_string)),
+            "{kind:?}: {v}"
+        );
+        assert_eq!(
+            v,
+            json!({"answer": "sim", "confidence": 1, "tags": ["sim"]})
+        );
+
+        let (plain, _, _) = plain_and_streamed(&r, &object, &format!("{kind:?} object")).await;
+        let v: Value = serde_json::from_str(&plain.content)
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}: {}", plain.content));
+        assert!(v.is_object(), "{kind:?}: {v}");
+        assert_eq!(plain.finish_reason.as_deref(), Some("stop"), "{kind:?}");
+    }
+    assert_eq!(sim.stats().failed, 0);
+}
+
+#[tokio::test]
+async fn images_reach_the_provider_in_every_format() {
+    let sim = sim(UNLIMITED).await;
+    let parts = |urls: &[&str]| {
+        let mut parts = vec![json!({"type": "text", "text": "what is this?"})];
+        parts.extend(
+            urls.iter()
+                .map(|u| json!({"type": "image_url", "image_url": {"url": u}})),
+        );
+        Message::new(
+            Role::User,
+            serde_json::from_value::<Content>(json!(parts)).unwrap(),
+        )
+    };
+    let inline = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==";
+    for kind in KINDS {
+        let r = router(&sim, kind, "sk-k-secret");
+        for (urls, marker) in [
+            (vec![inline], "[1 image]"),
+            (
+                vec![inline, "https://example.test/sluice.jpg"],
+                "[2 images]",
+            ),
+        ] {
+            let job = JobRequest::new("m", vec![parts(&urls)]);
+            let what = format!("{kind:?} {marker}");
+            let (plain, _, _) = plain_and_streamed(&r, &job, &what).await;
+            assert!(
+                plain
+                    .content
+                    .starts_with(&format!("Simulated reply to: {marker} what is this?")),
+                "{what}: {}",
+                plain.content
+            );
+        }
+    }
 }

@@ -11,7 +11,9 @@
 //! ```
 
 mod bucket;
+mod chat;
 mod config;
+mod schema;
 mod server;
 mod state;
 mod wire;

@@ -20,8 +20,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::bucket::LimitState;
+use crate::chat::{self, ChatRequest};
 use crate::state::{LimitReason, Shared, Verdict};
-use crate::wire::{self, ChatRequest};
+use crate::wire;
 use crate::{wire_anthropic, wire_embeddings, wire_gemini};
 use crate::{Faults, SimConfig, SimStats};
 
@@ -270,7 +271,7 @@ async fn answer(shared: &Shared, format: Format, req: &ChatRequest, model: &str)
         tokio::time::sleep(delay).await;
     }
     shared.record_ok();
-    let reply = wire::reply_for(req, shared.config.completion_tokens);
+    let reply = chat::reply_for(req, shared.config.completion_tokens);
     let sse = |body: String| {
         (
             [
@@ -286,13 +287,12 @@ async fn answer(shared: &Shared, format: Format, req: &ChatRequest, model: &str)
             let id = format!("chatcmpl-sim-{}", Uuid::now_v7());
             let created = chrono::Utc::now().timestamp();
             if req.stream {
-                let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
                 sse(wire::stream_body(
                     &id,
                     created,
                     model,
                     &reply,
-                    include_usage,
+                    req.include_usage,
                 ))
             } else {
                 Json(wire::completion_body(&id, created, model, &reply)).into_response()

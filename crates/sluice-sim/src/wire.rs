@@ -1,5 +1,5 @@
-//! OpenAI chat-completions wire format: request parsing, deterministic replies, error bodies.
-//! Pure functions, so the exact bytes other crates' tests rely on are unit-tested here.
+//! OpenAI chat-completions wire format: request parsing and validation, replies (text, JSON or a
+//! tool call; plain and streamed) and error bodies. Pure functions, so the exact bytes are unit-tested.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -7,119 +7,412 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// The parts of a chat request the simulator looks at; unknown fields are ignored.
+use crate::chat::{self, ChatRequest, Format, Message, Reply, Role, ToolChoice, ToolDef};
+
+/// The parts of an OpenAI chat request the simulator reads; unknown fields are ignored. Tools,
+/// messages' parts and formats stay raw JSON so errors can name the field the way OpenAI does.
 #[derive(Debug, Deserialize)]
-pub struct ChatRequest {
+struct WireRequest {
     #[serde(default)]
-    pub model: Option<String>,
-    pub messages: Vec<Message>,
+    model: Option<String>,
+    messages: Vec<WireMessage>,
     #[serde(default)]
-    pub max_tokens: Option<u32>,
+    max_tokens: Option<u32>,
     /// Newer OpenAI clients send this instead of `max_tokens`.
     #[serde(default)]
-    pub max_completion_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
     #[serde(default)]
-    pub stream: bool,
+    stream: bool,
     #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct StreamOptions {
+struct StreamOptions {
     #[serde(default)]
-    pub include_usage: bool,
+    include_usage: bool,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Message {
-    pub role: String,
+struct WireMessage {
+    role: String,
     /// A string, an array of content parts, or null (assistant tool calls).
     #[serde(default)]
-    pub content: Value,
+    content: Value,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
 }
 
 /// Parses and validates a request body; the error is the message for a 400.
 pub fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
-    let req: ChatRequest = serde_json::from_slice(body)
+    let req: WireRequest = serde_json::from_slice(body)
         .map_err(|e| format!("We could not parse the JSON body of your request. ({e})"))?;
     if req.messages.is_empty() {
         return Err("[] is too short - 'messages'".into());
     }
-    Ok(req)
-}
-
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
+    let messages = parse_messages(req.messages)?;
+    let tools = match req.tools {
+        None => Vec::new(),
+        Some(t) if t.is_empty() => {
+            return Err(
+                "Invalid 'tools': empty array. Expected an array with minimum length 1, \
+                        but got an empty array instead."
+                    .into(),
+            )
+        }
+        Some(t) => t
             .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
+            .enumerate()
+            .map(|(i, tool)| parse_tool(i, tool))
+            .collect::<Result<_, _>>()?,
+    };
+    let tool_choice = match req.tool_choice {
+        None => ToolChoice::Auto,
+        Some(_) if tools.is_empty() => {
+            return Err(
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when \
+                        'tools' are specified."
+                    .into(),
+            )
+        }
+        Some(choice) => parse_tool_choice(&choice, &tools)?,
+    };
+    if req.parallel_tool_calls.is_some() && tools.is_empty() {
+        return Err(
+            "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only \
+                    allowed when 'tools' are specified."
+                .into(),
+        );
     }
+    let format = match &req.response_format {
+        None => Format::Text,
+        Some(f) => parse_format(f, &messages)?,
+    };
+    Ok(ChatRequest {
+        model: req.model,
+        messages,
+        max_tokens: req.max_tokens.or(req.max_completion_tokens),
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        tools,
+        tool_choice,
+        format,
+    })
 }
 
-fn char_len(content: &Value) -> usize {
+/// Messages in the common form, checking what OpenAI checks: roles, content shapes, images only
+/// from the user, and that tool calls and tool results pair up by id.
+fn parse_messages(wire: Vec<WireMessage>) -> Result<Vec<Message>, String> {
+    let mut messages = Vec::with_capacity(wire.len());
+    // Calls of the last assistant turn that no tool message has answered yet.
+    let mut pending: Vec<String> = Vec::new();
+    for (i, m) in wire.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
+            other => {
+                return Err(format!(
+                    "Invalid value: '{other}'. Supported values are: 'system', 'assistant', \
+                     'user', 'function', 'tool', and 'developer'."
+                ))
+            }
+        };
+        if role != Role::Tool && !pending.is_empty() {
+            return Err(unanswered(&pending));
+        }
+        let calls = m.tool_calls.unwrap_or_default();
+        if !calls.is_empty() && role != Role::Assistant {
+            return Err(format!(
+                "Invalid parameter: only messages with role 'assistant' can have 'tool_calls' \
+                 (messages[{i}])."
+            ));
+        }
+        let mut message = content(i, role, &m.content, !calls.is_empty())?;
+        for (j, call) in calls.iter().enumerate() {
+            let (id, chars) = parse_call(i, j, call)?;
+            pending.push(id);
+            message.call_chars += chars;
+        }
+        if role == Role::Tool {
+            let Some(id) = m.tool_call_id else {
+                return Err(format!(
+                    "Missing required parameter: 'messages[{i}].tool_call_id'."
+                ));
+            };
+            let Some(at) = pending.iter().position(|p| *p == id) else {
+                return Err(
+                    "Invalid parameter: messages with role 'tool' must be a response to a \
+                            preceeding message with 'tool_calls'."
+                        .into(),
+                );
+            };
+            pending.remove(at);
+        }
+        messages.push(message);
+    }
+    if !pending.is_empty() {
+        return Err(unanswered(&pending));
+    }
+    Ok(messages)
+}
+
+fn unanswered(ids: &[String]) -> String {
+    format!(
+        "An assistant message with 'tool_calls' must be followed by tool messages responding to \
+         each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+        ids.join(", ")
+    )
+}
+
+/// A message's text and images; null content only for an assistant turn that calls tools.
+fn content(i: usize, role: Role, content: &Value, has_calls: bool) -> Result<Message, String> {
+    let mut message = Message::new(role, "");
     match content {
-        Value::String(s) => s.chars().count(),
-        other => text_of(other).chars().count(),
+        Value::String(s) => message.text.clone_from(s),
+        Value::Null if role == Role::Assistant && has_calls => {}
+        Value::Array(parts) if !parts.is_empty() => {
+            for (j, part) in parts.iter().enumerate() {
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => match part.get("text").and_then(Value::as_str) {
+                        Some(t) => message.text.push_str(t),
+                        None => {
+                            return Err(format!(
+                                "Missing required parameter: 'messages[{i}].content[{j}].text'."
+                            ))
+                        }
+                    },
+                    Some("image_url") => {
+                        if role != Role::User {
+                            return Err(format!(
+                                "Image URLs are only allowed for messages with role 'user', but \
+                                 this message with role '{}' contains an image URL.",
+                                role_name(role)
+                            ));
+                        }
+                        let url = part
+                            .pointer("/image_url/url")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        let fetchable = url.starts_with("https://") || url.starts_with("http://");
+                        let inline = url
+                            .strip_prefix("data:image/")
+                            .and_then(|rest| rest.split_once(";base64,"))
+                            .is_some_and(|(_, data)| chat::is_base64(data));
+                        if !fetchable && !inline {
+                            return Err(format!(
+                                "Invalid 'messages[{i}].content[{j}].image_url.url'. Expected a \
+                                 valid URL, but got a value with an invalid format."
+                            ));
+                        }
+                        message.images += 1;
+                    }
+                    // Accepted by OpenAI; nothing the simulator reads.
+                    Some("input_audio" | "file" | "refusal") => {}
+                    other => {
+                        return Err(format!(
+                            "Invalid value: '{}'. Supported values are: 'text', 'image_url', \
+                             'input_audio', 'refusal', 'audio', and 'file'.",
+                            other.unwrap_or_default()
+                        ))
+                    }
+                }
+            }
+        }
+        Value::Array(_) => {
+            return Err(format!(
+                "Invalid 'messages[{i}].content': empty array. Expected an array with minimum \
+                 length 1, but got an empty array instead."
+            ))
+        }
+        Value::Null => {
+            return Err(format!(
+                "Invalid value for 'messages[{i}].content': expected a string, got null."
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "Invalid type for 'messages[{i}].content': expected one of a string or array of \
+                 objects."
+            ))
+        }
+    }
+    Ok(message)
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
     }
 }
 
-const FILLER: [&str; 8] = [
-    "lorem",
-    "ipsum",
-    "dolor",
-    "sit",
-    "amet",
-    "consectetur",
-    "adipiscing",
-    "elit",
-];
-
-/// The deterministic answer and its usage numbers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reply {
-    pub content: String,
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
+/// One assistant tool call: its id and the characters it adds to the prompt.
+fn parse_call(i: usize, j: usize, call: &Value) -> Result<(String, usize), String> {
+    let at = format!("messages[{i}].tool_calls[{j}]");
+    let id = call.get("id").and_then(Value::as_str);
+    let name = call.pointer("/function/name").and_then(Value::as_str);
+    let arguments = call.pointer("/function/arguments").and_then(Value::as_str);
+    let (Some(id), Some(name), Some(arguments)) = (id, name, arguments) else {
+        return Err(format!(
+            "Missing required parameter: '{at}' needs 'id', 'function.name' and \
+             'function.arguments' (a string)."
+        ));
+    };
+    if call.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(format!(
+            "Invalid value for '{at}.type': supported values are: 'function'."
+        ));
+    }
+    // Count arguments as compact JSON, as the other formats (which send objects) are counted.
+    let args =
+        serde_json::from_str::<Value>(arguments).map_or(arguments.len(), |v| v.to_string().len());
+    Ok((id.to_owned(), name.len() + args))
 }
 
-/// Builds the reply for `req`: an echo of the last user message padded with filler
-/// words up to `completion_tokens` words (capped by the request's max tokens).
-pub fn reply_for(req: &ChatRequest, completion_tokens: u32) -> Reply {
-    let cap = req
-        .max_tokens
-        .or(req.max_completion_tokens)
-        .unwrap_or(u32::MAX);
-    let words = completion_tokens.min(cap);
-    let last = req
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == "user")
-        .or(req.messages.last());
-    let echo: String = last
-        .map(|m| text_of(&m.content))
-        .unwrap_or_default()
-        .chars()
-        .take(64)
-        .collect();
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
 
-    let mut content = format!("Simulated reply to: {echo}");
-    let missing = (words as usize).saturating_sub(content.split_whitespace().count());
-    for word in FILLER.iter().cycle().take(missing) {
-        content.push(' ');
-        content.push_str(word);
+fn parse_tool(i: usize, tool: &Value) -> Result<ToolDef, String> {
+    match tool.get("type").and_then(Value::as_str) {
+        Some("function") => {}
+        None => return Err(format!("Missing required parameter: 'tools[{i}].type'.")),
+        Some(other) => {
+            return Err(format!(
+                "Invalid value: '{other}'. Supported values are: 'function' and 'custom'."
+            ))
+        }
     }
+    let Some(function) = tool.get("function").filter(|f| f.is_object()) else {
+        return Err(format!(
+            "Missing required parameter: 'tools[{i}].function'."
+        ));
+    };
+    let Some(name) = function.get("name").and_then(Value::as_str) else {
+        return Err(format!(
+            "Missing required parameter: 'tools[{i}].function.name'."
+        ));
+    };
+    if !valid_name(name) {
+        return Err(format!(
+            "Invalid 'tools[{i}].function.name': string does not match pattern. Expected a string \
+             that matches the pattern '^[a-zA-Z0-9_-]+$'."
+        ));
+    }
+    let schema = match function.get("parameters") {
+        None => json!({"type": "object", "properties": {}}),
+        Some(p) if p.is_object() => p.clone(),
+        Some(_) => {
+            return Err(format!(
+                "Invalid type for 'tools[{i}].function.parameters': expected an object."
+            ))
+        }
+    };
+    Ok(ToolDef {
+        name: name.to_owned(),
+        description: function
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        schema,
+    })
+}
 
-    let chars: usize = req.messages.iter().map(|m| char_len(&m.content)).sum();
-    let prompt_tokens = u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX).max(1);
-    Reply {
-        content,
-        prompt_tokens,
-        completion_tokens: words,
+fn parse_tool_choice(choice: &Value, tools: &[ToolDef]) -> Result<ToolChoice, String> {
+    match choice {
+        Value::String(mode) => match mode.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
+            "none" => Ok(ToolChoice::None),
+            other => Err(format!(
+                "Invalid value: '{other}'. Supported values are: 'none', 'auto', and 'required'."
+            )),
+        },
+        Value::Object(_) if choice.get("type").and_then(Value::as_str) == Some("function") => {
+            let Some(name) = choice.pointer("/function/name").and_then(Value::as_str) else {
+                return Err("Missing required parameter: 'tool_choice.function.name'.".into());
+            };
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(format!(
+                    "Invalid value for 'tool_choice': function '{name}' is not among 'tools'."
+                ));
+            }
+            Ok(ToolChoice::Named(name.to_owned()))
+        }
+        _ => Err(
+            "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or \
+                  {\"type\": \"function\", \"function\": {\"name\": ...}}."
+                .into(),
+        ),
+    }
+}
+
+fn parse_format(format: &Value, messages: &[Message]) -> Result<Format, String> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(Format::Text),
+        Some("json_object") => {
+            // OpenAI refuses JSON mode unless the conversation asks for JSON somewhere.
+            let asks = messages
+                .iter()
+                .any(|m| m.text.to_ascii_lowercase().contains("json"));
+            if asks {
+                Ok(Format::JsonObject)
+            } else {
+                Err(
+                    "'messages' must contain the word 'json' in some form, to use \
+                     'response_format' of type 'json_object'."
+                        .into(),
+                )
+            }
+        }
+        Some("json_schema") => {
+            let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
+                return Err("Missing required parameter: 'response_format.json_schema'.".into());
+            };
+            match spec.get("name").and_then(Value::as_str) {
+                Some(name) if valid_name(name) => {}
+                Some(_) => {
+                    return Err(
+                        "Invalid 'response_format.json_schema.name': string does not \
+                                match pattern. Expected a string that matches the pattern \
+                                '^[a-zA-Z0-9_-]+$'."
+                            .into(),
+                    )
+                }
+                None => {
+                    return Err(
+                        "Missing required parameter: 'response_format.json_schema.name'.".into(),
+                    )
+                }
+            }
+            Ok(match spec.get("schema") {
+                Some(schema) if schema.is_object() => Format::JsonSchema(schema.clone()),
+                _ => Format::JsonObject,
+            })
+        }
+        Some(other) => Err(format!(
+            "Invalid value: '{other}'. Supported values are: 'text', 'json_object', and \
+             'json_schema'."
+        )),
+        None => Err("Missing required parameter: 'response_format.type'.".into()),
     }
 }
 
@@ -140,24 +433,47 @@ impl From<&Reply> for Usage {
     }
 }
 
+/// An id for a simulated item, unique per response: `prefix` plus the last 24 letters and digits
+/// of the response's id (short enough for every provider's id limits).
+pub fn derived_id(prefix: &str, response_id: &str) -> String {
+    let alnum: Vec<char> = response_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let tail: String = alnum[alnum.len().saturating_sub(24)..].iter().collect();
+    format!("{prefix}{tail}")
+}
+
+fn finish_reason(reply: &Reply) -> &'static str {
+    if reply.tool_call.is_some() {
+        "tool_calls"
+    } else {
+        "stop"
+    }
+}
+
 /// A non-streamed `chat.completion` body.
 pub fn completion_body(id: &str, created: i64, model: &str, reply: &Reply) -> Value {
+    let message = match &reply.tool_call {
+        None => json!({"role": "assistant", "content": reply.content}),
+        Some(call) => json!({"role": "assistant", "content": null, "tool_calls": [{
+            "id": derived_id("call_", id), "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments_text()},
+        }]}),
+    };
     json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": reply.content},
-            "finish_reason": "stop"
-        }],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(reply)}],
         "usage": Usage::from(reply),
     })
 }
 
-/// A whole SSE stream: a role chunk, one chunk per word, a stop chunk, an optional
-/// usage chunk, then `[DONE]`. Concatenating the deltas gives exactly `reply.content`.
+/// A whole SSE stream: a role chunk, one chunk per piece of text (or of a tool call's
+/// arguments), a finish chunk, an optional usage chunk, then `[DONE]`. Concatenating the text
+/// deltas gives exactly `reply.content`; a tool call's pieces, its arguments.
 pub fn stream_body(
     id: &str,
     created: i64,
@@ -179,14 +495,35 @@ pub fn stream_body(
     };
     let choice = |delta: Value, finish: Value| json!([{"index": 0, "delta": delta, "finish_reason": finish}]);
 
-    push(
-        choice(json!({"role": "assistant", "content": ""}), Value::Null),
-        None,
-    );
-    for piece in reply.content.split_inclusive(' ') {
-        push(choice(json!({"content": piece}), Value::Null), None);
+    match &reply.tool_call {
+        None => {
+            push(
+                choice(json!({"role": "assistant", "content": ""}), Value::Null),
+                None,
+            );
+            for piece in chat::pieces(&reply.content) {
+                push(choice(json!({"content": piece}), Value::Null), None);
+            }
+        }
+        Some(call) => {
+            // As OpenAI does: the id and name come first with empty arguments, then the
+            // arguments in pieces that only the index ties to the call.
+            let first = json!({"index": 0, "id": derived_id("call_", id), "type": "function",
+                               "function": {"name": call.name, "arguments": ""}});
+            push(
+                choice(
+                    json!({"role": "assistant", "content": null, "tool_calls": [first]}),
+                    Value::Null,
+                ),
+                None,
+            );
+            for piece in chat::pieces(&call.arguments_text()) {
+                let delta = json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]});
+                push(choice(delta, Value::Null), None);
+            }
+        }
     }
-    push(choice(json!({}), json!("stop")), None);
+    push(choice(json!({}), json!(finish_reason(reply))), None);
     if include_usage {
         push(json!([]), Some(Usage::from(reply)));
     }
@@ -262,9 +599,28 @@ pub fn openai_duration(d: Duration) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::chat::reply_for;
 
     fn req(v: Value) -> ChatRequest {
         parse_request(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn bad(v: Value) -> String {
+        parse_request(v.to_string().as_bytes()).unwrap_err()
+    }
+
+    fn weather_tool() -> Value {
+        json!({"type": "function", "function": {"name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "required": ["city"],
+                           "properties": {"city": {"type": "string"}}}}})
+    }
+
+    /// The data of each event of an SSE body, `[DONE]` as a string.
+    fn events(body: &str) -> Vec<Value> {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|_| json!(d)))
+            .collect()
     }
 
     #[test]
@@ -279,35 +635,127 @@ mod tests {
     }
 
     #[test]
-    fn reply_is_deterministic_and_sized() {
-        let r = req(json!({"model": "m", "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "hello there"}
-        ]}));
-        let a = reply_for(&r, 16);
-        assert_eq!(a, reply_for(&r, 16));
-        assert!(a
-            .content
-            .starts_with("Simulated reply to: hello there lorem"));
-        assert_eq!(a.content.split_whitespace().count(), 16);
-        assert_eq!(a.completion_tokens, 16);
-        assert_eq!(a.prompt_tokens, 5); // 8 + 11 chars -> ceil(19 / 4)
-
-        let capped = req(
-            json!({"model": "m", "max_tokens": 7, "messages": [{"role": "user", "content": "x"}]}),
+    fn parses_into_the_common_form() {
+        let r = req(
+            json!({"model": "m", "max_completion_tokens": 9, "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "what is "},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": "this?"}]}
+        ], "stream": true, "stream_options": {"include_usage": true}}),
         );
-        let c = reply_for(&capped, 16);
         assert_eq!(
-            (c.completion_tokens, c.content.split_whitespace().count()),
-            (7, 7)
+            r.messages,
+            vec![
+                Message::new(Role::System, "be brief"),
+                Message {
+                    images: 1,
+                    ..Message::new(Role::User, "what is this?")
+                }
+            ]
+        );
+        assert_eq!(
+            (r.max_tokens, r.stream, r.include_usage),
+            (Some(9), true, true)
+        );
+        assert_eq!(
+            reply_for(&r, 4).content,
+            "Simulated reply to: [1 image] what is this?"
+        );
+    }
+
+    #[test]
+    fn tools_choices_and_formats() {
+        let r = req(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": false}),
+        );
+        assert_eq!(r.tools[0].name, "get_weather");
+        assert_eq!(r.tool_choice, ToolChoice::Named("get_weather".into()));
+        let r = req(json!({"messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a",
+                "schema": {"type": "object", "properties": {"x": {"type": "boolean"}}}}}}));
+        assert_eq!(
+            r.format,
+            Format::JsonSchema(json!({"type": "object", "properties": {"x": {"type": "boolean"}}}))
+        );
+        let r = req(
+            json!({"messages": [{"role": "user", "content": "answer in JSON"}],
+            "response_format": {"type": "json_object"}}),
+        );
+        assert_eq!(r.format, Format::JsonObject);
+    }
+
+    #[test]
+    fn a_tool_call_answer_plain_and_streamed() {
+        let r = req(
+            json!({"model": "m", "messages": [{"role": "user", "content": "weather?"}],
+                           "tools": [weather_tool()]}),
+        );
+        let reply = reply_for(&r, 16);
+        let body = completion_body(
+            "chatcmpl-sim-0123456789abcdef0123456789abcdef",
+            1,
+            "m",
+            &reply,
+        );
+        assert_eq!(
+            body["choices"][0],
+            json!({"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null, "tool_calls": [{
+                    "id": "call_89abcdef0123456789abcdef", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"sim\"}"}}]}})
         );
 
-        let long = "y".repeat(100);
-        let l = reply_for(
-            &req(json!({"messages": [{"role": "user", "content": long}]})),
-            1,
+        let stream = stream_body("chatcmpl-sim-x", 1, "m", &reply, false);
+        let chunks = events(&stream);
+        let first = &chunks[0]["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(
+            (&first["id"], &first["function"]["name"], &first["index"]),
+            (
+                &json!("call_chatcmplsimx"),
+                &json!("get_weather"),
+                &json!(0)
+            )
         );
-        assert_eq!(l.content, format!("Simulated reply to: {}", "y".repeat(64)));
+        let pieces: Vec<&str> = chunks
+            .iter()
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
+            })
+            .filter(|a| !a.is_empty())
+            .collect();
+        assert!(pieces.len() >= 2, "{pieces:?}");
+        assert_eq!(pieces.concat(), r#"{"city":"sim"}"#);
+        assert_eq!(
+            chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
+        assert_eq!(chunks[chunks.len() - 1], json!("[DONE]"));
+    }
+
+    #[test]
+    fn the_follow_up_with_the_tool_result_gets_text() {
+        let r = req(
+            json!({"model": "m", "tools": [weather_tool()], "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]}),
+        );
+        assert_eq!(
+            r.messages[1].call_chars,
+            "get_weather".len() + r#"{"city":"Paris"}"#.len()
+        );
+        let reply = reply_for(&r, 10);
+        assert!(reply.tool_call.is_none());
+        let body = completion_body("id", 1, "m", &reply);
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+        assert!(body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Simulated reply to tool result: sunny, 21 C lorem"));
     }
 
     #[test]
@@ -316,18 +764,12 @@ mod tests {
         let reply = reply_for(&r, 12);
         let body = stream_body("id", 1, "m", &reply, true);
         let mut text = String::new();
-        let mut saw_done = false;
-        for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
-            if line == "[DONE]" {
-                saw_done = true;
-                continue;
-            }
-            let v: Value = serde_json::from_str(line).unwrap();
+        for v in events(&body) {
             if let Some(s) = v["choices"][0]["delta"]["content"].as_str() {
                 text.push_str(s);
             }
         }
-        assert!(saw_done);
+        assert!(body.ends_with("data: [DONE]\n\n"));
         assert_eq!(text, reply.content);
         assert!(body.contains("\"finish_reason\":\"stop\""));
         assert!(body.contains("\"total_tokens\""));
@@ -338,11 +780,48 @@ mod tests {
         assert!(parse_request(b"{").is_err());
         assert!(parse_request(br#"{"model":"m","messages":[]}"#).is_err());
         assert!(parse_request(br#"{"model":"m"}"#).is_err());
-        let parts = req(json!({"model": "m", "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "hi"}]}
-        ]}));
-        assert!(reply_for(&parts, 4)
-            .content
-            .starts_with("Simulated reply to: hi"));
+        let user = json!([{"role": "user", "content": "hi"}]);
+        assert!(
+            bad(json!({"messages": user, "tools": [{"type": "function"}]}))
+                .contains("'tools[0].function'")
+        );
+        assert!(bad(
+            json!({"messages": user, "tools": [{"type": "function", "function": {"name": "a b"}}]})
+        )
+        .contains("pattern"));
+        assert!(bad(json!({"messages": user, "tools": []})).contains("empty array"));
+        assert!(
+            bad(json!({"messages": user, "tool_choice": "auto"})).contains("'tools' are specified")
+        );
+        assert!(bad(json!({"messages": user, "parallel_tool_calls": true}))
+            .contains("'tools' are specified"));
+        assert!(bad(json!({"messages": user, "tools": [weather_tool()],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}}}))
+        .contains("nope"));
+        assert!(
+            bad(json!({"messages": user, "response_format": {"type": "json_object"}}))
+                .contains("must contain the word 'json'")
+        );
+        assert!(
+            bad(json!({"messages": user, "response_format": {"type": "json_schema"}}))
+                .contains("json_schema'")
+        );
+        // A tool result needs the call it answers, and every call needs its result.
+        assert!(bad(json!({"messages": [{"role": "user", "content": "hi"},
+            {"role": "tool", "tool_call_id": "call_9", "content": "x"}]}))
+        .contains("preceeding message with 'tool_calls'"));
+        let call = json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}});
+        assert!(bad(json!({"messages": [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "user", "content": "and?"}]}))
+        .contains("did not have response messages: call_1"));
+        assert!(bad(json!({"messages": [{"role": "user", "content": null}]})).contains("got null"));
+        assert!(bad(json!({"messages": [{"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}))
+        .contains("only allowed for messages with role 'user'"));
+        assert!(bad(json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "ftp://x"}}]}]}))
+        .contains("image_url.url"));
+        assert!(bad(json!({"messages": [{"role": "robot", "content": "x"}]})).contains("robot"));
     }
 }

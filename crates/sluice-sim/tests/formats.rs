@@ -540,3 +540,151 @@ async fn retry_after_fault_answers_429_with_exactly_that_wait() {
         StatusCode::OK
     );
 }
+
+const WEATHER_SCHEMA: &str = r#"{"type": "object", "required": ["city"],
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}"#;
+
+fn weather_schema() -> Value {
+    serde_json::from_str(WEATHER_SCHEMA).unwrap()
+}
+
+#[tokio::test]
+async fn tool_calls_and_results_over_http_in_every_format() {
+    let (sim, client) = start(keyed(None)).await;
+    let question = json!({"role": "user", "content": "weather in Paris?"});
+
+    // OpenAI: a call, then the follow-up that carries its result.
+    let tools = json!([{"type": "function",
+        "function": {"name": "get_weather", "parameters": weather_schema()}}]);
+    let body = json!({"model": "m", "tools": tools, "messages": [question]});
+    let v: Value = openai(&client, &sim, &body, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["arguments"], r#"{"city":"sim"}"#);
+    let follow = json!({"model": "m", "tools": tools, "messages": [question,
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"}]});
+    let v: Value = openai(&client, &sim, &follow, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Simulated reply to tool result: sunny, 21 C"));
+
+    // Anthropic.
+    let tools = json!([{"name": "get_weather", "input_schema": weather_schema()}]);
+    let body = json!({"model": "m", "max_tokens": 64, "tools": tools, "messages": [question]});
+    let v: Value = anthropic(&client, &sim, KEY, &body, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["stop_reason"], "tool_use");
+    let block = &v["content"][0];
+    assert!(
+        block["id"].as_str().unwrap().starts_with("toolu_sim_"),
+        "{v}"
+    );
+    assert_eq!(block["input"], json!({"city": "sim"}));
+    let follow = json!({"model": "m", "max_tokens": 64, "tools": tools, "messages": [question,
+        {"role": "assistant", "content": [block]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block["id"],
+                                      "content": "sunny, 21 C"}]}]});
+    let v: Value = anthropic(&client, &sim, KEY, &follow, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert!(v["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("Simulated reply to tool result: sunny, 21 C"));
+
+    // Gemini.
+    let tools = json!([{"functionDeclarations": [{"name": "get_weather",
+        "parametersJsonSchema": weather_schema()}]}]);
+    let ask = json!({"role": "user", "parts": [{"text": "weather in Paris?"}]});
+    let body = json!({"tools": tools, "contents": [ask]});
+    let v: Value = gemini(&client, &sim, "generateContent", &body, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let part = &v["candidates"][0]["content"]["parts"][0];
+    assert_eq!(
+        part["functionCall"],
+        json!({"name": "get_weather", "args": {"city": "sim"}})
+    );
+    let follow = json!({"tools": tools, "contents": [ask, {"role": "model", "parts": [part]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather",
+                                    "response": {"content": "sunny, 21 C"}}}]}]});
+    let v: Value = gemini(&client, &sim, "generateContent", &follow, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(v["candidates"][0]["content"]["parts"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("Simulated reply to tool result: sunny, 21 C"));
+    assert_eq!(sim.stats().ok, 6);
+}
+
+#[tokio::test]
+async fn malformed_tools_are_refused_in_each_formats_error_shape() {
+    let (sim, client) = start(keyed(None)).await;
+    let question = json!({"role": "user", "content": "hi"});
+    let resp = openai(
+        &client,
+        &sim,
+        &json!({"model": "m", "messages": [question], "tools": [{"type": "function"}]}),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tools[0].function"));
+
+    let body = json!({"model": "m", "max_tokens": 5, "messages": [question],
+                      "tools": [{"name": "f", "parameters": weather_schema()}]});
+    let resp = anthropic(&client, &sim, KEY, &body, None).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (&v["type"], &v["error"]["type"]),
+        (&json!("error"), &json!("invalid_request_error"))
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("input_schema"));
+
+    // OpenAI's JSON Schema where Gemini's OpenAPI subset belongs.
+    let body = json!({"contents": [{"parts": [{"text": "hi"}]}],
+        "tools": [{"functionDeclarations": [{"name": "f", "parameters":
+            {"type": "object", "properties": {}, "additionalProperties": false}}]}]});
+    let resp = gemini(&client, &sim, "generateContent", &body, None).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("additionalProperties"));
+    assert_eq!(sim.stats().failed, 3);
+}

@@ -2,7 +2,14 @@
 //! callers never know whether PostgreSQL or SQLite holds the state.
 
 use crate::admission::{LaneStats, SemanticEntry, SettledFollowers};
-use crate::jobs::{Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse};
+use crate::batches::{
+    BatchLine, BatchLineResult, BatchProgress, BatchRecord, BatchStatus, CancelBatch, FinishedFile,
+    NewBatch,
+};
+use crate::files::{FileRecord, NewFile, SortOrder};
+use crate::jobs::{
+    Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse, CANCELLABLE, WAITING,
+};
 use crate::lifecycle::{Claim, Completion, DeadJob, Failure};
 use crate::notifications::{Notification, NotificationRow, NotificationState};
 use crate::outbox::OutboxMessage;
@@ -67,7 +74,257 @@ impl Store {
     /// Cancel a tenant's job unless it is already terminal. A running job's result will be
     /// discarded. The completion email, if any, is queued with the state change.
     pub async fn cancel(&self, tenant: &str, id: RequestId) -> Result<CancelOutcome, StoreError> {
-        dispatch!(self.cancel(tenant, id))
+        dispatch!(self.cancel(tenant, id, CANCELLABLE))
+    }
+
+    /// Like [`Store::cancel`], but only a job still waiting (queued or retrying) is cancelled;
+    /// a running one answers [`CancelOutcome::Running`] and is left alone.
+    pub async fn cancel_waiting(
+        &self,
+        tenant: &str,
+        id: RequestId,
+    ) -> Result<CancelOutcome, StoreError> {
+        dispatch!(self.cancel(tenant, id, WAITING))
+    }
+}
+
+/// Held chat completions whose client went away (see `jobs`).
+impl Store {
+    /// Detach a tenant's job that is not terminal: the same request (`hold_hash`) may take it
+    /// back with [`Store::reattach`] within `grace`; after that [`Store::cancel_detached`]
+    /// cancels it if it still waits. `false` for an unknown, foreign or terminal job.
+    pub async fn detach(
+        &self,
+        tenant: &str,
+        id: RequestId,
+        hold_hash: &[u8],
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.detach(tenant, id, hold_hash, grace))
+    }
+
+    /// Take back one detached, not terminal job of the tenant held under `hold_hash` whose
+    /// grace has not passed, clearing its hold; concurrent callers never get the same job.
+    /// With `finished_too` (a client's own retry) a job that succeeded or went dead since its
+    /// client left is taken too: its answer is there already.
+    pub async fn reattach(
+        &self,
+        tenant: &str,
+        hold_hash: &[u8],
+        finished_too: bool,
+    ) -> Result<Option<RequestId>, StoreError> {
+        dispatch!(self.reattach(tenant, hold_hash, finished_too))
+    }
+
+    /// Cancel up to `limit` detached jobs whose grace passed while they still wait (queued or
+    /// retrying), as [`Store::cancel`] does; the holds of expired running or terminal jobs are
+    /// cleared and the jobs left alone. Answers the cancelled jobs with their tenants.
+    pub async fn cancel_detached(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(RequestId, String)>, StoreError> {
+        dispatch!(self.cancel_detached(limit))
+    }
+}
+
+/// Files of the Files API, stored in chunks (see `files`).
+impl Store {
+    /// Start an upload (status `uploading`, invisible until [`Store::finish_file`]).
+    pub async fn begin_file(&self, file: &NewFile) -> Result<(), StoreError> {
+        dispatch!(self.begin_file(file))
+    }
+
+    /// Append chunk `seq` (0, 1, 2, ... in order) to an upload in progress, in a statement of
+    /// its own; [`StoreError::NotFound`] if the file is not uploading (aborted, purged, done).
+    pub async fn append_file_chunk(
+        &self,
+        file_id: &str,
+        seq: i32,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        dispatch!(self.append_file_chunk(file_id, seq, data))
+    }
+
+    /// Finish an upload: the file becomes `processed` and visible with its size and line
+    /// count; [`StoreError::NotFound`] if it is not uploading.
+    pub async fn finish_file(
+        &self,
+        file_id: &str,
+        bytes: i64,
+        lines: i32,
+    ) -> Result<FileRecord, StoreError> {
+        dispatch!(self.finish_file(file_id, bytes, lines))
+    }
+
+    /// Drop an upload in progress and its chunks; `false` if there is none by that id.
+    pub async fn abort_file(&self, file_id: &str) -> Result<bool, StoreError> {
+        dispatch!(self.abort_file(file_id))
+    }
+
+    /// A tenant's processed, undeleted file; another tenant's id answers `None`.
+    pub async fn get_file(&self, tenant: &str, id: &str) -> Result<Option<FileRecord>, StoreError> {
+        dispatch!(self.get_file(tenant, id))
+    }
+
+    /// A page of the tenant's processed, undeleted files (of one purpose, if given) after the
+    /// id `after` in `order`, at most `limit`, and whether more follow.
+    pub async fn list_files(
+        &self,
+        tenant: &str,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+        order: SortOrder,
+    ) -> Result<(Vec<FileRecord>, bool), StoreError> {
+        dispatch!(self.list_files(tenant, purpose, after, limit, order))
+    }
+
+    /// How many chunks a file has (they are numbered from 0). Takes no tenant: check the file
+    /// with [`Store::get_file`] first.
+    pub async fn file_chunk_count(&self, file_id: &str) -> Result<i32, StoreError> {
+        dispatch!(self.file_chunk_count(file_id))
+    }
+
+    /// One chunk of a file's content. Takes no tenant: check the file with
+    /// [`Store::get_file`] first.
+    pub async fn file_chunk(&self, file_id: &str, seq: i32) -> Result<Option<Vec<u8>>, StoreError> {
+        dispatch!(self.file_chunk(file_id, seq))
+    }
+
+    /// Delete a tenant's file: marked deleted (the id stays known to batches naming it), its
+    /// bytes dropped. `false` for an unknown, foreign or already deleted file.
+    pub async fn delete_file(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        dispatch!(self.delete_file(tenant, id))
+    }
+
+    /// Drop uploads no chunk reached for `older_than` (their node died mid-upload, or a
+    /// finalizer lost its batch); answers how many.
+    pub async fn purge_stale_uploads(&self, older_than: Duration) -> Result<u64, StoreError> {
+        dispatch!(self.purge_stale_uploads(older_than))
+    }
+}
+
+/// Batches of the Batch API (see `batches`).
+impl Store {
+    /// Create a batch `in_progress` with one queued job per line, in one transaction: the
+    /// batch, every job with its event and outbox row, and the lines; all of it or nothing.
+    /// Answers the jobs' lane messages, to publish after this returns.
+    pub async fn create_batch(
+        &self,
+        batch: &NewBatch,
+        lines: &[BatchLine],
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        dispatch!(self.create_batch(batch, lines))
+    }
+
+    /// Store a batch refused at creation: `failed` with `errors`, no lines, no jobs (its email,
+    /// if it asked for one, is queued with it).
+    pub async fn create_failed_batch(
+        &self,
+        batch: &NewBatch,
+        errors: &serde_json::Value,
+    ) -> Result<BatchRecord, StoreError> {
+        dispatch!(self.create_failed_batch(batch, errors))
+    }
+
+    /// A tenant's batch; another tenant's id answers `None`.
+    pub async fn get_batch(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        dispatch!(self.get_batch(tenant, id))
+    }
+
+    /// A page of the tenant's batches, newest first, after the id `after` (the last of the
+    /// previous page), at most `limit`, and whether more follow.
+    pub async fn list_batches(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<(Vec<BatchRecord>, bool), StoreError> {
+        dispatch!(self.list_batches(tenant, after, limit))
+    }
+
+    /// Ask to cancel a tenant's batch: `validating` or `in_progress` become `cancelling` (and
+    /// due for the finalizer at once); `cancelling` answers the same again.
+    pub async fn cancel_batch(&self, tenant: &str, id: &str) -> Result<CancelBatch, StoreError> {
+        dispatch!(self.cancel_batch(tenant, id))
+    }
+
+    /// Lines of the tenant's open batches not yet counted completed or failed (a cap's measure).
+    pub async fn pending_batch_lines(&self, tenant: &str) -> Result<i64, StoreError> {
+        dispatch!(self.pending_batch_lines(tenant))
+    }
+
+    /// Take one open batch (in_progress, cancelling, finalizing) no finalizer holds, holding
+    /// it for `hold`; concurrent finalizers never take the same batch while a hold lasts.
+    pub async fn take_due_batch(&self, hold: Duration) -> Result<Option<BatchRecord>, StoreError> {
+        dispatch!(self.take_due_batch(hold))
+    }
+
+    /// Let go of a batch taken by [`Store::take_due_batch`]: look at it again after `next_check`.
+    pub async fn release_batch(&self, id: &str, next_check: Duration) -> Result<(), StoreError> {
+        dispatch!(self.release_batch(id, next_check))
+    }
+
+    /// Count a batch's line jobs by state.
+    pub async fn batch_progress(&self, id: &str) -> Result<BatchProgress, StoreError> {
+        dispatch!(self.batch_progress(id))
+    }
+
+    /// Record how many lines completed and failed so far (ignored once the batch ended).
+    pub async fn set_batch_counts(
+        &self,
+        id: &str,
+        completed: i32,
+        failed: i32,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.set_batch_counts(id, completed, failed))
+    }
+
+    /// Cancel every line job that is queued, retrying or running, as [`Store::cancel`] does
+    /// (a few statements, each fenced); answers what was cancelled, with the tenants. A job a
+    /// worker holds locked at that instant (PostgreSQL) is left for the next call.
+    pub async fn cancel_batch_jobs(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(RequestId, String)>, StoreError> {
+        dispatch!(self.cancel_batch_jobs(id))
+    }
+
+    /// Move a batch to `to` (recording `*_at`) if its status is one of [`BatchStatus::moves_from`];
+    /// `false` otherwise, e.g. a stale finalizer's `finalizing` for a batch being cancelled.
+    /// A move to an end queues the batch's email.
+    pub async fn set_batch_status(&self, id: &str, to: BatchStatus) -> Result<bool, StoreError> {
+        dispatch!(self.set_batch_status(id, to))
+    }
+
+    /// Up to `limit` of a batch's lines after line `after_line`, in line order, with their
+    /// jobs' outcomes: what the output and error files are written from.
+    pub async fn batch_line_results(
+        &self,
+        id: &str,
+        after_line: i32,
+        limit: i64,
+    ) -> Result<Vec<BatchLineResult>, StoreError> {
+        dispatch!(self.batch_line_results(id, after_line, limit))
+    }
+
+    /// End a batch in one transaction: its files (uploads of the batch's tenant) become
+    /// `processed`, the batch takes `end` (completed, failed, expired or cancelled; fenced by
+    /// [`BatchStatus::moves_from`]), its counts and file ids, and its email is queued. `false`,
+    /// changing nothing, if the batch had already moved on.
+    pub async fn finish_batch(
+        &self,
+        id: &str,
+        end: BatchStatus,
+        counts: (i32, i32),
+        output_file: Option<&FinishedFile>,
+        error_file: Option<&FinishedFile>,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.finish_batch(id, end, counts, output_file, error_file))
     }
 }
 
@@ -171,7 +428,7 @@ impl Store {
     }
 
     /// Delete a dead job for good (events, outbox rows, email and embedding with it); `false`
-    /// unless it exists and is dead.
+    /// unless it exists and is dead, and not a line of a batch still open.
     pub async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
         dispatch!(self.purge_dead(id))
     }
@@ -308,6 +565,14 @@ impl Store {
         id: RequestId,
     ) -> Result<Option<NotificationRow>, StoreError> {
         dispatch!(self.notification_for(id))
+    }
+
+    /// The notification of a batch, if it has one.
+    pub async fn batch_notification(
+        &self,
+        batch_id: &str,
+    ) -> Result<Option<NotificationRow>, StoreError> {
+        dispatch!(self.batch_notification(batch_id))
     }
 
     /// Notifications per state (readiness and metrics).

@@ -1,14 +1,15 @@
-//! Ingest, read and cancel jobs: the shared types and the PostgreSQL statements (SQLite's in
-//! `sqlite::jobs`). Ingest writes the job, its first event and its outbox row in one transaction,
-//! so a `202` always means the job is durable and will be queued.
+//! Ingest, read, cancel and detach jobs: the shared types and the PostgreSQL statements
+//! (SQLite's in `sqlite::jobs`). Ingest writes the job, its first event and its outbox row in one
+//! transaction, so a `202` always means the job is durable and will be queued.
 
 use crate::outbox::OutboxMessage;
 use crate::postgres::PgBackend;
-use crate::StoreError;
+use crate::{millis, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Principal, RequestId, Tier};
 use sqlx::postgres::PgRow;
 use sqlx::Row;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// A job about to be accepted.
@@ -130,6 +131,12 @@ impl Reuse {
     }
 }
 
+/// States a detached job may be taken up in: still to finish.
+pub(crate) const REATTACHABLE: [&str; 3] = ["queued", "retrying", "running"];
+/// ... or, for a client's own retry, finished since its client left (the answer is there).
+pub(crate) const REATTACHABLE_FINISHED: [&str; 5] =
+    ["queued", "retrying", "running", "succeeded", "dead"];
+
 /// A job as clients see it.
 #[derive(Debug, Clone)]
 pub struct JobRecord {
@@ -158,6 +165,8 @@ pub struct JobRecord {
     pub route_reason: Option<String>,
     /// What the job's provider call cost in US dollars.
     pub cost_usd: Option<f64>,
+    /// The provider's HTTP status of the failure `error` describes, when it answered one.
+    pub error_status: Option<u16>,
 }
 
 /// One entry of a job's event log.
@@ -175,13 +184,34 @@ pub enum CancelOutcome {
     Cancelled,
     /// Already terminal; nothing changed.
     Terminal(JobState),
+    /// Running, and the request only cancels jobs still waiting ([`crate::Store::cancel_waiting`]);
+    /// nothing changed.
+    Running,
     NotFound,
+}
+
+/// The states [`crate::Store::cancel`] takes a job out of: every one that is not terminal.
+pub(crate) const CANCELLABLE: &[&str] = &["queued", "retrying", "running"];
+/// The states [`crate::Store::cancel_waiting`] takes a job out of: waiting for a worker.
+pub(crate) const WAITING: &[&str] = &["queued", "retrying"];
+
+/// A status as a `smallint` column holds it. HTTP statuses are three digits; anything beyond
+/// the column's range is no status at all.
+pub(crate) fn status_to_db(status: Option<u16>) -> Option<i16> {
+    status.and_then(|s| i16::try_from(s).ok())
+}
+
+/// A stored status back as the `u16` callers use.
+pub(crate) fn status_from_db(status: Option<i64>) -> Result<Option<u16>, StoreError> {
+    status
+        .map(|s| u16::try_from(s).map_err(|_| corrupt(format!("bad HTTP status {s}"))))
+        .transpose()
 }
 
 pub(crate) const JOB_COLUMNS: &str =
     "id, tenant, user_id, tier, lane, model, state, attempt, tries, request, \
      result, error, endpoint, created_at, updated_at, started_at, finished_at, leader, cached, \
-     route_reason, cost_usd";
+     route_reason, cost_usd, error_status";
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
@@ -201,6 +231,15 @@ pub(crate) fn bind_new_job<'q>(
         .bind(job.routing_key())
         .bind(request)
         .bind(&job.notify_email)
+}
+
+/// Why a cancel changed nothing, from the job as it is now.
+pub(crate) fn not_cancelled(job: Option<JobRecord>) -> CancelOutcome {
+    match job {
+        None => CancelOutcome::NotFound,
+        Some(job) if job.state == JobState::Running => CancelOutcome::Running,
+        Some(job) => CancelOutcome::Terminal(job.state),
+    }
 }
 
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -242,6 +281,10 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
             .transpose()?,
         route_reason: row.try_get("route_reason")?,
         cost_usd: row.try_get("cost_usd")?,
+        error_status: status_from_db(
+            row.try_get::<Option<i16>, _>("error_status")?
+                .map(i64::from),
+        )?,
     })
 }
 
@@ -317,6 +360,20 @@ impl PgBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        let jobs: Vec<&NewJob> = jobs.iter().collect();
+        let mut tx = self.pool.begin().await?;
+        let accepted = self.insert_jobs_in(&mut tx, &jobs).await?;
+        tx.commit().await?;
+        Ok(accepted)
+    }
+
+    /// [`PgBackend::insert_jobs`] inside the caller's transaction, so a batch's jobs commit
+    /// (or not) with the batch: one statement for the jobs, their events and outbox rows.
+    pub(crate) async fn insert_jobs_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        jobs: &[&NewJob],
+    ) -> Result<Vec<Accepted>, StoreError> {
         let mut ids = Vec::with_capacity(jobs.len());
         let mut tenants = Vec::with_capacity(jobs.len());
         let mut users = Vec::with_capacity(jobs.len());
@@ -339,7 +396,6 @@ impl PgBackend {
             hashes.push(job.request_hash.as_deref());
             reasons.push(job.route_reason());
         }
-        let mut tx = self.pool.begin().await?;
         // ON CONFLICT without a target: the only unique index these rows can meet is the one on
         // requests in flight (ids are fresh, idempotency keys absent).
         let rows: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
@@ -373,7 +429,7 @@ impl PgBackend {
         .bind(&emails)
         .bind(&hashes)
         .bind(&reasons)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
         let by_id: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> =
             rows.into_iter().map(|(o, j, at)| (j, (o, at))).collect();
@@ -389,9 +445,15 @@ impl PgBackend {
                 }));
                 continue;
             }
-            accepted.push(self.attach(&mut tx, job).await?);
+            if job.request_hash.is_none() {
+                // Without a hash the only unique index the row can meet is the primary key.
+                return Err(StoreError::Invalid(format!(
+                    "job id {} is already taken",
+                    job.id
+                )));
+            }
+            accepted.push(self.attach(tx, job).await?);
         }
-        tx.commit().await?;
         Ok(accepted)
     }
 
@@ -526,17 +588,20 @@ impl PgBackend {
             .collect()
     }
 
-    /// Cancel a tenant's job unless it is already terminal. A running job's result will be discarded.
+    /// Cancel a tenant's job if it is in one of `states` (see [`CANCELLABLE`], [`WAITING`]).
+    /// A running job's result will be discarded.
     pub(crate) async fn cancel(
         &self,
         tenant: &str,
         id: RequestId,
+        states: &[&str],
     ) -> Result<CancelOutcome, StoreError> {
         let cancelled = sqlx::query(
             "WITH j AS (
                  UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = now(),
-                                 updated_at = now(), event_seq = event_seq + 1
-                 WHERE id = $1 AND tenant = $2 AND state IN ('queued', 'retrying', 'running')
+                                 updated_at = now(), event_seq = event_seq + 1,
+                                 detached_until = NULL, hold_hash = NULL
+                 WHERE id = $1 AND tenant = $2 AND state = ANY($3)
                  RETURNING id, event_seq, notify_email
              ), n AS (
                  -- Cancelling finishes the job: its email is queued with the state change.
@@ -549,24 +614,125 @@ impl PgBackend {
         )
         .bind(id.0)
         .bind(tenant)
+        .bind(states)
         .fetch_optional(&self.pool)
         .await?;
         if cancelled.is_some() {
             return Ok(CancelOutcome::Cancelled);
         }
-        Ok(match self.get_job(tenant, id).await? {
-            Some(job) => CancelOutcome::Terminal(job.state),
-            None => CancelOutcome::NotFound,
-        })
+        Ok(not_cancelled(self.get_job(tenant, id).await?))
     }
 
-    /// Delete a dead job with its events, outbox rows, notification and embedding.
+    /// Mark a tenant's job that is not terminal as detached: its client went away, and the same
+    /// request (`hold_hash`) may take it back within `grace`; after that it is cancelled.
+    pub(crate) async fn detach(
+        &self,
+        tenant: &str,
+        id: RequestId,
+        hold_hash: &[u8],
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET hold_hash = $3, detached_until = now() + $4 * interval '1 millisecond'
+             WHERE id = $1 AND tenant = $2 AND state IN ('queued', 'retrying', 'running')",
+        )
+        .bind(id.0)
+        .bind(tenant)
+        .bind(hold_hash)
+        .bind(millis(grace))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Take one detached job of the tenant held under `hold_hash`, still within its grace and
+    /// not terminal, clearing its hold. `SKIP LOCKED` and the re-checked `WHERE` of the update
+    /// mean two concurrent callers never take the same job.
+    pub(crate) async fn reattach(
+        &self,
+        tenant: &str,
+        hold_hash: &[u8],
+        finished_too: bool,
+    ) -> Result<Option<RequestId>, StoreError> {
+        let states: &[&str] = if finished_too {
+            &REATTACHABLE_FINISHED
+        } else {
+            &REATTACHABLE
+        };
+        let row: Option<(Uuid,)> = sqlx::query_as(
+            "WITH x AS (
+                 SELECT id FROM jobs
+                 WHERE tenant = $1 AND hold_hash = $2 AND detached_until IS NOT NULL
+                   AND detached_until > now() AND state = ANY($3)
+                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE jobs SET detached_until = NULL, hold_hash = NULL
+             FROM x WHERE jobs.id = x.id
+             RETURNING jobs.id",
+        )
+        .bind(tenant)
+        .bind(hold_hash)
+        .bind(states)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(id,)| RequestId(id)))
+    }
+
+    /// Cancel detached jobs whose grace has passed and that still wait (queued, retrying), as
+    /// `cancel` does (event and email with the change); expired holds of running or terminal
+    /// jobs are only cleared. Safe to run from every node at once (`SKIP LOCKED`).
+    pub(crate) async fn cancel_detached(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(RequestId, String)>, StoreError> {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "WITH x AS (
+                 SELECT id FROM jobs
+                 WHERE detached_until IS NOT NULL AND detached_until <= now()
+                 ORDER BY detached_until LIMIT $1 FOR UPDATE SKIP LOCKED
+             ), j AS (
+                 UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = now(),
+                                 updated_at = now(), event_seq = event_seq + 1,
+                                 detached_until = NULL, hold_hash = NULL
+                 FROM x WHERE jobs.id = x.id AND jobs.state IN ('queued', 'retrying')
+                 RETURNING jobs.id, jobs.tenant, jobs.event_seq, jobs.notify_email
+             ), kept AS (
+                 -- Running (its answer is stored for whoever asks) or already terminal.
+                 UPDATE jobs SET detached_until = NULL, hold_hash = NULL
+                 FROM x WHERE jobs.id = x.id AND jobs.state NOT IN ('queued', 'retrying')
+             ), n AS (
+                 INSERT INTO notifications (job_id, email)
+                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL
+                 ON CONFLICT (job_id) DO NOTHING
+             ), e AS (
+                 INSERT INTO job_events (job_id, seq, state, detail)
+                 SELECT id, event_seq, 'cancelled', '{\"reason\": \"detached\"}'::jsonb FROM j
+             )
+             SELECT id, tenant FROM j ORDER BY id",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, tenant)| (RequestId(id), tenant))
+            .collect())
+    }
+
+    /// Delete a dead job with its events, outbox rows, notification and embedding; refused for a
+    /// line of a batch still open, whose output will report it.
     pub(crate) async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let deleted = sqlx::query("DELETE FROM jobs WHERE id = $1 AND state = 'dead'")
-            .bind(id.0)
-            .execute(&mut *tx)
-            .await?;
+        let deleted = sqlx::query(
+            "DELETE FROM jobs WHERE id = $1 AND state = 'dead'
+               AND NOT EXISTS (
+                   SELECT 1 FROM batch_lines l JOIN batches b ON b.id = l.batch_id
+                   WHERE l.job_id = $1
+                     AND b.status IN ('validating', 'in_progress', 'cancelling', 'finalizing'))",
+        )
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
         if deleted.rows_affected() == 0 {
             tx.rollback().await?;
             return Ok(false);

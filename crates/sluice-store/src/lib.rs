@@ -1,5 +1,6 @@
-//! Sluice's durable state on PostgreSQL or SQLite: jobs and their event log, API keys, and the
-//! outbox that ties every lane message to the transaction that made it necessary.
+//! Sluice's durable state on PostgreSQL or SQLite: jobs and their event log, API keys, the
+//! outbox that ties every lane message to the transaction that made it necessary, and the files
+//! and batches of the OpenAI-compatible Files and Batch API.
 //!
 //! Every state change is fenced by the job's `attempt`, so a redelivered or stale message can
 //! never overwrite a newer outcome. [`Store`] has one public API; `StoreConfig.url` picks the
@@ -9,8 +10,10 @@
 
 mod admission;
 mod batch;
+mod batches;
 mod dispatch;
 mod events;
+mod files;
 mod jobs;
 mod keys;
 mod lifecycle;
@@ -25,11 +28,16 @@ mod writer;
 
 pub use admission::{LaneStats, SemanticEntry, SettledFollowers};
 pub use batch::Batcher;
+pub use batches::{
+    new_batch_id, BatchLine, BatchLineResult, BatchProgress, BatchRecord, BatchStatus, CancelBatch,
+    FinishedFile, NewBatch,
+};
 pub use events::OwnedEvent;
+pub use files::{new_file_id, FileRecord, NewFile, SortOrder};
 pub use jobs::{Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse};
 pub use keys::{hash_key, new_api_key, KeyInfo, KEY_PREFIX};
 pub use lifecycle::{Claim, Completion, DeadJob, Failure};
-pub use notifications::{Notification, NotificationRow, NotificationState};
+pub use notifications::{Notification, NotificationRow, NotificationState, NotificationSubject};
 pub use outbox::OutboxMessage;
 pub use stats::{EndpointMinute, FinishedBucket, LaneWait, LatencySummary};
 pub use writer::JobWriter;
@@ -127,6 +135,14 @@ pub enum StoreError {
     InvalidSchema(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The row an operation needs is not there, or not in the state it needs (e.g. a chunk
+    /// appended to a file that is no longer uploading).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The caller asked for something the store refuses whatever the data (e.g. a batch
+    /// finished with a status that is not an end).
+    #[error("invalid request to the store: {0}")]
+    Invalid(String),
     #[error("the job writer has stopped")]
     WriterStopped,
     /// The operation has no meaning on this backend (e.g. schemas on SQLite).

@@ -59,6 +59,9 @@ pub struct Failure {
     /// The provider answered 429: the attempt is given back to the retry budget and counted
     /// as a throttle instead, and the retry message goes before fresh work for the pool.
     pub throttled: bool,
+    /// The provider's HTTP status, when it answered one (stored as `jobs.error_status`, so
+    /// the API can relay it, e.g. in a batch's error file).
+    pub status: Option<u16>,
 }
 
 impl PgBackend {
@@ -160,7 +163,8 @@ impl PgBackend {
                  ORDER BY id, attempt
              ), j AS (
                  UPDATE jobs SET state = 'succeeded', result = input.result::jsonb,
-                                 endpoint = input.endpoint, error = NULL, lease_until = NULL,
+                                 endpoint = input.endpoint, error = NULL, error_status = NULL,
+                                 lease_until = NULL,
                                  cost_usd = input.cost,
                                  finished_at = now(), updated_at = now(), event_seq = event_seq + 1
                  FROM input
@@ -229,7 +233,7 @@ impl PgBackend {
         let row = sqlx::query(
             "WITH j AS (
                  UPDATE jobs SET state = $3, error = $4, endpoint = COALESCE($5, endpoint),
-                                 lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
+                                 error_status = $9, lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
                                  finished_at = CASE WHEN $3 = 'dead' THEN now() END,
                                  tries = tries - CASE WHEN $8 THEN 1 ELSE 0 END,
                                  throttled = throttled + CASE WHEN $8 THEN 1 ELSE 0 END
@@ -239,7 +243,8 @@ impl PgBackend {
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, $3,
                         jsonb_build_object('error', $4::text, 'delay_ms', $7::bigint,
-                                           'throttled', $8::boolean, 'endpoint', $5::text) FROM j
+                                           'throttled', $8::boolean, 'endpoint', $5::text,
+                                           'status', $9::smallint) FROM j
              ), o AS (
                  INSERT INTO outbox (job_id, lane, attempt, deliver_at, reason)
                  SELECT id, $6, attempt, now() + $7 * interval '1 millisecond',
@@ -263,6 +268,7 @@ impl PgBackend {
         .bind(lane.as_str())
         .bind(crate::millis(delay))
         .bind(failure.throttled)
+        .bind(crate::jobs::status_to_db(failure.status))
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
@@ -300,7 +306,7 @@ impl PgBackend {
                  UPDATE jobs SET state = CASE WHEN jobs.tries >= $1 THEN 'dead' ELSE 'retrying' END,
                                  error = 'lease expired: the worker running attempt '
                                          || jobs.attempt || ' stopped responding',
-                                 lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
+                                 error_status = NULL, lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
                                  finished_at = CASE WHEN jobs.tries >= $1 THEN now() END
                  FROM x WHERE jobs.id = x.id
                  RETURNING jobs.id, jobs.event_seq, jobs.state, jobs.attempt, jobs.tenant,

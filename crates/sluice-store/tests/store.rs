@@ -6,7 +6,10 @@
 use sha2::{Digest, Sha256};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
 use sluice_store::testing::TestDb;
-use sluice_store::{Accepted, CancelOutcome, Failure, Ingested, JobWriter, NewJob, Reuse};
+use sluice_store::{
+    Accepted, BatchLine, BatchStatus, CancelBatch, CancelOutcome, Failure, FinishedFile, Ingested,
+    JobWriter, NewBatch, NewFile, NewJob, NotificationSubject, Reuse, SortOrder,
+};
 use std::time::Duration;
 
 fn principal(tenant: &str) -> Principal {
@@ -85,6 +88,20 @@ on_both_backends!(
     semantic_candidates_are_the_tenants_recent_successes,
     admin_keys_stand_for_no_tenant_and_revoked_keys_for_nothing,
     only_dead_jobs_are_purged_and_they_leave_nothing_behind,
+    error_status_is_stored_by_retry_later_and_dead_letter,
+    cancel_waiting_cancels_waiting_jobs_and_refuses_a_running_one,
+    detached_jobs_are_reattached_once_or_cancelled_after_their_grace,
+    concurrent_reattaches_take_a_job_once,
+    files_round_trip_in_chunks_behind_tenant_walls,
+    files_list_in_pages_both_ways_and_by_purpose,
+    stale_uploads_are_purged_and_live_ones_kept,
+    a_batch_is_created_whole_with_its_jobs_outbox_rows_and_lines,
+    a_failing_batch_creation_leaves_nothing,
+    batches_list_newest_first_within_their_tenant,
+    cancelling_a_batch_cancels_its_jobs_and_ends_it_cancelled,
+    batch_progress_counts_its_jobs_as_they_move,
+    concurrent_finalizers_never_take_the_same_batch,
+    finishing_a_batch_is_fenced_and_queues_one_email,
 );
 
 /// The stored hash and prefix of the only API key, by raw SQL on either backend.
@@ -253,6 +270,7 @@ async fn retry_then_dead_then_replay(db: TestDb) {
         error: "provider returned 500".into(),
         endpoint: Some("e1".into()),
         throttled: false,
+        status: None,
     };
     let retry = db
         .store
@@ -302,6 +320,7 @@ async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate(d
         error: "rate limited".into(),
         endpoint: Some("e1".into()),
         throttled: true,
+        status: None,
     };
     let mut message = msg;
     for n in 1..=3 {
@@ -597,6 +616,7 @@ async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_doe
         error: "boom".into(),
         endpoint: Some("e1".into()),
         throttled: false,
+        status: None,
     };
     let (id, claim) = claimed_job_for(&db, Some("bo@example.com"), LEASE).await;
     let retry = db
@@ -700,6 +720,7 @@ async fn jobs_without_an_email_queue_no_notification_however_they_end(db: TestDb
         error: "no".into(),
         endpoint: None,
         throttled: false,
+        status: None,
     };
     db.store
         .dead_letter(dead, claim.attempt, &failure)
@@ -765,6 +786,7 @@ async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(
 
 async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb) {
     use sluice_store::NotificationState;
+    use sluice_store::NotificationSubject::Job;
     let (done, claim) = claimed_job_for(&db, Some("ada@example.com"), LEASE).await;
     let result = serde_json::json!({"content": "42"});
     assert!(db
@@ -776,6 +798,7 @@ async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb)
         error: "boom".into(),
         endpoint: None,
         throttled: false,
+        status: None,
     };
     let (dead, claim) = claimed_job_for(&db, Some("bo@example.com"), LEASE).await;
     db.store
@@ -786,15 +809,36 @@ async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb)
 
     let taken = db.store.claim_notifications(10, LEASE).await.unwrap();
     assert_eq!(taken.len(), 2);
-    let ok = taken.iter().find(|n| n.request_id == done).unwrap();
+    let about = |id: RequestId| {
+        taken
+            .iter()
+            .find(|n| matches!(&n.subject, Job { request_id, .. } if *request_id == id))
+            .unwrap()
+    };
+    let ok = about(done);
+    let Job {
+        job_state, content, ..
+    } = &ok.subject
+    else {
+        unreachable!()
+    };
     assert_eq!(
-        (ok.job_state, ok.content.as_deref(), ok.attempts),
+        (*job_state, content.as_deref(), ok.attempts),
         (JobState::Succeeded, Some("42"), 1)
     );
     assert_eq!(ok.email, "ada@example.com");
-    let bad = taken.iter().find(|n| n.request_id == dead).unwrap();
+    let bad = about(dead);
+    let Job {
+        job_state,
+        content,
+        error,
+        ..
+    } = &bad.subject
+    else {
+        unreachable!()
+    };
     assert_eq!(
-        (bad.job_state, bad.content.as_deref(), bad.error.as_deref()),
+        (*job_state, content.as_deref(), error.as_deref()),
         (JobState::Dead, None, Some("boom"))
     );
     assert!(
@@ -874,6 +918,7 @@ async fn stats_summarise_finished_jobs(db: TestDb) {
         error: "no".into(),
         endpoint: None,
         throttled: false,
+        status: None,
     };
     db.store
         .dead_letter(dead, claim.attempt, &failure)
@@ -928,6 +973,7 @@ async fn dashboard_series_count_finished_jobs_and_calls_per_endpoint(db: TestDb)
         error: "provider returned 429".into(),
         endpoint: Some("e2".into()),
         throttled: true,
+        status: None,
     };
     let retry = db
         .store
@@ -1424,6 +1470,7 @@ async fn followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alon
         error: "provider said 400".into(),
         endpoint: Some("e1".into()),
         throttled: false,
+        status: None,
     };
     db.store
         .dead_letter(claim.id, claim.attempt, &failure)
@@ -1604,6 +1651,7 @@ async fn only_dead_jobs_are_purged_and_they_leave_nothing_behind(db: TestDb) {
         error: "bad".into(),
         endpoint: None,
         throttled: false,
+        status: None,
     };
     db.store
         .dead_letter(claim.id, claim.attempt, &failure)
@@ -1639,4 +1687,1115 @@ async fn postgres_connections_use_tls_when_the_url_requires_it() {
             .unwrap();
     assert!(ssl, "the connection is not encrypted");
     store.close().await;
+}
+
+fn failure(error: &str, status: Option<u16>) -> Failure {
+    Failure {
+        error: error.into(),
+        endpoint: Some("e1".into()),
+        throttled: false,
+        status,
+    }
+}
+
+async fn error_status_is_stored_by_retry_later_and_dead_letter(db: TestDb) {
+    let job = new_job("acme", "hi");
+    let msg = created(db.store.insert_job(&job).await.unwrap());
+    let claim = db.store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    assert_eq!(
+        db.store.job(job.id).await.unwrap().unwrap().error_status,
+        None
+    );
+    let retry = db
+        .store
+        .retry_later(
+            job.id,
+            claim.attempt,
+            &failure("upstream 503", Some(503)),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let stored = db.store.job(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.error_status),
+        (JobState::Retrying, Some(503))
+    );
+    let events = db.store.events(job.id).await.unwrap();
+    assert_eq!(
+        events.last().unwrap().detail.as_ref().unwrap()["status"],
+        503
+    );
+
+    let claim = db.store.claim(&retry.job, LEASE).await.unwrap().unwrap();
+    db.store
+        .dead_letter(job.id, claim.attempt, &failure("bad request", Some(400)))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored = db.store.get_job("acme", job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.error_status),
+        (JobState::Dead, Some(400))
+    );
+    assert_eq!(stored.error.as_deref(), Some("bad request"));
+
+    // A later success clears the failure's status with its error.
+    let replayed = db.store.replay(job.id).await.unwrap().unwrap();
+    complete_with(&db, &replayed, "fine now").await;
+    let stored = db.store.job(job.id).await.unwrap().unwrap();
+    assert_eq!((stored.error, stored.error_status), (None, None));
+    db.drop().await;
+}
+
+async fn cancel_waiting_cancels_waiting_jobs_and_refuses_a_running_one(db: TestDb) {
+    let queued = new_job("acme", "waiting");
+    created(db.store.insert_job(&queued).await.unwrap());
+    assert_eq!(
+        db.store.cancel_waiting("other", queued.id).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+    assert_eq!(
+        db.store.cancel_waiting("acme", queued.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(
+        db.store.cancel_waiting("acme", queued.id).await.unwrap(),
+        CancelOutcome::Terminal(JobState::Cancelled)
+    );
+    let states: Vec<JobState> = db
+        .store
+        .events(queued.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.state)
+        .collect();
+    assert_eq!(states, [JobState::Queued, JobState::Cancelled]);
+
+    // A retrying job is waiting too.
+    let (retrying, claim) = claimed_job_for(&db, None, LEASE).await;
+    db.store
+        .retry_later(retrying, claim.attempt, &failure("500", Some(500)), LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        db.store.cancel_waiting("acme", retrying).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+
+    let (running, claim) = claimed_job_for(&db, None, LEASE).await;
+    assert_eq!(
+        db.store.cancel_waiting("acme", running).await.unwrap(),
+        CancelOutcome::Running
+    );
+    let job = db.store.job(running).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Running, "a running job is left alone");
+    assert!(db
+        .store
+        .complete(running, claim.attempt, &serde_json::json!({}), "e1")
+        .await
+        .unwrap());
+    assert_eq!(
+        db.store.cancel_waiting("acme", running).await.unwrap(),
+        CancelOutcome::Terminal(JobState::Succeeded)
+    );
+    db.drop().await;
+}
+
+async fn detached_jobs_are_reattached_once_or_cancelled_after_their_grace(db: TestDb) {
+    let minute = Duration::from_secs(60);
+    let held = new_job("acme", "held");
+    created(db.store.insert_job(&held).await.unwrap());
+    assert!(!db
+        .store
+        .detach("other", held.id, b"h1", minute)
+        .await
+        .unwrap());
+    assert!(db
+        .store
+        .detach("acme", held.id, b"h1", minute)
+        .await
+        .unwrap());
+    assert_eq!(
+        db.store.reattach("other", b"h1", false).await.unwrap(),
+        None
+    );
+    assert_eq!(db.store.reattach("acme", b"h2", false).await.unwrap(), None);
+    assert_eq!(
+        db.store.reattach("acme", b"h1", false).await.unwrap(),
+        Some(held.id)
+    );
+    assert_eq!(
+        db.store.reattach("acme", b"h1", false).await.unwrap(),
+        None,
+        "taken once"
+    );
+
+    // A job that finished after its client left is taken up only by that client's own retry
+    // (`finished_too`), which then gets the answer instead of asking again.
+    let (left, claim) = claimed_job_for(&db, None, LEASE).await;
+    assert!(db.store.detach("acme", left, b"h4", minute).await.unwrap());
+    db.store
+        .complete(left, claim.attempt, &serde_json::json!({}), "e1")
+        .await
+        .unwrap();
+    assert_eq!(db.store.reattach("acme", b"h4", false).await.unwrap(), None);
+    assert_eq!(
+        db.store.reattach("acme", b"h4", true).await.unwrap(),
+        Some(left)
+    );
+
+    // A terminal job cannot be detached.
+    let (done, claim) = claimed_job_for(&db, None, LEASE).await;
+    db.store
+        .complete(done, claim.attempt, &serde_json::json!({}), "e1")
+        .await
+        .unwrap();
+    assert!(!db.store.detach("acme", done, b"h3", minute).await.unwrap());
+
+    // Past their grace: the waiting one is cancelled (with its email), the running one only
+    // loses its hold, the one still within its grace stays.
+    let mut waiting = new_job("acme", "gone");
+    waiting.notify_email = Some("ada@example.com".into());
+    created(db.store.insert_job(&waiting).await.unwrap());
+    let (running, running_claim) = claimed_job_for(&db, None, LEASE).await;
+    let patient = new_job("acme", "patient");
+    created(db.store.insert_job(&patient).await.unwrap());
+    let short = Duration::from_millis(1);
+    assert!(db
+        .store
+        .detach("acme", waiting.id, b"w", short)
+        .await
+        .unwrap());
+    assert!(db.store.detach("acme", running, b"r", short).await.unwrap());
+    assert!(db
+        .store
+        .detach("acme", patient.id, b"p", minute)
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(
+        db.store.reattach("acme", b"w", false).await.unwrap(),
+        None,
+        "grace passed"
+    );
+    let cancelled = db.store.cancel_detached(100).await.unwrap();
+    assert_eq!(cancelled, [(waiting.id, "acme".to_owned())]);
+    let job = db.store.job(waiting.id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    let events = db.store.events(waiting.id).await.unwrap();
+    assert_eq!(events.last().unwrap().state, JobState::Cancelled);
+    assert_pending_email(&db, waiting.id, "ada@example.com").await;
+    assert_eq!(
+        db.store.job(running).await.unwrap().unwrap().state,
+        JobState::Running
+    );
+    assert!(
+        db.store.cancel_detached(100).await.unwrap().is_empty(),
+        "the running job's hold was cleared, the cancelled one is done"
+    );
+    assert!(db
+        .store
+        .complete(running, running_claim.attempt, &serde_json::json!({}), "e1")
+        .await
+        .unwrap());
+    assert_eq!(
+        db.store.job(patient.id).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    assert_eq!(
+        db.store.reattach("acme", b"p", false).await.unwrap(),
+        Some(patient.id)
+    );
+    db.drop().await;
+}
+
+async fn concurrent_reattaches_take_a_job_once(db: TestDb) {
+    let minute = Duration::from_secs(60);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let job = new_job("acme", &format!("held {n}"));
+        created(db.store.insert_job(&job).await.unwrap());
+        assert!(db
+            .store
+            .detach("acme", job.id, b"same", minute)
+            .await
+            .unwrap());
+        ids.push(job.id);
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let store = db.store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.reattach("acme", b"same", false).await.unwrap()
+        }));
+    }
+    let mut taken = Vec::new();
+    for task in tasks {
+        if let Some(id) = task.await.unwrap() {
+            taken.push(id);
+        }
+    }
+    taken.sort();
+    ids.sort();
+    assert_eq!(taken, ids, "each held job went to exactly one caller");
+    db.drop().await;
+}
+
+fn new_file(tenant: &str, purpose: &str) -> NewFile {
+    NewFile {
+        id: sluice_store::new_file_id(),
+        tenant: tenant.into(),
+        purpose: purpose.into(),
+        filename: "input.jsonl".into(),
+    }
+}
+
+/// Upload `chunks` as a whole file and finish it.
+async fn uploaded(db: &TestDb, file: &NewFile, chunks: &[&[u8]]) -> sluice_store::FileRecord {
+    db.store.begin_file(file).await.unwrap();
+    for (seq, chunk) in chunks.iter().enumerate() {
+        db.store
+            .append_file_chunk(&file.id, seq as i32, chunk)
+            .await
+            .unwrap();
+    }
+    let bytes = chunks.iter().map(|c| c.len() as i64).sum();
+    db.store
+        .finish_file(&file.id, bytes, chunks.len() as i32)
+        .await
+        .unwrap()
+}
+
+/// A file's content, read chunk by chunk as the API streams it.
+async fn content(db: &TestDb, id: &str) -> Vec<u8> {
+    let mut all = Vec::new();
+    for seq in 0..db.store.file_chunk_count(id).await.unwrap() {
+        all.extend(db.store.file_chunk(id, seq).await.unwrap().unwrap());
+    }
+    all
+}
+
+async fn files_round_trip_in_chunks_behind_tenant_walls(db: TestDb) {
+    let file = new_file("acme", "batch");
+    db.store.begin_file(&file).await.unwrap();
+    let chunks: [&[u8]; 3] = [b"{\"a\":1}\n", &[0u8, 255, 7, 8], b"{\"c\":3}\n"];
+    for (seq, chunk) in chunks.iter().enumerate() {
+        db.store
+            .append_file_chunk(&file.id, seq as i32, chunk)
+            .await
+            .unwrap();
+    }
+    assert!(
+        db.store.get_file("acme", &file.id).await.unwrap().is_none(),
+        "an upload is invisible until finished"
+    );
+    let record = db.store.finish_file(&file.id, 20, 2).await.unwrap();
+    assert_eq!(
+        (record.bytes, record.lines, record.purpose.as_str()),
+        (20, 2, "batch")
+    );
+    assert_eq!(
+        db.store.get_file("acme", &file.id).await.unwrap(),
+        Some(record.clone())
+    );
+    assert_eq!(db.store.file_chunk_count(&file.id).await.unwrap(), 3);
+    assert_eq!(content(&db, &file.id).await, chunks.concat());
+    assert_eq!(db.store.file_chunk(&file.id, 3).await.unwrap(), None);
+
+    // A finished file takes no more chunks and cannot be finished again.
+    let late = db.store.append_file_chunk(&file.id, 3, b"x").await;
+    assert!(matches!(late, Err(sluice_store::StoreError::NotFound(_))));
+    assert!(db.store.finish_file(&file.id, 1, 1).await.is_err());
+    assert_eq!(db.store.file_chunk_count(&file.id).await.unwrap(), 3);
+
+    // Another tenant sees nothing and deletes nothing.
+    assert!(db
+        .store
+        .get_file("other", &file.id)
+        .await
+        .unwrap()
+        .is_none());
+    let (theirs, more) = db
+        .store
+        .list_files("other", None, None, 10, SortOrder::Desc)
+        .await
+        .unwrap();
+    assert!(theirs.is_empty() && !more);
+    assert!(!db.store.delete_file("other", &file.id).await.unwrap());
+    assert!(db.store.get_file("acme", &file.id).await.unwrap().is_some());
+
+    assert!(db.store.delete_file("acme", &file.id).await.unwrap());
+    assert!(
+        !db.store.delete_file("acme", &file.id).await.unwrap(),
+        "once"
+    );
+    assert!(db.store.get_file("acme", &file.id).await.unwrap().is_none());
+    assert_eq!(db.store.file_chunk_count(&file.id).await.unwrap(), 0);
+    let (listed, _) = db
+        .store
+        .list_files("acme", None, None, 10, SortOrder::Asc)
+        .await
+        .unwrap();
+    assert!(listed.is_empty());
+
+    // An aborted upload leaves nothing behind.
+    let aborted = new_file("acme", "batch");
+    db.store.begin_file(&aborted).await.unwrap();
+    db.store
+        .append_file_chunk(&aborted.id, 0, b"half")
+        .await
+        .unwrap();
+    assert!(db.store.abort_file(&aborted.id).await.unwrap());
+    assert!(!db.store.abort_file(&aborted.id).await.unwrap());
+    assert_eq!(db.store.file_chunk_count(&aborted.id).await.unwrap(), 0);
+    assert!(db
+        .store
+        .append_file_chunk(&aborted.id, 1, b"rest")
+        .await
+        .is_err());
+    db.drop().await;
+}
+
+async fn files_list_in_pages_both_ways_and_by_purpose(db: TestDb) {
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let purpose = if n % 2 == 0 { "batch" } else { "batch_output" };
+        let file = new_file("acme", purpose);
+        uploaded(&db, &file, &[format!("line {n}\n").as_bytes()]).await;
+        ids.push(file.id);
+    }
+    uploaded(&db, &new_file("other", "batch"), &[b"x\n"]).await;
+    let page = |order, after: Option<String>, limit| {
+        let store = db.store.clone();
+        async move {
+            let (files, more) = store
+                .list_files("acme", None, after.as_deref(), limit, order)
+                .await
+                .unwrap();
+            (files.into_iter().map(|f| f.id).collect::<Vec<_>>(), more)
+        }
+    };
+    let (first, more) = page(SortOrder::Asc, None, 2).await;
+    assert_eq!((first.as_slice(), more), (&ids[0..2], true));
+    let (second, more) = page(SortOrder::Asc, first.last().cloned(), 2).await;
+    assert_eq!((second.as_slice(), more), (&ids[2..4], true));
+    let (third, more) = page(SortOrder::Asc, second.last().cloned(), 2).await;
+    assert_eq!((third.as_slice(), more), (&ids[4..5], false));
+
+    let newest: Vec<String> = ids.iter().rev().cloned().collect();
+    let (first, more) = page(SortOrder::Desc, None, 3).await;
+    assert_eq!((first.as_slice(), more), (&newest[0..3], true));
+    let (second, more) = page(SortOrder::Desc, first.last().cloned(), 3).await;
+    assert_eq!((second.as_slice(), more), (&newest[3..5], false));
+    let (exact, more) = page(SortOrder::Desc, None, 5).await;
+    assert_eq!(
+        (exact.len(), more),
+        (5, false),
+        "a full last page has no more"
+    );
+
+    let (outputs, more) = db
+        .store
+        .list_files("acme", Some("batch_output"), None, 10, SortOrder::Asc)
+        .await
+        .unwrap();
+    let outputs: Vec<String> = outputs.into_iter().map(|f| f.id).collect();
+    assert_eq!(
+        (outputs, more),
+        (vec![ids[1].clone(), ids[3].clone()], false)
+    );
+    db.drop().await;
+}
+
+async fn stale_uploads_are_purged_and_live_ones_kept(db: TestDb) {
+    let abandoned = new_file("acme", "batch");
+    db.store.begin_file(&abandoned).await.unwrap();
+    db.store
+        .append_file_chunk(&abandoned.id, 0, b"lost")
+        .await
+        .unwrap();
+    let slow = new_file("acme", "batch");
+    db.store.begin_file(&slow).await.unwrap();
+    let done = new_file("acme", "batch");
+    uploaded(&db, &done, &[b"kept\n"]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Still receiving chunks: not stale, however old.
+    db.store
+        .append_file_chunk(&slow.id, 0, b"still here")
+        .await
+        .unwrap();
+    let purged = db
+        .store
+        .purge_stale_uploads(Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(db.store.file_chunk_count(&abandoned.id).await.unwrap(), 0);
+    assert!(db
+        .store
+        .append_file_chunk(&abandoned.id, 1, b"too late")
+        .await
+        .is_err());
+    db.store.append_file_chunk(&slow.id, 1, b"!").await.unwrap();
+    db.store.finish_file(&slow.id, 11, 0).await.unwrap();
+    assert_eq!(content(&db, &slow.id).await, b"still here!");
+    assert!(db.store.get_file("acme", &done.id).await.unwrap().is_some());
+    db.drop().await;
+}
+
+fn new_batch(tenant: &str, email: Option<&str>) -> NewBatch {
+    NewBatch {
+        id: sluice_store::new_batch_id(),
+        tenant: tenant.into(),
+        user: "u1".into(),
+        tier: Tier::Pro,
+        input_file_id: "file-input".into(),
+        endpoint: "/v1/chat/completions".into(),
+        completion_window: "24h".into(),
+        metadata: Some(serde_json::json!({ "project": "x" })),
+        expires_at: chrono::Utc::now() + chrono::Duration::hours(24),
+        notify_email: email.map(str::to_owned),
+    }
+}
+
+fn lines_for(tenant: &str, n: i32) -> Vec<BatchLine> {
+    (1..=n)
+        .map(|line| BatchLine {
+            line,
+            custom_id: format!("req-{line}"),
+            job: NewJob {
+                lane: Lane::Batch,
+                ..new_job(tenant, &format!("line {line}"))
+            },
+        })
+        .collect()
+}
+
+/// Rows in `table`, by raw SQL on either backend.
+async fn rows_in(db: &TestDb, table: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table}");
+    let (n,): (i64,) = match (db.store.pg_pool(), db.store.sqlite_pool()) {
+        (Some(pool), _) => sqlx::query_as(&sql).fetch_one(pool).await.unwrap(),
+        (None, Some(pool)) => sqlx::query_as(&sql).fetch_one(pool).await.unwrap(),
+        (None, None) => unreachable!("a store has one backend"),
+    };
+    n
+}
+
+async fn a_batch_is_created_whole_with_its_jobs_outbox_rows_and_lines(db: TestDb) {
+    // More lines than one statement takes, so the chunks meet in one transaction.
+    let n = 2_500;
+    let batch = new_batch("acme", None);
+    let lines = lines_for("acme", n);
+    let messages = db.store.create_batch(&batch, &lines).await.unwrap();
+    assert_eq!(messages.len(), n as usize);
+    assert!(messages
+        .iter()
+        .all(|m| m.lane == Lane::Batch && m.job.attempt == 0));
+    assert_eq!(db.store.outbox_len().await.unwrap(), i64::from(n));
+    assert_eq!(
+        db.store.count_by_state().await.unwrap(),
+        [(JobState::Queued, i64::from(n))]
+    );
+    assert_eq!(rows_in(&db, "job_events").await, i64::from(n));
+    assert_eq!(rows_in(&db, "batch_lines").await, i64::from(n));
+
+    let stored = db
+        .store
+        .get_batch("acme", &batch.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, BatchStatus::InProgress);
+    assert_eq!((stored.total, stored.completed, stored.failed), (n, 0, 0));
+    assert_eq!(stored.in_progress_at, Some(stored.created_at));
+    assert_eq!(stored.metadata, batch.metadata);
+    assert_eq!(stored.locked_until, None);
+    assert!(db
+        .store
+        .get_batch("other", &batch.id)
+        .await
+        .unwrap()
+        .is_none());
+
+    let first = db.store.batch_line_results(&batch.id, 0, 3).await.unwrap();
+    let numbers: Vec<(i32, &str)> = first
+        .iter()
+        .map(|r| (r.line, r.custom_id.as_str()))
+        .collect();
+    assert_eq!(numbers, [(1, "req-1"), (2, "req-2"), (3, "req-3")]);
+    assert_eq!(first[0].job_id, lines[0].job.id);
+    assert_eq!(first[0].state, JobState::Queued);
+    let last = db
+        .store
+        .batch_line_results(&batch.id, n - 2, 100)
+        .await
+        .unwrap();
+    assert_eq!(last.iter().map(|r| r.line).collect::<Vec<_>>(), [n - 1, n]);
+    // Each job is an ordinary job of the tenant.
+    let job = db
+        .store
+        .get_job("acme", lines[9].job.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((job.lane, job.state), (Lane::Batch, JobState::Queued));
+    assert_eq!(
+        db.store.pending_batch_lines("acme").await.unwrap(),
+        i64::from(n)
+    );
+    db.drop().await;
+}
+
+async fn a_failing_batch_creation_leaves_nothing(db: TestDb) {
+    let existing = new_job("acme", "already here");
+    created(db.store.insert_job(&existing).await.unwrap());
+    let before = (
+        db.store.outbox_len().await.unwrap(),
+        rows_in(&db, "jobs").await,
+        rows_in(&db, "job_events").await,
+    );
+
+    // The 1,500th line's job id is taken: the first 1,499 must not stay behind.
+    let batch = new_batch("acme", None);
+    let mut lines = lines_for("acme", 2_000);
+    lines[1_499].job.id = existing.id;
+    assert!(db.store.create_batch(&batch, &lines).await.is_err());
+    assert!(db
+        .store
+        .get_batch("acme", &batch.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(db.store.job(lines[0].job.id).await.unwrap().is_none());
+    let after = (
+        db.store.outbox_len().await.unwrap(),
+        rows_in(&db, "jobs").await,
+        rows_in(&db, "job_events").await,
+    );
+    assert_eq!(after, before);
+    assert_eq!(rows_in(&db, "batch_lines").await, 0);
+    assert_eq!(rows_in(&db, "batches").await, 0);
+
+    // Refused before writing: a job twice, a line twice, another tenant's job.
+    let mut twice = lines_for("acme", 3);
+    twice[2].job.id = twice[0].job.id;
+    let err = db
+        .store
+        .create_batch(&new_batch("acme", None), &twice)
+        .await;
+    assert!(
+        matches!(err, Err(sluice_store::StoreError::Invalid(_))),
+        "{err:?}"
+    );
+    let mut same_line = lines_for("acme", 3);
+    same_line[2].line = 1;
+    assert!(db
+        .store
+        .create_batch(&new_batch("acme", None), &same_line)
+        .await
+        .is_err());
+    let mut foreign = lines_for("acme", 3);
+    foreign[1] = lines_for("other", 1).remove(0);
+    foreign[1].line = 2;
+    assert!(db
+        .store
+        .create_batch(&new_batch("acme", None), &foreign)
+        .await
+        .is_err());
+    // A batch id used twice.
+    let first = new_batch("acme", None);
+    db.store
+        .create_batch(&first, &lines_for("acme", 2))
+        .await
+        .unwrap();
+    let jobs_before = rows_in(&db, "jobs").await;
+    assert!(db
+        .store
+        .create_batch(&first, &lines_for("acme", 2))
+        .await
+        .is_err());
+    assert_eq!(rows_in(&db, "jobs").await, jobs_before);
+    assert_eq!(rows_in(&db, "batches").await, 1);
+    db.drop().await;
+}
+
+async fn batches_list_newest_first_within_their_tenant(db: TestDb) {
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let batch = new_batch("acme", None);
+        if n % 2 == 0 {
+            db.store
+                .create_batch(&batch, &lines_for("acme", 1))
+                .await
+                .unwrap();
+        } else {
+            let errors = serde_json::json!({
+                "object": "list",
+                "data": [{ "code": "invalid", "message": "bad line 1" }],
+            });
+            let failed = db.store.create_failed_batch(&batch, &errors).await.unwrap();
+            assert_eq!(failed.status, BatchStatus::Failed);
+            assert_eq!((failed.total, failed.errors), (0, Some(errors)));
+            assert!(failed.failed_at.is_some() && failed.in_progress_at.is_none());
+        }
+        ids.push(batch.id);
+    }
+    let theirs = new_batch("other", None);
+    db.store
+        .create_batch(&theirs, &lines_for("other", 1))
+        .await
+        .unwrap();
+    ids.reverse();
+    let page = |after: Option<String>| {
+        let store = db.store.clone();
+        async move {
+            let (batches, more) = store
+                .list_batches("acme", after.as_deref(), 2)
+                .await
+                .unwrap();
+            (batches.into_iter().map(|b| b.id).collect::<Vec<_>>(), more)
+        }
+    };
+    let (first, more) = page(None).await;
+    assert_eq!((first.as_slice(), more), (&ids[0..2], true));
+    let (second, more) = page(first.last().cloned()).await;
+    assert_eq!((second.as_slice(), more), (&ids[2..4], true));
+    let (third, more) = page(second.last().cloned()).await;
+    assert_eq!((third.as_slice(), more), (&ids[4..5], false));
+    let (other, more) = db.store.list_batches("other", None, 10).await.unwrap();
+    assert_eq!((other.len(), more), (1, false));
+    assert_eq!(
+        db.store.cancel_batch("other", &ids[0]).await.unwrap(),
+        CancelBatch::NotFound
+    );
+    assert!(db
+        .store
+        .get_batch("other", &ids[0])
+        .await
+        .unwrap()
+        .is_none());
+    db.drop().await;
+}
+
+async fn cancelling_a_batch_cancels_its_jobs_and_ends_it_cancelled(db: TestDb) {
+    let batch = new_batch("acme", None);
+    let lines = lines_for("acme", 4);
+    let messages = db.store.create_batch(&batch, &lines).await.unwrap();
+    // One line runs, one already succeeded.
+    let running = db
+        .store
+        .claim(&messages[0].job, LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    complete_with(&db, &messages[1], "done early").await;
+    // A finalizer holds the batch: a cancel must make it due at once all the same.
+    let taken = db.store.take_due_batch(LEASE).await.unwrap().unwrap();
+    assert_eq!(taken.id, batch.id);
+
+    let CancelBatch::Cancelling(cancelling) =
+        db.store.cancel_batch("acme", &batch.id).await.unwrap()
+    else {
+        panic!("an in-progress batch is cancelled");
+    };
+    assert_eq!(cancelling.status, BatchStatus::Cancelling);
+    assert!(cancelling.cancelling_at.is_some() && cancelling.locked_until.is_none());
+    let again = db.store.cancel_batch("acme", &batch.id).await.unwrap();
+    assert!(matches!(again, CancelBatch::Cancelling(b) if b.status == BatchStatus::Cancelling));
+    // A stale finalizer cannot move it on as if nothing happened.
+    assert!(!db
+        .store
+        .set_batch_status(&batch.id, BatchStatus::Finalizing)
+        .await
+        .unwrap());
+    let taken = db.store.take_due_batch(LEASE).await.unwrap().unwrap();
+    assert_eq!(taken.status, BatchStatus::Cancelling);
+
+    let mut cancelled = db.store.cancel_batch_jobs(&batch.id).await.unwrap();
+    cancelled.sort();
+    let mut expected: Vec<(RequestId, String)> = [0, 2, 3]
+        .iter()
+        .map(|&i| (lines[i].job.id, "acme".to_owned()))
+        .collect();
+    expected.sort();
+    assert_eq!(cancelled, expected);
+    assert!(db
+        .store
+        .cancel_batch_jobs(&batch.id)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        !db.store
+            .complete(running.id, running.attempt, &serde_json::json!({}), "e1")
+            .await
+            .unwrap(),
+        "the running line's answer is discarded"
+    );
+    let events = db.store.events(lines[2].job.id).await.unwrap();
+    assert_eq!(events.last().unwrap().state, JobState::Cancelled);
+    let progress = db.store.batch_progress(&batch.id).await.unwrap();
+    assert_eq!(
+        (
+            progress.total,
+            progress.succeeded,
+            progress.cancelled,
+            progress.pending
+        ),
+        (4, 1, 3, 0)
+    );
+
+    assert!(
+        !db.store
+            .finish_batch(&batch.id, BatchStatus::Completed, (1, 0), None, None)
+            .await
+            .unwrap(),
+        "a batch being cancelled does not end completed"
+    );
+    assert!(db
+        .store
+        .finish_batch(&batch.id, BatchStatus::Cancelled, (1, 0), None, None)
+        .await
+        .unwrap());
+    let ended = db
+        .store
+        .get_batch("acme", &batch.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.status, BatchStatus::Cancelled);
+    assert!(ended.cancelled_at.is_some() && ended.locked_until.is_none());
+    assert_eq!(
+        db.store.cancel_batch("acme", &batch.id).await.unwrap(),
+        CancelBatch::AlreadyEnded(BatchStatus::Cancelled)
+    );
+    assert!(db.store.take_due_batch(LEASE).await.unwrap().is_none());
+    db.drop().await;
+}
+
+async fn batch_progress_counts_its_jobs_as_they_move(db: TestDb) {
+    let batch = new_batch("acme", None);
+    let lines = lines_for("acme", 5);
+    let messages = db.store.create_batch(&batch, &lines).await.unwrap();
+    let progress = db.store.batch_progress(&batch.id).await.unwrap();
+    assert_eq!((progress.total, progress.pending), (5, 5));
+
+    complete_with(&db, &messages[0], "answer one").await;
+    let claim = db
+        .store
+        .claim(&messages[1].job, LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    db.store
+        .dead_letter(
+            claim.id,
+            claim.attempt,
+            &failure("provider said 400", Some(400)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    db.store
+        .claim(&messages[2].job, LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        db.store.cancel("acme", lines[3].job.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let progress = db.store.batch_progress(&batch.id).await.unwrap();
+    assert_eq!(
+        progress,
+        sluice_store::BatchProgress {
+            total: 5,
+            succeeded: 1,
+            failed: 1,
+            cancelled: 1,
+            pending: 2,
+        }
+    );
+
+    let results = db.store.batch_line_results(&batch.id, 0, 10).await.unwrap();
+    assert_eq!(results.len(), 5);
+    assert_eq!(results[0].state, JobState::Succeeded);
+    assert_eq!(results[0].result.as_ref().unwrap()["content"], "answer one");
+    assert_eq!(
+        (
+            results[1].state,
+            results[1].error.as_deref(),
+            results[1].error_status
+        ),
+        (JobState::Dead, Some("provider said 400"), Some(400))
+    );
+    assert_eq!(results[2].state, JobState::Running);
+
+    // The per-tenant cap counts what the finalizer has not counted yet.
+    assert_eq!(db.store.pending_batch_lines("acme").await.unwrap(), 5);
+    db.store.set_batch_counts(&batch.id, 1, 2).await.unwrap();
+    assert_eq!(db.store.pending_batch_lines("acme").await.unwrap(), 2);
+    assert_eq!(db.store.pending_batch_lines("other").await.unwrap(), 0);
+    let stored = db
+        .store
+        .get_batch("acme", &batch.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((stored.completed, stored.failed), (1, 2));
+
+    // A dead line stays while its batch is open: the output will report it.
+    assert!(!db.store.purge_dead(lines[1].job.id).await.unwrap());
+    assert!(db
+        .store
+        .finish_batch(&batch.id, BatchStatus::Expired, (1, 2), None, None)
+        .await
+        .unwrap());
+    assert_eq!(db.store.pending_batch_lines("acme").await.unwrap(), 0);
+    assert!(db.store.purge_dead(lines[1].job.id).await.unwrap());
+    assert_eq!(
+        db.store.batch_progress(&batch.id).await.unwrap().total,
+        4,
+        "the purged job took its line with it"
+    );
+    db.drop().await;
+}
+
+async fn concurrent_finalizers_never_take_the_same_batch(db: TestDb) {
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let batch = new_batch("acme", None);
+        db.store
+            .create_batch(&batch, &lines_for("acme", 1))
+            .await
+            .unwrap();
+        ids.push(batch.id);
+    }
+    // Ended batches are never taken.
+    db.store
+        .create_failed_batch(&new_batch("acme", None), &serde_json::json!({}))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = db.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut taken = Vec::new();
+            while let Some(batch) = store.take_due_batch(Duration::from_secs(60)).await.unwrap() {
+                assert!(batch.locked_until.is_some());
+                taken.push(batch.id);
+            }
+            taken
+        }));
+    }
+    let mut taken = Vec::new();
+    for task in tasks {
+        taken.extend(task.await.unwrap());
+    }
+    taken.sort();
+    assert_eq!(taken, ids, "every open batch taken exactly once");
+    assert!(db.store.take_due_batch(LEASE).await.unwrap().is_none());
+    // Released with no delay, a batch is due again; with one, it is not.
+    db.store
+        .release_batch(&ids[2], Duration::ZERO)
+        .await
+        .unwrap();
+    db.store.release_batch(&ids[3], LEASE).await.unwrap();
+    let again = db.store.take_due_batch(LEASE).await.unwrap().unwrap();
+    assert_eq!(again.id, ids[2]);
+    assert!(db.store.take_due_batch(LEASE).await.unwrap().is_none());
+    db.drop().await;
+}
+
+async fn finishing_a_batch_is_fenced_and_queues_one_email(db: TestDb) {
+    let batch = new_batch("acme", Some("ada@example.com"));
+    let messages = db
+        .store
+        .create_batch(&batch, &lines_for("acme", 2))
+        .await
+        .unwrap();
+    complete_with(&db, &messages[0], "one").await;
+    let claim = db
+        .store
+        .claim(&messages[1].job, LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    db.store
+        .dead_letter(claim.id, claim.attempt, &failure("bad", Some(422)))
+        .await
+        .unwrap()
+        .unwrap();
+    let taken = db.store.take_due_batch(LEASE).await.unwrap().unwrap();
+    assert!(db
+        .store
+        .set_batch_status(&taken.id, BatchStatus::Finalizing)
+        .await
+        .unwrap());
+    let finalizing = db
+        .store
+        .get_batch("acme", &batch.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(finalizing.status, BatchStatus::Finalizing);
+    assert!(finalizing.finalizing_at.is_some());
+    assert!(
+        finalizing.locked_until.is_some(),
+        "the finalizer keeps its hold"
+    );
+    assert_eq!(
+        db.store.cancel_batch("acme", &batch.id).await.unwrap(),
+        CancelBatch::AlreadyEnded(BatchStatus::Finalizing)
+    );
+
+    // The finalizer writes both files as uploads; they appear with the batch's end.
+    let output = new_file("acme", "batch_output");
+    let errors = new_file("acme", "batch_output");
+    for (file, text) in [(&output, "{\"ok\":1}\n"), (&errors, "{\"err\":1}\n")] {
+        db.store.begin_file(file).await.unwrap();
+        db.store
+            .append_file_chunk(&file.id, 0, text.as_bytes())
+            .await
+            .unwrap();
+    }
+    assert!(db
+        .store
+        .get_file("acme", &output.id)
+        .await
+        .unwrap()
+        .is_none());
+    let finished_output = FinishedFile {
+        id: output.id.clone(),
+        bytes: 9,
+        lines: 1,
+    };
+    let finished_errors = FinishedFile {
+        id: errors.id.clone(),
+        bytes: 10,
+        lines: 1,
+    };
+    // An upload of another tenant cannot be passed off as the batch's output.
+    let foreign = new_file("other", "batch_output");
+    db.store.begin_file(&foreign).await.unwrap();
+    let stolen = FinishedFile {
+        id: foreign.id.clone(),
+        bytes: 0,
+        lines: 0,
+    };
+    assert!(db
+        .store
+        .finish_batch(
+            &batch.id,
+            BatchStatus::Completed,
+            (1, 1),
+            Some(&stolen),
+            None
+        )
+        .await
+        .is_err());
+    assert_eq!(
+        db.store
+            .get_batch("acme", &batch.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        BatchStatus::Finalizing,
+        "a failed finish changes nothing"
+    );
+    assert!(db
+        .store
+        .batch_notification(&batch.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        db.store
+            .finish_batch(&batch.id, BatchStatus::Finalizing, (1, 1), None, None)
+            .await
+            .is_err(),
+        "finalizing is not an end"
+    );
+
+    assert!(db
+        .store
+        .finish_batch(
+            &batch.id,
+            BatchStatus::Completed,
+            (1, 1),
+            Some(&finished_output),
+            Some(&finished_errors)
+        )
+        .await
+        .unwrap());
+    let ended = db
+        .store
+        .get_batch("acme", &batch.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.status, BatchStatus::Completed);
+    assert_eq!((ended.completed, ended.failed), (1, 1));
+    assert_eq!(ended.output_file_id.as_deref(), Some(output.id.as_str()));
+    assert_eq!(ended.error_file_id.as_deref(), Some(errors.id.as_str()));
+    assert!(ended.completed_at.is_some() && ended.locked_until.is_none());
+    let file = db
+        .store
+        .get_file("acme", &output.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((file.bytes, file.lines), (9, 1));
+    assert_eq!(content(&db, &errors.id).await, b"{\"err\":1}\n");
+
+    // Fenced: a stale finalizer's second end changes nothing and queues no second email.
+    assert!(!db
+        .store
+        .finish_batch(&batch.id, BatchStatus::Expired, (0, 2), None, None)
+        .await
+        .unwrap());
+    assert!(!db
+        .store
+        .set_batch_status(&batch.id, BatchStatus::Cancelled)
+        .await
+        .unwrap());
+    let row = db
+        .store
+        .batch_notification(&batch.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (row.email.as_str(), row.batch_id.as_deref(), row.request_id),
+        ("ada@example.com", Some(batch.id.as_str()), None)
+    );
+    assert_eq!(
+        rows_in(&db, "notifications").await,
+        1,
+        "one email for the batch, none for its lines"
+    );
+    let claimed = db.store.claim_notifications(10, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].created_at, ended.created_at);
+    assert_eq!(
+        claimed[0].subject,
+        NotificationSubject::Batch {
+            batch_id: batch.id.clone(),
+            status: BatchStatus::Completed,
+            total: 2,
+            completed: 1,
+            failed: 1,
+            output_file_id: Some(output.id.clone()),
+            error_file_id: Some(errors.id.clone()),
+            errors: None,
+            finished_at: ended.completed_at,
+        }
+    );
+    db.drop().await;
 }

@@ -54,6 +54,7 @@ impl Worker {
                 error: format!("no route for model {:?}", claim.request.model),
                 endpoint: None,
                 throttled: false,
+                status: None,
             };
             self.finish_failed(delivery, &claim, failure, None).await;
             return;
@@ -156,6 +157,7 @@ impl Worker {
                     error: error.to_string(),
                     endpoint: Some(endpoint),
                     throttled,
+                    status: error.status(),
                 };
                 // A 429 is counted apart from the tries: it is the pool's state, not the job's fault.
                 let count = if throttled {

@@ -56,19 +56,25 @@ pub struct Config {
     pub streams: sluice_notify::StreamsConfig,
     /// Answers reused from earlier identical jobs (`[cache]`).
     #[serde(default)]
-    pub cache: sluice_api::admission::CacheConfig,
+    pub cache: sluice_admission::CacheConfig,
     /// Per-user and per-tenant request quotas by tier (`[quotas.<tier>]`).
     #[serde(default)]
     pub quotas: sluice_core::QuotaConfig,
     /// Load levels and what each refuses (`[shedding]`).
     #[serde(default)]
-    pub shedding: sluice_api::admission::SheddingConfig,
+    pub shedding: sluice_admission::SheddingConfig,
     /// Tenants' daily budgets in US dollars (`[budgets]`).
     #[serde(default)]
-    pub budgets: sluice_api::admission::BudgetConfig,
+    pub budgets: sluice_admission::BudgetConfig,
     /// Embeddings for routes with `semantic_cache = true` (`[semantic_cache]`).
     #[serde(default)]
-    pub semantic_cache: Option<sluice_api::admission::SemanticCacheConfig>,
+    pub semantic_cache: Option<sluice_admission::SemanticCacheConfig>,
+    /// How held OpenAI chat completions wait, and what a client's disconnect does (`[openai]`).
+    #[serde(default)]
+    pub openai: sluice_api::OpenAiConfig,
+    /// The Batch API's completion window, per-tenant cap and finalizer pace (`[batches]`).
+    #[serde(default)]
+    pub batches: sluice_api::BatchConfig,
 }
 
 /// The backend the lanes live in.
@@ -172,7 +178,9 @@ impl Config {
         if let Some(mail) = &self.mail {
             mail.validate().context("invalid [mail] section")?;
         }
-        let sections: [(&str, Result<(), String>); 5] = [
+        let sections: [(&str, Result<(), String>); 7] = [
+            ("batches", self.batches.validate()),
+            ("openai", self.openai.validate()),
             ("cache", self.cache.validate()),
             ("quotas", self.quotas.validate()),
             ("shedding", self.shedding.validate()),

@@ -3,16 +3,15 @@
 
 use crate::config::{Config, QueueBackend};
 use anyhow::Context;
-use sluice_admission::Quotas;
-use sluice_api::admission::{AdmissionPolicy, SemanticCache};
-use sluice_api::{Admission, ApiState};
+use sluice_admission::{Admission, AdmissionPolicy, Intake, Quotas, SemanticCache};
+use sluice_api::ApiState;
 use sluice_broker::rabbitmq::RabbitBroker;
 use sluice_broker::Broker;
 use sluice_core::RequestId;
 use sluice_notify::{EventBus, Hub, Poll};
 use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::{Router, SharedLimits};
-use sluice_store::{JobWriter, Store, StoreConfig};
+use sluice_store::{Store, StoreConfig};
 use sluice_worker::Worker;
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,18 +168,27 @@ pub fn api_state(
     poll: Poll,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<ApiState>> {
-    let writer = JobWriter::spawn(store.clone(), 4, 256);
     let admission = admission(config, &store, shutdown.clone())?;
+    sluice_api::openai::spawn_disconnect_sweeper(
+        store.clone(),
+        bus.clone(),
+        &config.openai,
+        shutdown.clone(),
+    );
+    sluice_api::openai::spawn_finalizer(
+        store.clone(),
+        bus.clone(),
+        &config.batches,
+        shutdown.clone(),
+    );
     let hub = Hub::spawn(store.clone(), &bus, poll, config.streams, shutdown);
+    let intake = Arc::new(Intake::new(store, publisher, bus, admission, config.tiers));
     Ok(ApiState::new(
-        store,
-        writer,
-        publisher,
-        admission,
-        config.tiers,
-        bus,
+        intake,
         hub,
         Some(crate::metrics::render(crate::metrics::install()?)),
+        config.openai.clone(),
+        config.batches.clone(),
     ))
 }
 

@@ -1,10 +1,10 @@
 //! SQLite ingest, reads and cancel, mirroring `crate::jobs`: the job, its first event and its
 //! outbox row are written in one transaction; a batch is one transaction of short inserts.
 
-use super::{parse_json, parse_ts, ts, SqliteBackend};
+use super::{parse_json, parse_ts, ts, ts_after, SqliteBackend};
 use crate::jobs::{
-    corrupt, parse_lane, Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse,
-    JOB_COLUMNS,
+    corrupt, not_cancelled, parse_lane, status_from_db, Accepted, CancelOutcome, Ingested,
+    JobEvent, JobRecord, NewJob, Reuse, JOB_COLUMNS,
 };
 use crate::outbox::OutboxMessage;
 use crate::StoreError;
@@ -12,6 +12,7 @@ use chrono::Utc;
 use sluice_core::{JobState, RequestId};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
+use std::time::Duration;
 
 pub(super) fn opt_ts(
     row: &SqliteRow,
@@ -70,6 +71,7 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
             .transpose()?,
         route_reason: row.try_get("route_reason")?,
         cost_usd: row.try_get("cost_usd")?,
+        error_status: status_from_db(row.try_get("error_status")?)?,
     })
 }
 
@@ -115,6 +117,40 @@ pub(super) async fn queue_notification(
     Ok(())
 }
 
+/// Cancel one job if it is in one of `states` (and of `tenant`, when given): the state change,
+/// its event and its email in the caller's write transaction. Answers the job's tenant when
+/// it was cancelled.
+pub(super) async fn cancel_one(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: uuid::Uuid,
+    tenant: Option<&str>,
+    states: &[&str],
+    detail: Option<&serde_json::Value>,
+    now: &str,
+) -> Result<Option<String>, StoreError> {
+    let cancelled: Option<(i32, Option<String>, String)> = sqlx::query_as(
+        "UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = ?3,
+                         updated_at = ?3, event_seq = event_seq + 1,
+                         detached_until = NULL, hold_hash = NULL
+         WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)
+           AND state IN (SELECT value FROM json_each(?4))
+         RETURNING event_seq, notify_email, tenant",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(now)
+    .bind(serde_json::to_string(states).map_err(corrupt)?)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((seq, email, tenant)) = cancelled else {
+        return Ok(None);
+    };
+    insert_event(tx, id, seq, "cancelled", detail, now).await?;
+    // Cancelling finishes the job: its email is queued with the state change.
+    queue_notification(tx, id, email.as_deref(), now).await?;
+    Ok(Some(tenant))
+}
+
 /// Append one event to a job's log.
 pub(super) async fn insert_event(
     tx: &mut Transaction<'static, Sqlite>,
@@ -141,7 +177,7 @@ impl SqliteBackend {
     /// Insert a new job's row, its `queued` event and its outbox row; `None` when the
     /// idempotency key was already used in the tenant (nothing is written then). A job with a
     /// request hash identical to a job in flight is stored as that job's follower instead.
-    async fn insert_new(
+    pub(super) async fn insert_new(
         tx: &mut Transaction<'static, Sqlite>,
         job: &NewJob,
         idempotency: Option<&(String, Vec<u8>)>,
@@ -320,40 +356,133 @@ impl SqliteBackend {
         &self,
         tenant: &str,
         id: RequestId,
+        states: &[&str],
     ) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.begin_write().await?;
         let now = ts(Utc::now());
-        let cancelled: Option<(i32, Option<String>)> = sqlx::query_as(
-            "UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = ?3,
-                             updated_at = ?3, event_seq = event_seq + 1
-             WHERE id = ?1 AND tenant = ?2 AND state IN ('queued', 'retrying', 'running')
-             RETURNING event_seq, notify_email",
-        )
-        .bind(id.0)
-        .bind(tenant)
-        .bind(&now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((seq, email)) = cancelled {
-            insert_event(&mut tx, id.0, seq, "cancelled", None, &now).await?;
-            // Cancelling finishes the job: its email is queued with the state change.
-            queue_notification(&mut tx, id.0, email.as_deref(), &now).await?;
+        let cancelled = cancel_one(&mut tx, id.0, Some(tenant), states, None, &now).await?;
+        if cancelled.is_some() {
             tx.commit().await?;
             return Ok(CancelOutcome::Cancelled);
         }
         tx.rollback().await?;
-        Ok(match self.get_job(tenant, id).await? {
-            Some(job) => CancelOutcome::Terminal(job.state),
-            None => CancelOutcome::NotFound,
-        })
+        Ok(not_cancelled(self.get_job(tenant, id).await?))
+    }
+
+    pub(crate) async fn detach(
+        &self,
+        tenant: &str,
+        id: RequestId,
+        hold_hash: &[u8],
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET hold_hash = ?3, detached_until = ?4
+             WHERE id = ?1 AND tenant = ?2 AND state IN ('queued', 'retrying', 'running')",
+        )
+        .bind(id.0)
+        .bind(tenant)
+        .bind(hold_hash)
+        .bind(ts_after(Utc::now(), grace))
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// One write transaction: the look-up and the take happen under the single write lock, so
+    /// two callers never take the same job.
+    pub(crate) async fn reattach(
+        &self,
+        tenant: &str,
+        hold_hash: &[u8],
+        finished_too: bool,
+    ) -> Result<Option<RequestId>, StoreError> {
+        let states = if finished_too {
+            &crate::jobs::REATTACHABLE_FINISHED[..]
+        } else {
+            &crate::jobs::REATTACHABLE[..]
+        };
+        let list = states
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut tx = self.begin_write().await?;
+        let now = ts(Utc::now());
+        let sql = format!(
+            "UPDATE jobs SET detached_until = NULL, hold_hash = NULL
+             WHERE id = (
+                 SELECT id FROM jobs
+                 WHERE tenant = ?1 AND hold_hash = ?2 AND detached_until IS NOT NULL
+                   AND detached_until > ?3 AND state IN ({list})
+                 ORDER BY id LIMIT 1
+             )
+             RETURNING id"
+        );
+        let taken: Option<(uuid::Uuid,)> = sqlx::query_as(&sql)
+            .bind(tenant)
+            .bind(hold_hash)
+            .bind(&now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(taken.map(|(id,)| RequestId(id)))
+    }
+
+    pub(crate) async fn cancel_detached(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(RequestId, String)>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let now = ts(Utc::now());
+        let expired: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
+            "SELECT id, tenant, state FROM jobs
+             WHERE detached_until IS NOT NULL AND detached_until <= ?1
+             ORDER BY detached_until LIMIT ?2",
+        )
+        .bind(&now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let detail = serde_json::json!({ "reason": "detached" });
+        let mut cancelled = Vec::new();
+        for (id, tenant, state) in expired {
+            if state == "queued" || state == "retrying" {
+                // Under the write lock the state read above still holds: this cancels.
+                let waiting = ["queued", "retrying"];
+                if cancel_one(&mut tx, id, None, &waiting, Some(&detail), &now)
+                    .await?
+                    .is_some()
+                {
+                    cancelled.push((RequestId(id), tenant));
+                }
+            } else {
+                // Running (its answer is stored for whoever asks) or already terminal.
+                sqlx::query(
+                    "UPDATE jobs SET detached_until = NULL, hold_hash = NULL WHERE id = ?1",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(cancelled)
     }
 
     pub(crate) async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
-        let deleted = sqlx::query("DELETE FROM jobs WHERE id = ?1 AND state = 'dead'")
-            .bind(id.0)
-            .execute(&mut *tx)
-            .await?;
+        // A line of a batch still open stays: the batch's output will report it.
+        let deleted = sqlx::query(
+            "DELETE FROM jobs WHERE id = ?1 AND state = 'dead'
+               AND NOT EXISTS (
+                   SELECT 1 FROM batch_lines l JOIN batches b ON b.id = l.batch_id
+                   WHERE l.job_id = ?1
+                     AND b.status IN ('validating', 'in_progress', 'cancelling', 'finalizing'))",
+        )
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
         if deleted.rows_affected() == 0 {
             tx.rollback().await?;
             return Ok(false);

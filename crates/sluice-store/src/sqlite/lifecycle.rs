@@ -133,7 +133,7 @@ impl SqliteBackend {
         for c in done {
             let row: Option<(i32, Option<String>, String)> = sqlx::query_as(
                 "UPDATE jobs SET state = 'succeeded', result = ?3, endpoint = ?4, error = NULL,
-                                 lease_until = NULL, finished_at = ?5, updated_at = ?5,
+                                 error_status = NULL, lease_until = NULL, finished_at = ?5, updated_at = ?5,
                                  cost_usd = ?6, event_seq = event_seq + 1
                  WHERE id = ?1 AND attempt = ?2 AND state = 'running'
                  RETURNING event_seq, notify_email, tenant",
@@ -203,6 +203,7 @@ impl SqliteBackend {
         let at = ts(now);
         let row = sqlx::query(
             "UPDATE jobs SET state = ?3, error = ?4, endpoint = COALESCE(?5, endpoint),
+                             error_status = ?9,
                              lease_until = NULL, updated_at = ?6, event_seq = event_seq + 1,
                              finished_at = ?7,
                              tries = tries - CASE WHEN ?8 THEN 1 ELSE 0 END,
@@ -218,6 +219,7 @@ impl SqliteBackend {
         .bind(&at)
         .bind(dead.then_some(&at))
         .bind(failure.throttled)
+        .bind(failure.status.map(i32::from))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(r) = row else {
@@ -229,6 +231,7 @@ impl SqliteBackend {
             "delay_ms": crate::millis(delay),
             "throttled": failure.throttled,
             "endpoint": failure.endpoint,
+            "status": failure.status,
         });
         let seq: i32 = r.try_get("event_seq")?;
         insert_event(&mut tx, id.0, seq, state, Some(&detail), &at).await?;
@@ -293,7 +296,7 @@ impl SqliteBackend {
                 "UPDATE jobs SET state = CASE WHEN tries >= ?2 THEN 'dead' ELSE 'retrying' END,
                                  error = 'lease expired: the worker running attempt '
                                          || attempt || ' stopped responding',
-                                 lease_until = NULL, updated_at = ?3, event_seq = event_seq + 1,
+                                 error_status = NULL, lease_until = NULL, updated_at = ?3, event_seq = event_seq + 1,
                                  finished_at = CASE WHEN tries >= ?2 THEN ?3 END
                  WHERE id = ?1 AND state = 'running'
                  RETURNING event_seq, state, attempt, tenant, model, error, request, notify_email",

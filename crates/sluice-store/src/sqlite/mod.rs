@@ -8,7 +8,9 @@
 //! their own pool: in WAL mode they never wait for the writer.
 
 mod admission;
+mod batches;
 mod events;
+mod files;
 mod jobs;
 mod keys;
 mod lifecycle;

@@ -1,15 +1,69 @@
 //! SQLite storage of completion emails, mirroring `crate::notifications`: rows queued with the
-//! state change that finished the job, claimed by mailers under a lease.
+//! state change that finished the job or the batch, claimed by mailers under a lease.
 
 use super::jobs::{opt_json, opt_ts, req_ts};
 use super::{ts, ts_after, SqliteBackend};
+use crate::batches::parse_status;
 use crate::jobs::corrupt;
-use crate::notifications::{Notification, NotificationRow, NotificationState};
+use crate::notifications::{
+    Notification, NotificationRow, NotificationState, NotificationSubject, ROW_COLUMNS,
+};
 use crate::StoreError;
 use chrono::Utc;
 use sluice_core::RequestId;
+use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use std::time::Duration;
+
+fn row_from_row(r: &SqliteRow) -> Result<NotificationRow, StoreError> {
+    let state: String = r.try_get("state")?;
+    Ok(NotificationRow {
+        id: r.try_get("id")?,
+        request_id: r.try_get::<Option<uuid::Uuid>, _>("job_id")?.map(RequestId),
+        batch_id: r.try_get("batch_id")?,
+        email: r.try_get("email")?,
+        state: state.parse().map_err(corrupt)?,
+        attempts: r.try_get("attempts")?,
+        next_attempt_at: req_ts(r, "next_attempt_at")?,
+        locked_until: opt_ts(r, "locked_until")?,
+        last_error: r.try_get("last_error")?,
+        created_at: req_ts(r, "created_at")?,
+        sent_at: opt_ts(r, "sent_at")?,
+    })
+}
+
+/// What a claimed notification tells about: its job's outcome, or its batch's.
+fn subject_from_row(r: &SqliteRow) -> Result<NotificationSubject, StoreError> {
+    let job: Option<uuid::Uuid> = r.try_get("job_id")?;
+    if let Some(job) = job {
+        let state: String = r.try_get("job_state")?;
+        // The answer's text, when the stored result has a string `content`.
+        let content = opt_json(r, "result")?.and_then(|result| match result.get("content") {
+            Some(serde_json::Value::String(text)) => Some(text.clone()),
+            _ => None,
+        });
+        return Ok(NotificationSubject::Job {
+            request_id: RequestId(job),
+            job_state: state.parse().map_err(corrupt)?,
+            model: r.try_get("model")?,
+            content,
+            error: r.try_get("error")?,
+            finished_at: opt_ts(r, "finished_at")?,
+        });
+    }
+    let status: String = r.try_get("batch_status")?;
+    Ok(NotificationSubject::Batch {
+        batch_id: r.try_get("batch_id")?,
+        status: parse_status(&status)?,
+        total: r.try_get("total")?,
+        completed: r.try_get("completed")?,
+        failed: r.try_get("failed")?,
+        output_file_id: r.try_get("output_file_id")?,
+        error_file_id: r.try_get("error_file_id")?,
+        errors: opt_json(r, "errors")?,
+        finished_at: opt_ts(r, "batch_finished_at")?,
+    })
+}
 
 impl SqliteBackend {
     pub(crate) async fn queue_notifications_for(
@@ -48,11 +102,14 @@ impl SqliteBackend {
         // The write lock is held from BEGIN IMMEDIATE, so no other mailer can take these rows
         // between this read and the updates below: SQLite's answer to FOR UPDATE SKIP LOCKED.
         let due: Vec<(i64,)> = sqlx::query_as(
-            "SELECT n.id FROM notifications n JOIN jobs j ON j.id = n.job_id
+            "SELECT n.id FROM notifications n
+             LEFT JOIN jobs j ON j.id = n.job_id
+             LEFT JOIN batches b ON b.id = n.batch_id
              WHERE n.state = 'pending' AND n.next_attempt_at <= ?1
                AND (n.locked_until IS NULL OR n.locked_until < ?1)
                -- An operator replayed the dead job: tell its final outcome instead.
-               AND j.state IN ('succeeded', 'failed', 'cancelled', 'dead')
+               AND (j.state IN ('succeeded', 'failed', 'cancelled', 'dead')
+                    OR b.status IN ('completed', 'failed', 'expired', 'cancelled'))
              ORDER BY n.next_attempt_at, n.id LIMIT ?2",
         )
         .bind(&at)
@@ -72,30 +129,27 @@ impl SqliteBackend {
             .execute(&mut *tx)
             .await?;
             let r = sqlx::query(
-                "SELECT n.id, n.job_id, n.email, n.attempts, j.state AS job_state, j.model,
-                        j.result, j.error, j.created_at, j.finished_at
-                 FROM notifications n JOIN jobs j ON j.id = n.job_id WHERE n.id = ?1",
+                "SELECT n.id, n.job_id, n.batch_id, n.email, n.attempts,
+                        j.state AS job_state, j.model, j.result, j.error, j.finished_at,
+                        COALESCE(j.created_at, b.created_at) AS created_at,
+                        b.status AS batch_status, b.total, b.completed, b.failed,
+                        b.output_file_id, b.error_file_id, b.errors,
+                        COALESCE(b.completed_at, b.failed_at, b.expired_at, b.cancelled_at)
+                            AS batch_finished_at
+                 FROM notifications n
+                 LEFT JOIN jobs j ON j.id = n.job_id
+                 LEFT JOIN batches b ON b.id = n.batch_id
+                 WHERE n.id = ?1",
             )
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
-            let state: String = r.try_get("job_state")?;
-            // The answer's text, when the stored result has a string `content`.
-            let content = opt_json(&r, "result")?.and_then(|result| match result.get("content") {
-                Some(serde_json::Value::String(text)) => Some(text.clone()),
-                _ => None,
-            });
             claimed.push(Notification {
                 id: r.try_get("id")?,
-                request_id: RequestId(r.try_get("job_id")?),
                 email: r.try_get("email")?,
                 attempts: r.try_get("attempts")?,
-                job_state: state.parse().map_err(corrupt)?,
-                model: r.try_get("model")?,
-                content,
-                error: r.try_get("error")?,
                 created_at: req_ts(&r, "created_at")?,
-                finished_at: opt_ts(&r, "finished_at")?,
+                subject: subject_from_row(&r)?,
             });
         }
         tx.commit().await?;
@@ -158,30 +212,26 @@ impl SqliteBackend {
         &self,
         id: RequestId,
     ) -> Result<Option<NotificationRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, job_id, email, state, attempts, next_attempt_at, locked_until, last_error,
-                    created_at, sent_at
-             FROM notifications WHERE job_id = ?1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM notifications WHERE job_id = ?1"
+        ))
         .bind(id.0)
         .fetch_optional(&self.read)
         .await?;
-        row.map(|r| {
-            let state: String = r.try_get("state")?;
-            Ok(NotificationRow {
-                id: r.try_get("id")?,
-                request_id: RequestId(r.try_get("job_id")?),
-                email: r.try_get("email")?,
-                state: state.parse().map_err(corrupt)?,
-                attempts: r.try_get("attempts")?,
-                next_attempt_at: req_ts(&r, "next_attempt_at")?,
-                locked_until: opt_ts(&r, "locked_until")?,
-                last_error: r.try_get("last_error")?,
-                created_at: req_ts(&r, "created_at")?,
-                sent_at: opt_ts(&r, "sent_at")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(row_from_row).transpose()
+    }
+
+    pub(crate) async fn batch_notification(
+        &self,
+        batch_id: &str,
+    ) -> Result<Option<NotificationRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM notifications WHERE batch_id = ?1"
+        ))
+        .bind(batch_id)
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(row_from_row).transpose()
     }
 
     pub(crate) async fn notification_counts(

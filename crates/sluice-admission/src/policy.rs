@@ -1,12 +1,10 @@
-//! Admission: before a job reaches a lane, decide whether it may enter (quotas, load, budget),
-//! whether it is already answered (exact or semantic cache, an identical job in flight), and
-//! which pool it goes to (budget, complexity).
+//! Admission's rules and their state: quotas, the exact and semantic caches, load levels,
+//! budgets and routing, each decision a typed answer the intake acts on.
 
-use crate::ApiError;
-use axum::http::StatusCode;
+use crate::quotas::Quotas;
+use crate::AdmitError;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sluice_admission::Quotas;
 use sluice_core::shedding::{assess, estimated_wait, Admission as LoadAdmission, Assessment};
 use sluice_core::{
     budget_state, classify, semantic, BudgetState, Complexity, JobRequest, Lane, LaneLoad,
@@ -315,33 +313,29 @@ impl Admission {
         });
     }
 
-    /// Count the request against its user's and tenant's quotas: 429 naming the limit if over.
-    pub async fn take_quota(&self, principal: &Principal) -> Result<(), ApiError> {
+    /// Count the request against its user's and tenant's quotas: refused naming the limit if over.
+    pub async fn take_quota(&self, principal: &Principal) -> Result<(), AdmitError> {
         if !self.quotas.is_limited(principal.tier) {
             return Ok(());
         }
-        self.quotas.take(principal).await.map_err(|exceeded| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota_exceeded",
-                exceeded.to_string(),
-            )
-            .with_retry_after(exceeded.retry_after)
-            .with_detail(
-                "limit",
-                serde_json::json!({
-                    "scope": exceeded.scope.as_str(),
-                    "window_secs": exceeded.window_secs,
-                    "limit": exceeded.limit,
-                }),
-            )
-        })
+        self.quotas
+            .take(principal)
+            .await
+            .map_err(|exceeded| AdmitError::QuotaExceeded {
+                message: exceeded.to_string(),
+                scope: exceeded.scope.as_str(),
+                window_secs: exceeded.window_secs,
+                limit: exceeded.limit,
+                retry_after: exceeded.retry_after,
+            })
     }
 
     /// The request hash answers and followers are matched by: tenant, model alias, messages and
-    /// sampling parameters (not `stream`, which changes delivery, not the answer).
+    /// every parameter that shapes the answer (not `stream`, which changes delivery only).
+    /// Parameters added since the first version enter the hash only when set, so requests
+    /// without them keep the hashes stored before.
     pub fn request_hash(tenant: &str, request: &JobRequest) -> Vec<u8> {
-        let canonical = serde_json::json!({
+        let mut canonical = serde_json::json!({
             "tenant": tenant,
             "model": request.model,
             "messages": request.messages,
@@ -350,6 +344,28 @@ impl Admission {
             "top_p": request.top_p,
             "stop": request.stop,
         });
+        let extra = [
+            ("seed", serde_json::to_value(request.seed)),
+            ("tools", serde_json::to_value(&request.tools)),
+            ("tool_choice", serde_json::to_value(&request.tool_choice)),
+            (
+                "parallel_tool_calls",
+                serde_json::to_value(request.parallel_tool_calls),
+            ),
+            (
+                "response_format",
+                serde_json::to_value(&request.response_format),
+            ),
+        ];
+        for (key, value) in extra {
+            match value {
+                Ok(serde_json::Value::Null) => {}
+                Ok(serde_json::Value::Array(items)) if items.is_empty() => {}
+                Ok(value) => canonical[key] = value,
+                // Plain data always encodes; a value that did not still makes the hash unique.
+                Err(error) => canonical[key] = serde_json::Value::String(error.to_string()),
+            }
+        }
         Sha256::digest(canonical.to_string().as_bytes()).to_vec()
     }
 
@@ -359,15 +375,14 @@ impl Admission {
         store: &Store,
         tenant: &str,
         hash: &[u8],
-    ) -> Result<Option<RequestId>, ApiError> {
-        store
+    ) -> Result<Option<RequestId>, AdmitError> {
+        Ok(store
             .reusable_answer(tenant, hash, self.cache.reuse_window())
-            .await
-            .map_err(ApiError::internal)
+            .await?)
     }
 
-    /// Refuse with 503 what the load level does not admit.
-    pub fn check_load(&self, principal: &Principal, lane: Lane) -> Result<(), ApiError> {
+    /// Refuse what the load level does not admit.
+    pub fn check_load(&self, principal: &Principal, lane: Lane) -> Result<(), AdmitError> {
         if !self.shedding.enabled {
             return Ok(());
         }
@@ -376,14 +391,14 @@ impl Admission {
             LoadAdmission::Refuse {
                 retry_after,
                 reason,
-            } => Err(
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", reason)
-                    .with_retry_after(retry_after),
-            ),
+            } => Err(AdmitError::Overloaded {
+                reason,
+                retry_after,
+            }),
         }
     }
 
-    async fn spent_today(&self, store: &Store, tenant: &str) -> Result<f64, ApiError> {
+    async fn spent_today(&self, store: &Store, tenant: &str) -> Result<f64, AdmitError> {
         if let Some((at, usd)) = self
             .spend
             .lock()
@@ -394,10 +409,7 @@ impl Admission {
                 return Ok(*usd);
             }
         }
-        let usd = store
-            .spent_today(tenant)
-            .await
-            .map_err(ApiError::internal)?;
+        let usd = store.spent_today(tenant).await?;
         let mut spend = self.spend.lock().unwrap_or_else(|e| e.into_inner());
         if spend.len() > 100_000 {
             spend.retain(|_, (at, _)| at.elapsed() < SPEND_FRESH_FOR);
@@ -413,26 +425,18 @@ impl Admission {
         store: &Store,
         principal: &Principal,
         request: &JobRequest,
-    ) -> Result<Routing, ApiError> {
+    ) -> Result<Routing, AdmitError> {
         let spec = self.routes.get(&request.model).and_then(RouteTarget::spec);
         if let Some(daily) = self.budgets.daily(&principal.tenant) {
             let spent = self.spent_today(store, &principal.tenant).await?;
             match budget_state(spent, daily, self.budgets.cheaper_at) {
                 BudgetState::Exhausted => {
-                    return Err(ApiError::new(
-                        StatusCode::PAYMENT_REQUIRED,
-                        "budget_exhausted",
-                        format!(
-                            "tenant {} has spent ${spent:.4} of its ${daily:.2} daily budget; \
-                             it renews at 00:00 UTC",
-                            principal.tenant
-                        ),
-                    )
-                    .with_retry_after(until_utc_midnight())
-                    .with_detail(
-                        "budget",
-                        serde_json::json!({ "daily_usd": daily, "spent_usd": spent }),
-                    ))
+                    return Err(AdmitError::BudgetExhausted {
+                        tenant: principal.tenant.clone(),
+                        spent,
+                        daily,
+                        retry_after: until_utc_midnight(),
+                    })
                 }
                 BudgetState::Cheaper => {
                     if let Some(cheaper) = spec.and_then(|s| s.cheaper.as_deref()) {
@@ -463,6 +467,14 @@ impl Admission {
         Ok(Routing::default())
     }
 
+    /// Whether `model`'s route reuses answers to sampled requests too (`reuse_samples`).
+    pub fn reuses_samples(&self, model: &str) -> bool {
+        self.routes
+            .get(model)
+            .and_then(RouteTarget::spec)
+            .is_some_and(|s| s.reuse_samples)
+    }
+
     /// Whether the semantic cache applies to this request now (its route opts in, and load
     /// is normal: under heavy load it is the first optional work to go).
     pub fn semantic_for(&self, request: &JobRequest) -> Option<&SemanticCache> {
@@ -487,7 +499,7 @@ impl Admission {
         store: &Store,
         tenant: &str,
         request: &JobRequest,
-    ) -> Result<SemanticLookup, ApiError> {
+    ) -> Result<SemanticLookup, AdmitError> {
         let Some((last, context)) = request.messages.split_last() else {
             return Ok(SemanticLookup::default());
         };
@@ -506,8 +518,7 @@ impl Admission {
                 Duration::from_secs(cache.config.ttl_secs),
                 cache.config.max_candidates,
             )
-            .await
-            .map_err(ApiError::internal)?;
+            .await?;
         let decoded: Vec<(RequestId, Vec<f32>)> = candidates
             .into_iter()
             .filter_map(|c| semantic::decode_vector(&c.embedding).map(|v| (c.job, v)))
@@ -614,6 +625,50 @@ mod tests {
                 Admission::request_hash("acme", &changed),
                 "{changed:?}"
             );
+        }
+    }
+
+    #[test]
+    fn the_request_hash_keeps_its_old_value_and_sees_tools_formats_and_seeds() {
+        let plain = request("hello");
+        // The formula of the first version, for a request without the later parameters.
+        let old = serde_json::json!({
+            "tenant": "acme", "model": "default", "messages": plain.messages,
+            "max_tokens": null, "temperature": null, "top_p": null, "stop": null,
+        });
+        assert_eq!(
+            Admission::request_hash("acme", &plain),
+            Sha256::digest(old.to_string().as_bytes()).to_vec()
+        );
+        let tool: sluice_core::Tool = serde_json::from_value(serde_json::json!({
+            "type": "function", "function": {"name": "f"}
+        }))
+        .unwrap();
+        let variants = [
+            JobRequest {
+                seed: Some(1),
+                ..plain.clone()
+            },
+            JobRequest {
+                tools: vec![tool],
+                ..plain.clone()
+            },
+            JobRequest {
+                response_format: Some(sluice_core::ResponseFormat::JsonObject),
+                ..plain.clone()
+            },
+            JobRequest {
+                parallel_tool_calls: Some(false),
+                ..plain.clone()
+            },
+        ];
+        let hashes: Vec<_> = variants
+            .iter()
+            .map(|r| Admission::request_hash("acme", r))
+            .collect();
+        for (i, h) in hashes.iter().enumerate() {
+            assert_ne!(h, &Admission::request_hash("acme", &plain), "variant {i}");
+            assert!(hashes[..i].iter().all(|o| o != h), "variant {i}");
         }
     }
 
