@@ -198,7 +198,7 @@ async fn bad_input_gets_a_json_error_and_creates_no_job() {
             "unknown field",
         ),
         (
-            json!({"model": "default", "messages": [{"role": "user", "content": "x", "name": "n"}]}),
+            json!({"model": "default", "messages": [{"role": "user", "content": "x", "mood": "n"}]}),
             "invalid_request",
             "unknown message field",
         ),

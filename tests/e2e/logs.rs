@@ -46,7 +46,11 @@ async fn json_logs_of_api_and_worker_carry_the_jobs_request_id() {
         ..AppOptions::default()
     })
     .await;
-    let mut api = start_json(&app.config_path, "serve", "warn,sluice_api=debug");
+    let mut api = start_json(
+        &app.config_path,
+        "serve",
+        "warn,sluice_api=debug,sluice_admission=debug",
+    );
     let mut stdout = BufReader::new(api.stdout.take().unwrap()).lines();
     let url = loop {
         let line = stdout.next_line().await.unwrap().expect("api exited");

@@ -18,5 +18,6 @@ mod logs;
 mod metrics;
 mod notify;
 mod openai;
+mod openai_batch;
 mod openapi;
 mod watch;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 /// Python SDKs by name (`py1`, `py2`, `py3`) and the node_modules parent (`node`).
-async fn sdks() -> &'static HashMap<String, PathBuf> {
+pub async fn sdks() -> &'static HashMap<String, PathBuf> {
     static SDKS: OnceCell<HashMap<String, PathBuf>> = OnceCell::const_new();
     SDKS.get_or_init(|| async {
         let script = repo().join("scripts/openai-sdks.sh");
@@ -73,13 +73,13 @@ pub async fn run(mut command: tokio::process::Command) -> Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-async fn chat(sdk: &str, app: &TestApp, key: &str, args: &[&str]) -> Value {
+pub async fn chat(sdk: &str, app: &TestApp, key: &str, args: &[&str]) -> Value {
     let mut command = python(sdk, app, "chat.py", args).await;
     command.env("SLUICE_KEY", key);
     run(command).await
 }
 
-fn id(v: &Value) -> RequestId {
+pub fn id(v: &Value) -> RequestId {
     v.as_str()
         .unwrap_or_else(|| panic!("not a request id: {v}"))
         .parse()
@@ -87,7 +87,7 @@ fn id(v: &Value) -> RequestId {
 }
 
 /// Every job of a tenant, oldest first: (id, state).
-async fn jobs_of(app: &TestApp, tenant: &str) -> Vec<(RequestId, JobState)> {
+pub async fn jobs_of(app: &TestApp, tenant: &str) -> Vec<(RequestId, JobState)> {
     let rows: Vec<(uuid::Uuid, String)> =
         sqlx::query_as("SELECT id, state FROM jobs WHERE tenant = $1 ORDER BY id")
             .bind(tenant)

@@ -317,6 +317,16 @@ def timeout(seconds, retries):
              "elapsed": time.monotonic() - started})
 
 
+def burst(n, pause):
+    """n completions one after another, `pause` seconds apart: their request ids."""
+    c, _ = client()
+    ids = []
+    for i in range(int(n)):
+        ids.append(c.chat.completions.create(model="default", messages=ask(f"pro question {i}"))._request_id)
+        time.sleep(float(pause))
+    out({"ids": ids})
+
+
 def models():
     c, _ = client()
     ids = [m.id for m in c.models.list()]

@@ -199,6 +199,8 @@ impl Intake {
         };
         let request_hash = reusable.then(|| Admission::request_hash(&principal.tenant, &request));
         let id = RequestId::new();
+        // The front door's `submit` span declares the field: every line it logs names the job.
+        tracing::Span::current().record("request_id", tracing::field::display(id));
         let mut job = NewJob {
             id,
             principal,

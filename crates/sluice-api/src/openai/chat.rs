@@ -54,6 +54,7 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
         (status = 502, description = "The job failed at the provider after Sluice's retries (`x-should-retry: false`)", body = Object),
         (status = 503, description = "`overloaded` (shed), or `queue_timeout`: the job waited longer than allowed and was cancelled", body = Object),
     ))]
+#[tracing::instrument(name = "submit", skip_all, fields(request_id = tracing::field::Empty, tenant = %principal.tenant))]
 pub(crate) async fn completions(
     State(state): State<Arc<ApiState>>,
     OpenAiCaller(principal): OpenAiCaller,
