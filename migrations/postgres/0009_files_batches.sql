@@ -92,3 +92,7 @@ ALTER TABLE notifications ADD COLUMN batch_id text COLLATE "C" UNIQUE
     REFERENCES batches (id) ON DELETE CASCADE;
 ALTER TABLE notifications ADD CONSTRAINT notifications_one_subject
     CHECK ((job_id IS NULL) <> (batch_id IS NULL));
+
+-- A key may opt in to reusing answers to sampled requests (by default only deterministic
+-- requests, temperature 0 or a seed, are answered from another job).
+ALTER TABLE api_keys ADD COLUMN reuse_samples boolean NOT NULL DEFAULT false;

@@ -109,3 +109,7 @@ WHERE name = 'notifications_new';
 DROP TABLE notifications;
 ALTER TABLE notifications_new RENAME TO notifications;
 CREATE INDEX notifications_due ON notifications (next_attempt_at) WHERE state = 'pending';
+
+-- A key may opt in to reusing answers to sampled requests (by default only deterministic
+-- requests, temperature 0 or a seed, are answered from another job).
+ALTER TABLE api_keys ADD COLUMN reuse_samples INTEGER NOT NULL DEFAULT 0;

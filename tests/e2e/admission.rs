@@ -24,6 +24,7 @@ async fn key_for(app: &TestApp, tenant: &str, user: &str, tier: Tier) -> String 
             user: user.into(),
             tier,
             email: None,
+            reuse_samples: false,
         })
         .await
         .unwrap()

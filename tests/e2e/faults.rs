@@ -175,6 +175,7 @@ async fn a_job_stranded_in_the_outbox_is_relayed_and_completes() {
         user: "u".into(),
         tier: Tier::Pro,
         email: None,
+        reuse_samples: false,
     };
     let request =
         sluice_core::JobRequest::new("default", vec![sluice_core::Message::user("stranded")]);

@@ -412,6 +412,7 @@ impl TestApp {
                 user: format!("{tenant}-user"),
                 tier,
                 email: None,
+                reuse_samples: false,
             })
             .await
             .unwrap()
@@ -425,6 +426,7 @@ impl TestApp {
                 user: format!("{tenant}-user"),
                 tier,
                 email: Some(email.into()),
+                reuse_samples: false,
             })
             .await
             .unwrap()

@@ -413,7 +413,11 @@ async fn a_quota_refusal_is_retried_after_its_wait_or_raised_when_the_wait_is_lo
 
 #[tokio::test]
 async fn sampled_requests_are_fresh_and_deterministic_ones_come_from_the_cache() {
-    let app = spawn_app(AppOptions::default()).await;
+    let app = spawn_app(AppOptions {
+        extra_routes: "same = { pools = [\"sim\"], reuse_samples = true }\n".into(),
+        ..AppOptions::default()
+    })
+    .await;
     let pro = app.key("acme", Tier::Pro).await;
     let seen = chat("py2", &app, &pro, &["reuse"]).await;
     let ids: Vec<RequestId> = seen["ids"].as_array().unwrap().iter().map(id).collect();
@@ -434,6 +438,31 @@ async fn sampled_requests_are_fresh_and_deterministic_ones_come_from_the_cache()
     );
     let reused = app.store.job(ids[3]).await.unwrap().unwrap();
     assert_eq!(reused.cached.map(|c| c.as_str()), Some("exact"));
+
+    // A key that opted in reuses samples too.
+    let reusing = app
+        .store
+        .create_api_key(&sluice_core::Principal {
+            tenant: "reusing".into(),
+            user: "u".into(),
+            tier: Tier::Pro,
+            email: None,
+            reuse_samples: true,
+        })
+        .await
+        .unwrap();
+    let seen = chat("py3", &app, &reusing, &["reuse"]).await;
+    assert_eq!(
+        seen["caches"],
+        serde_json::json!([null, "exact", null, "exact"]),
+        "the second of each pair is reused"
+    );
+    // So does a route that opted in, for any key.
+    let seen = chat("py3", &app, &pro, &["reuse", "same"]).await;
+    assert_eq!(
+        seen["caches"],
+        serde_json::json!([null, "exact", null, "exact"])
+    );
     app.cleanup().await;
 }
 

@@ -103,6 +103,15 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
         &format!("{id}\n{model}"),
     )
     .await;
+    // The OpenAI-compatible routes, errors in OpenAI's shape.
+    schemathesis(
+        &venv,
+        &schema,
+        &tenant,
+        (r"^/v1/(chat|models|files|batches)", r"^/v1/jobs"),
+        model,
+    )
+    .await;
     schemathesis(
         &venv,
         &schema,

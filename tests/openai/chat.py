@@ -268,6 +268,25 @@ def failing(model, kind):
     out({"attempts": len(attempts), "message": message, "status": status, "request_id": rid})
 
 
+def stream_failing(model):
+    """A streamed job that dies after the 200 ends the stream with an error frame: the SDK's
+    iterator raises APIError with the provider's message, after the chunks so far."""
+    c, attempts = client()
+    s = c.chat.completions.with_raw_response.create(
+        model=model, messages=ask("this stream will fail"), stream=True
+    )
+    rid = s.headers["x-request-id"]
+    check(s.http_response.status_code == 200, s.http_response.status_code)
+    chunks = 0
+    try:
+        for _ in s.parse():
+            chunks += 1
+        raise AssertionError("the stream ended without an error")
+    except openai.APIError as e:
+        message = e.message
+    out({"request_id": rid, "message": message, "chunks": chunks, "attempts": len(attempts)})
+
+
 def quota(window):
     """Over a quota: a short window's Retry-After is honoured and the retry succeeds; a long
     window's refusal raises RateLimitError after one attempt."""
@@ -288,13 +307,13 @@ def quota(window):
              "should_retry": e.response.headers.get("x-should-retry"), "code": e.code})
 
 
-def reuse():
+def reuse(model="default"):
     """Sampled requests are fresh samples; deterministic ones are answered from the cache."""
     c, _ = client()
     ids, caches = [], []
     for temperature in (1.0, 1.0, 0.0, 0.0):
         raw = c.chat.completions.with_raw_response.create(
-            model="default", messages=ask("Same question every time."), temperature=temperature
+            model=model, messages=ask("Same question every time."), temperature=temperature
         )
         ids.append(raw.parse()._request_id)
         caches.append(raw.headers.get("x-sluice-cache"))

@@ -24,10 +24,12 @@ use std::sync::Arc;
 ///
 /// A sampled request (temperature above 0 or unset, and no seed) asks for a fresh sample each
 /// time, as OpenAI's API means it; an earlier answer is not one. So by default only
-/// deterministic requests are reused, unless their route sets `reuse_samples`.
+/// deterministic requests are reused, unless their route or the caller's key sets
+/// `reuse_samples`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReusePolicy {
-    /// Deterministic requests only (temperature 0 or a seed), or any on a route that opted in.
+    /// Deterministic requests only (temperature 0 or a seed), or any on a route or from a key
+    /// that opted in.
     #[default]
     Auto,
     /// The caller asked for reuse (`"cache": true`): sampled requests too.
@@ -194,7 +196,9 @@ impl Intake {
             ReusePolicy::Never => false,
             ReusePolicy::Allow => true,
             ReusePolicy::Auto => {
-                request.is_deterministic() || policy.reuses_samples(&request.model)
+                request.is_deterministic()
+                    || principal.reuse_samples
+                    || policy.reuses_samples(&request.model)
             }
         };
         let request_hash = reusable.then(|| Admission::request_hash(&principal.tenant, &request));
@@ -476,6 +480,7 @@ mod tests {
             user: "u1".into(),
             tier,
             email: email.map(str::to_owned),
+            reuse_samples: false,
         }
     }
 

@@ -93,6 +93,7 @@ fn principal(tenant: &str, user: &str) -> Principal {
         user: user.to_owned(),
         tier: Tier::Free,
         email: None,
+        reuse_samples: false,
     }
 }
 

@@ -415,6 +415,8 @@ pub(crate) struct KeyView {
     tier: Tier,
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<String>,
+    /// The key reuses answers to sampled requests too.
+    reuse_samples: bool,
     created_at: chrono::DateTime<chrono::Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     revoked_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -443,6 +445,7 @@ pub(crate) async fn keys(
                 user: k.principal.user,
                 tier: k.principal.tier,
                 email: k.principal.email,
+                reuse_samples: k.principal.reuse_samples,
                 created_at: k.created_at,
                 revoked_at: k.revoked_at,
             })
@@ -468,6 +471,10 @@ pub(crate) struct NewKey {
     tier: Option<Tier>,
     #[serde(default)]
     email: Option<String>,
+    /// Reuse answers to this key's sampled requests too (temperature above 0, no seed): by
+    /// default only deterministic requests are answered from another job.
+    #[serde(default)]
+    reuse_samples: bool,
     #[serde(default)]
     admin: bool,
 }
@@ -495,9 +502,9 @@ pub(crate) async fn create_key(
         return Err(ApiError::invalid("user must be 1 to 200 characters"));
     }
     let key = if new.admin {
-        if new.tenant.is_some() || new.tier.is_some() || new.email.is_some() {
+        if new.tenant.is_some() || new.tier.is_some() || new.email.is_some() || new.reuse_samples {
             return Err(ApiError::invalid(
-                "an admin key has no tenant, tier or email: give only user",
+                "an admin key has no tenant, tier, email or reuse_samples: give only user",
             ));
         }
         state.store.create_admin_key(&new.user).await
@@ -515,6 +522,7 @@ pub(crate) async fn create_key(
                 user: new.user.clone(),
                 tier,
                 email: new.email,
+                reuse_samples: new.reuse_samples,
             })
             .await
     }

@@ -56,6 +56,10 @@ pub struct Principal {
     pub user: String,
     pub tier: Tier,
     pub email: Option<String>,
+    /// The key opted in to reusing answers to sampled requests (temperature above 0, no
+    /// seed), which by default are fresh samples each time.
+    #[serde(default)]
+    pub reuse_samples: bool,
 }
 
 /// Which lane each tier's jobs wait in.

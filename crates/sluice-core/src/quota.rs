@@ -402,6 +402,7 @@ mod tests {
             user: user.to_owned(),
             tier: Tier::Free,
             email: None,
+            reuse_samples: false,
         }
     }
 

@@ -39,6 +39,7 @@ fn free_job(email: Option<&str>, text: &str) -> NewJob {
         user: "u1".into(),
         tier: Tier::Free,
         email: email.map(str::to_owned),
+        reuse_samples: false,
     };
     let request = JobRequest::new("small", vec![Message::user(text)]);
     NewJob {

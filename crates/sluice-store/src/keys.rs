@@ -31,8 +31,9 @@ impl PgBackend {
     pub(crate) async fn create_api_key(&self, principal: &Principal) -> Result<String, StoreError> {
         let key = new_api_key();
         sqlx::query(
-            "INSERT INTO api_keys (id, key_hash, key_prefix, tenant, user_id, tier, email)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (id, key_hash, key_prefix, tenant, user_id, tier, email,
+                                   reuse_samples)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(Uuid::now_v7())
         .bind(hash_key(&key))
@@ -41,6 +42,7 @@ impl PgBackend {
         .bind(&principal.user)
         .bind(principal.tier.as_str())
         .bind(&principal.email)
+        .bind(principal.reuse_samples)
         .execute(&self.pool)
         .await?;
         Ok(key)
@@ -55,7 +57,7 @@ impl PgBackend {
             return Ok(None);
         }
         let row = sqlx::query(
-            "SELECT tenant, user_id, tier, email FROM api_keys
+            "SELECT tenant, user_id, tier, email, reuse_samples FROM api_keys
              WHERE key_hash = $1 AND revoked_at IS NULL AND role = 'tenant'",
         )
         .bind(hash_key(key))
@@ -92,7 +94,7 @@ impl PgBackend {
 
     pub(crate) async fn api_keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, key_prefix, tenant, user_id, tier, role, email, created_at, revoked_at
+            "SELECT id, key_prefix, tenant, user_id, tier, role, email, reuse_samples, created_at, revoked_at
              FROM api_keys ORDER BY created_at",
         )
         .fetch_all(&self.pool)
@@ -135,12 +137,13 @@ pub struct KeyInfo {
     pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// A key's owner from an `api_keys` row (`tenant`, `user_id`, `tier`, `email`), on either
-/// database: the columns are plain text on both.
+/// A key's owner from an `api_keys` row (`tenant`, `user_id`, `tier`, `email`,
+/// `reuse_samples`), on either database.
 pub(crate) fn principal_from_row<R: sqlx::Row>(r: &R) -> Result<Principal, StoreError>
 where
     for<'c> &'c str: sqlx::ColumnIndex<R>,
     for<'v> String: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+    for<'v> bool: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
 {
     let tier: String = r.try_get("tier")?;
     Ok(Principal {
@@ -150,6 +153,7 @@ where
             .parse::<Tier>()
             .map_err(|e| StoreError::Corrupt(e.to_string()))?,
         email: r.try_get("email")?,
+        reuse_samples: r.try_get("reuse_samples")?,
     })
 }
 

@@ -18,6 +18,7 @@ fn principal(tenant: &str) -> Principal {
         user: "u1".into(),
         tier: Tier::Pro,
         email: None,
+        reuse_samples: false,
     }
 }
 
@@ -162,6 +163,19 @@ async fn api_keys_resolve_to_their_principal_and_are_stored_hashed(db: TestDb) {
     let hashed = hash == Sha256::digest(key.as_bytes()).as_slice();
     assert!(hashed, "the key is stored as its SHA-256");
     assert!(key.starts_with(&prefix) && prefix.len() < 16);
+    // A key that opted in to reusing sampled answers says so when resolved and listed.
+    let reusing = Principal {
+        reuse_samples: true,
+        ..principal("beta")
+    };
+    let key = db.store.create_api_key(&reusing).await.unwrap();
+    assert_eq!(
+        db.store.principal_for_key(&key).await.unwrap(),
+        Some(reusing)
+    );
+    let listed = db.store.api_keys().await.unwrap();
+    let flags: Vec<bool> = listed.iter().map(|k| k.principal.reuse_samples).collect();
+    assert_eq!(flags, [false, true]);
     db.drop().await;
 }
 

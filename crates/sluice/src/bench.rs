@@ -560,6 +560,7 @@ async fn drive(
                     user: "bench".into(),
                     tier,
                     email: None,
+                    reuse_samples: false,
                 })
                 .await
                 .context("cannot create the bench API keys")?,

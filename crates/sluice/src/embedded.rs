@@ -119,6 +119,7 @@ async fn dev_key(store: &Store, data: &Path) -> anyhow::Result<String> {
             user: "dev".into(),
             tier: Tier::Pro,
             email: None,
+            reuse_samples: false,
         })
         .await
         .context("cannot create the dev API key")?;

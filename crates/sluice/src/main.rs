@@ -147,8 +147,12 @@ enum KeysCommand {
         tier: Option<Tier>,
         #[arg(long)]
         email: Option<String>,
+        /// Reuse answers to this key's sampled requests too (by default only deterministic
+        /// requests, temperature 0 or a seed, are answered from another job).
+        #[arg(long)]
+        reuse_samples: bool,
         /// An operator key for /admin/v1 (and nothing else).
-        #[arg(long, conflicts_with_all = ["tenant", "tier", "email"])]
+        #[arg(long, conflicts_with_all = ["tenant", "tier", "email", "reuse_samples"])]
         admin: bool,
     },
     /// List keys (never the secrets): id, prefix, role, tenant, user, tier, revoked.
@@ -223,6 +227,7 @@ async fn keys(store: &sluice_store::Store, command: KeysCommand) -> anyhow::Resu
             user,
             tier,
             email,
+            reuse_samples,
             admin,
         } => {
             if user.trim().is_empty() {
@@ -243,6 +248,7 @@ async fn keys(store: &sluice_store::Store, command: KeysCommand) -> anyhow::Resu
                         user,
                         tier,
                         email,
+                        reuse_samples,
                     })
                     .await
             }

@@ -141,6 +141,7 @@ async fn drive(
                     user: "bench".into(),
                     tier,
                     email: None,
+                    reuse_samples: false,
                 };
                 let request = JobRequest::new(
                     "default",

@@ -5,7 +5,7 @@
 
 use super::chat::ended_badly;
 use super::extract::{OpenAiCaller, OpenAiJson};
-use super::files::page;
+use super::files::{cursor, page, plausible_id};
 use super::wire::{self, parse_chat};
 use super::{BatchConfig, OpenAiError};
 use crate::ApiState;
@@ -308,15 +308,20 @@ pub(crate) async fn create(
     if let Some(metadata) = &body.metadata {
         check_metadata(metadata)?;
     }
-    let file = state
-        .store
-        .get_file(&principal.tenant, &body.input_file_id)
-        .await
-        .map_err(OpenAiError::internal)?
-        .ok_or_else(|| {
-            OpenAiError::not_found(format!("No such File object: {}", body.input_file_id))
-                .param("input_file_id")
-        })?;
+    let known = plausible_id(&body.input_file_id);
+    let file = if known {
+        state
+            .store
+            .get_file(&principal.tenant, &body.input_file_id)
+            .await
+            .map_err(OpenAiError::internal)?
+    } else {
+        None
+    };
+    let file = file.ok_or_else(|| {
+        OpenAiError::not_found(format!("No such File object: {}", body.input_file_id))
+            .param("input_file_id")
+    })?;
     if file.purpose != "batch" {
         return Err(OpenAiError::invalid(
             "input_file_id",
@@ -461,6 +466,11 @@ pub(crate) async fn cancel(
     OpenAiCaller(principal): OpenAiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, OpenAiError> {
+    if !plausible_id(&id) {
+        return Err(
+            OpenAiError::not_found(format!("No such Batch object: {id}")).param("batch_id"),
+        );
+    }
     match state
         .store
         .cancel_batch(&principal.tenant, &id)
@@ -513,9 +523,10 @@ pub(crate) async fn list(
             "limit must be between 1 and 100",
         ));
     }
+    let after = cursor(query.after)?;
     let (batches, has_more) = state
         .store
-        .list_batches(&principal.tenant, query.after.as_deref(), limit)
+        .list_batches(&principal.tenant, after.as_deref(), limit)
         .await
         .map_err(OpenAiError::internal)?;
     Ok(Json(page(

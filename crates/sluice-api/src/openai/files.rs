@@ -163,12 +163,21 @@ async fn store_upload(
         (status = 400, description = "`invalid_request_error`: no file, another purpose, too many lines", body = Object),
         (status = 401, description = "`authentication_error`", body = Object),
         (status = 413, description = "`file_too_large`: over 200 MB", body = Object),
+        (status = 415, description = "`unsupported_media_type`: not multipart/form-data", body = Object),
     ))]
 pub(crate) async fn upload(
     State(state): State<Arc<ApiState>>,
     OpenAiCaller(principal): OpenAiCaller,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Json<Value>, OpenAiError> {
+    let mut multipart = multipart.map_err(|e| {
+        OpenAiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!("send the file as multipart/form-data with fields file and purpose ({e})"),
+        )
+        .code("unsupported_media_type")
+    })?;
     let mut purpose = None;
     let mut file: Option<FileRecord> = None;
     let refused = |e: axum::extract::multipart::MultipartError| {
@@ -242,6 +251,38 @@ pub(crate) struct FileQuery {
     purpose: Option<String>,
 }
 
+/// Whether `id` could be one of Sluice's file or batch ids (`file-<hex>`, `batch_<hex>`): an id
+/// that cannot is unknown without asking the database (which refuses some bytes, e.g. NUL).
+pub(crate) fn plausible_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A cursor from the query: the last id of the previous page.
+pub(crate) fn cursor(after: Option<String>) -> Result<Option<String>, OpenAiError> {
+    match after {
+        Some(id) if !plausible_id(&id) => Err(OpenAiError::invalid(
+            "after",
+            "after must be the id of the last object of the previous page",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Purposes OpenAI defines; files here are only ever `batch` or `batch_output`.
+const PURPOSES: [&str; 8] = [
+    "batch",
+    "batch_output",
+    "assistants",
+    "assistants_output",
+    "fine-tune",
+    "fine-tune-results",
+    "vision",
+    "user_data",
+];
+
 /// A page of OpenAI's list shape: `first_id`, `last_id`, `has_more`.
 pub(crate) fn page(data: Vec<Value>, has_more: bool) -> Value {
     let first = data.first().map(|v| v["id"].clone()).unwrap_or(Value::Null);
@@ -281,12 +322,21 @@ pub(crate) async fn list(
         Some("asc") => SortOrder::Asc,
         Some(_) => return Err(OpenAiError::invalid("order", "order must be asc or desc")),
     };
+    if let Some(purpose) = &query.purpose {
+        if !PURPOSES.contains(&purpose.as_str()) {
+            return Err(OpenAiError::invalid(
+                "purpose",
+                format!("unknown purpose; one of {}", PURPOSES.join(", ")),
+            ));
+        }
+    }
+    let after = cursor(query.after)?;
     let (files, has_more) = state
         .store
         .list_files(
             &principal.tenant,
             query.purpose.as_deref(),
-            query.after.as_deref(),
+            after.as_deref(),
             limit,
             order,
         )
@@ -299,6 +349,9 @@ pub(crate) async fn list(
 }
 
 async fn tenant_file(state: &ApiState, tenant: &str, id: &str) -> Result<FileRecord, OpenAiError> {
+    if !plausible_id(id) {
+        return Err(OpenAiError::not_found(format!("No such File object: {id}")).param("file_id"));
+    }
     state
         .store
         .get_file(tenant, id)
@@ -391,11 +444,12 @@ pub(crate) async fn delete(
     OpenAiCaller(principal): OpenAiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, OpenAiError> {
-    if !state
-        .store
-        .delete_file(&principal.tenant, &id)
-        .await
-        .map_err(OpenAiError::internal)?
+    if !plausible_id(&id)
+        || !state
+            .store
+            .delete_file(&principal.tenant, &id)
+            .await
+            .map_err(OpenAiError::internal)?
     {
         return Err(OpenAiError::not_found(format!("No such File object: {id}")).param("file_id"));
     }

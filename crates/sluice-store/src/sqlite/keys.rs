@@ -14,8 +14,9 @@ impl SqliteBackend {
     pub(crate) async fn create_api_key(&self, principal: &Principal) -> Result<String, StoreError> {
         let key = new_api_key();
         sqlx::query(
-            "INSERT INTO api_keys (id, key_hash, key_prefix, tenant, user_id, tier, email, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO api_keys (id, key_hash, key_prefix, tenant, user_id, tier, email, created_at,
+                                   reuse_samples)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
         .bind(Uuid::now_v7())
         .bind(hash_key(&key))
@@ -25,6 +26,7 @@ impl SqliteBackend {
         .bind(principal.tier.as_str())
         .bind(&principal.email)
         .bind(ts(Utc::now()))
+        .bind(principal.reuse_samples)
         .execute(&self.write)
         .await?;
         Ok(key)
@@ -35,7 +37,7 @@ impl SqliteBackend {
         key: &str,
     ) -> Result<Option<Principal>, StoreError> {
         let row = sqlx::query(
-            "SELECT tenant, user_id, tier, email FROM api_keys
+            "SELECT tenant, user_id, tier, email, reuse_samples FROM api_keys
              WHERE key_hash = ?1 AND revoked_at IS NULL AND role = 'tenant'",
         )
         .bind(hash_key(key))
@@ -75,7 +77,7 @@ impl SqliteBackend {
 
     pub(crate) async fn api_keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, key_prefix, tenant, user_id, tier, role, email, created_at, revoked_at
+            "SELECT id, key_prefix, tenant, user_id, tier, role, email, reuse_samples, created_at, revoked_at
              FROM api_keys ORDER BY created_at",
         )
         .fetch_all(&self.read)
