@@ -340,3 +340,60 @@ async fn serve_embedded_runs_real_pools_without_starting_a_simulator() {
     assert_eq!(sim.calls_for_job(&id[0]), 1);
     dev.terminate().await;
 }
+
+/// The README's Python quickstart, as printed there, against `sluice dev` with the key it
+/// printed: a chat completion, a stream and a batch with the official SDK (1.x and current).
+#[tokio::test]
+async fn the_readmes_openai_sdk_quickstart_runs_against_sluice_dev() {
+    let readme = std::fs::read_to_string(crate::openai::repo().join("README.md")).unwrap();
+    let section = readme
+        .split("### With the OpenAI SDK")
+        .nth(1)
+        .expect("the README has the SDK quickstart");
+    let code = section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a python block");
+    let dir = DevDir::new("");
+    let dev = start_dev(&dir).await;
+    assert!(code.contains("http://127.0.0.1:8080/v1") && code.contains("sk_sluice_..."));
+    let script = code
+        .replace("http://127.0.0.1:8080/v1", &format!("{}/v1", dev.api))
+        .replace("sk_sluice_...", &dev.key);
+    let path = dir.dir.join("quickstart.py");
+    std::fs::write(&path, script).unwrap();
+    for sdk in ["py1", "py3"] {
+        let python = crate::openai::sdks().await[sdk].join("bin/python");
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            Command::new(python).arg(&path).output(),
+        )
+        .await
+        .expect("the quickstart ran over 2 minutes")
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{sdk}: the README quickstart failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("Simulated reply to: What is a sluice?"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("Simulated reply to: Stream it"), "{stdout}");
+        // The batch's output file: one line per question, in input order.
+        let lines: Vec<Value> = stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids: Vec<&str> = lines
+            .iter()
+            .map(|l| l["custom_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["q0", "q1", "q2"], "{stdout}");
+    }
+    dev.kill_9().await;
+}

@@ -267,6 +267,35 @@ async fn batches_list_newest_first_in_pages_and_files_keep_their_limits_and_tena
 }
 
 #[tokio::test]
+async fn a_batch_past_the_tenants_cap_or_budget_is_refused_whole() {
+    let app = spawn_app(AppOptions {
+        extra_toml: "[batches]\nmax_pending_lines = 5\n\
+                     [budgets]\n[budgets.tenants]\nbroke = 0.0\n"
+            .into(),
+        ..AppOptions::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let seen = batch("py3", &app, &key, &["refused", "6"]).await;
+    assert_eq!(seen["status"], 429, "{seen}");
+    assert_eq!(seen["code"], "batch_queue_full");
+    assert_eq!(seen["should_retry"], "false");
+    assert_eq!(seen["attempts"], 1, "the SDK does not retry it: {seen}");
+    assert_eq!(seen["batches"], 0);
+    // Five fit.
+    let seen = batch("py3", &app, &key, &["create", "5"]).await;
+    assert_eq!(seen["counts"], json!([5, 5, 0]), "{seen}");
+
+    let broke = app.key("broke", Tier::Pro).await;
+    let seen = batch("py3", &app, &broke, &["refused", "2"]).await;
+    assert_eq!(seen["status"], 402, "{seen}");
+    assert_eq!(seen["code"], "budget_exhausted");
+    assert_eq!(seen["attempts"], 1, "{seen}");
+    assert!(jobs_of(&app, "acme").await.len() == 5 && jobs_of(&app, "broke").await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_batch_completes_once_per_line_after_a_worker_and_the_api_node_are_killed() {
     let mut app = spawn_app(AppOptions {
         workers: 2,

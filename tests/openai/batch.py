@@ -257,6 +257,24 @@ def listing(n):
     out({"made": made, "listed": listed})
 
 
+def refused(n):
+    """A batch past the tenant's cap on unfinished lines (429, not retried) or its budget (402)
+    is refused whole: nothing is created."""
+    c = client()
+    calls = []
+    c = openai.OpenAI(base_url=BASE, api_key=os.environ["SLUICE_KEY"], max_retries=2,
+                      http_client=openai.DefaultHttpxClient(event_hooks={"request": [
+                          lambda r: calls.append(r.url.path) if r.url.path.endswith("/batches") else None]}))
+    f = upload(c, jsonl([line(i) for i in range(int(n))]))
+    try:
+        c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        raise AssertionError("the batch was accepted")
+    except openai.APIStatusError as e:
+        out({"status": e.status_code, "code": e.code, "attempts": len(calls),
+             "should_retry": e.response.headers.get("x-should-retry"),
+             "batches": len(list(c.batches.list()))})
+
+
 def limits():
     """Past 50,000 lines or 200 MB an upload is refused with a clear error, and leaves no file."""
     c = client()
