@@ -235,7 +235,7 @@ def listing(n):
     check(len(first.data) == 10 and first.has_more, first)
     listed = [b.id for b in c.batches.list(limit=10)]  # auto-paging through all pages
     check(listed == list(reversed(made)), f"{listed} != newest first {list(reversed(made))}")
-    files = [f.id for f in c.files.list(limit=7)]
+    files = [f.id for f in c.files.list(limit=7, purpose="batch")]
     check(len(files) >= int(n), len(files))
     other = client("SLUICE_OTHER_KEY")
     check(list(other.batches.list()) == [], "another tenant lists none")

@@ -19,15 +19,23 @@ from openai.types.chat import ChatCompletion
 BASE = os.environ["SLUICE_BASE_URL"]
 
 
+REFUSALS = []
+
+
 def client(key_env="SLUICE_KEY", **kwargs):
-    """A client on Sluice, counting every HTTP attempt it makes in `attempts`."""
+    """A client on Sluice, counting every HTTP attempt it makes in `attempts` (and noting the
+    `retry-after-ms` of every 429 in REFUSALS)."""
     attempts = []
 
     def count(request):
         if request.url.path.endswith("/chat/completions"):
             attempts.append(time.monotonic())
 
-    http = openai.DefaultHttpxClient(event_hooks={"request": [count]})
+    def refused(response):
+        if response.status_code == 429 and "retry-after-ms" in response.headers:
+            REFUSALS.append(float(response.headers["retry-after-ms"]) / 1000)
+
+    http = openai.DefaultHttpxClient(event_hooks={"request": [count], "response": [refused]})
     c = openai.OpenAI(base_url=BASE, api_key=os.environ[key_env], http_client=http, **kwargs)
     return c, attempts
 
@@ -296,7 +304,8 @@ def quota(window):
     if window == "short":
         second = c.chat.completions.create(model="default", messages=ask("over the quota, then not"))
         waited = attempts[-1] - attempts[-2]
-        out({"attempts": len(attempts), "waited": waited, "elapsed": time.monotonic() - started,
+        out({"attempts": len(attempts), "waited": waited, "retry_after": REFUSALS[-1],
+             "elapsed": time.monotonic() - started,
              "second": second._request_id, "first": first._request_id})
         return
     try:

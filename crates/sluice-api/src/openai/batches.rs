@@ -416,6 +416,11 @@ pub(crate) async fn create(
     Ok(Json(batch_object(&record)))
 }
 
+/// The answer for an unknown, malformed or another tenant's batch id: all alike.
+fn no_such_batch(id: &str) -> OpenAiError {
+    OpenAiError::not_found(format!("No such Batch object: {id}")).param("batch_id")
+}
+
 async fn tenant_batch(
     state: &ApiState,
     tenant: &str,
@@ -426,9 +431,7 @@ async fn tenant_batch(
         .get_batch(tenant, id)
         .await
         .map_err(OpenAiError::internal)?
-        .ok_or_else(|| {
-            OpenAiError::not_found(format!("No such Batch object: {id}")).param("batch_id")
-        })
+        .ok_or_else(|| no_such_batch(&id))
 }
 
 /// One batch, with its counts as last kept; another tenant's id is 404.
@@ -467,9 +470,7 @@ pub(crate) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, OpenAiError> {
     if !plausible_id(&id) {
-        return Err(
-            OpenAiError::not_found(format!("No such Batch object: {id}")).param("batch_id"),
-        );
+        return Err(no_such_batch(&id));
     }
     match state
         .store
@@ -485,9 +486,7 @@ pub(crate) async fn cancel(
         )
         .code("batch_not_cancellable")
         .no_retry()),
-        CancelBatch::NotFound => {
-            Err(OpenAiError::not_found(format!("No such Batch object: {id}")).param("batch_id"))
-        }
+        CancelBatch::NotFound => Err(no_such_batch(&id)),
     }
 }
 

@@ -348,18 +348,21 @@ pub(crate) async fn list(
     )))
 }
 
+/// The answer for an unknown, deleted, malformed or another tenant's file id: all alike.
+fn no_such_file(id: &str) -> OpenAiError {
+    OpenAiError::not_found(format!("No such File object: {id}")).param("file_id")
+}
+
 async fn tenant_file(state: &ApiState, tenant: &str, id: &str) -> Result<FileRecord, OpenAiError> {
     if !plausible_id(id) {
-        return Err(OpenAiError::not_found(format!("No such File object: {id}")).param("file_id"));
+        return Err(no_such_file(&id));
     }
     state
         .store
         .get_file(tenant, id)
         .await
         .map_err(OpenAiError::internal)?
-        .ok_or_else(|| {
-            OpenAiError::not_found(format!("No such File object: {id}")).param("file_id")
-        })
+        .ok_or_else(|| no_such_file(&id))
 }
 
 /// One file's metadata; another tenant's id is 404.
@@ -451,7 +454,7 @@ pub(crate) async fn delete(
             .await
             .map_err(OpenAiError::internal)?
     {
-        return Err(OpenAiError::not_found(format!("No such File object: {id}")).param("file_id"));
+        return Err(no_such_file(&id));
     }
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
