@@ -263,6 +263,31 @@ async fn batches_list_newest_first_in_pages_and_files_keep_their_limits_and_tena
             .await
             .unwrap();
     assert_eq!(uploading, 0);
+    // Ids and cursors the database could not even hold (a NUL) are unknown, not a 500.
+    for (path, status) in [
+        ("/v1/batches/batch_%00x", 404),
+        ("/v1/batches/batch_%00x/cancel", 404),
+        ("/v1/files/file-%00x", 404),
+        ("/v1/files/file-%00x/content", 404),
+        ("/v1/files?after=file-%00", 400),
+        ("/v1/batches?after=%00", 400),
+    ] {
+        let method = if path.ends_with("/cancel") {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let response = app
+            .http
+            .request(method, format!("{}{path}", app.api))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"]["message"].is_string(), "{path}: {body}");
+    }
     app.cleanup().await;
 }
 

@@ -426,12 +426,15 @@ async fn tenant_batch(
     tenant: &str,
     id: &str,
 ) -> Result<BatchRecord, OpenAiError> {
+    if !plausible_id(id) {
+        return Err(no_such_batch(id));
+    }
     state
         .store
         .get_batch(tenant, id)
         .await
         .map_err(OpenAiError::internal)?
-        .ok_or_else(|| no_such_batch(&id))
+        .ok_or_else(|| no_such_batch(id))
 }
 
 /// One batch, with its counts as last kept; another tenant's id is 404.

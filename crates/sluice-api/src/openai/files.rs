@@ -355,14 +355,14 @@ fn no_such_file(id: &str) -> OpenAiError {
 
 async fn tenant_file(state: &ApiState, tenant: &str, id: &str) -> Result<FileRecord, OpenAiError> {
     if !plausible_id(id) {
-        return Err(no_such_file(&id));
+        return Err(no_such_file(id));
     }
     state
         .store
         .get_file(tenant, id)
         .await
         .map_err(OpenAiError::internal)?
-        .ok_or_else(|| no_such_file(&id))
+        .ok_or_else(|| no_such_file(id))
 }
 
 /// One file's metadata; another tenant's id is 404.
