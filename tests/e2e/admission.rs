@@ -98,7 +98,7 @@ async fn align_to_window(window: u64, offset: Duration) {
 
 #[tokio::test]
 async fn quotas_hold_across_two_api_nodes_and_reset_with_their_window() {
-    let app = spawn_app(AppOptions {
+    let mut app = spawn_app(AppOptions {
         redis: true,
         extra_toml: "[quotas.pro]\nuser = [{ per = 4, limit = 3 }]\n\
                      tenant = [{ per = 4, limit = 5 }]\n"
@@ -542,6 +542,7 @@ async fn the_estimated_wait_of_a_queued_job_is_within_twice_the_real_one_in_stea
 #[tokio::test]
 async fn jobs_attached_to_one_whose_worker_is_killed_all_finish_once_it_is_retried() {
     let mut app = spawn_app(AppOptions {
+        processes: true,
         sim: sim_with_latency(3000),
         ..AppOptions::default()
     })

@@ -51,7 +51,7 @@ async fn send(socket: &mut Socket, message: Value) {
 
 #[tokio::test]
 async fn a_websocket_on_one_node_sees_every_change_of_jobs_submitted_through_another() {
-    let app = spawn_app(AppOptions {
+    let mut app = spawn_app(AppOptions {
         workers: 2,
         redis: true,
         ..Default::default()

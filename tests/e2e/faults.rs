@@ -85,6 +85,7 @@ async fn assert_one_outcome_each(app: &TestApp, ids: &[RequestId]) {
 #[tokio::test]
 async fn kill_9_of_a_worker_mid_run_loses_no_job() {
     let mut app = spawn_app(AppOptions {
+        processes: true,
         workers: 2,
         sim: SimConfig {
             default_rpm: 0,
@@ -140,6 +141,7 @@ async fn kill_9_of_a_worker_mid_run_loses_no_job() {
 #[tokio::test]
 async fn sigterm_lets_a_worker_finish_and_exit_cleanly() {
     let mut app = spawn_app(AppOptions {
+        processes: true,
         workers: 1,
         sim: SimConfig {
             default_rpm: 0,
@@ -282,7 +284,11 @@ async fn database_connections_cut_mid_run_lose_no_job() {
 
 #[tokio::test]
 async fn kill_9_of_the_api_mid_submission_loses_no_accepted_job() {
-    let mut app = spawn_app(AppOptions::default()).await;
+    let mut app = spawn_app(AppOptions {
+        processes: true,
+        ..AppOptions::default()
+    })
+    .await;
     let key = app.key("acme", Tier::Pro).await;
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();

@@ -1,5 +1,7 @@
-//! `spawn_app`: boots a simulator in-process and `sluice serve` / `sluice worker` as child
-//! processes on random ports, with a fresh Postgres schema and RabbitMQ queue prefix.
+//! `spawn_app`: boots a simulator and the API and workers in this test's process (the `sluice`
+//! library's `App`), on random ports, with a fresh Postgres schema and RabbitMQ queue prefix.
+//! Tests that kill or signal a process ask for real `sluice serve` / `sluice worker` children
+//! instead (`AppOptions::processes`).
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -71,6 +73,9 @@ pub struct AppOptions {
     pub smtp_port: Option<u16>,
     /// Where the lanes are.
     pub queue: Queue,
+    /// Run `sluice serve` and `sluice worker` as child processes (for tests that `kill -9` or
+    /// SIGTERM them, or read each process's own metrics) instead of in this process.
+    pub processes: bool,
 }
 
 /// The lane backend an app runs on.
@@ -109,6 +114,7 @@ impl Default for AppOptions {
             redis_url: None,
             smtp_port: None,
             queue: Queue::Rabbitmq,
+            processes: false,
         }
     }
 }
@@ -121,14 +127,34 @@ pub struct TestApp {
     pub config_path: PathBuf,
     pub prefix: String,
     schema: String,
-    api_process: Option<Child>,
-    pub workers: Vec<Child>,
-    /// Each worker's metrics URL (`http://ADDR/metrics`), in the order of `workers`.
+    runner: Runner,
+    /// Each worker's metrics URL (`http://ADDR/metrics`), in the order they started.
     pub worker_metrics: Vec<String>,
     /// The SQS server of a `Queue::Sqs` app; stopped with the app.
     moto: Option<sluice_sqs::testing::MotoServer>,
     /// The database file of a `Queue::Sqlite` app; removed with the app.
     sqlite_file: Option<PathBuf>,
+}
+
+/// How the app's API and workers run.
+enum Runner {
+    /// In this process: the library's `App` (API and workers), and more API nodes.
+    InProcess {
+        app: Option<sluice::App>,
+        more_apis: Vec<sluice::ApiNode>,
+    },
+    /// As `sluice serve` and `sluice worker` child processes.
+    Processes {
+        api: Option<Child>,
+        workers: Vec<Child>,
+    },
+}
+
+/// Another API node a test started: a process or one in this process, stopped with the app.
+pub enum Node {
+    /// Held, never read: dropping it kills the process.
+    Process(#[allow(dead_code)] Child),
+    InProcess,
 }
 
 pub async fn spawn_app(options: AppOptions) -> TestApp {
@@ -286,23 +312,22 @@ default = {route}
         config_path,
         prefix,
         schema,
-        api_process: None,
-        workers: Vec::new(),
+        runner: if options.processes {
+            Runner::Processes {
+                api: None,
+                workers: Vec::new(),
+            }
+        } else {
+            Runner::InProcess {
+                app: None,
+                more_apis: Vec::new(),
+            }
+        },
         worker_metrics: Vec::new(),
         moto,
         sqlite_file: sqlite.then_some(sqlite_file),
     };
-    let (child, line) = app.start("serve", "listening on ").await;
-    app.api = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    app.api_process = Some(child);
-    for _ in 0..options.workers {
-        app.start_worker().await;
-    }
+    app.boot(options.workers).await;
     app
 }
 
@@ -333,8 +358,37 @@ impl TestApp {
         (child, line)
     }
 
-    /// Start another API node on this app's config (a random port); its process and base URL.
-    pub async fn start_api_node(&self) -> (Child, String) {
+    /// Start the API and `workers` workers on the config file as it is now.
+    async fn boot(&mut self, workers: usize) {
+        match &mut self.runner {
+            Runner::InProcess { app, .. } => {
+                let config =
+                    sluice::Config::load(Some(&self.config_path)).expect("the test config");
+                let built = sluice::App::build(config, workers)
+                    .await
+                    .unwrap_or_else(|e| panic!("the app did not start: {e:#}"));
+                self.api = built.url();
+                self.worker_metrics = built
+                    .workers
+                    .iter()
+                    .filter_map(|w| w.metrics.map(|a| format!("http://{a}/metrics")))
+                    .collect();
+                *app = Some(built);
+            }
+            Runner::Processes { .. } => {
+                let (child, url) = self.start_api_process().await;
+                self.api = url;
+                if let Runner::Processes { api, .. } = &mut self.runner {
+                    *api = Some(child);
+                }
+                for _ in 0..workers {
+                    self.start_worker().await;
+                }
+            }
+        }
+    }
+
+    async fn start_api_process(&self) -> (Child, String) {
         let (child, line) = self.start("serve", "listening on ").await;
         let url = line
             .split("listening on ")
@@ -345,43 +399,95 @@ impl TestApp {
         (child, url)
     }
 
-    /// Restart the API and every worker on the config file as it is now, for tests that edit
-    /// it after the simulator's address is known.
-    pub async fn restart_api_and_workers(&mut self) {
-        let workers = self.workers.len();
-        for mut child in self.workers.drain(..).chain(self.api_process.take()) {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-        }
-        self.worker_metrics.clear();
-        let (child, url) = self.start_api_node().await;
-        self.api = url;
-        self.api_process = Some(child);
-        for _ in 0..workers {
-            self.start_worker().await;
+    /// Start another API node on this app's config (a random port); it and its base URL.
+    pub async fn start_api_node(&mut self) -> (Node, String) {
+        match &mut self.runner {
+            Runner::InProcess { app, more_apis } => {
+                let node = app
+                    .as_ref()
+                    .expect("the app runs")
+                    .add_api_node()
+                    .await
+                    .unwrap_or_else(|e| panic!("another API node did not start: {e:#}"));
+                let url = node.url();
+                more_apis.push(node);
+                (Node::InProcess, url)
+            }
+            Runner::Processes { .. } => {
+                let (child, url) = self.start_api_process().await;
+                (Node::Process(child), url)
+            }
         }
     }
 
+    /// Restart the API and every worker on the config file as it is now, for tests that edit
+    /// it after the simulator's address is known.
+    pub async fn restart_api_and_workers(&mut self) {
+        let workers = match &mut self.runner {
+            Runner::InProcess { app, .. } => {
+                let app = app.take().expect("the app runs");
+                let workers = app.workers.len();
+                app.shutdown().await;
+                workers
+            }
+            Runner::Processes { api, workers } => {
+                let n = workers.len();
+                for mut child in workers.drain(..).chain(api.take()) {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+                n
+            }
+        };
+        self.worker_metrics.clear();
+        self.boot(workers).await;
+    }
+
     pub async fn start_worker(&mut self) {
-        // Printed just before "worker started", once the metrics port is bound.
-        let (child, line) = self.start("worker", "worker metrics on ").await;
-        let url = line.split("metrics on ").nth(1).unwrap().trim();
-        self.worker_metrics.push(format!("{url}/metrics"));
-        self.workers.push(child);
+        match &mut self.runner {
+            Runner::InProcess { app, .. } => {
+                let app = app.as_mut().expect("the app runs");
+                app.add_worker()
+                    .await
+                    .unwrap_or_else(|e| panic!("a worker did not start: {e:#}"));
+                if let Some(addr) = app.workers.last().and_then(|w| w.metrics) {
+                    self.worker_metrics.push(format!("http://{addr}/metrics"));
+                }
+            }
+            Runner::Processes { .. } => {
+                // Printed just before "worker started", once the metrics port is bound.
+                let (child, line) = self.start("worker", "worker metrics on ").await;
+                let url = line.split("metrics on ").nth(1).unwrap().trim();
+                self.worker_metrics.push(format!("{url}/metrics"));
+                if let Runner::Processes { workers, .. } = &mut self.runner {
+                    workers.push(child);
+                }
+            }
+        }
+    }
+
+    /// The worker processes of an app started with `processes: true`.
+    fn worker_processes(&mut self) -> &mut Vec<Child> {
+        match &mut self.runner {
+            Runner::Processes { workers, .. } => workers,
+            Runner::InProcess { .. } => {
+                panic!("this test kills or signals processes: spawn it with `processes: true`")
+            }
+        }
     }
 
     /// `kill -9` a worker.
     pub async fn kill_worker(&mut self, index: usize) {
+        let mut child = self.worker_processes().remove(index);
         self.worker_metrics.remove(index);
-        let mut child = self.workers.remove(index);
         child.start_kill().unwrap();
         child.wait().await.unwrap();
     }
 
     /// SIGTERM a worker and wait for it to exit; returns its exit status.
     pub async fn terminate_worker(&mut self, index: usize) -> std::process::ExitStatus {
+        let mut child = self.worker_processes().remove(index);
         self.worker_metrics.remove(index);
-        let mut child = self.workers.remove(index);
         let pid = child.id().unwrap();
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -560,16 +666,32 @@ impl TestApp {
 
     /// `kill -9` the API process.
     pub async fn kill_api(&mut self) {
-        let mut child = self.api_process.take().unwrap();
+        let Runner::Processes { api, .. } = &mut self.runner else {
+            panic!("this test kills the API process: spawn it with `processes: true`")
+        };
+        let mut child = api.take().unwrap();
         child.start_kill().unwrap();
         child.wait().await.unwrap();
     }
 
-    /// Stop every process and drop the schema and queues.
+    /// Stop the API and the workers and drop the schema and queues. In-process workers are not
+    /// waited for: their grace period only matters to the jobs of a test that is over.
     pub async fn cleanup(mut self) {
-        for mut child in self.workers.drain(..).chain(self.api_process.take()) {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+        match &mut self.runner {
+            Runner::InProcess { app, more_apis } => {
+                for node in more_apis.drain(..) {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), node.stop()).await;
+                }
+                if let Some(app) = app.take() {
+                    app.abort();
+                }
+            }
+            Runner::Processes { api, workers } => {
+                for mut child in workers.drain(..).chain(api.take()) {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
         }
         self.sim.shutdown();
         if let Some(file) = self.sqlite_file.take() {

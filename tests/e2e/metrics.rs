@@ -100,7 +100,11 @@ const LANES: [&str; 4] = ["priority", "standard", "batch", "retry"];
 
 #[tokio::test]
 async fn metrics_after_a_run_hold_what_the_run_implies() {
-    let app = spawn_app(AppOptions::default()).await;
+    let app = spawn_app(AppOptions {
+        processes: true,
+        ..AppOptions::default()
+    })
+    .await;
     // A price on the endpoint, so cost is counted: the processes read it at start.
     let config = std::fs::read_to_string(&app.config_path).unwrap();
     let config = config.replacen(

@@ -237,7 +237,12 @@ async fn a_worker_killed_mid_send_does_not_lose_the_email() {
     let dir = Maildir::new();
     let stall = Stall::start().await;
     let port = stall.port;
-    let mut app = mail_app(port).await;
+    let mut app = spawn_app(AppOptions {
+        smtp_port: Some(port),
+        processes: true,
+        ..AppOptions::default()
+    })
+    .await;
     let free = app
         .key_with_email("acme", Tier::Free, "fi@example.com")
         .await;

@@ -323,6 +323,7 @@ async fn a_batch_past_the_tenants_cap_or_budget_is_refused_whole() {
 #[tokio::test]
 async fn a_batch_completes_once_per_line_after_a_worker_and_the_api_node_are_killed() {
     let mut app = spawn_app(AppOptions {
+        processes: true,
         workers: 2,
         concurrency: 4,
         sim: SimConfig {

@@ -3,10 +3,10 @@
 //! and in SQLite); prints jobs/s and submit-to-complete latency of each run, then one table
 //! comparing them.
 
-use crate::config::{Config, QueueBackend};
-use crate::stack;
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
+use sluice::config::{Config, QueueBackend};
+use sluice::stack;
 use sluice_broker::Broker;
 use sluice_core::{Principal, Tier};
 use sluice_outbox::Publisher;

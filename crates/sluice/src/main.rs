@@ -4,16 +4,12 @@
 
 mod bench;
 mod client;
-mod config;
-mod embedded;
-mod logging;
-mod metrics;
 mod ratelimit;
-mod stack;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use config::Config;
+use sluice::config::Config;
+use sluice::{embedded, logging, stack};
 use sluice_core::{Principal, RequestId, Tier};
 use std::net::SocketAddr;
 use std::path::PathBuf;

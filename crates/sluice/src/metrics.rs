@@ -47,13 +47,13 @@ pub fn render(handle: PrometheusHandle) -> sluice_api::RenderMetrics {
     Arc::new(move || handle.render())
 }
 
-/// Serve `GET /metrics` on `addr` until `shutdown`; prints the bound address (the port may
-/// be 0) so tests and operators can find it.
+/// Serve `GET /metrics` on `addr` until `shutdown`; prints and returns the bound address (the
+/// port may be 0) so tests and operators can find it.
 pub async fn serve_worker(
     addr: SocketAddr,
     handle: PrometheusHandle,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
@@ -75,7 +75,7 @@ pub async fn serve_worker(
             tracing::error!(message = "the worker metrics server failed", %error);
         }
     });
-    Ok(())
+    Ok(bound)
 }
 
 fn prometheus_text(body: String) -> impl axum::response::IntoResponse {

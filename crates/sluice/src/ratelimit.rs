@@ -1,9 +1,9 @@
 //! `sluice bench ratelimit`: how close to a pool's aggregate capacity the workers drain a
 //! backlog without tripping the provider's limits, with one worker process and with several.
 
-use crate::config::Config;
-use crate::stack;
 use anyhow::{bail, Context};
+use sluice::config::Config;
+use sluice::stack;
 use sluice_broker::Broker;
 use sluice_core::{JobRequest, Message, Principal, Tier};
 use sluice_outbox::Publisher;

@@ -1,6 +1,7 @@
 //! Builds the running pieces from configuration: store, broker, publisher, API and worker,
 //! and the operator commands that need them directly (migrate, dlq).
 
+use crate::app::{ApiNode, WorkerNode};
 use crate::config::{Config, QueueBackend};
 use anyhow::Context;
 use sluice_admission::{Admission, AdmissionPolicy, Intake, Quotas, SemanticCache};
@@ -9,13 +10,11 @@ use sluice_broker::rabbitmq::RabbitBroker;
 use sluice_broker::Broker;
 use sluice_core::RequestId;
 use sluice_notify::{EventBus, Hub, Poll};
-use sluice_outbox::{Publisher, RelayConfig};
+use sluice_outbox::Publisher;
 use sluice_providers::{Router, SharedLimits};
 use sluice_store::{Store, StoreConfig};
-use sluice_worker::Worker;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub async fn store(config: &Config, migrate: bool) -> anyhow::Result<Store> {
@@ -192,83 +191,27 @@ pub fn api_state(
     ))
 }
 
+/// `sluice serve`: one API node until `shutdown`.
 pub async fn serve(
     config: Config,
     migrate: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if config.routes.is_empty() {
-        tracing::warn!(
-            message = "no routes configured: every submission will be refused as an unknown model"
-        );
-    }
-    let store = store(&config, migrate).await?;
-    let broker = broker(&config, &store).await?;
-    let publisher = Publisher::new(store.clone(), broker);
-    sluice_outbox::spawn_relay(
-        store.clone(),
-        publisher.clone(),
-        RelayConfig::default(),
-        shutdown.clone(),
-    );
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
+    let node = ApiNode::start(&config, migrate, &shutdown).await?;
     // Scripts and tests read this line to find the port.
-    println!("sluice api listening on http://{addr}");
-    tracing::info!(message = "api listening", %addr);
-    let bus = event_bus(&config)?;
-    let poll = hub_poll(config.redis.is_some());
-    let state = api_state(&config, store, publisher, bus, poll, shutdown.clone())?;
-    sluice_api::serve(listener, state, shutdown)
-        .await
-        .context("the API server failed")
+    println!("sluice api listening on {}", node.url());
+    node.wait().await
 }
 
+/// `sluice worker`: one worker until `shutdown`.
 pub async fn worker(
     config: Config,
     migrate: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let router = router(&config).await?;
-    let store = store(&config, migrate).await?;
-    let broker = broker(&config, &store).await?;
-    let publisher = Publisher::new(store.clone(), broker);
-    // Every worker with `[mail]` also sends completion emails; the notifications' leases keep
-    // two workers from sending the same one.
-    let mailer = match &config.mail {
-        Some(mail) => Some(
-            sluice_notify::Mailer::new(store.clone(), mail.clone())
-                .context("cannot set up the mailer from [mail]")?,
-        ),
-        None => None,
-    };
-    let worker = Worker::new(
-        store,
-        publisher,
-        router,
-        config.worker.clone(),
-        event_bus(&config)?,
-    )?;
-    // A child token, so a worker that fails also stops its mailer.
-    let metrics = crate::metrics::install()?;
-    if let Some(addr) = config.worker.metrics_listen {
-        crate::metrics::serve_worker(addr, metrics, shutdown.child_token()).await?;
-    }
-    let mail_stop = shutdown.child_token();
-    let mailer = mailer.map(|mailer| tokio::spawn(mailer.run(mail_stop.clone())));
+    let node = WorkerNode::start(&config, migrate, &shutdown).await?;
     println!("sluice worker started");
-    let result = worker.run(shutdown).await.context("the worker failed");
-    if let Some(mailer) = mailer {
-        // The mailer finishes the send in progress; emails it had not started wait in the
-        // database for the next mailer.
-        mail_stop.cancel();
-        if let Err(error) = mailer.await {
-            tracing::error!(message = "the mailer failed", %error);
-        }
-    }
-    result
+    node.wait().await
 }
 
 pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<()> {
