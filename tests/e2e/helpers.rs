@@ -6,7 +6,6 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_broker::rabbitmq::{RabbitBroker, RabbitConfig};
-use sluice_broker::Broker;
 use sluice_core::{JobState, Principal, RequestId, Tier};
 use sluice_sim::{SimConfig, SimHandle};
 use sluice_store::{Store, StoreConfig};
@@ -18,19 +17,7 @@ use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-pub fn database_url() -> String {
-    std::env::var("SLUICE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn rabbitmq_url() -> String {
-    std::env::var("SLUICE_TEST_RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+pub use sluice_testkit::{database_url, rabbitmq_url, redis_url};
 
 /// A simulator of a test's own, without request limits, answering with `faults`.
 pub async fn spawn_sim(faults: sluice_sim::Faults) -> SimHandle {
@@ -125,15 +112,21 @@ pub struct TestApp {
     pub store: Store,
     pub http: reqwest::Client,
     pub config_path: PathBuf,
+    /// The RabbitMQ queue prefix, Redis key prefix and SQL queue namespace of this app.
     pub prefix: String,
     schema: String,
     runner: Runner,
+    /// The schema or SQLite file, the lanes and the Redis keys: held, removed when the app
+    /// goes, whether or not the test got to `cleanup`.
+    _scratch: (
+        sluice_testkit::ScratchDb,
+        sluice_testkit::ScratchRabbit,
+        sluice_testkit::ScratchRedis,
+    ),
     /// Each worker's metrics URL (`http://ADDR/metrics`), in the order they started.
     pub worker_metrics: Vec<String>,
-    /// The SQS server of a `Queue::Sqs` app; stopped with the app.
-    moto: Option<sluice_sqs::testing::MotoServer>,
-    /// The database file of a `Queue::Sqlite` app; removed with the app.
-    sqlite_file: Option<PathBuf>,
+    /// The SQS server of a `Queue::Sqs` app; held, stopped when the app goes.
+    _moto: Option<sluice_sqs::testing::MotoServer>,
 }
 
 /// How the app's API and workers run.
@@ -159,16 +152,22 @@ pub enum Node {
 
 pub async fn spawn_app(options: AppOptions) -> TestApp {
     let id = uuid::Uuid::now_v7().simple().to_string();
-    let schema = format!("e2e_{}", &id[16..]);
-    let prefix = format!("e2e-{id}");
+    let db = match options.queue {
+        Queue::Sqlite => sluice_testkit::ScratchDb::sqlite("e2e"),
+        _ => sluice_testkit::ScratchDb::postgres("e2e"),
+    };
+    let lanes = sluice_testkit::ScratchRabbit::new("e2e");
+    let keys = sluice_testkit::ScratchRedis {
+        prefix: lanes.prefix.clone(),
+        url: options.redis_url.clone().unwrap_or_else(redis_url),
+    };
+    let prefix = lanes.prefix.clone();
+    let schema = db.schema().unwrap_or_default().to_owned();
     let sim = sluice_sim::spawn(options.sim.clone(), ([127, 0, 0, 1], 0).into())
         .await
         .expect("simulator");
-    let sqlite_file = std::env::temp_dir().join(format!("sluice-e2e-{id}.db"));
-    let database_url = match options.queue {
-        Queue::Sqlite => format!("sqlite://{}", sqlite_file.display()),
-        _ => database_url(),
-    };
+    let database = db.config();
+    let database_url = database.url.clone();
     let database_section = match options.queue {
         Queue::Sqlite => format!("[database]\nurl = \"{database_url}\"\n"),
         _ => format!(
@@ -292,14 +291,11 @@ default = {route}
     let config_path = std::env::temp_dir().join(format!("sluice-e2e-{id}.toml"));
     std::fs::write(&config_path, config).unwrap();
 
-    // Migrate once here so the processes start on a ready schema.
-    let sqlite = options.queue == Queue::Sqlite;
+    // Migrate once here so the processes start on a ready schema. Under its own name in
+    // `pg_stat_activity`: the app's connections are the ones a test may cut.
     let store = Store::connect(&StoreConfig {
-        url: database_url,
-        schema: (!sqlite).then(|| schema.clone()),
-        max_connections: 4,
-        migrate: true,
-        ..StoreConfig::default()
+        application_name: "sluice-e2e-test".into(),
+        ..database
     })
     .await
     .expect("database");
@@ -324,8 +320,8 @@ default = {route}
             }
         },
         worker_metrics: Vec::new(),
-        moto,
-        sqlite_file: sqlite.then_some(sqlite_file),
+        _moto: moto,
+        _scratch: (db, lanes, keys),
     };
     app.boot(options.workers).await;
     app
@@ -694,17 +690,9 @@ impl TestApp {
             }
         }
         self.sim.shutdown();
-        if let Some(file) = self.sqlite_file.take() {
-            let _ = sluice_store::remove_sqlite_files(&file);
-            let _ = std::fs::remove_file(&self.config_path);
-            return;
-        }
-        if self.moto.take().is_none() {
-            let _ = self.broker().await.delete_all().await;
-        }
-        // Delay queues other processes declared expire on their own; lanes are deleted here.
-        self.store.drop_schema(&self.schema).await.unwrap();
+        self.store.close().await;
         let _ = std::fs::remove_file(&self.config_path);
+        // The scratch schema or file, lanes and keys go with `self`.
     }
 }
 
