@@ -32,7 +32,8 @@ check:
 
 ## End-to-end throughput on this machine (not a test).
 bench: services
-	$(CARGO) run --release --bin sluice -- bench throughput
+	$(CARGO) build --release --bin sluice
+	$(CARGO) run --release -p sluice-bench -- throughput
 
 services:
 	@scripts/services.sh

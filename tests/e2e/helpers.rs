@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-pub use sluice_testkit::{database_url, rabbitmq_url, redis_url};
+pub use sluice_testkit::{rabbitmq_url, redis_url};
 
 /// A simulator of a test's own, without request limits, answering with `faults`.
 pub async fn spawn_sim(faults: sluice_sim::Faults) -> SimHandle {
@@ -133,7 +133,7 @@ pub struct TestApp {
 enum Runner {
     /// In this process: the library's `App` (API and workers), and more API nodes.
     InProcess {
-        app: Option<sluice::App>,
+        app: Option<Box<sluice::App>>,
         more_apis: Vec<sluice::ApiNode>,
     },
     /// As `sluice serve` and `sluice worker` child processes.
@@ -369,7 +369,7 @@ impl TestApp {
                     .iter()
                     .filter_map(|w| w.metrics.map(|a| format!("http://{a}/metrics")))
                     .collect();
-                *app = Some(built);
+                *app = Some(Box::new(built));
             }
             Runner::Processes { .. } => {
                 let (child, url) = self.start_api_process().await;

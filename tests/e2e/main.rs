@@ -5,7 +5,6 @@
 mod admin;
 mod admission;
 mod api;
-mod bench;
 mod dashboard;
 mod delivery;
 mod embedded;

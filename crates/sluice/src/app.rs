@@ -170,6 +170,9 @@ impl App {
     /// Migrate, then start an API node and `workers` workers on `config`. Bind `listen` (and
     /// `[worker] metrics_listen`) to port 0 to run several apps side by side.
     pub async fn build(config: Config, workers: usize) -> anyhow::Result<App> {
+        // Two TLS crypto providers are linked (ring, aws-lc): rustls needs the process's
+        // default named, as the binary does at start. Fails only if one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let shutdown = CancellationToken::new();
         let api = ApiNode::start(&config, true, &shutdown).await?;
         let mut app = App {

@@ -2,9 +2,7 @@
 //! one process on SQLite: `dev`), and talks to a
 //! running deployment (keys, submit, status, watch, dead-letter queue) and benchmarks it.
 
-mod bench;
 mod client;
-mod ratelimit;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -123,10 +121,12 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
-    /// Benchmarks against this machine's services.
+    /// Benchmarks against this machine's services: runs the `sluice-bench` binary built beside
+    /// this one (`cargo build --release -p sluice-bench`) with the same arguments.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        command: bench::BenchCommand,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -306,6 +306,33 @@ fn shutdown_signal() -> CancellationToken {
     token
 }
 
+/// `sluice bench ...`: the benchmarks live in their own binary, kept out of this one.
+async fn bench(config: Option<&std::path::Path>, args: &[String]) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name(format!("sluice-bench{}", std::env::consts::EXE_SUFFIX));
+    if !exe.exists() {
+        anyhow::bail!(
+            "{} is missing: build it with `cargo build --release -p sluice-bench` (or run \
+             `cargo run --release -p sluice-bench -- ...`)",
+            exe.display()
+        );
+    }
+    let mut command = tokio::process::Command::new(&exe);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let status = command
+        .args(args)
+        .status()
+        .await
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    if !status.success() {
+        anyhow::bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     // Startup: fails only if another provider was installed first, which is as good.
@@ -409,9 +436,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DlqCommand::Purge { id } => stack::dlq_purge(&config, id).await,
             }
         }
-        Command::Bench { command } => {
-            let config = Config::load(path)?;
-            bench::run(command, config).await
-        }
+        Command::Bench { args } => bench(path, &args).await,
     }
 }

@@ -1,4 +1,4 @@
-//! `sluice bench throughput`: the whole job path in one process against an instant simulator,
+//! `sluice-bench throughput`: the whole job path in one process against an instant simulator,
 //! once per lane backend (RabbitMQ, SQS on a local moto server, the SQL queue in PostgreSQL
 //! and in SQLite); prints jobs/s and submit-to-complete latency of each run, then one table
 //! comparing them.

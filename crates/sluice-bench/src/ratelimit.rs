@@ -166,7 +166,16 @@ async fn drive(
         "bench ratelimit: {jobs} jobs, {workers} worker process(es), pool capacity {capacity_per_sec:.1} req/s"
     );
 
-    let exe = std::env::current_exe().context("cannot find the sluice binary")?;
+    // The workers are real `sluice worker` processes: the binary built beside this one.
+    let exe = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name(format!("sluice{}", std::env::consts::EXE_SUFFIX));
+    if !exe.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --bin sluice)",
+            exe.display()
+        );
+    }
     let mut children = Vec::new();
     for _ in 0..workers {
         children.push(

@@ -1,8 +1,11 @@
-//! `sluice bench throughput` across lane backends: every backend named runs to completion and
+//! `sluice-bench throughput` across lane backends: every backend named runs to completion and
 //! lands in the summary table. No timing is asserted, only that each backend finished its jobs.
+#![allow(clippy::unwrap_used)]
 
-use crate::helpers::{database_url, rabbitmq_url, BIN};
+use sluice_testkit::{database_url, rabbitmq_url};
 use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice-bench");
 
 #[tokio::test]
 async fn bench_throughput_runs_each_backend_and_prints_one_table() {
@@ -11,7 +14,7 @@ async fn bench_throughput_runs_each_backend_and_prints_one_table() {
     std::fs::write(&config, "").unwrap();
     let output = Command::new(BIN)
         .args(["--config", config.to_str().unwrap()])
-        .args(["bench", "throughput", "--jobs", "200", "--clients", "8"])
+        .args(["throughput", "--jobs", "200", "--clients", "8"])
         .args(["--workers", "1", "--concurrency", "32"])
         .args(["--backends", "rabbitmq,sql-sqlite"])
         // The config file stays empty; the test's servers come in as the usual overrides.

@@ -1,0 +1,43 @@
+//! `sluice-bench` (also reached as `sluice bench`): Sluice's benchmarks against this machine's
+//! services. `throughput` runs the whole job path in one process per lane backend; `ratelimit`
+//! drains a backlog through a rate-limited pool with worker processes. Measurements, not tests.
+
+mod ratelimit;
+mod throughput;
+
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-bench",
+    version,
+    about = "Benchmarks of Sluice on this machine"
+)]
+struct Cli {
+    /// Config file (default: ./sluice.toml if it exists).
+    #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: throughput::BenchCommand,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    // Startup: fails only if another provider was installed first, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let telemetry = sluice::logging::init();
+    let cli = Cli::parse();
+    let result = match sluice::Config::load(cli.config.as_deref()) {
+        Ok(config) => throughput::run(cli.command, config).await,
+        Err(error) => Err(error),
+    };
+    telemetry.shutdown();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
