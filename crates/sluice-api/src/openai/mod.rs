@@ -9,11 +9,12 @@ pub(crate) mod chat;
 mod error;
 mod extract;
 pub(crate) mod files;
+mod finalizer;
 pub(crate) mod models;
 pub(crate) mod wire;
 
-pub use batches::spawn_finalizer;
 pub use error::OpenAiError;
+pub use finalizer::spawn_finalizer;
 
 use crate::ApiState;
 use axum::routing::{get, post};
