@@ -332,3 +332,10 @@ fn usable_pool<T: Buffered>(
     }
     None
 }
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod props;
+#[cfg(test)]
+mod tests;
