@@ -2,14 +2,18 @@
 //! takes a provider permit, claims the job, calls the provider, and completes, retries or dead-letters it.
 //!
 //! Alongside run the lease heartbeat, the reaper for leases of dead workers, and the outbox relay.
+//! Which job runs next is decided by the pure [`dispatch::Dispatcher`]; this file carries it out.
 
+pub mod dispatch;
 mod process;
 mod telemetry;
+mod view;
 
+use dispatch::{Decision, Dispatcher, Now, Parked, Waiting};
 use futures::StreamExt;
 use serde::Deserialize;
 use sluice_broker::{BrokerError, Delivery, PublishOptions};
-use sluice_core::{FairQueue, JobRef, Lane, LaneWeights, RequestId, RetryPolicy};
+use sluice_core::{JobRef, Lane, LaneWeights, RequestId, RetryPolicy};
 use sluice_notify::EventBus;
 use sluice_outbox::{Publisher, RelayConfig};
 use sluice_providers::Router;
@@ -20,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use view::RouterView;
 
 /// How a worker behaves; every field has a production default.
 #[derive(Debug, Clone, Deserialize)]
@@ -222,18 +227,21 @@ impl Worker {
         );
 
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
-        let mut queue: FairQueue<Waiting> = FairQueue::new(self.config.weights);
-        let mut next_park = Instant::now();
+        let mut dispatcher: Dispatcher<Delivery> = Dispatcher::new(
+            self.config.weights,
+            self.config.fallback_after(),
+            self.config.park_after(),
+        );
         tracing::info!(
             message = "worker started",
             concurrency = self.config.concurrency
         );
         'dispatch: loop {
-            if queue.is_empty() {
+            if dispatcher.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'dispatch,
                     next = rx.recv() => match next {
-                        Some(d) => enqueue(&mut queue, d).await,
+                        Some(d) => buffer(&mut dispatcher, d).await,
                         None => break 'dispatch,
                     },
                 }
@@ -248,49 +256,46 @@ impl Worker {
             };
             // Everything that arrived meanwhile competes for this pick.
             while let Ok(d) = rx.try_recv() {
-                enqueue(&mut queue, d).await;
+                buffer(&mut dispatcher, d).await;
             }
-            if Instant::now() >= next_park {
-                self.park_overdue(&mut queue).await;
-                next_park = Instant::now() + PARK_CHECK_EVERY;
-            }
-            // Only jobs one of whose pools can serve now compete, so a saturated pool holds
-            // up no one else; a job turned away with a 429 goes first once its pool has room.
-            let runnable =
-                |w: &Waiting| !self.lane_paused(w.delivery.lane) && self.usable_pool(w).is_some();
-            let picked = queue
-                .pop_where(|w| w.delivery.job.rate_limited && runnable(w))
-                .or_else(|| queue.pop_where(runnable));
-            let Some((_, _, waiting)) = picked else {
-                drop(slot);
-                let wait = self.soonest_wait(&queue);
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'dispatch,
-                    _ = tokio::time::sleep(wait) => {}
-                    next = rx.recv() => match next {
-                        Some(d) => enqueue(&mut queue, d).await,
-                        None => break 'dispatch,
-                    },
-                }
-                continue;
-            };
-            let permit = match self.usable_pool(&waiting) {
-                Some(Some(index)) => {
-                    let pool = &self.router.route(&waiting.delivery.job.model)[index];
-                    match pool.try_acquire_for(waiting.delivery.job.tokens).await {
-                        Some(permit) => Some(permit),
-                        None => {
-                            // The pool filled between the check and the take, or another
-                            // worker took the shared share: try again shortly.
-                            requeue(&mut queue, waiting).await;
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                            continue;
+            let (job, pool) = loop {
+                match dispatcher.decide(&self.view(), now()) {
+                    Decision::Pick { job, pool } => break (job, pool),
+                    Decision::Park(parked) => self.park(&mut dispatcher, parked).await,
+                    Decision::Sleep { until } => {
+                        drop(slot);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'dispatch,
+                            _ = tokio::time::sleep_until(until.into()) => {}
+                            next = rx.recv() => match next {
+                                Some(d) => buffer(&mut dispatcher, d).await,
+                                None => break 'dispatch,
+                            },
                         }
+                        continue 'dispatch;
                     }
                 }
-                _ => None,
             };
-            let delivery = waiting.delivery;
+            let permit = match pool {
+                Some(index) => {
+                    let waiting = job.item();
+                    let pool = self.router.route(&waiting.job.model).get(index);
+                    let permit = match pool {
+                        Some(pool) => pool.try_acquire_for(waiting.job.tokens).await,
+                        None => None,
+                    };
+                    if permit.is_none() {
+                        // The pool filled between the check and the take, or another worker
+                        // took the shared share: try again shortly.
+                        put_back(&mut dispatcher, job).await;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    permit
+                }
+                None => None,
+            };
+            let delivery = job.into_item();
             let worker = Arc::clone(&self);
             tokio::spawn(async move {
                 worker.process(delivery, permit).await;
@@ -300,8 +305,8 @@ impl Worker {
 
         consumers.cancel();
         rx.close();
-        while let Some((_, _, waiting)) = queue.pop() {
-            release(waiting.delivery).await;
+        for delivery in dispatcher.drain() {
+            release(delivery).await;
         }
         while let Ok(delivery) = rx.try_recv() {
             release(delivery).await;
@@ -321,140 +326,47 @@ impl Worker {
         Ok(())
     }
 
-    /// Which pool of its route a waiting job may use now: `Some(Some(i))` for the route's
-    /// i-th pool, `Some(None)` for a job without a route (dead-lettered at once), `None` if it
-    /// must wait. Fallback pools are used only once the job has waited `fallback_after` or every
-    /// earlier pool of the route is down.
-    fn usable_pool(&self, waiting: &Waiting) -> Option<Option<usize>> {
-        let route = self.router.route(&waiting.delivery.job.model);
-        if route.is_empty() {
-            return Some(None);
+    /// The pools and lane pauses as the dispatcher sees them.
+    fn view(&self) -> RouterView<'_> {
+        RouterView {
+            router: &self.router,
+            paused_lanes: &self.paused_lanes,
         }
-        let patient = waiting.since.elapsed() >= self.config.fallback_after();
-        for (i, pool) in route.iter().enumerate() {
-            if i > 0 && !patient && !route[..i].iter().all(|p| p.is_down()) {
-                break;
-            }
-            if pool.wait_time_for(waiting.delivery.job.tokens).is_zero() {
-                return Some(Some(i));
-            }
-        }
-        None
     }
 
-    /// Hand back to the broker, with a delay, the jobs that would wait longer than
-    /// `park_after` here: the wait of each is estimated from its primary pool's next free slot
-    /// plus the jobs ahead of it at the pool's current pace (or the end of its fallback wait).
-    async fn park_overdue(&self, queue: &mut FairQueue<Waiting>) {
-        let park_after = self.config.park_after();
-        let mut blocked: HashMap<&str, Vec<(bool, Instant, RequestId)>> = HashMap::new();
-        for waiting in queue.iter() {
-            if self.usable_pool(waiting).is_none() {
-                let job = &waiting.delivery.job;
-                blocked.entry(job.model.as_str()).or_default().push((
-                    !job.rate_limited,
-                    waiting.since,
-                    job.request_id,
-                ));
-            }
-        }
-        let mut park: HashMap<RequestId, Duration> = HashMap::new();
-        for (model, mut jobs) in blocked {
-            let route = self.router.route(model);
-            // Each pool's next free slot and pace; fallbacks count only after the fallback wait.
-            let pools: Vec<(Duration, f64)> = route
-                .iter()
-                .map(|p| (p.wait_time(), p.capacity_per_sec()))
-                .collect();
-            // Jobs turned away with a 429 first, then by arrival: the order they would run in.
-            jobs.sort_unstable();
-            for (ahead, (_, since, id)) in jobs.into_iter().enumerate() {
-                let fallback = self.config.fallback_after().saturating_sub(since.elapsed());
-                let estimate = pools
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &(free_at, pace))| {
-                        let queued = if pace > 0.0 {
-                            Duration::from_secs_f64(ahead as f64 / pace)
-                        } else {
-                            MAX_PARK
-                        };
-                        let start = if i == 0 { Duration::ZERO } else { fallback };
-                        start.saturating_add(free_at).saturating_add(queued)
-                    })
-                    .min()
-                    .unwrap_or(Duration::ZERO);
-                if estimate > park_after {
-                    park.insert(id, estimate.clamp(MIN_PARK, MAX_PARK));
-                }
-            }
-        }
-        if park.is_empty() {
-            return;
-        }
-        let parked = queue.remove_where(|w| park.contains_key(&w.delivery.job.request_id));
+    /// Hand parked jobs back to their lanes with their delays. Each is published before its
+    /// message is acked: a crash between the two leaves a duplicate, which the claim's attempt
+    /// fence drops, never a lost job. A job that cannot be published stays buffered.
+    async fn park(&self, dispatcher: &mut Dispatcher<Delivery>, parked: Vec<Parked<Delivery>>) {
         tracing::debug!(
             message = "parking jobs whose pools are saturated",
             jobs = parked.len()
         );
         let broker = self.publisher.broker();
-        let results = futures::future::join_all(parked.into_iter().map(|waiting| {
-            let delay = park
-                .get(&waiting.delivery.job.request_id)
-                .copied()
-                .unwrap_or(MIN_PARK);
-            let mut job = waiting.delivery.job.clone();
-            job.waiting_since_ms.get_or_insert_with(|| {
-                let waited = i64::try_from(waiting.since.elapsed().as_millis()).unwrap_or(0);
-                unix_now_ms() - waited
-            });
-            let lane = waiting.delivery.lane;
-            async move {
-                // Published before the ack: a crash between the two leaves a duplicate, which
-                // the claim's attempt fence drops, never a lost job.
-                match broker
-                    .publish(lane, &job, PublishOptions::delayed(delay))
-                    .await
-                {
-                    Ok(()) => {
-                        ack_quietly(waiting.delivery).await;
-                        None
-                    }
-                    Err(error) => {
-                        tracing::warn!(message = "could not park a job; it stays in memory", %error);
-                        Some(waiting)
-                    }
+        let results = futures::future::join_all(parked.into_iter().map(|parked| async move {
+            let Parked {
+                job,
+                message,
+                delay,
+            } = parked;
+            match broker
+                .publish(job.item().lane, &message, PublishOptions::delayed(delay))
+                .await
+            {
+                Ok(()) => {
+                    ack_quietly(job.into_item()).await;
+                    None
+                }
+                Err(error) => {
+                    tracing::warn!(message = "could not park a job; it stays in memory", %error);
+                    Some(job)
                 }
             }
         }))
         .await;
-        for waiting in results.into_iter().flatten() {
-            requeue(queue, waiting).await;
+        for job in results.into_iter().flatten() {
+            put_back(dispatcher, job).await;
         }
-    }
-
-    /// How long until some waiting job could go: a pool frees up or a fallback timer runs out.
-    /// Bounded, so new deliveries and shutdown are still noticed promptly.
-    fn soonest_wait(&self, queue: &FairQueue<Waiting>) -> Duration {
-        let mut soonest = Duration::from_millis(250);
-        let mut seen: HashMap<&str, Duration> = HashMap::new();
-        for waiting in queue.iter() {
-            let model = waiting.delivery.job.model.as_str();
-            let pools = *seen.entry(model).or_insert_with(|| {
-                self.router
-                    .route(model)
-                    .iter()
-                    .map(|p| p.wait_time())
-                    .min()
-                    .unwrap_or(Duration::ZERO)
-            });
-            let fallback = self
-                .config
-                .fallback_after()
-                .saturating_sub(waiting.since.elapsed());
-            soonest = soonest.min(pools).min(fallback);
-        }
-        soonest.max(Duration::from_millis(1))
     }
 
     /// Run `tick` on this worker every `period` until `stop` fires; the first run comes at
@@ -563,10 +475,6 @@ impl Worker {
         }
     }
 
-    fn lane_paused(&self, lane: Lane) -> bool {
-        self.paused_lanes[lane.index()].load(Ordering::Relaxed)
-    }
-
     /// Read what operators paused: lanes this worker stops taking jobs from, and endpoints its
     /// pools stop calling.
     async fn read_pauses(&self) {
@@ -598,48 +506,36 @@ const SAMPLE_ENDPOINTS_EVERY: Duration = Duration::from_secs(1);
 const SETTLE_FOLLOWERS_EVERY: Duration = Duration::from_secs(1);
 /// How often operators' pauses are read.
 const READ_PAUSES_EVERY: Duration = Duration::from_secs(1);
-/// How often the buffer is checked for jobs to park.
-const PARK_CHECK_EVERY: Duration = Duration::from_millis(250);
-/// Bounds of a parking delay: long enough not to churn, short enough to notice a freed pool.
-const MIN_PARK: Duration = Duration::from_secs(1);
-const MAX_PARK: Duration = Duration::from_secs(60);
-
-/// A delivery in the worker's buffer, with since when it has waited for a pool (for fallback
-/// decisions; a parked job keeps its first wait's start).
-struct Waiting {
-    delivery: Delivery,
-    since: Instant,
-}
-
 fn unix_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-async fn enqueue(queue: &mut FairQueue<Waiting>, delivery: Delivery) {
-    let now = Instant::now();
-    let since = delivery
-        .job
-        .waiting_since_ms
-        .and_then(|ms| u64::try_from(unix_now_ms().saturating_sub(ms)).ok())
-        .and_then(|waited| now.checked_sub(Duration::from_millis(waited)))
-        .unwrap_or(now);
-    requeue(queue, Waiting { delivery, since }).await;
+/// The moment a decision is made for, read once per decision.
+fn now() -> Now {
+    Now {
+        at: Instant::now(),
+        unix_ms: unix_now_ms(),
+    }
+}
+
+async fn buffer(dispatcher: &mut Dispatcher<Delivery>, delivery: Delivery) {
+    if let Err(delivery) = dispatcher.push(delivery, now()) {
+        // Only `dead` is refused, and workers never consume it.
+        release(delivery).await;
+    }
+}
+
+async fn put_back(dispatcher: &mut Dispatcher<Delivery>, job: Waiting<Delivery>) {
+    if let Err(delivery) = dispatcher.put_back(job) {
+        release(delivery).await;
+    }
 }
 
 async fn ack_quietly(delivery: Delivery) {
     if let Err(error) = delivery.ack().await {
         tracing::debug!(message = "ack failed; the broker redelivers and the fence drops it", %error);
-    }
-}
-
-async fn requeue(queue: &mut FairQueue<Waiting>, waiting: Waiting) {
-    let lane = waiting.delivery.lane;
-    let tenant = waiting.delivery.job.tenant.clone();
-    if let Err(waiting) = queue.push(lane, &tenant, waiting) {
-        // Only `dead` is refused, and workers never consume it.
-        release(waiting.delivery).await;
     }
 }
 
