@@ -36,6 +36,7 @@ mod client;
 mod config;
 mod consume;
 mod message;
+#[cfg(feature = "moto")]
 pub mod moto;
 #[cfg(feature = "testing")]
 pub mod testing;
