@@ -11,23 +11,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use lapin::acker::Acker;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::publisher_confirm::Confirmation;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::{
-    Acknowledge, Backoff, BoxError, Broker, BrokerError, Consumer, Delivery, JobRef, Lane,
-    PublishOptions,
-};
+use crate::{BoxError, Broker, BrokerError, Consumer, JobRef, Lane, PublishOptions};
+
+mod consume;
+mod publish;
+
+use publish::Outgoing;
 
 /// Header carrying a dead-lettered job's reason.
 pub const REASON_HEADER: &str = "x-sluice-reason";
@@ -35,10 +31,6 @@ pub const REASON_HEADER: &str = "x-sluice-reason";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound for any single round trip, so a wedged connection surfaces as an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
-const PUBLISH_ATTEMPTS: u32 = 3;
-/// Publishing does not count as "use" for `x-expires`, so a holding queue is
-/// redeclared (renewing its lease) at least this often while we publish into it.
-const REDECLARE_HOLDING_AFTER: Duration = Duration::from_secs(30);
 /// Keeps `x-expires` (2 * ttl + 60 s) well inside RabbitMQ's 32-bit millisecond arguments.
 const MAX_DELAY_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -129,27 +121,6 @@ struct Shared {
     holding: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
-/// One message on its way out.
-struct Outgoing {
-    lane: Lane,
-    body: Vec<u8>,
-    message_id: Option<String>,
-    opts: PublishOptions,
-}
-
-impl Outgoing {
-    fn job(lane: Lane, job: &JobRef, opts: PublishOptions) -> Result<Self, BrokerError> {
-        let body = serde_json::to_vec(job)
-            .map_err(|e| BrokerError::Malformed(format!("cannot encode job: {e}")))?;
-        Ok(Self {
-            lane,
-            body,
-            message_id: Some(job.request_id.to_string()),
-            opts,
-        })
-    }
-}
-
 impl RabbitBroker {
     /// Connects now, so a wrong URL or credentials fail at startup.
     pub async fn connect(config: RabbitConfig) -> Result<Self, BrokerError> {
@@ -204,22 +175,7 @@ impl Broker for RabbitBroker {
     }
 
     async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Consumer, BrokerError> {
-        // Subscribe once up front so a missing queue or bad permissions fail the call.
-        let sub = subscribe(&self.shared, lane, prefetch).await?;
-        let state = ConsumeLoop {
-            shared: self.shared.clone(),
-            lane,
-            prefetch,
-            sub: Some(sub),
-            backoff: Backoff::default(),
-        };
-        Ok(Box::pin(futures::stream::unfold(
-            state,
-            |mut state| async move {
-                let delivery = state.next_delivery().await;
-                Some((Ok(delivery), state))
-            },
-        )))
+        consume::start(self.shared.clone(), lane, prefetch).await
     }
 
     async fn depth(&self, lane: Lane) -> Result<u64, BrokerError> {
@@ -374,348 +330,6 @@ impl Shared {
             Self::discard(&self.admin).await;
         }
         result.map_err(admin_error)
-    }
-
-    fn holding_names(&self) -> Vec<String> {
-        match self.holding.lock() {
-            Ok(map) => map.keys().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().keys().cloned().collect(),
-        }
-    }
-
-    fn forget_holding(&self, queue: &str) {
-        let mut map = self.holding.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(queue);
-    }
-
-    /// Declares (or renews the lease of) the holding queue for `lane` and `ms`.
-    async fn holding_queue(&self, lane: Lane, ms: u64) -> Result<String, BrokerError> {
-        let target = self.queue_name(lane);
-        let queue = format!("{}.delay.{}.{ms}", self.config.prefix, lane.as_str());
-        let fresh = {
-            let map = self.holding.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(&queue)
-                .is_some_and(|at| at.elapsed() < REDECLARE_HOLDING_AFTER)
-        };
-        if fresh {
-            return Ok(queue);
-        }
-        let mut args = FieldTable::default();
-        let ttl =
-            i64::try_from(ms).map_err(|_| BrokerError::DelayTooLong(Duration::from_millis(ms)))?;
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(2 * ttl + 60_000));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(target.into()),
-        );
-        let declared_at = Instant::now();
-        self.admin_op(&queue, |ch| {
-            let queue = queue.clone();
-            async move { ch.queue_declare(&queue, durable(), args).await }
-        })
-        .await?;
-        let mut map = self.holding.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(queue.clone(), declared_at);
-        Ok(queue)
-    }
-
-    /// Publishes with confirms, retrying the whole set after connection trouble.
-    /// A retry may duplicate messages that did arrive; consumers fence duplicates.
-    async fn publish_items(&self, items: &[Outgoing]) -> Result<(), BrokerError> {
-        let mut backoff = Backoff::default();
-        let mut attempt = 1;
-        loop {
-            match self.publish_once(items).await {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < PUBLISH_ATTEMPTS && retryable(&e) => {
-                    warn!(error = %e, attempt, "publish failed; retrying");
-                    if let BrokerError::Unroutable { queue } = &e {
-                        // A holding queue may have expired or been purged: redeclare it.
-                        self.forget_holding(queue);
-                    }
-                    Self::discard(&self.publisher).await;
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    async fn publish_once(&self, items: &[Outgoing]) -> Result<(), BrokerError> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut targets = Vec::with_capacity(items.len());
-        for item in items {
-            let target = match item.opts.delay.map(delay_bucket_ms).transpose()?.flatten() {
-                Some(ms) => self.holding_queue(item.lane, ms).await?,
-                None => self.queue_name(item.lane),
-            };
-            targets.push(target);
-        }
-        let publish_error = |queue: &str, source| BrokerError::Publish {
-            queue: queue.to_owned(),
-            source,
-        };
-        let first = targets.first().map_or("", String::as_str);
-        let ch = self
-            .channel(&self.publisher, true)
-            .await
-            .map_err(|e| publish_error(first, e))?;
-
-        // Send everything first, then wait for the confirms together: one round trip per batch.
-        let mut pending = Vec::with_capacity(items.len());
-        for (item, queue) in items.iter().zip(&targets) {
-            let confirm = timed(ch.basic_publish(
-                "",
-                queue,
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &item.body,
-                properties(item),
-            ))
-            .await
-            .map_err(|e| publish_error(queue, e))?;
-            pending.push(timed(confirm));
-        }
-        let confirms = futures::future::join_all(pending).await;
-        for (confirm, queue) in confirms.into_iter().zip(&targets) {
-            match confirm.map_err(|e| publish_error(queue, e))? {
-                Confirmation::Ack(None) => {}
-                // With `mandatory`, an unroutable message comes back attached to its ack.
-                Confirmation::Ack(Some(_)) => {
-                    return Err(BrokerError::Unroutable {
-                        queue: queue.clone(),
-                    })
-                }
-                Confirmation::Nack(_) => {
-                    return Err(BrokerError::NotConfirmed {
-                        queue: queue.clone(),
-                    })
-                }
-                Confirmation::NotRequested => {
-                    return Err(publish_error(
-                        queue,
-                        "the publish channel is not in confirm mode".into(),
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn retryable(e: &BrokerError) -> bool {
-    matches!(
-        e,
-        BrokerError::Connection(_)
-            | BrokerError::Publish { .. }
-            | BrokerError::Unroutable { .. }
-            | BrokerError::Admin { .. }
-    )
-}
-
-fn properties(item: &Outgoing) -> BasicProperties {
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into());
-    if let Some(id) = &item.message_id {
-        props = props.with_message_id(id.as_str().into());
-    }
-    if let Some(reason) = &item.opts.reason {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            REASON_HEADER.into(),
-            AMQPValue::LongString(reason.as_str().into()),
-        );
-        props = props.with_headers(headers);
-    }
-    props
-}
-
-/// Only our own header counts: the `x-death` header that the holding queues add
-/// when they release a delayed message says nothing about why a job died.
-fn reason_of(props: &BasicProperties) -> Option<String> {
-    match props.headers().as_ref()?.inner().get(REASON_HEADER)? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-/// A consumer's channel and lapin stream; the channel closes when the last clone drops.
-struct Subscription {
-    channel: Channel,
-    consumer: lapin::Consumer,
-}
-
-async fn subscribe(
-    shared: &Shared,
-    lane: Lane,
-    prefetch: u16,
-) -> Result<Subscription, BrokerError> {
-    let queue = shared.queue_name(lane);
-    let consume_error = |source| BrokerError::Consume {
-        queue: queue.clone(),
-        source,
-    };
-    let conn = shared.connection().await?;
-    let channel = timed(conn.create_channel()).await.map_err(consume_error)?;
-    // AMQP reads a prefetch of 0 as "unlimited", which is never what a caller means.
-    timed(channel.basic_qos(prefetch.max(1), BasicQosOptions::default()))
-        .await
-        .map_err(consume_error)?;
-    let tag = format!("sluice-{}-{}", lane.as_str(), uuid::Uuid::now_v7());
-    let consumer = timed(channel.basic_consume(
-        &queue,
-        &tag,
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    ))
-    .await
-    .map_err(consume_error)?;
-    Ok(Subscription { channel, consumer })
-}
-
-struct ConsumeLoop {
-    shared: Arc<Shared>,
-    lane: Lane,
-    prefetch: u16,
-    sub: Option<Subscription>,
-    backoff: Backoff,
-}
-
-impl ConsumeLoop {
-    /// The next well-formed delivery, re-subscribing as often as needed.
-    async fn next_delivery(&mut self) -> Delivery {
-        let queue = self.shared.queue_name(self.lane);
-        loop {
-            let Some(sub) = self.sub.as_mut() else {
-                match subscribe(&self.shared, self.lane, self.prefetch).await {
-                    Ok(sub) => {
-                        info!(%queue, "re-subscribed");
-                        self.sub = Some(sub);
-                        self.backoff = Backoff::default();
-                    }
-                    Err(e) => {
-                        warn!(%queue, error = %e, "re-subscribing failed; will retry");
-                        tokio::time::sleep(self.backoff.next_delay()).await;
-                    }
-                }
-                continue;
-            };
-            let raw = match sub.consumer.next().await {
-                Some(Ok(raw)) => raw,
-                Some(Err(e)) => {
-                    warn!(%queue, error = %e, "consumer failed; re-subscribing");
-                    self.drop_subscription().await;
-                    continue;
-                }
-                None => {
-                    warn!(%queue, "consumer cancelled by the broker; re-subscribing");
-                    self.drop_subscription().await;
-                    continue;
-                }
-            };
-            let reason = reason_of(&raw.properties);
-            match serde_json::from_slice::<JobRef>(&raw.data) {
-                Ok(job) => {
-                    let handle = RabbitAck {
-                        acker: raw.acker,
-                        channel: sub.channel.clone(),
-                    };
-                    return Delivery::new(
-                        self.lane,
-                        job,
-                        raw.redelivered,
-                        reason,
-                        Box::new(handle),
-                    );
-                }
-                Err(e) => self.dead_letter_malformed(raw, e).await,
-            }
-        }
-    }
-
-    /// Moves a message that is not a `JobRef` to the dead lane so it cannot jam its lane.
-    async fn dead_letter_malformed(&mut self, raw: lapin::message::Delivery, e: serde_json::Error) {
-        let queue = self.shared.queue_name(self.lane);
-        if self.lane == Lane::Dead {
-            // Re-dead-lettering would loop; leave it unacked for an operator.
-            warn!(%queue, error = %e, "malformed message in the dead lane left unacked");
-            return;
-        }
-        warn!(%queue, error = %e, "malformed message moved to the dead lane");
-        let item = Outgoing {
-            lane: Lane::Dead,
-            message_id: raw
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string()),
-            body: raw.data,
-            opts: PublishOptions::reason(format!("malformed message: {e}")),
-        };
-        match self.shared.publish_items(&[item]).await {
-            Ok(()) => {
-                if let Err(e) = timed(raw.acker.ack(BasicAckOptions::default())).await {
-                    warn!(%queue, error = %e, "ack of a dead-lettered malformed message failed");
-                }
-            }
-            Err(e) => {
-                // Closing the channel returns the message to the lane for another try.
-                warn!(%queue, error = %e, "cannot dead-letter a malformed message; re-subscribing");
-                self.drop_subscription().await;
-            }
-        }
-    }
-
-    async fn drop_subscription(&mut self) {
-        self.sub = None;
-        tokio::time::sleep(self.backoff.next_delay()).await;
-    }
-}
-
-/// Settles one delivery on the channel it came from. Holding the channel keeps it
-/// open until every delivery from it is settled, even after its stream is dropped.
-struct RabbitAck {
-    acker: Acker,
-    channel: Channel,
-}
-
-impl RabbitAck {
-    async fn settle(self, op: impl Future<Output = lapin::Result<()>>) -> Result<(), BrokerError> {
-        if !self.channel.status().connected() {
-            return Err(BrokerError::Ack(
-                "its channel is closed (connection lost or consumer dropped)".into(),
-            ));
-        }
-        timed(op).await.map_err(BrokerError::Ack)
-    }
-}
-
-#[async_trait::async_trait]
-impl Acknowledge for RabbitAck {
-    async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        let acker = self.acker.clone();
-        self.settle(acker.ack(BasicAckOptions::default())).await
-    }
-
-    async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
-        let acker = self.acker.clone();
-        let opts = BasicNackOptions {
-            requeue,
-            multiple: false,
-        };
-        self.settle(acker.nack(opts)).await
     }
 }
 

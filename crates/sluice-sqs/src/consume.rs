@@ -14,10 +14,9 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::{
-    now_ms, reason_attribute, remaining_delay_secs, Outgoing, Shared, SqsCallError,
-    NOT_BEFORE_ATTRIBUTE, REASON_ATTRIBUTE,
-};
+use crate::client::{Shared, SqsCallError};
+use crate::message::{now_ms, reason_attribute, remaining_delay_secs, Outgoing};
+use crate::{NOT_BEFORE_ATTRIBUTE, REASON_ATTRIBUTE};
 
 /// SQS returns at most ten messages per receive.
 const MAX_RECEIVE: usize = 10;

@@ -1,5 +1,5 @@
-//! A local SQS-compatible server: moto's `moto_server` on a free port of 127.0.0.1, holding
-//! its state in memory and killed when dropped.
+//! A local SQS-compatible server (feature `moto`): moto's `moto_server` on a free port of
+//! 127.0.0.1, holding its state in memory and killed when dropped.
 //!
 //! Not test-only: `sluice bench throughput` starts one to measure SQS lanes without AWS.
 //! Errors are returned, never panicked on; the `testing` module wraps this for tests.

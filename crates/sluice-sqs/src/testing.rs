@@ -1,7 +1,8 @@
 //! Test support (feature `testing`): a local SQS-compatible server (moto, from the
 //! tests' Python virtualenv) on a free port, and broker configurations against it.
-//! The server itself is [`crate::moto::MotoServer`]; this adds finding moto in the
-//! repository's virtualenv and panicking on failure.
+//!
+//! The server itself is [`crate::moto::MotoServer`] (feature `moto`, which `testing` turns
+//! on); this adds finding moto in the repository's virtualenv and panicking on failure.
 
 // Everything here panics on failure: it runs only inside tests, where a panic is the report.
 

@@ -1,0 +1,205 @@
+//! Publishing to the lanes: publisher confirms awaited per batch, the whole set retried after
+//! connection trouble, and delays through TTL holding queues (one per lane and delay bucket).
+
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use tracing::warn;
+
+use super::{delay_bucket_ms, durable, timed, Shared, REASON_HEADER};
+use crate::{Backoff, BrokerError, JobRef, Lane, PublishOptions};
+
+const PUBLISH_ATTEMPTS: u32 = 3;
+/// Publishing does not count as "use" for `x-expires`, so a holding queue is
+/// redeclared (renewing its lease) at least this often while we publish into it.
+const REDECLARE_HOLDING_AFTER: Duration = Duration::from_secs(30);
+
+/// One message on its way out.
+pub(super) struct Outgoing {
+    pub(super) lane: Lane,
+    pub(super) body: Vec<u8>,
+    pub(super) message_id: Option<String>,
+    pub(super) opts: PublishOptions,
+}
+
+impl Outgoing {
+    pub(super) fn job(lane: Lane, job: &JobRef, opts: PublishOptions) -> Result<Self, BrokerError> {
+        let body = serde_json::to_vec(job)
+            .map_err(|e| BrokerError::Malformed(format!("cannot encode job: {e}")))?;
+        Ok(Self {
+            lane,
+            body,
+            message_id: Some(job.request_id.to_string()),
+            opts,
+        })
+    }
+}
+
+impl Shared {
+    pub(super) fn holding_names(&self) -> Vec<String> {
+        match self.holding.lock() {
+            Ok(map) => map.keys().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().keys().cloned().collect(),
+        }
+    }
+
+    pub(super) fn forget_holding(&self, queue: &str) {
+        let mut map = self.holding.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(queue);
+    }
+
+    /// Declares (or renews the lease of) the holding queue for `lane` and `ms`.
+    async fn holding_queue(&self, lane: Lane, ms: u64) -> Result<String, BrokerError> {
+        let target = self.queue_name(lane);
+        let queue = format!("{}.delay.{}.{ms}", self.config.prefix, lane.as_str());
+        let fresh = {
+            let map = self.holding.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(&queue)
+                .is_some_and(|at| at.elapsed() < REDECLARE_HOLDING_AFTER)
+        };
+        if fresh {
+            return Ok(queue);
+        }
+        let mut args = FieldTable::default();
+        let ttl =
+            i64::try_from(ms).map_err(|_| BrokerError::DelayTooLong(Duration::from_millis(ms)))?;
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(2 * ttl + 60_000));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(target.into()),
+        );
+        let declared_at = Instant::now();
+        self.admin_op(&queue, |ch| {
+            let queue = queue.clone();
+            async move { ch.queue_declare(&queue, durable(), args).await }
+        })
+        .await?;
+        let mut map = self.holding.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(queue.clone(), declared_at);
+        Ok(queue)
+    }
+
+    /// Publishes with confirms, retrying the whole set after connection trouble.
+    /// A retry may duplicate messages that did arrive; consumers fence duplicates.
+    pub(super) async fn publish_items(&self, items: &[Outgoing]) -> Result<(), BrokerError> {
+        let mut backoff = Backoff::default();
+        let mut attempt = 1;
+        loop {
+            match self.publish_once(items).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < PUBLISH_ATTEMPTS && retryable(&e) => {
+                    warn!(error = %e, attempt, "publish failed; retrying");
+                    if let BrokerError::Unroutable { queue } = &e {
+                        // A holding queue may have expired or been purged: redeclare it.
+                        self.forget_holding(queue);
+                    }
+                    Self::discard(&self.publisher).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn publish_once(&self, items: &[Outgoing]) -> Result<(), BrokerError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut targets = Vec::with_capacity(items.len());
+        for item in items {
+            let target = match item.opts.delay.map(delay_bucket_ms).transpose()?.flatten() {
+                Some(ms) => self.holding_queue(item.lane, ms).await?,
+                None => self.queue_name(item.lane),
+            };
+            targets.push(target);
+        }
+        let publish_error = |queue: &str, source| BrokerError::Publish {
+            queue: queue.to_owned(),
+            source,
+        };
+        let first = targets.first().map_or("", String::as_str);
+        let ch = self
+            .channel(&self.publisher, true)
+            .await
+            .map_err(|e| publish_error(first, e))?;
+
+        // Send everything first, then wait for the confirms together: one round trip per batch.
+        let mut pending = Vec::with_capacity(items.len());
+        for (item, queue) in items.iter().zip(&targets) {
+            let confirm = timed(ch.basic_publish(
+                "",
+                queue,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &item.body,
+                properties(item),
+            ))
+            .await
+            .map_err(|e| publish_error(queue, e))?;
+            pending.push(timed(confirm));
+        }
+        let confirms = futures::future::join_all(pending).await;
+        for (confirm, queue) in confirms.into_iter().zip(&targets) {
+            match confirm.map_err(|e| publish_error(queue, e))? {
+                Confirmation::Ack(None) => {}
+                // With `mandatory`, an unroutable message comes back attached to its ack.
+                Confirmation::Ack(Some(_)) => {
+                    return Err(BrokerError::Unroutable {
+                        queue: queue.clone(),
+                    })
+                }
+                Confirmation::Nack(_) => {
+                    return Err(BrokerError::NotConfirmed {
+                        queue: queue.clone(),
+                    })
+                }
+                Confirmation::NotRequested => {
+                    return Err(publish_error(
+                        queue,
+                        "the publish channel is not in confirm mode".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn retryable(e: &BrokerError) -> bool {
+    matches!(
+        e,
+        BrokerError::Connection(_)
+            | BrokerError::Publish { .. }
+            | BrokerError::Unroutable { .. }
+            | BrokerError::Admin { .. }
+    )
+}
+
+fn properties(item: &Outgoing) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    if let Some(id) = &item.message_id {
+        props = props.with_message_id(id.as_str().into());
+    }
+    if let Some(reason) = &item.opts.reason {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(reason.as_str().into()),
+        );
+        props = props.with_headers(headers);
+    }
+    props
+}
