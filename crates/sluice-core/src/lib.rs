@@ -8,11 +8,13 @@ pub mod breaker;
 pub mod chat;
 pub mod complexity;
 pub mod gcra;
+pub mod ident;
 pub mod job;
 pub mod lane;
 pub mod price;
 pub mod principal;
 pub mod quota;
+pub mod redact;
 pub mod retry;
 pub mod scheduler;
 pub mod semantic;
@@ -26,6 +28,7 @@ pub use chat::{
     JsonSchemaFormat, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
 };
 pub use complexity::{classify, Classification, Complexity};
+pub use ident::valid_identifier;
 pub use job::{
     InvalidRequest, InvalidTransition, JobRef, JobRequest, JobState, RequestId, MAX_MESSAGES,
     MAX_STOP, MAX_TOOLS,
@@ -37,7 +40,7 @@ pub use quota::{
     counters, Counter, Exceeded, LocalQuotas, QuotaConfig, QuotaRule, QuotaScope, QuotaWindow,
     TierQuotas,
 };
-
+pub use redact::redact_url;
 pub use retry::{RetryDecision, RetryPolicy};
 pub use scheduler::FairQueue;
 pub use shedding::{

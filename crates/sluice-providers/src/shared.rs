@@ -3,6 +3,7 @@
 
 use deadpool_redis::{redis, Config, Pool, Runtime};
 use sluice_core::gcra::Gcra;
+use sluice_core::redact_url;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -723,44 +724,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The URL with the password (or a lone user-info token) replaced by `***`, for logs and errors.
-fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest_start = scheme_end + 3;
-    let rest = &url[rest_start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    let redacted = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        None => "***".to_owned(),
-    };
-    format!("{}{redacted}{}", &url[..rest_start], &rest[at..])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("redis://user:s3cret@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(redact_url("redis://:s3cret@host"), "redis://:***@host");
-        assert_eq!(redact_url("redis://token@host/1"), "redis://***@host/1");
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
-        assert_eq!(redact_url("redis://host/0?x=a@b"), "redis://host/0?x=a@b");
-        assert_eq!(redact_url("not a url"), "not a url");
-    }
 
     #[test]
     fn lease_sizes() {
