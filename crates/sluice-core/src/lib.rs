@@ -16,6 +16,7 @@ pub mod principal;
 pub mod quota;
 pub mod redact;
 pub mod retry;
+pub mod route;
 pub mod scheduler;
 pub mod semantic;
 pub mod shedding;
@@ -42,6 +43,7 @@ pub use quota::{
 };
 pub use redact::redact_url;
 pub use retry::{RetryDecision, RetryPolicy};
+pub use route::{ClassifyPools, RouteKey, RouteSpec, RouteTarget};
 pub use scheduler::FairQueue;
 pub use shedding::{
     assess, estimated_wait, Admission, Assessment, LaneEstimate, LaneLoad, LoadLevel, OverTarget,

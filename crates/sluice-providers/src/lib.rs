@@ -22,11 +22,11 @@ pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use error::ProviderError;
 pub use gemini::Gemini;
 pub use openai::OpenAiCompatible;
-pub use pool::{
-    pool_route, ClassifyPools, EndpointStats, Permit, Pool, PoolOptions, RouteSpec, RouteTarget,
-    Router, POOL_ROUTE_PREFIX,
-};
+pub use pool::{EndpointStats, Permit, Pool, PoolOptions, Router};
 pub use shared::{SharedBudget, SharedError, SharedLimiter, SharedLimits};
+/// Route configuration is plain data in `sluice_core::route`, read by the router and by
+/// admission; re-exported here so callers that named it from this crate still compile.
+pub use sluice_core::route::{ClassifyPools, RouteSpec, RouteTarget};
 
 /// One call's input: the job's request and its id, which is sent upstream as `x-sluice-request-id`.
 #[derive(Debug, Clone, Copy)]

@@ -10,6 +10,7 @@ use crate::shared::{SharedBudget, SharedLimiter, SharedLimits};
 use crate::{Anthropic, ChatRequest, ChatResponse, Gemini, Provider, ProviderError};
 use serde::Deserialize;
 use sluice_core::gcra::Gcra;
+use sluice_core::route::{RouteKey, RouteTarget};
 use sluice_core::{AdaptiveConfig, AdaptiveRate, Breaker, BreakerConfig, BreakerState};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -605,99 +606,12 @@ impl fmt::Debug for Permit {
     }
 }
 
-/// Where a model alias goes: one pool, a pool and then fallbacks in order, or a table that
-/// also names where admission may send a job instead (see [`RouteSpec`]).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum RouteTarget {
-    Pool(String),
-    Chain(Vec<String>),
-    Spec(RouteSpec),
-}
-
-/// A route as a table: its pools, plus the choices admission makes per job.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteSpec {
-    /// The pool, then fallbacks in order. A classified route may leave it out: its jobs then
-    /// go to the pool the classifier picks.
-    #[serde(default)]
-    pub pools: Vec<String>,
-    /// Where jobs go once their tenant has spent `[budgets] cheaper_at` of its daily budget.
-    #[serde(default)]
-    pub cheaper: Option<String>,
-    /// Complexity routing: a rule-based classifier sends each job to one of these pools.
-    #[serde(default)]
-    pub classify: Option<ClassifyPools>,
-    /// Answer from an earlier job of the tenant whose prompt means the same (`[semantic_cache]`).
-    #[serde(default)]
-    pub semantic_cache: bool,
-    /// Reuse answers to sampled requests too (temperature above 0 or unset, no seed): by
-    /// default only deterministic requests are answered from the cache or an identical job.
-    #[serde(default)]
-    pub reuse_samples: bool,
-}
-
-/// The pools a classified route chooses between.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClassifyPools {
-    pub simple: String,
-    pub complex: String,
-}
-
-impl RouteTarget {
-    /// Pool names, primary first.
-    pub fn pools(&self) -> Vec<&str> {
-        match self {
-            RouteTarget::Pool(p) => vec![p.as_str()],
-            RouteTarget::Chain(ps) => ps.iter().map(String::as_str).collect(),
-            RouteTarget::Spec(spec) => match (&spec.classify, spec.pools.is_empty()) {
-                (Some(classify), true) => vec![classify.complex.as_str()],
-                _ => spec.pools.iter().map(String::as_str).collect(),
-            },
-        }
-    }
-
-    /// Every pool the route may send a job to: its pools, the cheaper one, the classified ones.
-    pub fn all_pools(&self) -> Vec<&str> {
-        let mut all = self.pools();
-        if let RouteTarget::Spec(spec) = self {
-            all.extend(spec.cheaper.as_deref());
-            if let Some(classify) = &spec.classify {
-                all.extend([classify.simple.as_str(), classify.complex.as_str()]);
-            }
-        }
-        all
-    }
-
-    /// The table form's options; the plain forms have none.
-    pub fn spec(&self) -> Option<&RouteSpec> {
-        match self {
-            RouteTarget::Spec(spec) => Some(spec),
-            _ => None,
-        }
-    }
-}
-
-impl From<&str> for RouteTarget {
-    fn from(pool: &str) -> Self {
-        RouteTarget::Pool(pool.to_owned())
-    }
-}
-
-/// The routing key that sends a job to one pool alone, as admission chooses it: `pool:NAME`.
-pub fn pool_route(pool: &str) -> String {
-    format!("{POOL_ROUTE_PREFIX}{pool}")
-}
-
-/// Routing keys with this prefix name a pool, not a model alias; aliases may not use it.
-pub const POOL_ROUTE_PREFIX: &str = "pool:";
-
-/// Model alias -> pools (primary, then fallbacks). Cheap to share behind an `Arc`.
+/// Model alias -> pools (primary, then fallbacks), and every pool by name for the
+/// [`RouteKey::Pool`] keys admission gives jobs. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Router {
-    routes: BTreeMap<String, Vec<Arc<Pool>>>,
+    aliases: BTreeMap<String, Vec<Arc<Pool>>>,
+    pools: BTreeMap<String, Arc<Pool>>,
 }
 
 impl Router {
@@ -711,6 +625,9 @@ impl Router {
         Router::with_options(pools, routes, http, &PoolOptions::default())
     }
 
+    /// [`Router::new`] with the endpoints' adaptive, breaker and shared-limit options. Of each
+    /// route the router serves its pools; it also checks that the pools admission may choose
+    /// (cheaper, classified) exist, so a job is never sent to a pool no worker has.
     pub fn with_options(
         pools: &[PoolConfig],
         routes: &BTreeMap<String, RouteTarget>,
@@ -730,9 +647,9 @@ impl Router {
                 return Err(ConfigError::DuplicatePool(config.name.clone()));
             }
         }
-        let mut table = BTreeMap::new();
+        let mut aliases = BTreeMap::new();
         for (alias, target) in routes {
-            if alias.starts_with(POOL_ROUTE_PREFIX) {
+            if RouteKey::is_reserved(alias) {
                 return Err(ConfigError::ReservedAlias(alias.clone()));
             }
             for pool in target.all_pools() {
@@ -762,23 +679,26 @@ impl Router {
                         })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            table.insert(alias.clone(), chain);
+            aliases.insert(alias.clone(), chain);
         }
-        // Admission may send a job to one pool of its route by name (cheaper, classified).
-        for (name, pool) in &by_name {
-            table.insert(pool_route(name), vec![Arc::clone(pool)]);
-        }
-        Ok(Router { routes: table })
+        Ok(Router {
+            aliases,
+            pools: by_name,
+        })
     }
 
     /// The primary pool serving a model alias.
     pub fn pool(&self, alias: &str) -> Option<&Pool> {
-        self.routes.get(alias).and_then(|c| c.first()).map(|p| &**p)
+        self.route(alias).first().map(|p| &**p)
     }
 
-    /// Every pool of a route, primary first, then the fallbacks in order.
-    pub fn route(&self, alias: &str) -> &[Arc<Pool>] {
-        self.routes.get(alias).map_or(&[], Vec::as_slice)
+    /// Every pool of a route, primary first, then the fallbacks in order. `key` is a job's
+    /// routing key as stored (see [`RouteKey`]): a model alias, or `pool:NAME` for one pool.
+    pub fn route(&self, key: &str) -> &[Arc<Pool>] {
+        match RouteKey::pool_name(key) {
+            Some(name) => self.pools.get(name).map_or(&[], std::slice::from_ref),
+            None => self.aliases.get(key).map_or(&[], Vec::as_slice),
+        }
     }
 
     /// Pause the named endpoints in every pool and resume all others.
@@ -788,19 +708,12 @@ impl Router {
 
     /// Every pool once, by name.
     pub fn pools(&self) -> impl Iterator<Item = &Pool> {
-        self.routes
-            .iter()
-            .filter(|(key, _)| key.starts_with(POOL_ROUTE_PREFIX))
-            .filter_map(|(_, chain)| chain.first())
-            .map(|p| &**p)
+        self.pools.values().map(|p| &**p)
     }
 
     /// The model aliases this router serves, sorted (not the `pool:NAME` keys).
     pub fn aliases(&self) -> impl Iterator<Item = &str> {
-        self.routes
-            .keys()
-            .map(String::as_str)
-            .filter(|key| !key.starts_with(POOL_ROUTE_PREFIX))
+        self.aliases.keys().map(String::as_str)
     }
 }
 
@@ -808,6 +721,7 @@ impl Router {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use sluice_core::route::{ClassifyPools, RouteSpec};
     use sluice_core::{JobRequest, Message};
 
     /// Answers with a fixed outcome.
@@ -1034,35 +948,6 @@ mod tests {
     }
 
     #[test]
-    fn routes_take_one_pool_or_a_chain() {
-        let one: RouteTarget = serde_json::from_str("\"a\"").unwrap();
-        let chain: RouteTarget = serde_json::from_str("[\"a\", \"b\"]").unwrap();
-        assert_eq!(one.pools(), ["a"]);
-        assert_eq!(chain.pools(), ["a", "b"]);
-    }
-
-    #[test]
-    fn a_route_table_names_its_cheaper_and_classified_pools() {
-        let spec: RouteTarget = serde_json::from_str(
-            r#"{"pools": ["large", "backup"], "cheaper": "small", "semantic_cache": true}"#,
-        )
-        .unwrap();
-        assert_eq!(spec.pools(), ["large", "backup"]);
-        assert_eq!(spec.all_pools(), ["large", "backup", "small"]);
-        assert!(spec.spec().unwrap().semantic_cache);
-        let auto: RouteTarget =
-            serde_json::from_str(r#"{"classify": {"simple": "small", "complex": "large"}}"#)
-                .unwrap();
-        assert_eq!(
-            auto.pools(),
-            ["large"],
-            "unclassified jobs go to the complex pool"
-        );
-        assert_eq!(auto.all_pools(), ["large", "small", "large"]);
-        assert!(serde_json::from_str::<RouteTarget>(r#"{"pools": ["a"], "cheap": "b"}"#).is_err());
-    }
-
-    #[test]
     fn pools_are_routable_by_name_and_aliases_may_not_take_that_form() {
         let pool = |name: &str| PoolConfig {
             name: name.into(),
@@ -1083,7 +968,10 @@ mod tests {
         });
         let routes = BTreeMap::from([("auto".to_owned(), auto.clone())]);
         let router = Router::new(&pools, &routes, reqwest::Client::new()).unwrap();
-        assert_eq!(router.route(&pool_route("small"))[0].name(), "small");
+        assert_eq!(
+            router.route(&RouteKey::pool("small").to_string())[0].name(),
+            "small"
+        );
         assert_eq!(router.route("auto")[0].name(), "large");
         assert_eq!(router.aliases().collect::<Vec<_>>(), ["auto"]);
 
