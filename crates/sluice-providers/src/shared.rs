@@ -1,9 +1,8 @@
 //! Endpoint rate limits shared by every worker through Redis: one GCRA key per endpoint, moved by one atomic Lua script.
 //! While Redis is unreachable each worker limits locally at `rate / live workers`, and returns to the shared state when Redis answers.
 
-use deadpool_redis::{redis, Config, Pool, Runtime};
 use sluice_core::gcra::Gcra;
-use sluice_core::redact_url;
+use sluice_redis::{redis, Pool, Redis, SetupError};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -129,6 +128,16 @@ pub enum SharedError {
     Timeout(Duration),
 }
 
+impl From<SetupError> for SharedError {
+    fn from(error: SetupError) -> SharedError {
+        match error {
+            SetupError::InvalidUrl { url, reason } => SharedError::InvalidUrl { url, reason },
+            SetupError::EmptyPrefix => SharedError::EmptyName,
+            SetupError::Pool(reason) => SharedError::Pool(reason),
+        }
+    }
+}
+
 /// Shared endpoint limits for one worker process: a Redis pool, its heartbeat, and the mode.
 /// Cheap to clone; the heartbeat stops once this and every limiter made from it are dropped.
 ///
@@ -163,10 +172,9 @@ pub struct SharedLimits {
 }
 
 struct Inner {
+    /// Where Redis is (its URL shown without the password) and the key prefix.
+    redis: Redis,
     pool: Pool,
-    /// The Redis URL with any password replaced, for logs.
-    url: String,
-    prefix: String,
     worker_id: String,
     workers_key: String,
     degraded: AtomicBool,
@@ -193,21 +201,13 @@ impl SharedLimits {
         if prefix.is_empty() || worker_id.is_empty() {
             return Err(SharedError::EmptyName);
         }
-        let mut config = Config::from_url(url);
-        config.pool = Some(deadpool_redis::PoolConfig::new(POOL_SIZE));
-        let pool =
-            config
-                .create_pool(Some(Runtime::Tokio1))
-                .map_err(|e| SharedError::InvalidUrl {
-                    url: redact_url(url),
-                    reason: e.to_string(),
-                })?;
+        let redis = Redis::open(url, prefix)?;
+        let pool = redis.pool(Some(POOL_SIZE))?;
         let inner = Arc::new(Inner {
+            workers_key: redis.key("workers"),
+            redis,
             pool,
-            url: redact_url(url),
-            prefix: prefix.to_owned(),
             worker_id: worker_id.to_owned(),
-            workers_key: format!("{prefix}:workers"),
             degraded: AtomicBool::new(false),
             live: AtomicU64::new(0),
             expected: AtomicU64::new(DEFAULT_EXPECTED_WORKERS),
@@ -237,7 +237,7 @@ impl SharedLimits {
         SharedLimiter {
             inner: Arc::new(LimiterInner {
                 limits: Arc::clone(&self.inner),
-                key: format!("{}:gcra:{endpoint}", self.inner.prefix),
+                key: self.inner.redis.key(format_args!("gcra:{endpoint}")),
                 per_minute,
                 burst,
                 interval_us,
@@ -262,7 +262,7 @@ impl SharedLimits {
         SharedBudget {
             inner: Arc::new(BudgetInner {
                 limits: Arc::clone(&self.inner),
-                key: format!("{}:tokens:{endpoint}", self.inner.prefix),
+                key: self.inner.redis.key(format_args!("tokens:{endpoint}")),
                 per_minute,
                 burst,
                 interval_us,
@@ -295,8 +295,8 @@ impl fmt::Debug for SharedLimits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Not derived: the pool's own Debug would print the connection info, password included.
         f.debug_struct("SharedLimits")
-            .field("url", &self.inner.url)
-            .field("prefix", &self.inner.prefix)
+            .field("url", &self.inner.redis.shown_url())
+            .field("prefix", &self.inner.redis.prefix())
             .field("worker_id", &self.inner.worker_id)
             .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
@@ -307,7 +307,7 @@ impl Inner {
     /// Run one Redis operation on a pooled connection, within the call timeout.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, SharedError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(sluice_redis::Connection) -> Fut,
         Fut: Future<Output = Result<T, redis::RedisError>>,
     {
         let work = async {
@@ -353,7 +353,7 @@ impl Inner {
     fn mark_degraded(&self, why: &SharedError) {
         if !self.degraded.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                redis = %self.url,
+                redis = %self.redis.shown_url(),
                 error = %why,
                 workers = self.fallback_workers(),
                 "Redis unreachable: limiting endpoints locally at rate / workers"
@@ -363,7 +363,7 @@ impl Inner {
 
     fn mark_healthy(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
-            tracing::info!(redis = %self.url, "Redis reachable: endpoint limits are shared again");
+            tracing::info!(redis = %self.redis.shown_url(), "Redis reachable: endpoint limits are shared again");
         }
     }
 
