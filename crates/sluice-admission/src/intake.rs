@@ -9,10 +9,10 @@ use crate::policy::{Admission, SemanticLookup};
 use crate::telemetry;
 use crate::AdmitError;
 use sha2::{Digest, Sha256};
+use sluice_core::route::RouteKey;
 use sluice_core::{JobRequest, JobState, Lane, Principal, RequestId, Tier, TierLanes};
 use sluice_notify::EventBus;
 use sluice_outbox::Publisher;
-use sluice_providers::POOL_ROUTE_PREFIX;
 use sluice_store::{
     Accepted as StoreAccepted, BatchLine, Ingested, JobRecord, JobWriter, NewBatch, NewJob, Reuse,
     Store,
@@ -239,7 +239,7 @@ impl Intake {
                     telemetry::job("refused", tier);
                 }
             })?;
-        job.route = routing.route;
+        job.route = routing.stored();
         let mut embedding = None;
         if let (Some(cache), true) = (policy.semantic_for(&job.request), may_reuse) {
             let SemanticLookup { hit, remember } = policy
@@ -362,7 +362,7 @@ impl Intake {
                     }
                 })?;
             let mut job = NewJob::new(principal.clone(), Lane::Batch, request);
-            job.route = routing.route;
+            job.route = routing.stored();
             jobs.push(BatchLine {
                 line,
                 custom_id,
@@ -411,9 +411,7 @@ impl Intake {
 
 /// The pool a routing key names (`pool:NAME`), for showing; `None` for a model alias.
 fn pool_name(routing_key: &str) -> Option<String> {
-    routing_key
-        .strip_prefix(POOL_ROUTE_PREFIX)
-        .map(str::to_owned)
+    RouteKey::pool_name(routing_key).map(str::to_owned)
 }
 
 /// The batched writer shares one error among the jobs of a failed statement.

@@ -5,12 +5,13 @@ use crate::quotas::Quotas;
 use crate::AdmitError;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use sluice_core::route::{RouteKey, RouteTarget};
 use sluice_core::shedding::{assess, estimated_wait, Admission as LoadAdmission, Assessment};
 use sluice_core::{
     budget_state, classify, semantic, BudgetState, Complexity, JobRequest, Lane, LaneLoad,
     Principal, RequestId, TierLanes, WaitTargets,
 };
-use sluice_providers::{pool_route, Embeddings, EmbeddingsConfig, RouteTarget};
+use sluice_providers::{Embeddings, EmbeddingsConfig};
 use sluice_store::Store;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -209,7 +210,14 @@ const SPEND_FRESH_FOR: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Routing {
     /// The routing key and why, when it is not the request's alias.
-    pub route: Option<(String, String)>,
+    pub route: Option<(RouteKey, String)>,
+}
+
+impl Routing {
+    /// The route as the store keeps it on the job: the key's text and the reason.
+    pub fn stored(self) -> Option<(String, String)> {
+        self.route.map(|(key, reason)| (key.to_string(), reason))
+    }
 }
 
 /// The configuration sections admission follows: `[cache]`, `[shedding]`, `[budgets]`.
@@ -446,7 +454,7 @@ impl Admission {
                             100.0 * spent / daily.max(f64::MIN_POSITIVE)
                         );
                         return Ok(Routing {
-                            route: Some((pool_route(cheaper), reason)),
+                            route: Some((RouteKey::pool(cheaper), reason)),
                         });
                     }
                 }
@@ -461,7 +469,7 @@ impl Admission {
             };
             let reason = format!("{}: {} -> pool {pool}", class.complexity, class.rule);
             return Ok(Routing {
-                route: Some((pool_route(pool), reason)),
+                route: Some((RouteKey::pool(pool), reason)),
             });
         }
         Ok(Routing::default())

@@ -1,9 +1,9 @@
 //! Per-user and per-tenant submission quotas, counted in Redis (shared by every API node) or in
 //! this process (embedded mode). A submission takes all of its counters or none.
 
-use deadpool_redis::{redis, Config, Pool, Runtime};
 use sluice_core::quota::{counters, Counter, Exceeded, LocalQuotas, QuotaConfig};
 use sluice_core::{Principal, Tier};
+use sluice_redis::{redis, Pool, Redis, SetupError};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,6 +46,18 @@ pub enum QuotaError {
     EmptyPrefix,
 }
 
+impl QuotaError {
+    fn from_setup(error: SetupError) -> QuotaError {
+        match error {
+            SetupError::EmptyPrefix => QuotaError::EmptyPrefix,
+            // The reason only: the URL may hold a password.
+            SetupError::InvalidUrl { reason, .. } | SetupError::Pool(reason) => {
+                QuotaError::InvalidUrl(reason)
+            }
+        }
+    }
+}
+
 /// Submission quotas for the API: fixed windows per user and per tenant, as configured per tier.
 /// Cheap to clone; clones share their counters.
 ///
@@ -71,12 +83,14 @@ struct Inner {
 
 enum Backend {
     Local(Mutex<LocalQuotas>),
-    Redis(RedisCounters),
+    /// Boxed: the Redis handle holds its TLS settings, far larger than the local counters.
+    Redis(Box<RedisCounters>),
 }
 
 struct RedisCounters {
+    /// Where Redis is and the key prefix the counters live under.
+    redis: Redis,
     pool: Pool,
-    prefix: String,
     script: redis::Script,
     /// True from a failed call until the next successful one; only the transitions are logged.
     failing: AtomicBool,
@@ -94,21 +108,17 @@ impl Quotas {
     /// the same prefix. Connects lazily: an unreachable Redis is not an error here (takes fail
     /// open), only a malformed URL or an empty prefix is.
     pub fn redis(url: &str, prefix: &str, config: QuotaConfig) -> Result<Quotas, QuotaError> {
-        if prefix.is_empty() {
-            return Err(QuotaError::EmptyPrefix);
-        }
-        let pool = Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| QuotaError::InvalidUrl(e.to_string()))?;
+        let redis = Redis::open(url, prefix).map_err(QuotaError::from_setup)?;
+        let pool = redis.pool(None).map_err(QuotaError::from_setup)?;
         Ok(Quotas::with_backend(
             config,
-            Backend::Redis(RedisCounters {
+            Backend::Redis(Box::new(RedisCounters {
+                redis,
                 pool,
-                prefix: prefix.to_owned(),
                 script: redis::Script::new(TAKE_LUA),
                 failing: AtomicBool::new(false),
                 skip_until_ms: AtomicU64::new(0),
-            }),
+            })),
         ))
     }
 
@@ -144,7 +154,7 @@ impl fmt::Debug for Quotas {
         // Not derived: the pool's Debug would print the connection info, password included.
         let mode = match &self.inner.backend {
             Backend::Local(_) => "local".to_owned(),
-            Backend::Redis(r) => format!("redis, prefix {:?}", r.prefix),
+            Backend::Redis(r) => format!("redis, prefix {:?}", r.redis.prefix()),
         };
         f.debug_struct("Quotas")
             .field("mode", &mode)
@@ -188,7 +198,7 @@ impl RedisCounters {
         for c in counters {
             let ttl = c.expires_in.saturating_add(EXPIRY_SLACK);
             invocation
-                .key(format!("{}:quota:{}", self.prefix, c.key))
+                .key(self.redis.key(format_args!("quota:{}", c.key)))
                 .arg(c.limit)
                 .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         }
@@ -204,7 +214,7 @@ impl RedisCounters {
             .store(now_unix_ms.saturating_add(retry_ms), Ordering::Relaxed);
         if !self.failing.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                prefix = %self.prefix,
+                prefix = %self.redis.prefix(),
                 error = %why,
                 "quota counters unreachable in Redis: admitting submissions without quotas until it answers"
             );
@@ -216,7 +226,7 @@ impl RedisCounters {
 
     fn mark_healthy(&self) {
         if self.failing.swap(false, Ordering::Relaxed) {
-            tracing::info!(prefix = %self.prefix, "quota counters reachable in Redis again");
+            tracing::info!(prefix = %self.redis.prefix(), "quota counters reachable in Redis again");
         }
     }
 }

@@ -5,10 +5,10 @@
 //! mid-test (or waits for a fresh one): counts are then exact, with no timing slack.
 #![allow(clippy::unwrap_used)]
 
-use deadpool_redis::redis::{self, AsyncCommands};
 use sluice_admission::{QuotaError, Quotas};
 use sluice_core::quota::{QuotaConfig, QuotaRule, QuotaScope, QuotaWindow, TierQuotas};
 use sluice_core::{Exceeded, Principal, Tier};
+use sluice_redis::redis::{self, AsyncCommands};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

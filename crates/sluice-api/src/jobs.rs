@@ -13,10 +13,10 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_admission::{Admitted, ReusePolicy, Submission, Ticket};
+use sluice_core::route::RouteKey;
 use sluice_core::{
     JobRequest, JobState, Lane, Message, RequestId, ResponseFormat, Tool, ToolChoice,
 };
-use sluice_providers::POOL_ROUTE_PREFIX;
 use sluice_store::{CancelOutcome, JobRecord, Reuse};
 use std::sync::Arc;
 
@@ -206,7 +206,7 @@ pub struct JobView {
 
 impl From<JobRecord> for JobView {
     fn from(job: JobRecord) -> Self {
-        let route = job.model.strip_prefix(POOL_ROUTE_PREFIX).map(str::to_owned);
+        let route = RouteKey::pool_name(&job.model).map(str::to_owned);
         JobView {
             request_id: job.id,
             state: job.state,

@@ -15,6 +15,7 @@ use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptio
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde::Deserialize;
+use sluice_core::redact_url;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -57,22 +58,6 @@ impl fmt::Debug for RabbitConfig {
             .field("url", &redact_url(&self.url))
             .field("prefix", &self.prefix)
             .finish()
-    }
-}
-
-/// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
     }
 }
 
@@ -366,7 +351,5 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("amqp://app:***@rabbit:5672/%2f"), "{shown}");
-        assert_eq!(redact_url("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
-        assert_eq!(redact_url("amqp://app@rabbit/%2f"), "amqp://app@rabbit/%2f");
     }
 }

@@ -8,12 +8,15 @@ pub mod breaker;
 pub mod chat;
 pub mod complexity;
 pub mod gcra;
+pub mod ident;
 pub mod job;
 pub mod lane;
 pub mod price;
 pub mod principal;
 pub mod quota;
+pub mod redact;
 pub mod retry;
+pub mod route;
 pub mod scheduler;
 pub mod semantic;
 pub mod shedding;
@@ -26,6 +29,7 @@ pub use chat::{
     JsonSchemaFormat, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
 };
 pub use complexity::{classify, Classification, Complexity};
+pub use ident::valid_identifier;
 pub use job::{
     InvalidRequest, InvalidTransition, JobRef, JobRequest, JobState, RequestId, MAX_MESSAGES,
     MAX_STOP, MAX_TOOLS,
@@ -37,8 +41,9 @@ pub use quota::{
     counters, Counter, Exceeded, LocalQuotas, QuotaConfig, QuotaRule, QuotaScope, QuotaWindow,
     TierQuotas,
 };
-
+pub use redact::redact_url;
 pub use retry::{RetryDecision, RetryPolicy};
+pub use route::{ClassifyPools, RouteKey, RouteSpec, RouteTarget};
 pub use scheduler::FairQueue;
 pub use shedding::{
     assess, estimated_wait, Admission, Assessment, LaneEstimate, LaneLoad, LoadLevel, OverTarget,

@@ -6,10 +6,10 @@
 //! Pub/sub may drop messages (Redis down, a slow listener): state changes are recovered from
 //! the store by the hub's poll, deltas are best effort.
 
-use deadpool_redis::redis;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sluice_core::RequestId;
+use sluice_redis::{redis, Redis, SetupError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
@@ -48,6 +48,21 @@ pub enum BusMessage {
 pub enum BusError {
     #[error("invalid Redis URL for the event bus: {0}")]
     InvalidUrl(String),
+    /// The key prefix is empty (the channel is `{prefix}:events`).
+    #[error("the Redis key prefix for the event bus must not be empty")]
+    EmptyPrefix,
+}
+
+impl From<SetupError> for BusError {
+    fn from(error: SetupError) -> BusError {
+        match error {
+            SetupError::EmptyPrefix => BusError::EmptyPrefix,
+            // The reason only: the URL may hold a password.
+            SetupError::InvalidUrl { reason, .. } | SetupError::Pool(reason) => {
+                BusError::InvalidUrl(reason)
+            }
+        }
+    }
 }
 
 /// A handle on the bus; cheap to clone.
@@ -83,9 +98,10 @@ impl EventBus {
     /// A bus over Redis channel `{prefix}:events`. An unreachable Redis is not an error: messages
     /// are dropped (with a warning) until it answers. Must be called inside a Tokio runtime.
     pub fn redis(url: &str, prefix: &str) -> Result<EventBus, BusError> {
-        let client = redis::Client::open(url).map_err(|e| BusError::InvalidUrl(e.to_string()))?;
+        let redis = Redis::open(url, prefix)?;
+        let client = redis.client().clone();
         let (outgoing, queue) = mpsc::channel(PUBLISH_QUEUE);
-        let channel = format!("{prefix}:events");
+        let channel = redis.key("events");
         tokio::spawn(publish_loop(client.clone(), channel.clone(), queue));
         Ok(EventBus {
             inner: Arc::new(Transport::Redis(Box::new(RedisBus {

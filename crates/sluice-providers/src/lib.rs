@@ -6,9 +6,12 @@ mod config;
 mod embeddings;
 mod error;
 mod gemini;
+mod health;
 mod http;
 mod openai;
+mod permit;
 mod pool;
+mod router;
 mod shared;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -21,12 +24,15 @@ pub use config::{AuthStyle, ConfigError, EndpointConfig, PoolConfig, ProviderKin
 pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use error::ProviderError;
 pub use gemini::Gemini;
+pub use health::EndpointStats;
 pub use openai::OpenAiCompatible;
-pub use pool::{
-    pool_route, ClassifyPools, EndpointStats, Permit, Pool, PoolOptions, RouteSpec, RouteTarget,
-    Router, POOL_ROUTE_PREFIX,
-};
+pub use permit::Permit;
+pub use pool::{Pool, PoolOptions};
+pub use router::Router;
 pub use shared::{SharedBudget, SharedError, SharedLimiter, SharedLimits};
+/// Route configuration is plain data in `sluice_core::route`, read by the router and by
+/// admission; re-exported here so callers that named it from this crate still compile.
+pub use sluice_core::route::{ClassifyPools, RouteSpec, RouteTarget};
 
 /// One call's input: the job's request and its id, which is sent upstream as `x-sluice-request-id`.
 #[derive(Debug, Clone, Copy)]

@@ -1,31 +1,33 @@
-//! Pools of endpoints behind one model alias, each endpoint with its adaptive rate limiter,
-//! circuit breaker and (with Redis) a limiter shared by all workers; and the alias router.
+//! Pools of endpoints behind one model alias and the choice among them: each endpoint with its
+//! provider, its health and (with Redis) the limits it shares with every worker.
 //!
-//! A [`Permit`] is the right to send one request to one endpoint now. Its outcome flows back
-//! into the endpoint's limiter and breaker, which is how 429s and outages steer traffic.
+//! A pool grants [`Permit`]s: among the endpoints that can serve now it picks one in proportion
+//! to its rate times its weight, and charges it under one lock so choosing and taking is atomic.
 
 use crate::config::{ConfigError, EndpointConfig, PoolConfig, ProviderKind};
+use crate::health::{token_burst, EndpointStats, Health};
 use crate::openai::OpenAiCompatible;
+use crate::permit::{Feedback, Permit};
 use crate::shared::{SharedBudget, SharedLimiter, SharedLimits};
-use crate::{Anthropic, ChatRequest, ChatResponse, Gemini, Provider, ProviderError};
+use crate::{Anthropic, Gemini, Provider};
 use serde::Deserialize;
-use sluice_core::gcra::Gcra;
-use sluice_core::{AdaptiveConfig, AdaptiveRate, Breaker, BreakerConfig, BreakerState};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use sluice_core::{AdaptiveConfig, BreakerConfig};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-struct Endpoint {
-    name: String,
+/// One endpoint's fixed parts: what it is, what it costs, and the limits it shares.
+pub(crate) struct Endpoint {
+    pub(crate) name: String,
     /// The configured limit, against which use is measured.
-    rpm: u32,
+    pub(crate) rpm: u32,
     /// What a call costs, for the job's cost and its tenant's budget.
-    price: Option<sluice_core::Price>,
-    provider: Arc<dyn Provider>,
-    shared: Option<SharedLimiter>,
+    pub(crate) price: Option<sluice_core::Price>,
+    pub(crate) provider: Arc<dyn Provider>,
+    pub(crate) shared: Option<SharedLimiter>,
     /// The token budget shared with every worker, when the endpoint has a `tpm` and Redis is on.
-    budget: Option<SharedBudget>,
+    pub(crate) budget: Option<SharedBudget>,
 }
 
 /// How every pool's endpoints adapt and protect themselves.
@@ -39,101 +41,16 @@ pub struct PoolOptions {
     pub shared: Option<SharedLimits>,
 }
 
-/// One endpoint's local view of its health and pace.
-struct Health {
-    rate: AdaptiveRate,
-    breaker: Breaker,
-    /// Token budget, when the endpoint has a `tpm`: charged the estimate up front and
-    /// corrected with the real usage afterwards.
-    tokens: Option<Gcra>,
-    /// An operator paused the endpoint: it takes no calls until resumed.
-    paused: bool,
-    /// When this process's permits of the last minute were granted, oldest first: the
-    /// limiter's state is a rate, not a count, and utilization wants the count.
-    granted: VecDeque<Duration>,
-}
-
-/// The window of [`EndpointStats::used_last_minute`].
-const USE_WINDOW: Duration = Duration::from_secs(60);
-
-impl Health {
-    fn forget_before(&mut self, now: Duration) {
-        while self
-            .granted
-            .front()
-            .is_some_and(|at| now.saturating_sub(*at) > USE_WINDOW)
-        {
-            self.granted.pop_front();
-        }
-    }
-}
-
-/// One endpoint as metrics see it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EndpointStats {
-    pub name: String,
-    /// The configured requests per minute.
-    pub rpm: u32,
-    /// Permits this process was granted on the endpoint in the last minute (other workers'
-    /// are theirs to report).
-    pub used_last_minute: u32,
-    pub breaker: BreakerState,
-}
-
-/// How long a paused endpoint reports until it could serve: it is looked at again then.
-const PAUSED_WAIT: Duration = Duration::from_secs(1);
-
-impl Health {
-    /// Whether the endpoint may be asked at all: not paused, breaker not open.
-    fn available(&self, now: Duration) -> bool {
-        !self.paused && self.breaker.state(now) != BreakerState::Open
-    }
-
-    /// How long until a call estimated at `tokens` could go, without taking anything.
-    fn wait(&self, now: Duration, tokens: u32) -> Duration {
-        if self.paused {
-            return PAUSED_WAIT;
-        }
-        let requests = match self.breaker.retry_in(now) {
-            Some(open) => open.max(self.rate.wait_time(now)),
-            None => self.rate.wait_time(now),
-        };
-        let budget = self
-            .tokens
-            .as_ref()
-            .map_or(Duration::ZERO, |t| t.wait_time(now, tokens));
-        requests.max(budget)
-    }
-}
-
-/// Limiters, breakers and the choice credit, under one lock so choosing and taking is atomic.
-struct PoolState {
-    health: Vec<Health>,
+/// Health and the choice credit of a pool's endpoints, under one lock so choosing and taking
+/// is atomic.
+pub(crate) struct PoolState {
+    pub(crate) health: Vec<Health>,
     /// Smooth weighted round-robin credit per endpoint (as nginx balances upstreams): among the
     /// endpoints that can serve now, each is chosen in proportion to its rpm times its weight.
     credit: Vec<f64>,
 }
 
-/// What a permit needs to report its outcome.
-struct Feedback {
-    state: Arc<Mutex<PoolState>>,
-    origin: Instant,
-    index: usize,
-    /// Tokens charged to the endpoint's budget for this call.
-    charged: u32,
-}
-
-impl Feedback {
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
-        lock(&self.state)
-    }
-
-    fn now(&self) -> Duration {
-        self.origin.elapsed()
-    }
-}
-
-fn lock(state: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
+pub(crate) fn lock(state: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
     // The state is plain numbers that are always consistent, so a panic elsewhere while
     // holding the lock leaves nothing to repair.
     state.lock().unwrap_or_else(|e| e.into_inner())
@@ -220,25 +137,16 @@ impl Pool {
                 });
             }
             weights.push(f64::from(config.rpm) * config.weight);
-            let burst = config.effective_burst();
-            health.push(Health {
-                rate: AdaptiveRate::new(config.rpm, burst, options.adaptive),
-                breaker: Breaker::new(options.breaker),
-                tokens: config
-                    .tpm
-                    .map(|tpm| Gcra::per_minute(tpm, (tpm / 60).max(1) - 1)),
-                paused: false,
-                granted: VecDeque::new(),
-            });
+            health.push(Health::new(&config, options.adaptive, options.breaker));
             let shared = options
                 .shared
                 .as_ref()
-                .map(|limits| limits.limiter(&config.name, config.rpm, burst));
+                .map(|limits| limits.limiter(&config.name, config.rpm, config.effective_burst()));
             let budget = options
                 .shared
                 .as_ref()
                 .zip(config.tpm)
-                .map(|(limits, tpm)| limits.token_budget(&config.name, tpm, (tpm / 60).max(1) - 1));
+                .map(|(limits, tpm)| limits.token_budget(&config.name, tpm, token_burst(tpm)));
             eps.push(Arc::new(Endpoint {
                 name: config.name,
                 rpm: config.rpm,
@@ -299,13 +207,7 @@ impl Pool {
             // Other workers used this endpoint's share: give back the local cell, the probe
             // slot if any, and the local token charge.
             let now = self.origin.elapsed();
-            let mut state = lock(&self.state);
-            let health = &mut state.health[index];
-            health.rate.on_other_failure(now);
-            health.breaker.on_cancelled(now);
-            if let Some(budget) = health.tokens.as_mut() {
-                budget.refund(now, tokens);
-            }
+            lock(&self.state).health[index].release(now, tokens);
         };
         if let Some(budget) = &endpoint.budget {
             if budget.try_take(tokens).await.is_err() {
@@ -322,13 +224,8 @@ impl Pool {
                 return None;
             }
         }
-        {
-            let now = self.origin.elapsed();
-            let mut state = lock(&self.state);
-            let health = &mut state.health[index];
-            health.forget_before(now);
-            health.granted.push_back(now);
-        }
+        let now = self.origin.elapsed();
+        lock(&self.state).health[index].count_grant(now);
         Some(self.permit(index, tokens))
     }
 
@@ -354,21 +251,10 @@ impl Pool {
         // The most credit goes first; the others are tried in turn if it cannot take the call.
         ready.sort_by(|a, b| state.credit[b.0].total_cmp(&state.credit[a.0]));
         for (i, _) in ready {
-            let health = &mut state.health[i];
-            if health.rate.try_acquire(now).is_err() {
-                continue;
+            if state.health[i].try_take(now, tokens) {
+                state.credit[i] -= total;
+                return Some(i);
             }
-            if !health.breaker.try_acquire(now) {
-                // Half-open with its probe already out: this cell goes unused.
-                health.rate.on_other_failure(now);
-                continue;
-            }
-            if let Some(budget) = health.tokens.as_mut() {
-                // Conforms (checked above), so this records the charge without waiting.
-                let _ = budget.reserve(now, tokens);
-            }
-            state.credit[i] -= total;
-            return Some(i);
         }
         None
     }
@@ -383,8 +269,8 @@ impl Pool {
             .iter()
             // A paused endpoint keeps its pace here: it may be resumed any second, and jobs
             // waiting for it should be looked at again soon, not parked as if it were broken.
-            .filter(|h| h.breaker.state(now) != BreakerState::Open)
-            .map(|h| h.rate.effective_rpm(now) / 60.0)
+            .filter(|h| !h.is_open(now))
+            .map(|h| h.effective_rpm(now) / 60.0)
             .sum()
     }
 
@@ -420,7 +306,7 @@ impl Pool {
     pub fn set_paused(&self, paused: &std::collections::HashSet<String>) {
         let mut state = lock(&self.state);
         for (endpoint, health) in self.endpoints.iter().zip(state.health.iter_mut()) {
-            health.paused = paused.contains(&endpoint.name);
+            health.set_paused(paused.contains(&endpoint.name));
         }
     }
 
@@ -431,7 +317,7 @@ impl Pool {
         self.endpoints
             .iter()
             .zip(&state.health)
-            .map(|(e, h)| (e.name.clone(), h.rate.effective_rpm(now)))
+            .map(|(e, h)| (e.name.clone(), h.effective_rpm(now)))
             .collect()
     }
 
@@ -442,15 +328,7 @@ impl Pool {
         self.endpoints
             .iter()
             .zip(state.health.iter_mut())
-            .map(|(e, h)| {
-                h.forget_before(now);
-                EndpointStats {
-                    name: e.name.clone(),
-                    rpm: e.rpm,
-                    used_last_minute: u32::try_from(h.granted.len()).unwrap_or(u32::MAX),
-                    breaker: h.breaker.state(now),
-                }
-            })
+            .map(|(e, h)| h.stats(&e.name, e.rpm, now))
             .collect()
     }
 
@@ -476,339 +354,12 @@ impl fmt::Debug for Pool {
     }
 }
 
-/// The right to send one request to one endpoint now. Dropped unused, it gives back what it held.
-pub struct Permit {
-    endpoint: Arc<Endpoint>,
-    feedback: Option<Feedback>,
-}
-
-impl Permit {
-    /// Name of the endpoint this permit is for, recorded on the job.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint.name
-    }
-
-    /// The endpoint's price, if it has one: what its calls cost.
-    pub fn price(&self) -> Option<sluice_core::Price> {
-        self.endpoint.price
-    }
-
-    /// Spend the permit on one call.
-    pub async fn call(mut self, req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
-        let outcome = self.endpoint.provider.chat(req).await;
-        self.settle(&outcome).await;
-        outcome
-    }
-
-    /// Spend the permit on one streamed call: text deltas go to `deltas` as they arrive, and the
-    /// assembled response is returned (see [`Provider::chat_stream`]).
-    pub async fn call_stream(
-        mut self,
-        req: ChatRequest<'_>,
-        deltas: tokio::sync::mpsc::Sender<String>,
-    ) -> Result<ChatResponse, ProviderError> {
-        let outcome = self.endpoint.provider.chat_stream(req, deltas).await;
-        self.settle(&outcome).await;
-        outcome
-    }
-
-    /// Report the outcome, then correct the shared token budget by what the call really used.
-    async fn settle(&mut self, outcome: &Result<ChatResponse, ProviderError>) {
-        let correction = self.report(outcome);
-        if let (Some(budget), Some(delta)) = (&self.endpoint.budget, correction) {
-            budget.adjust(delta).await;
-        }
-    }
-
-    /// Feed the outcome to the endpoint's limiter and breaker. Only failures that speak to the
-    /// endpoint's health (5xx, timeouts, broken connections) count against its breaker; a 429
-    /// is the limiter's business and a 4xx is the request's fault.
-    /// Returns the token correction (real use minus the charge), when there is one to make.
-    fn report(&mut self, outcome: &Result<ChatResponse, ProviderError>) -> Option<i64> {
-        let feedback = self.feedback.take()?;
-        let now = feedback.now();
-        let mut state = feedback.lock();
-        let health = &mut state.health[feedback.index];
-        // Correct the token charge: the real usage on success; nothing on refusals, which
-        // providers do not count; the estimate stands when we cannot know (timeouts, 5xx).
-        let used = match outcome {
-            Ok(response) => Some(response.usage.total_tokens),
-            Err(ProviderError::RateLimited { .. } | ProviderError::Rejected { .. }) => Some(0),
-            Err(_) => None,
-        };
-        if let (Some(budget), Some(used)) = (health.tokens.as_mut(), used) {
-            if used > feedback.charged {
-                let _ = budget.reserve(now, used - feedback.charged);
-            } else {
-                budget.refund(now, feedback.charged - used);
-            }
-        }
-        let correction = used.map(|used| i64::from(used) - i64::from(feedback.charged));
-        match outcome {
-            Ok(response) => {
-                health.rate.on_success(now);
-                health.breaker.on_success(now);
-                if let Some(rate) = response.rate {
-                    health.rate.observe_headers(now, rate.remaining, rate.reset);
-                    if let (Some(budget), Some(left)) =
-                        (health.tokens.as_mut(), rate.remaining_tokens)
-                    {
-                        // The provider counts tokens its own way: never plan on more than it says.
-                        budget.cap_available(now, u32::try_from(left).unwrap_or(u32::MAX));
-                    }
-                }
-            }
-            Err(ProviderError::RateLimited { retry_after, .. }) => {
-                health.rate.on_rate_limited(now, *retry_after);
-                health.breaker.on_cancelled(now);
-            }
-            Err(ProviderError::Rejected { .. }) => {
-                health.rate.on_other_failure(now);
-                health.breaker.on_cancelled(now);
-            }
-            Err(_) => {
-                health.rate.on_other_failure(now);
-                health.breaker.on_failure(now);
-            }
-        }
-        correction
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        if let Some(feedback) = self.feedback.take() {
-            let now = feedback.now();
-            let mut state = feedback.lock();
-            let health = &mut state.health[feedback.index];
-            health.rate.on_other_failure(now);
-            health.breaker.on_cancelled(now);
-            if let Some(budget) = health.tokens.as_mut() {
-                budget.refund(now, feedback.charged);
-            }
-            if let (Some(budget), Ok(runtime)) = (
-                self.endpoint.budget.clone(),
-                tokio::runtime::Handle::try_current(),
-            ) {
-                let charged = i64::from(feedback.charged);
-                runtime.spawn(async move { budget.adjust(-charged).await });
-            }
-        }
-    }
-}
-
-impl fmt::Debug for Permit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Permit")
-            .field("endpoint", &self.endpoint.name)
-            .finish()
-    }
-}
-
-/// Where a model alias goes: one pool, a pool and then fallbacks in order, or a table that
-/// also names where admission may send a job instead (see [`RouteSpec`]).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum RouteTarget {
-    Pool(String),
-    Chain(Vec<String>),
-    Spec(RouteSpec),
-}
-
-/// A route as a table: its pools, plus the choices admission makes per job.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteSpec {
-    /// The pool, then fallbacks in order. A classified route may leave it out: its jobs then
-    /// go to the pool the classifier picks.
-    #[serde(default)]
-    pub pools: Vec<String>,
-    /// Where jobs go once their tenant has spent `[budgets] cheaper_at` of its daily budget.
-    #[serde(default)]
-    pub cheaper: Option<String>,
-    /// Complexity routing: a rule-based classifier sends each job to one of these pools.
-    #[serde(default)]
-    pub classify: Option<ClassifyPools>,
-    /// Answer from an earlier job of the tenant whose prompt means the same (`[semantic_cache]`).
-    #[serde(default)]
-    pub semantic_cache: bool,
-    /// Reuse answers to sampled requests too (temperature above 0 or unset, no seed): by
-    /// default only deterministic requests are answered from the cache or an identical job.
-    #[serde(default)]
-    pub reuse_samples: bool,
-}
-
-/// The pools a classified route chooses between.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClassifyPools {
-    pub simple: String,
-    pub complex: String,
-}
-
-impl RouteTarget {
-    /// Pool names, primary first.
-    pub fn pools(&self) -> Vec<&str> {
-        match self {
-            RouteTarget::Pool(p) => vec![p.as_str()],
-            RouteTarget::Chain(ps) => ps.iter().map(String::as_str).collect(),
-            RouteTarget::Spec(spec) => match (&spec.classify, spec.pools.is_empty()) {
-                (Some(classify), true) => vec![classify.complex.as_str()],
-                _ => spec.pools.iter().map(String::as_str).collect(),
-            },
-        }
-    }
-
-    /// Every pool the route may send a job to: its pools, the cheaper one, the classified ones.
-    pub fn all_pools(&self) -> Vec<&str> {
-        let mut all = self.pools();
-        if let RouteTarget::Spec(spec) = self {
-            all.extend(spec.cheaper.as_deref());
-            if let Some(classify) = &spec.classify {
-                all.extend([classify.simple.as_str(), classify.complex.as_str()]);
-            }
-        }
-        all
-    }
-
-    /// The table form's options; the plain forms have none.
-    pub fn spec(&self) -> Option<&RouteSpec> {
-        match self {
-            RouteTarget::Spec(spec) => Some(spec),
-            _ => None,
-        }
-    }
-}
-
-impl From<&str> for RouteTarget {
-    fn from(pool: &str) -> Self {
-        RouteTarget::Pool(pool.to_owned())
-    }
-}
-
-/// The routing key that sends a job to one pool alone, as admission chooses it: `pool:NAME`.
-pub fn pool_route(pool: &str) -> String {
-    format!("{POOL_ROUTE_PREFIX}{pool}")
-}
-
-/// Routing keys with this prefix name a pool, not a model alias; aliases may not use it.
-pub const POOL_ROUTE_PREFIX: &str = "pool:";
-
-/// Model alias -> pools (primary, then fallbacks). Cheap to share behind an `Arc`.
-#[derive(Debug)]
-pub struct Router {
-    routes: BTreeMap<String, Vec<Arc<Pool>>>,
-}
-
-impl Router {
-    /// Build every pool and the routes. Pool names and endpoint names must be unique across the
-    /// router, since an endpoint's name identifies it on jobs and in metrics.
-    pub fn new(
-        pools: &[PoolConfig],
-        routes: &BTreeMap<String, RouteTarget>,
-        http: reqwest::Client,
-    ) -> Result<Router, ConfigError> {
-        Router::with_options(pools, routes, http, &PoolOptions::default())
-    }
-
-    pub fn with_options(
-        pools: &[PoolConfig],
-        routes: &BTreeMap<String, RouteTarget>,
-        http: reqwest::Client,
-        options: &PoolOptions,
-    ) -> Result<Router, ConfigError> {
-        let mut by_name = BTreeMap::new();
-        let mut endpoint_names = BTreeSet::new();
-        for config in pools {
-            for e in &config.endpoints {
-                if !endpoint_names.insert(e.name.as_str()) {
-                    return Err(ConfigError::DuplicateEndpoint(e.name.clone()));
-                }
-            }
-            let pool = Arc::new(Pool::with_options(config, http.clone(), options)?);
-            if by_name.insert(config.name.clone(), pool).is_some() {
-                return Err(ConfigError::DuplicatePool(config.name.clone()));
-            }
-        }
-        let mut table = BTreeMap::new();
-        for (alias, target) in routes {
-            if alias.starts_with(POOL_ROUTE_PREFIX) {
-                return Err(ConfigError::ReservedAlias(alias.clone()));
-            }
-            for pool in target.all_pools() {
-                if !by_name.contains_key(pool) {
-                    return Err(ConfigError::UnknownPool {
-                        alias: alias.clone(),
-                        pool: pool.to_owned(),
-                    });
-                }
-            }
-            let names = target.pools();
-            if names.is_empty() {
-                return Err(ConfigError::UnknownPool {
-                    alias: alias.clone(),
-                    pool: String::new(),
-                });
-            }
-            let chain = names
-                .into_iter()
-                .map(|pool| {
-                    by_name
-                        .get(pool)
-                        .cloned()
-                        .ok_or_else(|| ConfigError::UnknownPool {
-                            alias: alias.clone(),
-                            pool: pool.to_owned(),
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            table.insert(alias.clone(), chain);
-        }
-        // Admission may send a job to one pool of its route by name (cheaper, classified).
-        for (name, pool) in &by_name {
-            table.insert(pool_route(name), vec![Arc::clone(pool)]);
-        }
-        Ok(Router { routes: table })
-    }
-
-    /// The primary pool serving a model alias.
-    pub fn pool(&self, alias: &str) -> Option<&Pool> {
-        self.routes.get(alias).and_then(|c| c.first()).map(|p| &**p)
-    }
-
-    /// Every pool of a route, primary first, then the fallbacks in order.
-    pub fn route(&self, alias: &str) -> &[Arc<Pool>] {
-        self.routes.get(alias).map_or(&[], Vec::as_slice)
-    }
-
-    /// Pause the named endpoints in every pool and resume all others.
-    pub fn set_paused_endpoints(&self, paused: &std::collections::HashSet<String>) {
-        self.pools().for_each(|pool| pool.set_paused(paused));
-    }
-
-    /// Every pool once, by name.
-    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
-        self.routes
-            .iter()
-            .filter(|(key, _)| key.starts_with(POOL_ROUTE_PREFIX))
-            .filter_map(|(_, chain)| chain.first())
-            .map(|p| &**p)
-    }
-
-    /// The model aliases this router serves, sorted (not the `pool:NAME` keys).
-    pub fn aliases(&self) -> impl Iterator<Item = &str> {
-        self.routes
-            .keys()
-            .map(String::as_str)
-            .filter(|key| !key.starts_with(POOL_ROUTE_PREFIX))
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use sluice_core::{JobRequest, Message};
+    use crate::{ChatRequest, ChatResponse, ProviderError};
+    use sluice_core::{BreakerState, JobRequest, Message};
 
     /// Answers with a fixed outcome.
     struct Fixed(Result<(), ProviderError>);
@@ -1031,84 +582,5 @@ mod tests {
         assert!(!pool.is_down());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(call(&pool).await.is_some());
-    }
-
-    #[test]
-    fn routes_take_one_pool_or_a_chain() {
-        let one: RouteTarget = serde_json::from_str("\"a\"").unwrap();
-        let chain: RouteTarget = serde_json::from_str("[\"a\", \"b\"]").unwrap();
-        assert_eq!(one.pools(), ["a"]);
-        assert_eq!(chain.pools(), ["a", "b"]);
-    }
-
-    #[test]
-    fn a_route_table_names_its_cheaper_and_classified_pools() {
-        let spec: RouteTarget = serde_json::from_str(
-            r#"{"pools": ["large", "backup"], "cheaper": "small", "semantic_cache": true}"#,
-        )
-        .unwrap();
-        assert_eq!(spec.pools(), ["large", "backup"]);
-        assert_eq!(spec.all_pools(), ["large", "backup", "small"]);
-        assert!(spec.spec().unwrap().semantic_cache);
-        let auto: RouteTarget =
-            serde_json::from_str(r#"{"classify": {"simple": "small", "complex": "large"}}"#)
-                .unwrap();
-        assert_eq!(
-            auto.pools(),
-            ["large"],
-            "unclassified jobs go to the complex pool"
-        );
-        assert_eq!(auto.all_pools(), ["large", "small", "large"]);
-        assert!(serde_json::from_str::<RouteTarget>(r#"{"pools": ["a"], "cheap": "b"}"#).is_err());
-    }
-
-    #[test]
-    fn pools_are_routable_by_name_and_aliases_may_not_take_that_form() {
-        let pool = |name: &str| PoolConfig {
-            name: name.into(),
-            endpoints: vec![EndpointConfig::new(
-                format!("{name}-1"),
-                "http://x/v1",
-                "m",
-                60,
-            )],
-        };
-        let pools = vec![pool("large"), pool("small")];
-        let auto = RouteTarget::Spec(RouteSpec {
-            classify: Some(ClassifyPools {
-                simple: "small".into(),
-                complex: "large".into(),
-            }),
-            ..RouteSpec::default()
-        });
-        let routes = BTreeMap::from([("auto".to_owned(), auto.clone())]);
-        let router = Router::new(&pools, &routes, reqwest::Client::new()).unwrap();
-        assert_eq!(router.route(&pool_route("small"))[0].name(), "small");
-        assert_eq!(router.route("auto")[0].name(), "large");
-        assert_eq!(router.aliases().collect::<Vec<_>>(), ["auto"]);
-
-        let reserved = BTreeMap::from([("pool:x".to_owned(), auto)]);
-        assert!(matches!(
-            Router::new(&pools, &reserved, reqwest::Client::new()),
-            Err(ConfigError::ReservedAlias(_))
-        ));
-        let unknown = RouteTarget::Spec(RouteSpec {
-            pools: vec!["large".into()],
-            cheaper: Some("tiny".into()),
-            ..RouteSpec::default()
-        });
-        let routes = BTreeMap::from([("x".to_owned(), unknown)]);
-        assert!(matches!(
-            Router::new(&pools, &routes, reqwest::Client::new()),
-            Err(ConfigError::UnknownPool { pool, .. }) if pool == "tiny"
-        ));
-    }
-
-    #[test]
-    fn shared_types_are_send_and_sync() {
-        fn check<T: Send + Sync>() {}
-        check::<Router>();
-        check::<Pool>();
-        check::<Permit>();
     }
 }

@@ -1,7 +1,7 @@
 //! Test support for this and other crates' tests: a redis-server of a test's own, on a free
 //! port, that the test may stop and restart without disturbing any other test.
 
-use deadpool_redis::redis;
+use sluice_redis::redis;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};

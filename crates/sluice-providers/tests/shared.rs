@@ -4,9 +4,9 @@
 //! Timing checks are bounds on counts with slack, never tight wall-clock bounds.
 #![allow(clippy::unwrap_used)]
 
-use deadpool_redis::redis::{self, AsyncCommands};
 use sluice_providers::testing::PrivateRedis;
 use sluice_providers::{SharedError, SharedLimiter, SharedLimits};
+use sluice_redis::redis::{self, AsyncCommands};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -87,7 +87,8 @@ impl SqlQueueConfig {
             return invalid("namespace must not be empty");
         }
         if let Some(schema) = &self.schema {
-            if !valid_identifier(schema) {
+            // DDL cannot take bind parameters: plain lowercase identifiers only.
+            if !sluice_core::valid_identifier(schema) {
                 return Err(SqlQueueError::InvalidConfig(format!(
                     "schema {schema:?}: use lowercase letters, digits and underscores"
                 )));
@@ -150,16 +151,6 @@ async fn timed<T>(
         Ok(result) => result.map_err(SqlQueueError::from_sqlx),
         Err(_) => Err(SqlQueueError::Timeout(OP_TIMEOUT)),
     }
-}
-
-/// Lowercase SQL identifiers only, since DDL cannot take bind parameters.
-fn valid_identifier(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit())
 }
 
 /// FNV-1a: a hash that is the same in every process and every Rust version, unlike
