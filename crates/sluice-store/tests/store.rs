@@ -105,6 +105,64 @@ on_both_backends!(
     finishing_a_batch_is_fenced_and_queues_one_email,
 );
 
+/// End a test: check that every job's event log walks the state machine of `sluice_core`, then
+/// drop the database.
+async fn finish(db: TestDb) {
+    assert_transitions_are_legal(&db).await;
+    db.drop().await;
+}
+
+/// Every job's event log, whatever the test did to it, starts `queued`, numbers its events
+/// 1, 2, 3, ..., moves only as [`JobState::can_become`] allows (`dead -> queued` is an
+/// operator's replay), and ends in the state the job is in.
+async fn assert_transitions_are_legal(db: &TestDb) {
+    let events = "SELECT job_id, seq, state FROM job_events ORDER BY job_id, seq";
+    let jobs = "SELECT id, state FROM jobs";
+    type Events = Vec<(uuid::Uuid, i32, String)>;
+    let (events, jobs): (Events, Vec<(uuid::Uuid, String)>) =
+        match (db.store.pg_pool(), db.store.sqlite_pool()) {
+            (Some(pool), _) => (
+                sqlx::query_as(events).fetch_all(pool).await.unwrap(),
+                sqlx::query_as(jobs).fetch_all(pool).await.unwrap(),
+            ),
+            (None, Some(pool)) => (
+                sqlx::query_as(events).fetch_all(pool).await.unwrap(),
+                sqlx::query_as(jobs).fetch_all(pool).await.unwrap(),
+            ),
+            (None, None) => unreachable!("a store has one backend"),
+        };
+    let mut logs: std::collections::BTreeMap<uuid::Uuid, Vec<(i32, JobState)>> =
+        std::collections::BTreeMap::new();
+    for (job, seq, state) in events {
+        logs.entry(job)
+            .or_default()
+            .push((seq, state.parse().unwrap()));
+    }
+    for (job, state) in &jobs {
+        let log = logs
+            .get(job)
+            .unwrap_or_else(|| panic!("job {job} has no events"));
+        let seqs: Vec<i32> = log.iter().map(|(seq, _)| *seq).collect();
+        let expected: Vec<i32> = (1..=i32::try_from(log.len()).unwrap()).collect();
+        assert_eq!(seqs, expected, "job {job}: events numbered without gaps");
+        assert_eq!(log[0].1, JobState::Queued, "job {job}: starts queued");
+        for pair in log.windows(2) {
+            let (from, to) = (pair[0].1, pair[1].1);
+            assert!(
+                from.can_become(to),
+                "job {job}: the store moved it {from} -> {to}, which the state machine forbids"
+            );
+        }
+        let last = log[log.len() - 1].1;
+        assert_eq!(
+            last.as_str(),
+            state,
+            "job {job}: its state is its last event's"
+        );
+    }
+    assert_eq!(logs.len(), jobs.len(), "no events of jobs that are gone");
+}
+
 /// The stored hash and prefix of the only API key, by raw SQL on either backend.
 async fn stored_key(db: &TestDb) -> (Vec<u8>, String) {
     let sql = "SELECT key_hash, key_prefix FROM api_keys";
@@ -176,7 +234,7 @@ async fn api_keys_resolve_to_their_principal_and_are_stored_hashed(db: TestDb) {
     let listed = db.store.api_keys().await.unwrap();
     let flags: Vec<bool> = listed.iter().map(|k| k.principal.reuse_samples).collect();
     assert_eq!(flags, [false, true]);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn ingest_writes_job_event_and_outbox_together(db: TestDb) {
@@ -194,7 +252,7 @@ async fn ingest_writes_job_event_and_outbox_together(db: TestDb) {
     assert_eq!(db.store.outbox_len().await.unwrap(), 0);
     // Tenant walls: another tenant sees nothing.
     assert!(db.store.get_job("other", job.id).await.unwrap().is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn idempotency_key_returns_the_same_job_or_a_conflict(db: TestDb) {
@@ -220,7 +278,7 @@ async fn idempotency_key_returns_the_same_job_or_a_conflict(db: TestDb) {
     created(db.store.insert_job(&elsewhere).await.unwrap());
     let counts = db.store.count_by_state().await.unwrap();
     assert_eq!(counts, vec![(JobState::Queued, 2)]);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batched_writer_stores_every_job(db: TestDb) {
@@ -241,7 +299,7 @@ async fn batched_writer_stores_every_job(db: TestDb) {
         assert!(db.store.get_job("acme", id).await.unwrap().is_some());
     }
     assert_eq!(db.store.outbox_len().await.unwrap(), 300);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn claim_and_completion_are_fenced_by_attempt(db: TestDb) {
@@ -273,7 +331,7 @@ async fn claim_and_completion_are_fenced_by_attempt(db: TestDb) {
         states,
         vec![JobState::Queued, JobState::Running, JobState::Succeeded]
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn retry_then_dead_then_replay(db: TestDb) {
@@ -324,7 +382,7 @@ async fn retry_then_dead_then_replay(db: TestDb) {
         (3, 1),
         "replay resets the retry budget, not the fence"
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate(db: TestDb) {
@@ -351,7 +409,7 @@ async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate(d
     }
     let claim = db.store.claim(&message.job, LEASE).await.unwrap().unwrap();
     assert_eq!((claim.attempt, claim.tries, claim.throttled), (4, 1, 3));
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn cancel_respects_tenants_and_terminal_states(db: TestDb) {
@@ -387,7 +445,7 @@ async fn cancel_respects_tenants_and_terminal_states(db: TestDb) {
         .complete(running.id, claim.attempt, &serde_json::json!({}), "e")
         .await
         .unwrap());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn expired_leases_are_reaped_once_and_heartbeats_keep_them(db: TestDb) {
@@ -448,7 +506,7 @@ async fn expired_leases_are_reaped_once_and_heartbeats_keep_them(db: TestDb) {
         db.store.job(spent.id).await.unwrap().unwrap().state,
         JobState::Dead
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn relay_takes_only_old_unlocked_rows(db: TestDb) {
@@ -488,7 +546,7 @@ async fn relay_takes_only_old_unlocked_rows(db: TestDb) {
     );
     db.store.mark_published(&[rows[0].outbox_id]).await.unwrap();
     assert_eq!(db.store.outbox_len().await.unwrap(), 0);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batched_claims_and_completions_answer_each_caller_once(db: TestDb) {
@@ -547,7 +605,7 @@ async fn batched_claims_and_completions_answer_each_caller_once(db: TestDb) {
         db.store.job(b.job.request_id).await.unwrap().unwrap().state,
         JobState::Running
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 /// A job for `email`, inserted and claimed: ready to be finished one way or another.
@@ -622,7 +680,7 @@ async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_compl
     assert_eq!(notifications_in_total(&db).await, 1);
     // Nor does queueing it by hand: one email per job.
     assert_eq!(db.store.queue_notifications_for(&[id]).await.unwrap(), 0);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_does_not(db: TestDb) {
@@ -659,7 +717,7 @@ async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_doe
         .unwrap()
         .is_none());
     assert_eq!(notifications_in_total(&db).await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_does_not(
@@ -691,7 +749,7 @@ async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_
     assert_pending_email(&db, retried, "cy@example.com").await;
     assert!(db.store.reap_expired(2, 100).await.unwrap().is_empty());
     assert_eq!(notifications_in_total(&db).await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_cancelled_job_with_an_email_queues_one_notification(db: TestDb) {
@@ -714,7 +772,7 @@ async fn a_cancelled_job_with_an_email_queues_one_notification(db: TestDb) {
         CancelOutcome::Terminal(JobState::Cancelled)
     );
     assert_eq!(notifications_in_total(&db).await, 2);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn jobs_without_an_email_queue_no_notification_however_they_end(db: TestDb) {
@@ -768,7 +826,7 @@ async fn jobs_without_an_email_queue_no_notification_however_they_end(db: TestDb
     }
     assert_pending_email(&db, batched.id, "fi@example.com").await;
     assert_eq!(notifications_in_total(&db).await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(db: TestDb) {
@@ -795,7 +853,7 @@ async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(
         .store
         .user_events_since("acme", "u1", since, Duration::from_secs(60));
     assert_eq!(seqs(user.await.unwrap()), [1]);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb) {
@@ -911,7 +969,7 @@ async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb)
         .await
         .unwrap()
         .is_empty());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn stats_summarise_finished_jobs(db: TestDb) {
@@ -970,7 +1028,7 @@ async fn stats_summarise_finished_jobs(db: TestDb) {
         db.store.finished_in_window(3600.0, 7200.0).await.unwrap(),
         0
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn dashboard_series_count_finished_jobs_and_calls_per_endpoint(db: TestDb) {
@@ -1049,7 +1107,7 @@ async fn dashboard_series_count_finished_jobs_and_calls_per_endpoint(db: TestDb)
         .await
         .unwrap()
         .is_empty());
-    db.drop().await;
+    finish(db).await;
 }
 
 /// SQLite's own concerns: one writer under concurrent load, durability of its file, and the
@@ -1389,6 +1447,7 @@ async fn identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer(db: 
         .await
         .unwrap();
     assert!(matches!(next, Accepted::Queued(_)), "{next:?}");
+    finish(db).await;
 }
 
 async fn a_reusable_answer_completes_a_job_at_once_within_its_tenant_only(db: TestDb) {
@@ -1463,6 +1522,7 @@ async fn a_reusable_answer_completes_a_job_at_once_within_its_tenant_only(db: Te
         db.store.job(stranger.id).await.unwrap().is_none(),
         "nothing written"
     );
+    finish(db).await;
 }
 
 async fn followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone(db: TestDb) {
@@ -1538,6 +1598,7 @@ async fn followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alon
     assert_eq!((job.state, job.leader), (JobState::Queued, None));
     // The released job runs like any other.
     complete_with(&db, &settled.released[0], "ran alone").await;
+    finish(db).await;
 }
 
 async fn lane_stats_and_positions_count_queued_leaders(db: TestDb) {
@@ -1591,6 +1652,7 @@ async fn lane_stats_and_positions_count_queued_leaders(db: TestDb) {
             .unwrap(),
         2
     );
+    finish(db).await;
 }
 
 async fn semantic_candidates_are_the_tenants_recent_successes(db: TestDb) {
@@ -1627,6 +1689,7 @@ async fn semantic_candidates_are_the_tenants_recent_successes(db: TestDb) {
         .await
         .unwrap()
         .is_empty());
+    finish(db).await;
 }
 
 fn sluice_core_vector(v: &[f32]) -> Vec<u8> {
@@ -1650,6 +1713,7 @@ async fn admin_keys_stand_for_no_tenant_and_revoked_keys_for_nothing(db: TestDb)
     assert!(db.store.revoke_api_key(acme.id).await.unwrap());
     assert!(!db.store.revoke_api_key(acme.id).await.unwrap(), "once");
     assert!(db.store.principal_for_key(&tenant).await.unwrap().is_none());
+    finish(db).await;
 }
 
 async fn only_dead_jobs_are_purged_and_they_leave_nothing_behind(db: TestDb) {
@@ -1678,6 +1742,7 @@ async fn only_dead_jobs_are_purged_and_they_leave_nothing_behind(db: TestDb) {
     assert!(db.store.events(job.id).await.unwrap().is_empty());
     assert!(db.store.notification_for(job.id).await.unwrap().is_none());
     assert!(!db.store.purge_dead(job.id).await.unwrap());
+    finish(db).await;
 }
 
 /// A `sslmode=require` URL gets an encrypted connection (RDS forces TLS), and the default
@@ -1760,7 +1825,7 @@ async fn error_status_is_stored_by_retry_later_and_dead_letter(db: TestDb) {
     complete_with(&db, &replayed, "fine now").await;
     let stored = db.store.job(job.id).await.unwrap().unwrap();
     assert_eq!((stored.error, stored.error_status), (None, None));
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn cancel_waiting_cancels_waiting_jobs_and_refuses_a_running_one(db: TestDb) {
@@ -1816,7 +1881,7 @@ async fn cancel_waiting_cancels_waiting_jobs_and_refuses_a_running_one(db: TestD
         db.store.cancel_waiting("acme", running).await.unwrap(),
         CancelOutcome::Terminal(JobState::Succeeded)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn detached_jobs_are_reattached_once_or_cancelled_after_their_grace(db: TestDb) {
@@ -1924,7 +1989,7 @@ async fn detached_jobs_are_reattached_once_or_cancelled_after_their_grace(db: Te
         db.store.reattach("acme", b"p", false).await.unwrap(),
         Some(patient.id)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn concurrent_reattaches_take_a_job_once(db: TestDb) {
@@ -1956,7 +2021,7 @@ async fn concurrent_reattaches_take_a_job_once(db: TestDb) {
     taken.sort();
     ids.sort();
     assert_eq!(taken, ids, "each held job went to exactly one caller");
-    db.drop().await;
+    finish(db).await;
 }
 
 fn new_file(tenant: &str, purpose: &str) -> NewFile {
@@ -2071,7 +2136,7 @@ async fn files_round_trip_in_chunks_behind_tenant_walls(db: TestDb) {
         .append_file_chunk(&aborted.id, 1, b"rest")
         .await
         .is_err());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn files_list_in_pages_both_ways_and_by_purpose(db: TestDb) {
@@ -2122,7 +2187,7 @@ async fn files_list_in_pages_both_ways_and_by_purpose(db: TestDb) {
         (outputs, more),
         (vec![ids[1].clone(), ids[3].clone()], false)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn stale_uploads_are_purged_and_live_ones_kept(db: TestDb) {
@@ -2158,7 +2223,7 @@ async fn stale_uploads_are_purged_and_live_ones_kept(db: TestDb) {
     db.store.finish_file(&slow.id, 11, 0).await.unwrap();
     assert_eq!(content(&db, &slow.id).await, b"still here!");
     assert!(db.store.get_file("acme", &done.id).await.unwrap().is_some());
-    db.drop().await;
+    finish(db).await;
 }
 
 fn new_batch(tenant: &str, email: Option<&str>) -> NewBatch {
@@ -2262,7 +2327,7 @@ async fn a_batch_is_created_whole_with_its_jobs_outbox_rows_and_lines(db: TestDb
         db.store.pending_batch_lines("acme").await.unwrap(),
         i64::from(n)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_failing_batch_creation_leaves_nothing(db: TestDb) {
@@ -2335,7 +2400,7 @@ async fn a_failing_batch_creation_leaves_nothing(db: TestDb) {
         .is_err());
     assert_eq!(rows_in(&db, "jobs").await, jobs_before);
     assert_eq!(rows_in(&db, "batches").await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batches_list_newest_first_within_their_tenant(db: TestDb) {
@@ -2393,7 +2458,7 @@ async fn batches_list_newest_first_within_their_tenant(db: TestDb) {
         .await
         .unwrap()
         .is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn cancelling_a_batch_cancels_its_jobs_and_ends_it_cancelled(db: TestDb) {
@@ -2489,7 +2554,7 @@ async fn cancelling_a_batch_cancels_its_jobs_and_ends_it_cancelled(db: TestDb) {
         CancelBatch::AlreadyEnded(BatchStatus::Cancelled)
     );
     assert!(db.store.take_due_batch(LEASE).await.unwrap().is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batch_progress_counts_its_jobs_as_they_move(db: TestDb) {
@@ -2577,7 +2642,7 @@ async fn batch_progress_counts_its_jobs_as_they_move(db: TestDb) {
         4,
         "the purged job took its line with it"
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn concurrent_finalizers_never_take_the_same_batch(db: TestDb) {
@@ -2623,7 +2688,7 @@ async fn concurrent_finalizers_never_take_the_same_batch(db: TestDb) {
     let again = db.store.take_due_batch(LEASE).await.unwrap().unwrap();
     assert_eq!(again.id, ids[2]);
     assert!(db.store.take_due_batch(LEASE).await.unwrap().is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn finishing_a_batch_is_fenced_and_queues_one_email(db: TestDb) {
@@ -2811,5 +2876,5 @@ async fn finishing_a_batch_is_fenced_and_queues_one_email(db: TestDb) {
             finished_at: ended.completed_at,
         }
     );
-    db.drop().await;
+    finish(db).await;
 }
