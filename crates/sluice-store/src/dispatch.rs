@@ -34,7 +34,11 @@ impl Store {
     /// Accept one job, honouring its idempotency key. The job, its first event and its outbox
     /// row are written in one transaction, so a `202` always means the job is durable.
     pub async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
-        dispatch!(self.insert_job(job))
+        let ingested = dispatch!(self.insert_job(job))?;
+        if let Ingested::Created(_) = ingested {
+            self.announcer.one(job.id, &job.principal.tenant);
+        }
+        Ok(ingested)
     }
 
     /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
@@ -44,7 +48,11 @@ impl Store {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self.insert_jobs(jobs))
+        // Every job is stored, queued or attached, or the call fails as a whole.
+        let accepted = dispatch!(self.insert_jobs(jobs))?;
+        self.announcer
+            .all(jobs.iter().map(|j| (j.id, j.principal.tenant.as_str())));
+        Ok(accepted)
     }
 
     /// A tenant's job; another tenant's id answers `None`, exactly like an unknown one.
@@ -74,7 +82,9 @@ impl Store {
     /// Cancel a tenant's job unless it is already terminal. A running job's result will be
     /// discarded. The completion email, if any, is queued with the state change.
     pub async fn cancel(&self, tenant: &str, id: RequestId) -> Result<CancelOutcome, StoreError> {
-        dispatch!(self.cancel(tenant, id, CANCELLABLE))
+        let outcome = dispatch!(self.cancel(tenant, id, CANCELLABLE))?;
+        self.announce_cancel(&outcome, tenant, id);
+        Ok(outcome)
     }
 
     /// Like [`Store::cancel`], but only a job still waiting (queued or retrying) is cancelled;
@@ -84,7 +94,15 @@ impl Store {
         tenant: &str,
         id: RequestId,
     ) -> Result<CancelOutcome, StoreError> {
-        dispatch!(self.cancel(tenant, id, WAITING))
+        let outcome = dispatch!(self.cancel(tenant, id, WAITING))?;
+        self.announce_cancel(&outcome, tenant, id);
+        Ok(outcome)
+    }
+
+    fn announce_cancel(&self, outcome: &CancelOutcome, tenant: &str, id: RequestId) {
+        if *outcome == CancelOutcome::Cancelled {
+            self.announcer.one(id, tenant);
+        }
     }
 }
 
@@ -123,7 +141,9 @@ impl Store {
         &self,
         limit: i64,
     ) -> Result<Vec<(RequestId, String)>, StoreError> {
-        dispatch!(self.cancel_detached(limit))
+        let cancelled = dispatch!(self.cancel_detached(limit))?;
+        self.announce_all(&cancelled);
+        Ok(cancelled)
     }
 }
 
@@ -214,7 +234,14 @@ impl Store {
         batch: &NewBatch,
         lines: &[BatchLine],
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        dispatch!(self.create_batch(batch, lines))
+        let messages = dispatch!(self.create_batch(batch, lines))?;
+        // Every line's job is stored (queued, or attached to an identical job), or none is.
+        self.announcer.all(
+            lines
+                .iter()
+                .map(|l| (l.job.id, l.job.principal.tenant.as_str())),
+        );
+        Ok(messages)
     }
 
     /// Store a batch refused at creation: `failed` with `errors`, no lines, no jobs (its email,
@@ -291,7 +318,9 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Vec<(RequestId, String)>, StoreError> {
-        dispatch!(self.cancel_batch_jobs(id))
+        let cancelled = dispatch!(self.cancel_batch_jobs(id))?;
+        self.announce_all(&cancelled);
+        Ok(cancelled)
     }
 
     /// Move a batch to `to` (recording `*_at`) if its status is one of [`BatchStatus::moves_from`];
@@ -347,7 +376,16 @@ impl Store {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self.claim_many(jobs, lease))
+        let claims = dispatch!(self.claim_many(jobs, lease))?;
+        Ok(claims
+            .into_iter()
+            .map(|claim| {
+                claim.map(|(claim, tenant)| {
+                    self.announcer.one(claim.id, &tenant);
+                    claim
+                })
+            })
+            .collect())
     }
 
     /// Extend the leases of jobs still running under these attempts.
@@ -388,7 +426,10 @@ impl Store {
         if done.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self.complete_many(done))
+        let (completed, changed) = dispatch!(self.complete_many(done))?;
+        // The completed jobs and the followers that took their answers.
+        self.announce_all(&changed);
+        Ok(completed)
     }
 
     /// Record a retryable failure and queue the retry message, deliverable after `delay`.
@@ -399,7 +440,9 @@ impl Store {
         failure: &Failure,
         delay: Duration,
     ) -> Result<Option<OutboxMessage>, StoreError> {
-        dispatch!(self.fail(id, attempt, failure, Lane::Retry, delay))
+        let message = dispatch!(self.fail(id, attempt, failure, Lane::Retry, delay))?;
+        self.announce_messages(message.iter());
+        Ok(message)
     }
 
     /// Record a permanent failure (or spent retries) and queue the job's `dead` message.
@@ -409,7 +452,9 @@ impl Store {
         attempt: i32,
         failure: &Failure,
     ) -> Result<Option<OutboxMessage>, StoreError> {
-        dispatch!(self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO))
+        let message = dispatch!(self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO))?;
+        self.announce_messages(message.iter());
+        Ok(message)
     }
 
     /// Requeue jobs whose lease expired (their worker died): to `retry` at once, or to `dead`
@@ -419,16 +464,21 @@ impl Store {
         max_tries: u32,
         limit: i64,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        dispatch!(self.reap_expired(max_tries, limit))
+        let messages = dispatch!(self.reap_expired(max_tries, limit))?;
+        self.announce_messages(messages.iter());
+        Ok(messages)
     }
 
     /// Put a dead job back in its lane with a fresh retry budget.
     pub async fn replay(&self, id: RequestId) -> Result<Option<OutboxMessage>, StoreError> {
-        dispatch!(self.replay(id))
+        let message = dispatch!(self.replay(id))?;
+        self.announce_messages(message.iter());
+        Ok(message)
     }
 
     /// Delete a dead job for good (events, outbox rows, email and embedding with it); `false`
-    /// unless it exists and is dead, and not a line of a batch still open.
+    /// unless it exists and is dead, and not a line of a batch still open. Not announced: the
+    /// job is gone, and there is no new state or event for anyone to read.
     pub async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
         dispatch!(self.purge_dead(id))
     }
@@ -436,6 +486,17 @@ impl Store {
     /// The most recently dead-lettered jobs.
     pub async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
         dispatch!(self.dead_jobs(limit))
+    }
+
+    /// Announce the jobs of lane messages a state change queued.
+    fn announce_messages<'a>(&self, messages: impl Iterator<Item = &'a OutboxMessage>) {
+        self.announcer
+            .all(messages.map(|m| (m.job.request_id, m.job.tenant.as_str())));
+    }
+
+    fn announce_all(&self, jobs: &[(RequestId, String)]) {
+        self.announcer
+            .all(jobs.iter().map(|(id, tenant)| (*id, tenant.as_str())));
     }
 }
 
@@ -683,14 +744,22 @@ impl Store {
         source: RequestId,
         how: Reuse,
     ) -> Result<bool, StoreError> {
-        dispatch!(self.insert_answered(job, source, how))
+        let inserted = dispatch!(self.insert_answered(job, source, how))?;
+        if inserted {
+            self.announcer.one(job.id, &job.principal.tenant);
+        }
+        Ok(inserted)
     }
 
     /// Give followers whose leader finished the leader's outcome, and queue on their own those
     /// whose leader was cancelled. Completion settles followers of succeeded jobs itself; this
     /// catches the rest and the race of a follower attached as its leader finished.
+    /// Only the followers that finished are announced: a released one changes neither its
+    /// state nor its event log (it stays `queued`, now in a lane of its own).
     pub async fn settle_followers(&self, limit: i64) -> Result<SettledFollowers, StoreError> {
-        dispatch!(self.settle_followers(limit))
+        let settled = dispatch!(self.settle_followers(limit))?;
+        self.announce_all(&settled.finished);
+        Ok(settled)
     }
 
     /// Per lane: queued jobs, the oldest one's arrival and first starts within `window`.

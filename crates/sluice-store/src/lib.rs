@@ -9,6 +9,7 @@
 //! statements in `sqlite/`, mirroring them file for file.
 
 mod admission;
+mod announce;
 mod batch;
 mod batches;
 mod dispatch;
@@ -27,6 +28,7 @@ pub mod testing;
 mod writer;
 
 pub use admission::{LaneStats, SemanticEntry, SettledFollowers};
+pub use announce::Announce;
 pub use batch::Batcher;
 pub use batches::{
     new_batch_id, BatchLine, BatchLineResult, BatchProgress, BatchRecord, BatchStatus, CancelBatch,
@@ -188,6 +190,8 @@ impl Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    /// Told of every job a method changes (see [`Store::announcing`]).
+    announcer: announce::Announcer,
 }
 
 /// The connection pools of the backend in use.
@@ -214,7 +218,10 @@ impl Store {
             Backend::Postgres => Db::Postgres(postgres::PgBackend::connect(config).await?),
             Backend::Sqlite => Db::Sqlite(sqlite::SqliteBackend::connect(config).await?),
         };
-        let store = Store { db };
+        let store = Store {
+            db,
+            announcer: announce::Announcer::default(),
+        };
         if config.migrate {
             store.migrate().await?;
         }

@@ -65,13 +65,14 @@ pub struct Failure {
 }
 
 impl PgBackend {
-    /// [`Store::claim`] for many messages in one statement; answers in input order.
-    /// Of two messages for the same job and attempt, only the first gets the claim.
+    /// [`Store::claim`] for many messages in one statement; answers in input order, each claim
+    /// with its job's tenant. Of two messages for the same job and attempt, only the first
+    /// gets the claim.
     pub(crate) async fn claim_many(
         &self,
         jobs: &[JobRef],
         lease: Duration,
-    ) -> Result<Vec<Option<Claim>>, StoreError> {
+    ) -> Result<Vec<Option<(Claim, String)>>, StoreError> {
         let ids: Vec<Uuid> = jobs.iter().map(|j| j.request_id.0).collect();
         let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
         let rows = sqlx::query(
@@ -87,19 +88,19 @@ impl PgBackend {
                  WHERE jobs.id = input.id AND jobs.attempt = input.attempt
                    AND jobs.state IN ('queued', 'retrying')
                  RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.tries, jobs.throttled,
-                           jobs.lane, jobs.request, jobs.created_at
+                           jobs.lane, jobs.request, jobs.created_at, jobs.tenant
              ), e AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, 'running', jsonb_build_object('attempt', attempt) FROM j
              )
-             SELECT id, attempt, tries, throttled, lane, request, created_at FROM j",
+             SELECT id, attempt, tries, throttled, lane, request, created_at, tenant FROM j",
         )
         .bind(&ids)
         .bind(&attempts)
         .bind(millis(lease))
         .fetch_all(&self.pool)
         .await?;
-        let mut claimed: HashMap<(Uuid, i32), Claim> = HashMap::with_capacity(rows.len());
+        let mut claimed: HashMap<(Uuid, i32), (Claim, String)> = HashMap::with_capacity(rows.len());
         for r in &rows {
             let id: Uuid = r.try_get("id")?;
             let lane: String = r.try_get("lane")?;
@@ -107,15 +108,18 @@ impl PgBackend {
             let attempt: i32 = r.try_get("attempt")?;
             claimed.insert(
                 (id, attempt - 1),
-                Claim {
-                    id: RequestId(id),
-                    attempt,
-                    tries: r.try_get("tries")?,
-                    throttled: r.try_get("throttled")?,
-                    lane: parse_lane(&lane)?,
-                    request: serde_json::from_value(request).map_err(corrupt)?,
-                    created_at: r.try_get("created_at")?,
-                },
+                (
+                    Claim {
+                        id: RequestId(id),
+                        attempt,
+                        tries: r.try_get("tries")?,
+                        throttled: r.try_get("throttled")?,
+                        lane: parse_lane(&lane)?,
+                        request: serde_json::from_value(request).map_err(corrupt)?,
+                        created_at: r.try_get("created_at")?,
+                    },
+                    r.try_get("tenant")?,
+                ),
             );
         }
         Ok(jobs
@@ -148,14 +152,18 @@ impl PgBackend {
         Ok(done.rows_affected())
     }
 
-    /// [`Store::complete`] for many jobs in one statement; answers in input order.
-    pub(crate) async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
+    /// [`Store::complete`] for many jobs in one statement; answers in input order, and the
+    /// jobs it changed (those completed and their followers) with their tenants.
+    pub(crate) async fn complete_many(
+        &self,
+        done: &[Completion],
+    ) -> Result<(Vec<bool>, Vec<(RequestId, String)>), StoreError> {
         let ids: Vec<Uuid> = done.iter().map(|c| c.id.0).collect();
         let attempts: Vec<i32> = done.iter().map(|c| c.attempt).collect();
         let results: Vec<String> = done.iter().map(|c| c.result.to_string()).collect();
         let endpoints: Vec<&str> = done.iter().map(|c| c.endpoint.as_str()).collect();
         let costs: Vec<Option<f64>> = done.iter().map(|c| c.cost_usd).collect();
-        let completed: Vec<(Uuid, i32)> = sqlx::query_as(
+        let changed: Vec<(Uuid, i32, String, bool)> = sqlx::query_as(
             "WITH input AS (
                  SELECT DISTINCT ON (id, attempt) id, attempt, result, endpoint, cost
                  FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::float8[])
@@ -190,7 +198,7 @@ impl PgBackend {
                                  finished_at = now(), updated_at = now(),
                                  event_seq = jobs.event_seq + 1
                  FROM j WHERE jobs.leader = j.id AND jobs.state = 'queued'
-                 RETURNING jobs.id, jobs.event_seq, jobs.notify_email, j.id AS leader
+                 RETURNING jobs.id, jobs.event_seq, jobs.notify_email, jobs.tenant, j.id AS leader
              ), fe AS (
                  INSERT INTO job_events (job_id, seq, state, detail)
                  SELECT id, event_seq, 'succeeded',
@@ -201,7 +209,8 @@ impl PgBackend {
                  SELECT id, notify_email FROM f WHERE notify_email IS NOT NULL
                  ON CONFLICT (job_id) DO NOTHING
              )
-             SELECT id, attempt FROM j",
+             SELECT id, attempt, tenant, false AS follower FROM j
+             UNION ALL SELECT id, 0, tenant, true FROM f",
         )
         .bind(&ids)
         .bind(&attempts)
@@ -210,11 +219,20 @@ impl PgBackend {
         .bind(&costs)
         .fetch_all(&self.pool)
         .await?;
-        let mut completed: std::collections::HashSet<(Uuid, i32)> = completed.into_iter().collect();
-        Ok(done
+        let mut completed: std::collections::HashSet<(Uuid, i32)> = changed
+            .iter()
+            .filter(|(_, _, _, follower)| !follower)
+            .map(|(id, attempt, _, _)| (*id, *attempt))
+            .collect();
+        let answers = done
             .iter()
             .map(|c| completed.remove(&(c.id.0, c.attempt)))
-            .collect())
+            .collect();
+        let changed = changed
+            .into_iter()
+            .map(|(id, _, tenant, _)| (RequestId(id), tenant))
+            .collect();
+        Ok((answers, changed))
     }
 
     pub(crate) async fn fail(

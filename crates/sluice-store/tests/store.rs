@@ -7,8 +7,8 @@ use sha2::{Digest, Sha256};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
 use sluice_store::testing::TestDb;
 use sluice_store::{
-    Accepted, BatchLine, BatchStatus, CancelBatch, CancelOutcome, Failure, FinishedFile, Ingested,
-    JobWriter, NewBatch, NewFile, NewJob, NotificationSubject, Reuse, SortOrder,
+    Accepted, Announce, BatchLine, BatchStatus, CancelBatch, CancelOutcome, Failure, FinishedFile,
+    Ingested, JobWriter, NewBatch, NewFile, NewJob, NotificationSubject, Reuse, SortOrder,
 };
 use std::time::Duration;
 
@@ -103,6 +103,9 @@ on_both_backends!(
     batch_progress_counts_its_jobs_as_they_move,
     concurrent_finalizers_never_take_the_same_batch,
     finishing_a_batch_is_fenced_and_queues_one_email,
+    every_change_to_a_job_is_announced_once_with_its_tenant,
+    followers_and_answered_jobs_are_announced_with_the_jobs_that_settle_them,
+    batch_lines_are_announced_when_created_and_when_cancelled,
 );
 
 /// End a test: check that every job's event log walks the state machine of `sluice_core`, then
@@ -2876,5 +2879,319 @@ async fn finishing_a_batch_is_fenced_and_queues_one_email(db: TestDb) {
             finished_at: ended.completed_at,
         }
     );
+    finish(db).await;
+}
+
+/// An [`Announce`] hook that writes down what it hears.
+#[derive(Default)]
+struct Heard(std::sync::Mutex<Vec<(RequestId, String)>>);
+
+impl Announce for Heard {
+    fn changed(&self, id: RequestId, tenant: &str) {
+        self.0.lock().unwrap().push((id, tenant.to_owned()));
+    }
+}
+
+impl Heard {
+    /// What was announced since the last call, sorted.
+    fn take(&self) -> Vec<(RequestId, String)> {
+        let mut heard = std::mem::take(&mut *self.0.lock().unwrap());
+        heard.sort();
+        heard
+    }
+}
+
+/// A clone of the test's store that announces to a fresh [`Heard`].
+fn announcing(db: &TestDb) -> (sluice_store::Store, std::sync::Arc<Heard>) {
+    let heard = std::sync::Arc::new(Heard::default());
+    (db.store.clone().announcing(heard.clone()), heard)
+}
+
+fn each(tenant: &str, ids: &[RequestId]) -> Vec<(RequestId, String)> {
+    let mut jobs: Vec<_> = ids.iter().map(|id| (*id, tenant.to_owned())).collect();
+    jobs.sort();
+    jobs
+}
+
+async fn every_change_to_a_job_is_announced_once_with_its_tenant(db: TestDb) {
+    let (store, heard) = announcing(&db);
+    assert!(heard.take().is_empty());
+
+    // Ingest: a new job is announced; the same idempotency key again, or a conflict, is not.
+    let mut job = new_job("acme", "hi");
+    job.idempotency = Some(("k1".into(), vec![1]));
+    let msg = created(store.insert_job(&job).await.unwrap());
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(matches!(
+        store.insert_job(&job).await.unwrap(),
+        Ingested::Existing(_)
+    ));
+    let mut conflict = new_job("acme", "other");
+    conflict.idempotency = Some(("k1".into(), vec![2]));
+    assert!(matches!(
+        store.insert_job(&conflict).await.unwrap(),
+        Ingested::Conflict
+    ));
+    assert!(heard.take().is_empty(), "nothing changed");
+    // A clone of the announcing store announces too; the store it was made from does not.
+    let (a, b) = (new_job("acme", "a"), new_job("beta", "b"));
+    let accepted = store
+        .clone()
+        .insert_jobs(&[a.clone(), b.clone()])
+        .await
+        .unwrap();
+    let mut both = vec![(a.id, "acme".to_owned()), (b.id, "beta".to_owned())];
+    both.sort();
+    assert_eq!(heard.take(), both);
+    created(
+        db.store
+            .insert_job(&new_job("acme", "quiet"))
+            .await
+            .unwrap(),
+    );
+    assert!(heard.take().is_empty());
+
+    // Claims: a claim is announced, a stale message is not; heartbeats change no state.
+    let claim = store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(store.claim(&msg.job, LEASE).await.unwrap().is_none());
+    store
+        .heartbeat(&[(job.id, claim.attempt)], LEASE)
+        .await
+        .unwrap();
+    assert!(heard.take().is_empty());
+    let messages: Vec<_> = accepted
+        .into_iter()
+        .map(|a| a.into_queued().unwrap())
+        .collect();
+    let refs: Vec<JobRef> = messages.iter().map(|m| m.job.clone()).collect();
+    let claims = store.claim_many(&refs, LEASE).await.unwrap();
+    assert_eq!(heard.take(), both);
+
+    // Retry, dead-letter and replay, each announced; a stale attempt changes nothing.
+    let failure = failure("provider returned 500", Some(500));
+    store
+        .retry_later(job.id, claim.attempt, &failure, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(store
+        .dead_letter(job.id, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(heard.take().is_empty());
+    let retry = db.store.job(job.id).await.unwrap().unwrap();
+    let again = JobRef {
+        attempt: retry.attempt,
+        ..msg.job.clone()
+    };
+    let claim = store.claim(&again, LEASE).await.unwrap().unwrap();
+    heard.take();
+    store
+        .dead_letter(job.id, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    let replayed = store.replay(job.id).await.unwrap().unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(store.replay(job.id).await.unwrap().is_none());
+    assert!(heard.take().is_empty());
+
+    // Completion: announced once; a second or stale completion is not.
+    let (a_claim, b_claim) = (claims[0].clone().unwrap(), claims[1].clone().unwrap());
+    let result = serde_json::json!({ "content": "x" });
+    assert!(store
+        .complete(a.id, a_claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    assert!(!store
+        .complete(a.id, a_claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    assert_eq!(heard.take(), each("acme", &[a.id]));
+
+    // Cancels: a waiting or running job is announced, a terminal one or a refused one not.
+    assert_eq!(
+        store.cancel_waiting("beta", b.id).await.unwrap(),
+        CancelOutcome::Running
+    );
+    assert!(heard.take().is_empty());
+    assert_eq!(
+        store.cancel("beta", b.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(heard.take(), each("beta", &[b.id]));
+    assert!(!store
+        .complete(b.id, b_claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.cancel("acme", a.id).await.unwrap(),
+        CancelOutcome::Terminal(JobState::Succeeded)
+    );
+    assert_eq!(
+        store
+            .cancel_waiting("acme", replayed.job.request_id)
+            .await
+            .unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+
+    // Detached jobs: detaching and taking back change no state; the sweep's cancels are
+    // announced, the holds it only clears are not.
+    let minute = Duration::from_secs(60);
+    let held = new_job("acme", "held");
+    created(store.insert_job(&held).await.unwrap());
+    heard.take();
+    assert!(store.detach("acme", held.id, b"h1", minute).await.unwrap());
+    assert_eq!(
+        store.reattach("acme", b"h1", false).await.unwrap(),
+        Some(held.id)
+    );
+    assert!(store
+        .detach("acme", held.id, b"h1", Duration::ZERO)
+        .await
+        .unwrap());
+    let (running, _) = claimed_job_for(&db, None, LEASE).await;
+    assert!(store
+        .detach("acme", running, b"h2", Duration::ZERO)
+        .await
+        .unwrap());
+    assert!(heard.take().is_empty());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store.cancel_detached(10).await.unwrap(),
+        [(held.id, "acme".to_owned())]
+    );
+    assert_eq!(heard.take(), each("acme", &[held.id]));
+
+    // The reaper: each job it moves, to retry or to dead, is announced.
+    let (lost, _) = claimed_job_for(&db, None, Duration::from_millis(10)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reaped = store.reap_expired(5, 100).await.unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(heard.take(), each("acme", &[lost]));
+    assert!(store.reap_expired(5, 100).await.unwrap().is_empty());
+
+    // Purging a dead job removes it and its log: there is nothing new to read, no announcement.
+    let (doomed, claim) = claimed_job_for(&db, None, LEASE).await;
+    store
+        .dead_letter(doomed, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    heard.take();
+    assert!(store.purge_dead(doomed).await.unwrap());
+    assert!(heard.take().is_empty());
+    finish(db).await;
+}
+
+async fn followers_and_answered_jobs_are_announced_with_the_jobs_that_settle_them(db: TestDb) {
+    let (store, heard) = announcing(&db);
+    let writer = JobWriter::spawn(store.clone(), 1, 8);
+    // A follower is announced when attached, and again when its leader's completion answers it.
+    let leader = writer
+        .insert(hashed_job("acme", "same"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    let follower = hashed_job("acme", "same");
+    let follower_id = follower.id;
+    assert!(matches!(
+        writer.insert(follower).await.unwrap(),
+        Accepted::Attached { .. }
+    ));
+    let leader_id = leader.job.request_id;
+    assert_eq!(heard.take(), each("acme", &[leader_id, follower_id]));
+    let claim = store.claim(&leader.job, LEASE).await.unwrap().unwrap();
+    heard.take();
+    let done = store
+        .complete_many(&[sluice_store::Completion {
+            id: claim.id,
+            attempt: claim.attempt,
+            result: serde_json::json!({ "content": "shared" }),
+            endpoint: "e1".into(),
+            cost_usd: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(done, [true]);
+    assert_eq!(heard.take(), each("acme", &[leader_id, follower_id]));
+
+    // An answer reused from a finished job: the new job is announced, a refused reuse not.
+    let hit = new_job("acme", "again");
+    assert!(store
+        .insert_answered(&hit, leader_id, Reuse::Exact)
+        .await
+        .unwrap());
+    assert_eq!(heard.take(), each("acme", &[hit.id]));
+    let stranger = new_job("other", "again");
+    assert!(!store
+        .insert_answered(&stranger, leader_id, Reuse::Exact)
+        .await
+        .unwrap());
+    assert!(heard.take().is_empty());
+
+    // Settling: a follower of a dead leader takes its end and is announced; a follower of a
+    // cancelled leader is only released into a lane (no new state or event), not announced.
+    let doomed = writer
+        .insert(hashed_job("acme", "doomed"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    let dead_follower = hashed_job("acme", "doomed");
+    let dead_follower_id = dead_follower.id;
+    writer.insert(dead_follower).await.unwrap();
+    let claim = store.claim(&doomed.job, LEASE).await.unwrap().unwrap();
+    store
+        .dead_letter(claim.id, claim.attempt, &failure("400", Some(400)))
+        .await
+        .unwrap()
+        .unwrap();
+    let dropped = writer
+        .insert(hashed_job("acme", "dropped"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    writer.insert(hashed_job("acme", "dropped")).await.unwrap();
+    store.cancel("acme", dropped.job.request_id).await.unwrap();
+    heard.take();
+    let settled = store.settle_followers(100).await.unwrap();
+    assert_eq!(settled.finished, [(dead_follower_id, "acme".to_owned())]);
+    assert_eq!(settled.released.len(), 1);
+    assert_eq!(heard.take(), each("acme", &[dead_follower_id]));
+    finish(db).await;
+}
+
+async fn batch_lines_are_announced_when_created_and_when_cancelled(db: TestDb) {
+    let (store, heard) = announcing(&db);
+    let batch = new_batch("acme", None);
+    let lines = lines_for("acme", 3);
+    let ids: Vec<RequestId> = lines.iter().map(|l| l.job.id).collect();
+    let messages = store.create_batch(&batch, &lines).await.unwrap();
+    assert_eq!(heard.take(), each("acme", &ids));
+    // A refused batch has no jobs; cancelling a batch changes the batch, not yet its jobs.
+    store
+        .create_failed_batch(&new_batch("acme", None), &serde_json::json!({ "data": [] }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.cancel_batch("acme", &batch.id).await.unwrap(),
+        CancelBatch::Cancelling(_)
+    ));
+    assert!(heard.take().is_empty());
+    complete_with(&db, &messages[0], "done early").await;
+    let cancelled = store.cancel_batch_jobs(&batch.id).await.unwrap();
+    assert_eq!(cancelled.len(), 2);
+    assert_eq!(heard.take(), each("acme", &ids[1..]));
+    assert!(store.cancel_batch_jobs(&batch.id).await.unwrap().is_empty());
+    assert!(heard.take().is_empty());
     finish(db).await;
 }

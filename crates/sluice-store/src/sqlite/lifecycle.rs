@@ -51,7 +51,7 @@ impl SqliteBackend {
         &self,
         jobs: &[JobRef],
         lease: Duration,
-    ) -> Result<Vec<Option<Claim>>, StoreError> {
+    ) -> Result<Vec<Option<(Claim, String)>>, StoreError> {
         let mut tx = self.begin_write().await?;
         let now = Utc::now();
         let (at, lease_until) = (ts(now), ts_after(now, lease));
@@ -62,7 +62,7 @@ impl SqliteBackend {
                                  lease_until = ?3, started_at = COALESCE(started_at, ?4),
                                  updated_at = ?4, event_seq = event_seq + 1
                  WHERE id = ?1 AND attempt = ?2 AND state IN ('queued', 'retrying')
-                 RETURNING event_seq, attempt, tries, throttled, lane, request, created_at",
+                 RETURNING event_seq, attempt, tries, throttled, lane, request, created_at, tenant",
             )
             .bind(job.request_id.0)
             .bind(job.attempt)
@@ -87,7 +87,7 @@ impl SqliteBackend {
             )
             .await?;
             let lane: String = r.try_get("lane")?;
-            claims.push(Some(Claim {
+            let claim = Claim {
                 id: job.request_id,
                 attempt,
                 tries: r.try_get("tries")?,
@@ -95,7 +95,8 @@ impl SqliteBackend {
                 lane: parse_lane(&lane)?,
                 request: request_of(&r)?,
                 created_at: req_ts(&r, "created_at")?,
-            }));
+            };
+            claims.push(Some((claim, r.try_get("tenant")?)));
         }
         tx.commit().await?;
         Ok(claims)
@@ -125,11 +126,16 @@ impl SqliteBackend {
         Ok(extended)
     }
 
-    /// Completions in input order: a duplicate finds the job no longer `running` and answers `false`.
-    pub(crate) async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
+    /// Completions in input order: a duplicate finds the job no longer `running` and answers
+    /// `false`. Also answers the jobs changed (those completed and their followers).
+    pub(crate) async fn complete_many(
+        &self,
+        done: &[Completion],
+    ) -> Result<(Vec<bool>, Vec<(RequestId, String)>), StoreError> {
         let mut tx = self.begin_write().await?;
         let now = ts(Utc::now());
         let mut answers = Vec::with_capacity(done.len());
+        let mut changed = Vec::new();
         for c in done {
             let row: Option<(i32, Option<String>, String)> = sqlx::query_as(
                 "UPDATE jobs SET state = 'succeeded', result = ?3, endpoint = ?4, error = NULL,
@@ -148,6 +154,7 @@ impl SqliteBackend {
             .await?;
             let completed = row.is_some();
             if let Some((seq, email, tenant)) = row {
+                changed.push((c.id, tenant.clone()));
                 insert_event(&mut tx, c.id.0, seq, "succeeded", None, &now).await?;
                 // The completion email, in the same transaction: queued exactly when the job ends.
                 queue_notification(&mut tx, c.id.0, email.as_deref(), &now).await?;
@@ -163,12 +170,12 @@ impl SqliteBackend {
                     .await?;
                 }
                 // Jobs attached to this one take the same answer, without a call of their own.
-                let followers: Vec<(uuid::Uuid, i32, Option<String>)> = sqlx::query_as(
+                let followers: Vec<(uuid::Uuid, i32, Option<String>, String)> = sqlx::query_as(
                     "UPDATE jobs SET state = 'succeeded', result = ?2, endpoint = ?3,
                                      cached = 'dedup', cost_usd = 0, started_at = ?4,
                                      finished_at = ?4, updated_at = ?4, event_seq = event_seq + 1
                      WHERE leader = ?1 AND state = 'queued'
-                     RETURNING id, event_seq, notify_email",
+                     RETURNING id, event_seq, notify_email, tenant",
                 )
                 .bind(c.id.0)
                 .bind(c.result.to_string())
@@ -177,7 +184,8 @@ impl SqliteBackend {
                 .fetch_all(&mut *tx)
                 .await?;
                 let detail = serde_json::json!({ "cached": "dedup", "source": c.id });
-                for (id, seq, email) in followers {
+                for (id, seq, email, tenant) in followers {
+                    changed.push((RequestId(id), tenant));
                     insert_event(&mut tx, id, seq, "succeeded", Some(&detail), &now).await?;
                     queue_notification(&mut tx, id, email.as_deref(), &now).await?;
                 }
@@ -185,7 +193,7 @@ impl SqliteBackend {
             answers.push(completed);
         }
         tx.commit().await?;
-        Ok(answers)
+        Ok((answers, changed))
     }
 
     pub(crate) async fn fail(
