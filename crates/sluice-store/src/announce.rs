@@ -1,6 +1,7 @@
 //! The store's announcement hook: every method that changes a job's state or event log names
 //! the jobs it changed once its transaction is committed, so no caller can forget to.
 
+use crate::outbox::OutboxMessage;
 use crate::Store;
 use sluice_core::RequestId;
 use std::fmt;
@@ -63,5 +64,17 @@ impl Store {
     pub fn announcing(mut self, hook: Arc<dyn Announce>) -> Store {
         self.announcer = Announcer(Some(hook));
         self
+    }
+
+    /// Announce the jobs of lane messages a state change queued.
+    pub(crate) fn announce_messages<'a>(&self, messages: impl Iterator<Item = &'a OutboxMessage>) {
+        self.announcer
+            .all(messages.map(|m| (m.job.request_id, m.job.tenant.as_str())));
+    }
+
+    /// Announce jobs a method answers with their tenants.
+    pub(crate) fn announce_all(&self, jobs: &[(RequestId, String)]) {
+        self.announcer
+            .all(jobs.iter().map(|(id, tenant)| (*id, tenant.as_str())));
     }
 }

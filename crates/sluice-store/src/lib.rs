@@ -3,16 +3,23 @@
 //! and batches of the OpenAI-compatible Files and Batch API.
 //!
 //! Every state change is fenced by the job's `attempt`, so a redelivered or stale message can
-//! never overwrite a newer outcome. [`Store`] has one public API; `StoreConfig.url` picks the
-//! backend (`postgres://...` or `sqlite://path/to/file.db`) and each method dispatches to it.
-//! The shared types and the PostgreSQL statements live in the top-level modules, the SQLite
-//! statements in `sqlite/`, mirroring them file for file.
+//! never overwrite a newer outcome, and announced after commit to the hook set with
+//! [`Store::announcing`]. [`Store`] has one public API; `StoreConfig.url` picks the backend
+//! (`postgres://...` or `sqlite://path/to/file.db`).
+//!
+//! Each topic module (`jobs`, `lifecycle`, `batches`, ...) holds its types, its part of the
+//! public API, its row types (one per result shape, read by both backends through
+//! `sqlx::FromRow`) and the statements both backends share, written once with `$n`
+//! placeholders (see `sql`). What must differ is side by side in `postgres/` and `sqlite/`,
+//! one module per topic with the same name.
+
+// First: its macros are used by the modules after it.
+mod sql;
 
 mod admission;
 mod announce;
 mod batch;
 mod batches;
-mod dispatch;
 mod events;
 mod files;
 mod jobs;
