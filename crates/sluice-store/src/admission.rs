@@ -1,7 +1,5 @@
-//! What admission reads and writes: answers reused from earlier jobs (cache hits, followers of
-//! identical jobs), lane load and queue positions, tenants' daily spend, prompt embeddings and
-//! operators' pauses. The types and the public API, with the statements both backends share;
-//! the rest is in `postgres::admission` and `sqlite::admission`.
+//! What admission reads and writes: reused answers and followers, lane load, queue positions,
+//! daily spend, prompt embeddings and pauses; the types, the public API and shared statements.
 
 use crate::jobs::{NewJob, Reuse};
 use crate::outbox::OutboxMessage;

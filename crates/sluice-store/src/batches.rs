@@ -1,11 +1,5 @@
-//! Batches of the OpenAI-compatible Batch API: the types, the rows both backends read, and the
-//! public API with the statements they share (the others are in `postgres::batches` and
-//! `sqlite::batches`). A batch is an input file whose every line is one ordinary job; a
-//! finalizer loop (in the API) watches open batches and writes their results.
-//!
-//! Every read and write a client causes takes the tenant. The finalizer's calls take a batch
-//! by id: it found the batch with [`crate::Store::take_due_batch`], which hands each open batch
-//! to one finalizer at a time. Status changes are fenced on the status they leave.
+//! Batches of the OpenAI-compatible Batch API (one ordinary job per input line): the types, the
+//! rows both backends read, and the public API with the statements both backends share.
 
 use crate::jobs::{corrupt, status_from_db, NewJob};
 use crate::outbox::OutboxMessage;
@@ -404,7 +398,10 @@ macro_rules! bind_new_batch {
 }
 pub(crate) use bind_new_batch;
 
-/// Batches of the Batch API.
+/// Batches of the Batch API. A finalizer loop (in the API) watches open batches and writes their
+/// results. Every read and write a client causes takes the tenant; the finalizer's calls take a
+/// batch by id: it found the batch with [`Store::take_due_batch`], which hands each open batch
+/// to one finalizer at a time. Status changes are fenced on the status they leave.
 impl Store {
     /// Create a batch `in_progress` with one queued job per line, in one transaction: the
     /// batch, every job with its event and outbox row, and the lines; all of it or nothing.

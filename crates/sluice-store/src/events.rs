@@ -1,7 +1,5 @@
-//! Reading the job event log for subscribers: the events of some jobs after a sequence number,
-//! and a user's recent events, each with the job's owner so callers can check tenant walls.
-//! The types and the public API; each backend reads its own way (`postgres::events`,
-//! `sqlite::events`), into the one row type here.
+//! The job event log for subscribers, each event with its job's owner for tenant walls: the
+//! types, the row both backends read into, and the public API.
 
 use crate::jobs::{corrupt, JobEvent};
 use crate::sql::{dispatch, Ts};

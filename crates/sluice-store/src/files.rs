@@ -1,10 +1,5 @@
-//! Files of the OpenAI-compatible Files API (batch inputs, batch outputs and errors): the types
-//! and the public API, with the statements both backends share (the others are in
-//! `postgres::files` and `sqlite::files`).
-//!
-//! The bytes live in the database in chunks, so any API node serves any file and no statement
-//! ever holds a whole one: an upload begins (`uploading`), appends its chunks as they arrive and
-//! finishes (`processed`); only processed, undeleted files are visible, and only to their tenant.
+//! Files of the OpenAI-compatible Files API, their bytes in database chunks: the types and the
+//! public API, with the statements both backends share.
 
 use crate::jobs::corrupt;
 use crate::sql::{dispatch, reading, writing, Ts};
@@ -96,7 +91,10 @@ impl From<FileRow> for FileRecord {
     }
 }
 
-/// Files of the Files API, stored in chunks.
+/// Files of the Files API (batch inputs, outputs and errors). The bytes live in the database in
+/// chunks, so any API node serves any file and no statement ever holds a whole one: an upload
+/// begins (`uploading`), appends its chunks as they arrive and finishes (`processed`); only
+/// processed, undeleted files are visible, and only to their tenant.
 impl Store {
     /// Start an upload (status `uploading`, invisible until [`Store::finish_file`]).
     pub async fn begin_file(&self, file: &NewFile) -> Result<(), StoreError> {

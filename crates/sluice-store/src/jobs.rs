@@ -1,9 +1,5 @@
 //! Jobs: what ingest is given and answers, a job as clients see it, and the public API to
 //! ingest, read, cancel and detach jobs, with the reads written once for both backends.
-//!
-//! Ingest writes the job, its first event and its outbox row in one transaction, so a `202`
-//! always means the job is durable and will be queued; each backend writes that its own way
-//! (`postgres::jobs`, `sqlite::jobs`).
 
 use crate::outbox::OutboxMessage;
 use crate::sql::{dispatch, reading, writing, Ts, WritePool};

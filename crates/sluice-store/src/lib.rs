@@ -1,6 +1,5 @@
 //! Sluice's durable state on PostgreSQL or SQLite: jobs and their event log, API keys, the
-//! outbox that ties every lane message to the transaction that made it necessary, and the files
-//! and batches of the OpenAI-compatible Files and Batch API.
+//! outbox, completion emails, and the files and batches of the OpenAI-compatible API.
 //!
 //! Every state change is fenced by the job's `attempt`, so a redelivered or stale message can
 //! never overwrite a newer outcome, and announced after commit to the hook set with

@@ -1,6 +1,5 @@
-//! A job's life after ingest: claim with a lease, heartbeat, complete, retry, dead-letter,
-//! reap expired leases and replay from `dead`, each fenced by `attempt`. The types and the public
-//! API; each backend writes the changes its own way (`postgres::lifecycle`, `sqlite::lifecycle`).
+//! A job's life after ingest (claim, heartbeat, complete, retry, dead-letter, reap, replay),
+//! each fenced by `attempt`: the types, the rows both backends read and the public API.
 
 use crate::jobs::{corrupt, parse_lane};
 use crate::outbox::OutboxMessage;

@@ -1,7 +1,5 @@
-//! Completion emails waiting to be sent: queued in the transaction that finishes a job or a
-//! batch (one row each, at most), then claimed by mailers under a lease, so a mailer that dies
-//! mid-send only delays an email. The types and the public API, with the statements both
-//! backends share; the others are in `postgres::notifications` and `sqlite::notifications`.
+//! Completion emails, queued with the change that ends a job or a batch and claimed by mailers
+//! under a lease: the types, the rows both backends read, the public API and shared statements.
 
 use crate::batches::{parse_status, BatchStatus};
 use crate::jobs::corrupt;
@@ -213,7 +211,8 @@ impl ClaimedRow {
     }
 }
 
-/// Completion emails.
+/// Completion emails: one row per finished job or ended batch at most, queued in the transaction
+/// that finishes it, then claimed under a lease, so a mailer that dies mid-send only delays it.
 impl Store {
     /// Queue the completion emails of those jobs that are terminal and asked for one; answers
     /// how many were new. The statements that finish a job queue its email themselves; this

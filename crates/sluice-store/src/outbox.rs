@@ -1,7 +1,5 @@
-//! The outbox: lane messages stored with the state change that needs them. The writer deletes
-//! a row once the broker confirmed its message; the relay republishes rows left behind.
-//! The message type, its row and the public API; the statements that differ are in
-//! `postgres::outbox` and `sqlite::outbox`.
+//! The outbox: lane messages stored with the state change that needs them, deleted once the
+//! broker confirmed them, republished by the relay if not: the type, its row and the public API.
 
 use crate::jobs::{corrupt, parse_lane};
 use crate::sql::{dispatch, reading, Ts};

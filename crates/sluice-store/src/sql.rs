@@ -1,9 +1,5 @@
-//! What the two backends' statements share: macros that run one text on whichever pool the
-//! store holds, the store's one timestamp type, and small SQL helpers.
-//!
-//! Statements written once use `$1`, `$2`, ... placeholders, which PostgreSQL and SQLite both
-//! read (SQLite takes `$NNN` as the parameter numbered NNN). The macros expand their body once
-//! per backend, so the same text is type-checked and compiled against each driver.
+//! What both backends' statements share: macros that run one text on whichever pool the store
+//! holds, the store's one timestamp type [`Ts`], and small SQL helpers.
 
 use crate::StoreError;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -13,6 +9,10 @@ use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 use sqlx::sqlite::{SqliteArgumentValue, SqliteTypeInfo, SqliteValueRef};
 use sqlx::{Decode, Encode, PgPool, Postgres, Sqlite, SqlitePool, Transaction, Type};
 use std::time::Duration;
+
+// Statements written once use `$1`, `$2`, ... placeholders, which PostgreSQL and SQLite both
+// read (SQLite takes `$NNN` as the parameter numbered NNN). `reading!` and `writing!` expand
+// their body once per backend, so the same text is type-checked and compiled for each driver.
 
 /// Call the same method, with the same arguments, on whichever backend the store holds: for
 /// what each backend writes its own way (in `postgres::*` and `sqlite::*`).

@@ -1,7 +1,5 @@
-//! Aggregates over all jobs, for benchmarks, operators and the dashboard: the types and the
-//! public API. They scan the jobs table; they are not for request paths. PostgreSQL computes
-//! them in SQL (`postgres::stats`); SQLite, without `percentile_cont`, partly in Rust
-//! (`sqlite::stats`).
+//! Aggregates over all jobs for benchmarks, operators and the dashboard (they scan the jobs
+//! table; not for request paths): the types and the public API.
 
 use crate::sql::{dispatch, reading};
 use crate::{Store, StoreError};

@@ -1,6 +1,5 @@
-//! PostgreSQL's batch statements that differ from SQLite's (types, shared statements and the
-//! public API in `crate::batches`): a batch's creation is one transaction of a few large
-//! statements, finalizers take batches with `FOR UPDATE SKIP LOCKED`.
+//! PostgreSQL's batch statements that differ from SQLite's: creation in a few large statements
+//! of one transaction, batches taken by finalizers with `FOR UPDATE SKIP LOCKED`.
 
 use crate::batches::{
     at_column, bind_new_batch, check_lines, BatchLine, BatchRow, BatchStatus, FinishedFile,

@@ -1,6 +1,5 @@
-//! PostgreSQL's file statements that differ from SQLite's (the rest, the types and the public
-//! API are in `crate::files`): a chunk lands with the touch of its upload in one statement, and
-//! a deleted file's bytes go in the statement that marks it.
+//! PostgreSQL's file statements that differ from SQLite's: a chunk lands with the touch of its
+//! upload, and a deleted file's bytes go, in the statement that marks it.
 
 use crate::files::no_upload;
 use crate::postgres::PgBackend;

@@ -1,6 +1,5 @@
-//! PostgreSQL's claim, heartbeat, completion, retry, dead-letter, reaping and replay (types and
-//! the public API in `crate::lifecycle`): each one statement fenced by `attempt`, many jobs at a
-//! time where callers batch them.
+//! PostgreSQL's claim, heartbeat, completion, retry, dead-letter, reaping and replay: each one
+//! statement fenced by `attempt`, many jobs at a time where callers batch them.
 
 use crate::jobs::status_to_db;
 use crate::lifecycle::{Claim, ClaimRow, Completion, Failure};

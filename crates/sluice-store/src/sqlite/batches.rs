@@ -1,6 +1,5 @@
-//! SQLite's batch statements, mirroring `postgres::batches`: a batch's creation is one write
-//! transaction (batch, jobs, events, outbox rows, lines) of multi-row inserts, and taking a batch
-//! for the finalizer is a look-up and an update under the single write lock.
+//! SQLite's batch statements, mirroring `postgres::batches`: creation in one write transaction
+//! of multi-row inserts, batches taken by finalizers under the single write lock.
 
 use super::jobs::cancel_one;
 use super::SqliteBackend;

@@ -1,6 +1,5 @@
-//! SQLite's ingest, cancel and detach, mirroring `postgres::jobs` (`crate::jobs` has the types
-//! and the shared reads): the job, its first event and its outbox row in one transaction; a
-//! batch is one transaction of short inserts.
+//! SQLite's ingest, cancel and detach, mirroring `postgres::jobs`: the job, its first event and
+//! its outbox row in one write transaction, a batch of jobs in one transaction of short inserts.
 
 use super::SqliteBackend;
 use crate::jobs::{bind_new_job, corrupt, Accepted, Ingested, KeyedJobRow, NewJob, JOB_COLUMNS};

@@ -1,12 +1,5 @@
-//! The SQLite backend for the embedded one-binary mode: all state in one file, the same tables
-//! and semantics as PostgreSQL; its pools, and (one module per topic, beside PostgreSQL's in
-//! `postgres/`) the statements written for it alone.
-//!
-//! SQLite allows one writer at a time. Writes go through a pool of one connection, so writers
-//! in this process queue for it instead of failing with SQLITE_BUSY, and every write
-//! transaction starts with `BEGIN IMMEDIATE` (taking the write lock up front, waiting up to the
-//! busy timeout for another process) and holds it only for a few short statements. Reads use
-//! their own pool: in WAL mode they never wait for the writer.
+//! The SQLite backend for the embedded one-binary mode (all state in one file, PostgreSQL's tables
+//! and semantics): its pools, and per topic the statements written for it alone.
 
 mod admission;
 mod batches;
@@ -35,6 +28,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The write and read pools of one SQLite database; cheap to clone.
+///
+/// SQLite allows one writer at a time. Writes go through a pool of one connection, so writers
+/// in this process queue for it instead of failing with SQLITE_BUSY, and every write
+/// transaction starts with `BEGIN IMMEDIATE` (taking the write lock up front, waiting up to the
+/// busy timeout for another process) and holds it only for a few short statements. Reads use
+/// their own pool: in WAL mode they never wait for the writer.
 #[derive(Clone, Debug)]
 pub(crate) struct SqliteBackend {
     pub(crate) write: SqlitePool,
