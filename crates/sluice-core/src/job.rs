@@ -97,12 +97,18 @@ impl JobState {
     ///
     /// `running -> retrying` covers both a retryable failure and a lease that
     /// expired under a dead worker; `dead -> queued` is an operator's replay.
+    /// A queued job ends without running only by taking another job's outcome: an
+    /// answer reused from an identical job (`queued -> succeeded`), or the end of the
+    /// identical job it was attached to (`queued -> succeeded | failed | dead`).
     pub fn can_become(self, to: JobState) -> bool {
         use JobState::*;
         matches!(
             (self, to),
             (Queued, Running)
                 | (Queued, Cancelled)
+                | (Queued, Succeeded)
+                | (Queued, Failed)
+                | (Queued, Dead)
                 | (Retrying, Running)
                 | (Retrying, Cancelled)
                 | (Running, Succeeded)
@@ -505,15 +511,17 @@ mod tests {
     }
 
     #[test]
-    fn a_job_cannot_finish_without_running() {
+    fn only_a_queued_job_finishes_without_running_by_taking_another_jobs_outcome() {
+        for to in [Succeeded, Failed, Dead] {
+            assert_eq!(Queued.transition(to), Ok(to));
+        }
         for to in [Succeeded, Failed] {
-            assert!(Queued.transition(to).is_err());
             assert!(Retrying.transition(to).is_err());
         }
         assert_eq!(
-            Queued.transition(Succeeded),
+            Retrying.transition(Succeeded),
             Err(InvalidTransition {
-                from: Queued,
+                from: Retrying,
                 to: Succeeded
             })
         );

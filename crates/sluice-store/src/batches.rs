@@ -1,19 +1,12 @@
-//! Batches of the OpenAI-compatible Batch API: the shared types and the PostgreSQL statements
-//! (SQLite's are in `sqlite::batches`). A batch is an input file whose every line is one
-//! ordinary job; a finalizer loop (in the API) watches open batches and writes their results.
-//!
-//! Every read and write a client causes takes the tenant. The finalizer's calls take a batch
-//! by id: it found the batch with [`crate::Store::take_due_batch`], which hands each open batch
-//! to one finalizer at a time. Status changes are fenced on the status they leave.
+//! Batches of the OpenAI-compatible Batch API (one ordinary job per input line): the types, the
+//! rows both backends read, and the public API with the statements both backends share.
 
-use crate::jobs::{corrupt, status_from_db, Accepted, NewJob};
+use crate::jobs::{corrupt, status_from_db, NewJob};
 use crate::outbox::OutboxMessage;
-use crate::postgres::PgBackend;
-use crate::{millis, StoreError};
+use crate::sql::{dispatch, opt, quoted, reading, writing, Ts};
+use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobState, RequestId, Tier};
-use sqlx::postgres::PgRow;
-use sqlx::Row;
 use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
@@ -293,455 +286,6 @@ pub(crate) fn at_column(to: BatchStatus) -> Result<&'static str, StoreError> {
         .ok_or_else(|| StoreError::Invalid(format!("a batch cannot move back to {to}")))
 }
 
-fn batch_from_row(r: &PgRow) -> Result<BatchRecord, StoreError> {
-    let tier: String = r.try_get("tier")?;
-    let status: String = r.try_get("status")?;
-    Ok(BatchRecord {
-        id: r.try_get("id")?,
-        tenant: r.try_get("tenant")?,
-        user: r.try_get("user_id")?,
-        tier: tier.parse().map_err(corrupt)?,
-        input_file_id: r.try_get("input_file_id")?,
-        endpoint: r.try_get("endpoint")?,
-        completion_window: r.try_get("completion_window")?,
-        status: parse_status(&status)?,
-        metadata: r.try_get("metadata")?,
-        errors: r.try_get("errors")?,
-        output_file_id: r.try_get("output_file_id")?,
-        error_file_id: r.try_get("error_file_id")?,
-        total: r.try_get("total")?,
-        completed: r.try_get("completed")?,
-        failed: r.try_get("failed")?,
-        notify_email: r.try_get("notify_email")?,
-        created_at: r.try_get("created_at")?,
-        expires_at: r.try_get("expires_at")?,
-        in_progress_at: r.try_get("in_progress_at")?,
-        finalizing_at: r.try_get("finalizing_at")?,
-        completed_at: r.try_get("completed_at")?,
-        failed_at: r.try_get("failed_at")?,
-        expired_at: r.try_get("expired_at")?,
-        cancelling_at: r.try_get("cancelling_at")?,
-        cancelled_at: r.try_get("cancelled_at")?,
-        locked_until: r.try_get("locked_until")?,
-    })
-}
-
-fn progress_from_row(r: &PgRow) -> Result<BatchProgress, StoreError> {
-    Ok(BatchProgress {
-        total: r.try_get("total")?,
-        succeeded: r.try_get("succeeded")?,
-        failed: r.try_get("failed")?,
-        cancelled: r.try_get("cancelled")?,
-        pending: r.try_get("pending")?,
-    })
-}
-
-impl PgBackend {
-    pub(crate) async fn create_batch(
-        &self,
-        batch: &NewBatch,
-        lines: &[BatchLine],
-    ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let total = check_lines(batch, lines)?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO batches (id, tenant, user_id, tier, input_file_id, endpoint,
-                                  completion_window, status, metadata, total, notify_email,
-                                  expires_at, created_at, in_progress_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'in_progress', $8, $9, $10, $11, now(), now())",
-        )
-        .bind(&batch.id)
-        .bind(&batch.tenant)
-        .bind(&batch.user)
-        .bind(batch.tier.as_str())
-        .bind(&batch.input_file_id)
-        .bind(&batch.endpoint)
-        .bind(&batch.completion_window)
-        .bind(&batch.metadata)
-        .bind(total)
-        .bind(&batch.notify_email)
-        .bind(batch.expires_at)
-        .execute(&mut *tx)
-        .await?;
-        let mut messages = Vec::with_capacity(lines.len());
-        for chunk in lines.chunks(LINES_PER_STATEMENT) {
-            let jobs: Vec<&NewJob> = chunk.iter().map(|l| &l.job).collect();
-            // The batched ingest's own statement: jobs, `queued` events and outbox rows.
-            for accepted in self.insert_jobs_in(&mut tx, &jobs).await? {
-                if let Accepted::Queued(message) = accepted {
-                    messages.push(message);
-                }
-            }
-            let numbers: Vec<i32> = chunk.iter().map(|l| l.line).collect();
-            let custom_ids: Vec<&str> = chunk.iter().map(|l| l.custom_id.as_str()).collect();
-            let job_ids: Vec<Uuid> = chunk.iter().map(|l| l.job.id.0).collect();
-            sqlx::query(
-                "INSERT INTO batch_lines (batch_id, line, custom_id, job_id)
-                 SELECT $1, line, custom_id, job_id
-                 FROM UNNEST($2::int[], $3::text[], $4::uuid[]) AS t(line, custom_id, job_id)",
-            )
-            .bind(&batch.id)
-            .bind(&numbers)
-            .bind(&custom_ids)
-            .bind(&job_ids)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(messages)
-    }
-
-    pub(crate) async fn create_failed_batch(
-        &self,
-        batch: &NewBatch,
-        errors: &serde_json::Value,
-    ) -> Result<BatchRecord, StoreError> {
-        let row = sqlx::query(&format!(
-            "WITH b AS (
-                 INSERT INTO batches (id, tenant, user_id, tier, input_file_id, endpoint,
-                                      completion_window, status, metadata, errors, total,
-                                      notify_email, expires_at, created_at, failed_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'failed', $8, $9, 0, $10, $11, now(), now())
-                 RETURNING {BATCH_COLUMNS}
-             ), n AS (
-                 -- Ended at birth: its email, if any, is queued with it.
-                 INSERT INTO notifications (batch_id, email)
-                 SELECT id, notify_email FROM b WHERE notify_email IS NOT NULL
-             )
-             SELECT * FROM b"
-        ))
-        .bind(&batch.id)
-        .bind(&batch.tenant)
-        .bind(&batch.user)
-        .bind(batch.tier.as_str())
-        .bind(&batch.input_file_id)
-        .bind(&batch.endpoint)
-        .bind(&batch.completion_window)
-        .bind(&batch.metadata)
-        .bind(errors)
-        .bind(&batch.notify_email)
-        .bind(batch.expires_at)
-        .fetch_one(&self.pool)
-        .await?;
-        batch_from_row(&row)
-    }
-
-    pub(crate) async fn get_batch(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<Option<BatchRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND tenant = $2"
-        ))
-        .bind(id)
-        .bind(tenant)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(batch_from_row).transpose()
-    }
-
-    pub(crate) async fn list_batches(
-        &self,
-        tenant: &str,
-        after: Option<&str>,
-        limit: i64,
-    ) -> Result<(Vec<BatchRecord>, bool), StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {BATCH_COLUMNS} FROM batches
-             WHERE tenant = $1 AND ($2::text IS NULL OR id < $2)
-             ORDER BY id DESC LIMIT $3"
-        ))
-        .bind(tenant)
-        .bind(after)
-        .bind(limit.max(0).saturating_add(1))
-        .fetch_all(&self.pool)
-        .await?;
-        let batches = rows.iter().map(batch_from_row).collect::<Result<_, _>>()?;
-        Ok(crate::files::page(batches, limit))
-    }
-
-    pub(crate) async fn cancel_batch(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<CancelBatch, StoreError> {
-        let row = sqlx::query(&format!(
-            "UPDATE batches SET status = 'cancelling', cancelling_at = now(), locked_until = NULL
-             WHERE id = $1 AND tenant = $2 AND status IN ('validating', 'in_progress')
-             RETURNING {BATCH_COLUMNS}"
-        ))
-        .bind(id)
-        .bind(tenant)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = row {
-            return Ok(CancelBatch::Cancelling(batch_from_row(&row)?));
-        }
-        Ok(not_cancelling(self.get_batch(tenant, id).await?))
-    }
-
-    pub(crate) async fn pending_batch_lines(&self, tenant: &str) -> Result<i64, StoreError> {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT COALESCE(sum(GREATEST(total - completed - failed, 0)), 0)::bigint
-             FROM batches
-             WHERE tenant = $1 AND status IN ('in_progress', 'cancelling', 'finalizing')",
-        )
-        .bind(tenant)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n)
-    }
-
-    pub(crate) async fn take_due_batch(
-        &self,
-        hold: Duration,
-    ) -> Result<Option<BatchRecord>, StoreError> {
-        // SKIP LOCKED: concurrent finalizers each take a different batch, or none; the update
-        // re-checks its row, so a batch taken and committed meanwhile is not taken again. The
-        // statuses are literal so the partial index `batches_due` serves the look-up.
-        let row = sqlx::query(&format!(
-            "UPDATE batches SET locked_until = now() + $1 * interval '1 millisecond'
-             WHERE id = (
-                 SELECT id FROM batches
-                 WHERE status IN ('in_progress', 'cancelling', 'finalizing')
-                   AND (locked_until IS NULL OR locked_until <= now())
-                 ORDER BY locked_until NULLS FIRST, id
-                 LIMIT 1 FOR UPDATE SKIP LOCKED
-             )
-             RETURNING {BATCH_COLUMNS}"
-        ))
-        .bind(millis(hold))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(batch_from_row).transpose()
-    }
-
-    pub(crate) async fn release_batch(
-        &self,
-        id: &str,
-        next_check: Duration,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE batches SET locked_until = now() + $2 * interval '1 millisecond'
-             WHERE id = $1 AND status = ANY($3)",
-        )
-        .bind(id)
-        .bind(millis(next_check))
-        .bind(FINALIZED)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub(crate) async fn batch_progress(&self, id: &str) -> Result<BatchProgress, StoreError> {
-        let row = sqlx::query(
-            "SELECT count(*)::int AS total,
-                    (count(*) FILTER (WHERE j.state = 'succeeded'))::int AS succeeded,
-                    (count(*) FILTER (WHERE j.state IN ('failed', 'dead')))::int AS failed,
-                    (count(*) FILTER (WHERE j.state = 'cancelled'))::int AS cancelled,
-                    (count(*) FILTER (WHERE j.state IN ('queued', 'running', 'retrying')))::int
-                        AS pending
-             FROM batch_lines l JOIN jobs j ON j.id = l.job_id
-             WHERE l.batch_id = $1",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await?;
-        progress_from_row(&row)
-    }
-
-    pub(crate) async fn set_batch_counts(
-        &self,
-        id: &str,
-        completed: i32,
-        failed: i32,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE batches SET completed = $2, failed = $3 WHERE id = $1 AND status = ANY($4)",
-        )
-        .bind(id)
-        .bind(completed)
-        .bind(failed)
-        .bind(OPEN)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub(crate) async fn cancel_batch_jobs(
-        &self,
-        id: &str,
-    ) -> Result<Vec<(RequestId, String)>, StoreError> {
-        let mut cancelled = Vec::new();
-        loop {
-            // Locks in id order and skips rows a worker's statement holds this instant, so
-            // this never deadlocks with claims and completions; a skipped job is left for the
-            // next call (or ends on its own).
-            let rows: Vec<(Uuid, String)> = sqlx::query_as(
-                "WITH x AS (
-                     SELECT j.id FROM batch_lines l JOIN jobs j ON j.id = l.job_id
-                     WHERE l.batch_id = $1 AND j.state IN ('queued', 'retrying', 'running')
-                     ORDER BY j.id LIMIT $2 FOR UPDATE OF j SKIP LOCKED
-                 ), j AS (
-                     UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = now(),
-                                     updated_at = now(), event_seq = event_seq + 1,
-                                     detached_until = NULL, hold_hash = NULL
-                     FROM x WHERE jobs.id = x.id AND jobs.state IN ('queued', 'retrying', 'running')
-                     RETURNING jobs.id, jobs.tenant, jobs.event_seq, jobs.notify_email
-                 ), n AS (
-                     INSERT INTO notifications (job_id, email)
-                     SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL
-                     ON CONFLICT (job_id) DO NOTHING
-                 ), e AS (
-                     INSERT INTO job_events (job_id, seq, state, detail)
-                     SELECT id, event_seq, 'cancelled', jsonb_build_object('batch', $1::text)
-                     FROM j
-                 )
-                 SELECT id, tenant FROM j ORDER BY id",
-            )
-            .bind(id)
-            .bind(CANCELS_PER_STATEMENT)
-            .fetch_all(&self.pool)
-            .await?;
-            let full = rows.len() as i64 >= CANCELS_PER_STATEMENT;
-            cancelled.extend(rows.into_iter().map(|(id, t)| (RequestId(id), t)));
-            if !full {
-                return Ok(cancelled);
-            }
-        }
-    }
-
-    pub(crate) async fn set_batch_status(
-        &self,
-        id: &str,
-        to: BatchStatus,
-    ) -> Result<bool, StoreError> {
-        let at = at_column(to)?;
-        // `at` is one of the fixed column names of `BatchStatus::at_column`, never input.
-        let row: Option<(String,)> = sqlx::query_as(&format!(
-            "WITH b AS (
-                 UPDATE batches SET status = $2, {at} = now(),
-                                    locked_until = CASE WHEN $4 THEN locked_until END
-                 WHERE id = $1 AND status = ANY($3)
-                 RETURNING id, status, notify_email
-             ), n AS (
-                 INSERT INTO notifications (batch_id, email)
-                 SELECT id, notify_email FROM b
-                 WHERE notify_email IS NOT NULL AND status = ANY($5)
-                 ON CONFLICT (batch_id) DO NOTHING
-             )
-             SELECT id FROM b"
-        ))
-        .bind(id)
-        .bind(to.as_str())
-        .bind(to.moves_from_str())
-        // The finalizer keeps its hold while it writes the output; any other move makes the
-        // batch due at once (an ended one is never taken again anyway).
-        .bind(to == BatchStatus::Finalizing)
-        .bind(ENDED)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.is_some())
-    }
-
-    pub(crate) async fn batch_line_results(
-        &self,
-        id: &str,
-        after_line: i32,
-        limit: i64,
-    ) -> Result<Vec<BatchLineResult>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT l.line, l.custom_id, l.job_id, j.state, j.result, j.error, j.error_status
-             FROM batch_lines l JOIN jobs j ON j.id = l.job_id
-             WHERE l.batch_id = $1 AND l.line > $2
-             ORDER BY l.line LIMIT $3",
-        )
-        .bind(id)
-        .bind(after_line)
-        .bind(limit.max(0))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let state: String = r.try_get("state")?;
-                Ok(BatchLineResult {
-                    line: r.try_get("line")?,
-                    custom_id: r.try_get("custom_id")?,
-                    job_id: RequestId(r.try_get("job_id")?),
-                    state: state.parse().map_err(corrupt)?,
-                    result: r.try_get("result")?,
-                    error: r.try_get("error")?,
-                    error_status: status_from_db(
-                        r.try_get::<Option<i16>, _>("error_status")?.map(i64::from),
-                    )?,
-                })
-            })
-            .collect()
-    }
-
-    pub(crate) async fn finish_batch(
-        &self,
-        id: &str,
-        end: BatchStatus,
-        counts: (i32, i32),
-        output_file: Option<&FinishedFile>,
-        error_file: Option<&FinishedFile>,
-    ) -> Result<bool, StoreError> {
-        let at = ended_column(end)?;
-        let mut tx = self.pool.begin().await?;
-        // `at` is one of the fixed column names of `BatchStatus::at_column`, never input.
-        let row: Option<(String, Option<String>)> = sqlx::query_as(&format!(
-            "UPDATE batches SET status = $2, {at} = now(), completed = $3, failed = $4,
-                                output_file_id = $5, error_file_id = $6, locked_until = NULL
-             WHERE id = $1 AND status = ANY($7)
-             RETURNING tenant, notify_email"
-        ))
-        .bind(id)
-        .bind(end.as_str())
-        .bind(counts.0)
-        .bind(counts.1)
-        .bind(output_file.map(|f| f.id.as_str()))
-        .bind(error_file.map(|f| f.id.as_str()))
-        .bind(end.moves_from_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((tenant, email)) = row else {
-            // Ended (or cancelled) by someone else: its files stay uploads, purged as stale.
-            tx.rollback().await?;
-            return Ok(false);
-        };
-        for file in output_file.into_iter().chain(error_file) {
-            let done = sqlx::query(
-                "UPDATE files SET status = 'processed', bytes = $3, lines = $4, updated_at = now()
-                 WHERE id = $1 AND tenant = $2 AND status = 'uploading'",
-            )
-            .bind(&file.id)
-            .bind(&tenant)
-            .bind(file.bytes)
-            .bind(file.lines)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != 1 {
-                tx.rollback().await?;
-                return Err(crate::files::no_upload(&file.id));
-            }
-        }
-        if let Some(email) = email {
-            sqlx::query(
-                "INSERT INTO notifications (batch_id, email) VALUES ($1, $2)
-                 ON CONFLICT (batch_id) DO NOTHING",
-            )
-            .bind(id)
-            .bind(&email)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
-    }
-}
-
 /// Why a cancel request changed nothing, from the batch as it is now.
 pub(crate) fn not_cancelling(batch: Option<BatchRecord>) -> CancelBatch {
     match batch {
@@ -759,4 +303,337 @@ pub(crate) fn ended_column(end: BatchStatus) -> Result<&'static str, StoreError>
         )));
     }
     at_column(end)
+}
+
+/// A `batches` row of [`BATCH_COLUMNS`].
+#[derive(sqlx::FromRow)]
+pub(crate) struct BatchRow {
+    id: String,
+    tenant: String,
+    user_id: String,
+    tier: String,
+    input_file_id: String,
+    endpoint: String,
+    completion_window: String,
+    status: String,
+    metadata: Option<serde_json::Value>,
+    errors: Option<serde_json::Value>,
+    output_file_id: Option<String>,
+    error_file_id: Option<String>,
+    total: i32,
+    completed: i32,
+    failed: i32,
+    notify_email: Option<String>,
+    created_at: Ts,
+    expires_at: Ts,
+    in_progress_at: Option<Ts>,
+    finalizing_at: Option<Ts>,
+    completed_at: Option<Ts>,
+    failed_at: Option<Ts>,
+    expired_at: Option<Ts>,
+    cancelling_at: Option<Ts>,
+    cancelled_at: Option<Ts>,
+    locked_until: Option<Ts>,
+}
+
+impl BatchRow {
+    pub(crate) fn into_record(self) -> Result<BatchRecord, StoreError> {
+        Ok(BatchRecord {
+            id: self.id,
+            tenant: self.tenant,
+            user: self.user_id,
+            tier: self.tier.parse().map_err(corrupt)?,
+            input_file_id: self.input_file_id,
+            endpoint: self.endpoint,
+            completion_window: self.completion_window,
+            status: parse_status(&self.status)?,
+            metadata: self.metadata,
+            errors: self.errors,
+            output_file_id: self.output_file_id,
+            error_file_id: self.error_file_id,
+            total: self.total,
+            completed: self.completed,
+            failed: self.failed,
+            notify_email: self.notify_email,
+            created_at: self.created_at.into(),
+            expires_at: self.expires_at.into(),
+            in_progress_at: opt(self.in_progress_at),
+            finalizing_at: opt(self.finalizing_at),
+            completed_at: opt(self.completed_at),
+            failed_at: opt(self.failed_at),
+            expired_at: opt(self.expired_at),
+            cancelling_at: opt(self.cancelling_at),
+            cancelled_at: opt(self.cancelled_at),
+            locked_until: opt(self.locked_until),
+        })
+    }
+}
+
+/// A batch line with its job's outcome.
+#[derive(sqlx::FromRow)]
+struct LineRow {
+    line: i32,
+    custom_id: String,
+    job_id: Uuid,
+    state: String,
+    result: Option<serde_json::Value>,
+    error: Option<String>,
+    error_status: Option<i16>,
+}
+
+/// Bind a new batch's columns as `$1..$8`: id, tenant, user_id, tier, input_file_id, endpoint,
+/// completion_window, metadata (`jsonb` on PostgreSQL, JSON text on SQLite).
+macro_rules! bind_new_batch {
+    ($query:expr, $batch:expr) => {
+        $query
+            .bind(&$batch.id)
+            .bind(&$batch.tenant)
+            .bind(&$batch.user)
+            .bind($batch.tier.as_str())
+            .bind(&$batch.input_file_id)
+            .bind(&$batch.endpoint)
+            .bind(&$batch.completion_window)
+            .bind(&$batch.metadata)
+    };
+}
+pub(crate) use bind_new_batch;
+
+/// Batches of the Batch API. A finalizer loop (in the API) watches open batches and writes their
+/// results. Every read and write a client causes takes the tenant; the finalizer's calls take a
+/// batch by id: it found the batch with [`Store::take_due_batch`], which hands each open batch
+/// to one finalizer at a time. Status changes are fenced on the status they leave.
+impl Store {
+    /// Create a batch `in_progress` with one queued job per line, in one transaction: the
+    /// batch, every job with its event and outbox row, and the lines; all of it or nothing.
+    /// Answers the jobs' lane messages, to publish after this returns.
+    pub async fn create_batch(
+        &self,
+        batch: &NewBatch,
+        lines: &[BatchLine],
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let messages = dispatch!(self.create_batch(batch, lines))?;
+        // Every line's job is stored (queued, or attached to an identical job), or none is.
+        self.announcer.all(
+            lines
+                .iter()
+                .map(|l| (l.job.id, l.job.principal.tenant.as_str())),
+        );
+        Ok(messages)
+    }
+
+    /// Store a batch refused at creation: `failed` with `errors`, no lines, no jobs (its email,
+    /// if it asked for one, is queued with it).
+    pub async fn create_failed_batch(
+        &self,
+        batch: &NewBatch,
+        errors: &serde_json::Value,
+    ) -> Result<BatchRecord, StoreError> {
+        dispatch!(self.create_failed_batch(batch, errors))?.into_record()
+    }
+
+    /// A tenant's batch; another tenant's id answers `None`.
+    pub async fn get_batch(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        let sql = format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND tenant = $2");
+        let row: Option<BatchRow> = reading!(self, |pool| {
+            sqlx::query_as(&sql)
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(BatchRow::into_record).transpose()
+    }
+
+    /// A page of the tenant's batches, newest first, after the id `after` (the last of the
+    /// previous page), at most `limit`, and whether more follow.
+    pub async fn list_batches(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<(Vec<BatchRecord>, bool), StoreError> {
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches
+             WHERE tenant = $1 AND (CAST($2 AS TEXT) IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows: Vec<BatchRow> = reading!(self, |pool| {
+            sqlx::query_as(&sql)
+                .bind(tenant)
+                .bind(after)
+                .bind(limit.max(0).saturating_add(1))
+                .fetch_all(pool)
+                .await?
+        });
+        let batches = rows
+            .into_iter()
+            .map(BatchRow::into_record)
+            .collect::<Result<_, _>>()?;
+        Ok(crate::files::page(batches, limit))
+    }
+
+    /// Ask to cancel a tenant's batch: `validating` or `in_progress` become `cancelling` (and
+    /// due for the finalizer at once); `cancelling` answers the same again. Its jobs are
+    /// cancelled by the finalizer ([`Store::cancel_batch_jobs`]).
+    pub async fn cancel_batch(&self, tenant: &str, id: &str) -> Result<CancelBatch, StoreError> {
+        let row: Option<BatchRow> = writing!(self, |pool, now| {
+            sqlx::query_as(&format!(
+                "UPDATE batches SET status = 'cancelling', cancelling_at = {now},
+                                    locked_until = NULL
+                 WHERE id = $1 AND tenant = $2 AND status IN ('validating', 'in_progress')
+                 RETURNING {BATCH_COLUMNS}"
+            ))
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(pool)
+            .await?
+        });
+        if let Some(row) = row {
+            return Ok(CancelBatch::Cancelling(row.into_record()?));
+        }
+        Ok(not_cancelling(self.get_batch(tenant, id).await?))
+    }
+
+    /// Lines of the tenant's open batches not yet counted completed or failed (a cap's measure).
+    pub async fn pending_batch_lines(&self, tenant: &str) -> Result<i64, StoreError> {
+        dispatch!(self.pending_batch_lines(tenant))
+    }
+
+    /// Take one open batch (in_progress, cancelling, finalizing) no finalizer holds, holding
+    /// it for `hold`; concurrent finalizers never take the same batch while a hold lasts.
+    pub async fn take_due_batch(&self, hold: Duration) -> Result<Option<BatchRecord>, StoreError> {
+        let row = dispatch!(self.take_due_batch(hold))?;
+        row.map(BatchRow::into_record).transpose()
+    }
+
+    /// Let go of a batch taken by [`Store::take_due_batch`]: look at it again after `next_check`.
+    pub async fn release_batch(&self, id: &str, next_check: Duration) -> Result<(), StoreError> {
+        dispatch!(self.release_batch(id, next_check))
+    }
+
+    /// Count a batch's line jobs by state.
+    pub async fn batch_progress(&self, id: &str) -> Result<BatchProgress, StoreError> {
+        let count = |states: &[&str]| {
+            format!(
+                "CAST(COALESCE(sum(CASE WHEN j.state IN ({}) THEN 1 ELSE 0 END), 0) AS INTEGER)",
+                quoted(states)
+            )
+        };
+        let sql = format!(
+            "SELECT CAST(count(*) AS INTEGER), {}, {}, {}, {}
+             FROM batch_lines l JOIN jobs j ON j.id = l.job_id
+             WHERE l.batch_id = $1",
+            count(&["succeeded"]),
+            count(&["failed", "dead"]),
+            count(&["cancelled"]),
+            count(&["queued", "running", "retrying"]),
+        );
+        let (total, succeeded, failed, cancelled, pending): (i32, i32, i32, i32, i32) =
+            reading!(self, |pool| {
+                sqlx::query_as(&sql).bind(id).fetch_one(pool).await?
+            });
+        Ok(BatchProgress {
+            total,
+            succeeded,
+            failed,
+            cancelled,
+            pending,
+        })
+    }
+
+    /// Record how many lines completed and failed so far (ignored once the batch ended).
+    pub async fn set_batch_counts(
+        &self,
+        id: &str,
+        completed: i32,
+        failed: i32,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE batches SET completed = $2, failed = $3 WHERE id = $1 AND status IN ({})",
+            quoted(OPEN)
+        );
+        writing!(self, |pool| {
+            sqlx::query(&sql)
+                .bind(id)
+                .bind(completed)
+                .bind(failed)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Cancel every line job that is queued, retrying or running, as [`Store::cancel`] does
+    /// (a few statements, each fenced); answers what was cancelled, with the tenants. A job a
+    /// worker holds locked at that instant (PostgreSQL) is left for the next call.
+    pub async fn cancel_batch_jobs(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(RequestId, String)>, StoreError> {
+        let cancelled = dispatch!(self.cancel_batch_jobs(id))?;
+        self.announce_all(&cancelled);
+        Ok(cancelled)
+    }
+
+    /// Move a batch to `to` (recording `*_at`) if its status is one of [`BatchStatus::moves_from`];
+    /// `false` otherwise, e.g. a stale finalizer's `finalizing` for a batch being cancelled.
+    /// A move to an end queues the batch's email.
+    pub async fn set_batch_status(&self, id: &str, to: BatchStatus) -> Result<bool, StoreError> {
+        dispatch!(self.set_batch_status(id, to))
+    }
+
+    /// Up to `limit` of a batch's lines after line `after_line`, in line order, with their
+    /// jobs' outcomes: what the output and error files are written from.
+    pub async fn batch_line_results(
+        &self,
+        id: &str,
+        after_line: i32,
+        limit: i64,
+    ) -> Result<Vec<BatchLineResult>, StoreError> {
+        let sql = "SELECT l.line, l.custom_id, l.job_id, j.state, j.result, j.error, j.error_status
+                   FROM batch_lines l JOIN jobs j ON j.id = l.job_id
+                   WHERE l.batch_id = $1 AND l.line > $2
+                   ORDER BY l.line LIMIT $3";
+        let rows: Vec<LineRow> = reading!(self, |pool| {
+            sqlx::query_as(sql)
+                .bind(id)
+                .bind(after_line)
+                .bind(limit.max(0))
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter()
+            .map(|r| {
+                Ok(BatchLineResult {
+                    line: r.line,
+                    custom_id: r.custom_id,
+                    job_id: RequestId(r.job_id),
+                    state: r.state.parse().map_err(corrupt)?,
+                    result: r.result,
+                    error: r.error,
+                    error_status: status_from_db(r.error_status)?,
+                })
+            })
+            .collect()
+    }
+
+    /// End a batch in one transaction: its files (uploads of the batch's tenant) become
+    /// `processed`, the batch takes `end` (completed, failed, expired or cancelled; fenced by
+    /// [`BatchStatus::moves_from`]), its counts and file ids, and its email is queued. `false`,
+    /// changing nothing, if the batch had already moved on.
+    pub async fn finish_batch(
+        &self,
+        id: &str,
+        end: BatchStatus,
+        counts: (i32, i32),
+        output_file: Option<&FinishedFile>,
+        error_file: Option<&FinishedFile>,
+    ) -> Result<bool, StoreError> {
+        let at = ended_column(end)?;
+        dispatch!(self.finish_batch(id, end, at, counts, output_file, error_file))
+    }
 }

@@ -1,17 +1,24 @@
 //! Sluice's durable state on PostgreSQL or SQLite: jobs and their event log, API keys, the
-//! outbox that ties every lane message to the transaction that made it necessary, and the files
-//! and batches of the OpenAI-compatible Files and Batch API.
+//! outbox, completion emails, and the files and batches of the OpenAI-compatible API.
 //!
 //! Every state change is fenced by the job's `attempt`, so a redelivered or stale message can
-//! never overwrite a newer outcome. [`Store`] has one public API; `StoreConfig.url` picks the
-//! backend (`postgres://...` or `sqlite://path/to/file.db`) and each method dispatches to it.
-//! The shared types and the PostgreSQL statements live in the top-level modules, the SQLite
-//! statements in `sqlite/`, mirroring them file for file.
+//! never overwrite a newer outcome, and announced after commit to the hook set with
+//! [`Store::announcing`]. [`Store`] has one public API; `StoreConfig.url` picks the backend
+//! (`postgres://...` or `sqlite://path/to/file.db`).
+//!
+//! Each topic module (`jobs`, `lifecycle`, `batches`, ...) holds its types, its part of the
+//! public API, its row types (one per result shape, read by both backends through
+//! `sqlx::FromRow`) and the statements both backends share, written once with `$n`
+//! placeholders (see `sql`). What must differ is side by side in `postgres/` and `sqlite/`,
+//! one module per topic with the same name.
+
+// First: its macros are used by the modules after it.
+mod sql;
 
 mod admission;
+mod announce;
 mod batch;
 mod batches;
-mod dispatch;
 mod events;
 mod files;
 mod jobs;
@@ -27,6 +34,7 @@ pub mod testing;
 mod writer;
 
 pub use admission::{LaneStats, SemanticEntry, SettledFollowers};
+pub use announce::Announce;
 pub use batch::Batcher;
 pub use batches::{
     new_batch_id, BatchLine, BatchLineResult, BatchProgress, BatchRecord, BatchStatus, CancelBatch,
@@ -173,6 +181,8 @@ impl Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    /// Told of every job a method changes (see [`Store::announcing`]).
+    announcer: announce::Announcer,
 }
 
 /// The connection pools of the backend in use.
@@ -193,7 +203,10 @@ impl Store {
             Backend::Postgres => Db::Postgres(postgres::PgBackend::connect(config).await?),
             Backend::Sqlite => Db::Sqlite(sqlite::SqliteBackend::connect(config).await?),
         };
-        let store = Store { db };
+        let store = Store {
+            db,
+            announcer: announce::Announcer::default(),
+        };
         if config.migrate {
             store.migrate().await?;
         }

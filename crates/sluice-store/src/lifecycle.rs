@@ -1,15 +1,12 @@
-//! A job's life after ingest: claim with a lease, heartbeat, complete, retry, dead-letter,
-//! reap expired leases and replay from `dead`. Each is one statement fenced by `attempt`.
-//! Shared types and the PostgreSQL statements; SQLite's are in `sqlite::lifecycle`.
+//! A job's life after ingest (claim, heartbeat, complete, retry, dead-letter, reap, replay),
+//! each fenced by `attempt`: the types, the rows both backends read and the public API.
 
 use crate::jobs::{corrupt, parse_lane};
 use crate::outbox::OutboxMessage;
-use crate::postgres::PgBackend;
-use crate::{millis, StoreError};
+use crate::sql::{dispatch, reading, Ts};
+use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobRequest, Lane, RequestId};
-use sqlx::Row;
-use std::collections::HashMap;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -64,68 +61,77 @@ pub struct Failure {
     pub status: Option<u16>,
 }
 
-impl PgBackend {
-    /// [`Store::claim`] for many messages in one statement; answers in input order.
+/// A claimed job as either backend's claim returns it, with the job's tenant.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ClaimRow {
+    id: Uuid,
+    attempt: i32,
+    tries: i32,
+    throttled: i32,
+    lane: String,
+    request: serde_json::Value,
+    created_at: Ts,
+    tenant: String,
+}
+
+impl ClaimRow {
+    pub(crate) fn into_claim(self) -> Result<(Claim, String), StoreError> {
+        let claim = Claim {
+            id: RequestId(self.id),
+            attempt: self.attempt,
+            tries: self.tries,
+            throttled: self.throttled,
+            lane: parse_lane(&self.lane)?,
+            request: serde_json::from_value(self.request).map_err(corrupt)?,
+            created_at: self.created_at.into(),
+        };
+        Ok((claim, self.tenant))
+    }
+}
+
+/// A `dead` job as operators list it.
+#[derive(sqlx::FromRow)]
+struct DeadJobRow {
+    id: Uuid,
+    tenant: String,
+    model: String,
+    error: Option<String>,
+    updated_at: Ts,
+}
+
+/// Claim, heartbeat, complete, retry, dead-letter, reap and replay.
+impl Store {
+    /// Move a queued or retrying job to `running` if the message's attempt is still current.
+    /// `None` means the message is stale (job terminal, cancelled, or already claimed): ack and drop it.
+    pub async fn claim(&self, job: &JobRef, lease: Duration) -> Result<Option<Claim>, StoreError> {
+        let mut claims = self.claim_many(std::slice::from_ref(job), lease).await?;
+        Ok(claims.pop().flatten())
+    }
+
+    /// [`Store::claim`] for many messages in one transaction; answers in input order.
     /// Of two messages for the same job and attempt, only the first gets the claim.
-    pub(crate) async fn claim_many(
+    pub async fn claim_many(
         &self,
         jobs: &[JobRef],
         lease: Duration,
     ) -> Result<Vec<Option<Claim>>, StoreError> {
-        let ids: Vec<Uuid> = jobs.iter().map(|j| j.request_id.0).collect();
-        let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
-        let rows = sqlx::query(
-            "WITH input AS (
-                 SELECT DISTINCT id, attempt FROM UNNEST($1::uuid[], $2::int[]) AS t(id, attempt)
-                 ORDER BY id
-             ), j AS (
-                 UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, tries = jobs.tries + 1,
-                                 lease_until = now() + $3 * interval '1 millisecond',
-                                 started_at = COALESCE(started_at, now()), updated_at = now(),
-                                 event_seq = event_seq + 1
-                 FROM input
-                 WHERE jobs.id = input.id AND jobs.attempt = input.attempt
-                   AND jobs.state IN ('queued', 'retrying')
-                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.tries, jobs.throttled,
-                           jobs.lane, jobs.request, jobs.created_at
-             ), e AS (
-                 INSERT INTO job_events (job_id, seq, state, detail)
-                 SELECT id, event_seq, 'running', jsonb_build_object('attempt', attempt) FROM j
-             )
-             SELECT id, attempt, tries, throttled, lane, request, created_at FROM j",
-        )
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(millis(lease))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut claimed: HashMap<(Uuid, i32), Claim> = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let id: Uuid = r.try_get("id")?;
-            let lane: String = r.try_get("lane")?;
-            let request: serde_json::Value = r.try_get("request")?;
-            let attempt: i32 = r.try_get("attempt")?;
-            claimed.insert(
-                (id, attempt - 1),
-                Claim {
-                    id: RequestId(id),
-                    attempt,
-                    tries: r.try_get("tries")?,
-                    throttled: r.try_get("throttled")?,
-                    lane: parse_lane(&lane)?,
-                    request: serde_json::from_value(request).map_err(corrupt)?,
-                    created_at: r.try_get("created_at")?,
-                },
-            );
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(jobs
-            .iter()
-            .map(|j| claimed.remove(&(j.request_id.0, j.attempt)))
+        let claims = dispatch!(self.claim_many(jobs, lease))?;
+        Ok(claims
+            .into_iter()
+            .map(|claim| {
+                claim.map(|(claim, tenant)| {
+                    self.announcer.one(claim.id, &tenant);
+                    claim
+                })
+            })
             .collect())
     }
 
     /// Extend the leases of jobs still running under these attempts.
-    pub(crate) async fn heartbeat(
+    pub async fn heartbeat(
         &self,
         held: &[(RequestId, i32)],
         lease: Duration,
@@ -133,258 +139,122 @@ impl PgBackend {
         if held.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<Uuid> = held.iter().map(|(id, _)| id.0).collect();
-        let attempts: Vec<i32> = held.iter().map(|(_, a)| *a).collect();
-        let done = sqlx::query(
-            "UPDATE jobs SET lease_until = now() + $3 * interval '1 millisecond'
-             FROM UNNEST($1::uuid[], $2::int[]) AS h(id, attempt)
-             WHERE jobs.id = h.id AND jobs.attempt = h.attempt AND jobs.state = 'running'",
-        )
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(millis(lease))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        dispatch!(self.heartbeat(held, lease))
     }
 
-    /// [`Store::complete`] for many jobs in one statement; answers in input order.
-    pub(crate) async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
-        let ids: Vec<Uuid> = done.iter().map(|c| c.id.0).collect();
-        let attempts: Vec<i32> = done.iter().map(|c| c.attempt).collect();
-        let results: Vec<String> = done.iter().map(|c| c.result.to_string()).collect();
-        let endpoints: Vec<&str> = done.iter().map(|c| c.endpoint.as_str()).collect();
-        let costs: Vec<Option<f64>> = done.iter().map(|c| c.cost_usd).collect();
-        let completed: Vec<(Uuid, i32)> = sqlx::query_as(
-            "WITH input AS (
-                 SELECT DISTINCT ON (id, attempt) id, attempt, result, endpoint, cost
-                 FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::float8[])
-                     AS t(id, attempt, result, endpoint, cost)
-                 ORDER BY id, attempt
-             ), j AS (
-                 UPDATE jobs SET state = 'succeeded', result = input.result::jsonb,
-                                 endpoint = input.endpoint, error = NULL, error_status = NULL,
-                                 lease_until = NULL,
-                                 cost_usd = input.cost,
-                                 finished_at = now(), updated_at = now(), event_seq = event_seq + 1
-                 FROM input
-                 WHERE jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = 'running'
-                 RETURNING jobs.id, jobs.event_seq, jobs.attempt, jobs.notify_email, jobs.tenant,
-                           jobs.cost_usd, jobs.result, jobs.endpoint
-             ), e AS (
-                 INSERT INTO job_events (job_id, seq, state) SELECT id, event_seq, 'succeeded' FROM j
-             ), n AS (
-                 -- The completion email, in the same statement: queued exactly when the job ends.
-                 INSERT INTO notifications (job_id, email)
-                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL
-                 ON CONFLICT (job_id) DO NOTHING
-             ), spend AS (
-                 INSERT INTO tenant_spend AS s (tenant, day, usd)
-                 SELECT tenant, (now() AT TIME ZONE 'UTC')::date, sum(cost_usd) FROM j
-                 WHERE cost_usd IS NOT NULL GROUP BY tenant
-                 ON CONFLICT (tenant, day) DO UPDATE SET usd = s.usd + EXCLUDED.usd
-             ), f AS (
-                 -- Jobs attached to these take the same answer, without a call of their own.
-                 UPDATE jobs SET state = 'succeeded', result = j.result, endpoint = j.endpoint,
-                                 cached = 'dedup', cost_usd = 0, started_at = now(),
-                                 finished_at = now(), updated_at = now(),
-                                 event_seq = jobs.event_seq + 1
-                 FROM j WHERE jobs.leader = j.id AND jobs.state = 'queued'
-                 RETURNING jobs.id, jobs.event_seq, jobs.notify_email, j.id AS leader
-             ), fe AS (
-                 INSERT INTO job_events (job_id, seq, state, detail)
-                 SELECT id, event_seq, 'succeeded',
-                        jsonb_build_object('cached', 'dedup', 'source', leader)
-                 FROM f
-             ), fn AS (
-                 INSERT INTO notifications (job_id, email)
-                 SELECT id, notify_email FROM f WHERE notify_email IS NOT NULL
-                 ON CONFLICT (job_id) DO NOTHING
-             )
-             SELECT id, attempt FROM j",
-        )
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(&results)
-        .bind(&endpoints)
-        .bind(&costs)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut completed: std::collections::HashSet<(Uuid, i32)> = completed.into_iter().collect();
-        Ok(done
-            .iter()
-            .map(|c| completed.remove(&(c.id.0, c.attempt)))
-            .collect())
+    /// Store a success. `false` if the attempt is no longer current (cancelled, reaped, replaced).
+    pub async fn complete(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        result: &serde_json::Value,
+        endpoint: &str,
+    ) -> Result<bool, StoreError> {
+        let done = self
+            .complete_many(&[Completion {
+                id,
+                attempt,
+                result: result.clone(),
+                endpoint: endpoint.to_owned(),
+                cost_usd: None,
+            }])
+            .await?;
+        Ok(done.first().copied().unwrap_or(false))
     }
 
-    pub(crate) async fn fail(
+    /// [`Store::complete`] for many jobs in one transaction; answers in input order. Each
+    /// completion queues the job's email, if it asked for one, with the state change.
+    pub async fn complete_many(&self, done: &[Completion]) -> Result<Vec<bool>, StoreError> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (completed, changed) = dispatch!(self.complete_many(done))?;
+        // The completed jobs and the followers that took their answers.
+        self.announce_all(&changed);
+        Ok(completed)
+    }
+
+    /// Record a retryable failure and queue the retry message, deliverable after `delay`.
+    pub async fn retry_later(
         &self,
         id: RequestId,
         attempt: i32,
         failure: &Failure,
-        lane: Lane,
         delay: Duration,
     ) -> Result<Option<OutboxMessage>, StoreError> {
-        let state = if lane == Lane::Dead {
-            "dead"
-        } else {
-            "retrying"
-        };
-        let row = sqlx::query(
-            "WITH j AS (
-                 UPDATE jobs SET state = $3, error = $4, endpoint = COALESCE($5, endpoint),
-                                 error_status = $9, lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
-                                 finished_at = CASE WHEN $3 = 'dead' THEN now() END,
-                                 tries = tries - CASE WHEN $8 THEN 1 ELSE 0 END,
-                                 throttled = throttled + CASE WHEN $8 THEN 1 ELSE 0 END
-                 WHERE id = $1 AND attempt = $2 AND state = 'running'
-                 RETURNING id, event_seq, attempt, tenant, model, request, state, notify_email
-             ), e AS (
-                 INSERT INTO job_events (job_id, seq, state, detail)
-                 SELECT id, event_seq, $3,
-                        jsonb_build_object('error', $4::text, 'delay_ms', $7::bigint,
-                                           'throttled', $8::boolean, 'endpoint', $5::text,
-                                           'status', $9::smallint) FROM j
-             ), o AS (
-                 INSERT INTO outbox (job_id, lane, attempt, deliver_at, reason)
-                 SELECT id, $6, attempt, now() + $7 * interval '1 millisecond',
-                        CASE WHEN $6 = 'dead' THEN $4 END
-                 FROM j
-                 RETURNING id, job_id, deliver_at
-             ), n AS (
-                 -- A dead job is finished: its email is queued with the state change.
-                 INSERT INTO notifications (job_id, email)
-                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL AND state = 'dead'
-                 ON CONFLICT (job_id) DO NOTHING
-             )
-             SELECT o.id AS outbox_id, o.deliver_at, j.attempt, j.tenant, j.model, j.request
-             FROM o JOIN j ON j.id = o.job_id",
-        )
-        .bind(id.0)
-        .bind(attempt)
-        .bind(state)
-        .bind(&failure.error)
-        .bind(&failure.endpoint)
-        .bind(lane.as_str())
-        .bind(crate::millis(delay))
-        .bind(failure.throttled)
-        .bind(crate::jobs::status_to_db(failure.status))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(OutboxMessage {
-                outbox_id: r.try_get("outbox_id")?,
-                lane,
-                job: JobRef {
-                    waiting_since_ms: None,
-                    tokens: crate::outbox::estimated_tokens(&r)?,
-                    rate_limited: failure.throttled,
-                    request_id: id,
-                    tenant: r.try_get("tenant")?,
-                    model: r.try_get("model")?,
-                    attempt: r.try_get("attempt")?,
-                },
-                deliver_at: r.try_get("deliver_at")?,
-                reason: (lane == Lane::Dead).then(|| failure.error.clone()),
-            })
-        })
-        .transpose()
+        let message = dispatch!(self.fail(id, attempt, failure, Lane::Retry, delay))?;
+        self.announce_messages(message.iter());
+        Ok(message)
+    }
+
+    /// Record a permanent failure (or spent retries) and queue the job's `dead` message.
+    pub async fn dead_letter(
+        &self,
+        id: RequestId,
+        attempt: i32,
+        failure: &Failure,
+    ) -> Result<Option<OutboxMessage>, StoreError> {
+        let message = dispatch!(self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO))?;
+        self.announce_messages(message.iter());
+        Ok(message)
     }
 
     /// Requeue jobs whose lease expired (their worker died): to `retry` at once, or to `dead`
     /// when the retry budget is spent. Safe to run from every worker at the same time.
-    pub(crate) async fn reap_expired(
+    pub async fn reap_expired(
         &self,
         max_tries: u32,
         limit: i64,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let rows = sqlx::query(
-            "WITH x AS (
-                 SELECT id FROM jobs WHERE state = 'running' AND lease_until < now()
-                 ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED
-             ), j AS (
-                 UPDATE jobs SET state = CASE WHEN jobs.tries >= $1 THEN 'dead' ELSE 'retrying' END,
-                                 error = 'lease expired: the worker running attempt '
-                                         || jobs.attempt || ' stopped responding',
-                                 error_status = NULL, lease_until = NULL, updated_at = now(), event_seq = event_seq + 1,
-                                 finished_at = CASE WHEN jobs.tries >= $1 THEN now() END
-                 FROM x WHERE jobs.id = x.id
-                 RETURNING jobs.id, jobs.event_seq, jobs.state, jobs.attempt, jobs.tenant,
-                           jobs.model, jobs.error, jobs.request, jobs.notify_email
-             ), e AS (
-                 INSERT INTO job_events (job_id, seq, state, detail)
-                 SELECT id, event_seq, state, jsonb_build_object('error', error) FROM j
-             ), o AS (
-                 INSERT INTO outbox (job_id, lane, attempt, reason)
-                 SELECT id, CASE WHEN state = 'dead' THEN 'dead' ELSE 'retry' END, attempt,
-                        CASE WHEN state = 'dead' THEN error END
-                 FROM j
-                 RETURNING id, job_id, lane, deliver_at, reason
-             ), n AS (
-                 -- Jobs reaped into `dead` are finished: their emails are queued with them.
-                 INSERT INTO notifications (job_id, email)
-                 SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL AND state = 'dead'
-                 ON CONFLICT (job_id) DO NOTHING
-             )
-             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant,
-                    j.model, j.request
-             FROM o JOIN j ON j.id = o.job_id",
-        )
-        .bind(i32::try_from(max_tries).unwrap_or(i32::MAX))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(crate::outbox::message_from_row).collect()
+        let max_tries = i32::try_from(max_tries).unwrap_or(i32::MAX);
+        let messages = dispatch!(self.reap_expired(max_tries, limit))?;
+        self.announce_messages(messages.iter());
+        Ok(messages)
     }
 
     /// Put a dead job back in its lane with a fresh retry budget.
-    pub(crate) async fn replay(&self, id: RequestId) -> Result<Option<OutboxMessage>, StoreError> {
-        let row = sqlx::query(
-            "WITH j AS (
-                 UPDATE jobs SET state = 'queued', tries = 0, lease_until = NULL, finished_at = NULL,
-                                 updated_at = now(), event_seq = event_seq + 1,
-                                 -- A replayed job runs alone: it may not lead identical ones.
-                                 request_hash = NULL
-                 WHERE id = $1 AND state = 'dead'
-                 RETURNING id, event_seq, attempt, lane, tenant, model, request
-             ), e AS (
-                 INSERT INTO job_events (job_id, seq, state, detail)
-                 SELECT id, event_seq, 'queued', '{\"replayed\": true}'::jsonb FROM j
-             ), o AS (
-                 INSERT INTO outbox (job_id, lane, attempt) SELECT id, lane, attempt FROM j
-                 RETURNING id, job_id, lane, deliver_at, reason
-             )
-             SELECT o.id AS outbox_id, o.lane, o.deliver_at, o.reason, j.id, j.attempt, j.tenant,
-                    j.model, j.request
-             FROM o JOIN j ON j.id = o.job_id",
-        )
-        .bind(id.0)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref()
-            .map(crate::outbox::message_from_row)
-            .transpose()
+    pub async fn replay(&self, id: RequestId) -> Result<Option<OutboxMessage>, StoreError> {
+        let message = dispatch!(self.replay(id))?;
+        self.announce_messages(message.iter());
+        Ok(message)
     }
 
     /// The most recently dead-lettered jobs.
-    pub(crate) async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, tenant, model, error, updated_at FROM jobs WHERE state = 'dead'
-             ORDER BY updated_at DESC LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeadJob {
-                    id: RequestId(r.try_get("id")?),
-                    tenant: r.try_get("tenant")?,
-                    model: r.try_get("model")?,
-                    error: r.try_get("error")?,
-                    at: r.try_get("updated_at")?,
-                })
+    pub async fn dead_jobs(&self, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
+        let sql = "SELECT id, tenant, model, error, updated_at FROM jobs WHERE state = 'dead'
+                   ORDER BY updated_at DESC LIMIT $1";
+        let rows: Vec<DeadJobRow> = reading!(self, |pool| {
+            sqlx::query_as(sql).bind(limit).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|r| DeadJob {
+                id: RequestId(r.id),
+                tenant: r.tenant,
+                model: r.model,
+                error: r.error,
+                at: r.updated_at.into(),
             })
-            .collect()
+            .collect())
+    }
+}
+
+/// The lane message of a job whose state change queued it.
+pub(crate) fn job_ref(
+    id: RequestId,
+    tenant: String,
+    model: String,
+    attempt: i32,
+    request: &JobRequest,
+    rate_limited: bool,
+) -> JobRef {
+    JobRef {
+        waiting_since_ms: None,
+        tokens: request.estimated_tokens(),
+        rate_limited,
+        request_id: id,
+        tenant,
+        model,
+        attempt,
     }
 }

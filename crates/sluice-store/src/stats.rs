@@ -1,42 +1,9 @@
-//! Aggregates over all jobs, for benchmarks and operators.
-//! These scan the jobs table; they are not for request paths. SQLite's are in `sqlite::stats`.
+//! Aggregates over all jobs for benchmarks, operators and the dashboard (they scan the jobs
+//! table; not for request paths): the types and the public API.
 
-use crate::postgres::PgBackend;
-use crate::StoreError;
+use crate::sql::{dispatch, reading};
+use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
-
-impl PgBackend {
-    /// Jobs in a terminal state.
-    pub(crate) async fn finished_count(&self) -> Result<i64, StoreError> {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n)
-    }
-
-    /// Submit-to-finish latency over all jobs; see [`LatencySummary`].
-    pub(crate) async fn latency_summary(&self) -> Result<LatencySummary, StoreError> {
-        let row: (Option<f64>, Option<f64>, Option<f64>, Option<f64>, i64) = sqlx::query_as(
-            "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8),
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8),
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8),
-                    count(*) FILTER (WHERE state <> 'succeeded')
-             FROM jobs",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(LatencySummary {
-            span: row.0.unwrap_or_default(),
-            p50: row.1.unwrap_or_default(),
-            p95: row.2.unwrap_or_default(),
-            p99: row.3.unwrap_or_default(),
-            not_succeeded: row.4,
-        })
-    }
-}
 
 /// Submit-to-finish latency over all jobs, in seconds (0 when none finished).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -59,59 +26,6 @@ pub struct LaneWait {
     pub p95: f64,
 }
 
-impl PgBackend {
-    /// p50 and p95 queue wait per lane over jobs that started (since `since`, when given).
-    pub(crate) async fn queue_wait_by_lane(
-        &self,
-        since: Option<DateTime<Utc>>,
-    ) -> Result<Vec<LaneWait>, StoreError> {
-        let rows: Vec<(String, i64, Option<f64>, Option<f64>)> = sqlx::query_as(
-            "SELECT lane, count(*),
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)::float8),
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)::float8)
-             FROM jobs WHERE started_at IS NOT NULL AND ($1::timestamptz IS NULL OR started_at >= $1)
-             GROUP BY lane ORDER BY lane",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(lane, jobs, p50, p95)| LaneWait {
-                lane,
-                jobs,
-                p50: p50.unwrap_or_default(),
-                p95: p95.unwrap_or_default(),
-            })
-            .collect())
-    }
-
-    /// Jobs that finished in `[from, to)` seconds after the first claim: utilization over a window.
-    pub(crate) async fn finished_in_window(&self, from: f64, to: f64) -> Result<i64, StoreError> {
-        let (n,): (i64,) = sqlx::query_as(
-            "WITH first AS (SELECT min(started_at) AS t0 FROM jobs)
-             SELECT count(*) FROM jobs, first
-             WHERE finished_at >= t0 + $1 * interval '1 second'
-               AND finished_at <  t0 + $2 * interval '1 second'",
-        )
-        .bind(from)
-        .bind(to)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n)
-    }
-
-    /// Seconds from the first claim to the last finish.
-    pub(crate) async fn run_span(&self) -> Result<f64, StoreError> {
-        let (span,): (Option<f64>,) = sqlx::query_as(
-            "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8 FROM jobs",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(span.unwrap_or_default())
-    }
-}
-
 /// Jobs that reached a terminal state within one bucket of time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedBucket {
@@ -130,60 +44,64 @@ pub struct EndpointMinute {
     pub throttled: i64,
 }
 
-/// Which job events stand for one provider call, and the endpoint that took it. A succeeded
-/// event without detail is a worker's completion (cached and attached answers carry detail);
-/// a failure event with `throttled` is a worker's failed call (the reaper's carry only an
-/// error). Failures name their endpoint since the dashboard came; older ones fall back to the
-/// job's last endpoint.
-const CALL_EVENTS: &str = "
-    SELECT CASE WHEN e.detail ? 'endpoint' THEN e.detail->>'endpoint' ELSE j.endpoint END AS endpoint,
-           e.at, COALESCE((e.detail->>'throttled')::boolean, false) AS throttled
-    FROM job_events e JOIN jobs j ON j.id = e.job_id
-    WHERE e.at >= $1
-      AND ((e.state = 'succeeded' AND e.detail IS NULL)
-           OR (e.state IN ('retrying', 'dead') AND e.detail ? 'throttled'))";
+/// Aggregates for benchmarks and operators; they scan the jobs table.
+impl Store {
+    /// Jobs in a terminal state.
+    pub async fn finished_count(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) = reading!(self, |pool| {
+            sqlx::query_as(
+                "SELECT count(*) FROM jobs
+                 WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')",
+            )
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(n)
+    }
 
-impl PgBackend {
-    /// Jobs finished since `since`, counted per `bucket_secs` bucket (empty buckets left out).
-    pub(crate) async fn finished_per_bucket(
+    /// Submit-to-finish latency percentiles, the run's span and the jobs not `succeeded`.
+    pub async fn latency_summary(&self) -> Result<LatencySummary, StoreError> {
+        dispatch!(self.latency_summary())
+    }
+
+    /// p50 and p95 queue wait per lane over jobs that started.
+    pub async fn queue_wait_by_lane(&self) -> Result<Vec<LaneWait>, StoreError> {
+        dispatch!(self.queue_wait_by_lane(None))
+    }
+
+    /// p50 and p95 queue wait per lane over jobs that started since `since`.
+    pub async fn queue_wait_by_lane_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<LaneWait>, StoreError> {
+        dispatch!(self.queue_wait_by_lane(Some(since)))
+    }
+
+    /// Jobs finished since `since`, per `bucket_secs` bucket; empty buckets are left out.
+    pub async fn finished_per_bucket(
         &self,
         since: DateTime<Utc>,
         bucket_secs: u32,
     ) -> Result<Vec<FinishedBucket>, StoreError> {
-        let rows: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
-            "SELECT to_timestamp(floor(extract(epoch FROM finished_at) / $2) * $2), count(*)
-             FROM jobs WHERE finished_at >= $1 GROUP BY 1 ORDER BY 1",
-        )
-        .bind(since)
-        .bind(f64::from(bucket_secs.max(1)))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(start, jobs)| FinishedBucket { start, jobs })
-            .collect())
+        dispatch!(self.finished_per_bucket(since, bucket_secs))
     }
 
-    /// Provider calls per endpoint and minute since `since`, from the job events.
-    pub(crate) async fn endpoint_calls_per_minute(
+    /// Provider calls (and the 429s among them) per endpoint and minute since `since`, read
+    /// from the job events: one per completion and per failed attempt.
+    pub async fn endpoint_calls_per_minute(
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<EndpointMinute>, StoreError> {
-        let rows: Vec<(String, DateTime<Utc>, i64, i64)> = sqlx::query_as(&format!(
-            "SELECT endpoint, date_trunc('minute', at), count(*), count(*) FILTER (WHERE throttled)
-             FROM ({CALL_EVENTS}) c WHERE endpoint IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2"
-        ))
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(endpoint, minute, calls, throttled)| EndpointMinute {
-                endpoint,
-                minute,
-                calls,
-                throttled,
-            })
-            .collect())
+        dispatch!(self.endpoint_calls_per_minute(since))
+    }
+
+    /// Jobs that finished in `[from, to)` seconds after the first claim: utilization over a window.
+    pub async fn finished_in_window(&self, from: f64, to: f64) -> Result<i64, StoreError> {
+        dispatch!(self.finished_in_window(from, to))
+    }
+
+    /// Seconds from the first claim to the last finish.
+    pub async fn run_span(&self) -> Result<f64, StoreError> {
+        dispatch!(self.run_span())
     }
 }

@@ -7,8 +7,8 @@ use sha2::{Digest, Sha256};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
 use sluice_store::testing::TestDb;
 use sluice_store::{
-    Accepted, BatchLine, BatchStatus, CancelBatch, CancelOutcome, Failure, FinishedFile, Ingested,
-    JobWriter, NewBatch, NewFile, NewJob, NotificationSubject, Reuse, SortOrder,
+    Accepted, Announce, BatchLine, BatchStatus, CancelBatch, CancelOutcome, Failure, FinishedFile,
+    Ingested, JobWriter, NewBatch, NewFile, NewJob, NotificationSubject, Reuse, SortOrder,
 };
 use std::time::Duration;
 
@@ -103,7 +103,68 @@ on_both_backends!(
     batch_progress_counts_its_jobs_as_they_move,
     concurrent_finalizers_never_take_the_same_batch,
     finishing_a_batch_is_fenced_and_queues_one_email,
+    every_change_to_a_job_is_announced_once_with_its_tenant,
+    followers_and_answered_jobs_are_announced_with_the_jobs_that_settle_them,
+    batch_lines_are_announced_when_created_and_when_cancelled,
 );
+
+/// End a test: check that every job's event log walks the state machine of `sluice_core`, then
+/// drop the database.
+async fn finish(db: TestDb) {
+    assert_transitions_are_legal(&db).await;
+    db.drop().await;
+}
+
+/// Every job's event log, whatever the test did to it, starts `queued`, numbers its events
+/// 1, 2, 3, ..., moves only as [`JobState::can_become`] allows (`dead -> queued` is an
+/// operator's replay), and ends in the state the job is in.
+async fn assert_transitions_are_legal(db: &TestDb) {
+    let events = "SELECT job_id, seq, state FROM job_events ORDER BY job_id, seq";
+    let jobs = "SELECT id, state FROM jobs";
+    type Events = Vec<(uuid::Uuid, i32, String)>;
+    let (events, jobs): (Events, Vec<(uuid::Uuid, String)>) =
+        match (db.store.pg_pool(), db.store.sqlite_pool()) {
+            (Some(pool), _) => (
+                sqlx::query_as(events).fetch_all(pool).await.unwrap(),
+                sqlx::query_as(jobs).fetch_all(pool).await.unwrap(),
+            ),
+            (None, Some(pool)) => (
+                sqlx::query_as(events).fetch_all(pool).await.unwrap(),
+                sqlx::query_as(jobs).fetch_all(pool).await.unwrap(),
+            ),
+            (None, None) => unreachable!("a store has one backend"),
+        };
+    let mut logs: std::collections::BTreeMap<uuid::Uuid, Vec<(i32, JobState)>> =
+        std::collections::BTreeMap::new();
+    for (job, seq, state) in events {
+        logs.entry(job)
+            .or_default()
+            .push((seq, state.parse().unwrap()));
+    }
+    for (job, state) in &jobs {
+        let log = logs
+            .get(job)
+            .unwrap_or_else(|| panic!("job {job} has no events"));
+        let seqs: Vec<i32> = log.iter().map(|(seq, _)| *seq).collect();
+        let expected: Vec<i32> = (1..=i32::try_from(log.len()).unwrap()).collect();
+        assert_eq!(seqs, expected, "job {job}: events numbered without gaps");
+        assert_eq!(log[0].1, JobState::Queued, "job {job}: starts queued");
+        for pair in log.windows(2) {
+            let (from, to) = (pair[0].1, pair[1].1);
+            assert!(
+                from.can_become(to),
+                "job {job}: the store moved it {from} -> {to}, which the state machine forbids"
+            );
+        }
+        let last = log[log.len() - 1].1;
+        assert_eq!(
+            last.as_str(),
+            state,
+            "job {job}: its state is its last event's"
+        );
+    }
+    assert_eq!(logs.len(), jobs.len(), "no events of jobs that are gone");
+}
 
 /// The stored hash and prefix of the only API key, by raw SQL on either backend.
 async fn stored_key(db: &TestDb) -> (Vec<u8>, String) {
@@ -176,7 +237,7 @@ async fn api_keys_resolve_to_their_principal_and_are_stored_hashed(db: TestDb) {
     let listed = db.store.api_keys().await.unwrap();
     let flags: Vec<bool> = listed.iter().map(|k| k.principal.reuse_samples).collect();
     assert_eq!(flags, [false, true]);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn ingest_writes_job_event_and_outbox_together(db: TestDb) {
@@ -194,7 +255,7 @@ async fn ingest_writes_job_event_and_outbox_together(db: TestDb) {
     assert_eq!(db.store.outbox_len().await.unwrap(), 0);
     // Tenant walls: another tenant sees nothing.
     assert!(db.store.get_job("other", job.id).await.unwrap().is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn idempotency_key_returns_the_same_job_or_a_conflict(db: TestDb) {
@@ -220,7 +281,7 @@ async fn idempotency_key_returns_the_same_job_or_a_conflict(db: TestDb) {
     created(db.store.insert_job(&elsewhere).await.unwrap());
     let counts = db.store.count_by_state().await.unwrap();
     assert_eq!(counts, vec![(JobState::Queued, 2)]);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batched_writer_stores_every_job(db: TestDb) {
@@ -241,7 +302,7 @@ async fn batched_writer_stores_every_job(db: TestDb) {
         assert!(db.store.get_job("acme", id).await.unwrap().is_some());
     }
     assert_eq!(db.store.outbox_len().await.unwrap(), 300);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn claim_and_completion_are_fenced_by_attempt(db: TestDb) {
@@ -273,7 +334,7 @@ async fn claim_and_completion_are_fenced_by_attempt(db: TestDb) {
         states,
         vec![JobState::Queued, JobState::Running, JobState::Succeeded]
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn retry_then_dead_then_replay(db: TestDb) {
@@ -324,7 +385,7 @@ async fn retry_then_dead_then_replay(db: TestDb) {
         (3, 1),
         "replay resets the retry budget, not the fence"
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate(db: TestDb) {
@@ -351,7 +412,7 @@ async fn a_429_is_counted_as_a_throttle_not_a_try_and_keeps_the_token_estimate(d
     }
     let claim = db.store.claim(&message.job, LEASE).await.unwrap().unwrap();
     assert_eq!((claim.attempt, claim.tries, claim.throttled), (4, 1, 3));
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn cancel_respects_tenants_and_terminal_states(db: TestDb) {
@@ -387,7 +448,7 @@ async fn cancel_respects_tenants_and_terminal_states(db: TestDb) {
         .complete(running.id, claim.attempt, &serde_json::json!({}), "e")
         .await
         .unwrap());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn expired_leases_are_reaped_once_and_heartbeats_keep_them(db: TestDb) {
@@ -448,7 +509,7 @@ async fn expired_leases_are_reaped_once_and_heartbeats_keep_them(db: TestDb) {
         db.store.job(spent.id).await.unwrap().unwrap().state,
         JobState::Dead
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn relay_takes_only_old_unlocked_rows(db: TestDb) {
@@ -488,7 +549,7 @@ async fn relay_takes_only_old_unlocked_rows(db: TestDb) {
     );
     db.store.mark_published(&[rows[0].outbox_id]).await.unwrap();
     assert_eq!(db.store.outbox_len().await.unwrap(), 0);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batched_claims_and_completions_answer_each_caller_once(db: TestDb) {
@@ -547,7 +608,7 @@ async fn batched_claims_and_completions_answer_each_caller_once(db: TestDb) {
         db.store.job(b.job.request_id).await.unwrap().unwrap().state,
         JobState::Running
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 /// A job for `email`, inserted and claimed: ready to be finished one way or another.
@@ -622,7 +683,7 @@ async fn a_succeeded_job_with_an_email_queues_one_notification_and_a_stale_compl
     assert_eq!(notifications_in_total(&db).await, 1);
     // Nor does queueing it by hand: one email per job.
     assert_eq!(db.store.queue_notifications_for(&[id]).await.unwrap(), 0);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_does_not(db: TestDb) {
@@ -659,7 +720,7 @@ async fn a_dead_job_with_an_email_queues_one_notification_but_a_retrying_one_doe
         .unwrap()
         .is_none());
     assert_eq!(notifications_in_total(&db).await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_does_not(
@@ -691,7 +752,7 @@ async fn a_job_reaped_into_dead_queues_its_notification_and_one_reaped_to_retry_
     assert_pending_email(&db, retried, "cy@example.com").await;
     assert!(db.store.reap_expired(2, 100).await.unwrap().is_empty());
     assert_eq!(notifications_in_total(&db).await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_cancelled_job_with_an_email_queues_one_notification(db: TestDb) {
@@ -714,7 +775,7 @@ async fn a_cancelled_job_with_an_email_queues_one_notification(db: TestDb) {
         CancelOutcome::Terminal(JobState::Cancelled)
     );
     assert_eq!(notifications_in_total(&db).await, 2);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn jobs_without_an_email_queue_no_notification_however_they_end(db: TestDb) {
@@ -768,7 +829,7 @@ async fn jobs_without_an_email_queue_no_notification_however_they_end(db: TestDb
     }
     assert_pending_email(&db, batched.id, "fi@example.com").await;
     assert_eq!(notifications_in_total(&db).await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(db: TestDb) {
@@ -795,7 +856,7 @@ async fn events_younger_than_the_settle_time_are_held_back_with_all_that_follow(
         .store
         .user_events_since("acme", "u1", since, Duration::from_secs(60));
     assert_eq!(seqs(user.await.unwrap()), [1]);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb) {
@@ -911,7 +972,7 @@ async fn mailers_claim_due_notifications_once_and_record_the_outcome(db: TestDb)
         .await
         .unwrap()
         .is_empty());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn stats_summarise_finished_jobs(db: TestDb) {
@@ -970,7 +1031,7 @@ async fn stats_summarise_finished_jobs(db: TestDb) {
         db.store.finished_in_window(3600.0, 7200.0).await.unwrap(),
         0
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn dashboard_series_count_finished_jobs_and_calls_per_endpoint(db: TestDb) {
@@ -1049,7 +1110,7 @@ async fn dashboard_series_count_finished_jobs_and_calls_per_endpoint(db: TestDb)
         .await
         .unwrap()
         .is_empty());
-    db.drop().await;
+    finish(db).await;
 }
 
 /// SQLite's own concerns: one writer under concurrent load, durability of its file, and the
@@ -1389,6 +1450,7 @@ async fn identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer(db: 
         .await
         .unwrap();
     assert!(matches!(next, Accepted::Queued(_)), "{next:?}");
+    finish(db).await;
 }
 
 async fn a_reusable_answer_completes_a_job_at_once_within_its_tenant_only(db: TestDb) {
@@ -1463,6 +1525,7 @@ async fn a_reusable_answer_completes_a_job_at_once_within_its_tenant_only(db: Te
         db.store.job(stranger.id).await.unwrap().is_none(),
         "nothing written"
     );
+    finish(db).await;
 }
 
 async fn followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone(db: TestDb) {
@@ -1538,6 +1601,7 @@ async fn followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alon
     assert_eq!((job.state, job.leader), (JobState::Queued, None));
     // The released job runs like any other.
     complete_with(&db, &settled.released[0], "ran alone").await;
+    finish(db).await;
 }
 
 async fn lane_stats_and_positions_count_queued_leaders(db: TestDb) {
@@ -1591,6 +1655,7 @@ async fn lane_stats_and_positions_count_queued_leaders(db: TestDb) {
             .unwrap(),
         2
     );
+    finish(db).await;
 }
 
 async fn semantic_candidates_are_the_tenants_recent_successes(db: TestDb) {
@@ -1627,6 +1692,7 @@ async fn semantic_candidates_are_the_tenants_recent_successes(db: TestDb) {
         .await
         .unwrap()
         .is_empty());
+    finish(db).await;
 }
 
 fn sluice_core_vector(v: &[f32]) -> Vec<u8> {
@@ -1650,6 +1716,7 @@ async fn admin_keys_stand_for_no_tenant_and_revoked_keys_for_nothing(db: TestDb)
     assert!(db.store.revoke_api_key(acme.id).await.unwrap());
     assert!(!db.store.revoke_api_key(acme.id).await.unwrap(), "once");
     assert!(db.store.principal_for_key(&tenant).await.unwrap().is_none());
+    finish(db).await;
 }
 
 async fn only_dead_jobs_are_purged_and_they_leave_nothing_behind(db: TestDb) {
@@ -1678,6 +1745,7 @@ async fn only_dead_jobs_are_purged_and_they_leave_nothing_behind(db: TestDb) {
     assert!(db.store.events(job.id).await.unwrap().is_empty());
     assert!(db.store.notification_for(job.id).await.unwrap().is_none());
     assert!(!db.store.purge_dead(job.id).await.unwrap());
+    finish(db).await;
 }
 
 /// A `sslmode=require` URL gets an encrypted connection (RDS forces TLS), and the default
@@ -1760,7 +1828,7 @@ async fn error_status_is_stored_by_retry_later_and_dead_letter(db: TestDb) {
     complete_with(&db, &replayed, "fine now").await;
     let stored = db.store.job(job.id).await.unwrap().unwrap();
     assert_eq!((stored.error, stored.error_status), (None, None));
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn cancel_waiting_cancels_waiting_jobs_and_refuses_a_running_one(db: TestDb) {
@@ -1816,7 +1884,7 @@ async fn cancel_waiting_cancels_waiting_jobs_and_refuses_a_running_one(db: TestD
         db.store.cancel_waiting("acme", running).await.unwrap(),
         CancelOutcome::Terminal(JobState::Succeeded)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn detached_jobs_are_reattached_once_or_cancelled_after_their_grace(db: TestDb) {
@@ -1924,7 +1992,7 @@ async fn detached_jobs_are_reattached_once_or_cancelled_after_their_grace(db: Te
         db.store.reattach("acme", b"p", false).await.unwrap(),
         Some(patient.id)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn concurrent_reattaches_take_a_job_once(db: TestDb) {
@@ -1956,7 +2024,7 @@ async fn concurrent_reattaches_take_a_job_once(db: TestDb) {
     taken.sort();
     ids.sort();
     assert_eq!(taken, ids, "each held job went to exactly one caller");
-    db.drop().await;
+    finish(db).await;
 }
 
 fn new_file(tenant: &str, purpose: &str) -> NewFile {
@@ -2071,7 +2139,7 @@ async fn files_round_trip_in_chunks_behind_tenant_walls(db: TestDb) {
         .append_file_chunk(&aborted.id, 1, b"rest")
         .await
         .is_err());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn files_list_in_pages_both_ways_and_by_purpose(db: TestDb) {
@@ -2122,7 +2190,7 @@ async fn files_list_in_pages_both_ways_and_by_purpose(db: TestDb) {
         (outputs, more),
         (vec![ids[1].clone(), ids[3].clone()], false)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn stale_uploads_are_purged_and_live_ones_kept(db: TestDb) {
@@ -2158,7 +2226,7 @@ async fn stale_uploads_are_purged_and_live_ones_kept(db: TestDb) {
     db.store.finish_file(&slow.id, 11, 0).await.unwrap();
     assert_eq!(content(&db, &slow.id).await, b"still here!");
     assert!(db.store.get_file("acme", &done.id).await.unwrap().is_some());
-    db.drop().await;
+    finish(db).await;
 }
 
 fn new_batch(tenant: &str, email: Option<&str>) -> NewBatch {
@@ -2262,7 +2330,7 @@ async fn a_batch_is_created_whole_with_its_jobs_outbox_rows_and_lines(db: TestDb
         db.store.pending_batch_lines("acme").await.unwrap(),
         i64::from(n)
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn a_failing_batch_creation_leaves_nothing(db: TestDb) {
@@ -2335,7 +2403,7 @@ async fn a_failing_batch_creation_leaves_nothing(db: TestDb) {
         .is_err());
     assert_eq!(rows_in(&db, "jobs").await, jobs_before);
     assert_eq!(rows_in(&db, "batches").await, 1);
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batches_list_newest_first_within_their_tenant(db: TestDb) {
@@ -2393,7 +2461,7 @@ async fn batches_list_newest_first_within_their_tenant(db: TestDb) {
         .await
         .unwrap()
         .is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn cancelling_a_batch_cancels_its_jobs_and_ends_it_cancelled(db: TestDb) {
@@ -2489,7 +2557,7 @@ async fn cancelling_a_batch_cancels_its_jobs_and_ends_it_cancelled(db: TestDb) {
         CancelBatch::AlreadyEnded(BatchStatus::Cancelled)
     );
     assert!(db.store.take_due_batch(LEASE).await.unwrap().is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn batch_progress_counts_its_jobs_as_they_move(db: TestDb) {
@@ -2577,7 +2645,7 @@ async fn batch_progress_counts_its_jobs_as_they_move(db: TestDb) {
         4,
         "the purged job took its line with it"
     );
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn concurrent_finalizers_never_take_the_same_batch(db: TestDb) {
@@ -2623,7 +2691,7 @@ async fn concurrent_finalizers_never_take_the_same_batch(db: TestDb) {
     let again = db.store.take_due_batch(LEASE).await.unwrap().unwrap();
     assert_eq!(again.id, ids[2]);
     assert!(db.store.take_due_batch(LEASE).await.unwrap().is_none());
-    db.drop().await;
+    finish(db).await;
 }
 
 async fn finishing_a_batch_is_fenced_and_queues_one_email(db: TestDb) {
@@ -2811,5 +2879,319 @@ async fn finishing_a_batch_is_fenced_and_queues_one_email(db: TestDb) {
             finished_at: ended.completed_at,
         }
     );
-    db.drop().await;
+    finish(db).await;
+}
+
+/// An [`Announce`] hook that writes down what it hears.
+#[derive(Default)]
+struct Heard(std::sync::Mutex<Vec<(RequestId, String)>>);
+
+impl Announce for Heard {
+    fn changed(&self, id: RequestId, tenant: &str) {
+        self.0.lock().unwrap().push((id, tenant.to_owned()));
+    }
+}
+
+impl Heard {
+    /// What was announced since the last call, sorted.
+    fn take(&self) -> Vec<(RequestId, String)> {
+        let mut heard = std::mem::take(&mut *self.0.lock().unwrap());
+        heard.sort();
+        heard
+    }
+}
+
+/// A clone of the test's store that announces to a fresh [`Heard`].
+fn announcing(db: &TestDb) -> (sluice_store::Store, std::sync::Arc<Heard>) {
+    let heard = std::sync::Arc::new(Heard::default());
+    (db.store.clone().announcing(heard.clone()), heard)
+}
+
+fn each(tenant: &str, ids: &[RequestId]) -> Vec<(RequestId, String)> {
+    let mut jobs: Vec<_> = ids.iter().map(|id| (*id, tenant.to_owned())).collect();
+    jobs.sort();
+    jobs
+}
+
+async fn every_change_to_a_job_is_announced_once_with_its_tenant(db: TestDb) {
+    let (store, heard) = announcing(&db);
+    assert!(heard.take().is_empty());
+
+    // Ingest: a new job is announced; the same idempotency key again, or a conflict, is not.
+    let mut job = new_job("acme", "hi");
+    job.idempotency = Some(("k1".into(), vec![1]));
+    let msg = created(store.insert_job(&job).await.unwrap());
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(matches!(
+        store.insert_job(&job).await.unwrap(),
+        Ingested::Existing(_)
+    ));
+    let mut conflict = new_job("acme", "other");
+    conflict.idempotency = Some(("k1".into(), vec![2]));
+    assert!(matches!(
+        store.insert_job(&conflict).await.unwrap(),
+        Ingested::Conflict
+    ));
+    assert!(heard.take().is_empty(), "nothing changed");
+    // A clone of the announcing store announces too; the store it was made from does not.
+    let (a, b) = (new_job("acme", "a"), new_job("beta", "b"));
+    let accepted = store
+        .clone()
+        .insert_jobs(&[a.clone(), b.clone()])
+        .await
+        .unwrap();
+    let mut both = vec![(a.id, "acme".to_owned()), (b.id, "beta".to_owned())];
+    both.sort();
+    assert_eq!(heard.take(), both);
+    created(
+        db.store
+            .insert_job(&new_job("acme", "quiet"))
+            .await
+            .unwrap(),
+    );
+    assert!(heard.take().is_empty());
+
+    // Claims: a claim is announced, a stale message is not; heartbeats change no state.
+    let claim = store.claim(&msg.job, LEASE).await.unwrap().unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(store.claim(&msg.job, LEASE).await.unwrap().is_none());
+    store
+        .heartbeat(&[(job.id, claim.attempt)], LEASE)
+        .await
+        .unwrap();
+    assert!(heard.take().is_empty());
+    let messages: Vec<_> = accepted
+        .into_iter()
+        .map(|a| a.into_queued().unwrap())
+        .collect();
+    let refs: Vec<JobRef> = messages.iter().map(|m| m.job.clone()).collect();
+    let claims = store.claim_many(&refs, LEASE).await.unwrap();
+    assert_eq!(heard.take(), both);
+
+    // Retry, dead-letter and replay, each announced; a stale attempt changes nothing.
+    let failure = failure("provider returned 500", Some(500));
+    store
+        .retry_later(job.id, claim.attempt, &failure, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(store
+        .dead_letter(job.id, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(heard.take().is_empty());
+    let retry = db.store.job(job.id).await.unwrap().unwrap();
+    let again = JobRef {
+        attempt: retry.attempt,
+        ..msg.job.clone()
+    };
+    let claim = store.claim(&again, LEASE).await.unwrap().unwrap();
+    heard.take();
+    store
+        .dead_letter(job.id, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    let replayed = store.replay(job.id).await.unwrap().unwrap();
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+    assert!(store.replay(job.id).await.unwrap().is_none());
+    assert!(heard.take().is_empty());
+
+    // Completion: announced once; a second or stale completion is not.
+    let (a_claim, b_claim) = (claims[0].clone().unwrap(), claims[1].clone().unwrap());
+    let result = serde_json::json!({ "content": "x" });
+    assert!(store
+        .complete(a.id, a_claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    assert!(!store
+        .complete(a.id, a_claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    assert_eq!(heard.take(), each("acme", &[a.id]));
+
+    // Cancels: a waiting or running job is announced, a terminal one or a refused one not.
+    assert_eq!(
+        store.cancel_waiting("beta", b.id).await.unwrap(),
+        CancelOutcome::Running
+    );
+    assert!(heard.take().is_empty());
+    assert_eq!(
+        store.cancel("beta", b.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(heard.take(), each("beta", &[b.id]));
+    assert!(!store
+        .complete(b.id, b_claim.attempt, &result, "e1")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.cancel("acme", a.id).await.unwrap(),
+        CancelOutcome::Terminal(JobState::Succeeded)
+    );
+    assert_eq!(
+        store
+            .cancel_waiting("acme", replayed.job.request_id)
+            .await
+            .unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(heard.take(), each("acme", &[job.id]));
+
+    // Detached jobs: detaching and taking back change no state; the sweep's cancels are
+    // announced, the holds it only clears are not.
+    let minute = Duration::from_secs(60);
+    let held = new_job("acme", "held");
+    created(store.insert_job(&held).await.unwrap());
+    heard.take();
+    assert!(store.detach("acme", held.id, b"h1", minute).await.unwrap());
+    assert_eq!(
+        store.reattach("acme", b"h1", false).await.unwrap(),
+        Some(held.id)
+    );
+    assert!(store
+        .detach("acme", held.id, b"h1", Duration::ZERO)
+        .await
+        .unwrap());
+    let (running, _) = claimed_job_for(&db, None, LEASE).await;
+    assert!(store
+        .detach("acme", running, b"h2", Duration::ZERO)
+        .await
+        .unwrap());
+    assert!(heard.take().is_empty());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store.cancel_detached(10).await.unwrap(),
+        [(held.id, "acme".to_owned())]
+    );
+    assert_eq!(heard.take(), each("acme", &[held.id]));
+
+    // The reaper: each job it moves, to retry or to dead, is announced.
+    let (lost, _) = claimed_job_for(&db, None, Duration::from_millis(10)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reaped = store.reap_expired(5, 100).await.unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(heard.take(), each("acme", &[lost]));
+    assert!(store.reap_expired(5, 100).await.unwrap().is_empty());
+
+    // Purging a dead job removes it and its log: there is nothing new to read, no announcement.
+    let (doomed, claim) = claimed_job_for(&db, None, LEASE).await;
+    store
+        .dead_letter(doomed, claim.attempt, &failure)
+        .await
+        .unwrap()
+        .unwrap();
+    heard.take();
+    assert!(store.purge_dead(doomed).await.unwrap());
+    assert!(heard.take().is_empty());
+    finish(db).await;
+}
+
+async fn followers_and_answered_jobs_are_announced_with_the_jobs_that_settle_them(db: TestDb) {
+    let (store, heard) = announcing(&db);
+    let writer = JobWriter::spawn(store.clone(), 1, 8);
+    // A follower is announced when attached, and again when its leader's completion answers it.
+    let leader = writer
+        .insert(hashed_job("acme", "same"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    let follower = hashed_job("acme", "same");
+    let follower_id = follower.id;
+    assert!(matches!(
+        writer.insert(follower).await.unwrap(),
+        Accepted::Attached { .. }
+    ));
+    let leader_id = leader.job.request_id;
+    assert_eq!(heard.take(), each("acme", &[leader_id, follower_id]));
+    let claim = store.claim(&leader.job, LEASE).await.unwrap().unwrap();
+    heard.take();
+    let done = store
+        .complete_many(&[sluice_store::Completion {
+            id: claim.id,
+            attempt: claim.attempt,
+            result: serde_json::json!({ "content": "shared" }),
+            endpoint: "e1".into(),
+            cost_usd: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(done, [true]);
+    assert_eq!(heard.take(), each("acme", &[leader_id, follower_id]));
+
+    // An answer reused from a finished job: the new job is announced, a refused reuse not.
+    let hit = new_job("acme", "again");
+    assert!(store
+        .insert_answered(&hit, leader_id, Reuse::Exact)
+        .await
+        .unwrap());
+    assert_eq!(heard.take(), each("acme", &[hit.id]));
+    let stranger = new_job("other", "again");
+    assert!(!store
+        .insert_answered(&stranger, leader_id, Reuse::Exact)
+        .await
+        .unwrap());
+    assert!(heard.take().is_empty());
+
+    // Settling: a follower of a dead leader takes its end and is announced; a follower of a
+    // cancelled leader is only released into a lane (no new state or event), not announced.
+    let doomed = writer
+        .insert(hashed_job("acme", "doomed"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    let dead_follower = hashed_job("acme", "doomed");
+    let dead_follower_id = dead_follower.id;
+    writer.insert(dead_follower).await.unwrap();
+    let claim = store.claim(&doomed.job, LEASE).await.unwrap().unwrap();
+    store
+        .dead_letter(claim.id, claim.attempt, &failure("400", Some(400)))
+        .await
+        .unwrap()
+        .unwrap();
+    let dropped = writer
+        .insert(hashed_job("acme", "dropped"))
+        .await
+        .unwrap()
+        .into_queued()
+        .unwrap();
+    writer.insert(hashed_job("acme", "dropped")).await.unwrap();
+    store.cancel("acme", dropped.job.request_id).await.unwrap();
+    heard.take();
+    let settled = store.settle_followers(100).await.unwrap();
+    assert_eq!(settled.finished, [(dead_follower_id, "acme".to_owned())]);
+    assert_eq!(settled.released.len(), 1);
+    assert_eq!(heard.take(), each("acme", &[dead_follower_id]));
+    finish(db).await;
+}
+
+async fn batch_lines_are_announced_when_created_and_when_cancelled(db: TestDb) {
+    let (store, heard) = announcing(&db);
+    let batch = new_batch("acme", None);
+    let lines = lines_for("acme", 3);
+    let ids: Vec<RequestId> = lines.iter().map(|l| l.job.id).collect();
+    let messages = store.create_batch(&batch, &lines).await.unwrap();
+    assert_eq!(heard.take(), each("acme", &ids));
+    // A refused batch has no jobs; cancelling a batch changes the batch, not yet its jobs.
+    store
+        .create_failed_batch(&new_batch("acme", None), &serde_json::json!({ "data": [] }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.cancel_batch("acme", &batch.id).await.unwrap(),
+        CancelBatch::Cancelling(_)
+    ));
+    assert!(heard.take().is_empty());
+    complete_with(&db, &messages[0], "done early").await;
+    let cancelled = store.cancel_batch_jobs(&batch.id).await.unwrap();
+    assert_eq!(cancelled.len(), 2);
+    assert_eq!(heard.take(), each("acme", &ids[1..]));
+    assert!(store.cancel_batch_jobs(&batch.id).await.unwrap().is_empty());
+    assert!(heard.take().is_empty());
+    finish(db).await;
 }

@@ -1,15 +1,16 @@
-//! SQLite statements for admission, mirroring `crate::admission`: reused answers, followers,
+//! SQLite's admission statements, mirroring `postgres::admission`: reused answers, followers,
 //! lane load, spend and embeddings. One writer at a time makes the follower checks race-free.
 
-use super::jobs::{bind_new_job, insert_event, queue_notification};
-use super::lifecycle::{insert_outbox, request_of};
-use super::{parse_ts, ts, ts_before, SqliteBackend};
+use super::jobs::{insert_event, queue_notification};
+use super::lifecycle::insert_outbox;
+use super::SqliteBackend;
 use crate::admission::{LaneStats, SemanticEntry, SettledFollowers};
-use crate::jobs::{corrupt, parse_lane, NewJob, Reuse};
+use crate::jobs::{bind_new_job, corrupt, parse_lane, NewJob, Reuse};
+use crate::lifecycle::job_ref;
 use crate::outbox::OutboxMessage;
+use crate::sql::{opt, Ts};
 use crate::StoreError;
-use chrono::Utc;
-use sluice_core::{JobRef, Lane, RequestId};
+use sluice_core::{JobRequest, RequestId};
 use sqlx::Row;
 use std::time::Duration;
 use uuid::Uuid;
@@ -23,13 +24,13 @@ impl SqliteBackend {
     ) -> Result<Option<RequestId>, StoreError> {
         let row: Option<(Uuid,)> = sqlx::query_as(
             "SELECT id FROM jobs
-             WHERE tenant = ?1 AND request_hash = ?2 AND state = 'succeeded' AND leader IS NULL
-               AND finished_at > ?3
+             WHERE tenant = $1 AND request_hash = $2 AND state = 'succeeded' AND leader IS NULL
+               AND finished_at > $3
              ORDER BY finished_at DESC LIMIT 1",
         )
         .bind(tenant)
         .bind(request_hash)
-        .bind(ts_before(Utc::now(), within))
+        .bind(Ts::now().before(within))
         .fetch_optional(&self.read)
         .await?;
         Ok(row.map(|(id,)| RequestId(id)))
@@ -43,26 +44,26 @@ impl SqliteBackend {
     ) -> Result<bool, StoreError> {
         let request = serde_json::to_string(&job.request).map_err(corrupt)?;
         let mut tx = self.begin_write().await?;
-        let at = ts(Utc::now());
-        let inserted = bind_new_job(
+        let at = Ts::now();
+        let inserted = bind_new_job!(
             sqlx::query(
                 "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
                                    state, request_hash, route_reason, result, endpoint, cached,
                                    cost_usd, event_seq, created_at, updated_at, started_at,
                                    finished_at)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'succeeded', ?9, ?11, result, endpoint,
-                        ?12, 0, 2, ?13, ?13, ?13, ?13
-                 FROM jobs WHERE id = ?10 AND tenant = ?2 AND state = 'succeeded'
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'succeeded', $9, $11, result, endpoint,
+                        $12, 0, 2, $13, $13, $13, $13
+                 FROM jobs WHERE id = $10 AND tenant = $2 AND state = 'succeeded'
                  RETURNING notify_email",
             ),
             job,
-            &request,
+            &request
         )
         .bind(&job.request_hash)
         .bind(source.0)
         .bind(job.route_reason())
         .bind(how.as_str())
-        .bind(&at)
+        .bind(at)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(inserted) = inserted else {
@@ -71,9 +72,9 @@ impl SqliteBackend {
         };
         let email: Option<String> = inserted.try_get("notify_email")?;
         let detail = serde_json::json!({ "cached": how.as_str(), "source": source });
-        insert_event(&mut tx, job.id.0, 1, "queued", None, &at).await?;
-        insert_event(&mut tx, job.id.0, 2, "succeeded", Some(&detail), &at).await?;
-        queue_notification(&mut tx, job.id.0, email.as_deref(), &at).await?;
+        insert_event(&mut tx, job.id.0, 1, "queued", None, at).await?;
+        insert_event(&mut tx, job.id.0, 2, "succeeded", Some(&detail), at).await?;
+        queue_notification(&mut tx, job.id.0, email.as_deref(), at).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -83,14 +84,14 @@ impl SqliteBackend {
         limit: i64,
     ) -> Result<SettledFollowers, StoreError> {
         let mut tx = self.begin_write().await?;
-        let at = ts(Utc::now());
+        let at = Ts::now();
         let rows = sqlx::query(
             "SELECT f.id, f.tenant, f.notify_email, f.attempt, f.lane, f.model, f.request,
                     l.id AS leader, l.state AS leader_state, l.result, l.error, l.endpoint
              FROM jobs f LEFT JOIN jobs l ON l.id = f.leader
              WHERE f.leader IS NOT NULL AND f.state = 'queued'
                AND (l.id IS NULL OR l.state IN ('succeeded', 'failed', 'dead', 'cancelled'))
-             ORDER BY f.id LIMIT ?1",
+             ORDER BY f.id LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&mut *tx)
@@ -111,56 +112,51 @@ impl SqliteBackend {
                         )
                     });
                     let (seq,): (i32,) = sqlx::query_as(
-                        "UPDATE jobs SET state = ?2, result = ?3, endpoint = ?4, error = ?5,
-                                         cached = CASE WHEN ?2 = 'succeeded' THEN 'dedup' END,
-                                         cost_usd = 0, started_at = ?6, finished_at = ?6,
-                                         updated_at = ?6, event_seq = event_seq + 1
-                         WHERE id = ?1 RETURNING event_seq",
+                        "UPDATE jobs SET state = $2, result = $3, endpoint = $4, error = $5,
+                                         cached = CASE WHEN $2 = 'succeeded' THEN 'dedup' END,
+                                         cost_usd = 0, started_at = $6, finished_at = $6,
+                                         updated_at = $6, event_seq = event_seq + 1
+                         WHERE id = $1 RETURNING event_seq",
                     )
                     .bind(id)
                     .bind(state)
                     .bind(r.try_get::<Option<String>, _>("result")?)
                     .bind(r.try_get::<Option<String>, _>("endpoint")?)
                     .bind(&error)
-                    .bind(&at)
+                    .bind(at)
                     .fetch_one(&mut *tx)
                     .await?;
                     let detail = match &error {
                         None => serde_json::json!({ "cached": "dedup", "source": leader }),
                         Some(error) => serde_json::json!({ "error": error }),
                     };
-                    insert_event(&mut tx, id, seq, state, Some(&detail), &at).await?;
+                    insert_event(&mut tx, id, seq, state, Some(&detail), at).await?;
                     let email: Option<String> = r.try_get("notify_email")?;
-                    queue_notification(&mut tx, id, email.as_deref(), &at).await?;
+                    queue_notification(&mut tx, id, email.as_deref(), at).await?;
                     settled.finished.push((RequestId(id), tenant));
                 }
                 _ => {
                     // The leader was cancelled or is gone: this job runs alone.
                     sqlx::query(
-                        "UPDATE jobs SET leader = NULL, request_hash = NULL, updated_at = ?2
-                         WHERE id = ?1",
+                        "UPDATE jobs SET leader = NULL, request_hash = NULL, updated_at = $2
+                         WHERE id = $1",
                     )
                     .bind(id)
-                    .bind(&at)
+                    .bind(at)
                     .execute(&mut *tx)
                     .await?;
                     let lane: String = r.try_get("lane")?;
                     let attempt: i32 = r.try_get("attempt")?;
                     let outbox_id =
-                        insert_outbox(&mut tx, id, &lane, attempt, &at, None, &at).await?;
+                        insert_outbox(&mut tx, id, &lane, attempt, at, None, at).await?;
+                    let request: String = r.try_get("request")?;
+                    let request: JobRequest = serde_json::from_str(&request).map_err(corrupt)?;
+                    let model = r.try_get("model")?;
                     settled.released.push(OutboxMessage {
                         outbox_id,
                         lane: parse_lane(&lane)?,
-                        job: JobRef {
-                            waiting_since_ms: None,
-                            tokens: request_of(r)?.estimated_tokens(),
-                            rate_limited: false,
-                            request_id: RequestId(id),
-                            tenant,
-                            model: r.try_get("model")?,
-                            attempt,
-                        },
-                        deliver_at: parse_ts(&at)?,
+                        job: job_ref(RequestId(id), tenant, model, attempt, &request, false),
+                        deliver_at: at.into(),
                         reason: None,
                     });
                 }
@@ -171,17 +167,17 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn lane_stats(&self, window: Duration) -> Result<Vec<LaneStats>, StoreError> {
-        let queued: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+        let queued: Vec<(String, i64, Option<Ts>)> = sqlx::query_as(
             "SELECT lane, count(*), min(created_at) FROM jobs
              WHERE state = 'queued' AND leader IS NULL GROUP BY lane",
         )
         .fetch_all(&self.read)
         .await?;
-        let started: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+        let started: Vec<(String, i64, Option<Ts>)> = sqlx::query_as(
             "SELECT lane, count(*), min(started_at) FROM jobs
-             WHERE started_at > ?1 AND leader IS NULL GROUP BY lane",
+             WHERE started_at > $1 AND leader IS NULL GROUP BY lane",
         )
-        .bind(ts_before(Utc::now(), window))
+        .bind(Ts::now().before(window))
         .fetch_all(&self.read)
         .await?;
         let mut stats: Vec<LaneStats> = Vec::new();
@@ -189,7 +185,7 @@ impl SqliteBackend {
             stats.push(LaneStats {
                 lane: parse_lane(&lane)?,
                 depth: u64::try_from(depth).unwrap_or(0),
-                oldest: oldest.as_deref().map(parse_ts).transpose()?,
+                oldest: opt(oldest),
                 started: 0,
                 first_started: None,
             });
@@ -197,7 +193,7 @@ impl SqliteBackend {
         for (lane, n, first) in started {
             let lane = parse_lane(&lane)?;
             let n = u64::try_from(n).unwrap_or(0);
-            let first = first.as_deref().map(parse_ts).transpose()?;
+            let first = opt(first);
             match stats.iter_mut().find(|s| s.lane == lane) {
                 Some(s) => {
                     s.started = n;
@@ -215,54 +211,14 @@ impl SqliteBackend {
         Ok(stats)
     }
 
-    pub(crate) async fn queue_position(
-        &self,
-        lane: Lane,
-        id: RequestId,
-    ) -> Result<u64, StoreError> {
-        let (ahead,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs
-             WHERE lane = ?1 AND state = 'queued' AND leader IS NULL AND id < ?2",
-        )
-        .bind(lane.as_str())
-        .bind(id.0)
-        .fetch_one(&self.read)
-        .await?;
-        Ok(u64::try_from(ahead).unwrap_or(0) + 1)
-    }
-
     pub(crate) async fn spent_today(&self, tenant: &str) -> Result<f64, StoreError> {
-        let today = ts(Utc::now());
         let row: Option<(f64,)> =
-            sqlx::query_as("SELECT usd FROM tenant_spend WHERE tenant = ?1 AND day = ?2")
+            sqlx::query_as("SELECT usd FROM tenant_spend WHERE tenant = $1 AND day = $2")
                 .bind(tenant)
-                .bind(&today[..10])
+                .bind(Ts::now().day())
                 .fetch_optional(&self.read)
                 .await?;
         Ok(row.map_or(0.0, |(usd,)| usd))
-    }
-
-    pub(crate) async fn put_semantic_entry(
-        &self,
-        job: RequestId,
-        tenant: &str,
-        model: &str,
-        embedding: &[u8],
-    ) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO semantic_entries (job_id, tenant, model, embedding, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (job_id) DO NOTHING",
-        )
-        .bind(job.0)
-        .bind(tenant)
-        .bind(model)
-        .bind(embedding)
-        .bind(ts(Utc::now()))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
     }
 
     pub(crate) async fn semantic_candidates(
@@ -272,53 +228,24 @@ impl SqliteBackend {
         within: Duration,
         limit: i64,
     ) -> Result<Vec<SemanticEntry>, StoreError> {
-        let rows = sqlx::query(
+        let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(
             "SELECT s.job_id, s.embedding FROM semantic_entries s
              JOIN jobs j ON j.id = s.job_id
-             WHERE s.tenant = ?1 AND s.model = ?2 AND s.created_at > ?3 AND j.state = 'succeeded'
-             ORDER BY s.created_at DESC LIMIT ?4",
+             WHERE s.tenant = $1 AND s.model = $2 AND s.created_at > $3 AND j.state = 'succeeded'
+             ORDER BY s.created_at DESC LIMIT $4",
         )
         .bind(tenant)
         .bind(model)
-        .bind(ts_before(Utc::now(), within))
+        .bind(Ts::now().before(within))
         .bind(limit)
         .fetch_all(&self.read)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SemanticEntry {
-                    job: RequestId(r.try_get("job_id")?),
-                    embedding: r.try_get("embedding")?,
-                })
+        Ok(rows
+            .into_iter()
+            .map(|(id, embedding)| SemanticEntry {
+                job: RequestId(id),
+                embedding,
             })
-            .collect()
-    }
-
-    pub(crate) async fn pause(&self, target: &str, by: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO pauses (target, paused_by, paused_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (target) DO NOTHING",
-        )
-        .bind(target)
-        .bind(by)
-        .bind(ts(Utc::now()))
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    pub(crate) async fn resume(&self, target: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM pauses WHERE target = ?1")
-            .bind(target)
-            .execute(&self.write)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    pub(crate) async fn pauses(&self) -> Result<Vec<String>, StoreError> {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT target FROM pauses ORDER BY target")
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows.into_iter().map(|(t,)| t).collect())
+            .collect())
     }
 }

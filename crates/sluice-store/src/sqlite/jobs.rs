@@ -1,111 +1,26 @@
-//! SQLite ingest, reads and cancel, mirroring `crate::jobs`: the job, its first event and its
-//! outbox row are written in one transaction; a batch is one transaction of short inserts.
+//! SQLite's ingest, cancel and detach, mirroring `postgres::jobs`: the job, its first event and
+//! its outbox row in one write transaction, a batch of jobs in one transaction of short inserts.
 
-use super::{parse_json, parse_ts, ts, ts_after, SqliteBackend};
-use crate::jobs::{
-    corrupt, not_cancelled, parse_lane, status_from_db, Accepted, CancelOutcome, Ingested,
-    JobEvent, JobRecord, NewJob, Reuse, JOB_COLUMNS,
-};
+use super::SqliteBackend;
+use crate::jobs::{bind_new_job, corrupt, Accepted, Ingested, KeyedJobRow, NewJob, JOB_COLUMNS};
 use crate::outbox::OutboxMessage;
+use crate::sql::{quoted, Ts};
 use crate::StoreError;
-use chrono::Utc;
-use sluice_core::{JobState, RequestId};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
+use sluice_core::RequestId;
+use sqlx::{Sqlite, Transaction};
 use std::time::Duration;
-
-pub(super) fn opt_ts(
-    row: &SqliteRow,
-    column: &str,
-) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
-    row.try_get::<Option<String>, _>(column)?
-        .as_deref()
-        .map(parse_ts)
-        .transpose()
-}
-
-pub(super) fn req_ts(row: &SqliteRow, column: &str) -> Result<chrono::DateTime<Utc>, StoreError> {
-    parse_ts(&row.try_get::<String, _>(column)?)
-}
-
-pub(super) fn opt_json(
-    row: &SqliteRow,
-    column: &str,
-) -> Result<Option<serde_json::Value>, StoreError> {
-    row.try_get::<Option<String>, _>(column)?
-        .as_deref()
-        .map(parse_json)
-        .transpose()
-}
-
-fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
-    let tier: String = row.try_get("tier")?;
-    let lane: String = row.try_get("lane")?;
-    let state: String = row.try_get("state")?;
-    let request: String = row.try_get("request")?;
-    Ok(JobRecord {
-        id: RequestId(row.try_get("id")?),
-        tenant: row.try_get("tenant")?,
-        user: row.try_get("user_id")?,
-        tier: tier.parse().map_err(corrupt)?,
-        lane: parse_lane(&lane)?,
-        model: row.try_get("model")?,
-        state: state.parse().map_err(corrupt)?,
-        attempt: row.try_get("attempt")?,
-        tries: row.try_get("tries")?,
-        request: serde_json::from_str(&request).map_err(corrupt)?,
-        result: opt_json(row, "result")?,
-        error: row.try_get("error")?,
-        endpoint: row.try_get("endpoint")?,
-        created_at: req_ts(row, "created_at")?,
-        updated_at: req_ts(row, "updated_at")?,
-        started_at: opt_ts(row, "started_at")?,
-        finished_at: opt_ts(row, "finished_at")?,
-        leader: row
-            .try_get::<Option<uuid::Uuid>, _>("leader")?
-            .map(RequestId),
-        cached: row
-            .try_get::<Option<String>, _>("cached")?
-            .as_deref()
-            .map(Reuse::parse)
-            .transpose()?,
-        route_reason: row.try_get("route_reason")?,
-        cost_usd: row.try_get("cost_usd")?,
-        error_status: status_from_db(row.try_get("error_status")?)?,
-    })
-}
-
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
-/// Bind the columns every single-job insert starts with, as `?1..?8`: id, tenant, user_id,
-/// tier, lane, model (the routing key), request, notify_email.
-pub(super) fn bind_new_job<'q>(
-    query: SqliteQuery<'q>,
-    job: &'q NewJob,
-    request: &'q str,
-) -> SqliteQuery<'q> {
-    query
-        .bind(job.id.0)
-        .bind(&job.principal.tenant)
-        .bind(&job.principal.user)
-        .bind(job.principal.tier.as_str())
-        .bind(job.lane.as_str())
-        .bind(job.routing_key())
-        .bind(request)
-        .bind(&job.notify_email)
-}
 
 /// Queue a finished job's completion email, if it asked for one; one per job.
 pub(super) async fn queue_notification(
     tx: &mut Transaction<'static, Sqlite>,
     job_id: uuid::Uuid,
     email: Option<&str>,
-    now: &str,
+    now: Ts,
 ) -> Result<(), StoreError> {
     if let Some(email) = email {
         sqlx::query(
             "INSERT INTO notifications (job_id, email, next_attempt_at, created_at)
-             VALUES (?1, ?2, ?3, ?3)
+             VALUES ($1, $2, $3, $3)
              ON CONFLICT (job_id) DO NOTHING",
         )
         .bind(job_id)
@@ -126,20 +41,20 @@ pub(super) async fn cancel_one(
     tenant: Option<&str>,
     states: &[&str],
     detail: Option<&serde_json::Value>,
-    now: &str,
+    now: Ts,
 ) -> Result<Option<String>, StoreError> {
-    let cancelled: Option<(i32, Option<String>, String)> = sqlx::query_as(
-        "UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = ?3,
-                         updated_at = ?3, event_seq = event_seq + 1,
+    // `states` are the store's own constants.
+    let cancelled: Option<(i32, Option<String>, String)> = sqlx::query_as(&format!(
+        "UPDATE jobs SET state = 'cancelled', lease_until = NULL, finished_at = $3,
+                         updated_at = $3, event_seq = event_seq + 1,
                          detached_until = NULL, hold_hash = NULL
-         WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)
-           AND state IN (SELECT value FROM json_each(?4))
+         WHERE id = $1 AND ($2 IS NULL OR tenant = $2) AND state IN ({})
          RETURNING event_seq, notify_email, tenant",
-    )
+        quoted(states)
+    ))
     .bind(id)
     .bind(tenant)
     .bind(now)
-    .bind(serde_json::to_string(states).map_err(corrupt)?)
     .fetch_optional(&mut **tx)
     .await?;
     let Some((seq, email, tenant)) = cancelled else {
@@ -158,16 +73,16 @@ pub(super) async fn insert_event(
     seq: i32,
     state: &str,
     detail: Option<&serde_json::Value>,
-    now: &str,
+    now: Ts,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO job_events (job_id, seq, state, at, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO job_events (job_id, seq, state, at, detail) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(job_id)
     .bind(seq)
     .bind(state)
     .bind(now)
-    .bind(detail.map(|d| d.to_string()))
+    .bind(detail)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -192,7 +107,7 @@ impl SqliteBackend {
             (Some(request_hash), None) => {
                 sqlx::query_as(
                     "SELECT id FROM jobs
-                     WHERE tenant = ?1 AND request_hash = ?2 AND leader IS NULL
+                     WHERE tenant = $1 AND request_hash = $2 AND leader IS NULL
                        AND idempotency_key IS NULL AND state IN ('queued', 'running', 'retrying')",
                 )
                 .bind(&job.principal.tenant)
@@ -204,23 +119,22 @@ impl SqliteBackend {
         };
         let leader = leader.map(|(id,)| id);
         // Taken inside the transaction, after the write lock: times follow commit order.
-        let now = Utc::now();
-        let at = ts(now);
-        let inserted = bind_new_job(
+        let at = Ts::now();
+        let inserted = bind_new_job!(
             sqlx::query(
                 "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
                                    state, idempotency_key, body_hash, created_at, updated_at,
                                    request_hash, route_reason, leader)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10, ?11, ?11, ?12, ?13, ?14)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $11, $12, $13, $14)
                  ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING id",
             ),
             job,
-            &request,
+            &request
         )
         .bind(key)
         .bind(hash)
-        .bind(&at)
+        .bind(at)
         .bind(&job.request_hash)
         .bind(job.route_reason())
         .bind(leader)
@@ -231,26 +145,26 @@ impl SqliteBackend {
         }
         if let Some(leader) = leader {
             let detail = serde_json::json!({ "attached_to": leader });
-            insert_event(tx, job.id.0, 1, "queued", Some(&detail), &at).await?;
+            insert_event(tx, job.id.0, 1, "queued", Some(&detail), at).await?;
             return Ok(Some(Accepted::Attached {
                 leader: RequestId(leader),
             }));
         }
-        insert_event(tx, job.id.0, 1, "queued", None, &at).await?;
+        insert_event(tx, job.id.0, 1, "queued", None, at).await?;
         let (outbox_id,): (i64,) = sqlx::query_as(
             "INSERT INTO outbox (job_id, lane, attempt, deliver_at, created_at)
-             VALUES (?1, ?2, 0, ?3, ?3) RETURNING id",
+             VALUES ($1, $2, 0, $3, $3) RETURNING id",
         )
         .bind(job.id.0)
         .bind(job.lane.as_str())
-        .bind(&at)
+        .bind(at)
         .fetch_one(&mut **tx)
         .await?;
         Ok(Some(Accepted::Queued(OutboxMessage {
             outbox_id,
             lane: job.lane,
             job: job.job_ref(),
-            deliver_at: parse_ts(&at)?,
+            deliver_at: at.into(),
             reason: None,
         })))
     }
@@ -267,20 +181,15 @@ impl SqliteBackend {
         // The key was used before; read that job while still holding the lock, then let go.
         let key = job.idempotency.as_ref().map(|(k, _)| k.as_str());
         let hash = job.idempotency.as_ref().map(|(_, h)| h.as_slice());
-        let row = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS}, body_hash FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2"
+        let row: KeyedJobRow = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS}, body_hash FROM jobs WHERE tenant = $1 AND idempotency_key = $2"
         ))
         .bind(&job.principal.tenant)
         .bind(key)
         .fetch_one(&mut *tx)
         .await?;
         tx.rollback().await?;
-        let stored: Option<Vec<u8>> = row.try_get("body_hash")?;
-        Ok(if stored.as_deref() == hash {
-            Ingested::Existing(Box::new(job_from_row(&row)?))
-        } else {
-            Ingested::Conflict
-        })
+        row.ingested(hash)
     }
 
     /// Jobs without idempotency keys: one transaction of three short inserts per job, which
@@ -299,74 +208,20 @@ impl SqliteBackend {
         Ok(messages)
     }
 
-    pub(crate) async fn get_job(
-        &self,
-        tenant: &str,
-        id: RequestId,
-    ) -> Result<Option<JobRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND tenant = ?2"
-        ))
-        .bind(id.0)
-        .bind(tenant)
-        .fetch_optional(&self.read)
-        .await?;
-        row.as_ref().map(job_from_row).transpose()
-    }
-
-    pub(crate) async fn job(&self, id: RequestId) -> Result<Option<JobRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))
-            .bind(id.0)
-            .fetch_optional(&self.read)
-            .await?;
-        row.as_ref().map(job_from_row).transpose()
-    }
-
-    pub(crate) async fn events(&self, id: RequestId) -> Result<Vec<JobEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, state, at, detail FROM job_events WHERE job_id = ?1 ORDER BY seq",
-        )
-        .bind(id.0)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let state: String = r.try_get("state")?;
-                Ok(JobEvent {
-                    seq: r.try_get("seq")?,
-                    state: state.parse().map_err(corrupt)?,
-                    at: req_ts(r, "at")?,
-                    detail: opt_json(r, "detail")?,
-                })
-            })
-            .collect()
-    }
-
-    pub(crate) async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, StoreError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
-                .fetch_all(&self.read)
-                .await?;
-        rows.into_iter()
-            .map(|(s, n)| Ok((s.parse().map_err(corrupt)?, n)))
-            .collect()
-    }
-
     pub(crate) async fn cancel(
         &self,
         tenant: &str,
         id: RequestId,
         states: &[&str],
-    ) -> Result<CancelOutcome, StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
-        let now = ts(Utc::now());
-        let cancelled = cancel_one(&mut tx, id.0, Some(tenant), states, None, &now).await?;
+        let cancelled = cancel_one(&mut tx, id.0, Some(tenant), states, None, Ts::now()).await?;
         if cancelled.is_some() {
             tx.commit().await?;
-            return Ok(CancelOutcome::Cancelled);
+            return Ok(true);
         }
         tx.rollback().await?;
-        Ok(not_cancelled(self.get_job(tenant, id).await?))
+        Ok(false)
     }
 
     pub(crate) async fn detach(
@@ -377,13 +232,13 @@ impl SqliteBackend {
         grace: Duration,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE jobs SET hold_hash = ?3, detached_until = ?4
-             WHERE id = ?1 AND tenant = ?2 AND state IN ('queued', 'retrying', 'running')",
+            "UPDATE jobs SET hold_hash = $3, detached_until = $4
+             WHERE id = $1 AND tenant = $2 AND state IN ('queued', 'retrying', 'running')",
         )
         .bind(id.0)
         .bind(tenant)
         .bind(hold_hash)
-        .bind(ts_after(Utc::now(), grace))
+        .bind(Ts::now().after(grace))
         .execute(&self.write)
         .await?;
         Ok(done.rows_affected() > 0)
@@ -395,34 +250,25 @@ impl SqliteBackend {
         &self,
         tenant: &str,
         hold_hash: &[u8],
-        finished_too: bool,
+        states: &[&str],
     ) -> Result<Option<RequestId>, StoreError> {
-        let states = if finished_too {
-            &crate::jobs::REATTACHABLE_FINISHED[..]
-        } else {
-            &crate::jobs::REATTACHABLE[..]
-        };
-        let list = states
-            .iter()
-            .map(|s| format!("'{s}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut tx = self.begin_write().await?;
-        let now = ts(Utc::now());
+        // `states` are the store's own constants.
         let sql = format!(
             "UPDATE jobs SET detached_until = NULL, hold_hash = NULL
              WHERE id = (
                  SELECT id FROM jobs
-                 WHERE tenant = ?1 AND hold_hash = ?2 AND detached_until IS NOT NULL
-                   AND detached_until > ?3 AND state IN ({list})
+                 WHERE tenant = $1 AND hold_hash = $2 AND detached_until IS NOT NULL
+                   AND detached_until > $3 AND state IN ({})
                  ORDER BY id LIMIT 1
              )
-             RETURNING id"
+             RETURNING id",
+            quoted(states)
         );
         let taken: Option<(uuid::Uuid,)> = sqlx::query_as(&sql)
             .bind(tenant)
             .bind(hold_hash)
-            .bind(&now)
+            .bind(Ts::now())
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -434,13 +280,13 @@ impl SqliteBackend {
         limit: i64,
     ) -> Result<Vec<(RequestId, String)>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let now = ts(Utc::now());
+        let now = Ts::now();
         let expired: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
             "SELECT id, tenant, state FROM jobs
-             WHERE detached_until IS NOT NULL AND detached_until <= ?1
-             ORDER BY detached_until LIMIT ?2",
+             WHERE detached_until IS NOT NULL AND detached_until <= $1
+             ORDER BY detached_until LIMIT $2",
         )
-        .bind(&now)
+        .bind(now)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -450,7 +296,7 @@ impl SqliteBackend {
             if state == "queued" || state == "retrying" {
                 // Under the write lock the state read above still holds: this cancels.
                 let waiting = ["queued", "retrying"];
-                if cancel_one(&mut tx, id, None, &waiting, Some(&detail), &now)
+                if cancel_one(&mut tx, id, None, &waiting, Some(&detail), now)
                     .await?
                     .is_some()
                 {
@@ -459,7 +305,7 @@ impl SqliteBackend {
             } else {
                 // Running (its answer is stored for whoever asks) or already terminal.
                 sqlx::query(
-                    "UPDATE jobs SET detached_until = NULL, hold_hash = NULL WHERE id = ?1",
+                    "UPDATE jobs SET detached_until = NULL, hold_hash = NULL WHERE id = $1",
                 )
                 .bind(id)
                 .execute(&mut *tx)
@@ -468,32 +314,5 @@ impl SqliteBackend {
         }
         tx.commit().await?;
         Ok(cancelled)
-    }
-
-    pub(crate) async fn purge_dead(&self, id: RequestId) -> Result<bool, StoreError> {
-        let mut tx = self.begin_write().await?;
-        // A line of a batch still open stays: the batch's output will report it.
-        let deleted = sqlx::query(
-            "DELETE FROM jobs WHERE id = ?1 AND state = 'dead'
-               AND NOT EXISTS (
-                   SELECT 1 FROM batch_lines l JOIN batches b ON b.id = l.batch_id
-                   WHERE l.job_id = ?1
-                     AND b.status IN ('validating', 'in_progress', 'cancelling', 'finalizing'))",
-        )
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?;
-        if deleted.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        for table in ["job_events", "outbox", "semantic_entries"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE job_id = ?1"))
-                .bind(id.0)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
     }
 }

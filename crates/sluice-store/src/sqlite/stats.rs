@@ -1,7 +1,8 @@
-//! SQLite aggregates for benchmarks and operators, mirroring `crate::stats`. SQLite has no
-//! `percentile_cont`, so the timestamps are read and the percentiles computed here.
+//! SQLite's aggregates for benchmarks, operators and the dashboard, mirroring `postgres::stats`.
+//! SQLite has no `percentile_cont`, so the timestamps are read and the percentiles computed here.
 
-use super::{parse_ts, ts, SqliteBackend};
+use super::SqliteBackend;
+use crate::sql::{opt, Ts};
 use crate::stats::{EndpointMinute, FinishedBucket, LaneWait, LatencySummary};
 use crate::StoreError;
 use chrono::{DateTime, Utc};
@@ -20,22 +21,9 @@ fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
 }
 
-fn opt(s: Option<String>) -> Result<Option<DateTime<Utc>>, StoreError> {
-    s.as_deref().map(parse_ts).transpose()
-}
-
 impl SqliteBackend {
-    pub(crate) async fn finished_count(&self) -> Result<i64, StoreError> {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')",
-        )
-        .fetch_one(&self.read)
-        .await?;
-        Ok(n)
-    }
-
     pub(crate) async fn latency_summary(&self) -> Result<LatencySummary, StoreError> {
-        let rows: Vec<(String, Option<String>, String)> =
+        let rows: Vec<(Ts, Option<Ts>, String)> =
             sqlx::query_as("SELECT created_at, finished_at, state FROM jobs")
                 .fetch_all(&self.read)
                 .await?;
@@ -44,9 +32,9 @@ impl SqliteBackend {
         let mut latencies = Vec::with_capacity(rows.len());
         let mut not_succeeded = 0;
         for (created, finished, state) in rows {
-            let created = parse_ts(&created)?;
+            let created = created.0;
             first_created = Some(first_created.map_or(created, |t| t.min(created)));
-            if let Some(finished) = opt(finished)? {
+            if let Some(finished) = opt(finished) {
                 last_finished = Some(last_finished.map_or(finished, |t| t.max(finished)));
                 latencies.push(seconds(created, finished));
             }
@@ -72,18 +60,16 @@ impl SqliteBackend {
         &self,
         since: Option<DateTime<Utc>>,
     ) -> Result<Vec<LaneWait>, StoreError> {
-        // Fixed-width timestamps compare as text; the empty string is before them all.
-        let since = since.map(ts).unwrap_or_default();
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
+        let rows: Vec<(String, Ts, Ts)> = sqlx::query_as(
             "SELECT lane, created_at, started_at FROM jobs
-             WHERE started_at IS NOT NULL AND started_at >= ?1",
+             WHERE started_at IS NOT NULL AND ($1 IS NULL OR started_at >= $1)",
         )
-        .bind(since)
+        .bind(since.map(Ts))
         .fetch_all(&self.read)
         .await?;
         let mut by_lane: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for (lane, created, started) in rows {
-            let wait = seconds(parse_ts(&created)?, parse_ts(&started)?);
+            let wait = seconds(created.0, started.0);
             by_lane.entry(lane).or_default().push(wait);
         }
         Ok(by_lane
@@ -101,18 +87,18 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn finished_in_window(&self, from: f64, to: f64) -> Result<i64, StoreError> {
-        let (t0,): (Option<String>,) = sqlx::query_as("SELECT min(started_at) FROM jobs")
+        let (t0,): (Option<Ts>,) = sqlx::query_as("SELECT min(started_at) FROM jobs")
             .fetch_one(&self.read)
             .await?;
-        let Some(t0) = opt(t0)? else {
+        let Some(Ts(t0)) = t0 else {
             return Ok(0);
         };
-        let offset = |s: f64| t0 + chrono::Duration::microseconds((s * 1e6) as i64);
+        let offset = |s: f64| Ts(t0 + chrono::Duration::microseconds((s * 1e6) as i64));
         let (n,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs WHERE finished_at >= ?1 AND finished_at < ?2",
+            "SELECT count(*) FROM jobs WHERE finished_at >= $1 AND finished_at < $2",
         )
-        .bind(ts(offset(from)))
-        .bind(ts(offset(to)))
+        .bind(offset(from))
+        .bind(offset(to))
         .fetch_one(&self.read)
         .await?;
         Ok(n)
@@ -120,11 +106,11 @@ impl SqliteBackend {
 
     pub(crate) async fn run_span(&self) -> Result<f64, StoreError> {
         // Fixed-width timestamps: the text minimum and maximum are the earliest and latest.
-        let (first, last): (Option<String>, Option<String>) =
+        let (first, last): (Option<Ts>, Option<Ts>) =
             sqlx::query_as("SELECT min(started_at), max(finished_at) FROM jobs")
                 .fetch_one(&self.read)
                 .await?;
-        Ok(match (opt(first)?, opt(last)?) {
+        Ok(match (opt(first), opt(last)) {
             (Some(a), Some(b)) => seconds(a, b),
             _ => 0.0,
         })
@@ -143,14 +129,14 @@ impl SqliteBackend {
         since: DateTime<Utc>,
         bucket_secs: u32,
     ) -> Result<Vec<FinishedBucket>, StoreError> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT finished_at FROM jobs WHERE finished_at >= ?1")
-                .bind(ts(since))
+        let rows: Vec<(Ts,)> =
+            sqlx::query_as("SELECT finished_at FROM jobs WHERE finished_at >= $1")
+                .bind(Ts(since))
                 .fetch_all(&self.read)
                 .await?;
         let mut buckets: BTreeMap<DateTime<Utc>, i64> = BTreeMap::new();
         for (finished,) in rows {
-            let start = bucket_start(parse_ts(&finished)?, i64::from(bucket_secs));
+            let start = bucket_start(finished.0, i64::from(bucket_secs));
             *buckets.entry(start).or_default() += 1;
         }
         Ok(buckets
@@ -164,16 +150,16 @@ impl SqliteBackend {
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<EndpointMinute>, StoreError> {
-        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        type CallRow = (String, Ts, Option<serde_json::Value>, Option<String>);
+        let rows: Vec<CallRow> = sqlx::query_as(
             "SELECT e.state, e.at, e.detail, j.endpoint FROM job_events e JOIN jobs j ON j.id = e.job_id
-             WHERE e.at >= ?1 AND e.state IN ('succeeded', 'retrying', 'dead')",
+             WHERE e.at >= $1 AND e.state IN ('succeeded', 'retrying', 'dead')",
         )
-        .bind(ts(since))
+        .bind(Ts(since))
         .fetch_all(&self.read)
         .await?;
         let mut minutes: BTreeMap<(String, DateTime<Utc>), (i64, i64)> = BTreeMap::new();
         for (state, at, detail, job_endpoint) in rows {
-            let detail = detail.as_deref().map(super::parse_json).transpose()?;
             let (endpoint, throttled) = match (state.as_str(), &detail) {
                 ("succeeded", None) => (job_endpoint, false),
                 (_, Some(d)) if state != "succeeded" && d.get("throttled").is_some() => {
@@ -186,7 +172,7 @@ impl SqliteBackend {
                 _ => continue,
             };
             let Some(endpoint) = endpoint else { continue };
-            let minute = bucket_start(parse_ts(&at)?, 60);
+            let minute = bucket_start(at.0, 60);
             let counts = minutes.entry((endpoint, minute)).or_default();
             counts.0 += 1;
             counts.1 += i64::from(throttled);

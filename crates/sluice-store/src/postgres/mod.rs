@@ -1,5 +1,15 @@
-//! The PostgreSQL backend's pool, connection set-up, schema handling and migrations.
-//! Its statements live in the top-level modules (jobs, lifecycle, ...) beside the types they fill.
+//! The PostgreSQL backend: its pool, connection set-up, schema handling and migrations, and (one
+//! module per topic, beside SQLite's in `sqlite/`) the statements written for it alone.
+
+mod admission;
+mod batches;
+mod events;
+mod files;
+mod jobs;
+mod lifecycle;
+mod notifications;
+mod outbox;
+mod stats;
 
 use crate::{valid_schema, StoreConfig, StoreError};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
