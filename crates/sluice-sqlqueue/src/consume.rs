@@ -69,7 +69,7 @@ pub(crate) async fn start(
     prefetch: u16,
 ) -> Result<Consumer, BrokerError> {
     // Look once up front so a missing table or a dead database fails the call.
-    timed(shared.db.next_available_in_us(&shared.config, lane))
+    timed(shared.db.next_available_in_us(lane))
         .await
         .map_err(|e| BrokerError::Consume {
             queue: shared.queue_name(lane),
@@ -109,13 +109,7 @@ async fn heartbeat(shared: Arc<Shared>, held: Weak<Held>) {
         if claims.is_empty() {
             continue;
         }
-        match timed(
-            shared
-                .db
-                .extend(&shared.config, &claims, micros(visibility)),
-        )
-        .await
-        {
+        match timed(shared.db.extend(&claims, micros(visibility))).await {
             Ok(extended) => {
                 if extended < claims.len() as u64 {
                     // Settled in the meantime, or lost to an expiry: the ack will tell.
@@ -182,14 +176,7 @@ impl ConsumeState {
             let token: i64 = rand::random();
             let limit = i64::try_from(permits.len()).unwrap_or(1);
             let visibility_us = micros(self.shared.config.visibility());
-            let claimed = timed(self.shared.db.claim(
-                &self.shared.config,
-                self.lane,
-                limit,
-                visibility_us,
-                token,
-            ))
-            .await;
+            let claimed = timed(self.shared.db.claim(self.lane, limit, visibility_us, token)).await;
             let rows = match claimed {
                 Ok(rows) => rows,
                 Err(e) => {
@@ -222,12 +209,7 @@ impl ConsumeState {
     /// when a delayed message (or an expiring claim) is due sooner.
     async fn idle_wait(&self) -> Duration {
         let poll = Duration::from_millis(self.shared.config.poll_interval_ms);
-        let next = timed(
-            self.shared
-                .db
-                .next_available_in_us(&self.shared.config, self.lane),
-        )
-        .await;
+        let next = timed(self.shared.db.next_available_in_us(self.lane)).await;
         let wait = match next {
             Ok(Some(us)) => {
                 Duration::from_micros(u64::try_from(us).unwrap_or(0)).saturating_add(DUE_SLACK)
@@ -290,13 +272,7 @@ impl ConsumeState {
 
     async fn dead_letter(&self, id: i64, token: i64, reason: &str) {
         let shared = &self.shared;
-        let moved =
-            timed(
-                shared
-                    .db
-                    .dead_letter(&shared.config, &shared.channel, id, token, reason),
-            )
-            .await;
+        let moved = timed(shared.db.dead_letter(id, token, reason)).await;
         match moved {
             Ok(true) => shared.wakers.wake(Lane::Dead),
             Ok(false) => debug!(id, "claim lost before dead-lettering; someone else has it"),
@@ -346,7 +322,7 @@ impl Drop for ConsumeState {
         let shared = self.shared.clone();
         let lane = self.lane;
         runtime.spawn(async move {
-            match timed(shared.db.unclaim(&shared.config, &claims)).await {
+            match timed(shared.db.unclaim(&claims)).await {
                 Ok(_) => shared.wakers.wake(lane),
                 Err(e) => debug!(error = %e, "cannot hand back buffered claims; they expire"),
             }
@@ -388,22 +364,17 @@ impl Drop for SqlAck {
 impl Acknowledge for SqlAck {
     async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
         let shared = &self.shared;
-        let done = timed(shared.db.delete(&shared.config, self.id, self.token)).await;
+        let done = timed(shared.db.delete(self.id, self.token)).await;
         self.outcome(done)
     }
 
     async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
         let shared = &self.shared;
         if !requeue {
-            let done = timed(shared.db.delete(&shared.config, self.id, self.token)).await;
+            let done = timed(shared.db.delete(self.id, self.token)).await;
             return self.outcome(done);
         }
-        let done = timed(
-            shared
-                .db
-                .requeue(&shared.config, &shared.channel, self.id, self.token),
-        )
-        .await;
+        let done = timed(shared.db.requeue(self.id, self.token)).await;
         let result = self.outcome(done);
         if result.is_ok() {
             shared.wakers.wake(self.lane);

@@ -14,8 +14,10 @@
 //! (one channel per namespace) across processes, a [`tokio::sync::Notify`] within one,
 //! and a fallback poll (every `poll_interval_ms`, sooner when a delayed message is due).
 //!
-//! Operating it: `declare()` creates the table and index if missing (safe to call from
-//! many processes at once). On PostgreSQL the listener keeps one connection of the pool
+//! Operating it: the table and its index are made by the store's migrations
+//! (`migrations/*/0010_sql_queue.sql`), in the store's database and schema, so the queue
+//! runs no DDL; `declare()` checks they are there and fails with an error that says to run
+//! the migrations when they are not. On PostgreSQL the listener keeps one connection of the pool
 //! while anything consumes, and every publish sends a `NOTIFY`, which serialises commits
 //! briefly: fine for the small deployments this backend is for. Settled messages are
 //! deleted, so the table stays as small as the backlog (autovacuum reclaims the churn).
@@ -23,6 +25,7 @@
 mod consume;
 mod db;
 mod listen;
+mod sql;
 
 use std::fmt;
 use std::str::FromStr;
@@ -36,9 +39,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::Notify;
 
-use db::{Db, Outgoing};
+use db::{Db, Outgoing, Pool};
 
-/// The table holding every lane's messages, for all namespaces.
+/// The table holding every lane's messages, for all namespaces; made by the store's
+/// migrations (`migrations/*/0010_sql_queue.sql`).
 pub const TABLE: &str = "sluice_lane_messages";
 
 /// Longest delay [`Broker::publish`] accepts. Longer backoffs are a caller bug, not a plan.
@@ -53,9 +57,10 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SqlQueueConfig {
     /// Separates deployments (and tests) sharing one table, like RabbitMQ's queue prefix.
     pub namespace: String,
-    /// PostgreSQL only: the schema to create and use the table in (created by `declare()`).
-    /// When unset, the table is unqualified and lands in the pool's `search_path`, which is
-    /// how the queue shares the store's schema when it is handed the store's pool.
+    /// PostgreSQL only: the schema the table is in, which must be one the store's
+    /// migrations ran in. When unset, the table is unqualified and found through the pool's
+    /// `search_path`, which is how the queue shares the store's schema when it is handed
+    /// the store's pool.
     pub schema: Option<String>,
     /// How long a claimed message stays hidden without a heartbeat; after a consumer dies,
     /// its messages come back this long after its last heartbeat. At least 1.
@@ -120,23 +125,27 @@ pub enum SqlQueueError {
     #[error("invalid SQL queue configuration: {0}")]
     InvalidConfig(String),
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     #[error("no answer from the database within {0:?}")]
     Timeout(Duration),
     #[error("the claim on message {id} is gone: it expired and was handed out again, or it was already settled")]
     ClaimLost { id: i64 },
-    #[error("the table {TABLE} does not exist (was declare() called?)")]
-    NotDeclared,
+    #[error(
+        "the SQL queue's table {TABLE} {0}: run the store's migrations \
+         (`sluice migrate`, or `[database] migrate = true`)"
+    )]
+    NotMigrated(String),
 }
 
-impl SqlQueueError {
-    /// Sorts sqlx errors: a missing table is a deployment mistake, not a database failure.
-    fn from_sqlx(e: sqlx::Error) -> Self {
+impl From<sqlx::Error> for SqlQueueError {
+    /// Sorts sqlx errors: a missing table is a deployment mistake (migrations not run), not
+    /// a database failure.
+    fn from(e: sqlx::Error) -> Self {
         let missing_table = e.as_database_error().is_some_and(|d| {
             d.code().as_deref() == Some("42P01") || d.message().contains("no such table")
         });
         if missing_table {
-            SqlQueueError::NotDeclared
+            SqlQueueError::NotMigrated("does not exist".into())
         } else {
             SqlQueueError::Database(e)
         }
@@ -144,11 +153,11 @@ impl SqlQueueError {
 }
 
 /// Runs one database operation under [`OP_TIMEOUT`].
-async fn timed<T>(
-    fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+async fn timed<T, E: Into<SqlQueueError>>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, SqlQueueError> {
     match tokio::time::timeout(OP_TIMEOUT, fut).await {
-        Ok(result) => result.map_err(SqlQueueError::from_sqlx),
+        Ok(result) => result.map_err(Into::into),
         Err(_) => Err(SqlQueueError::Timeout(OP_TIMEOUT)),
     }
 }
@@ -239,7 +248,7 @@ impl SqlQueue {
     /// then also locates the table unless `config.schema` is set). The listener for
     /// wake-ups keeps one of the pool's connections while anything consumes.
     pub fn postgres(pool: PgPool, config: SqlQueueConfig) -> Result<Self, BrokerError> {
-        Self::new(Db::Postgres(pool), config)
+        Self::new(Pool::Postgres(pool), config)
     }
 
     /// A queue on an existing SQLite pool. The pool should use WAL mode and a busy
@@ -252,17 +261,18 @@ impl SqlQueue {
                 SqlQueueError::InvalidConfig("schema is for PostgreSQL only".into()),
             )));
         }
-        Self::new(Db::Sqlite(pool), config)
+        Self::new(Pool::Sqlite(pool), config)
     }
 
-    fn new(db: Db, config: SqlQueueConfig) -> Result<Self, BrokerError> {
+    fn new(pool: Pool, config: SqlQueueConfig) -> Result<Self, BrokerError> {
         config
             .validate()
             .map_err(|e| BrokerError::Connection(Box::new(e)))?;
+        let channel = channel_name(config.schema.as_deref(), &config.namespace);
         Ok(Self {
             shared: Arc::new(Shared {
-                channel: channel_name(config.schema.as_deref(), &config.namespace),
-                db,
+                db: Db::new(pool, &config, &channel),
+                channel,
                 config,
                 wakers: Arc::new(Wakers::default()),
                 listener: tokio::sync::Mutex::new(None),
@@ -323,10 +333,10 @@ impl SqlQueue {
             return Ok(());
         };
         let shared = &self.shared;
-        timed(shared.db.insert(&shared.config, &shared.channel, items))
+        timed(shared.db.insert(items))
             .await
             .map_err(|e| match e {
-                SqlQueueError::NotDeclared => BrokerError::Unroutable {
+                SqlQueueError::NotMigrated(_) => BrokerError::Unroutable {
                     queue: shared.queue_name(first.lane),
                 },
                 e => BrokerError::Publish {
@@ -393,7 +403,7 @@ impl Broker for SqlQueue {
     }
 
     async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Consumer, BrokerError> {
-        if let Db::Postgres(pool) = &self.shared.db {
+        if let Some(pool) = self.shared.db.pg_pool() {
             let mut slot = self.shared.listener.lock().await;
             let running = slot.as_ref().is_some_and(|h| !h.is_finished());
             if !running {
@@ -412,7 +422,7 @@ impl Broker for SqlQueue {
 
     async fn depth(&self, lane: Lane) -> Result<u64, BrokerError> {
         let shared = &self.shared;
-        let depth = timed(shared.db.depth(&shared.config, lane))
+        let depth = timed(shared.db.depth(lane))
             .await
             .map_err(|e| BrokerError::Admin {
                 queue: shared.queue_name(lane),
@@ -421,9 +431,10 @@ impl Broker for SqlQueue {
         Ok(u64::try_from(depth).unwrap_or(0))
     }
 
+    /// Checks that the store's migrations made the table; creates nothing.
     async fn declare(&self) -> Result<(), BrokerError> {
         let shared = &self.shared;
-        timed(shared.db.declare(&shared.config))
+        timed(shared.db.check())
             .await
             .map_err(|e| BrokerError::Admin {
                 queue: format!("{}.*", shared.config.namespace),
@@ -434,8 +445,8 @@ impl Broker for SqlQueue {
     /// Deletes the namespace's messages; the table stays, as other namespaces may use it.
     async fn delete_all(&self) -> Result<(), BrokerError> {
         let shared = &self.shared;
-        match timed(shared.db.delete_all(&shared.config)).await {
-            Ok(()) | Err(SqlQueueError::NotDeclared) => Ok(()),
+        match timed(shared.db.delete_all()).await {
+            Ok(()) | Err(SqlQueueError::NotMigrated(_)) => Ok(()),
             Err(e) => Err(BrokerError::Admin {
                 queue: format!("{}.*", shared.config.namespace),
                 source: Box::new(e),

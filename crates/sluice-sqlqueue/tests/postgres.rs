@@ -102,6 +102,7 @@ impl RawAccess for PgRaw {
 async fn fixture() -> Fixture {
     let schema = fresh("sqlq");
     let namespace = fresh("ns");
+    common::migrate(&url(), Some(&schema)).await;
     let pool = pool("sluice-sqlqueue-test").await;
     let queue = SqlQueue::postgres(pool.clone(), config(&schema, &namespace)).unwrap();
     let raw = PgRaw {
@@ -129,7 +130,15 @@ struct Scope {
 }
 
 impl Scope {
+    /// A schema the store's migrations ran in.
     async fn new() -> Self {
+        let scope = Self::unmigrated().await;
+        common::migrate(&url(), Some(&scope.schema)).await;
+        scope
+    }
+
+    /// A schema name nothing was created under yet.
+    async fn unmigrated() -> Self {
         Self {
             schema: fresh("sqlq"),
             namespace: fresh("ns"),
@@ -387,7 +396,7 @@ async fn postgres_namespaces_are_isolated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_publish_before_declare_is_unroutable() {
-    let scope = Scope::new().await;
+    let scope = Scope::unmigrated().await;
     let queue = scope.queue("sluice-sqlqueue-undeclared", |_| {}).await;
     common::publish_before_declare_is_unroutable(&queue).await;
     scope.drop_schema().await;

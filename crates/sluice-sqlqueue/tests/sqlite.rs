@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{must, receive_in_background, Scratch};
 use sluice_broker::conformance::{job, Fixture, RawAccess, RawMessage};
@@ -14,18 +14,18 @@ use sluice_sqlqueue::{SqlQueue, SqlQueueConfig, TABLE};
 use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{Row, SqlitePool};
 
-fn now_us() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros(),
-    )
-    .unwrap()
+/// The current time as the table stores it: the store's fixed-width UTC text.
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// A fresh database file the store's migrations ran on, as the embedded mode opens it.
+async fn database() -> (tempfile::TempDir, String) {
+    let (dir, url) = unmigrated().await;
+    common::migrate(&url, None).await;
+    (dir, url)
 }
 
-/// A fresh database file and a pool on it, as the embedded mode would open it.
-async fn database() -> (tempfile::TempDir, String) {
+/// A fresh database file nothing ran on yet.
+async fn unmigrated() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
     (dir, url)
@@ -58,15 +58,13 @@ struct SqliteRaw {
 impl RawAccess for SqliteRaw {
     async fn inject(&self, lane: Lane, body: Vec<u8>) -> Result<(), BrokerError> {
         let body = String::from_utf8(body).map_err(|e| BrokerError::Malformed(e.to_string()))?;
-        let now = now_us();
         sqlx::query(&format!(
             "INSERT INTO {TABLE} (namespace, lane, body, available_at, created_at)
-             VALUES ($1, $2, $3, $4, $4)"
+             VALUES ($1, $2, $3, {NOW}, {NOW})"
         ))
         .bind(&self.namespace)
         .bind(lane.as_str())
         .bind(body)
-        .bind(now)
         .execute(&self.pool)
         .await
         .map_err(|e| BrokerError::Publish {
@@ -80,13 +78,12 @@ impl RawAccess for SqliteRaw {
         let row = sqlx::query(&format!(
             "DELETE FROM {TABLE} WHERE id = (
                 SELECT id FROM {TABLE}
-                WHERE namespace = $1 AND lane = $2 AND available_at <= $3
+                WHERE namespace = $1 AND lane = $2 AND available_at <= {NOW}
                 ORDER BY available_at, id LIMIT 1)
              RETURNING body, reason"
         ))
         .bind(&self.namespace)
         .bind(lane.as_str())
-        .bind(now_us())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| BrokerError::Consume {
@@ -163,9 +160,9 @@ async fn sqlite_stale_ack_keeps_the_new_claim() {
     let admin = pool(&url).await;
     let expire = || async {
         sqlx::query(&format!(
-            "UPDATE {TABLE} SET available_at = $1 WHERE namespace = $2"
+            "UPDATE {TABLE} SET available_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 seconds')
+             WHERE namespace = $1"
         ))
-        .bind(now_us() - 1_000_000)
         .bind(&config.namespace)
         .execute(&admin)
         .await
@@ -185,7 +182,7 @@ async fn sqlite_namespaces_are_isolated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_publish_before_declare_is_unroutable() {
-    let (_dir, url) = database().await;
+    let (_dir, url) = unmigrated().await;
     let queue = SqlQueue::sqlite(pool(&url).await, config()).unwrap();
     common::publish_before_declare_is_unroutable(&queue).await;
 }

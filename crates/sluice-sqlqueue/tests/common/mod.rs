@@ -1,5 +1,6 @@
-//! Cases both SQL backends share beyond the conformance suite, and a broker wrapper that
-//! removes a test's database (Postgres schema, SQLite file) when the suite cleans up.
+//! Cases both SQL backends share beyond the conformance suite, a broker wrapper that
+//! removes a test's database (Postgres schema, SQLite file) when the suite cleans up, and
+//! the store's migrations, which make the queue's table.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -10,6 +11,22 @@ use futures::StreamExt;
 use sluice_broker::conformance::{self, expect_depth, job, next_within};
 use sluice_broker::{Broker, BrokerError, Consumer, JobRef, Lane, PublishOptions};
 use sluice_sqlqueue::SqlQueue;
+use sluice_store::{Store, StoreConfig};
+
+/// Runs the store's migrations on a database (a PostgreSQL schema, created if missing, or a
+/// SQLite file), as `sluice` does at start: they make the queue's table.
+pub async fn migrate(url: &str, schema: Option<&str>) {
+    let store = Store::connect(&StoreConfig {
+        url: url.to_owned(),
+        schema: schema.map(str::to_owned),
+        max_connections: 2,
+        migrate: true,
+        application_name: "sluice-sqlqueue-migrate".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot migrate the test database: {e}"));
+    store.close().await;
+}
 
 /// A queue plus whatever must go when the suite calls `delete_all` at the end of a case.
 pub struct Scratch {
