@@ -548,3 +548,62 @@ async fn malformed_websocket_messages_get_a_json_error_and_the_socket_stays_open
     }
     app.cleanup().await;
 }
+
+/// `sluice dlq replay` is a process of its own, yet its store announces the replay on the bus
+/// like any other change: a subscriber hears of it at once, not from the hub's poll (which, with
+/// Redis, leaves events two seconds to settle first).
+#[tokio::test]
+async fn a_subscriber_sees_a_job_replayed_by_the_cli_within_a_second() {
+    let app = spawn_app(AppOptions {
+        redis: true,
+        sim: SimConfig {
+            default_rpm: 0,
+            faults: Faults {
+                always_fail: Some(400),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let id = app.submit(&key, "dies, then comes back").await;
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    assert_eq!(app.state(id).await, JobState::Dead);
+    let died_at = app.store.events(id).await.unwrap().last().unwrap().seq;
+
+    let mut socket = connect(&app.api, Some(&key)).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "ready");
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "request_ids": [id.to_string()] }),
+    )
+    .await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "subscribed");
+    app.sim.set_faults(Faults::default());
+    let out = app.cli(&["dlq", "replay", &id.to_string()]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let replayed = loop {
+        let message = next_json(&mut socket).await.expect("the socket stays open");
+        if message["type"] == "event" && message["seq"].as_i64().unwrap() > i64::from(died_at) {
+            break message;
+        }
+    };
+    let heard = chrono::Utc::now();
+    assert_eq!(replayed["state"], "queued", "{replayed}");
+    let at: chrono::DateTime<chrono::Utc> = replayed["at"].as_str().unwrap().parse().unwrap();
+    let late = heard - at;
+    assert!(
+        late < chrono::Duration::seconds(1),
+        "the replay reached the subscriber {late} after it was stored"
+    );
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    assert_eq!(app.state(id).await, JobState::Succeeded);
+    app.cleanup().await;
+}

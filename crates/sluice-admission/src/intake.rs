@@ -292,7 +292,6 @@ impl Intake {
                 tracing::warn!(message = "could not store a prompt embedding", request_id = %id, %error);
             }
         }
-        self.bus.changed(id, &tenant);
         let attached_to = match accepted {
             StoreAccepted::Queued(message) => {
                 self.publisher.publish_in_background(message);
@@ -389,7 +388,6 @@ impl Intake {
         if !self.store.insert_answered(job, source, how).await? {
             return Ok(None);
         }
-        self.bus.changed(job.id, &job.principal.tenant);
         telemetry::job("cached", job.principal.tier);
         tracing::debug!(message = "job answered from cache", request_id = %job.id, cache = how.as_str(), %source);
         let record = self

@@ -205,7 +205,6 @@ pub(crate) async fn replay(
         return Err(not_dead(&state, id).await);
     };
     tracing::info!(message = "dead job replayed", request_id = %id, admin = %name);
-    state.intake.bus.changed(id, &message.job.tenant);
     // The outbox row is committed: if this publish fails, the relay sends it.
     state.intake.publisher.publish_in_background(message);
     Ok(Json(inspected(&state, id).await?))

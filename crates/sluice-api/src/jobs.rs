@@ -376,7 +376,6 @@ pub async fn cancel(
         .map_err(ApiError::internal)?
     {
         CancelOutcome::Cancelled => {
-            state.intake.bus.changed(id, &principal.tenant);
             // Read here rather than through `view`: the counter wants the submitter's tier,
             // and a cancelled job has no place in a lane to look up.
             let job = state

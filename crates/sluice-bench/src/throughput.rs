@@ -511,10 +511,12 @@ async fn drive(
         concurrency,
         timeout_secs,
     } = load;
+    // The API node's store announces on its bus, as `sluice serve` does.
+    let bus = stack::event_bus(config)?;
+    let store = &store.clone().announcing(Arc::new(bus.clone()));
     let publisher = Publisher::new(store.clone(), Arc::clone(broker));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
-    let bus = stack::event_bus(config)?;
     let poll = stack::hub_poll(config.redis.is_some());
     let state = stack::api_state(
         config,
@@ -538,12 +540,15 @@ async fn drive(
             prefetch: u16::try_from(concurrency).unwrap_or(u16::MAX),
             ..config.worker.clone()
         };
+        // Each worker's own bus and store announcing on it, as `sluice worker` has.
+        let bus = sluice_notify::EventBus::local();
+        let store = store.clone().announcing(Arc::new(bus.clone()));
         let worker = Worker::new(
             store.clone(),
             publisher.clone(),
             Arc::clone(&router),
             worker_config,
-            sluice_notify::EventBus::local(),
+            bus,
         )?;
         let worker_stop = stop.clone();
         tasks.workers.push(tokio::spawn(async move {

@@ -12,7 +12,7 @@ use sluice_core::RequestId;
 use sluice_redis::{redis, Redis, SetupError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Messages waiting to be published; beyond this, new ones are dropped (the hub's poll covers
 /// state changes, and a stream that far behind is better cut short than blocking workers).
@@ -65,6 +65,13 @@ impl From<SetupError> for BusError {
     }
 }
 
+/// What the publishing task is handed: a message, or a caller waiting until all before it
+/// went out.
+enum Outgoing {
+    Message(BusMessage),
+    Flush(oneshot::Sender<()>),
+}
+
 /// A handle on the bus; cheap to clone.
 #[derive(Clone)]
 pub struct EventBus {
@@ -81,7 +88,7 @@ enum Transport {
 struct RedisBus {
     client: redis::Client,
     channel: String,
-    outgoing: mpsc::Sender<BusMessage>,
+    outgoing: mpsc::Sender<Outgoing>,
     /// Started on the first `subscribe`: a process that only publishes never listens.
     listening: Mutex<Option<broadcast::Sender<BusMessage>>>,
 }
@@ -117,7 +124,7 @@ impl EventBus {
     pub fn publish(&self, message: BusMessage) {
         match &*self.inner {
             Transport::Redis(redis) => {
-                if redis.outgoing.try_send(message).is_err() {
+                if redis.outgoing.try_send(Outgoing::Message(message)).is_err() {
                     tracing::warn!(message = "event bus backlog full; dropping an event");
                 }
             }
@@ -134,6 +141,25 @@ impl EventBus {
             request_id,
             tenant: tenant.to_owned(),
         });
+    }
+
+    /// Wait (at most `timeout`) until every message published before this call has been handed
+    /// to Redis: a short-lived process (the CLI) calls it before it exits, or its last
+    /// announcements would die with it. Immediate for the in-process bus.
+    pub async fn flush(&self, timeout: Duration) {
+        let Transport::Redis(redis) = &*self.inner else {
+            return;
+        };
+        let (done, flushed) = oneshot::channel();
+        let sent = tokio::time::timeout(timeout, async {
+            if redis.outgoing.send(Outgoing::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        })
+        .await;
+        if sent.is_err() {
+            tracing::warn!(message = "event bus did not flush in time; some events may be lost");
+        }
     }
 
     /// Hear every message from now on. A listener that falls far behind loses messages
@@ -161,21 +187,25 @@ impl EventBus {
 /// Messages sent to Redis in one round trip, when that many are waiting.
 const PUBLISH_BATCH: usize = 256;
 
-async fn publish_loop(
-    client: redis::Client,
-    channel: String,
-    mut queue: mpsc::Receiver<BusMessage>,
-) {
+async fn publish_loop(client: redis::Client, channel: String, mut queue: mpsc::Receiver<Outgoing>) {
     let mut connection: Option<redis::aio::MultiplexedConnection> = None;
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    let mut flushed = Vec::new();
     // Whatever is waiting goes out in one pipeline: a streamed job's deltas come in bursts.
     while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
         let mut pipe = redis::pipe();
-        for message in batch.drain(..) {
-            if let Ok(payload) = serde_json::to_string(&message) {
-                pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+        for outgoing in batch.drain(..) {
+            match outgoing {
+                Outgoing::Message(message) => {
+                    if let Ok(payload) = serde_json::to_string(&message) {
+                        pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+                    }
+                }
+                Outgoing::Flush(done) => flushed.push(done),
             }
         }
+        // Answered once this pipeline is sent (or given up on): what came before has gone.
+        let _flush = Flushed(&mut flushed);
         if connection.is_none() {
             match client.get_multiplexed_async_connection().await {
                 Ok(c) => connection = Some(c),
@@ -192,6 +222,24 @@ async fn publish_loop(
                 connection = None;
             }
         }
+    }
+}
+
+/// Answers the flushes of one round when it ends, however it ends.
+struct Flushed<'a>(&'a mut Vec<oneshot::Sender<()>>);
+
+impl Drop for Flushed<'_> {
+    fn drop(&mut self) {
+        for done in self.0.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The store tells the bus of every job it changed, so every subscriber hears of it.
+impl sluice_store::Announce for EventBus {
+    fn changed(&self, request_id: RequestId, tenant: &str) {
+        EventBus::changed(self, request_id, tenant);
     }
 }
 

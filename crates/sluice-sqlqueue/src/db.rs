@@ -135,7 +135,9 @@ impl Db {
     pub async fn check(&self) -> Result<(), SqlQueueError> {
         if let Pool::Sqlite(pool) = &self.pool {
             // Persistent in the file; a pool from elsewhere may not have set it.
-            sqlx::query("PRAGMA journal_mode = WAL").execute(pool).await?;
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(pool)
+                .await?;
         }
         let found: Option<String> = on_pool!(&self.pool, pool => {
             sqlx::query_scalar(self.sql.available_at_type)
@@ -270,7 +272,12 @@ impl Db {
 
     /// Moves a claimed message to the dead lane with a reason, as a fresh message
     /// (ready, never received); false when the claim is no longer ours.
-    pub async fn dead_letter(&self, id: i64, token: i64, reason: &str) -> Result<bool, sqlx::Error> {
+    pub async fn dead_letter(
+        &self,
+        id: i64,
+        token: i64,
+        reason: &str,
+    ) -> Result<bool, sqlx::Error> {
         let row = on_pool!(&self.pool, pool => {
             sqlx::query(&self.sql.dead_letter)
                 .bind(Lane::Dead.as_str())

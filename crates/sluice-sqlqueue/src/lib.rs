@@ -333,17 +333,15 @@ impl SqlQueue {
             return Ok(());
         };
         let shared = &self.shared;
-        timed(shared.db.insert(items))
-            .await
-            .map_err(|e| match e {
-                SqlQueueError::NotMigrated(_) => BrokerError::Unroutable {
-                    queue: shared.queue_name(first.lane),
-                },
-                e => BrokerError::Publish {
-                    queue: shared.queue_name(first.lane),
-                    source: Box::new(e),
-                },
-            })?;
+        timed(shared.db.insert(items)).await.map_err(|e| match e {
+            SqlQueueError::NotMigrated(_) => BrokerError::Unroutable {
+                queue: shared.queue_name(first.lane),
+            },
+            e => BrokerError::Publish {
+                queue: shared.queue_name(first.lane),
+                source: Box::new(e),
+            },
+        })?;
         // Consumers in this process need not wait for the NOTIFY round trip (or, on
         // SQLite, for the fallback poll).
         let mut woken = [false; 5];

@@ -1,12 +1,12 @@
 //! Throwaway: publish N in batches, then drain with 2 consumers acking each. Not committed.
 #![allow(clippy::unwrap_used)]
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sluice_broker::conformance::job;
 use sluice_broker::{Broker, Lane, PublishOptions};
 use sluice_sqlqueue::{SqlQueue, SqlQueueConfig};
 use sluice_store::{Store, StoreConfig};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const N: usize = 20_000;
 
@@ -15,14 +15,20 @@ async fn run(queue: Arc<SqlQueue>, label: &str) {
     let jobs: Vec<_> = (0..N).map(|i| job(&format!("t{}", i % 7))).collect();
     let t0 = Instant::now();
     for chunk in jobs.chunks(256) {
-        let items = chunk.iter().map(|j| (Lane::Standard, j.clone(), PublishOptions::default())).collect();
+        let items = chunk
+            .iter()
+            .map(|j| (Lane::Standard, j.clone(), PublishOptions::default()))
+            .collect();
         queue.publish_batch(items).await.unwrap();
     }
     let publish = t0.elapsed();
     // single publishes too
     let t1 = Instant::now();
     for j in jobs.iter().take(2000) {
-        queue.publish(Lane::Batch, j, PublishOptions::default()).await.unwrap();
+        queue
+            .publish(Lane::Batch, j, PublishOptions::default())
+            .await
+            .unwrap();
     }
     let single = t1.elapsed();
     let t2 = Instant::now();
@@ -32,7 +38,9 @@ async fn run(queue: Arc<SqlQueue>, label: &str) {
         let mut c = queue.consume(lane, 128).await.unwrap();
         let done = done.clone();
         tasks.spawn(async move {
-            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), c.next()).await {
+            while let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_millis(500), c.next()).await
+            {
                 d.ack().await.unwrap();
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -50,8 +58,19 @@ async fn run(queue: Arc<SqlQueue>, label: &str) {
 #[ignore]
 async fn microbench_sqlite() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let store = Store::connect(&StoreConfig { url: format!("sqlite://{}", dir.path().join("b.db").display()), max_connections: 4, migrate: true, ..StoreConfig::default() }).await.unwrap();
-    let q = SqlQueue::sqlite(store.sqlite_pool().unwrap().clone(), SqlQueueConfig::default()).unwrap();
+    let store = Store::connect(&StoreConfig {
+        url: format!("sqlite://{}", dir.path().join("b.db").display()),
+        max_connections: 4,
+        migrate: true,
+        ..StoreConfig::default()
+    })
+    .await
+    .unwrap();
+    let q = SqlQueue::sqlite(
+        store.sqlite_pool().unwrap().clone(),
+        SqlQueueConfig::default(),
+    )
+    .unwrap();
     run(Arc::new(q), "sqlite").await;
 }
 
@@ -59,8 +78,16 @@ async fn microbench_sqlite() {
 #[ignore]
 async fn microbench_postgres() {
     let schema = format!("mb_{}", uuid::Uuid::now_v7().simple());
-    let store = Store::connect(&StoreConfig { schema: Some(schema.clone()), max_connections: 8, migrate: true, ..StoreConfig::default() }).await.unwrap();
-    let q = SqlQueue::postgres(store.pg_pool().unwrap().clone(), SqlQueueConfig::default()).unwrap();
+    let store = Store::connect(&StoreConfig {
+        schema: Some(schema.clone()),
+        max_connections: 8,
+        migrate: true,
+        ..StoreConfig::default()
+    })
+    .await
+    .unwrap();
+    let q =
+        SqlQueue::postgres(store.pg_pool().unwrap().clone(), SqlQueueConfig::default()).unwrap();
     run(Arc::new(q), "postgres").await;
     store.drop_schema(&schema).await.unwrap();
 }

@@ -442,9 +442,6 @@ impl Worker {
                     message = "requeued jobs whose worker stopped",
                     jobs = messages.len()
                 );
-                for m in &messages {
-                    self.bus.changed(m.job.request_id, &m.job.tenant);
-                }
                 if let Err(error) = self.publisher.publish_many(messages).await {
                     tracing::warn!(message = "publishing reaped jobs failed; the relay will retry", %error);
                 }
@@ -458,9 +455,6 @@ impl Worker {
     async fn settle_followers(&self) {
         match self.store.settle_followers(500).await {
             Ok(settled) => {
-                for (id, tenant) in &settled.finished {
-                    self.bus.changed(*id, tenant);
-                }
                 if !settled.released.is_empty() {
                     tracing::info!(
                         message = "jobs whose identical job was cancelled run on their own",

@@ -44,7 +44,6 @@ impl Worker {
                 return;
             }
         };
-        self.bus.changed(id, &job.tenant);
         // The first claim ever ends the job's wait in its lane (later ones follow retries).
         if claim.attempt == 1 {
             telemetry::queue_wait(claim.lane, claim.created_at);
@@ -138,7 +137,6 @@ impl Worker {
                     Ok(true) => {
                         telemetry::job("completed", claim.lane);
                         telemetry::job_duration(claim.lane, claim.created_at);
-                        self.bus.changed(id, &job.tenant);
                         tracing::debug!(message = "job succeeded", request_id = %id, %endpoint)
                     }
                     Ok(false) => {
@@ -220,7 +218,6 @@ impl Worker {
         match stored {
             Ok(Some(message)) => {
                 telemetry::job(event, claim.lane);
-                self.bus.changed(id, &message.job.tenant);
                 self.publish(message).await
             }
             Ok(None) => {

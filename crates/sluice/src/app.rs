@@ -35,7 +35,8 @@ impl ApiNode {
             );
         }
         let stop = parent.child_token();
-        let store = stack::store(config, migrate).await?;
+        let bus = stack::event_bus(config)?;
+        let store = stack::announcing_store(config, migrate, &bus).await?;
         let broker = stack::broker(config, &store).await?;
         let publisher = Publisher::new(store.clone(), broker);
         sluice_outbox::spawn_relay(
@@ -48,7 +49,6 @@ impl ApiNode {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let bus = stack::event_bus(config)?;
         let poll = stack::hub_poll(config.redis.is_some());
         let state = stack::api_state(config, store, publisher, bus, poll, stop.clone())?;
         let serving = stop.clone();
@@ -96,7 +96,8 @@ impl WorkerNode {
     ) -> anyhow::Result<WorkerNode> {
         let stop = parent.child_token();
         let router = stack::router(config).await?;
-        let store = stack::store(config, migrate).await?;
+        let bus = stack::event_bus(config)?;
+        let store = stack::announcing_store(config, migrate, &bus).await?;
         let broker = stack::broker(config, &store).await?;
         let publisher = Publisher::new(store.clone(), broker);
         // Every worker with `[mail]` also sends completion emails; the notifications' leases
@@ -108,13 +109,7 @@ impl WorkerNode {
             ),
             None => None,
         };
-        let worker = Worker::new(
-            store,
-            publisher,
-            router,
-            config.worker.clone(),
-            stack::event_bus(config)?,
-        )?;
+        let worker = Worker::new(store, publisher, router, config.worker.clone(), bus)?;
         let metrics = match config.worker.metrics_listen {
             Some(addr) => {
                 let handle = crate::metrics::install()?;

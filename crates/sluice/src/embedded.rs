@@ -160,7 +160,9 @@ pub async fn run(
     if config.routes.is_empty() {
         bail!("no routes configured: add [[pools]] and [routes] (or use `sluice dev`, which starts a simulator)");
     }
-    let store = stack::store(&config, true).await?;
+    // One bus for the API's hub and the worker: events and deltas go straight across.
+    let bus = EventBus::local();
+    let store = stack::announcing_store(&config, true, &bus).await?;
     let broker = stack::broker(&config, &store).await?;
     let publisher = Publisher::new(store.clone(), broker);
     let relay = sluice_outbox::spawn_relay(
@@ -169,8 +171,6 @@ pub async fn run(
         RelayConfig::default(),
         shutdown.clone(),
     );
-    // One bus for the API's hub and the worker: events and deltas go straight across.
-    let bus = EventBus::local();
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

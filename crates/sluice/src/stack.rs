@@ -30,6 +30,18 @@ pub async fn store(config: &Config, migrate: bool) -> anyhow::Result<Store> {
     })
 }
 
+/// The store, telling `bus` of every job it changes (`sluice_store::Announce`), so subscribers
+/// hear of every change whichever process or command made it.
+pub async fn announcing_store(
+    config: &Config,
+    migrate: bool,
+    bus: &EventBus,
+) -> anyhow::Result<Store> {
+    Ok(store(config, migrate)
+        .await?
+        .announcing(Arc::new(bus.clone())))
+}
+
 /// The lanes, in the backend `[queue]` names, declared and ready. The SQL queue lives in
 /// `store`'s database (and schema).
 pub async fn broker(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn Broker>> {
@@ -168,18 +180,8 @@ pub fn api_state(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<ApiState>> {
     let admission = admission(config, &store, shutdown.clone())?;
-    sluice_api::openai::spawn_disconnect_sweeper(
-        store.clone(),
-        bus.clone(),
-        &config.openai,
-        shutdown.clone(),
-    );
-    sluice_api::openai::spawn_finalizer(
-        store.clone(),
-        bus.clone(),
-        &config.batches,
-        shutdown.clone(),
-    );
+    sluice_api::openai::spawn_disconnect_sweeper(store.clone(), &config.openai, shutdown.clone());
+    sluice_api::openai::spawn_finalizer(store.clone(), &config.batches, shutdown.clone());
     let hub = Hub::spawn(store.clone(), &bus, poll, config.streams, shutdown);
     let intake = Arc::new(Intake::new(store, publisher, bus, admission, config.tiers));
     Ok(ApiState::new(
@@ -234,7 +236,8 @@ pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<()> {
 }
 
 pub async fn dlq_replay(config: &Config, id: RequestId) -> anyhow::Result<()> {
-    let store = store(config, false).await?;
+    let bus = event_bus(config)?;
+    let store = announcing_store(config, false, &bus).await?;
     let message = store
         .replay(id)
         .await?
@@ -246,6 +249,8 @@ pub async fn dlq_replay(config: &Config, id: RequestId) -> anyhow::Result<()> {
         .publish(message)
         .await
         .context("replayed, but publishing failed; the relay will retry")?;
+    // Subscribers hear of the replay now rather than from the hub's next poll.
+    bus.flush(Duration::from_secs(2)).await;
     println!("{id}");
     Ok(())
 }

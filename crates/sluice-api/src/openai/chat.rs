@@ -19,7 +19,7 @@ use futures::stream::StreamExt;
 use sha2::{Digest, Sha256};
 use sluice_admission::{Admitted, ReusePolicy, Submission};
 use sluice_core::{JobState, Lane, RequestId};
-use sluice_notify::{EventBus, Outgoing, Subscription};
+use sluice_notify::{Outgoing, Subscription};
 use sluice_store::{CancelOutcome, JobRecord, Store};
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,7 +122,6 @@ pub(crate) async fn completions(
     };
     let hold = Hold {
         store: state.store.clone(),
-        bus: state.intake.bus.clone(),
         tenant,
         id,
         lane,
@@ -236,7 +235,6 @@ impl Drop for Detach {
 /// One held job and the deadline it must start by.
 struct Hold {
     store: Store,
-    bus: EventBus,
     tenant: String,
     id: RequestId,
     lane: Lane,
@@ -321,7 +319,6 @@ impl Hold {
             .map_err(OpenAiError::internal)?
         {
             CancelOutcome::Cancelled => {
-                self.bus.changed(self.id, &self.tenant);
                 let retry = self.estimate.unwrap_or(10.0).clamp(1.0, 3600.0);
                 Ok(Some(
                     OpenAiError::new(

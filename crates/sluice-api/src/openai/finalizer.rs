@@ -8,7 +8,6 @@ use super::BatchConfig;
 use chrono::Utc;
 use serde_json::{json, Value};
 use sluice_core::JobState;
-use sluice_notify::EventBus;
 use sluice_store::{
     new_file_id, BatchLineResult, BatchRecord, BatchStatus, FinishedFile, NewFile, Store,
 };
@@ -209,14 +208,12 @@ async fn finalize(
 /// expired, and end it once no line is left waiting. Answers when to look again (`None`: ended).
 async fn advance(
     store: &Store,
-    bus: &EventBus,
     batch: &BatchRecord,
 ) -> Result<Option<Duration>, sluice_store::StoreError> {
     let expired = batch.status == BatchStatus::InProgress && Utc::now() >= batch.expires_at;
     if batch.status == BatchStatus::Cancelling || expired {
-        for (id, tenant) in store.cancel_batch_jobs(&batch.id).await? {
-            bus.changed(id, &tenant);
-        }
+        let cancelled = store.cancel_batch_jobs(&batch.id).await?;
+        tracing::debug!(message = "batch lines cancelled", batch = %batch.id, jobs = cancelled.len());
     }
     let progress = store.batch_progress(&batch.id).await?;
     store
@@ -243,12 +240,7 @@ async fn advance(
 
 /// Run the finalizer until `shutdown`: every API node runs one; the store hands each open
 /// batch to one finalizer at a time, so a node killed mid-batch only delays it by the hold.
-pub fn spawn_finalizer(
-    store: Store,
-    bus: EventBus,
-    config: &BatchConfig,
-    shutdown: CancellationToken,
-) {
+pub fn spawn_finalizer(store: Store, config: &BatchConfig, shutdown: CancellationToken) {
     let idle = Duration::from_millis(config.check_every_ms);
     tokio::spawn(async move {
         // Long enough for one pass over a 50,000-line batch; a dead holder delays it this long.
@@ -259,7 +251,7 @@ pub fn spawn_finalizer(
             match store.take_due_batch(hold).await {
                 Ok(Some(batch)) => {
                     worked = true;
-                    match advance(&store, &bus, &batch).await {
+                    match advance(&store, &batch).await {
                         Ok(Some(next)) => {
                             if let Err(error) = store
                                 .release_batch(

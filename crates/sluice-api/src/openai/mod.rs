@@ -20,7 +20,6 @@ use crate::ApiState;
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
-use sluice_notify::EventBus;
 use sluice_store::Store;
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,12 +145,7 @@ pub(crate) fn routes() -> Router<Arc<ApiState>> {
 
 /// Cancel, every second, the jobs whose clients went away and did not come back within the
 /// grace; every API node runs one (the store takes each job once).
-pub fn spawn_disconnect_sweeper(
-    store: Store,
-    bus: EventBus,
-    config: &OpenAiConfig,
-    shutdown: CancellationToken,
-) {
+pub fn spawn_disconnect_sweeper(store: Store, config: &OpenAiConfig, shutdown: CancellationToken) {
     if !config.cancel_on_disconnect {
         return;
     }
@@ -160,8 +154,7 @@ pub fn spawn_disconnect_sweeper(
             match store.cancel_detached(500).await {
                 Ok(cancelled) => {
                     for (id, tenant) in cancelled {
-                        tracing::info!(message = "job cancelled: its client left and did not come back", request_id = %id);
-                        bus.changed(id, &tenant);
+                        tracing::info!(message = "job cancelled: its client left and did not come back", request_id = %id, %tenant);
                     }
                 }
                 Err(error) => tracing::warn!(message = "could not cancel detached jobs", %error),

@@ -10,21 +10,20 @@ mod response;
 #[cfg(test)]
 mod tests;
 
-use request::{format_tool, wire_request};
-use response::{status_for, Answer, WireResponse};
 use crate::config::{ConfigError, EndpointConfig};
 use crate::error::{invalid_json, ProviderError};
 use crate::http::{self, REQUEST_ID_HEADER};
 use crate::{ChatRequest, ChatResponse, Provider, Usage};
+use request::{format_tool, wire_request};
 use reqwest::header::HeaderValue;
 use reqwest::{RequestBuilder, Url};
+use response::{status_for, Answer, WireResponse};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 
 /// The API version this adapter speaks; Anthropic refuses calls that do not name one.
 const API_VERSION: &str = "2023-06-01";
-
 
 /// One Anthropic endpoint. `EndpointConfig::auth` is ignored: the key always goes in `x-api-key`.
 #[derive(Debug)]

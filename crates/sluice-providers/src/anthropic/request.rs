@@ -8,7 +8,6 @@ use sluice_core::{
 };
 use std::borrow::Cow;
 
-
 /// Anthropic requires `max_tokens`; jobs that leave it out get this.
 const DEFAULT_MAX_TOKENS: u32 = 1024;
 
@@ -183,7 +182,11 @@ pub(super) fn content_blocks(m: &Message) -> Vec<Block<'_>> {
     blocks
 }
 
-pub(super) fn wire_request<'a>(model: &'a str, job: &'a JobRequest, stream: bool) -> WireRequest<'a> {
+pub(super) fn wire_request<'a>(
+    model: &'a str,
+    job: &'a JobRequest,
+    stream: bool,
+) -> WireRequest<'a> {
     let mut system = Vec::new();
     // (role, blocks) per turn; consecutive messages of one role share a turn, since Anthropic
     // wants user and assistant to alternate and all results of one tool turn in one message.

@@ -5,7 +5,6 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::{FunctionCall, FunctionKind, ToolCall};
 
-
 #[derive(Deserialize)]
 pub(super) struct WireResponse {
     #[serde(default)]

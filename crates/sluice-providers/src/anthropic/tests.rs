@@ -5,7 +5,10 @@ use super::request::*;
 use super::response::*;
 use super::*;
 use serde_json::json;
-use sluice_core::{Content, ContentPart, JsonSchemaFormat, Tool};
+use sluice_core::{
+    Content, ContentPart, FunctionCall, FunctionKind, ImageUrl, JobRequest, JsonSchemaFormat,
+    Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
+};
 
 fn msg(role: Role, content: &str) -> Message {
     Message::new(role, content)
