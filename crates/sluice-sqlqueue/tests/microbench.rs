@@ -77,17 +77,15 @@ async fn microbench_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn microbench_postgres() {
-    let schema = format!("mb_{}", uuid::Uuid::now_v7().simple());
+    let db = sluice_testkit::ScratchDb::postgres("mb");
     let store = Store::connect(&StoreConfig {
-        schema: Some(schema.clone()),
         max_connections: 8,
-        migrate: true,
-        ..StoreConfig::default()
+        ..db.config()
     })
     .await
     .unwrap();
     let q =
         SqlQueue::postgres(store.pg_pool().unwrap().clone(), SqlQueueConfig::default()).unwrap();
     run(Arc::new(q), "postgres").await;
-    store.drop_schema(&schema).await.unwrap();
+    store.close().await;
 }
