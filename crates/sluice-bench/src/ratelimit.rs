@@ -8,6 +8,7 @@ use sluice_broker::Broker;
 use sluice_core::{JobRequest, Message, Principal, Tier};
 use sluice_outbox::Publisher;
 use sluice_store::{NewJob, StoreConfig};
+use sluice_testkit::ScratchDb;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -61,7 +62,12 @@ pub async fn run(
     let capacity_per_sec: f64 = keys().iter().map(|(_, rpm)| f64::from(*rpm) / 60.0).sum();
     let jobs = (capacity_per_sec * seconds as f64).ceil() as usize;
     let run_id = uuid::Uuid::now_v7().simple().to_string();
-    let schema = format!("bench_{}", &run_id[16..]);
+    // The run's schema, dropped when `scratch` drops, whatever happens.
+    let scratch = ScratchDb::postgres_at(&config.database.url, "bench");
+    let schema = scratch
+        .schema()
+        .context("a PostgreSQL scratch database has a schema")?
+        .to_owned();
     let prefix = format!("bench-{run_id}");
 
     let sim = sluice_sim::spawn(
@@ -85,8 +91,8 @@ pub async fn run(
 
     let mut run_config = config.clone();
     run_config.database = StoreConfig {
-        schema: Some(schema.clone()),
-        ..config.database.clone()
+        max_connections: config.database.max_connections,
+        ..scratch.config()
     };
     run_config.rabbitmq.url = config.rabbitmq.url.clone();
     run_config.rabbitmq.prefix = prefix.clone();
@@ -113,9 +119,8 @@ pub async fn run(
     if let Err(error) = broker.delete_all().await {
         eprintln!("warning: could not delete the bench queues: {error}");
     }
-    if let Err(error) = store.drop_schema(&schema).await {
-        eprintln!("warning: could not drop schema {schema}: {error}");
-    }
+    store.close().await;
+    drop(scratch);
     result
 }
 

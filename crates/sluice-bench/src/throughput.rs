@@ -13,6 +13,7 @@ use sluice_outbox::Publisher;
 use sluice_providers::{EndpointConfig, PoolConfig, Router, Secret};
 use sluice_sqs::moto::MotoServer;
 use sluice_store::{Store, StoreConfig};
+use sluice_testkit::ScratchDb;
 use sluice_worker::Worker;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -325,14 +326,6 @@ fn print_table(results: &[(BenchBackend, anyhow::Result<Measured>)]) {
     }
 }
 
-/// What a run leaves behind, removed whatever happens.
-enum Scratch {
-    /// A PostgreSQL schema (the SQL queue's table lives in it too).
-    Schema(String),
-    /// A SQLite file, with its `-wal` and `-shm` companions.
-    File(PathBuf),
-}
-
 /// One backend: its own simulator, store and lanes, the load, then cleanup.
 async fn run_backend(
     base: &Config,
@@ -343,26 +336,16 @@ async fn run_backend(
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let name = format!("bench-{run_id}");
     let mut config = base.clone();
+    // What the run leaves behind (a PostgreSQL schema, which holds the SQL queue's table too, or
+    // a SQLite file), removed when `scratch` drops, whatever happens.
     let scratch = if backend == BenchBackend::SqlSqlite {
-        let file = std::env::temp_dir().join(format!("sluice-bench-{run_id}.db"));
-        config.database = StoreConfig {
-            url: format!("sqlite://{}", file.display()),
-            schema: None,
-            max_connections: 32,
-            migrate: true,
-            ..config.database
-        };
-        Scratch::File(file)
+        ScratchDb::sqlite("sluice-bench")
     } else {
-        // The random end of the id: runs started within the same millisecond still differ.
-        let schema = format!("bench_{}", &run_id[16..]);
-        config.database = StoreConfig {
-            schema: Some(schema.clone()),
-            max_connections: 32,
-            migrate: true,
-            ..config.database
-        };
-        Scratch::Schema(schema)
+        ScratchDb::postgres_at(&config.database.url, "bench")
+    };
+    config.database = StoreConfig {
+        max_connections: 32,
+        ..scratch.config()
     };
     match backend {
         BenchBackend::Rabbitmq => {
@@ -418,15 +401,13 @@ async fn run_backend(
     let result = match stack::store(&config, true).await {
         Ok(store) => {
             let result = with_store(&config, backend, &store, load).await;
-            cleanup_store(&store, &scratch).await;
+            store.close().await;
             result
         }
         Err(error) => Err(error),
     };
     sim.shutdown();
-    if let Scratch::File(file) = &scratch {
-        remove_sqlite_file(file);
-    }
+    drop(scratch);
     result
 }
 
@@ -446,21 +427,6 @@ async fn with_store(
         eprintln!("warning: could not delete the bench lanes: {error}");
     }
     result
-}
-
-async fn cleanup_store(store: &Store, scratch: &Scratch) {
-    if let Scratch::Schema(schema) = scratch {
-        if let Err(error) = store.drop_schema(schema).await {
-            eprintln!("warning: could not drop schema {schema}: {error}");
-        }
-    }
-    store.close().await;
-}
-
-fn remove_sqlite_file(file: &Path) {
-    if let Err(error) = sluice_store::remove_sqlite_files(file) {
-        eprintln!("warning: could not remove {}: {error}", file.display());
-    }
 }
 
 /// Start the api and workers, submit the load, wait for it to finish; the api and workers are

@@ -5,14 +5,36 @@
 use sluice_core::{JobRequest, Lane, Message, Principal, RequestId, Tier};
 use sluice_notify::testing::{free_port, Maildir, Sink};
 use sluice_notify::{Mailer, MailerConfig, TlsMode};
-use sluice_store::testing::TestDb;
 use sluice_store::{
     BatchLine, BatchStatus, Failure, FinishedFile, Ingested, NewBatch, NewFile, NewJob,
     NotificationState, NotificationSubject, Store,
 };
+use sluice_testkit::ScratchDb;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// A migrated store in a scratch PostgreSQL schema. Fields drop in order: the store first,
+/// then the scratch database, which drops the schema even if the test panicked.
+struct TestDb {
+    store: Store,
+    _scratch: ScratchDb,
+}
+
+impl TestDb {
+    async fn new(label: &str) -> TestDb {
+        let scratch = ScratchDb::postgres(label);
+        TestDb {
+            store: scratch.store().await,
+            _scratch: scratch,
+        }
+    }
+
+    /// Close the store, then drop the schema.
+    async fn drop(self) {
+        self.store.close().await;
+    }
+}
 
 const LEASE: Duration = Duration::from_secs(30);
 const BASE_URL: &str = "http://sluice.test:8080";

@@ -14,17 +14,13 @@ use futures::StreamExt;
 use sluice_broker::conformance::{self, job, Fixture, RawAccess, RawMessage};
 use sluice_broker::{broker_conformance_suite, Broker, BrokerError, Lane, PublishOptions};
 use sluice_sqlqueue::{SqlQueue, SqlQueueConfig, TABLE};
+use sluice_testkit::{database_url, unique, ScratchDb};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
-fn url() -> String {
-    std::env::var("SLUICE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 /// A small pool of its own, as a separate process would have.
 async fn pool(application_name: &str) -> PgPool {
-    let options = PgConnectOptions::from_str(&url())
+    let options = PgConnectOptions::from_str(&database_url())
         .unwrap()
         .application_name(application_name);
     PgPoolOptions::new()
@@ -32,10 +28,6 @@ async fn pool(application_name: &str) -> PgPool {
         .connect_with(options)
         .await
         .unwrap_or_else(|e| panic!("these tests need PostgreSQL: {e}"))
-}
-
-fn fresh(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
 fn config(schema: &str, namespace: &str) -> SqlQueueConfig {
@@ -100,50 +92,51 @@ impl RawAccess for PgRaw {
 }
 
 async fn fixture() -> Fixture {
-    let schema = fresh("sqlq");
-    let namespace = fresh("ns");
-    common::migrate(&url(), Some(&schema)).await;
+    let db = ScratchDb::postgres("sqlq");
+    let schema = db.schema().unwrap().to_owned();
+    let namespace = unique("ns");
+    common::migrate(&db).await;
     let pool = pool("sluice-sqlqueue-test").await;
     let queue = SqlQueue::postgres(pool.clone(), config(&schema, &namespace)).unwrap();
     let raw = PgRaw {
-        pool: pool.clone(),
+        pool,
         table: format!("{schema}.{TABLE}"),
         namespace,
     };
     Fixture {
-        broker: Arc::new(Scratch {
-            queue,
-            schema: Some((pool, schema)),
-            dir: None,
-        }),
+        broker: Arc::new(Scratch { queue, db }),
         raw: Box::new(raw),
     }
 }
 
 broker_conformance_suite!(sql_postgres, fixture());
 
-/// A schema of its own for a backend-only test, dropped by `drop_schema`.
+/// A schema of its own for a backend-only test, dropped when the scope goes.
 struct Scope {
-    schema: String,
     namespace: String,
     admin: PgPool,
+    db: ScratchDb,
 }
 
 impl Scope {
     /// A schema the store's migrations ran in.
     async fn new() -> Self {
         let scope = Self::unmigrated().await;
-        common::migrate(&url(), Some(&scope.schema)).await;
+        common::migrate(&scope.db).await;
         scope
     }
 
     /// A schema name nothing was created under yet.
     async fn unmigrated() -> Self {
         Self {
-            schema: fresh("sqlq"),
-            namespace: fresh("ns"),
+            namespace: unique("ns"),
             admin: pool("sluice-sqlqueue-admin").await,
+            db: ScratchDb::postgres("sqlq"),
         }
+    }
+
+    fn schema(&self) -> &str {
+        self.db.schema().unwrap()
     }
 
     async fn queue(
@@ -151,16 +144,9 @@ impl Scope {
         application_name: &str,
         tweak: impl FnOnce(&mut SqlQueueConfig),
     ) -> SqlQueue {
-        let mut config = config(&self.schema, &self.namespace);
+        let mut config = config(self.schema(), &self.namespace);
         tweak(&mut config);
         SqlQueue::postgres(pool(application_name).await, config).unwrap()
-    }
-
-    async fn drop_schema(self) {
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
-            .execute(&self.admin)
-            .await
-            .unwrap();
     }
 }
 
@@ -239,7 +225,6 @@ async fn postgres_two_pools_never_share_a_message() {
     for queue in &queues {
         conformance::expect_depth(queue, Lane::Standard, 0).await;
     }
-    scope.drop_schema().await;
 }
 
 fn rand_ms() -> u64 {
@@ -282,7 +267,6 @@ async fn postgres_notify_wakes_an_idle_consumer_before_the_fallback_poll() {
     let publisher = scope.queue("sluice-sqlqueue-p", slow_poll).await;
     must(publisher.declare().await, "declare");
     expect_woken(&consumer, &publisher, Duration::from_secs(2)).await;
-    scope.drop_schema().await;
 }
 
 /// The listener's connection is killed from the server side; it reconnects, listens
@@ -290,7 +274,7 @@ async fn postgres_notify_wakes_an_idle_consumer_before_the_fallback_poll() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_listener_reconnects_after_connection_loss() {
     let scope = Scope::new().await;
-    let app = fresh("sqlq-listen");
+    let app = unique("sqlq-listen");
     let slow_poll = |c: &mut SqlQueueConfig| c.poll_interval_ms = 10_000;
     let consumer = scope.queue(&app, slow_poll).await;
     let publisher = scope.queue("sluice-sqlqueue-p", slow_poll).await;
@@ -337,7 +321,6 @@ async fn postgres_listener_reconnects_after_connection_loss() {
     }
     drop(first);
     expect_woken(&consumer, &publisher, Duration::from_secs(2)).await;
-    scope.drop_schema().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +333,6 @@ async fn postgres_dropped_too_often_goes_to_dead() {
         })
         .await;
     common::dropped_too_often_goes_to_dead(&queue, 2).await;
-    scope.drop_schema().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +342,6 @@ async fn postgres_requeues_do_not_count_towards_the_limit() {
         .queue("sluice-sqlqueue-requeue", |c| c.max_receive_count = 2)
         .await;
     common::requeues_do_not_count_towards_the_limit(&queue, 2).await;
-    scope.drop_schema().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +353,7 @@ async fn postgres_stale_ack_keeps_the_new_claim() {
     let expire = || async {
         sqlx::query(&format!(
             "UPDATE {}.{TABLE} SET available_at = now() - interval '1 second' WHERE namespace = $1",
-            scope.schema
+            scope.schema()
         ))
         .bind(&scope.namespace)
         .execute(&scope.admin)
@@ -380,7 +361,6 @@ async fn postgres_stale_ack_keeps_the_new_claim() {
         .unwrap();
     };
     common::stale_ack_keeps_the_new_claim(&a, &b, expire).await;
-    scope.drop_schema().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,10 +368,9 @@ async fn postgres_namespaces_are_isolated() {
     let scope = Scope::new().await;
     let a = scope.queue("sluice-sqlqueue-a", |_| {}).await;
     let b = scope
-        .queue("sluice-sqlqueue-b", |c| c.namespace = fresh("other"))
+        .queue("sluice-sqlqueue-b", |c| c.namespace = unique("other"))
         .await;
     common::namespaces_are_isolated(&a, &b).await;
-    scope.drop_schema().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,14 +378,13 @@ async fn postgres_publish_before_declare_is_unroutable() {
     let scope = Scope::unmigrated().await;
     let queue = scope.queue("sluice-sqlqueue-undeclared", |_| {}).await;
     common::publish_before_declare_is_unroutable(&queue).await;
-    scope.drop_schema().await;
 }
 
 /// The convenience constructor works from a URL and shares the table with a pool-based queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connect_from_url() {
     let scope = Scope::new().await;
-    let from_url = SqlQueue::connect(&url(), config(&scope.schema, &scope.namespace))
+    let from_url = SqlQueue::connect(&database_url(), config(scope.schema(), &scope.namespace))
         .await
         .unwrap();
     must(from_url.declare().await, "declare");
@@ -422,5 +400,4 @@ async fn postgres_connect_from_url() {
     let got = conformance::next_within(&mut consumer, Duration::from_secs(5)).await;
     assert_eq!(got.job, sent);
     must(got.ack().await, "ack");
-    scope.drop_schema().await;
 }

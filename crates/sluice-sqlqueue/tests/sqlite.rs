@@ -1,5 +1,5 @@
 //! The broker conformance suite and SQLite-only cases for the SQL queue, each test on a
-//! database file of its own in a temporary directory.
+//! scratch database file of its own.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -11,24 +11,26 @@ use common::{must, receive_in_background, Scratch};
 use sluice_broker::conformance::{job, Fixture, RawAccess, RawMessage};
 use sluice_broker::{broker_conformance_suite, Broker, BrokerError, Lane, PublishOptions};
 use sluice_sqlqueue::{SqlQueue, SqlQueueConfig, TABLE};
+use sluice_testkit::{unique, ScratchDb};
 use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{Row, SqlitePool};
 
 /// The current time as the table stores it: the store's fixed-width UTC text.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
-/// A fresh database file the store's migrations ran on, as the embedded mode opens it.
-async fn database() -> (tempfile::TempDir, String) {
-    let (dir, url) = unmigrated().await;
-    common::migrate(&url, None).await;
-    (dir, url)
+/// A fresh database file the store's migrations ran on, as the embedded mode opens it; the
+/// file goes when the `ScratchDb` does.
+async fn database() -> (ScratchDb, String) {
+    let (db, url) = unmigrated();
+    common::migrate(&db).await;
+    (db, url)
 }
 
 /// A fresh database file nothing ran on yet.
-async fn unmigrated() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
-    (dir, url)
+fn unmigrated() -> (ScratchDb, String) {
+    let db = ScratchDb::sqlite("sqlq");
+    let url = db.config().url;
+    (db, url)
 }
 
 async fn pool(url: &str) -> SqlitePool {
@@ -41,7 +43,7 @@ async fn pool(url: &str) -> SqlitePool {
 
 fn config() -> SqlQueueConfig {
     SqlQueueConfig {
-        namespace: format!("ns_{}", uuid::Uuid::now_v7().simple()),
+        namespace: unique("ns"),
         // Short, so the suite's redelivery of a dropped message fits its bounds.
         visibility_timeout_secs: 2,
         ..SqlQueueConfig::default()
@@ -98,7 +100,7 @@ impl RawAccess for SqliteRaw {
 }
 
 async fn fixture() -> Fixture {
-    let (dir, url) = database().await;
+    let (db, url) = database().await;
     let pool = pool(&url).await;
     let config = config();
     let raw = SqliteRaw {
@@ -107,11 +109,7 @@ async fn fixture() -> Fixture {
     };
     let queue = SqlQueue::sqlite(pool, config).unwrap();
     Fixture {
-        broker: Arc::new(Scratch {
-            queue,
-            schema: None,
-            dir: Some(dir),
-        }),
+        broker: Arc::new(Scratch { queue, db }),
         raw: Box::new(raw),
     }
 }
@@ -120,7 +118,7 @@ broker_conformance_suite!(sql_sqlite, fixture());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_dropped_too_often_goes_to_dead() {
-    let (_dir, url) = database().await;
+    let (_db, url) = database().await;
     let queue = SqlQueue::sqlite(
         pool(&url).await,
         SqlQueueConfig {
@@ -135,7 +133,7 @@ async fn sqlite_dropped_too_often_goes_to_dead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_requeues_do_not_count_towards_the_limit() {
-    let (_dir, url) = database().await;
+    let (_db, url) = database().await;
     let queue = SqlQueue::sqlite(
         pool(&url).await,
         SqlQueueConfig {
@@ -150,7 +148,7 @@ async fn sqlite_requeues_do_not_count_towards_the_limit() {
 /// Two queues on separate pools of one file: a stale holder cannot delete the new claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_stale_ack_keeps_the_new_claim() {
-    let (_dir, url) = database().await;
+    let (_db, url) = database().await;
     let config = SqlQueueConfig {
         poll_interval_ms: 100,
         ..config()
@@ -173,7 +171,7 @@ async fn sqlite_stale_ack_keeps_the_new_claim() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_namespaces_are_isolated() {
-    let (_dir, url) = database().await;
+    let (_db, url) = database().await;
     let pool = pool(&url).await;
     let a = SqlQueue::sqlite(pool.clone(), config()).unwrap();
     let b = SqlQueue::sqlite(pool, config()).unwrap();
@@ -182,7 +180,7 @@ async fn sqlite_namespaces_are_isolated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_publish_before_declare_is_unroutable() {
-    let (_dir, url) = unmigrated().await;
+    let (_db, url) = unmigrated();
     let queue = SqlQueue::sqlite(pool(&url).await, config()).unwrap();
     common::publish_before_declare_is_unroutable(&queue).await;
 }
@@ -190,7 +188,7 @@ async fn sqlite_publish_before_declare_is_unroutable() {
 /// Within one process a publish wakes an idle consumer at once, not at the fallback poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_publish_wakes_an_idle_consumer() {
-    let (_dir, url) = database().await;
+    let (_db, url) = database().await;
     let queue = SqlQueue::connect(
         &url,
         SqlQueueConfig {
@@ -225,7 +223,7 @@ async fn sqlite_publish_wakes_an_idle_consumer() {
 /// The schema setting is PostgreSQL's; on SQLite it is refused rather than ignored.
 #[tokio::test]
 async fn sqlite_refuses_a_schema() {
-    let (_dir, url) = database().await;
+    let (_db, url) = database().await;
     let result = SqlQueue::sqlite(
         pool(&url).await,
         SqlQueueConfig {

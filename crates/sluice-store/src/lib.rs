@@ -29,8 +29,6 @@ mod outbox;
 mod postgres;
 mod sqlite;
 mod stats;
-#[cfg(feature = "testing")]
-pub mod testing;
 mod writer;
 
 pub use admission::{LaneStats, SemanticEntry, SettledFollowers};

@@ -5,12 +5,48 @@
 
 use sha2::{Digest, Sha256};
 use sluice_core::{JobRef, JobRequest, JobState, Lane, Message, Principal, RequestId, Tier};
-use sluice_store::testing::TestDb;
 use sluice_store::{
     Accepted, Announce, BatchLine, BatchStatus, CancelBatch, CancelOutcome, Failure, FinishedFile,
     Ingested, JobWriter, NewBatch, NewFile, NewJob, NotificationSubject, Reuse, SortOrder,
 };
+use sluice_testkit::ScratchDb;
 use std::time::Duration;
+
+/// A migrated store on a scratch database of its own. Fields drop in order, so the store goes
+/// before the scratch database, which removes the schema or file even if the test panicked.
+struct TestDb {
+    store: sluice_store::Store,
+    scratch: ScratchDb,
+}
+
+impl TestDb {
+    /// On PostgreSQL, in a new schema `{label}_{id}`.
+    async fn new(label: &str) -> TestDb {
+        TestDb::on(ScratchDb::postgres(label)).await
+    }
+
+    /// On SQLite, in a new file `{label}_{id}.db` in the temporary directory.
+    async fn sqlite(label: &str) -> TestDb {
+        TestDb::on(ScratchDb::sqlite(label)).await
+    }
+
+    async fn on(scratch: ScratchDb) -> TestDb {
+        TestDb {
+            store: scratch.store().await,
+            scratch,
+        }
+    }
+
+    /// The SQLite file, for tests that reopen it; `None` on PostgreSQL.
+    fn sqlite_path(&self) -> Option<&std::path::Path> {
+        self.scratch.path()
+    }
+
+    /// Close the store, then remove the schema or file.
+    async fn drop(self) {
+        self.store.close().await;
+    }
+}
 
 fn principal(tenant: &str) -> Principal {
     Principal {

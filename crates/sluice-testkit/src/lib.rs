@@ -70,9 +70,15 @@ impl ScratchDb {
     /// A schema named `{label}_{id}` in the test PostgreSQL; created (and migrated) by the
     /// first store that connects with [`ScratchDb::config`].
     pub fn postgres(label: &str) -> ScratchDb {
+        ScratchDb::postgres_at(&database_url(), label)
+    }
+
+    /// A schema named `{label}_{id}` in the PostgreSQL at `url` (the benchmark's, from its
+    /// configuration); otherwise as [`ScratchDb::postgres`].
+    pub fn postgres_at(url: &str, label: &str) -> ScratchDb {
         ScratchDb {
             place: Place::Schema {
-                url: database_url(),
+                url: url.to_owned(),
                 schema: unique(label),
             },
         }

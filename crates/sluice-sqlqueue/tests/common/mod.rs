@@ -1,6 +1,6 @@
-//! Cases both SQL backends share beyond the conformance suite, a broker wrapper that
-//! removes a test's database (Postgres schema, SQLite file) when the suite cleans up, and
-//! the store's migrations, which make the queue's table.
+//! Cases both SQL backends share beyond the conformance suite, a broker wrapper that keeps a
+//! test's scratch database (Postgres schema, SQLite file) as long as its queue, and the store's
+//! migrations, which make the queue's table.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -11,30 +11,19 @@ use futures::StreamExt;
 use sluice_broker::conformance::{self, expect_depth, job, next_within};
 use sluice_broker::{Broker, BrokerError, Consumer, JobRef, Lane, PublishOptions};
 use sluice_sqlqueue::SqlQueue;
-use sluice_store::{Store, StoreConfig};
+use sluice_testkit::ScratchDb;
 
-/// Runs the store's migrations on a database (a PostgreSQL schema, created if missing, or a
-/// SQLite file), as `sluice` does at start: they make the queue's table.
-pub async fn migrate(url: &str, schema: Option<&str>) {
-    let store = Store::connect(&StoreConfig {
-        url: url.to_owned(),
-        schema: schema.map(str::to_owned),
-        max_connections: 2,
-        migrate: true,
-        application_name: "sluice-sqlqueue-migrate".into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("cannot migrate the test database: {e}"));
-    store.close().await;
+/// Runs the store's migrations on a scratch database (creating its PostgreSQL schema), as
+/// `sluice` does at start: they make the queue's table.
+pub async fn migrate(db: &ScratchDb) {
+    db.store().await.close().await;
 }
 
-/// A queue plus whatever must go when the suite calls `delete_all` at the end of a case.
+/// A queue and its scratch database, which goes (schema dropped, file deleted) when the last
+/// handle on the queue does: after the suite's `delete_all`, and after a panic too.
 pub struct Scratch {
     pub queue: SqlQueue,
-    /// Postgres: the pool and the test's schema, dropped after `delete_all`.
-    pub schema: Option<(sqlx::PgPool, String)>,
-    /// SQLite: the directory holding the test's database file, removed when dropped.
-    pub dir: Option<tempfile::TempDir>,
+    pub db: ScratchDb,
 }
 
 #[async_trait::async_trait]
@@ -68,17 +57,7 @@ impl Broker for Scratch {
     }
 
     async fn delete_all(&self) -> Result<(), BrokerError> {
-        self.queue.delete_all().await?;
-        if let Some((pool, schema)) = &self.schema {
-            sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                .execute(pool)
-                .await
-                .map_err(|e| BrokerError::Admin {
-                    queue: schema.clone(),
-                    source: Box::new(e),
-                })?;
-        }
-        Ok(())
+        self.queue.delete_all().await
     }
 }
 
