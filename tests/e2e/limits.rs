@@ -274,7 +274,7 @@ async fn jobs_turned_away_with_429_go_before_fresh_work_once_the_pool_has_room()
     for k in ["a", "b", "c"] {
         trio.push_str(&format!(
             "[[pools.endpoints]]\nname = \"trio-{k}\"\nbase_url = \"{}\"\nmodel = \"m\"\n\
-             api_key = \"sk-{k}\"\nrpm = 20\nburst = 0\n",
+             api_key = \"sk-{k}\"\nrpm = 60\nburst = 0\n",
             provider.base_url()
         ));
     }

@@ -32,12 +32,17 @@ pub fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
 }
 
-/// A TCP port nothing listens on right now.
+/// A TCP port nothing listens on right now, below Linux's ephemeral range (32768 and up): a
+/// sink stopped and started again on it must find it still free, and the kernel hands ports of
+/// that range to every outgoing connection (and to the next test's port-0 listener).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free local port")
-        .port()
+    for _ in 0..1_000 {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free local port between 20000 and 32000")
 }
 
 /// A directory the sink writes into, removed when dropped.
