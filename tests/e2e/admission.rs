@@ -484,8 +484,7 @@ async fn the_estimated_wait_of_a_queued_job_is_within_twice_the_real_one_in_stea
         sim: sim_with_latency(500),
         concurrency: 1,
         // The monitor estimates waits with shedding off too; on, the backlog would trip it.
-        extra_toml: "[shedding]\nenabled = false\nrefresh_ms = 250\ndrain_window_secs = 6\n"
-            .into(),
+        extra_toml: "[shedding]\nenabled = false\nrefresh_ms = 250\ndrain_window_secs = 6\n".into(),
         ..AppOptions::default()
     })
     .await;

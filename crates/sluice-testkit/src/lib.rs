@@ -51,6 +51,14 @@ where
     let _ = done.join();
 }
 
+/// `url` with commits that do not wait for the WAL flush (`synchronous_commit = off`, on these
+/// connections only): a scratch schema need not survive a PostgreSQL crash, and tests spend
+/// much of their time waiting on commits. Nothing is lost when PostgreSQL stops cleanly.
+fn without_commit_flush(url: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20synchronous_commit%3Doff")
+}
+
 /// Where a scratch store lives.
 #[derive(Debug, Clone)]
 enum Place {
@@ -68,13 +76,15 @@ pub struct ScratchDb {
 
 impl ScratchDb {
     /// A schema named `{label}_{id}` in the test PostgreSQL; created (and migrated) by the
-    /// first store that connects with [`ScratchDb::config`].
+    /// first store that connects with [`ScratchDb::config`], whose commits do not wait for the
+    /// WAL flush (see `without_commit_flush`).
     pub fn postgres(label: &str) -> ScratchDb {
-        ScratchDb::postgres_at(&database_url(), label)
+        ScratchDb::postgres_at(&without_commit_flush(&database_url()), label)
     }
 
     /// A schema named `{label}_{id}` in the PostgreSQL at `url` (the benchmark's, from its
-    /// configuration); otherwise as [`ScratchDb::postgres`].
+    /// configuration, whose commits wait for the flush as in production); otherwise as
+    /// [`ScratchDb::postgres`].
     pub fn postgres_at(url: &str, label: &str) -> ScratchDb {
         ScratchDb {
             place: Place::Schema {
