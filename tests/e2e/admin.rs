@@ -1,11 +1,11 @@
 //! The operator API and CLI: dead jobs listed, inspected, replayed to success and purged;
 //! lane depths; keys created and revoked; admin and tenant keys each kept to their own routes.
 
-use crate::helpers::{job_body, spawn_app, AppOptions, TestApp};
+use crate::helpers::{job_body, sim_always_failing, spawn_app, AppOptions, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_core::{JobState, RequestId, Tier};
-use sluice_sim::{Faults, SimConfig};
+use sluice_sim::Faults;
 use std::time::Duration;
 
 async fn admin(
@@ -36,14 +36,7 @@ async fn dead_job(app: &TestApp, key: &str, text: &str) -> RequestId {
 #[tokio::test]
 async fn dead_jobs_round_trip_to_success_through_the_admin_api_and_the_cli() {
     let app = spawn_app(AppOptions {
-        sim: SimConfig {
-            default_rpm: 0,
-            faults: Faults {
-                always_fail: Some(400),
-                ..Faults::default()
-            },
-            ..SimConfig::default()
-        },
+        sim: sim_always_failing(400),
         ..AppOptions::default()
     })
     .await;

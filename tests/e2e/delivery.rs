@@ -1,7 +1,7 @@
 //! The job path from submit to result: many jobs over two worker processes, retries through
 //! the `retry` lane with backoff, dead-lettering and replay, and the CLI around them.
 
-use crate::helpers::{spawn_app, AppOptions, Queue};
+use crate::helpers::{sim_always_failing, spawn_app, AppOptions, Queue};
 use sluice_core::{JobState, RequestId, Tier};
 use sluice_sim::{Faults, SimConfig};
 use std::time::Duration;
@@ -177,14 +177,7 @@ async fn always_failing_endpoint_dead_letters_and_replay_succeeds_once_healed() 
 #[tokio::test]
 async fn a_provider_400_goes_dead_at_once_without_retries() {
     let app = spawn_app(AppOptions {
-        sim: SimConfig {
-            default_rpm: 0,
-            faults: Faults {
-                always_fail: Some(400),
-                ..Faults::default()
-            },
-            ..SimConfig::default()
-        },
+        sim: sim_always_failing(400),
         ..Default::default()
     })
     .await;

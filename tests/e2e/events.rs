@@ -2,7 +2,7 @@
 //! another, SSE resumes from `Last-Event-ID`, streamed jobs' text arrives as deltas, and the
 //! tenant wall and authentication hold on both.
 
-use crate::helpers::{job_body, spawn_app, AppOptions};
+use crate::helpers::{job_body, sim_always_failing, spawn_app, AppOptions};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use sluice_core::{JobState, RequestId, Tier};
@@ -556,14 +556,7 @@ async fn malformed_websocket_messages_get_a_json_error_and_the_socket_stays_open
 async fn a_subscriber_sees_a_job_replayed_by_the_cli_within_a_second() {
     let app = spawn_app(AppOptions {
         redis: true,
-        sim: SimConfig {
-            default_rpm: 0,
-            faults: Faults {
-                always_fail: Some(400),
-                ..Faults::default()
-            },
-            ..SimConfig::default()
-        },
+        sim: sim_always_failing(400),
         ..Default::default()
     })
     .await;

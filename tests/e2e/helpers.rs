@@ -33,6 +33,19 @@ pub async fn spawn_sim(faults: sluice_sim::Faults) -> SimHandle {
     .expect("simulator")
 }
 
+/// The app's simulator, unlimited, answering every call with `status` (e.g. 400: every job
+/// dies at once, with no retry).
+pub fn sim_always_failing(status: u16) -> SimConfig {
+    SimConfig {
+        default_rpm: 0,
+        faults: sluice_sim::Faults {
+            always_fail: Some(status),
+            ..sluice_sim::Faults::default()
+        },
+        ..SimConfig::default()
+    }
+}
+
 /// What to boot.
 pub struct AppOptions {
     pub workers: usize,
