@@ -11,7 +11,6 @@ use crate::AdmitError;
 use sha2::{Digest, Sha256};
 use sluice_core::route::RouteKey;
 use sluice_core::{JobRequest, JobState, Lane, Principal, RequestId, Tier, TierLanes};
-use sluice_notify::EventBus;
 use sluice_outbox::Publisher;
 use sluice_store::{
     Accepted as StoreAccepted, BatchLine, Ingested, JobRecord, JobWriter, NewBatch, NewJob, Reuse,
@@ -109,13 +108,12 @@ impl Admitted {
     }
 }
 
-/// The intake: admission's policy plus the store, the lanes and the event bus. One per API node.
+/// The intake: admission's policy plus the store and the lanes (the store announces what it
+/// changes). One per API node.
 pub struct Intake {
     pub store: Store,
     writer: JobWriter,
     pub publisher: Publisher,
-    /// Announces the changes made here (accepted, answered, cancelled) to every API node.
-    pub bus: EventBus,
     pub policy: Arc<Admission>,
     pub tiers: TierLanes,
 }
@@ -124,7 +122,6 @@ impl Intake {
     pub fn new(
         store: Store,
         publisher: Publisher,
-        bus: EventBus,
         policy: Arc<Admission>,
         tiers: TierLanes,
     ) -> Intake {
@@ -134,7 +131,6 @@ impl Intake {
             store,
             writer,
             publisher,
-            bus,
             policy,
             tiers,
         }

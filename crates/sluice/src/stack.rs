@@ -183,7 +183,7 @@ pub fn api_state(
     sluice_api::openai::spawn_disconnect_sweeper(store.clone(), &config.openai, shutdown.clone());
     sluice_api::openai::spawn_finalizer(store.clone(), &config.batches, shutdown.clone());
     let hub = Hub::spawn(store.clone(), &bus, poll, config.streams, shutdown);
-    let intake = Arc::new(Intake::new(store, publisher, bus, admission, config.tiers));
+    let intake = Arc::new(Intake::new(store, publisher, admission, config.tiers));
     Ok(ApiState::new(
         intake,
         hub,
