@@ -2,6 +2,7 @@
 //! the outbox by a dead API, and RabbitMQ dropping connections. No accepted job may be lost.
 
 use crate::helpers::{spawn_app, AppOptions, TestApp};
+use crate::metrics::Scrape;
 use sluice_core::{JobState, Lane, RequestId, Tier};
 use sluice_sim::{Latency, SimConfig};
 use std::collections::HashMap;
@@ -104,19 +105,9 @@ async fn kill_9_of_a_worker_mid_run_loses_no_job() {
     // The worker to kill must be working (on a busy machine one may start late and find the
     // other has taken every message), or the kill interrupts nothing.
     let calls_of_first = || async {
-        let text = app
-            .http
-            .get(&app.worker_metrics[0])
-            .send()
+        Scrape::of(&app, &app.worker_metrics[0])
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("sluice_provider_calls_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+            .sum("sluice_provider_calls_total", &[])
     };
     app.wait_for("some progress", Duration::from_secs(60), || async {
         app.count(JobState::Succeeded).await >= 100 && calls_of_first().await > 0.0

@@ -46,10 +46,10 @@ fn parse(text: &str) -> Vec<Sample> {
         .collect()
 }
 
-struct Scrape(Vec<Sample>);
+pub(crate) struct Scrape(Vec<Sample>);
 
 impl Scrape {
-    async fn of(app: &TestApp, url: &str) -> Scrape {
+    pub(crate) async fn of(app: &TestApp, url: &str) -> Scrape {
         let response = app.http.get(url).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{url}");
         let kind = response.headers()["content-type"].to_str().unwrap();
@@ -58,7 +58,7 @@ impl Scrape {
     }
 
     /// The sum over the series of `name` whose labels include `labels` (0 when none).
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.matching(name, labels).map(|s| s.value).sum()
     }
 
