@@ -119,6 +119,7 @@ on_both_backends!(
     stats_summarise_finished_jobs,
     dashboard_series_count_finished_jobs_and_calls_per_endpoint,
     identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer,
+    concurrent_completions_add_every_cost_to_the_tenants_spend,
     a_reusable_answer_completes_a_job_at_once_within_its_tenant_only,
     followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone,
     lane_stats_and_positions_count_queued_leaders,
@@ -1413,6 +1414,47 @@ async fn complete_with(db: &TestDb, message: &sluice_store::OutboxMessage, conte
         .await
         .unwrap();
     assert_eq!(done, [true]);
+}
+
+/// Completions from many connections at once (each adds to a spend row of its own on
+/// PostgreSQL) lose no cost, and each tenant reads only its own.
+async fn concurrent_completions_add_every_cost_to_the_tenants_spend(db: TestDb) {
+    let mut claims = Vec::new();
+    for n in 0..48 {
+        let tenant = if n % 4 == 3 { "other" } else { "acme" };
+        let message = created(
+            db.store
+                .insert_job(&new_job(tenant, &format!("job {n}")))
+                .await
+                .unwrap(),
+        );
+        claims.push(db.store.claim(&message.job, LEASE).await.unwrap().unwrap());
+    }
+    let mut tasks = Vec::new();
+    for group in claims.chunks(6) {
+        let store = db.store.clone();
+        let done: Vec<sluice_store::Completion> = group
+            .iter()
+            .map(|claim| sluice_store::Completion {
+                id: claim.id,
+                attempt: claim.attempt,
+                result: serde_json::json!({ "content": "ok" }),
+                endpoint: "e1".into(),
+                cost_usd: Some(0.125),
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            store.complete_many(&done).await.unwrap()
+        }));
+    }
+    for task in tasks {
+        assert!(task.await.unwrap().iter().all(|done| *done));
+    }
+    // 36 of acme's jobs and 12 of other's, at $0.125 each: exact in binary floating point.
+    assert_eq!(db.store.spent_today("acme").await.unwrap(), 4.5);
+    assert_eq!(db.store.spent_today("other").await.unwrap(), 1.5);
+    assert_eq!(db.store.spent_today("nobody").await.unwrap(), 0.0);
+    finish(db).await;
 }
 
 async fn identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer(db: TestDb) {

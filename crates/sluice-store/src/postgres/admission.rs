@@ -191,14 +191,15 @@ impl PgBackend {
 
     /// What the tenant's jobs cost today (UTC), in US dollars.
     pub(crate) async fn spent_today(&self, tenant: &str) -> Result<f64, StoreError> {
-        let row: Option<(f64,)> = sqlx::query_as(
-            "SELECT usd FROM tenant_spend
+        // One row per session that completed the tenant's jobs today (migration 0011).
+        let (usd,): (Option<f64>,) = sqlx::query_as(
+            "SELECT sum(usd) FROM tenant_spend
              WHERE tenant = $1 AND day = (now() AT TIME ZONE 'UTC')::date",
         )
         .bind(tenant)
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(row.map_or(0.0, |(usd,)| usd))
+        Ok(usd.unwrap_or(0.0))
     }
 
     /// Embeddings of the tenant's successful jobs for `model` from the last `within`, newest

@@ -79,6 +79,24 @@ impl PgBackend {
             return Ok(Vec::new());
         }
         let jobs: Vec<&NewJob> = jobs.iter().collect();
+        if jobs.iter().all(|job| job.request_hash.is_none()) {
+            // No job can attach to another, so every one is queued by the one statement, which
+            // on its own is a transaction: one round trip, where an explicit transaction would
+            // add a BEGIN and a COMMIT to every batch.
+            let queued = insert_rows(&self.pool, &jobs).await?;
+            return jobs
+                .iter()
+                .map(|job| {
+                    queued_message(&queued, job)?.ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "job {} was neither queued nor refused",
+                            job.id
+                        ))
+                    })
+                })
+                .collect();
+        }
+        // Followers attach in the same transaction, so a failure stores none of the batch.
         let mut tx = self.pool.begin().await?;
         let accepted = self.insert_jobs_in(&mut tx, &jobs).await?;
         tx.commit().await?;
@@ -92,85 +110,13 @@ impl PgBackend {
         tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
         jobs: &[&NewJob],
     ) -> Result<Vec<Accepted>, StoreError> {
-        let mut ids = Vec::with_capacity(jobs.len());
-        let mut tenants = Vec::with_capacity(jobs.len());
-        let mut users = Vec::with_capacity(jobs.len());
-        let mut tiers = Vec::with_capacity(jobs.len());
-        let mut lanes = Vec::with_capacity(jobs.len());
-        let mut models = Vec::with_capacity(jobs.len());
-        let mut requests = Vec::with_capacity(jobs.len());
-        let mut emails = Vec::with_capacity(jobs.len());
-        let mut hashes = Vec::with_capacity(jobs.len());
-        let mut reasons = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            ids.push(job.id.0);
-            tenants.push(job.principal.tenant.as_str());
-            users.push(job.principal.user.as_str());
-            tiers.push(job.principal.tier.as_str());
-            lanes.push(job.lane.as_str());
-            models.push(job.routing_key());
-            requests.push(serde_json::to_string(&job.request).map_err(corrupt)?);
-            emails.push(job.notify_email.as_deref());
-            hashes.push(job.request_hash.as_deref());
-            reasons.push(job.route_reason());
-        }
-        // ON CONFLICT without a target: the only unique index these rows can meet is the one on
-        // requests in flight (ids are fresh, idempotency keys absent).
-        let rows: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "WITH input AS (
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                      $6::text[], $7::text[], $8::text[], $9::bytea[], $10::text[])
-                     AS t(id, tenant, user_id, tier, lane, model, request, notify_email,
-                          request_hash, route_reason)
-             ), j AS (
-                 INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                                   state, request_hash, route_reason)
-                 SELECT id, tenant, user_id, tier, lane, model, request::jsonb, notify_email,
-                        'queued', request_hash, route_reason
-                 FROM input
-                 ON CONFLICT DO NOTHING
-                 RETURNING id, lane
-             ), e AS (
-                 INSERT INTO job_events (job_id, seq, state) SELECT id, 1, 'queued' FROM j
-             )
-             INSERT INTO outbox (job_id, lane, attempt)
-             SELECT id, lane, 0 FROM j
-             RETURNING id, job_id, deliver_at",
-        )
-        .bind(&ids)
-        .bind(&tenants)
-        .bind(&users)
-        .bind(&tiers)
-        .bind(&lanes)
-        .bind(&models)
-        .bind(&requests)
-        .bind(&emails)
-        .bind(&hashes)
-        .bind(&reasons)
-        .fetch_all(&mut **tx)
-        .await?;
-        let by_id: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> =
-            rows.into_iter().map(|(o, j, at)| (j, (o, at))).collect();
+        let queued = insert_rows(&mut **tx, jobs).await?;
         let mut accepted = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if let Some(&(outbox_id, deliver_at)) = by_id.get(&job.id.0) {
-                accepted.push(Accepted::Queued(OutboxMessage {
-                    outbox_id,
-                    lane: job.lane,
-                    job: job.job_ref(),
-                    deliver_at,
-                    reason: None,
-                }));
-                continue;
+            match queued_message(&queued, job)? {
+                Some(message) => accepted.push(message),
+                None => accepted.push(self.attach(tx, job).await?),
             }
-            if job.request_hash.is_none() {
-                // Without a hash the only unique index the row can meet is the primary key.
-                return Err(StoreError::Invalid(format!(
-                    "job id {} is already taken",
-                    job.id
-                )));
-            }
-            accepted.push(self.attach(tx, job).await?);
         }
         Ok(accepted)
     }
@@ -371,4 +317,95 @@ impl PgBackend {
             .map(|(id, tenant)| (RequestId(id), tenant))
             .collect())
     }
+}
+
+/// The outbox row (id, deliver_at) of each job the insert queued, by job id.
+type QueuedRows = std::collections::HashMap<Uuid, (i64, DateTime<Utc>)>;
+
+/// One statement for the jobs, their first events and their outbox rows; a job identical to
+/// one in flight (the unique index on requests in flight) is left out, for the caller to attach.
+async fn insert_rows<'e, E>(executor: E, jobs: &[&NewJob]) -> Result<QueuedRows, StoreError>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut tenants = Vec::with_capacity(jobs.len());
+    let mut users = Vec::with_capacity(jobs.len());
+    let mut tiers = Vec::with_capacity(jobs.len());
+    let mut lanes = Vec::with_capacity(jobs.len());
+    let mut models = Vec::with_capacity(jobs.len());
+    let mut requests = Vec::with_capacity(jobs.len());
+    let mut emails = Vec::with_capacity(jobs.len());
+    let mut hashes = Vec::with_capacity(jobs.len());
+    let mut reasons = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        ids.push(job.id.0);
+        tenants.push(job.principal.tenant.as_str());
+        users.push(job.principal.user.as_str());
+        tiers.push(job.principal.tier.as_str());
+        lanes.push(job.lane.as_str());
+        models.push(job.routing_key());
+        requests.push(serde_json::to_string(&job.request).map_err(corrupt)?);
+        emails.push(job.notify_email.as_deref());
+        hashes.push(job.request_hash.as_deref());
+        reasons.push(job.route_reason());
+    }
+    // ON CONFLICT without a target: the only unique index these rows can meet is the one on
+    // requests in flight (ids are fresh, idempotency keys absent).
+    let rows: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::text[], $8::text[], $9::bytea[], $10::text[])
+                 AS t(id, tenant, user_id, tier, lane, model, request, notify_email,
+                      request_hash, route_reason)
+         ), j AS (
+             INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                               state, request_hash, route_reason)
+             SELECT id, tenant, user_id, tier, lane, model, request::jsonb, notify_email,
+                    'queued', request_hash, route_reason
+             FROM input
+             ON CONFLICT DO NOTHING
+             RETURNING id, lane
+         ), e AS (
+             INSERT INTO job_events (job_id, seq, state) SELECT id, 1, 'queued' FROM j
+         )
+         INSERT INTO outbox (job_id, lane, attempt)
+         SELECT id, lane, 0 FROM j
+         RETURNING id, job_id, deliver_at",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&users)
+    .bind(&tiers)
+    .bind(&lanes)
+    .bind(&models)
+    .bind(&requests)
+    .bind(&emails)
+    .bind(&hashes)
+    .bind(&reasons)
+    .fetch_all(executor)
+    .await?;
+    Ok(rows.into_iter().map(|(o, j, at)| (j, (o, at))).collect())
+}
+
+/// `job` as queued if the insert queued it; `None` if it met an identical job in flight.
+fn queued_message(queued: &QueuedRows, job: &NewJob) -> Result<Option<Accepted>, StoreError> {
+    if let Some(&(outbox_id, deliver_at)) = queued.get(&job.id.0) {
+        return Ok(Some(Accepted::Queued(OutboxMessage {
+            outbox_id,
+            lane: job.lane,
+            job: job.job_ref(),
+            deliver_at,
+            reason: None,
+        })));
+    }
+    if job.request_hash.is_none() {
+        // Without a hash the only unique index the row can meet is the primary key: ids are
+        // fresh UUIDv7s, so this is a bug, not a request to refuse.
+        return Err(StoreError::Invalid(format!(
+            "job id {} is already taken",
+            job.id
+        )));
+    }
+    Ok(None)
 }

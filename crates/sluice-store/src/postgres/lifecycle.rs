@@ -115,10 +115,12 @@ impl PgBackend {
                  SELECT id, notify_email FROM j WHERE notify_email IS NOT NULL
                  ON CONFLICT (job_id) DO NOTHING
              ), spend AS (
-                 INSERT INTO tenant_spend AS s (tenant, day, usd)
-                 SELECT tenant, (now() AT TIME ZONE 'UTC')::date, sum(cost_usd) FROM j
-                 WHERE cost_usd IS NOT NULL GROUP BY tenant
-                 ON CONFLICT (tenant, day) DO UPDATE SET usd = s.usd + EXCLUDED.usd
+                 -- This session's own row (migration 0011): concurrent completions never wait
+                 -- on each other's spend.
+                 INSERT INTO tenant_spend AS s (tenant, day, shard, usd)
+                 SELECT tenant, (now() AT TIME ZONE 'UTC')::date, pg_backend_pid(), sum(cost_usd)
+                 FROM j WHERE cost_usd IS NOT NULL GROUP BY tenant
+                 ON CONFLICT (tenant, day, shard) DO UPDATE SET usd = s.usd + EXCLUDED.usd
              ), f AS (
                  -- Jobs attached to these take the same answer, without a call of their own.
                  UPDATE jobs SET state = 'succeeded', result = j.result, endpoint = j.endpoint,

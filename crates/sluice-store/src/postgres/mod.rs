@@ -26,8 +26,12 @@ pub(crate) struct PgBackend {
 impl PgBackend {
     /// Connect, creating the configured schema first if one is named.
     pub(crate) async fn connect(config: &StoreConfig) -> Result<PgBackend, StoreError> {
-        let mut options =
-            PgConnectOptions::from_str(&config.url)?.application_name(&config.application_name);
+        // The planner's default page costs assume a spinning disk. With them it chose a scan of
+        // the whole jobs table over a few dozen primary-key look-ups for the batched claims once
+        // a table had grown past what its statistics said; a job store's rows are hot in memory.
+        let mut options = PgConnectOptions::from_str(&config.url)?
+            .application_name(&config.application_name)
+            .options([("random_page_cost", "1.1")]);
         if let Some(schema) = &config.schema {
             if !valid_schema(schema) {
                 return Err(StoreError::InvalidSchema(schema.clone()));
