@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SLUICE = $(CARGO) run --release --quiet --bin sluice --
 
-.PHONY: run dev test check bench services build test-deps
+.PHONY: run dev test check bench bench-guard services build test-deps
 
 ## Run the API, one worker and the provider simulator against this machine's services
 ## with ./sluice.toml, in the foreground until Ctrl-C.
@@ -30,10 +30,15 @@ check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## End-to-end throughput on this machine (not a test).
+## End-to-end throughput on this machine (not a test): every lane backend with admission on
+## and off, beside the durable floor (PostgreSQL + RabbitMQ, no Sluice) measured in the same run.
 bench: services
 	$(CARGO) build --release --bin sluice
-	$(CARGO) run --release -p sluice-bench -- throughput
+	$(CARGO) run --release -p sluice-bench -- --config /dev/null throughput
+
+## CI's guard: a short run that fails below a share of the durable floor (docs/PERFORMANCE.md).
+bench-guard: services
+	@scripts/bench-guard.sh
 
 services:
 	@scripts/services.sh

@@ -2,6 +2,8 @@
 //! services. `throughput` runs the whole job path in one process per lane backend; `ratelimit`
 //! drains a backlog through a rate-limited pool with worker processes. Measurements, not tests.
 
+mod cost;
+mod floor;
 mod ratelimit;
 mod throughput;
 

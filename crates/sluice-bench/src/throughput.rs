@@ -1,7 +1,8 @@
 //! `sluice-bench throughput`: the whole job path in one process against an instant simulator,
 //! once per lane backend (RabbitMQ, SQS on a local moto server, the SQL queue in PostgreSQL
-//! and in SQLite); prints jobs/s and submit-to-complete latency of each run, then one table
-//! comparing them.
+//! and in SQLite) and per admission setting (every admission feature on, or off), beside the
+//! durable floor (`floor.rs`) measured in the same run; prints jobs/s, the `202`'s latency,
+//! submit-to-complete latency and the ratio to the floor, and can fail below a ratio (CI's guard).
 
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
@@ -50,6 +51,23 @@ pub enum BenchCommand {
             default_value = "rabbitmq,sqs,sql-postgres,sql-sqlite"
         )]
         backends: Vec<BenchBackend>,
+        /// Offer submissions at this steady rate (per second, all clients together) instead of
+        /// as fast as the clients go; a `202`'s latency then counts from when it was due, so a
+        /// stall is not hidden by the requests it delayed.
+        #[arg(long, value_name = "PER_SEC")]
+        rate: Option<f64>,
+        /// Admission features per run, comma-separated: `on` (quotas, daily budgets, the exact
+        /// cache and load shedding, with limits no bench job reaches, and deterministic requests
+        /// so every one is looked up in the cache) and `off`; each backend runs once per setting.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "on,off")]
+        admission: Vec<AdmissionMode>,
+        /// Skip the durable floor (PostgreSQL insert and update, RabbitMQ confirm and ack).
+        #[arg(long)]
+        no_floor: bool,
+        /// Exit with failure when a run's jobs/s is below this fraction of the floor's
+        /// (the CI guard: a ratio, never an absolute time).
+        #[arg(long, value_name = "RATIO")]
+        min_floor_ratio: Option<f64>,
         /// An SQS endpoint for the `sqs` backend, instead of a moto server the bench starts.
         #[arg(long, value_name = "URL")]
         sqs_endpoint: Option<String>,
@@ -57,6 +75,15 @@ pub enum BenchCommand {
         /// on PATH, else the virtualenv `scripts/pyenv.sh` makes.
         #[arg(long, value_name = "PATH")]
         moto_server: Option<PathBuf>,
+    },
+    /// The cost of one job: real `sluice serve` and `sluice worker` processes run the jobs; prints
+    /// CPU per job of each process, PostgreSQL and RabbitMQ, and (with pg_stat_statements)
+    /// SQL statements, rows and WAL per job.
+    Cost {
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
     },
     /// A backlog through a pool shaped like the seed notes x10 (3 keys at 200 RPM, 5 at 600,
     /// 2 at 2,000), first with one worker process, then with several; prints utilization,
@@ -72,6 +99,22 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         latency_ms: u64,
     },
+}
+
+/// Whether a run has Sluice's admission features on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AdmissionMode {
+    On,
+    Off,
+}
+
+impl AdmissionMode {
+    fn name(self) -> &'static str {
+        match self {
+            AdmissionMode::On => "on",
+            AdmissionMode::Off => "off",
+        }
+    }
 }
 
 /// A lane backend the throughput bench can run on.
@@ -122,6 +165,10 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             concurrency,
             timeout_secs,
             backends,
+            rate,
+            admission,
+            no_floor,
+            min_floor_ratio,
             sqs_endpoint,
             moto_server,
         } => {
@@ -131,14 +178,23 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
                 workers,
                 concurrency,
                 timeout_secs,
+                rate,
+                admission: AdmissionMode::Off,
+            };
+            let plan = Plan {
+                backends,
+                admission,
+                floor: !no_floor,
+                min_floor_ratio,
             };
             let sqs = SqsSource {
                 endpoint: sqs_endpoint,
                 moto_server,
                 moto: None,
             };
-            throughput(config, load, &backends, sqs).await
+            throughput(config, load, &plan, sqs).await
         }
+        BenchCommand::Cost { jobs, clients } => crate::cost::run(&config, jobs, clients).await,
         BenchCommand::Ratelimit {
             workers,
             seconds,
@@ -160,6 +216,16 @@ struct Load {
     workers: usize,
     concurrency: usize,
     timeout_secs: u64,
+    rate: Option<f64>,
+    admission: AdmissionMode,
+}
+
+/// What runs, and what counts as failing.
+struct Plan {
+    backends: Vec<BenchBackend>,
+    admission: Vec<AdmissionMode>,
+    floor: bool,
+    min_floor_ratio: Option<f64>,
 }
 
 /// One backend's result.
@@ -172,6 +238,9 @@ struct Measured {
     /// Submit-to-complete, in seconds.
     p50: f64,
     p95: f64,
+    /// The `202`'s latency as the clients saw it, in seconds.
+    submit_p50: f64,
+    submit_p99: f64,
 }
 
 impl Measured {
@@ -246,81 +315,177 @@ fn find_moto_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 async fn throughput(
     config: Config,
     load: Load,
-    backends: &[BenchBackend],
+    plan: &Plan,
     mut sqs: SqsSource,
 ) -> anyhow::Result<()> {
     if load.jobs == 0 || load.clients == 0 || load.workers == 0 || load.concurrency == 0 {
         bail!("--jobs, --clients, --workers and --concurrency must be at least 1");
     }
-    if backends.is_empty() {
-        bail!("--backends names no backend");
+    if load.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be a positive number of submissions per second");
     }
-    for (i, backend) in backends.iter().enumerate() {
-        if backends[..i].contains(backend) {
+    if plan.backends.is_empty() || plan.admission.is_empty() {
+        bail!("--backends and --admission must each name at least one");
+    }
+    for (i, backend) in plan.backends.iter().enumerate() {
+        if plan.backends[..i].contains(backend) {
             bail!("--backends names {backend} twice");
         }
     }
+    if let Some(ratio) = plan.min_floor_ratio {
+        if !(ratio > 0.0 && ratio.is_finite() && plan.floor) {
+            bail!("--min-floor-ratio needs a positive ratio and the floor (no --no-floor)");
+        }
+    }
+
+    let floor = if plan.floor {
+        eprintln!(
+            "bench: floor (PostgreSQL insert + update, RabbitMQ publish confirmed + ack, {} jobs, {} clients)",
+            load.jobs, load.clients
+        );
+        let scratch = ScratchDb::postgres_at(&config.database.url, "bench");
+        let schema = scratch
+            .schema()
+            .context("a PostgreSQL scratch database has a schema")?
+            .to_owned();
+        let floor = crate::floor::measure(
+            &config.database.url,
+            &schema,
+            &config.rabbitmq.url,
+            load.jobs,
+            load.clients,
+        )
+        .await
+        .context("the durable floor failed")?;
+        drop(scratch);
+        println!(
+            "sluice bench throughput: durable floor\n  end to end                {:.2} s ({:.0} jobs/s)\n",
+            floor.seconds,
+            floor.jobs_per_sec()
+        );
+        Some(floor)
+    } else {
+        None
+    };
 
     let mut results = Vec::new();
-    for &backend in backends {
-        eprintln!("bench: {backend} ({})", backend.describe());
-        let result = run_backend(&config, backend, load, &mut sqs).await;
-        if let Err(error) = &result {
-            eprintln!("bench: {backend} failed: {error:#}");
+    for &backend in &plan.backends {
+        for &admission in &plan.admission {
+            eprintln!(
+                "bench: {backend} ({}), admission {}",
+                backend.describe(),
+                admission.name()
+            );
+            let load = Load { admission, ..load };
+            let result = run_backend(&config, backend, load, &mut sqs).await;
+            if let Err(error) = &result {
+                eprintln!("bench: {backend} failed: {error:#}");
+            }
+            results.push((backend, admission, result));
         }
-        results.push((backend, result));
     }
     // Stop the moto server, if one was started, before printing.
     drop(sqs);
 
-    print_table(&results);
-    let failed: Vec<&str> = results
+    print_table(&results, floor.map(|f| f.jobs_per_sec()));
+    let failed: Vec<String> = results
         .iter()
-        .filter(|(_, result)| result.is_err())
-        .map(|(backend, _)| backend.name())
+        .filter(|(_, _, result)| result.is_err())
+        .map(|(backend, admission, _)| format!("{backend} (admission {})", admission.name()))
         .collect();
     if !failed.is_empty() {
         bail!(
-            "{} of {} backends failed: {}",
+            "{} of {} runs failed: {}",
             failed.len(),
             results.len(),
             failed.join(", ")
         );
     }
+    if let (Some(min), Some(floor)) = (plan.min_floor_ratio, floor) {
+        let below: Vec<String> = results
+            .iter()
+            .filter_map(|(backend, admission, result)| {
+                let ratio = result.as_ref().ok()?.jobs_per_sec() / floor.jobs_per_sec();
+                (ratio < min).then(|| {
+                    format!(
+                        "{backend} (admission {}) at {ratio:.3}x the floor",
+                        admission.name()
+                    )
+                })
+            })
+            .collect();
+        if !below.is_empty() {
+            bail!(
+                "below the guard's {min:.3}x of the durable floor: {}",
+                below.join(", ")
+            );
+        }
+        println!("guard: every run at least {min:.3}x the durable floor");
+    }
     Ok(())
 }
 
-/// Backend, jobs, seconds, jobs/s, p50 and p95, and jobs/s relative to RabbitMQ's.
-fn print_table(results: &[(BenchBackend, anyhow::Result<Measured>)]) {
-    let baseline = results.iter().find_map(|(backend, result)| match result {
-        Ok(m) if *backend == BenchBackend::Rabbitmq => Some(m.jobs_per_sec()),
-        _ => None,
-    });
+/// Each run's jobs/s, latencies, and jobs/s relative to RabbitMQ's (same admission) and to
+/// the floor.
+fn print_table(
+    results: &[(BenchBackend, AdmissionMode, anyhow::Result<Measured>)],
+    floor: Option<f64>,
+) {
     println!(
-        "{:<14} {:>8} {:>9} {:>9} {:>9} {:>9} {:>12}",
-        "backend", "jobs", "seconds", "jobs/s", "p50 ms", "p95 ms", "vs rabbitmq"
+        "{:<14} {:>5} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "backend",
+        "adm",
+        "jobs",
+        "jobs/s",
+        "202 p50",
+        "202 p99",
+        "e2e p50",
+        "e2e p95",
+        "vs rmq",
+        "vs floor"
     );
-    for (backend, result) in results {
+    if let Some(floor) = floor {
+        println!(
+            "{:<14} {:>5} {:>7} {:>8.0} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}",
+            "floor", "-", "-", floor, "-", "-", "-", "-", "-", "1.00x"
+        );
+    }
+    for (backend, admission, result) in results {
         match result {
             Ok(m) => {
-                let ratio = baseline.filter(|b| *b > 0.0).map_or_else(
-                    || "-".to_owned(),
-                    |b| format!("{:.2}x", m.jobs_per_sec() / b),
-                );
+                let baseline = results.iter().find_map(|(b, a, r)| match r {
+                    Ok(m) if *b == BenchBackend::Rabbitmq && a == admission => {
+                        Some(m.jobs_per_sec())
+                    }
+                    _ => None,
+                });
+                let ratio = |to: Option<f64>| {
+                    to.filter(|b| *b > 0.0).map_or_else(
+                        || "-".to_owned(),
+                        |b| format!("{:.2}x", m.jobs_per_sec() / b),
+                    )
+                };
                 println!(
-                    "{:<14} {:>8} {:>9.2} {:>9.0} {:>9.1} {:>9.1} {:>12}",
+                    "{:<14} {:>5} {:>7} {:>8.0} {:>6.2}ms {:>7.2}ms {:>7.1}ms {:>7.1}ms {:>8} {:>8}",
                     backend.name(),
+                    admission.name(),
                     m.jobs,
-                    m.seconds,
                     m.jobs_per_sec(),
+                    m.submit_p50 * 1000.0,
+                    m.submit_p99 * 1000.0,
                     m.p50 * 1000.0,
                     m.p95 * 1000.0,
-                    ratio
+                    ratio(baseline),
+                    ratio(floor)
                 );
             }
             Err(error) => {
                 let error = format!("{error:#}").replace('\n', " ");
-                println!("{:<14} FAILED: {error}", backend.name());
+                println!(
+                    "{:<14} {:>5} FAILED: {error}",
+                    backend.name(),
+                    admission.name()
+                );
             }
         }
     }
@@ -394,13 +559,11 @@ async fn run_backend(
         endpoints: vec![endpoint],
     }];
     config.routes = BTreeMap::from([("default".to_owned(), "sim".into())]);
-    // The bench measures how fast jobs flow, so it submits past every wait target on purpose:
-    // shedding would refuse the very load being measured.
-    config.shedding.enabled = false;
+    admission_features(&mut config, load.admission);
 
     let result = match stack::store(&config, true).await {
         Ok(store) => {
-            let result = with_store(&config, backend, &store, load).await;
+            let result = with_store(&config, backend, &store, &sim, load).await;
             store.close().await;
             result
         }
@@ -411,16 +574,74 @@ async fn run_backend(
     result
 }
 
+/// Turn admission's features on, each with limits the bench never reaches (so they are paid
+/// for but refuse nothing), or all off.
+fn admission_features(config: &mut Config, mode: AdmissionMode) {
+    match mode {
+        AdmissionMode::Off => {
+            config.quotas = Default::default();
+            config.budgets = Default::default();
+            config.cache.enabled = false;
+            config.shedding.enabled = false;
+            config.semantic_cache = None;
+        }
+        AdmissionMode::On => {
+            let rules = |limit| sluice_core::TierQuotas {
+                user: vec![sluice_core::QuotaRule {
+                    per: sluice_core::QuotaWindow::MINUTE,
+                    limit,
+                }],
+                tenant: vec![
+                    sluice_core::QuotaRule {
+                        per: sluice_core::QuotaWindow::SECOND,
+                        limit,
+                    },
+                    sluice_core::QuotaRule {
+                        per: sluice_core::QuotaWindow::DAY,
+                        limit,
+                    },
+                ],
+            };
+            config.quotas = sluice_core::QuotaConfig {
+                enterprise: rules(1_000_000_000),
+                pro: rules(1_000_000_000),
+                basic: rules(1_000_000_000),
+                free: rules(1_000_000_000),
+            };
+            config.budgets.default_daily_usd = Some(1_000_000_000.0);
+            config.cache.enabled = true;
+            // Shedding reads the lanes and judges every submission, against wait targets no
+            // run reaches: the bench submits past every real target on purpose.
+            config.shedding.enabled = true;
+            config.shedding.targets = sluice_core::WaitTargets {
+                enterprise: 1e9,
+                pro: 1e9,
+                basic: 1e9,
+                free: 1e9,
+            };
+            for pool in &mut config.pools {
+                for endpoint in &mut pool.endpoints {
+                    endpoint.price = Some(sluice_core::Price {
+                        input_per_mtok: 0.15,
+                        output_per_mtok: 0.6,
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// Connect the lanes, run the load, delete the lanes.
 async fn with_store(
     config: &Config,
     backend: BenchBackend,
     store: &Store,
+    sim: &sluice_sim::SimHandle,
     load: Load,
 ) -> anyhow::Result<Measured> {
     let broker = stack::connect_broker(config, store).await?;
     let result = match broker.declare().await.context("cannot declare the lanes") {
-        Ok(()) => run_throughput(config, backend, store, &broker, load).await,
+        Ok(()) => run_throughput(config, backend, store, sim, &broker, load).await,
         Err(error) => Err(error),
     };
     if let Err(error) = broker.delete_all().await {
@@ -435,12 +656,13 @@ async fn run_throughput(
     config: &Config,
     backend: BenchBackend,
     store: &Store,
+    sim: &sluice_sim::SimHandle,
     broker: &Arc<dyn Broker>,
     load: Load,
 ) -> anyhow::Result<Measured> {
     let stop = CancellationToken::new();
     let mut tasks = Tasks::default();
-    let result = drive(config, backend, store, broker, load, &stop, &mut tasks).await;
+    let result = drive(config, backend, store, sim, broker, load, &stop, &mut tasks).await;
     stop.cancel();
     let grace = Duration::from_secs_f64(config.worker.shutdown_grace_secs.max(0.0))
         + Duration::from_secs(10);
@@ -461,10 +683,12 @@ struct Tasks {
     workers: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     config: &Config,
     backend: BenchBackend,
     store: &Store,
+    sim: &sluice_sim::SimHandle,
     broker: &Arc<dyn Broker>,
     load: Load,
     stop: &CancellationToken,
@@ -476,6 +700,8 @@ async fn drive(
         workers,
         concurrency,
         timeout_secs,
+        rate,
+        admission,
     } = load;
     // The API node's store announces on its bus, as `sluice serve` does.
     let bus = stack::event_bus(config)?;
@@ -548,6 +774,9 @@ async fn drive(
     );
     let started = Instant::now();
     let mut submitters = Vec::new();
+    // With admission on, requests are deterministic, so each is looked up in the exact cache
+    // (distinct prompts: none is a hit) and stored with its hash.
+    let temperature = (admission == AdmissionMode::On).then_some(0.0);
     for _ in 0..clients {
         let (http, url, keys, next) = (
             http.clone(),
@@ -556,15 +785,27 @@ async fn drive(
             Arc::clone(&next),
         );
         submitters.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= jobs {
-                    return Ok::<(), anyhow::Error>(());
+                    return Ok::<Vec<f64>, anyhow::Error>(latencies);
                 }
-                let body = serde_json::json!({
+                let mut body = serde_json::json!({
                     "model": "default",
                     "messages": [{"role": "user", "content": format!("bench job {n}")}],
                 });
+                if let Some(t) = temperature {
+                    body["temperature"] = serde_json::json!(t);
+                }
+                let sent = match rate {
+                    Some(rate) => {
+                        let due = started + Duration::from_secs_f64(n as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 let response = http
                     .post(&url)
                     .bearer_auth(&keys[n % keys.len()])
@@ -575,18 +816,23 @@ async fn drive(
                 if response.status() != reqwest::StatusCode::ACCEPTED {
                     bail!("submit answered {}", response.status());
                 }
+                latencies.push(sent.elapsed().as_secs_f64());
             }
         }));
     }
     let mut submit_error = None;
+    let mut latencies = Vec::with_capacity(jobs);
     for task in submitters {
         // Wait for every client even after one failed, so none outlives the run.
         let outcome = task
             .await
             .context("a submitting client panicked")
             .and_then(|r| r);
-        if let Err(error) = outcome {
-            submit_error.get_or_insert(error);
+        match outcome {
+            Ok(mut l) => latencies.append(&mut l),
+            Err(error) => {
+                submit_error.get_or_insert(error);
+            }
         }
     }
     if let Some(error) = submit_error {
@@ -596,10 +842,17 @@ async fn drive(
 
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     let done = loop {
-        let done = store
-            .finished_count()
-            .await
-            .context("cannot count finished jobs")?;
+        // The simulator's call count costs nothing to read; counting finished jobs scans the
+        // jobs table, which would compete with the run it measures, so only once every job
+        // has had its call.
+        let done = if sim.stats().total >= jobs as u64 {
+            store
+                .finished_count()
+                .await
+                .context("cannot count finished jobs")?
+        } else {
+            0
+        };
         if done >= jobs as i64 {
             break done;
         }
@@ -615,8 +868,7 @@ async fn drive(
         if Instant::now() > deadline {
             bail!("only {done} of {jobs} jobs finished within {timeout_secs} s");
         }
-        // Coarse polling: counting scans the jobs table and would compete with the run.
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let wall = started.elapsed();
     stop.cancel();
@@ -625,9 +877,14 @@ async fn drive(
         .latency_summary()
         .await
         .context("cannot summarise latency")?;
+    let (submit_p50, submit_p99) = (
+        percentile(&mut latencies, 0.50),
+        percentile(&mut latencies, 0.99),
+    );
     println!(
-        "sluice bench throughput: {backend} ({})",
-        backend.describe()
+        "sluice bench throughput: {backend} ({}), admission {}",
+        backend.describe(),
+        admission.name()
     );
     println!("  jobs                      {jobs}");
     println!("  clients / workers         {clients} / {workers} x {concurrency}");
@@ -641,7 +898,24 @@ async fn drive(
         wall.as_secs_f64(),
         jobs as f64 / wall.as_secs_f64()
     );
+    println!(
+        "  202 p50 / p99             {:.2} / {:.2} ms",
+        submit_p50 * 1000.0,
+        submit_p99 * 1000.0
+    );
     println!("  first accept -> last done {:.2} s", latency.span);
+    let waits = store
+        .queue_wait_by_lane()
+        .await
+        .context("cannot read queue waits")?;
+    for wait in &waits {
+        println!(
+            "  accept-to-running p50     {:.2} ms ({} lane, {} jobs)",
+            wait.p50 * 1000.0,
+            wait.lane,
+            wait.jobs
+        );
+    }
     println!("  submit-to-complete p50    {:.1} ms", latency.p50 * 1000.0);
     println!("  submit-to-complete p95    {:.1} ms", latency.p95 * 1000.0);
     println!("  submit-to-complete p99    {:.1} ms", latency.p99 * 1000.0);
@@ -654,5 +928,17 @@ async fn drive(
         seconds: wall.as_secs_f64(),
         p50: latency.p50,
         p95: latency.p95,
+        submit_p50,
+        submit_p99,
     })
+}
+
+/// The `q` quantile of `samples` (nearest rank), 0 for none.
+pub(crate) fn percentile(samples: &mut [f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_by(f64::total_cmp);
+    let rank = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len());
+    samples[rank - 1]
 }

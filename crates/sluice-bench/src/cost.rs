@@ -1,0 +1,399 @@
+//! `sluice-bench cost`: the cost of one job, as `docs/PERFORMANCE.md` reports it. Real `sluice
+//! serve` and `sluice worker` processes run N jobs against an instant simulator in this process;
+//! the CPU each process (and PostgreSQL and RabbitMQ) spent, and, where `pg_stat_statements` is
+//! installed, the SQL statements, rows and WAL per job, are read before and after.
+
+use anyhow::{bail, Context};
+use sluice::config::Config;
+use sluice::stack;
+use sluice_core::{Principal, Tier};
+use sluice_testkit::ScratchDb;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on Linux everywhere).
+const TICKS_PER_SEC: f64 = 100.0;
+
+pub async fn run(config: &Config, jobs: usize, clients: usize) -> anyhow::Result<()> {
+    if jobs == 0 || clients == 0 {
+        bail!("--jobs and --clients must be at least 1");
+    }
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let scratch = ScratchDb::postgres_at(&config.database.url, "bench");
+    let schema = scratch
+        .schema()
+        .context("a PostgreSQL scratch database has a schema")?
+        .to_owned();
+    let prefix = format!("bench-{run_id}");
+    let sim = sluice_sim::spawn(
+        sluice_sim::SimConfig {
+            default_rpm: 0,
+            ..Default::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .context("cannot start the simulator")?;
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port();
+    let toml = format!(
+        "listen = \"127.0.0.1:{port}\"\n\n\
+         [database]\nurl = \"{}\"\nschema = \"{schema}\"\nmax_connections = 16\n\n\
+         [rabbitmq]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n\
+         [worker]\nconcurrency = 128\nprefetch = 128\n\n\
+         [shedding]\nenabled = false\n\n\
+         [routes]\ndefault = \"sim\"\n\n[[pools]]\nname = \"sim\"\n\
+         [[pools.endpoints]]\nname = \"sim\"\nbase_url = \"{}\"\nmodel = \"sim-model\"\n\
+         api_key = \"sk-sim-bench\"\nrpm = 100000000\nburst = 100000\n",
+        config.database.url,
+        config.rabbitmq.url,
+        sim.base_url(),
+    );
+    let path: PathBuf = std::env::temp_dir().join(format!("sluice-bench-{run_id}.toml"));
+    std::fs::write(&path, &toml)?;
+    let mut run_config = config.clone();
+    run_config.database = scratch.config();
+    run_config.rabbitmq.prefix = prefix.clone();
+    let result = measure(config, &run_config, &sim, &path, port, jobs, clients).await;
+    match stack::store(&run_config, false).await {
+        Ok(store) => {
+            if let Ok(broker) = stack::broker(&run_config, &store).await {
+                if let Err(error) = broker.delete_all().await {
+                    eprintln!("warning: could not delete the bench queues: {error}");
+                }
+            }
+            store.close().await;
+        }
+        Err(error) => eprintln!("warning: could not delete the bench queues: {error:#}"),
+    }
+    sim.shutdown();
+    let _ = std::fs::remove_file(&path);
+    drop(scratch);
+    result
+}
+
+async fn measure(
+    config: &Config,
+    run_config: &Config,
+    sim: &sluice_sim::SimHandle,
+    config_path: &Path,
+    port: u16,
+    jobs: usize,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name(format!("sluice{}", std::env::consts::EXE_SUFFIX));
+    if !exe.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --bin sluice)",
+            exe.display()
+        );
+    }
+    // `serve` migrates the schema, so the figures of an older build are taken on its own schema.
+    let spawn = |command: &str, migrate: bool| {
+        let mut args = vec![
+            "--config".to_owned(),
+            config_path.to_string_lossy().into_owned(),
+            command.to_owned(),
+        ];
+        if !migrate {
+            args.push("--no-migrate".to_owned());
+        }
+        tokio::process::Command::new(&exe)
+            .args(args)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start `sluice {command}`"))
+    };
+    let mut serve = spawn("serve", true)?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let up = Instant::now();
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        if up.elapsed() > Duration::from_secs(30) {
+            bail!("`sluice serve` did not answer within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut worker = spawn("worker", false)?;
+    let (Some(serve_pid), Some(worker_pid)) = (serve.id(), worker.id()) else {
+        bail!("a child process exited at once");
+    };
+    let store = &stack::store(run_config, false).await?;
+    let key = store
+        .create_api_key(&Principal {
+            tenant: "bench".into(),
+            user: "bench".into(),
+            tier: Tier::Pro,
+            email: None,
+            reuse_samples: false,
+        })
+        .await?;
+    // Warm up connections, caches and statements so the figures are the steady cost.
+    submit(&http, &base, &key, 200, clients.min(16), "warm-up").await?;
+    wait_finished(store, sim, 200).await?;
+
+    let statements = Statements::reset(&config.database.url).await;
+    let before = Cpu::read(serve_pid, worker_pid);
+    let started = Instant::now();
+    submit(&http, &base, &key, jobs, clients, "job").await?;
+    wait_finished(store, sim, 200 + jobs).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let after = Cpu::read(serve_pid, worker_pid);
+    let sql = match &statements {
+        Some(s) => s.read().await,
+        None => Vec::new(),
+    };
+    let _ = serve.start_kill();
+    let _ = worker.start_kill();
+    store.close().await;
+
+    println!("sluice bench cost: {jobs} jobs, {clients} clients, one serve and one worker process");
+    println!(
+        "  end to end                {seconds:.2} s ({:.0} jobs/s)",
+        jobs as f64 / seconds
+    );
+    println!("  CPU per job (user + system, microseconds)");
+    let per_job = |ticks: Option<u64>| {
+        ticks.map_or_else(
+            || "unknown".to_owned(),
+            |t| format!("{:.0}", t as f64 / TICKS_PER_SEC * 1e6 / jobs as f64),
+        )
+    };
+    for (name, b, a) in [
+        ("sluice serve", before.serve, after.serve),
+        ("sluice worker", before.worker, after.worker),
+        (
+            "PostgreSQL (all processes)",
+            before.postgres,
+            after.postgres,
+        ),
+        ("RabbitMQ (beam.smp)", before.rabbitmq, after.rabbitmq),
+    ] {
+        let delta = b.zip(a).map(|(b, a)| a.saturating_sub(b));
+        println!("    {name:<28} {:>8}", per_job(delta));
+    }
+    if statements.is_none() {
+        println!(
+            "  SQL: pg_stat_statements is not installed in this database \
+             (shared_preload_libraries = 'pg_stat_statements', then CREATE EXTENSION pg_stat_statements)"
+        );
+        return Ok(());
+    }
+    let total_calls: i64 = sql.iter().map(|s| s.calls).sum();
+    let total_rows: i64 = sql.iter().map(|s| s.rows).sum();
+    let total_wal: f64 = sql.iter().map(|s| s.wal_bytes).sum();
+    let total_ms: f64 = sql.iter().map(|s| s.exec_ms).sum();
+    let n = jobs as f64;
+    println!(
+        "  SQL per job: {:.2} statements, {:.2} rows, {:.0} WAL bytes, {:.0} us executing",
+        total_calls as f64 / n,
+        total_rows as f64 / n,
+        total_wal / n,
+        total_ms * 1000.0 / n
+    );
+    println!("    statements/job  rows/job  WAL B/job  us/job  statement");
+    for s in sql.iter().filter(|s| s.calls as f64 / n >= 0.001) {
+        println!(
+            "    {:>13.3} {:>9.2} {:>10.0} {:>7.0}  {}",
+            s.calls as f64 / n,
+            s.rows as f64 / n,
+            s.wal_bytes / n,
+            s.exec_ms * 1000.0 / n,
+            s.query
+        );
+    }
+    Ok(())
+}
+
+async fn submit(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    jobs: usize,
+    clients: usize,
+    label: &str,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = format!("{base}/v1/jobs");
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, url, key, next, label) = (
+            http.clone(),
+            url.clone(),
+            key.to_owned(),
+            Arc::clone(&next),
+            label.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= jobs {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let body = serde_json::json!({
+                    "model": "default",
+                    "messages": [{"role": "user", "content": format!("cost {label} {n}")}],
+                });
+                let response = http.post(&url).bearer_auth(&key).json(&body).send().await?;
+                if response.status() != reqwest::StatusCode::ACCEPTED {
+                    bail!("submit answered {}", response.status());
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.context("a client panicked")??;
+    }
+    Ok(())
+}
+
+/// Wait until `jobs` jobs finished: first until the simulator has had as many calls (free to
+/// read), then by counting in the store, which scans the jobs table and would add to the cost
+/// being measured if it were polled throughout.
+async fn wait_finished(
+    store: &sluice_store::Store,
+    sim: &sluice_sim::SimHandle,
+    jobs: usize,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if sim.stats().total >= jobs as u64 && store.finished_count().await? >= jobs as i64 {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the jobs did not finish within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// CPU ticks spent so far by each party; `None` where it cannot be read.
+struct Cpu {
+    serve: Option<u64>,
+    worker: Option<u64>,
+    postgres: Option<u64>,
+    rabbitmq: Option<u64>,
+}
+
+impl Cpu {
+    fn read(serve: u32, worker: u32) -> Cpu {
+        let mut postgres = None;
+        let mut rabbitmq = None;
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let Some(stat) = Stat::read(pid) else {
+                    continue;
+                };
+                match stat.comm.as_str() {
+                    // Backends that exited during the run are in the postmaster's reaped time.
+                    "postgres" => {
+                        *postgres.get_or_insert(0) += stat.own + stat.children;
+                    }
+                    "beam.smp" => *rabbitmq.get_or_insert(0) += stat.own,
+                    _ => {}
+                }
+            }
+        }
+        Cpu {
+            serve: Stat::read(serve).map(|s| s.own),
+            worker: Stat::read(worker).map(|s| s.own),
+            postgres,
+            rabbitmq,
+        }
+    }
+}
+
+/// What `/proc/<pid>/stat` says of a process's CPU.
+struct Stat {
+    comm: String,
+    /// utime + stime.
+    own: u64,
+    /// cutime + cstime: children it has waited for.
+    children: u64,
+}
+
+impl Stat {
+    fn read(pid: u32) -> Option<Stat> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name is in parentheses and may hold spaces; the fields follow it.
+        let open = text.find('(')?;
+        let close = text.rfind(')')?;
+        let comm = text.get(open + 1..close)?.to_owned();
+        let fields: Vec<&str> = text.get(close + 2..)?.split(' ').collect();
+        // Fields 14-17 of proc(5), counted from 1 with pid and comm as 1 and 2.
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+        Some(Stat {
+            comm,
+            own: field(14)? + field(15)?,
+            children: field(16)? + field(17)?,
+        })
+    }
+}
+
+/// One statement's totals from `pg_stat_statements`.
+struct Statement {
+    calls: i64,
+    rows: i64,
+    wal_bytes: f64,
+    exec_ms: f64,
+    query: String,
+}
+
+/// `pg_stat_statements`, reset at the start of the measured run.
+struct Statements {
+    pool: sqlx::PgPool,
+}
+
+impl Statements {
+    async fn reset(url: &str) -> Option<Statements> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .ok()?;
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&pool)
+            .await
+            .ok()?;
+        Some(Statements { pool })
+    }
+
+    async fn read(&self) -> Vec<Statement> {
+        let rows: Vec<(i64, i64, f64, f64, String)> = sqlx::query_as(
+            "SELECT calls, rows, wal_bytes::float8, total_exec_time,
+                    left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
+             FROM pg_stat_statements
+             WHERE query NOT LIKE '%pg_stat_statements%'
+             ORDER BY calls DESC",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        rows.into_iter()
+            .map(|(calls, rows, wal_bytes, exec_ms, query)| Statement {
+                calls,
+                rows,
+                wal_bytes,
+                exec_ms,
+                query,
+            })
+            .collect()
+    }
+}
