@@ -1,7 +1,9 @@
 //! `sluice-bench` (also reached as `sluice bench`): Sluice's benchmarks against this machine's
 //! services. `throughput` runs the whole job path in one process per lane backend; `ratelimit`
-//! drains a backlog through a rate-limited pool with worker processes. Measurements, not tests.
+//! drains a backlog through a rate-limited pool with worker processes; `memory` watches the
+//! processes' resident memory under a large backlog. Measurements, not tests.
 
+mod memory;
 mod ratelimit;
 mod throughput;
 
