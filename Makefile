@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SLUICE = $(CARGO) run --release --quiet --bin sluice --
 
-.PHONY: run dev test check bench bench-guard services build test-deps
+.PHONY: run dev test check bench bench-guard bench-bullmq services build test-deps
 
 ## Run the API, one worker and the provider simulator against this machine's services
 ## with ./sluice.toml, in the foreground until Ctrl-C.
@@ -39,6 +39,11 @@ bench: services
 ## CI's guard: a short run that fails below a share of the durable floor (docs/PERFORMANCE.md).
 bench-guard: services
 	@scripts/bench-guard.sh
+
+## BullMQ on the same Redis, the baseline `make bench` is compared with (not a test); options
+## with ARGS, e.g. make bench-bullmq ARGS="--jobs 5000".
+bench-bullmq: services
+	scripts/bench-bullmq.sh $(ARGS)
 
 services:
 	@scripts/services.sh

@@ -1,9 +1,12 @@
 //! `sluice-bench` (also reached as `sluice bench`): Sluice's benchmarks against this machine's
 //! services. `throughput` runs the whole job path in one process per lane backend; `ratelimit`
-//! drains a backlog through a rate-limited pool with worker processes. Measurements, not tests.
+//! drains a backlog through a rate-limited pool with worker processes; `memory` watches the
+//! processes' resident memory under a large backlog; `cost` measures the cost of one job.
+//! Measurements, not tests.
 
 mod cost;
 mod floor;
+mod memory;
 mod ratelimit;
 mod throughput;
 

@@ -99,6 +99,9 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         latency_ms: u64,
     },
+    /// Resident memory of `sluice serve` and `sluice worker` processes, and of `sluice dev`,
+    /// with a backlog in paused lanes and while it drains; fails past 100 MB (150 MB for dev).
+    Memory(crate::memory::MemoryArgs),
 }
 
 /// Whether a run has Sluice's admission features on.
@@ -205,6 +208,7 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCommand::Memory(args) => crate::memory::run(&config, args).await,
     }
 }
 
