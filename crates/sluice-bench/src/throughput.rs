@@ -805,8 +805,16 @@ async fn drive(
                 let sent = match rate {
                     Some(rate) => {
                         let due = started + Duration::from_secs_f64(n as f64 / rate);
-                        tokio::time::sleep_until(due.into()).await;
-                        due
+                        if Instant::now() < due {
+                            // On time: counted from when it is sent (the timer wakes up to a
+                            // millisecond late, which is the bench's, not the server's).
+                            tokio::time::sleep_until(due.into()).await;
+                            Instant::now()
+                        } else {
+                            // Late because the previous request was slow: counted from when it
+                            // was due, so the wait it caused is not hidden.
+                            due
+                        }
                     }
                     None => Instant::now(),
                 };
