@@ -86,19 +86,9 @@ pub enum BenchCommand {
         clients: usize,
     },
     /// A backlog through a pool shaped like the seed notes x10 (3 keys at 200 RPM, 5 at 600,
-    /// 2 at 2,000), first with one worker process, then with several; prints utilization,
-    /// 429s and queue wait per lane.
-    Ratelimit {
-        /// Worker processes per run, comma-separated.
-        #[arg(long, default_value = "1,4", value_delimiter = ',')]
-        workers: Vec<usize>,
-        /// Seconds of backlog per run at full pool capacity.
-        #[arg(long, default_value_t = 80)]
-        seconds: u64,
-        /// Simulated provider latency in milliseconds.
-        #[arg(long, default_value_t = 50)]
-        latency_ms: u64,
-    },
+    /// 2 at 2,000), or with `--burst` a burst of jobs into that pool while idle, first with one
+    /// worker process, then with several; prints utilization, 429s and queue wait per lane.
+    Ratelimit(crate::ratelimit::Args),
     /// Resident memory of `sluice serve` and `sluice worker` processes, and of `sluice dev`,
     /// with a backlog in paused lanes and while it drains; fails past 100 MB (150 MB for dev).
     Memory(crate::memory::MemoryArgs),
@@ -198,16 +188,7 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             throughput(config, load, &plan, sqs).await
         }
         BenchCommand::Cost { jobs, clients } => crate::cost::run(&config, jobs, clients).await,
-        BenchCommand::Ratelimit {
-            workers,
-            seconds,
-            latency_ms,
-        } => {
-            for n in workers {
-                crate::ratelimit::run(&config, n, seconds, latency_ms).await?;
-            }
-            Ok(())
-        }
+        BenchCommand::Ratelimit(args) => crate::ratelimit::run_all(&config, args).await,
         BenchCommand::Memory(args) => crate::memory::run(&config, args).await,
     }
 }

@@ -1,9 +1,15 @@
 //! Adaptive rate for one endpoint: a GCRA whose rate follows what the provider tells us.
-//! AIMD on 429s, `retry-after` blocks, single-request probing and a ramp after idle; time is an argument.
+//! AIMD on 429s, `retry-after` blocks, probes after 429s and after idle, a ramp; time is an argument.
 
 use crate::gcra::Gcra;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// Longest wait reported while the probe after idle is out: its answer comes after one call's
+/// latency, often well under an emission interval, and the endpoint's budget follows at once.
+const IDLE_PROBE_POLL: Duration = Duration::from_millis(10);
+/// Longest hold [`AdaptiveConfig::idle_probe`] gives the probe after idle.
+const MAX_IDLE_PROBE: Duration = Duration::from_secs(60);
 
 /// How the effective rate reacts to 429s, recovery and idle periods.
 ///
@@ -27,6 +33,13 @@ pub struct AdaptiveConfig {
     /// No grant or outcome for longer than this, in seconds, counts as idle (0: any pause does).
     /// A new limiter is idle, so it ramps too.
     pub idle_secs: f64,
+    /// After idle the first call goes out alone, as a probe, for at most this many seconds. If
+    /// it succeeds in time and its response reports the provider's remaining requests, the
+    /// ramp ends: the endpoint spends what remains at once (never more than reported, nor its
+    /// burst) and runs at full rate. Without that report, or later, the ramp goes on. 0: no
+    /// probe, the ramp alone. The wait costs one call's latency; the ramp, 1.25 s of rate and
+    /// the provider's bucket.
+    pub idle_probe_secs: f64,
 }
 
 impl Default for AdaptiveConfig {
@@ -40,6 +53,7 @@ impl Default for AdaptiveConfig {
             ramp_from: 0.5,
             ramp_secs: 5.0,
             idle_secs: 10.0,
+            idle_probe_secs: 2.0,
         }
     }
 }
@@ -63,7 +77,19 @@ impl AdaptiveConfig {
             ramp_from: pick(self.ramp_from, 0.01, 1.0, d.ramp_from),
             ramp_secs: pick(self.ramp_secs, 0.0, 1e9, d.ramp_secs),
             idle_secs: pick(self.idle_secs, 0.0, 1e9, d.idle_secs),
+            idle_probe_secs: pick(
+                self.idle_probe_secs,
+                0.0,
+                MAX_IDLE_PROBE.as_secs_f64(),
+                d.idle_probe_secs,
+            ),
         }
+    }
+
+    /// How long the probe after idle may hold an endpoint (zero: no probe), out-of-range values
+    /// sanitized as the limiter does; a limiter shared between workers holds for as long.
+    pub fn idle_probe(&self) -> Duration {
+        Duration::from_secs_f64(self.sanitized().idle_probe_secs)
     }
 }
 
@@ -77,12 +103,32 @@ enum Probe {
     InFlight,
 }
 
+/// The probe after idle: the first call after idle goes out alone, and its report of the
+/// provider's remaining budget replaces the ramp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdleProbe {
+    Off,
+    /// Idle, and the next grant is the probe.
+    Ready,
+    /// The probe is out: nothing more until its outcome or `until`, when the ramp takes over.
+    Out {
+        until: Duration,
+    },
+}
+
 /// The adaptive request rate of one endpoint.
 ///
 /// The effective rate is the least of the AIMD rate (cut on 429s, raised back over time after a
 /// probe succeeds) and the ramp after idle; it never exceeds the configured rate and the burst
 /// never exceeds the configured burst, so grants stay within `rpm * W + burst + 1` in any window.
 /// Rate changes rescale the GCRA in place ([`Gcra::set_rate`]) so they never create a burst.
+///
+/// After idle the first call is a probe that goes out alone ([`AdaptiveConfig::idle_probe_secs`]).
+/// When its success reports the provider's remaining requests
+/// ([`AdaptiveRate::on_success_reporting`]), the provider has said what its bucket holds: the
+/// ramp ends, the GCRA returns to full rate and burst, and its bucket is capped to what the
+/// provider reported. So the endpoint spends the provider's bucket at once, never more than it
+/// reports, and the window bound above still holds.
 #[derive(Debug, Clone)]
 pub struct AdaptiveRate {
     configured: f64,
@@ -100,6 +146,7 @@ pub struct AdaptiveRate {
     /// Latest grant or outcome, for idle detection; a grant counts at the time it may be used.
     last_activity: Option<Duration>,
     ramp_start: Option<Duration>,
+    idle_probe: IdleProbe,
 }
 
 impl AdaptiveRate {
@@ -119,15 +166,23 @@ impl AdaptiveRate {
             blocked_until: Duration::ZERO,
             last_activity: None,
             ramp_start: None,
+            idle_probe: IdleProbe::Off,
         }
     }
 
     /// Take one permit now, or learn how long until one may be available. While a probe is out
-    /// the answer is a re-poll interval (one emission interval): the real wait is its outcome.
+    /// the answer is a re-poll interval (one emission interval, at most 10 ms for the probe
+    /// after idle): the real wait is its outcome.
     pub fn try_acquire(&mut self, now: Duration) -> Result<(), Duration> {
         self.sync(now);
         if self.probe == Probe::InFlight {
             return Err(self.poll_interval());
+        }
+        if let IdleProbe::Out { until } = self.idle_probe {
+            return Err(self
+                .poll_interval()
+                .min(IDLE_PROBE_POLL)
+                .min(until.saturating_sub(now)));
         }
         if now < self.blocked_until {
             let rest = self.blocked_until - now;
@@ -152,7 +207,7 @@ impl AdaptiveRate {
     /// zero rate: a probe is out (ask again after its outcome) or the configured rate is 0.
     pub fn reserve(&mut self, now: Duration) -> Duration {
         self.sync(now);
-        if self.probe == Probe::InFlight {
+        if self.probe == Probe::InFlight || matches!(self.idle_probe, IdleProbe::Out { .. }) {
             return Duration::MAX;
         }
         let start = now.max(self.blocked_until);
@@ -171,13 +226,37 @@ impl AdaptiveRate {
 
     /// A call succeeded. If it was the probe, probing ends and the rate starts climbing back
     /// additively from where the last cut left it. A success while probing with no probe out
-    /// is a straggler sent before the 429 and proves nothing about now.
+    /// is a straggler sent before the 429 and proves nothing about now. Without a report of
+    /// the provider's budget, the probe after idle leaves the ramp in place.
     pub fn on_success(&mut self, now: Duration) {
+        self.on_success_reporting(now, None, None);
+    }
+
+    /// A call succeeded and its response reported the provider's budget: `remaining` requests
+    /// now, the bucket full again after `reset` (see [`AdaptiveRate::observe_headers`]).
+    ///
+    /// If it was the probe after idle, answered within its hold, and `remaining` is known, the
+    /// ramp ends: nothing else of ours was in flight, so `remaining` is what the provider holds
+    /// for us, and the GCRA (back at full rate and burst) spends up to that at once.
+    pub fn on_success_reporting(
+        &mut self,
+        now: Duration,
+        remaining: Option<u64>,
+        reset: Option<Duration>,
+    ) {
         self.touch(now);
         if self.probe == Probe::InFlight {
             self.probe = Probe::Off;
             self.since = now;
         }
+        if let IdleProbe::Out { until } = self.idle_probe {
+            self.idle_probe = IdleProbe::Off;
+            if now < until && remaining.is_some() {
+                self.ramp_start = None;
+                self.sync(now);
+            }
+        }
+        self.observe_headers(now, remaining, reset);
     }
 
     /// The provider answered 429. Honour `retry_after`, cut the rate multiplicatively (not below
@@ -185,6 +264,8 @@ impl AdaptiveRate {
     /// the first one: it extends the block but does not cut again, so one overload event costs
     /// one cut however many requests were in flight.
     pub fn on_rate_limited(&mut self, now: Duration, retry_after: Option<Duration>) {
+        // The probe after idle has its answer; the ramp goes on under the cut.
+        self.idle_probe = IdleProbe::Off;
         if let Some(d) = retry_after {
             self.blocked_until = self.blocked_until.max(now.saturating_add(d));
         }
@@ -203,6 +284,13 @@ impl AdaptiveRate {
         self.touch(now);
         if self.probe == Probe::InFlight {
             self.probe = Probe::Ready;
+        }
+        if let IdleProbe::Out { until } = self.idle_probe {
+            self.idle_probe = if now < until {
+                IdleProbe::Ready
+            } else {
+                IdleProbe::Off
+            };
         }
     }
 
@@ -250,6 +338,11 @@ impl AdaptiveRate {
         self.probe != Probe::Off
     }
 
+    /// The probe after idle is out: nothing else is granted until its outcome or its hold ends.
+    pub fn is_probing_after_idle(&self) -> bool {
+        matches!(self.idle_probe, IdleProbe::Out { .. })
+    }
+
     /// No grant before this instant (zero when never blocked).
     pub fn blocked_until(&self) -> Duration {
         self.blocked_until
@@ -282,6 +375,19 @@ impl AdaptiveRate {
             self.ramp_start = Some(now);
             // The ramp has begun; polls that fail during it must not restart it.
             self.touch(now);
+            // Probing after a 429 already sends one call at a time, and answers with a cut.
+            if self.idle_probe == IdleProbe::Off
+                && self.probe == Probe::Off
+                && self.config.idle_probe_secs > 0.0
+            {
+                self.idle_probe = IdleProbe::Ready;
+            }
+        }
+        if let IdleProbe::Out { until } = self.idle_probe {
+            if now >= until {
+                // Too slow to speak for the provider's bucket now: the ramp takes over.
+                self.idle_probe = IdleProbe::Off;
+            }
         }
         let progress = self.ramp_progress(now);
         if progress >= 1.0 {
@@ -302,6 +408,12 @@ impl AdaptiveRate {
         self.touch(at);
         if self.probe == Probe::Ready {
             self.probe = Probe::InFlight;
+        }
+        if self.idle_probe == IdleProbe::Ready {
+            let hold = Duration::from_secs_f64(self.config.idle_probe_secs);
+            self.idle_probe = IdleProbe::Out {
+                until: at.saturating_add(hold),
+            };
         }
     }
 
@@ -463,6 +575,118 @@ mod tests {
         assert!(!r.is_probing());
     }
 
+    /// Grants at `now` until refused.
+    fn take_all(r: &mut AdaptiveRate, now: Duration) -> usize {
+        let mut n = 0;
+        while r.try_acquire(now).is_ok() {
+            n += 1;
+            assert!(n < 1000, "runaway");
+        }
+        n
+    }
+
+    #[test]
+    fn after_idle_one_probe_then_the_reported_budget_at_once() {
+        let (mut r, t) = warm();
+        let start = t + 3600 * SEC;
+        assert_eq!(r.try_acquire(start), Ok(()), "the probe");
+        assert!(r.is_probing_after_idle());
+        // Alone until its outcome, polled every 10 ms at most, by either method.
+        for ms in [0, 5, 50, 1999] {
+            let at = start + ms * MS;
+            assert!(r.try_acquire(at).is_err_and(|w| w <= 10 * MS), "{ms} ms");
+        }
+        assert_eq!(r.reserve(start + 20 * MS), Duration::MAX);
+        // 60 ms later the provider says 9 of its 10 remain: all 9 go at once, not one more.
+        let answer = start + 60 * MS;
+        r.on_success_reporting(answer, Some(9), Some(100 * MS));
+        assert!(!r.is_probing_after_idle());
+        assert_eq!(r.effective_rpm(answer), 600.0, "no ramp");
+        assert_eq!(take_all(&mut r, answer), 9);
+        // Then the full rate: 10 a second.
+        let after = drive(&mut r, answer + MS, answer + 10 * SEC + MS, MS);
+        assert!((99..=101).contains(&after.len()), "{}", after.len());
+    }
+
+    #[test]
+    fn a_probe_report_never_grants_more_than_it_reports_nor_the_burst() {
+        for (reported, expected) in [(0, 0), (1, 1), (3, 3), (10, 10), (1_000, 11)] {
+            let (mut r, t) = warm();
+            let start = t + 3600 * SEC;
+            assert_eq!(r.try_acquire(start), Ok(()));
+            // Long enough after the probe for the whole burst to have come back.
+            let answer = start + 2 * SEC - MS;
+            r.on_success_reporting(answer, Some(reported), Some(SEC));
+            assert_eq!(take_all(&mut r, answer), expected, "{reported} reported");
+        }
+    }
+
+    #[test]
+    fn a_probe_without_a_report_or_answered_too_late_leaves_the_ramp() {
+        // No budget in the response (Gemini sends none): the ramp goes on from half rate.
+        let (mut r, t) = warm();
+        let start = t + 3600 * SEC;
+        assert_eq!(r.try_acquire(start), Ok(()));
+        r.on_success_reporting(start + 50 * MS, None, None);
+        assert!(!r.is_probing_after_idle());
+        // Half rate plus 50 ms of the 5 s ramp.
+        assert!((r.effective_rpm(start + 50 * MS) - 303.0).abs() < 1e-9);
+        assert_eq!(take_all(&mut r, start + 50 * MS), 0, "no burst");
+
+        // The hold (2 s) ran out: grants resume on the ramp, and the late answer changes nothing.
+        let (mut r, t) = warm();
+        let start = t + 3600 * SEC;
+        assert_eq!(r.try_acquire(start), Ok(()));
+        assert!(r.try_acquire(start + 1999 * MS).is_err());
+        assert_eq!(r.try_acquire(start + 2 * SEC), Ok(()));
+        assert!(!r.is_probing_after_idle());
+        r.on_success_reporting(start + 3 * SEC, Some(100), None);
+        assert!(r.effective_rpm(start + 3 * SEC) < 600.0, "still ramping");
+    }
+
+    #[test]
+    fn a_failed_probe_frees_the_slot_and_a_429_on_it_still_halves() {
+        let (mut r, t) = warm();
+        let start = t + 3600 * SEC;
+        assert_eq!(r.try_acquire(start), Ok(()));
+        r.on_other_failure(start + 10 * MS);
+        assert!(!r.is_probing_after_idle());
+        // The next call is the probe again, alone.
+        assert_eq!(r.try_acquire(start + SEC), Ok(()));
+        assert!(r.is_probing_after_idle());
+        let before = r.effective_rpm(start + SEC);
+        r.on_rate_limited(start + SEC, None);
+        assert!(r.is_probing() && !r.is_probing_after_idle());
+        assert!((r.effective_rpm(start + SEC) - before * 0.5).abs() < 1e-9);
+
+        // After a report has ended the ramp, a 429 halves the full rate.
+        let (mut r, t) = warm();
+        let start = t + 3600 * SEC;
+        assert_eq!(r.try_acquire(start), Ok(()));
+        r.on_success_reporting(start + 50 * MS, Some(5), None);
+        r.on_rate_limited(start + 60 * MS, Some(SEC));
+        assert_eq!(r.effective_rpm(start + 60 * MS), 300.0);
+        assert!(r.try_acquire(start + 999 * MS).is_err());
+    }
+
+    #[test]
+    fn no_probe_when_switched_off() {
+        let config = AdaptiveConfig {
+            idle_probe_secs: 0.0,
+            ..AdaptiveConfig::default()
+        };
+        assert_eq!(config.idle_probe(), Duration::ZERO);
+        assert_eq!(AdaptiveConfig::default().idle_probe(), 2 * SEC);
+        let mut r = AdaptiveRate::new(600, 10, config);
+        assert_eq!(r.try_acquire(Duration::ZERO), Ok(()));
+        assert!(!r.is_probing_after_idle());
+        assert!(
+            r.try_acquire(10 * MS).is_err_and(|w| w > 10 * MS),
+            "paced by the ramp"
+        );
+        assert_eq!(r.try_acquire(200 * MS), Ok(()), "not held");
+    }
+
     #[test]
     fn zero_rate_never_grants() {
         let mut r = AdaptiveRate::new(0, 5, AdaptiveConfig::default());
@@ -486,6 +710,8 @@ mod tests {
         RateLimited(Option<u64>),
         OtherFailure,
         Headers(u64, u64),
+        /// A success whose response reports the provider's remaining requests.
+        Report(u64),
         Advance(u64),
     }
 
@@ -497,23 +723,65 @@ mod tests {
             1 => prop::option::of(0u64..8000).prop_map(Event::RateLimited),
             1 => Just(Event::OtherFailure),
             1 => (0u64..5, 0u64..3000).prop_map(|(n, ms)| Event::Headers(n, ms)),
+            2 => (0u64..12).prop_map(Event::Report),
             5 => (0u64..3000).prop_map(Event::Advance),
         ]
     }
 
-    /// A grant must not come before the block, nor be a second probe while one is out.
-    fn check_grant(
-        at: Duration,
+    /// What the model remembers besides the limiter: the block, the probes, the last report.
+    #[derive(Default)]
+    struct Model {
         blocked: Duration,
         probing: bool,
-        probe_out: &mut bool,
-    ) -> Result<(), TestCaseError> {
-        prop_assert!(at >= blocked, "grant at {:?} before {:?}", at, blocked);
-        if probing {
-            prop_assert!(!*probe_out, "second probe while one is out");
-            *probe_out = true;
+        probe_out: bool,
+        /// When the probe after idle went out, while it is out.
+        idle_probe_at: Option<Duration>,
+        /// The last report (time, remaining) and the grants at that same instant since.
+        report: Option<(Duration, u64, u64)>,
+    }
+
+    impl Model {
+        /// A grant must not come before the block, nor be a second probe while one is out,
+        /// nor come while the probe after idle is out and within its `hold`, nor exceed at the
+        /// instant of a report what that report said remains. `r` is the limiter after it.
+        fn check_grant(
+            &mut self,
+            at: Duration,
+            r: &AdaptiveRate,
+            hold: Duration,
+        ) -> Result<(), TestCaseError> {
+            prop_assert!(
+                at >= self.blocked,
+                "grant at {:?} before {:?}",
+                at,
+                self.blocked
+            );
+            if self.probing {
+                prop_assert!(!self.probe_out, "second probe while one is out");
+                self.probe_out = true;
+            }
+            if let Some(p) = self.idle_probe_at {
+                prop_assert!(
+                    at >= p + hold,
+                    "grant at {:?} while the probe of {:?} is out",
+                    at,
+                    p
+                );
+            }
+            self.idle_probe_at = r.is_probing_after_idle().then_some(at);
+            if let Some((t, remaining, granted)) = self.report.as_mut() {
+                if *t == at {
+                    *granted += 1;
+                    prop_assert!(
+                        *granted <= *remaining,
+                        "{} granted, {} reported",
+                        granted,
+                        remaining
+                    );
+                }
+            }
+            Ok(())
         }
-        Ok(())
     }
 
     proptest! {
@@ -524,20 +792,23 @@ mod tests {
             ramp_from in 0.01f64..=1.0,
             increase_per_sec in 0.0f64..2.0,
             idle_secs in 0.0f64..20.0,
+            idle_probe_secs in prop_oneof![Just(0.0f64), 0.0f64..3.0],
             events in prop::collection::vec(event(), 1..300),
         ) {
-            let config = AdaptiveConfig { ramp_from, increase_per_sec, idle_secs, ..AdaptiveConfig::default() };
+            let config = AdaptiveConfig {
+                ramp_from, increase_per_sec, idle_secs, idle_probe_secs, ..AdaptiveConfig::default()
+            };
+            let hold = config.idle_probe();
             let mut r = AdaptiveRate::new(rpm, burst, config);
             let mut now = Duration::ZERO;
             let mut grants = Vec::new();
-            let mut blocked = Duration::ZERO;
-            let (mut probing, mut probe_out) = (false, false);
+            let mut m = Model::default();
             for e in events {
                 match e {
                     Event::TryAcquire(n) => {
                         for _ in 0..n {
                             if r.try_acquire(now).is_ok() {
-                                check_grant(now, blocked, probing, &mut probe_out)?;
+                                m.check_grant(now, &r, hold)?;
                                 grants.push(now);
                             }
                         }
@@ -545,33 +816,45 @@ mod tests {
                     Event::Reserve => {
                         let wait = r.reserve(now);
                         if wait != Duration::MAX {
-                            check_grant(now + wait, blocked, probing, &mut probe_out)?;
+                            m.check_grant(now + wait, &r, hold)?;
                             grants.push(now + wait);
                         }
                     }
-                    Event::Success => {
-                        r.on_success(now);
-                        if probe_out {
-                            probing = false;
-                            probe_out = false;
+                    Event::Success | Event::Report(_) => {
+                        match e {
+                            Event::Report(remaining) => {
+                                r.on_success_reporting(now, Some(remaining), Some(SEC));
+                                m.report = Some((now, remaining, 0));
+                                if remaining == 0 {
+                                    m.blocked = m.blocked.max(now + SEC);
+                                }
+                            }
+                            _ => r.on_success(now),
                         }
+                        if m.probe_out {
+                            m.probing = false;
+                            m.probe_out = false;
+                        }
+                        m.idle_probe_at = None;
                     }
                     Event::RateLimited(ms) => {
                         let retry_after = ms.map(Duration::from_millis);
                         r.on_rate_limited(now, retry_after);
-                        blocked = blocked.max(now + retry_after.unwrap_or_default());
-                        probing = true;
-                        probe_out = false;
+                        m.blocked = m.blocked.max(now + retry_after.unwrap_or_default());
+                        m.probing = true;
+                        m.probe_out = false;
+                        m.idle_probe_at = None;
                     }
                     Event::OtherFailure => {
                         r.on_other_failure(now);
-                        probe_out = false;
+                        m.probe_out = false;
+                        m.idle_probe_at = None;
                     }
                     Event::Headers(remaining, reset_ms) => {
                         let reset = Duration::from_millis(reset_ms);
                         r.observe_headers(now, Some(remaining), Some(reset));
                         if remaining == 0 {
-                            blocked = blocked.max(now + reset);
+                            m.blocked = m.blocked.max(now + reset);
                         }
                     }
                     Event::Advance(ms) => now += Duration::from_millis(ms),

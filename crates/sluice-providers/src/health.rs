@@ -4,7 +4,7 @@
 //! Everything here is plain state behind the pool's lock, changed in one step per event, so
 //! choosing an endpoint and charging it stay atomic (see [`crate::Pool`]).
 
-use crate::config::EndpointConfig;
+use crate::config::{EndpointConfig, ProviderKind};
 use crate::{ChatResponse, ProviderError};
 use sluice_core::gcra::Gcra;
 use sluice_core::{AdaptiveConfig, AdaptiveRate, Breaker, BreakerConfig, BreakerState};
@@ -34,6 +34,15 @@ pub(crate) fn token_burst(tpm: u32) -> u32 {
     (tpm / 60).max(1) - 1
 }
 
+/// How long the probe after idle may hold `config`'s endpoint: none for a provider that reports
+/// no remaining budget (Gemini), whose probe could only delay the ramp.
+pub(crate) fn idle_probe(config: &EndpointConfig, adaptive: AdaptiveConfig) -> Duration {
+    match config.kind {
+        ProviderKind::Gemini => Duration::ZERO,
+        ProviderKind::Openai | ProviderKind::Anthropic => adaptive.idle_probe(),
+    }
+}
+
 /// One endpoint's local view of its health and pace.
 pub(crate) struct Health {
     rate: AdaptiveRate,
@@ -55,6 +64,10 @@ impl Health {
         adaptive: AdaptiveConfig,
         breaker: BreakerConfig,
     ) -> Health {
+        let adaptive = AdaptiveConfig {
+            idle_probe_secs: idle_probe(config, adaptive).as_secs_f64(),
+            ..adaptive
+        };
         Health {
             rate: AdaptiveRate::new(config.rpm, config.effective_burst(), adaptive),
             breaker: Breaker::new(breaker),
@@ -172,16 +185,14 @@ impl Health {
         let correction = used.map(|used| i64::from(used) - i64::from(charged));
         match outcome {
             Ok(response) => {
-                self.rate.on_success(now);
+                let rate = response.rate.unwrap_or_default();
+                // With the budget it reports, a probe after idle ends the ramp.
+                self.rate
+                    .on_success_reporting(now, rate.remaining, rate.reset);
                 self.breaker.on_success(now);
-                if let Some(rate) = response.rate {
-                    self.rate.observe_headers(now, rate.remaining, rate.reset);
-                    if let (Some(budget), Some(left)) =
-                        (self.tokens.as_mut(), rate.remaining_tokens)
-                    {
-                        // The provider counts tokens its own way: never plan on more than it says.
-                        budget.cap_available(now, u32::try_from(left).unwrap_or(u32::MAX));
-                    }
+                if let (Some(budget), Some(left)) = (self.tokens.as_mut(), rate.remaining_tokens) {
+                    // The provider counts tokens its own way: never plan on more than it says.
+                    budget.cap_available(now, u32::try_from(left).unwrap_or(u32::MAX));
                 }
             }
             Err(ProviderError::RateLimited { retry_after, .. }) => {

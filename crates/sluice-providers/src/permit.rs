@@ -2,6 +2,7 @@
 //! Spent, its outcome flows back into the endpoint's health; dropped unused, it gives back what it held.
 
 use crate::pool::{Endpoint, PoolState};
+use crate::shared::SharedProbe;
 use crate::{ChatRequest, ChatResponse, ProviderError};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +31,9 @@ impl Feedback {
 pub struct Permit {
     pub(crate) endpoint: Arc<Endpoint>,
     pub(crate) feedback: Option<Feedback>,
+    /// This call is the probe after idle for every worker: its outcome settles the shared
+    /// bucket. Dropped unused, the probe releases itself.
+    pub(crate) shared_probe: Option<SharedProbe>,
 }
 
 impl Permit {
@@ -62,9 +66,21 @@ impl Permit {
         outcome
     }
 
-    /// Report the outcome, then correct the shared token budget by what the call really used.
+    /// Report the outcome (to the shared probe too, if this call is it), then correct the shared
+    /// token budget by what the call really used.
     async fn settle(&mut self, outcome: &Result<ChatResponse, ProviderError>) {
         let correction = self.report(outcome);
+        if let Some(probe) = self.shared_probe.take() {
+            // Only a success reports what the provider holds; a 429 or a failure tells nothing.
+            let remaining = outcome
+                .as_ref()
+                .ok()
+                .and_then(|response| response.rate)
+                .and_then(|rate| rate.remaining);
+            if let Err(error) = probe.report(remaining).await {
+                tracing::debug!(endpoint = %self.endpoint.name, %error, "could not settle the probe after idle; its hold ends it");
+            }
+        }
         if let (Some(budget), Some(delta)) = (&self.endpoint.budget, correction) {
             budget.adjust(delta).await;
         }

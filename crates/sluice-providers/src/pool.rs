@@ -5,7 +5,7 @@
 //! to its rate times its weight, and charges it under one lock so choosing and taking is atomic.
 
 use crate::config::{ConfigError, EndpointConfig, PoolConfig, ProviderKind};
-use crate::health::{token_burst, EndpointStats, Health};
+use crate::health::{idle_probe, token_burst, EndpointStats, Health};
 use crate::openai::OpenAiCompatible;
 use crate::permit::{Feedback, Permit};
 use crate::shared::{SharedBudget, SharedLimiter, SharedLimits};
@@ -138,10 +138,14 @@ impl Pool {
             }
             weights.push(f64::from(config.rpm) * config.weight);
             health.push(Health::new(&config, options.adaptive, options.breaker));
-            let shared = options
-                .shared
-                .as_ref()
-                .map(|limits| limits.limiter(&config.name, config.rpm, config.effective_burst()));
+            let shared = options.shared.as_ref().map(|limits| {
+                limits.limiter_probing(
+                    &config.name,
+                    config.rpm,
+                    config.effective_burst(),
+                    idle_probe(&config, options.adaptive),
+                )
+            });
             let budget = options
                 .shared
                 .as_ref()
@@ -215,18 +219,24 @@ impl Pool {
                 return None;
             }
         }
+        let mut shared_probe = None;
         if let Some(shared) = &endpoint.shared {
-            if shared.try_acquire().await.is_err() {
-                if let Some(budget) = &endpoint.budget {
-                    budget.adjust(-i64::from(tokens)).await;
+            match shared.try_acquire_probing().await {
+                Ok(probe) => shared_probe = probe,
+                Err(_) => {
+                    if let Some(budget) = &endpoint.budget {
+                        budget.adjust(-i64::from(tokens)).await;
+                    }
+                    give_back();
+                    return None;
                 }
-                give_back();
-                return None;
             }
         }
         let now = self.origin.elapsed();
         lock(&self.state).health[index].count_grant(now);
-        Some(self.permit(index, tokens))
+        let mut permit = self.permit(index, tokens);
+        permit.shared_probe = shared_probe;
+        Some(permit)
     }
 
     fn take_local(&self, tokens: u32) -> Option<usize> {
@@ -341,6 +351,7 @@ impl Pool {
                 index,
                 charged,
             }),
+            shared_probe: None,
         }
     }
 }
@@ -375,6 +386,60 @@ mod tests {
                 finish_reason: None,
                 rate: None,
             })
+        }
+    }
+
+    /// Succeeds, reporting in its headers that the provider holds `0` more requests.
+    struct Reporting(u64);
+
+    #[async_trait::async_trait]
+    impl Provider for Reporting {
+        async fn chat(&self, _req: ChatRequest<'_>) -> Result<ChatResponse, ProviderError> {
+            Ok(ChatResponse {
+                tool_calls: Vec::new(),
+                content: String::new(),
+                usage: crate::Usage::default(),
+                model: "reporting".into(),
+                finish_reason: None,
+                rate: Some(crate::RateHeaders {
+                    remaining: Some(self.0),
+                    reset: Some(Duration::from_secs(1)),
+                    remaining_tokens: None,
+                }),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_endpoint_probes_alone_then_spends_what_the_provider_reports() {
+        // 600 rpm, burst 9: 10 at once when the ramp is not in the way.
+        let reporting = |remaining: u64| {
+            let provider: Arc<dyn Provider> = Arc::new(Reporting(remaining));
+            let config = EndpointConfig::new("e0", "http://x/v1", "m", 600);
+            Pool::with_providers("p", vec![(config, provider)]).unwrap()
+        };
+        for (reported, expected) in [(5, 5), (50, 9)] {
+            let pool = reporting(reported);
+            let probe = pool.try_acquire().await.unwrap();
+            assert!(pool.try_acquire().await.is_none(), "the probe goes alone");
+            assert!(pool.wait_time() <= Duration::from_millis(10));
+            let job = job();
+            probe
+                .call(ChatRequest {
+                    request_id: "probe",
+                    job: &job,
+                })
+                .await
+                .unwrap();
+            // Held, not dropped: a dropped permit would free its slot, not its cell.
+            let mut held = Vec::new();
+            while let Some(permit) = pool.try_acquire().await {
+                held.push(permit);
+                assert!(held.len() <= 10, "runaway");
+            }
+            // The probe took one of the 10 cells; the rest is capped by the report.
+            assert_eq!(held.len(), expected, "{reported} reported");
+            assert_eq!(pool.effective_rpm()[0].1, 600.0, "no ramp after the report");
         }
     }
 
@@ -427,12 +492,13 @@ mod tests {
         let count = |permits: &[Permit], name: &str| {
             permits.iter().filter(|p| p.endpoint() == name).count()
         };
-        // No ramp after idle, so neither endpoint runs dry within 22 calls (bursts of 9 and 99)
-        // and only the choice decides the split: 1 : 10 by rate, where plain round-robin would
-        // give 11 : 11.
+        // No ramp nor probe after idle, so neither endpoint runs dry within 22 calls (bursts of
+        // 9 and 99) and only the choice decides the split: 1 : 10 by rate, where plain
+        // round-robin would give 11 : 11.
         let options = PoolOptions {
             adaptive: AdaptiveConfig {
                 ramp_secs: 0.0,
+                idle_probe_secs: 0.0,
                 ..AdaptiveConfig::default()
             },
             ..PoolOptions::default()

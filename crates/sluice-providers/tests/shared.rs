@@ -367,3 +367,136 @@ async fn workers_share_one_token_budget_and_corrections_move_it() {
     assert!(!a.is_degraded() && !b.is_degraded());
     cleanup(&url, &prefix).await;
 }
+
+/// Four workers' limiters for one endpoint at 600 rpm, burst 9, probing after idle.
+async fn probing_workers(
+    url: &str,
+    prefix: &str,
+    endpoint: &str,
+    hold: Duration,
+) -> (Vec<SharedLimits>, Vec<SharedLimiter>) {
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        workers.push(
+            SharedLimits::connect(url, prefix, &format!("worker-{w}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let limiters = workers
+        .iter()
+        .map(|w| w.limiter_probing(endpoint, 600, 9, hold))
+        .collect();
+    (workers, limiters)
+}
+
+/// Grants all `limiters` together take, one caller at a time, until every one is refused.
+async fn take_all(limiters: &[SharedLimiter]) -> usize {
+    let mut granted = 0;
+    loop {
+        let mut any = false;
+        for limiter in limiters {
+            if let Ok(probe) = limiter.try_acquire_probing().await {
+                assert!(probe.is_none(), "a second probe");
+                granted += 1;
+                any = true;
+            }
+        }
+        if !any {
+            return granted;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_probe_after_idle_fills_the_shared_bucket_once_for_all_workers() {
+    let url = redis_url();
+    let prefix = unique_prefix("probe");
+    let (workers, limiters) = probing_workers(&url, &prefix, "ep-p", Duration::from_secs(2)).await;
+
+    // All four workers find the endpoint idle at once: exactly one gets the probe.
+    let tries = tokio::join!(
+        limiters[0].try_acquire_probing(),
+        limiters[1].try_acquire_probing(),
+        limiters[2].try_acquire_probing(),
+        limiters[3].try_acquire_probing(),
+    );
+    let tries = [tries.0, tries.1, tries.2, tries.3];
+    let mut probes: Vec<_> = tries.into_iter().filter_map(Result::ok).collect();
+    assert_eq!(probes.len(), 1, "one grant among four workers");
+    let probe = probes.pop().flatten().expect("the grant is the probe");
+    // While it is out nobody else gets anything, and is told to ask again soon.
+    for limiter in &limiters {
+        let wait = limiter.try_acquire_probing().await.unwrap_err();
+        assert!(wait <= Duration::from_millis(10), "{wait:?}");
+    }
+
+    // The provider reports 7 remaining: the four workers share 7, not 4 x 7 (a refill of one
+    // cell per 100 ms may add one on a slow machine).
+    assert!(
+        probe.report(Some(7)).await.unwrap(),
+        "reported within the hold"
+    );
+    // Past the 10 ms every worker was told to wait.
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    let granted = take_all(&limiters).await;
+    assert!(
+        (7..=8).contains(&granted),
+        "{granted} granted after a report of 7"
+    );
+    // Then the steady rate, and no second probe while the endpoint stays busy.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let later = take_all(&limiters).await;
+    assert!((1..=4).contains(&later), "{later} in 250 ms at 10/s");
+
+    // A report never fills more than the burst: 1,000 remaining is 9 at once after the probe.
+    let prefix2 = unique_prefix("probe-cap");
+    let (workers2, limiters2) =
+        probing_workers(&url, &prefix2, "ep-p", Duration::from_secs(2)).await;
+    let probe = limiters2[0].try_acquire_probing().await.unwrap().unwrap();
+    assert!(probe.report(Some(1_000)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    let granted = take_all(&limiters2).await;
+    assert!((9..=10).contains(&granted), "{granted} granted, burst 9");
+
+    drop((limiters, workers, limiters2, workers2));
+    cleanup(&url, &prefix).await;
+    cleanup(&url, &prefix2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_without_a_report_or_past_its_hold_leaves_an_empty_bucket() {
+    let url = redis_url();
+    let prefix = unique_prefix("probe-late");
+    let hold = Duration::from_millis(300);
+    let (workers, limiters) = probing_workers(&url, &prefix, "ep-late", hold).await;
+
+    // Reported after its hold: too late to speak for the provider, nothing is filled.
+    let probe = limiters[0].try_acquire_probing().await.unwrap().unwrap();
+    tokio::time::sleep(hold + Duration::from_millis(50)).await;
+    assert!(!probe.report(Some(9)).await.unwrap(), "the hold had ended");
+    assert!(take_all(&limiters).await <= 2, "an empty bucket, paced");
+
+    // Dropped unreported (the call never went): released at once, then an empty bucket.
+    let (workers2, limiters2) = probing_workers(&url, &prefix, "ep-drop", hold).await;
+    let probe = limiters2[1].try_acquire_probing().await.unwrap();
+    assert!(probe.is_some());
+    drop(probe);
+    let started = Instant::now();
+    while limiters2[2].try_acquire_probing().await.is_err() {
+        assert!(
+            started.elapsed() < hold,
+            "the release did not come before the hold's end"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(take_all(&limiters2).await <= 1, "no burst without a report");
+
+    // A plain limiter never probes: an idle endpoint starts from an empty bucket at once.
+    let plain = workers[3].limiter("ep-plain", 600, 9);
+    assert!(plain.try_acquire().await.is_ok());
+    assert!(plain.try_acquire().await.is_err());
+
+    drop((limiters, workers, limiters2, workers2, plain));
+    cleanup(&url, &prefix).await;
+}

@@ -1,10 +1,10 @@
-//! One endpoint's request limit shared through Redis: leased cells, one round trip at a time,
-//! and this worker's local share of the rate while Redis is unreachable.
+//! One endpoint's request limit shared through Redis: leased cells, one round trip at a time, one
+//! probe after idle for all workers, and this worker's local share while Redis is unreachable.
 
 use super::{lock, Inner, LocalShare, SharedError, MIN_WAIT};
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,12 @@ pub struct SharedLimiter {
 struct LimiterInner {
     limits: Arc<Inner>,
     key: String,
+    /// Holds the token of the probe after idle while it is out.
+    probe_key: String,
+    /// How long the probe after idle may hold the endpoint, in microseconds; 0: no probing.
+    probe_hold_us: u64,
+    /// Probes this limiter was granted, for unique tokens.
+    probes: AtomicU64,
     per_minute: u32,
     burst: u32,
     /// Emission interval in microseconds; `None` for a zero rate, which never grants.
@@ -56,12 +62,22 @@ impl SharedLimiter {
     /// How long a leased cell may wait for a caller before it is dropped.
     pub const LEASE_HOLD: Duration = Duration::from_millis(250);
 
-    /// The limiter of `endpoint` under `limits`' prefix (see [`super::SharedLimits::limiter`]).
-    pub(super) fn new(limits: Arc<Inner>, endpoint: &str, per_minute: u32, burst: u32) -> Self {
+    /// The limiter of `endpoint` under `limits`' prefix (see
+    /// [`super::SharedLimits::limiter_probing`]).
+    pub(super) fn new(
+        limits: Arc<Inner>,
+        endpoint: &str,
+        per_minute: u32,
+        burst: u32,
+        probe_hold: Duration,
+    ) -> Self {
         let interval_us = (per_minute > 0).then(|| 60_000_000u64.div_ceil(u64::from(per_minute)));
         SharedLimiter {
             inner: Arc::new(LimiterInner {
                 key: limits.redis.key(format_args!("gcra:{endpoint}")),
+                probe_key: limits.redis.key(format_args!("gcra:{endpoint}:probe")),
+                probe_hold_us: u64::try_from(probe_hold.as_micros()).unwrap_or(u64::MAX),
+                probes: AtomicU64::new(0),
                 limits,
                 per_minute,
                 burst,
@@ -83,13 +99,20 @@ impl SharedLimiter {
     }
 
     /// Try to take one permit now: `Ok(())` granted, `Err(wait)` = try again after `wait`
-    /// (`Duration::MAX` for a zero rate).
+    /// (`Duration::MAX` for a zero rate). A probe after idle granted here is released at once
+    /// (no report: the endpoint goes on from an empty bucket).
     pub async fn try_acquire(&self) -> Result<(), Duration> {
+        self.try_acquire_probing().await.map(|_released| ())
+    }
+
+    /// [`SharedLimiter::try_acquire`], with the probe after idle when this grant is it: the
+    /// caller sends its call and reports the outcome through it ([`SharedProbe::report`]).
+    pub async fn try_acquire_probing(&self) -> Result<Option<SharedProbe>, Duration> {
         let _demand = Demand::enter(&self.inner.demand);
         self.inner.attempt().await
     }
 
-    /// Wait until a permit is granted.
+    /// Wait until a permit is granted (a probe after idle granted here is released at once).
     ///
     /// Nothing is reserved while sleeping, so dropping this future costs at most the cells of a
     /// round trip in flight. A zero-rate limiter never grants.
@@ -98,6 +121,57 @@ impl SharedLimiter {
         while let Err(wait) = self.inner.attempt().await {
             tokio::time::sleep(wait.min(MAX_ACQUIRE_SLEEP)).await;
         }
+    }
+}
+
+/// The probe after idle: the one call, among all workers, that goes to an endpoint whose shared
+/// key had expired, while every other caller waits for its outcome.
+///
+/// Reported with the provider's remaining requests, it fills the shared bucket once; dropped
+/// unreported (the call never went, or the permit was dropped), it is released on the runtime
+/// and the endpoint goes on from an empty bucket, as without probing. Either way, once the
+/// hold has ended the shared state has moved on and a report changes nothing.
+pub struct SharedProbe {
+    limiter: Arc<LimiterInner>,
+    token: String,
+    settled: bool,
+}
+
+impl SharedProbe {
+    /// Settle the probe with its call's outcome: `remaining`, the provider's remaining requests
+    /// from a successful response, lets every worker together spend that many at once (at most
+    /// the endpoint's burst); `None` (a failure, a 429, no headers) leaves an empty bucket.
+    /// Returns whether the probe was still out: false when its hold had ended first.
+    pub async fn report(mut self, remaining: Option<u64>) -> Result<bool, SharedError> {
+        self.settled = true;
+        self.limiter.settle_probe(&self.token, remaining).await
+    }
+}
+
+impl Drop for SharedProbe {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Drop cannot wait on Redis; without a runtime the hold's end releases it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let limiter = Arc::clone(&self.limiter);
+            let token = std::mem::take(&mut self.token);
+            runtime.spawn(async move {
+                if let Err(error) = limiter.settle_probe(&token, None).await {
+                    tracing::debug!(%error, "could not release the probe after idle; its hold ends it");
+                }
+            });
+        }
+    }
+}
+
+impl fmt::Debug for SharedProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedProbe")
+            .field("key", &self.limiter.key)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
     }
 }
 
@@ -113,9 +187,9 @@ impl fmt::Debug for SharedLimiter {
 }
 
 impl LimiterInner {
-    async fn attempt(&self) -> Result<(), Duration> {
+    async fn attempt(self: &Arc<Self>) -> Result<Option<SharedProbe>, Duration> {
         if self.take_leased() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(interval_us) = self.interval_us else {
             return Err(Duration::MAX);
@@ -125,7 +199,7 @@ impl LimiterInner {
             // While we queued, the caller before us may have leased cells, been refused, or
             // found Redis down.
             if self.take_leased() {
-                return Ok(());
+                return Ok(None);
             }
             if let Some(wait) = next_grant.and_then(|at| at.checked_duration_since(Instant::now()))
             {
@@ -134,13 +208,18 @@ impl LimiterInner {
             if !self.limits.degraded.load(Ordering::Relaxed) {
                 // Dropping this future mid-call may lose the cells Redis granted: that errs on
                 // the side of staying under the limit.
-                match self.shared(interval_us).await {
-                    Ok((0, wait_us)) => {
+                let token = format!(
+                    "{}:{}",
+                    self.limits.worker_id,
+                    self.probes.fetch_add(1, Ordering::Relaxed)
+                );
+                match self.shared(interval_us, &token).await {
+                    Ok((0, wait_us, _)) => {
                         let wait = Duration::from_micros(wait_us).max(MIN_WAIT);
                         *next_grant = Some(Instant::now() + wait);
                         return Err(wait);
                     }
-                    Ok((granted, wait_us)) => {
+                    Ok((granted, wait_us, probe)) => {
                         // Also remember when the next cell is due, so the callers behind us
                         // do not spend a round trip each to be refused.
                         *next_grant = Some(Instant::now() + Duration::from_micros(wait_us));
@@ -148,7 +227,11 @@ impl LimiterInner {
                             let use_by = Instant::now() + SharedLimiter::LEASE_HOLD;
                             lock(&self.leased).push_back((use_by, granted - 1));
                         }
-                        return Ok(());
+                        return Ok(probe.then(|| SharedProbe {
+                            limiter: Arc::clone(self),
+                            token,
+                            settled: false,
+                        }));
                     }
                     // This call falls through to the local share at once; the heartbeat brings
                     // the shared state back when Redis answers again.
@@ -156,7 +239,7 @@ impl LimiterInner {
                 }
             }
         }
-        self.local()
+        self.local().map(|()| None)
     }
 
     /// Take one leased cell that is still within its hold time, dropping expired ones.
@@ -178,27 +261,60 @@ impl LimiterInner {
         }
     }
 
-    /// One decision against the shared GCRA: (cells granted, microseconds until the next one).
-    async fn shared(&self, interval_us: u64) -> Result<(u32, u64), SharedError> {
+    /// One decision against the shared GCRA: (cells granted, microseconds until the next one,
+    /// whether the one cell granted is the probe after idle, under `token`).
+    async fn shared(&self, interval_us: u64, token: &str) -> Result<(u32, u64, bool), SharedError> {
         let want = self
             .demand
             .load(Ordering::Relaxed)
             .clamp(1, self.lease_size);
         let limits = &self.limits;
-        let (granted, wait_us): (i64, i64) = limits
+        let (granted, wait_us, probe): (i64, i64, i64) = limits
             .call(|mut conn| async move {
                 limits
                     .gcra
                     .key(&self.key)
+                    .key(&self.probe_key)
                     .arg(interval_us)
                     .arg(self.tau_us)
                     .arg(want)
+                    .arg(self.probe_hold_us)
+                    .arg(token)
                     .invoke_async(&mut conn)
                     .await
             })
             .await?;
         let granted = u32::try_from(granted.clamp(0, i64::from(want))).unwrap_or(0);
-        Ok((granted, u64::try_from(wait_us).unwrap_or(0)))
+        Ok((
+            granted,
+            u64::try_from(wait_us).unwrap_or(0),
+            granted == 1 && probe == 1,
+        ))
+    }
+
+    /// Settle the probe `token` (see [`SharedProbe::report`]): true if it was still out.
+    async fn settle_probe(&self, token: &str, remaining: Option<u64>) -> Result<bool, SharedError> {
+        let Some(interval_us) = self.interval_us else {
+            return Ok(false);
+        };
+        // -1: nothing learnt. A count beyond i64 is capped by the burst anyway.
+        let cells = remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
+        let limits = &self.limits;
+        let settled: i64 = limits
+            .call(|mut conn| async move {
+                limits
+                    .probe
+                    .key(&self.key)
+                    .key(&self.probe_key)
+                    .arg(token)
+                    .arg(interval_us)
+                    .arg(self.tau_us)
+                    .arg(cells)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(settled == 1)
     }
 
     /// The local fallback: this worker's share of the endpoint's rate and burst.

@@ -6,9 +6,9 @@ mod limiter;
 mod scripts;
 
 pub use budget::SharedBudget;
-pub use limiter::SharedLimiter;
+pub use limiter::{SharedLimiter, SharedProbe};
 
-use scripts::{GCRA_LUA, HEARTBEAT_LUA, TOKENS_LUA};
+use scripts::{GCRA_LUA, HEARTBEAT_LUA, PROBE_LUA, TOKENS_LUA};
 use sluice_core::gcra::Gcra;
 use sluice_redis::{redis, Pool, Redis, SetupError};
 use std::fmt;
@@ -70,6 +70,12 @@ impl From<SetupError> for SharedError {
 /// - **Shared state.** Key `{prefix}:gcra:{endpoint}` holds the endpoint's theoretical arrival
 ///   time (TAT) in microseconds of *Redis server time* (`TIME` inside the script), so worker
 ///   clocks never matter. The key expires shortly after its TAT passes, so idle endpoints vanish.
+/// - **Probe after idle.** For a limiter made with [`SharedLimits::limiter_probing`], the first
+///   caller to find the key gone gets a [`SharedProbe`] and every other caller of every worker
+///   waits (re-asking every 10 ms) until the probe's response reports the provider's remaining
+///   requests: the shared bucket then holds that many (at most the burst), once, whichever worker
+///   reports. Without a report, or once the hold has ended, the bucket is empty, as without
+///   probing. Key `{prefix}:gcra:{endpoint}:probe` holds the probe's token while it is out.
 /// - **Leasing.** One round trip may take up to [`SharedLimiter::lease_size`] cells (1 below
 ///   60 rpm, else `rpm / 60 / 4` clamped to 1..=8), but only as many as callers are waiting on
 ///   this limiter right now, so a lone sequential caller never wastes cells. Cells not used
@@ -106,6 +112,7 @@ struct Inner {
     live: AtomicU64,
     expected: AtomicU64,
     gcra: redis::Script,
+    probe: redis::Script,
     tokens: redis::Script,
     heartbeat: redis::Script,
     heartbeat_task: Mutex<Option<tokio::task::AbortHandle>>,
@@ -136,6 +143,7 @@ impl SharedLimits {
             live: AtomicU64::new(0),
             expected: AtomicU64::new(DEFAULT_EXPECTED_WORKERS),
             gcra: redis::Script::new(GCRA_LUA),
+            probe: redis::Script::new(PROBE_LUA),
             tokens: redis::Script::new(TOKENS_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
             heartbeat_task: Mutex::new(None),
@@ -155,9 +163,23 @@ impl SharedLimits {
     }
 
     /// A limiter for `endpoint` at `per_minute` requests with `burst` extra back-to-back cells,
-    /// shared with every worker that uses the same prefix and endpoint name.
+    /// shared with every worker that uses the same prefix and endpoint name. An idle endpoint
+    /// starts with an empty bucket.
     pub fn limiter(&self, endpoint: &str, per_minute: u32, burst: u32) -> SharedLimiter {
-        SharedLimiter::new(Arc::clone(&self.inner), endpoint, per_minute, burst)
+        self.limiter_probing(endpoint, per_minute, burst, Duration::ZERO)
+    }
+
+    /// [`SharedLimits::limiter`] whose idle endpoint is woken by one probe, held for at most
+    /// `hold` (zero: no probe), whose report of the provider's remaining requests every worker
+    /// then shares (see the rules above and [`SharedLimiter::try_acquire_probing`]).
+    pub fn limiter_probing(
+        &self,
+        endpoint: &str,
+        per_minute: u32,
+        burst: u32,
+        hold: Duration,
+    ) -> SharedLimiter {
+        SharedLimiter::new(Arc::clone(&self.inner), endpoint, per_minute, burst, hold)
     }
 
     /// A token budget for `endpoint` at `per_minute` tokens with `burst` extra, shared with every
