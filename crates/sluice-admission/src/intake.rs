@@ -13,8 +13,8 @@ use sluice_core::route::RouteKey;
 use sluice_core::{JobRequest, JobState, Lane, Principal, RequestId, Tier, TierLanes};
 use sluice_outbox::Publisher;
 use sluice_store::{
-    Accepted as StoreAccepted, BatchLine, Ingested, JobRecord, JobWriter, NewBatch, NewJob, Reuse,
-    Store,
+    Accepted as StoreAccepted, BatchLine, Batcher, Ingested, JobRecord, JobWriter, NewBatch,
+    NewJob, Reuse, Store,
 };
 use std::sync::Arc;
 
@@ -113,6 +113,8 @@ impl Admitted {
 pub struct Intake {
     pub store: Store,
     writer: JobWriter,
+    /// Exact-cache look-ups of concurrent submissions, one statement for all of them.
+    answers: Batcher<(String, Vec<u8>), Option<RequestId>>,
     pub publisher: Publisher,
     pub policy: Arc<Admission>,
     pub tiers: TierLanes,
@@ -127,9 +129,16 @@ impl Intake {
     ) -> Intake {
         // Four writers of up to 256 jobs each: concurrent submissions share statements.
         let writer = JobWriter::spawn(store.clone(), 4, 256);
+        let window = policy.cache.reuse_window();
+        let reader = store.clone();
+        let answers = Batcher::spawn(2, 256, move |wanted: Vec<(String, Vec<u8>)>| {
+            let store = reader.clone();
+            async move { store.reusable_answers(&wanted, window).await }
+        });
         Intake {
             store,
             writer,
+            answers,
             publisher,
             policy,
             tiers,
@@ -216,7 +225,12 @@ impl Intake {
         if let (Some(hash), true) = (&job.request_hash, may_reuse) {
             let tenant = &job.principal.tenant;
             let mut answered = None;
-            if let Some(source) = policy.exact_answer(&self.store, tenant, hash).await? {
+            let source = self
+                .answers
+                .call((tenant.clone(), hash.clone()))
+                .await
+                .map_err(|e| AdmitError::Store(unshare(e)))?;
+            if let Some(source) = source {
                 answered = self.answer(&job, source, Reuse::Exact).await?;
             }
             telemetry::cache_lookup("exact", answered.is_some());

@@ -42,7 +42,7 @@ impl Default for CacheConfig {
 
 impl CacheConfig {
     /// How old an answer may be to be reused.
-    fn reuse_window(&self) -> Duration {
+    pub fn reuse_window(&self) -> Duration {
         let dedup = Duration::from_secs_f64(self.dedup_window_secs.max(0.0));
         if self.enabled {
             Duration::from_secs(self.ttl_secs).max(dedup)
@@ -375,18 +375,6 @@ impl Admission {
             }
         }
         Sha256::digest(canonical.to_string().as_bytes()).to_vec()
-    }
-
-    /// The tenant's earlier identical job whose answer this request may take.
-    pub async fn exact_answer(
-        &self,
-        store: &Store,
-        tenant: &str,
-        hash: &[u8],
-    ) -> Result<Option<RequestId>, AdmitError> {
-        Ok(store
-            .reusable_answer(tenant, hash, self.cache.reuse_window())
-            .await?)
     }
 
     /// Refuse what the load level does not admit.

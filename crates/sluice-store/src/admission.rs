@@ -53,6 +53,19 @@ impl Store {
         dispatch!(self.reusable_answer(tenant, request_hash, within))
     }
 
+    /// [`Store::reusable_answer`] for many (tenant, request hash) pairs at once: one statement
+    /// on PostgreSQL, so concurrent submissions share a round trip. One answer per pair, in order.
+    pub async fn reusable_answers(
+        &self,
+        wanted: &[(String, Vec<u8>)],
+        within: Duration,
+    ) -> Result<Vec<Option<RequestId>>, StoreError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self.reusable_answers(wanted, within))
+    }
+
     /// Store `job` as succeeded at once with `source`'s answer (events, email and all);
     /// `false`, writing nothing, unless `source` is a successful job of the same tenant.
     pub async fn insert_answered(

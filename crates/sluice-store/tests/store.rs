@@ -1553,6 +1553,23 @@ async fn a_reusable_answer_completes_a_job_at_once_within_its_tenant_only(db: Te
             .unwrap(),
         None
     );
+    // Many look-ups at once answer each in its place, tenants apart.
+    let wanted = [
+        ("other".to_owned(), hash.clone()),
+        ("acme".to_owned(), b"another request".to_vec()),
+        ("acme".to_owned(), hash.clone()),
+        ("acme".to_owned(), hash.clone()),
+    ];
+    assert_eq!(
+        db.store.reusable_answers(&wanted, hour).await.unwrap(),
+        [None, None, Some(source.id), Some(source.id)]
+    );
+    assert!(db
+        .store
+        .reusable_answers(&[], hour)
+        .await
+        .unwrap()
+        .is_empty());
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
         db.store

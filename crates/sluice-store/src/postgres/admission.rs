@@ -33,6 +33,38 @@ impl PgBackend {
         Ok(row.map(|(id,)| RequestId(id)))
     }
 
+    pub(crate) async fn reusable_answers(
+        &self,
+        wanted: &[(String, Vec<u8>)],
+        within: Duration,
+    ) -> Result<Vec<Option<RequestId>>, StoreError> {
+        let tenants: Vec<&str> = wanted.iter().map(|(t, _)| t.as_str()).collect();
+        let hashes: Vec<&[u8]> = wanted.iter().map(|(_, h)| h.as_slice()).collect();
+        // The same look-up as `reusable_answer`, once per pair (an index scan of jobs_answers).
+        let rows: Vec<(i64, Option<Uuid>)> = sqlx::query_as(
+            "SELECT w.n, (SELECT id FROM jobs
+                          WHERE tenant = w.tenant AND request_hash = w.hash
+                            AND state = 'succeeded' AND leader IS NULL
+                            AND finished_at > now() - $3 * interval '1 millisecond'
+                          ORDER BY finished_at DESC LIMIT 1)
+             FROM UNNEST($1::text[], $2::bytea[]) WITH ORDINALITY AS w(tenant, hash, n)
+             ORDER BY w.n",
+        )
+        .bind(&tenants)
+        .bind(&hashes)
+        .bind(millis(within))
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.len() != wanted.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{} answers to {} cache look-ups",
+                rows.len(),
+                wanted.len()
+            )));
+        }
+        Ok(rows.into_iter().map(|(_, id)| id.map(RequestId)).collect())
+    }
+
     /// Store `job` as already succeeded with `source`'s answer; `false` (nothing written) if
     /// `source` is not a successful job of the same tenant.
     pub(crate) async fn insert_answered(

@@ -36,6 +36,19 @@ impl SqliteBackend {
         Ok(row.map(|(id,)| RequestId(id)))
     }
 
+    /// One look-up after another: reads on SQLite have no round trip to share.
+    pub(crate) async fn reusable_answers(
+        &self,
+        wanted: &[(String, Vec<u8>)],
+        within: Duration,
+    ) -> Result<Vec<Option<RequestId>>, StoreError> {
+        let mut answers = Vec::with_capacity(wanted.len());
+        for (tenant, hash) in wanted {
+            answers.push(self.reusable_answer(tenant, hash, within).await?);
+        }
+        Ok(answers)
+    }
+
     pub(crate) async fn insert_answered(
         &self,
         job: &NewJob,
