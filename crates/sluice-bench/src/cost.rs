@@ -6,11 +6,11 @@
 use anyhow::{bail, Context};
 use sluice::config::Config;
 use sluice::stack;
-use sluice_core::{Principal, Tier};
+
 use sluice_testkit::ScratchDb;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,15 +28,7 @@ pub async fn run(config: &Config, jobs: usize, clients: usize) -> anyhow::Result
         .context("a PostgreSQL scratch database has a schema")?
         .to_owned();
     let prefix = format!("bench-{run_id}");
-    let sim = sluice_sim::spawn(
-        sluice_sim::SimConfig {
-            default_rpm: 0,
-            ..Default::default()
-        },
-        ([127, 0, 0, 1], 0).into(),
-    )
-    .await
-    .context("cannot start the simulator")?;
+    let sim = crate::common::instant_simulator().await?;
     let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
         .local_addr()?
         .port();
@@ -85,15 +77,7 @@ async fn measure(
     jobs: usize,
     clients: usize,
 ) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()
-        .context("cannot find this executable")?
-        .with_file_name(format!("sluice{}", std::env::consts::EXE_SUFFIX));
-    if !exe.exists() {
-        bail!(
-            "{} is missing: build it first (cargo build --release --bin sluice)",
-            exe.display()
-        );
-    }
+    let exe = crate::common::sluice_exe()?;
     // `serve` migrates the schema, so the figures of an older build are taken on its own schema.
     let spawn = |command: &str, migrate: bool| {
         let mut args = vec![
@@ -129,23 +113,15 @@ async fn measure(
         bail!("a child process exited at once");
     };
     let store = &stack::store(run_config, false).await?;
-    let key = store
-        .create_api_key(&Principal {
-            tenant: "bench".into(),
-            user: "bench".into(),
-            tier: Tier::Pro,
-            email: None,
-            reuse_samples: false,
-        })
-        .await?;
+    let keys = crate::common::tier_keys(store).await?;
     // Warm up connections, caches and statements so the figures are the steady cost.
-    submit(&http, &base, &key, 200, clients.min(16), "warm-up").await?;
+    submit(&http, &base, &keys, 200, clients.min(16), "warm-up").await?;
     wait_finished(store, sim, 200).await?;
 
     let statements = Statements::reset(&config.database.url).await;
     let before = Cpu::read(serve_pid, worker_pid);
     let started = Instant::now();
-    submit(&http, &base, &key, jobs, clients, "job").await?;
+    submit(&http, &base, &keys, jobs, clients, "job").await?;
     wait_finished(store, sim, 200 + jobs).await?;
     let seconds = started.elapsed().as_secs_f64();
     let after = Cpu::read(serve_pid, worker_pid);
@@ -215,44 +191,27 @@ async fn measure(
     Ok(())
 }
 
+/// `jobs` submissions from `clients` clients, all answered `202`.
 async fn submit(
     http: &reqwest::Client,
-    base: &str,
-    key: &str,
+    api: &str,
+    keys: &[String],
     jobs: usize,
     clients: usize,
     label: &str,
 ) -> anyhow::Result<()> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let url = format!("{base}/v1/jobs");
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, url, key, next, label) = (
-            http.clone(),
-            url.clone(),
-            key.to_owned(),
-            Arc::clone(&next),
-            label.to_owned(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= jobs {
-                    return Ok::<(), anyhow::Error>(());
-                }
-                let body = serde_json::json!({
-                    "model": "default",
-                    "messages": [{"role": "user", "content": format!("cost {label} {n}")}],
-                });
-                let response = http.post(&url).bearer_auth(&key).json(&body).send().await?;
-                if response.status() != reqwest::StatusCode::ACCEPTED {
-                    bail!("submit answered {}", response.status());
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.context("a client panicked")??;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let mut set = crate::common::spawn_submitters(
+        http,
+        api,
+        keys,
+        jobs,
+        clients,
+        &format!("cost {label}"),
+        &accepted,
+    );
+    while let Some(outcome) = set.join_next().await {
+        outcome.context("a client panicked")??;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! processes' resident memory under a large backlog; `cost` measures the cost of one job.
 //! Measurements, not tests.
 
+mod common;
 mod cost;
 mod floor;
 mod memory;

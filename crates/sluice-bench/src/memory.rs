@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use sluice::config::Config;
 use sluice::stack;
-use sluice_core::{Lane, Principal, Tier};
+use sluice_core::Lane;
 use sluice_store::{Store, StoreConfig};
 use sluice_testkit::{ScratchDb, ScratchRabbit, ScratchRedis};
 use std::fmt;
@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 /// The targets: resident memory (the kernel's own high-water mark, VmHWM) of each process.
 const API_TARGET_MB: f64 = 100.0;
@@ -80,15 +79,7 @@ pub async fn run(config: &Config, args: MemoryArgs) -> anyhow::Result<()> {
         bail!("--modes names no mode");
     }
     // The processes measured are the `sluice` binary built beside this one.
-    let exe = std::env::current_exe()
-        .context("cannot find this executable")?
-        .with_file_name(format!("sluice{}", std::env::consts::EXE_SUFFIX));
-    if !exe.exists() {
-        bail!(
-            "{} is missing: build it first (cargo build --release --bin sluice)",
-            exe.display()
-        );
-    }
+    let exe = crate::common::sluice_exe()?;
     let mut missed = Vec::new();
     for &mode in &args.modes {
         let report = match mode {
@@ -140,18 +131,6 @@ fn common_toml(sim_url: &str, concurrency: usize) -> String {
     )
 }
 
-async fn instant_simulator() -> anyhow::Result<sluice_sim::SimHandle> {
-    sluice_sim::spawn(
-        sluice_sim::SimConfig {
-            default_rpm: 0,
-            ..Default::default()
-        },
-        ([127, 0, 0, 1], 0).into(),
-    )
-    .await
-    .context("cannot start the simulator")
-}
-
 /// `sluice serve` and `sluice worker` on a fresh schema, RabbitMQ prefix and Redis prefix.
 async fn distributed(config: &Config, args: &MemoryArgs, exe: &Path) -> anyhow::Result<Report> {
     let id = uuid::Uuid::now_v7().simple().to_string();
@@ -171,7 +150,7 @@ async fn distributed(config: &Config, args: &MemoryArgs, exe: &Path) -> anyhow::
         prefix: format!("bench-{id}"),
     };
     let dir = TempDir::new()?;
-    let sim = instant_simulator().await?;
+    let sim = crate::common::instant_simulator().await?;
 
     let database = scratch.config();
     let schema = scratch
@@ -232,7 +211,7 @@ async fn distributed(config: &Config, args: &MemoryArgs, exe: &Path) -> anyhow::
 /// `sluice dev` on a SQLite file in a directory of its own.
 async fn embedded(config: &Config, args: &MemoryArgs, exe: &Path) -> anyhow::Result<Report> {
     let dir = TempDir::new()?;
-    let sim = instant_simulator().await?;
+    let sim = crate::common::instant_simulator().await?;
     let data = dir.0.join("data").join("sluice.db");
     std::fs::create_dir_all(dir.0.join("data")).context("cannot create the data directory")?;
     // The pool points at this process's simulator, not at `[sim]`'s address, so `dev` starts no
@@ -299,21 +278,7 @@ struct Setup {
 
 /// Keys, and every consumed lane paused, so the workers take nothing until the backlog is in.
 async fn prepare(store: &Store) -> anyhow::Result<Setup> {
-    let mut keys = Vec::new();
-    for tier in Tier::ALL {
-        keys.push(
-            store
-                .create_api_key(&Principal {
-                    tenant: format!("bench-{tier}"),
-                    user: "bench".into(),
-                    tier,
-                    email: None,
-                    reuse_samples: false,
-                })
-                .await
-                .context("cannot create the bench API keys")?,
-        );
-    }
+    let keys = crate::common::tier_keys(store).await?;
     let admin = store
         .create_admin_key("bench")
         .await
@@ -696,44 +661,16 @@ async fn submit(
     keys: &[String],
     args: &MemoryArgs,
 ) -> anyhow::Result<()> {
-    let url = format!("{api}/v1/jobs");
-    let keys = Arc::new(keys.to_vec());
-    let next = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(AtomicUsize::new(0));
-    let mut clients = JoinSet::new();
-    for _ in 0..args.clients {
-        let (http, url, keys, next, accepted) = (
-            http.clone(),
-            url.clone(),
-            Arc::clone(&keys),
-            Arc::clone(&next),
-            Arc::clone(&accepted),
-        );
-        let jobs = args.jobs;
-        clients.spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= jobs {
-                    return Ok::<(), anyhow::Error>(());
-                }
-                let body = serde_json::json!({
-                    "model": "default",
-                    "messages": [{"role": "user", "content": format!("memory bench job {n}")}],
-                });
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&keys[n % keys.len()])
-                    .json(&body)
-                    .send()
-                    .await
-                    .context("cannot submit a job")?;
-                if response.status() != reqwest::StatusCode::ACCEPTED {
-                    bail!("submit answered {}", response.status());
-                }
-                accepted.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-    }
+    let mut clients = crate::common::spawn_submitters(
+        http,
+        api,
+        keys,
+        args.jobs,
+        args.clients,
+        "memory bench job",
+        &accepted,
+    );
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     progress.tick().await;
     loop {

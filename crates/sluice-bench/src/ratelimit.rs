@@ -292,15 +292,7 @@ impl Run<'_> {
         );
 
         // The workers are real `sluice worker` processes: the binary built beside this one.
-        let exe = std::env::current_exe()
-            .context("cannot find this executable")?
-            .with_file_name(format!("sluice{}", std::env::consts::EXE_SUFFIX));
-        if !exe.exists() {
-            bail!(
-                "{} is missing: build it first (cargo build --release --bin sluice)",
-                exe.display()
-            );
-        }
+        let exe = crate::common::sluice_exe()?;
         let mut children = Vec::new();
         for _ in 0..workers {
             children.push(

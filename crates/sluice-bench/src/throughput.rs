@@ -9,7 +9,7 @@ use clap::{Subcommand, ValueEnum};
 use sluice::config::{Config, QueueBackend};
 use sluice::stack;
 use sluice_broker::Broker;
-use sluice_core::{Principal, Tier};
+
 use sluice_outbox::Publisher;
 use sluice_providers::{EndpointConfig, PoolConfig, Router, Secret};
 use sluice_sqs::moto::MotoServer;
@@ -733,21 +733,7 @@ async fn drive(
         }));
     }
 
-    let mut keys = Vec::new();
-    for tier in Tier::ALL {
-        keys.push(
-            store
-                .create_api_key(&Principal {
-                    tenant: format!("bench-{tier}"),
-                    user: "bench".into(),
-                    tier,
-                    email: None,
-                    reuse_samples: false,
-                })
-                .await
-                .context("cannot create the bench API keys")?,
-        );
-    }
+    let keys = crate::common::tier_keys(store).await?;
     let keys = Arc::new(keys);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)

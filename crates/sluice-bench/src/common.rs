@@ -1,0 +1,108 @@
+//! What the benchmarks share: the `sluice` binary built beside this one, an instant simulator,
+//! one API key per tier, and HTTP clients that submit N jobs.
+
+use anyhow::{bail, Context};
+use sluice_core::{Principal, Tier};
+use sluice_store::Store;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::task::JoinSet;
+
+/// The `sluice` executable beside this one, which the benchmarks run as child processes.
+pub fn sluice_exe() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name(format!("sluice{}", std::env::consts::EXE_SUFFIX));
+    if !exe.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --bin sluice)",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
+/// A simulator in this process with no latency and no limit: what is measured is Sluice.
+pub async fn instant_simulator() -> anyhow::Result<sluice_sim::SimHandle> {
+    sluice_sim::spawn(
+        sluice_sim::SimConfig {
+            default_rpm: 0,
+            ..Default::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .context("cannot start the simulator")
+}
+
+/// One API key per tier, tenants `bench-{tier}`, so the jobs spread over the tier lanes.
+pub async fn tier_keys(store: &Store) -> anyhow::Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for tier in Tier::ALL {
+        keys.push(
+            store
+                .create_api_key(&Principal {
+                    tenant: format!("bench-{tier}"),
+                    user: "bench".into(),
+                    tier,
+                    email: None,
+                    reuse_samples: false,
+                })
+                .await
+                .context("cannot create the bench API keys")?,
+        );
+    }
+    Ok(keys)
+}
+
+/// `clients` clients submitting `jobs` jobs to `{api}/v1/jobs` between them (prompts
+/// `"{label} {n}"`, keys in turn), each counted in `accepted` once answered `202`.
+pub fn spawn_submitters(
+    http: &reqwest::Client,
+    api: &str,
+    keys: &[String],
+    jobs: usize,
+    clients: usize,
+    label: &str,
+    accepted: &Arc<AtomicUsize>,
+) -> JoinSet<anyhow::Result<()>> {
+    let url = format!("{api}/v1/jobs");
+    let keys = Arc::new(keys.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut set = JoinSet::new();
+    for _ in 0..clients {
+        let (http, url, keys, next, accepted, label) = (
+            http.clone(),
+            url.clone(),
+            Arc::clone(&keys),
+            Arc::clone(&next),
+            Arc::clone(accepted),
+            label.to_owned(),
+        );
+        set.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= jobs {
+                    return Ok(());
+                }
+                let body = serde_json::json!({
+                    "model": "default",
+                    "messages": [{"role": "user", "content": format!("{label} {n}")}],
+                });
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&keys[n % keys.len()])
+                    .json(&body)
+                    .send()
+                    .await
+                    .context("cannot submit a job")?;
+                if response.status() != reqwest::StatusCode::ACCEPTED {
+                    bail!("submit answered {}", response.status());
+                }
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    set
+}
