@@ -38,19 +38,80 @@ async fn bench_throughput_runs_each_backend_and_prints_one_table() {
         .skip_while(|line| !line.starts_with("backend "))
         .collect();
     assert!(!table.is_empty(), "no table in:\n{stdout}");
+    // Columns: backend, admission, jobs, jobs/s, ..., vs rabbitmq, vs floor.
+    let floor = table
+        .iter()
+        .find(|line| line.split_whitespace().next() == Some("floor"))
+        .unwrap_or_else(|| panic!("no floor row in:\n{stdout}"));
+    let floor_per_sec: f64 = floor.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(floor_per_sec > 0.0, "{floor}");
     for backend in ["rabbitmq", "sql-sqlite"] {
-        let row = table
-            .iter()
-            .find(|line| line.split_whitespace().next() == Some(backend))
-            .unwrap_or_else(|| panic!("no {backend} row in:\n{stdout}"));
-        let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(
-            cells[1], "200",
-            "{backend} did not complete every job: {row}"
-        );
-        let jobs_per_sec: f64 = cells[3]
-            .parse()
-            .unwrap_or_else(|_| panic!("no jobs/s in {row:?}"));
-        assert!(jobs_per_sec > 0.0, "{row}");
+        for admission in ["on", "off"] {
+            let row = table
+                .iter()
+                .find(|line| {
+                    let mut cells = line.split_whitespace();
+                    cells.next() == Some(backend) && cells.next() == Some(admission)
+                })
+                .unwrap_or_else(|| panic!("no {backend} {admission} row in:\n{stdout}"));
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(
+                cells[2], "200",
+                "{backend} did not complete every job: {row}"
+            );
+            let jobs_per_sec: f64 = cells[3]
+                .parse()
+                .unwrap_or_else(|_| panic!("no jobs/s in {row:?}"));
+            assert!(jobs_per_sec > 0.0, "{row}");
+            let vs_floor = cells.last().unwrap().trim_end_matches('x');
+            let vs_floor: f64 = vs_floor
+                .parse()
+                .unwrap_or_else(|_| panic!("no ratio to the floor in {row:?}"));
+            assert!(
+                (vs_floor - jobs_per_sec / floor_per_sec).abs() < 0.01,
+                "{row} against {floor}"
+            );
+        }
     }
+}
+
+/// The guard CI runs fails a run below its share of the floor, and says so. No run of Sluice is
+/// a thousand times as fast as the floor, so that threshold must fail.
+#[tokio::test]
+async fn bench_throughput_fails_below_the_floor_ratio_it_is_given() {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let config = std::env::temp_dir().join(format!("sluice-e2e-bench-{id}.toml"));
+    std::fs::write(&config, "").unwrap();
+    let output = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .args(["throughput", "--jobs", "100", "--clients", "8"])
+        .args(["--workers", "1", "--concurrency", "32"])
+        .args(["--backends", "rabbitmq", "--admission", "on"])
+        .args(["--min-floor-ratio", "1000"])
+        .env("SLUICE_DATABASE__URL", database_url())
+        .env("SLUICE_RABBITMQ__URL", rabbitmq_url())
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a 1000x guard passed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("below the guard's 1000.000x of the durable floor: rabbitmq (admission on)"),
+        "{stderr}"
+    );
+    // Every job still ran: the run failed the guard, not the jobs.
+    assert!(
+        stdout.lines().any(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            cells.first() == Some(&"rabbitmq") && cells.get(2) == Some(&"100")
+        }),
+        "{stdout}"
+    );
 }
