@@ -7,17 +7,24 @@ use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-bench");
 
-#[tokio::test]
-async fn bench_throughput_runs_each_backend_and_prints_one_table() {
+/// `sluice-bench throughput` with 8 clients and one worker, plus `args`, against the test's
+/// servers (an empty config file; the servers come in as the usual overrides).
+async fn throughput(args: &[&str]) -> std::process::Output {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let config = std::env::temp_dir().join(format!("sluice-e2e-bench-{id}.toml"));
     std::fs::write(&config, "").unwrap();
     let output = Command::new(BIN)
         .args(["--config", config.to_str().unwrap()])
-        .args(["throughput", "--jobs", "200", "--clients", "8"])
-        .args(["--workers", "1", "--concurrency", "32"])
-        .args(["--backends", "rabbitmq,sql-sqlite"])
-        // The config file stays empty; the test's servers come in as the usual overrides.
+        .args([
+            "throughput",
+            "--clients",
+            "8",
+            "--workers",
+            "1",
+            "--concurrency",
+            "32",
+        ])
+        .args(args)
         .env("SLUICE_DATABASE__URL", database_url())
         .env("SLUICE_RABBITMQ__URL", rabbitmq_url())
         .env("SLUICE_LOG", "warn")
@@ -25,6 +32,12 @@ async fn bench_throughput_runs_each_backend_and_prints_one_table() {
         .await
         .unwrap();
     let _ = std::fs::remove_file(&config);
+    output
+}
+
+#[tokio::test]
+async fn bench_throughput_runs_each_backend_and_prints_one_table() {
+    let output = throughput(&["--jobs", "200", "--backends", "rabbitmq,sql-sqlite"]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -79,22 +92,17 @@ async fn bench_throughput_runs_each_backend_and_prints_one_table() {
 /// a thousand times as fast as the floor, so that threshold must fail.
 #[tokio::test]
 async fn bench_throughput_fails_below_the_floor_ratio_it_is_given() {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let config = std::env::temp_dir().join(format!("sluice-e2e-bench-{id}.toml"));
-    std::fs::write(&config, "").unwrap();
-    let output = Command::new(BIN)
-        .args(["--config", config.to_str().unwrap()])
-        .args(["throughput", "--jobs", "100", "--clients", "8"])
-        .args(["--workers", "1", "--concurrency", "32"])
-        .args(["--backends", "rabbitmq", "--admission", "on"])
-        .args(["--min-floor-ratio", "1000"])
-        .env("SLUICE_DATABASE__URL", database_url())
-        .env("SLUICE_RABBITMQ__URL", rabbitmq_url())
-        .env("SLUICE_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    let _ = std::fs::remove_file(&config);
+    let output = throughput(&[
+        "--jobs",
+        "100",
+        "--backends",
+        "rabbitmq",
+        "--admission",
+        "on",
+        "--min-floor-ratio",
+        "1000",
+    ])
+    .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
