@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use sluice_core::{Principal, Tier};
 use sluice_store::Store;
+use sluice_testkit::ScratchDb;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,17 @@ pub fn sluice_exe() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(exe)
+}
+
+/// A fresh PostgreSQL schema on `url` for one run, and its name; the schema is dropped when the
+/// returned `ScratchDb` drops, whatever happens.
+pub fn scratch_schema(url: &str) -> anyhow::Result<(ScratchDb, String)> {
+    let scratch = ScratchDb::postgres_at(url, "bench");
+    let schema = scratch
+        .schema()
+        .context("a PostgreSQL scratch database has a schema")?
+        .to_owned();
+    Ok((scratch, schema))
 }
 
 /// A simulator in this process with no latency and no limit: what is measured is Sluice.

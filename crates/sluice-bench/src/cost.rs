@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use sluice::config::Config;
 use sluice::stack;
 
-use sluice_testkit::ScratchDb;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::AtomicUsize;
@@ -22,11 +21,7 @@ pub async fn run(config: &Config, jobs: usize, clients: usize) -> anyhow::Result
         bail!("--jobs and --clients must be at least 1");
     }
     let run_id = uuid::Uuid::now_v7().simple().to_string();
-    let scratch = ScratchDb::postgres_at(&config.database.url, "bench");
-    let schema = scratch
-        .schema()
-        .context("a PostgreSQL scratch database has a schema")?
-        .to_owned();
+    let (scratch, schema) = crate::common::scratch_schema(&config.database.url)?;
     let prefix = format!("bench-{run_id}");
     let sim = crate::common::instant_simulator().await?;
     let port = std::net::TcpListener::bind(("127.0.0.1", 0))?

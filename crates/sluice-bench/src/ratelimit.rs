@@ -8,7 +8,6 @@ use sluice_broker::Broker;
 use sluice_core::{JobRequest, Message, Principal, Tier};
 use sluice_outbox::Publisher;
 use sluice_store::{NewJob, StoreConfig};
-use sluice_testkit::ScratchDb;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -119,11 +118,7 @@ async fn run(config: &Config, workers: usize, args: &Args) -> anyhow::Result<()>
     let capacity_per_sec = capacity_per_sec();
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     // The run's schema, dropped when `scratch` drops, whatever happens.
-    let scratch = ScratchDb::postgres_at(&config.database.url, "bench");
-    let schema = scratch
-        .schema()
-        .context("a PostgreSQL scratch database has a schema")?
-        .to_owned();
+    let (scratch, schema) = crate::common::scratch_schema(&config.database.url)?;
     let prefix = format!("bench-{run_id}");
 
     let sim = sluice_sim::spawn(

@@ -328,11 +328,7 @@ async fn throughput(
             "bench: floor (PostgreSQL insert + update, RabbitMQ publish confirmed + ack, {} jobs, {} clients)",
             load.jobs, load.clients
         );
-        let scratch = ScratchDb::postgres_at(&config.database.url, "bench");
-        let schema = scratch
-            .schema()
-            .context("a PostgreSQL scratch database has a schema")?
-            .to_owned();
+        let (scratch, schema) = crate::common::scratch_schema(&config.database.url)?;
         let floor = crate::floor::measure(
             &config.database.url,
             &schema,
