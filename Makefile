@@ -28,6 +28,7 @@ test: services test-deps
 ## Formatting and lints, as CI runs them.
 check:
 	$(CARGO) fmt --all -- --check
+	scripts/check-rust-version.sh
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## End-to-end throughput on this machine (not a test): every lane backend with admission on

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MIN_RATIO="${BENCH_GUARD_MIN_RATIO:-0.16}"
+MIN_RATIO="${BENCH_GUARD_MIN_RATIO:-0.19}"
 JOBS="${BENCH_GUARD_JOBS:-6000}"
 # A release build of its own (CI keeps it outside the clone, like the debug one). The settings
 # are not named SLUICE_*: those are Sluice's configuration, which refuses names it does not know.

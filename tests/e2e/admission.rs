@@ -336,7 +336,13 @@ async fn a_tenant_past_80_percent_of_its_budget_goes_to_the_cheaper_pool_and_at_
     app.restart_api_and_workers().await;
     let key = app.key("thrifty", Tier::Pro).await;
 
-    let mut spent = 0.0;
+    // A deterministic job answered before the budget runs out: its answer stays reusable.
+    let remembered = greedy_body("asked before the budget ran out");
+    let (status, _, b) = post_to(&app, &app.api, &key, &remembered).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{b}");
+    let first = succeeded(&app, &key, id_of(&b)).await;
+    let mut spent = first["cost_usd"].as_f64().unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut cheaper_seen = false;
     for n in 0..200 {
         let (status, _, b) =
@@ -345,6 +351,11 @@ async fn a_tenant_past_80_percent_of_its_budget_goes_to_the_cheaper_pool_and_at_
             assert_eq!(b["error"]["code"], "budget_exhausted", "{b}");
             assert!(spent >= 1.0, "refused at ${spent}");
             assert!(cheaper_seen, "past 80% jobs went to the cheaper pool first");
+            // An answer the cache already holds costs nothing: it is not refused.
+            let (status, _, hit) = post_to(&app, &app.api, &key, &remembered).await;
+            assert_eq!(status, StatusCode::OK, "answered, not refused: {hit}");
+            assert_eq!(hit["cache"], "exact", "{hit}");
+            assert_eq!(hit["result"], first["result"]);
             app.cleanup().await;
             return;
         }

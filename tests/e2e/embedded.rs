@@ -39,25 +39,37 @@ struct Dev {
     child: Child,
     api: String,
     key: String,
+    /// The dashboard URL it printed, admin key in the fragment.
+    dashboard: String,
 }
 
-async fn start_dev(dir: &DevDir) -> Dev {
-    let mut child = Command::new(BIN)
+/// `sluice dev` on `dir`'s config and data file, on a free port.
+fn dev_command(dir: &DevDir) -> Command {
+    let mut command = Command::new(BIN);
+    command
         .current_dir(&dir.dir)
         .args(["--config", "sluice.toml", "dev", "--listen", "127.0.0.1:0"])
         .arg("--data")
         .arg(dir.data())
-        .env("SLUICE_LOG", "warn")
+        .env("SLUICE_LOG", "warn");
+    command
+}
+
+async fn start_dev(dir: &DevDir) -> Dev {
+    let mut child = dev_command(dir)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut api, mut key) = (None, None);
+    let (mut api, mut key, mut dashboard) = (None, None, None);
     tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(url) = line.strip_prefix("sluice api listening on ") {
                 api = Some(url.trim().to_owned());
+            }
+            if let Some(url) = line.strip_prefix("dashboard: ") {
+                dashboard = Some(url.trim().to_owned());
             }
             if let Some(k) = line.strip_prefix("api key: ") {
                 key = Some(k.trim().to_owned());
@@ -73,6 +85,7 @@ async fn start_dev(dir: &DevDir) -> Dev {
         child,
         api: api.expect("no URL printed"),
         key: key.unwrap(),
+        dashboard: dashboard.expect("no dashboard URL printed"),
     }
 }
 
@@ -179,10 +192,29 @@ async fn dev_runs_jobs_on_one_file_and_its_key_survives_a_restart() {
         .starts_with("Simulated reply to: first question"));
     assert!(dir.data().exists());
     let key = dev.key.clone();
+    // The dashboard's URL opens the dashboard with an admin key of its own.
+    let (page, admin) = dev.dashboard.split_once("#key=").unwrap();
+    assert_eq!(page, format!("{}/dashboard", dev.api));
+    assert_ne!(admin, key);
+    let drawn = http
+        .get(format!("{}/admin/v1/dashboard", dev.api))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drawn.status(), reqwest::StatusCode::OK);
+    let html = http.get(page).send().await.unwrap();
+    assert_eq!(html.status(), reqwest::StatusCode::OK);
+    let dashboard = dev.dashboard.clone();
     dev.terminate().await;
 
     let again = start_dev(&dir).await;
     assert_eq!(again.key, key, "the same key after a restart");
+    assert_eq!(
+        again.dashboard.split_once("#key=").unwrap().1,
+        dashboard.split_once("#key=").unwrap().1,
+        "the same admin key after a restart"
+    );
     // The jobs of the first run are still there, and the key still works for new ones.
     assert_eq!(again.job(&http, &ids[1]).await["state"], "succeeded");
     let more = vec![again.submit(&http, "after the restart").await];
@@ -238,6 +270,57 @@ async fn a_dev_process_killed_mid_run_loses_none_of_its_100_jobs() {
         let events = store.events(id.parse().unwrap()).await.unwrap();
         let terminal = events.iter().filter(|e| e.state.is_terminal()).count();
         assert_eq!(terminal, 1, "{id}: {events:?}");
+    }
+    again.terminate().await;
+}
+
+/// The embedded mode owns its file: after a `kill -9`, what the killed process held (taken
+/// lane messages, running jobs' leases) comes back when the next one starts, not after the
+/// 60 s timeouts; and a second process on the same file is refused while the first runs.
+#[tokio::test]
+async fn a_restarted_dev_process_recovers_a_killed_ones_jobs_at_once() {
+    let config = "[worker]\nconcurrency = 8\nprefetch = 8\nlease_secs = 60\n\
+                  reap_interval_secs = 0.5\n\n[queue.sql]\nvisibility_timeout_secs = 60\n\n\
+                  [sim]\nlatency = { kind = \"fixed\", ms = 300 }\n";
+    let dir = DevDir::new(config);
+    let http = reqwest::Client::new();
+    let dev = start_dev(&dir).await;
+
+    let second = dev_command(&dir).output().await.unwrap();
+    assert!(!second.status.success(), "a second process on the file");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains("another sluice process is running on"),
+        "{said}"
+    );
+
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        ids.push(dev.submit(&http, &format!("job {n}")).await);
+    }
+    // Kill it while jobs are running and lane messages are taken.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut running = 0;
+        for id in &ids {
+            running += usize::from(dev.job(&http, id).await["state"] == "running");
+        }
+        if running >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no job ran before the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    dev.kill_9().await;
+
+    let again = start_dev(&dir).await;
+    // Well inside the 60 s lease and visibility timeout.
+    again
+        .wait_terminal(&http, &ids, Duration::from_secs(25))
+        .await;
+    for id in &ids {
+        let job = again.job(&http, id).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
     }
     again.terminate().await;
 }
@@ -330,7 +413,17 @@ async fn serve_embedded_runs_real_pools_without_starting_a_simulator() {
         .unwrap()
         .trim_start_matches("api key: ")
         .to_owned();
-    let dev = Dev { child, api, key };
+    let dashboard = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("dashboard: "))
+        .expect("serve --embedded prints the dashboard too")
+        .to_owned();
+    let dev = Dev {
+        child,
+        api,
+        key,
+        dashboard,
+    };
     let http = reqwest::Client::new();
     let id = vec![dev.submit(&http, "through the real pool").await];
     dev.wait_terminal(&http, &id, Duration::from_secs(30)).await;
@@ -396,4 +489,57 @@ async fn the_readmes_openai_sdk_quickstart_runs_against_sluice_dev() {
         assert_eq!(ids, ["q0", "q1", "q2"], "{stdout}");
     }
     dev.kill_9().await;
+}
+
+#[tokio::test]
+async fn dev_with_mail_makes_a_link_secret_once_and_its_links_open_across_restarts() {
+    // No SMTP server needs to listen: the dev key has no address, so nothing is sent.
+    let config = format!(
+        "{QUICK_RECOVERY}\n[mail]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = 9\ntls = \"none\"\n\
+         from = \"Sluice <sluice@sluice.test>\"\n"
+    );
+    let dir = DevDir::new(&config);
+    let http = reqwest::Client::new();
+    let dev = start_dev(&dir).await;
+    let id = dev.submit(&http, "a question with a page").await;
+    dev.wait_terminal(&http, std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    let path = PathBuf::from(format!("{}.link-secret", dir.data().display()));
+    let secret = std::fs::read_to_string(&path).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only its owner reads the secret");
+    }
+    let signer = sluice_notify::LinkSigner::new(&secret).unwrap();
+    let link = signer.path(id.parse().unwrap(), chrono::Utc::now().timestamp() + 3600);
+    let open = |api: String| {
+        let (http, link) = (http.clone(), link.clone());
+        async move {
+            let page = http.get(format!("{api}{link}")).send().await.unwrap();
+            (page.status(), page.text().await.unwrap())
+        }
+    };
+    let (status, page) = open(dev.api.clone()).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{page}");
+    assert!(
+        page.contains("Simulated reply to: a question with a page"),
+        "{page}"
+    );
+    dev.terminate().await;
+
+    let again = start_dev(&dir).await;
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        secret,
+        "kept, not remade"
+    );
+    let (status, page) = open(again.api.clone()).await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::OK,
+        "a link from before the restart opens: {page}"
+    );
+    again.terminate().await;
 }

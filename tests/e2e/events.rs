@@ -402,6 +402,16 @@ async fn drain(mut socket: Socket) -> (usize, Option<u16>) {
 /// Words per answer in the flood tests.
 const WORDS: u32 = 400;
 
+/// Settings under which a stalled subscriber passes a 64 KiB bound early in a flood while no
+/// write times out for two minutes: only the cut-off and `close_timeout_secs` end it.
+fn stalling_streams(close_timeout_secs: u32) -> String {
+    format!(
+        "[http]\nwrite_timeout_secs = 120\n\
+         [streams]\nbuffer_bytes = 65536\nwrite_timeout_secs = 120\n\
+         close_timeout_secs = {close_timeout_secs}\n"
+    )
+}
+
 /// An app with Redis whose simulator answers `WORDS` words, with these `[streams]` settings.
 async fn streaming_app(concurrency: usize, streams: &str) -> crate::helpers::TestApp {
     spawn_app(AppOptions {
@@ -425,8 +435,12 @@ async fn a_subscriber_that_never_reads_is_cut_off_with_a_reason_and_holds_up_nob
     // reading subscriber sees within its buffer. This test's own reader shares two cores with
     // everything else: a buffer of 16,384 messages absorbs those bursts for it and still
     // overflows for a reader that stopped. The stalled client resumes reading long before its
-    // writes would time out.
-    let app = streaming_app(8, "[streams]\nbuffer = 16384\nwrite_timeout_secs = 300\n").await;
+    // writes (and the close frame behind them) would time out.
+    let app = streaming_app(
+        8,
+        "[streams]\nbuffer_bytes = 4194304\nwrite_timeout_secs = 300\nclose_timeout_secs = 300\n",
+    )
+    .await;
     let key = app.key("acme", Tier::Pro).await;
     let stalled = stalled_subscriber(&app.api, &key).await;
     let mut reader = connect(&app.api, Some(&key)).await;
@@ -490,7 +504,11 @@ async fn a_subscriber_that_never_reads_is_cut_off_with_a_reason_and_holds_up_nob
 async fn a_connection_that_stays_stalled_past_the_write_timeout_is_dropped() {
     const JOBS: usize = 120;
     // A buffer too big to fill: only the write timeout can end the connection.
-    let app = streaming_app(32, "[streams]\nbuffer = 1000000\nwrite_timeout_secs = 1\n").await;
+    let app = streaming_app(
+        32,
+        "[streams]\nbuffer_bytes = 1073741824\nwrite_timeout_secs = 1\n",
+    )
+    .await;
     let key = app.key("acme", Tier::Pro).await;
     let stalled = stalled_subscriber(&app.api, &key).await;
     let ids = flood(&app, &key, JOBS, WORDS).await;
@@ -501,6 +519,360 @@ async fn a_connection_that_stays_stalled_past_the_write_timeout_is_dropped() {
     let (texts, code) = drain(stalled).await;
     assert_eq!(code, None, "after {texts} messages");
     assert!(texts > 0);
+    app.cleanup().await;
+}
+
+/// `sluice_subscribers_cut_off_total{kind}` on the app's API.
+async fn cut_off(app: &crate::helpers::TestApp, kind: &str) -> f64 {
+    crate::metrics::Scrape::of(app, &format!("{}/metrics", app.api))
+        .await
+        .sum("sluice_subscribers_cut_off_total", &[("kind", kind)])
+}
+
+/// [`cut_off`] once it reaches `n`, or after about 10 s, whatever it is then.
+async fn cut_off_at_least(app: &crate::helpers::TestApp, kind: &str, n: usize) -> f64 {
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = cut_off(app, kind).await;
+        if counted >= n as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    counted
+}
+
+#[tokio::test]
+async fn many_stalled_subscribers_are_each_cut_off_with_4408_and_a_reader_misses_nothing() {
+    const STALLED: usize = 100;
+    const JOBS: usize = 150;
+    const PLAIN: usize = 20;
+    // A small bound in bytes, so each stalled socket passes it early in the flood. The stalled
+    // clients read only after the flood: the close frame waits behind what their connection
+    // already holds, so the close timeout (and the socket's own write timeout, which would
+    // drop them sooner) is long enough for them to get to it.
+    let app = streaming_app(16, &stalling_streams(120)).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        stalled.push(stalled_subscriber(&app.api, &key).await);
+    }
+    // A normal subscriber, following plain jobs submitted during the flood, one by one.
+    let mut reader = connect(&app.api, Some(&key)).await;
+    assert_eq!(next_json(&mut reader).await.unwrap()["type"], "ready");
+    let plain = async {
+        let mut seen: HashMap<RequestId, Vec<(i64, String)>> = HashMap::new();
+        let mut ids = Vec::new();
+        for n in 0..PLAIN {
+            let id = app.submit(&key, &format!("plain {n}")).await;
+            ids.push(id);
+            send(
+                &mut reader,
+                json!({ "type": "subscribe", "request_ids": [id.to_string()] }),
+            )
+            .await;
+        }
+        let (mut subscribed, mut ended) = (0, 0);
+        while subscribed < PLAIN || ended < PLAIN {
+            let message = next_json(&mut reader)
+                .await
+                .expect("the reading subscriber was cut off");
+            match message["type"].as_str() {
+                Some("subscribed") => subscribed += 1,
+                Some("event") => {
+                    let id: RequestId = message["request_id"].as_str().unwrap().parse().unwrap();
+                    let state = message["state"].as_str().unwrap().to_owned();
+                    ended += usize::from(state == "succeeded");
+                    let seq = message["seq"].as_i64().unwrap();
+                    seen.entry(id).or_default().push((seq, state));
+                }
+                other => panic!("unexpected message {other:?}: {message}"),
+            }
+        }
+        (ids, seen)
+    };
+    let (flooded, (ids, seen)) = tokio::join!(flood(&app, &key, JOBS, WORDS), plain);
+    app.wait_terminal(&flooded, Duration::from_secs(120)).await;
+    for id in &ids {
+        let stored: Vec<(i64, String)> = app
+            .store
+            .events(*id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| (i64::from(e.seq), e.state.to_string()))
+            .collect();
+        assert_eq!(seen.get(id), Some(&stored), "job {id}");
+    }
+    // Cut off while still not reading: their buffers are gone before they read a byte.
+    let counted = cut_off_at_least(&app, "websocket", STALLED).await;
+    assert_eq!(counted, STALLED as f64, "stalled subscribers cut off");
+    // Then each, reading at last, gets what its connection held and the overload close code.
+    let codes = futures::future::join_all(stalled.into_iter().map(drain)).await;
+    for (n, (texts, code)) in codes.into_iter().enumerate() {
+        assert_eq!(
+            code,
+            Some(4408),
+            "stalled subscriber {n}, after {texts} messages"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cut_off_subscriber_that_speaks_before_reading_still_gets_4408() {
+    const JOBS: usize = 150;
+    // A browser answers pings and may send a message at any time. Whatever the peer sends
+    // after being cut off must not turn the server's close into a reset, which would throw
+    // away everything the peer had not read yet, the close frame with it.
+    let app = streaming_app(16, &stalling_streams(120)).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut stalled = stalled_subscriber(&app.api, &key).await;
+    let ids = flood(&app, &key, JOBS, WORDS).await;
+    app.wait_terminal(&ids, Duration::from_secs(120)).await;
+    let counted = cut_off_at_least(&app, "websocket", 1).await;
+    assert_eq!(counted, 1.0, "the stalled subscriber was not cut off");
+    // Cut off, not yet reading: it speaks first (a ping and a message), then reads.
+    stalled
+        .send(Message::Ping(Default::default()))
+        .await
+        .unwrap();
+    send(
+        &mut stalled,
+        json!({ "type": "unsubscribe", "request_ids": [] }),
+    )
+    .await;
+    let (texts, code) = drain(stalled).await;
+    assert_eq!(code, Some(4408), "after {texts} messages");
+    assert!(texts > 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cut_off_websocket_that_never_reads_is_dropped_after_the_close_timeout() {
+    const JOBS: usize = 120;
+    // Writes may block for two minutes: only the close timeout can end this connection soon.
+    let app = streaming_app(16, &stalling_streams(1)).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let stalled = stalled_subscriber(&app.api, &key).await;
+    let metrics = format!("{}/metrics", app.api);
+    let open = crate::metrics::Scrape::of(&app, &metrics)
+        .await
+        .sum("sluice_subscribers", &[("kind", "websocket")]);
+    assert_eq!(open, 1.0, "the stalled subscriber is counted");
+    let ids = flood(&app, &key, JOBS, WORDS).await;
+    app.wait_terminal(&ids, Duration::from_secs(120)).await;
+    let mut open = f64::NAN;
+    for _ in 0..100 {
+        let scrape = crate::metrics::Scrape::of(&app, &metrics).await;
+        open = scrape.sum("sluice_subscribers", &[("kind", "websocket")]);
+        if open == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open, 0.0, "the server still holds the stalled connection");
+    assert_eq!(cut_off(&app, "websocket").await, 1.0);
+    // Its close frame never got past what the connection held: the client finds the end only.
+    let (texts, code) = drain(stalled).await;
+    assert_eq!(code, None, "after {texts} messages");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_sse_stream_that_stops_reading_is_cut_off_and_says_so_when_it_reads_again() {
+    // One answer of megabytes of deltas against a 64 KiB bound.
+    const LONG: u32 = 40_000;
+    let app = spawn_app(AppOptions {
+        redis: true,
+        sim: SimConfig {
+            default_rpm: 0,
+            completion_tokens: LONG,
+            ..SimConfig::default()
+        },
+        extra_toml: "[streams]\nbuffer_bytes = 65536\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    // Block the pool until the stream is in place, so no delta goes out before it.
+    app.sim.set_faults(Faults {
+        always_fail: Some(503),
+        ..Faults::default()
+    });
+    let mut body = job_body("a very long answer");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(LONG);
+    let (status, accepted) = app.post_job(&key, &body).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{accepted}");
+    let id: RequestId = accepted["request_id"].as_str().unwrap().parse().unwrap();
+
+    let addr: std::net::SocketAddr = app.api.trim_start_matches("http://").parse().unwrap();
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4_096).unwrap();
+    let mut stream = tcp.connect(addr).await.unwrap();
+    let request = format!(
+        "GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    // The first state event (`queued`, replayed from the log) shows the stream follows the job.
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while !String::from_utf8_lossy(&received).contains("event: state") {
+        let read = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
+        )
+        .await
+        .expect("the stream sent nothing within 30 s")
+        .unwrap();
+        assert!(read > 0, "the stream ended before its first event");
+        received.extend_from_slice(&chunk[..read]);
+    }
+    app.sim.set_faults(Faults::default());
+    app.wait_terminal(&[id], Duration::from_secs(120)).await;
+    assert_eq!(app.state(id).await, JobState::Succeeded);
+
+    // Reading at last: what the connection held, then the note, then the end of the stream.
+    loop {
+        let read = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
+        )
+        .await
+        .expect("the stream neither sent nor ended within 30 s")
+        .unwrap();
+        received.extend_from_slice(&chunk[..read]);
+        if read == 0 || received.ends_with(b"\r\n0\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&received);
+    let deltas = text.matches("event: delta").count();
+    assert!(deltas > 0, "{}", &text[..text.len().min(2_000)]);
+    assert!(
+        (deltas as u32) < LONG,
+        "all {deltas} deltas came: the stream was never cut off"
+    );
+    let note = text
+        .rfind("event: error")
+        .expect("no `event: error` at the end");
+    assert!(
+        text[note..].contains("\"code\":\"overloaded\""),
+        "{}",
+        &text[note..]
+    );
+    assert!(
+        !text.contains("\"state\":\"succeeded\""),
+        "a cut-off stream sends nothing after the note"
+    );
+    assert_eq!(cut_off(&app, "sse").await, 1.0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_websocket_subscribe_resumes_after_the_given_seq() {
+    let app = spawn_app(AppOptions::default()).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let first = app.submit(&key, "resumed").await;
+    let second = app.submit(&key, "followed whole").await;
+    app.wait_terminal(&[first, second], Duration::from_secs(30))
+        .await;
+    let stored = |id: RequestId| {
+        let store = app.store.clone();
+        async move {
+            store
+                .events(id)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| (i64::from(e.seq), e.state.to_string()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (first_log, second_log) = (stored(first).await, stored(second).await);
+    assert!(first_log.len() >= 3, "{first_log:?}");
+    let mut socket = connect(&app.api, Some(&key)).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "ready");
+
+    // Refused whole, nothing followed: the error is the next message, and no event follows.
+    let (a, b) = (first.to_string(), second.to_string());
+    for (bad, why) in [
+        (
+            json!({ "after": { &b: 1 } }),
+            "not one of this message's request_ids",
+        ),
+        (
+            json!({ "after": { "nope": 1 } }),
+            "not one of this message's request_ids",
+        ),
+        (json!({ "after": { &a: -1 } }), "0 or more"),
+        (json!({ "after": { &a: 1u64 << 40 } }), "0 or more"),
+        (
+            json!({ "after": { &a: "2" } }),
+            "not a message this socket understands",
+        ),
+        (
+            json!({ "after": [1] }),
+            "not a message this socket understands",
+        ),
+    ] {
+        let mut message = json!({ "type": "subscribe", "request_ids": [&a] });
+        message["after"] = bad["after"].clone();
+        send(&mut socket, message).await;
+        let answer = next_json(&mut socket).await.unwrap();
+        assert_eq!(answer["type"], "error", "{bad}: {answer}");
+        assert_eq!(answer["code"], "invalid_message", "{bad}: {answer}");
+        let text = answer["message"].as_str().unwrap();
+        assert!(text.contains(why), "{bad}: {text}");
+    }
+
+    // After seq 1 of the first job, the whole of the second.
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "request_ids": [&a, &b], "after": { &a: 1 } }),
+    )
+    .await;
+    let mut got: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+    let (mut subscribed, mut ended) = (false, 0);
+    while !subscribed || ended < 2 {
+        let message = next_json(&mut socket).await.unwrap();
+        if message["type"] == "subscribed" {
+            subscribed = true;
+            continue;
+        }
+        assert_eq!(message["type"], "event", "{message}");
+        ended += usize::from(message["state"] == "succeeded");
+        got.entry(message["request_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((
+                message["seq"].as_i64().unwrap(),
+                message["state"].as_str().unwrap().to_owned(),
+            ));
+    }
+    assert_eq!(got.get(&a), Some(&first_log[1..].to_vec()));
+    assert_eq!(got.get(&b), Some(&second_log));
+    // Past the last event there is nothing to resume: only the reply comes.
+    let third = app.submit(&key, "nothing after the end").await;
+    app.wait_terminal(&[third], Duration::from_secs(30)).await;
+    let last = stored(third).await.len();
+    let c = third.to_string();
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "request_ids": [&c], "after": { &c: last } }),
+    )
+    .await;
+    let answer = next_json(&mut socket).await.unwrap();
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    send(
+        &mut socket,
+        json!({ "type": "unsubscribe", "request_ids": [&c] }),
+    )
+    .await;
+    let answer = next_json(&mut socket).await.unwrap();
+    assert_eq!(answer["type"], "unsubscribed", "no event came: {answer}");
     app.cleanup().await;
 }
 
@@ -543,6 +915,70 @@ async fn malformed_websocket_messages_get_a_json_error_and_the_socket_stays_open
     loop {
         let message = next_json(&mut socket).await.unwrap();
         if message["state"] == "succeeded" {
+            break;
+        }
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_subscribe_names_at_most_a_thousand_distinct_ids_and_a_repeat_counts_once() {
+    let app = spawn_app(AppOptions::default()).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let mut socket = connect(&app.api, Some(&key)).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "ready");
+    let id = app.submit(&key, "followed once").await.to_string();
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "request_ids": [&id, &id, &id] }),
+    )
+    .await;
+    let answer = next_json(&mut socket).await.unwrap();
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    assert_eq!(answer["request_ids"], json!([id]), "the repeats are one id");
+    // 400,000 ids in one message cost 37 s of work and a 15.6 MB reply before the cap.
+    let many: Vec<String> = (0..400_000)
+        .map(|_| sluice_core::RequestId::new().to_string())
+        .collect();
+    let started = std::time::Instant::now();
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "request_ids": many }),
+    )
+    .await;
+    let mut refusal = None;
+    while refusal.is_none() {
+        let message = next_json(&mut socket).await.expect("socket closed");
+        if message["type"] == "error" {
+            refusal = Some(message);
+        }
+    }
+    let refusal = refusal.unwrap();
+    assert_eq!(refusal["code"], "too_many_ids", "{refusal}");
+    assert_eq!(refusal["max"], 1000);
+    assert!(
+        refusal.to_string().len() < 2048,
+        "a short refusal: {refusal}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused without looking the ids up: {:?}",
+        started.elapsed()
+    );
+    // A thousand distinct ids is within the cap: each unknown one is named.
+    let thousand: Vec<String> = (0..1000)
+        .map(|_| sluice_core::RequestId::new().to_string())
+        .collect();
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "request_ids": thousand }),
+    )
+    .await;
+    loop {
+        let message = next_json(&mut socket).await.expect("socket closed");
+        if message["type"] == "error" {
+            assert_eq!(message["code"], "not_found", "{message}");
+            assert_eq!(message["request_ids"].as_array().unwrap().len(), 1000);
             break;
         }
     }

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-pub use sluice_testkit::{rabbitmq_url, redis_url};
+pub use sluice_testkit::redis_url;
 
 /// A simulator of a test's own, without request limits, answering with `faults`.
 pub async fn spawn_sim(faults: sluice_sim::Faults) -> SimHandle {
@@ -76,6 +76,12 @@ pub struct AppOptions {
     /// Run `sluice serve` and `sluice worker` as child processes (for tests that `kill -9` or
     /// SIGTERM them, or read each process's own metrics) instead of in this process.
     pub processes: bool,
+    /// `[worker] reconcile_after_secs`: how long a job waits with no lane message in sight
+    /// before it is published again.
+    pub reconcile_after_secs: f64,
+    /// PostgreSQL and RabbitMQ of the test's own (its private servers) instead of the machine's.
+    pub database_url: Option<String>,
+    pub rabbitmq_url: Option<String>,
 }
 
 /// The lane backend an app runs on.
@@ -115,6 +121,9 @@ impl Default for AppOptions {
             smtp_port: None,
             queue: Queue::Rabbitmq,
             processes: false,
+            reconcile_after_secs: 600.0,
+            database_url: None,
+            rabbitmq_url: None,
         }
     }
 }
@@ -163,13 +172,23 @@ pub enum Node {
     InProcess,
 }
 
+/// `[mail] link_secret` of the harness: tests sign and check result-page links with it.
+pub const LINK_SECRET: &str = "e2e result-link secret, 32+ bytes long";
+
 pub async fn spawn_app(options: AppOptions) -> TestApp {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let db = match options.queue {
         Queue::Sqlite => sluice_testkit::ScratchDb::sqlite("e2e"),
-        _ => sluice_testkit::ScratchDb::postgres("e2e"),
+        _ => match &options.database_url {
+            // Commits wait for the WAL flush: a test's own server may be crashed on purpose.
+            Some(url) => sluice_testkit::ScratchDb::postgres_at(url, "e2e"),
+            None => sluice_testkit::ScratchDb::postgres("e2e"),
+        },
     };
-    let lanes = sluice_testkit::ScratchRabbit::new("e2e");
+    let lanes = match &options.rabbitmq_url {
+        Some(url) => sluice_testkit::ScratchRabbit::at(url, "e2e"),
+        None => sluice_testkit::ScratchRabbit::new("e2e"),
+    };
     let keys = sluice_testkit::ScratchRedis {
         prefix: lanes.prefix.clone(),
         url: options.redis_url.clone().unwrap_or_else(redis_url),
@@ -209,6 +228,7 @@ lease_secs = {lease}
 reap_interval_secs = 0.5
 shutdown_grace_secs = 10
 metrics_listen = "127.0.0.1:0"
+reconcile_after_secs = {reconcile}
 
 [worker.retry]
 base_delay_secs = {base}
@@ -232,9 +252,10 @@ default = {route}
 "#,
         route = options.default_route,
         database = database_section,
-        amqp = rabbitmq_url(),
+        amqp = lanes.url,
         concurrency = options.concurrency,
         lease = options.lease_secs,
+        reconcile = options.reconcile_after_secs,
         base = options.retry_base_secs,
         attempts = options.max_attempts,
         sim_url = sim.base_url(),
@@ -277,6 +298,7 @@ default = {route}
         config.push_str(&format!(
             "\n[mail]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\ntls = \"none\"\n\
              from = \"Sluice <sluice@sluice.test>\"\npublic_base_url = \"http://sluice.test:8080\"\n\
+             link_secret = \"{LINK_SECRET}\"\n\
              backoff_base_secs = 0.2\npoll_interval_secs = 0.2\nlease_secs = 10\n\
              timeout_secs = 5\n"
         ));
@@ -337,6 +359,27 @@ default = {route}
         _scratch: (db, lanes, keys),
     };
     app.boot(options.workers).await;
+    if options.redis && options.redis_url.is_none() {
+        // The API's bus subscribes to Redis in the background: a streamed job's deltas sent
+        // before it listens are lost (the poll makes good only state changes).
+        let (url, channel) = (
+            sluice_testkit::redis_url(),
+            format!("{}:events", app.prefix),
+        );
+        app.wait_for(
+            "the API's event bus to listen",
+            Duration::from_secs(30),
+            || {
+                let (url, channel) = (url.clone(), channel.clone());
+                async move {
+                    sluice_testkit::redis_subscribers(&url, &channel)
+                        .await
+                        .is_ok_and(|n| n >= 1)
+                }
+            },
+        )
+        .await;
+    }
     app
 }
 
@@ -647,11 +690,17 @@ impl TestApp {
 
     pub async fn broker(&self) -> RabbitBroker {
         RabbitBroker::connect(RabbitConfig {
-            url: rabbitmq_url(),
+            url: self._scratch.1.url.clone(),
             prefix: self.prefix.clone(),
         })
         .await
         .unwrap()
+    }
+
+    /// The app's lanes on whichever backend it runs, reached as Sluice reaches them.
+    pub async fn lanes(&self) -> std::sync::Arc<dyn sluice_broker::Broker> {
+        let config = sluice::config::Config::load(Some(&self.config_path)).unwrap();
+        sluice::stack::broker(&config, &self.store).await.unwrap()
     }
 
     /// Cut every database connection of this app's processes, as a PostgreSQL restart would.

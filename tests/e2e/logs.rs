@@ -11,15 +11,38 @@ use tokio::process::{Child, Command};
 
 /// Start `sluice <command>` on the app's config logging JSON at `filter`.
 fn start_json(config: &std::path::Path, command: &str, filter: &str) -> Child {
+    start_logging(config, command, filter, "json")
+}
+
+/// Start `sluice <command>` on the app's config logging at `filter` in `format`.
+fn start_logging(config: &std::path::Path, command: &str, filter: &str, format: &str) -> Child {
     Command::new(BIN)
         .args(["--config", config.to_str().unwrap(), command])
         .env("SLUICE_LOG", filter)
-        .env("SLUICE_LOG_FORMAT", "json")
+        .env("SLUICE_LOG_FORMAT", format)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap()
+}
+
+/// The `listening on` URL a starting process prints on stdout.
+async fn listening_url(child: &mut Child) -> String {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = stdout
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the process exited");
+        if let Some(url) = line.split("listening on ").nth(1) {
+            break url.trim().to_owned();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    url
 }
 
 /// Read JSON log lines from `child` until one satisfies `found`; every line must be JSON.
@@ -51,13 +74,7 @@ async fn json_logs_of_api_and_worker_carry_the_jobs_request_id() {
         "serve",
         "warn,sluice_api=debug,sluice_admission=debug",
     );
-    let mut stdout = BufReader::new(api.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = stdout.next_line().await.unwrap().expect("api exited");
-        if let Some(url) = line.split("listening on ").nth(1) {
-            break url.trim().to_owned();
-        }
-    };
+    let url = listening_url(&mut api).await;
     let mut worker = start_json(&app.config_path, "worker", "warn,sluice_worker=debug");
     let key = app.key("acme", Tier::Pro).await;
     let response = app
@@ -178,5 +195,70 @@ async fn with_an_otlp_endpoint_set_the_workers_job_spans_are_exported() {
     .await
     .expect("no exported span carried the job's request_id within 20 s");
     let _ = worker.start_kill();
+    app.cleanup().await;
+}
+
+/// At `SLUICE_LOG=trace` every crate logs all it may: keys sent as `Authorization` or in a
+/// WebSocket `auth` message must still appear nowhere (tungstenite logs each message it
+/// receives at trace, h2 and hyper their headers).
+#[tokio::test]
+async fn at_trace_level_no_api_key_reaches_the_log() {
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let app = spawn_app(AppOptions {
+        workers: 0,
+        ..AppOptions::default()
+    })
+    .await;
+    let mut api = start_logging(&app.config_path, "serve", "trace", "human");
+    let mut stderr = api.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut all = Vec::new();
+        let _ = stderr.read_to_end(&mut all).await;
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let url = listening_url(&mut api).await;
+    let key = app.key("acme", Tier::Pro).await;
+    let response = app
+        .http
+        .post(format!("{url}/v1/jobs"))
+        .bearer_auth(&key)
+        .json(&crate::helpers::job_body("log me at trace"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let ws = format!("{}/v1/stream", url.replacen("http", "ws", 1));
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+    let auth = serde_json::json!({ "type": "auth", "api_key": key }).to_string();
+    socket.send(Message::Text(auth.into())).await.unwrap();
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if let Message::Text(text) = message {
+                return text.to_string();
+            }
+        }
+        panic!("the socket closed");
+    })
+    .await
+    .unwrap();
+    assert!(ready.contains("\"ready\""), "{ready}");
+    drop(socket);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.kill().await.unwrap();
+    let log = log.await.unwrap();
+    assert!(log.contains("TRACE"), "the log is at trace level");
+    let secret = key.strip_prefix("sk_sluice_").unwrap();
+    assert_eq!(secret.len(), 32, "{key}");
+    assert!(
+        !log.contains(secret),
+        "the key is in the trace log: {}",
+        log.lines()
+            .filter(|l| l.contains(secret))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     app.cleanup().await;
 }

@@ -284,3 +284,166 @@ async fn a_worker_killed_mid_send_does_not_lose_the_email() {
     assert!(row.attempts >= 2, "{row:?}");
     app.cleanup().await;
 }
+
+/// The result-page link in a completion email, moved from the harness's `public_base_url`
+/// to where the test's API listens.
+fn page_link(email: &Email, api: &str) -> String {
+    let line = email
+        .plain
+        .lines()
+        .find(|l| l.starts_with(&format!("{BASE_URL}/r/")))
+        .unwrap_or_else(|| panic!("no result-page link in {}", email.plain));
+    let escaped = line.replace('&', "&amp;");
+    assert!(
+        email.html.contains(&format!("href=\"{escaped}\"")),
+        "the HTML part links to the same page: {}",
+        email.html
+    );
+    format!("{api}{}", &line[BASE_URL.len()..])
+}
+
+/// What a browser without a key gets for `url`: status, the headers checked, and the page.
+async fn open_page(url: &str) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    // A fresh client: no key, no cookie, nothing the app's own client carries.
+    let response = reqwest::Client::new().get(url).send().await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    (status, headers, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_emailed_link_opens_the_result_without_a_key_and_a_changed_link_does_not() {
+    let dir = Maildir::new();
+    let port = free_port();
+    let _sink = Sink::start(port, &dir).await;
+    let app = mail_app(port).await;
+    let free = app
+        .key_with_email("acme", Tier::Free, "ada@example.com")
+        .await;
+    let id = app.submit(&free, "what does a sluice gate do?").await;
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    let emails = dir.wait_for(1, Duration::from_secs(30)).await;
+    let url = page_link(&emails[0], &app.api);
+    let job = app.store.job(id).await.unwrap().unwrap();
+    let answer = job.result.as_ref().unwrap()["content"].as_str().unwrap();
+    assert!(!answer.is_empty());
+
+    let (status, headers, page) = open_page(&url).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains(&sluice_notify::message::escape_html(answer)),
+        "{page}"
+    );
+    assert!(
+        page.contains(&id.to_string()) && page.contains("succeeded"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("acme") && !page.contains("ada@example.com"),
+        "{page}"
+    );
+    assert!(!page.contains("<script"), "the page runs nothing: {page}");
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        header("content-type").as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    assert_eq!(header("cache-control").as_deref(), Some("no-store"));
+    assert_eq!(header("referrer-policy").as_deref(), Some("no-referrer"));
+    assert_eq!(header("x-robots-tag").as_deref(), Some("noindex, nofollow"));
+    let csp = header("content-security-policy").unwrap();
+    assert!(
+        csp.starts_with("default-src 'none';") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+
+    // One byte changed anywhere that matters (the id, the expiry, the signature) is refused,
+    // and the refusal says nothing of the job.
+    let at_id = url.find("/r/").unwrap() + 3;
+    let at_exp = url.find("exp=").unwrap() + 4;
+    let at_sig = url.len() - 5;
+    for at in [at_id, at_exp, at_sig] {
+        let mut bytes = url.clone().into_bytes();
+        bytes[at] = if bytes[at] == b'1' { b'2' } else { b'1' };
+        let changed = String::from_utf8(bytes).unwrap();
+        let (status, headers, page) = open_page(&changed).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{changed}: {page}");
+        assert!(page.contains("This link is not valid"), "{page}");
+        assert!(
+            !page.contains(answer) && !page.contains("succeeded"),
+            "{page}"
+        );
+        assert_eq!(headers["cache-control"], "no-store");
+    }
+    let (status, _, _) = open_page(&url.replace("&sig=", "&nosig=")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // A genuine link past its expiry is told apart from a forged one, and shows nothing.
+    let signer = sluice_notify::LinkSigner::new(crate::helpers::LINK_SECRET).unwrap();
+    let past = chrono::Utc::now().timestamp() - 1;
+    let expired = format!("{}{}", app.api, signer.path(id, past));
+    let (status, _, page) = open_page(&expired).await;
+    assert_eq!(status, StatusCode::GONE, "{page}");
+    assert!(page.contains("expired") && !page.contains(answer), "{page}");
+    // The same link signed with another secret is a forgery.
+    let other = sluice_notify::LinkSigner::new("not the server's secret, but 32+ bytes").unwrap();
+    let future = chrono::Utc::now().timestamp() + 3600;
+    let (status, _, _) = open_page(&format!("{}{}", app.api, other.path(id, future))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_no_link_secret_configured_mailers_and_api_nodes_share_the_databases() {
+    // No SMTP server is needed: the link is checked, not sent.
+    let app = mail_app(free_port()).await;
+    let text = std::fs::read_to_string(&app.config_path).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|line| !line.starts_with("link_secret"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert_ne!(
+        without, text,
+        "the harness's config has a link secret to take out"
+    );
+    let path = app.config_path.with_extension("no-link-secret.toml");
+    std::fs::write(&path, without).unwrap();
+    let config = sluice::Config::load(Some(&path)).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+
+    // A worker (its mailer) and an API node with no [mail] at all both start.
+    let worker = sluice::WorkerNode::start(&config, false, &shutdown)
+        .await
+        .expect("a worker with [mail] but no secret starts");
+    let mut bare = config.clone();
+    bare.mail = None;
+    let api = sluice::ApiNode::start(&bare, false, &shutdown)
+        .await
+        .expect("an API node starts");
+    // The first of them made the deployment's secret; it is kept, not made again.
+    let secret = app
+        .store
+        .shared_value("mail.link_secret", "not the one")
+        .await
+        .unwrap();
+    assert_ne!(secret, "not the one");
+    assert!(secret.len() >= sluice_notify::link::MIN_SECRET_BYTES);
+
+    let key = app.key("acme", Tier::Pro).await;
+    let id = app.submit(&key, "what does a sluice gate do?").await;
+    app.wait_terminal(&[id], Duration::from_secs(30)).await;
+    let signer = sluice_notify::LinkSigner::new(&secret).unwrap();
+    let future = chrono::Utc::now().timestamp() + 3600;
+    let (status, _, page) = open_page(&format!("{}{}", api.url(), signer.path(id, future))).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains(&id.to_string()), "{page}");
+    // The configured secret is another deployment's as far as these nodes know.
+    let configured = sluice_notify::LinkSigner::new(crate::helpers::LINK_SECRET).unwrap();
+    let (status, _, _) = open_page(&format!("{}{}", api.url(), configured.path(id, future))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), api.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), worker.wait()).await;
+    app.cleanup().await;
+}

@@ -553,9 +553,16 @@ async fn a_held_request_is_cancelled_past_its_wait_or_after_its_client_leaves() 
         c
     };
     let running = tokio::spawn(run(command));
-    // The first attempt times out after 5 s and its retry comes within a second, while the
-    // lane is still paused: the retry finds the job detached.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The first attempt times out 5 s after it is sent and its retry comes within a second,
+    // while the lane is still paused: the retry finds the job detached. The clock starts when
+    // the job exists, not when Python starts (importing the SDK takes seconds on a busy box).
+    app.wait_for(
+        "the first attempt's job",
+        Duration::from_secs(30),
+        || async { !jobs_of(&app, "retrying").await.is_empty() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     app.store.resume("lane:priority").await.unwrap();
     let seen = running.await.unwrap();
     assert_eq!(seen["outcome"], "ok", "{seen}");

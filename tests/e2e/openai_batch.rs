@@ -226,6 +226,8 @@ async fn a_batch_whose_window_ends_first_expires() {
     })
     .await;
     app.store.pause("lane:batch", "test").await.unwrap();
+    // Workers read pauses every second: until then a fast SDK could see its lines run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let key = app.key("acme", Tier::Pro).await;
     let seen = batch("py3", &app, &key, &["expire", "5"]).await;
     assert_eq!(seen["status"], "expired", "{seen}");

@@ -12,7 +12,7 @@ pub enum AdmitError {
     #[error("{0}")]
     Invalid(InvalidRequest),
     /// No route for the model alias.
-    #[error("no route for model {model:?}; known models: {}", known.join(", "))]
+    #[error("no route for model {:?}; known models: {}", sluice_core::excerpt(model), known.join(", "))]
     UnknownModel { model: String, known: Vec<String> },
     /// The request asked for a completion email and the key has no address.
     #[error(

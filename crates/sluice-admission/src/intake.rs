@@ -1,9 +1,10 @@
 //! The one intake every front door calls (the job API, OpenAI's chat completions, batch lines):
 //! from an authenticated principal and a parsed request to a stored, queued or reused job.
 //!
-//! In order: the request's rules and model, the completion email, quotas, the exact cache, the
-//! load level, budget and route, the semantic cache, then insert (attaching to an identical job
-//! in flight), publish after commit, and announce. Handlers only translate wire formats.
+//! In order: the request's rules and model, the completion email, quotas, the load level, budget
+//! and route, the semantic cache, then insert (which looks up the exact cache itself, and
+//! attaches to an identical job in flight), publish after commit, and announce. Handlers only
+//! translate wire formats.
 
 use crate::policy::{Admission, SemanticLookup};
 use crate::telemetry;
@@ -218,40 +219,50 @@ impl Intake {
             idempotency,
             notify_email,
             request_hash,
+            reuse_within: None,
             route: None,
         };
         // A job with an Idempotency-Key keeps its own identity: it is never answered from another.
-        let may_reuse = job.idempotency.is_none() && reusable;
-        if let (Some(hash), true) = (&job.request_hash, may_reuse) {
-            let tenant = &job.principal.tenant;
-            let mut answered = None;
-            let source = self
-                .answers
-                .call((tenant.clone(), hash.clone()))
-                .await
-                .map_err(|e| AdmitError::Store(unshare(e)))?;
-            if let Some(source) = source {
-                answered = self.answer(&job, source, Reuse::Exact).await?;
-            }
-            telemetry::cache_lookup("exact", answered.is_some());
-            if let Some(admitted) = answered {
+        let may_reuse = job.idempotency.is_none() && reusable && job.request_hash.is_some();
+        let semantic = policy.semantic_for(&job.request).filter(|_| may_reuse);
+        // The exact cache is looked up by the insert itself (no round trip of its own), unless
+        // the semantic cache comes first: an exact answer must win over a near one.
+        let exact_in_insert = may_reuse && semantic.is_none();
+        if may_reuse && !exact_in_insert {
+            if let Some(admitted) = self.exact_answer(&job).await? {
                 return Ok(admitted);
             }
         }
-        policy
-            .check_load(&job.principal, lane)
-            .inspect_err(|_| telemetry::job("shed", tier))?;
-        let routing = policy
+        // Shedding and budgets refuse new work; an answer the cache already holds is not.
+        if let Err(refused) = policy.check_load(&job.principal, lane) {
+            if exact_in_insert {
+                if let Some(admitted) = self.exact_answer(&job).await? {
+                    return Ok(admitted);
+                }
+            }
+            telemetry::job("shed", tier);
+            return Err(refused);
+        }
+        let routing = match policy
             .route(&self.store, &job.principal, &job.request)
             .await
-            .inspect_err(|e| {
-                if matches!(e, AdmitError::BudgetExhausted { .. }) {
+        {
+            Ok(routing) => routing,
+            Err(refused) => {
+                if matches!(refused, AdmitError::BudgetExhausted { .. }) {
+                    if exact_in_insert {
+                        if let Some(admitted) = self.exact_answer(&job).await? {
+                            return Ok(admitted);
+                        }
+                    }
                     telemetry::job("refused", tier);
                 }
-            })?;
+                return Err(refused);
+            }
+        };
         job.route = routing.stored();
         let mut embedding = None;
-        if let (Some(cache), true) = (policy.semantic_for(&job.request), may_reuse) {
+        if let Some(cache) = semantic {
             let SemanticLookup { hit, remember } = policy
                 .semantic_answer(cache, &self.store, &job.principal.tenant, &job.request)
                 .await?;
@@ -286,6 +297,39 @@ impl Intake {
                 }
                 Ingested::Conflict => return Err(AdmitError::IdempotencyConflict),
             }
+        } else if exact_in_insert {
+            // Kept for storing the job as answered if the insert finds an answer (rare).
+            let kept = job.clone();
+            job.reuse_within = Some(self.policy.cache.reuse_window());
+            let accepted = self
+                .writer
+                .insert(job)
+                .await
+                .map_err(|e| AdmitError::Store(unshare(e)))?;
+            match accepted {
+                StoreAccepted::Answerable { source } => {
+                    // An answered job made no call, so it has no route (as when the exact cache
+                    // answers before routing).
+                    let unrouted = NewJob {
+                        route: None,
+                        ..kept.clone()
+                    };
+                    let answered = self.answer(&unrouted, source, Reuse::Exact).await?;
+                    telemetry::cache_lookup("exact", answered.is_some());
+                    if let Some(admitted) = answered {
+                        return Ok(admitted);
+                    }
+                    // The answer went (purged) between the look-up and now: queue the job.
+                    self.writer
+                        .insert(kept)
+                        .await
+                        .map_err(|e| AdmitError::Store(unshare(e)))?
+                }
+                accepted => {
+                    telemetry::cache_lookup("exact", false);
+                    accepted
+                }
+            }
         } else {
             self.writer
                 .insert(job)
@@ -307,7 +351,13 @@ impl Intake {
                 self.publisher.publish_in_background(message);
                 None
             }
+            StoreAccepted::Enqueued => None,
             StoreAccepted::Attached { leader } => Some(leader),
+            StoreAccepted::Answerable { .. } => {
+                return Err(AdmitError::Store(sluice_store::StoreError::Corrupt(
+                    format!("job {id} was neither stored nor answered"),
+                )))
+            }
         };
         // A job attached to an identical one in flight is reused, not queued: it counts as cached.
         telemetry::job(
@@ -386,6 +436,25 @@ impl Intake {
             .increment(jobs.len() as u64);
         tracing::info!(message = "batch accepted", batch = %batch.id, lines = jobs.len());
         Ok(())
+    }
+
+    /// The exact cache on its own (before the semantic cache, or for a submission the load or
+    /// the budget refuses): `job` stored answered, or `None` when there is no answer.
+    async fn exact_answer(&self, job: &NewJob) -> Result<Option<Admitted>, AdmitError> {
+        let Some(hash) = &job.request_hash else {
+            return Ok(None);
+        };
+        let source = self
+            .answers
+            .call((job.principal.tenant.clone(), hash.clone()))
+            .await
+            .map_err(|e| AdmitError::Store(unshare(e)))?;
+        let mut answered = None;
+        if let Some(source) = source {
+            answered = self.answer(job, source, Reuse::Exact).await?;
+        }
+        telemetry::cache_lookup("exact", answered.is_some());
+        Ok(answered)
     }
 
     /// Store `job` as answered by `source`'s result; `None` if `source` no longer qualifies.

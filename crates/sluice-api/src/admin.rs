@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use sluice_core::{Lane, Principal, RequestId, Tier};
+use sluice_core::{EmailAddress, Lane, Principal, RequestId, Tier};
 use std::sync::Arc;
 
 /// An operator, by the name their admin key was created with.
@@ -468,7 +468,9 @@ pub(crate) struct NewKey {
     #[serde(default)]
     #[schema(value_type = Option<schemas::Tier>)]
     tier: Option<Tier>,
+    /// Where completion emails go: `local@domain`, no whitespace or control characters.
     #[serde(default)]
+    #[schema(max_length = 254)]
     email: Option<String>,
     /// Reuse answers to this key's sampled requests too (temperature above 0, no seed): by
     /// default only deterministic requests are answered from another job.
@@ -488,7 +490,7 @@ pub(crate) struct NewKey {
         (status = 401, description = "`unauthorized`: no key, or not an admin key", body = ErrorBody),
         (status = 413, description = "`body_too_large`: over 1 MiB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
-        (status = 422, description = "`invalid_request`: a wrong shape or a rule broken", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: a wrong shape or a rule broken (e.g. an `email` that is not an address)", body = ErrorBody),
         (status = 500, description = "`internal`: Sluice's fault; may be retried", body = ErrorBody),
     ))]
 pub(crate) async fn create_key(
@@ -514,13 +516,18 @@ pub(crate) async fn create_key(
         if !nonempty(&tenant) {
             return Err(ApiError::invalid("tenant must be 1 to 200 characters"));
         }
+        let email = new
+            .email
+            .map(|email| EmailAddress::parse(&email))
+            .transpose()
+            .map_err(|e| ApiError::invalid(format!("email is {e}")))?;
         state
             .store
             .create_api_key(&Principal {
                 tenant,
                 user: new.user.clone(),
                 tier,
-                email: new.email,
+                email: email.map(EmailAddress::into_string),
                 reuse_samples: new.reuse_samples,
             })
             .await

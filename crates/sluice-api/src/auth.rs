@@ -56,16 +56,15 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     }
 }
 
-/// The API key of an `Authorization: Bearer ...` header, if there is one.
+/// The API key of an `Authorization: Bearer ...` header, if there is one. The scheme is
+/// case-insensitive (RFC 7235): `Bearer`, `bearer` and `BEARER` are one.
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.trim_start().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|key| !key.is_empty())
 }
 
 /// The principal an API key stands for (cached briefly), or 401.
@@ -81,5 +80,26 @@ pub(crate) async fn authenticate(state: &ApiState, key: &str) -> Result<Principa
         }
         Ok(None) => Err(ApiError::unauthorized("unknown or revoked API key")),
         Err(error) => Err(ApiError::internal(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let key = |value: &'static str| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+            bearer(&headers).map(str::to_owned)
+        };
+        for value in ["Bearer sk_1", "bearer sk_1", "BEARER sk_1", "bEaReR  sk_1 "] {
+            assert_eq!(key(value).as_deref(), Some("sk_1"), "{value}");
+        }
+        for value in ["Basic sk_1", "Bearer", "Bearer ", "Bearersk_1"] {
+            assert_eq!(key(value), None, "{value}");
+        }
     }
 }

@@ -117,7 +117,9 @@ impl From<sluice_admission::AdmitError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
+        // Whatever built the message, it quotes no more than an excerpt of the input.
+        let message = sluice_core::shorten_message(&self.message);
+        let mut error = serde_json::json!({ "code": self.code, "message": message });
         if let Some((key, value)) = self.detail {
             error[key] = value;
         }

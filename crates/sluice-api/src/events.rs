@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::stream::{self, Stream, StreamExt};
-use sluice_notify::{Outgoing, Subscription};
+use sluice_notify::{Frame, Outgoing, Subscription};
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -28,14 +28,17 @@ fn last_event_id(headers: &HeaderMap) -> Result<i32, ApiError> {
         .ok_or_else(|| ApiError::invalid("Last-Event-ID must be the id of an earlier event"))
 }
 
-fn sse_event(message: &Outgoing) -> Event {
-    let event = match message {
+/// The frame as an SSE event, its JSON (encoded once by the hub) as the `data:` line.
+fn sse_event(frame: &Frame) -> Event {
+    let event = match frame.message() {
         Outgoing::Event { seq, .. } => Event::default().id(seq.to_string()).event("state"),
         Outgoing::Delta { .. } => Event::default().event("delta"),
     };
-    event
-        .json_data(message)
-        .unwrap_or_else(|_| Event::default().comment("unencodable event"))
+    match std::str::from_utf8(&frame.json()) {
+        // JSON escapes line breaks: the text is one `data:` line.
+        Ok(json) => event.data(json),
+        Err(_) => Event::default().comment("unencodable event"),
+    }
 }
 
 /// The job's events as Server-Sent Events (`event: state` with `id: <seq>`, `event: delta`);
@@ -72,27 +75,28 @@ pub async fn sse(
     subscription.follow(id, after).await;
     // `follow` has queued the stored events after `after`: a finished job with none of them
     // has nothing more to say, so the stream ends at once.
-    let first = subscription.try_recv();
+    let first = subscription.try_recv_frame();
     let done = job.state.is_terminal() && first.is_none();
     // Counted until the response stream is dropped: ended, or the client went away.
     let subscriber = crate::telemetry::Subscriber::open("sse");
     let events = stream::unfold(
         (subscription, first, done),
-        |(mut sub, first, done): (Subscription, Option<Outgoing>, bool)| async move {
+        |(mut sub, first, done): (Subscription, Option<Arc<Frame>>, bool)| async move {
             if done {
                 return None;
             }
             let next = match first {
-                Some(message) => Some(message),
-                None => sub.recv().await,
+                Some(frame) => Some(frame),
+                None => sub.recv_frame().await,
             };
-            // Once cut off, what is still buffered is stale: the client resumes from the log.
-            match next.filter(|_| !sub.overloaded()) {
-                Some(message) => {
-                    let end = message.is_terminal();
-                    Some((Ok(sse_event(&message)), (sub, None, end)))
+            // A cut-off subscription's buffer was emptied: the client resumes from the log.
+            match next {
+                Some(frame) => {
+                    let end = frame.message().is_terminal();
+                    Some((Ok(sse_event(&frame)), (sub, None, end)))
                 }
                 None if sub.overloaded() => {
+                    crate::telemetry::cut_off("sse");
                     let note = Event::default()
                         .event("error")
                         .data(r#"{"code":"overloaded","message":"too slow to keep up; reconnect with Last-Event-ID"}"#);

@@ -236,16 +236,20 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::invalid("Idempotency-Key must be printable ASCII"))?
-        .trim();
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+    // HTTP allows tabs and spaces inside a value; the key is printable ASCII, `!` to `~`.
+    let bytes = value.as_bytes();
+    if !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key must be printable ASCII (! to ~): no spaces, tabs or control characters",
+        ));
+    }
+    if bytes.is_empty() || bytes.len() > MAX_IDEMPOTENCY_KEY {
         return Err(ApiError::invalid(format!(
             "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
         )));
     }
-    Ok(Some(key.to_owned()))
+    let key = String::from_utf8_lossy(bytes).into_owned();
+    Ok(Some(key))
 }
 
 /// What `POST /v1/jobs` answers: 202 with the queued job, or 200 with a job answered at once.
@@ -267,7 +271,7 @@ impl IntoResponse for Submitted {
 /// it is answered at once from the cache.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
     security(("tenant_key" = [])),
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters: a retry with the same key and body answers the first job")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters (! to ~; a space or tab is 422): a retry with the same key and body answers the first job")),
     request_body(content = SubmitJob, content_type = "application/json"),
     responses(
         (status = 200, description = "Answered at once from the cache", body = JobView),

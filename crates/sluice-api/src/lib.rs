@@ -11,11 +11,14 @@ mod jobs;
 mod json;
 pub mod openai;
 mod openapi;
+mod result_page;
+mod serve;
 mod stream;
 mod telemetry;
 
 pub use error::ApiError;
 pub use openai::{BatchConfig, OpenAiConfig};
+pub use serve::HttpConfig;
 
 use axum::routing::get;
 use axum::Router;
@@ -49,6 +52,9 @@ pub struct ApiState {
     pub openai: OpenAiConfig,
     /// The Batch API's windows and limits (`[batches]`).
     pub batches: BatchConfig,
+    /// Checks the signed links of result pages (`[mail] link_secret`); without it `/r/{id}`
+    /// answers 404.
+    pub result_links: Option<sluice_notify::LinkSigner>,
     keys: auth::KeyCache,
 }
 
@@ -59,6 +65,7 @@ impl ApiState {
         metrics: Option<RenderMetrics>,
         openai: OpenAiConfig,
         batches: BatchConfig,
+        result_links: Option<sluice_notify::LinkSigner>,
     ) -> Arc<ApiState> {
         Arc::new(ApiState {
             store: intake.store.clone(),
@@ -67,6 +74,7 @@ impl ApiState {
             metrics,
             openai,
             batches,
+            result_links,
             keys: auth::KeyCache::default(),
         })
     }
@@ -79,6 +87,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::sse))
         .route("/v1/stream", get(stream::websocket))
+        .route("/r/{id}", get(result_page::page))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .merge(openai::routes())
@@ -92,15 +101,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// Serve until `shutdown` fires, then finish in-flight requests.
+/// Serve until `shutdown` fires, then finish in-flight requests; with the connection limits and
+/// timeouts of `http` (`[http]`).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
+    http: HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    serve::serve_router(listener, router(state), &http, shutdown).await
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]

@@ -133,7 +133,9 @@ impl Modify for BearerKeys {
     info(
         title = "Sluice",
         description = "Queue-based worker system for LLM API traffic: submit, follow and cancel \
-                       jobs; operate lanes, dead-lettered jobs and keys."
+                       jobs; operate lanes, dead-lettered jobs and keys. Every JSON body is one \
+                       object with no key twice: an array or a repeated key is 422 \
+                       `invalid_request` (400 on the OpenAI routes)."
     ),
     paths(
         crate::jobs::submit,
@@ -145,6 +147,7 @@ impl Modify for BearerKeys {
         crate::ready,
         crate::metrics,
         crate::openapi_json,
+        crate::result_page::page,
         crate::admin::dead,
         crate::admin::inspect,
         crate::admin::purge,
@@ -188,6 +191,7 @@ impl Modify for BearerKeys {
         (name = "jobs", description = "Submit, poll, follow and cancel jobs (tenant key)"),
         (name = "openai", description = "OpenAI-compatible chat completions, models, files and batches (tenant key): errors in OpenAI's shape"),
         (name = "admin", description = "Operators: dead jobs, lanes, pauses, keys (admin key)"),
+        (name = "results", description = "A job's read-only result page, opened from its completion email's signed, expiring link (no key)"),
         (name = "ops", description = "Health, readiness, metrics and this document (no key)"),
     )
 )]

@@ -20,3 +20,16 @@ impl Drop for Subscriber {
         metrics::gauge!("sluice_subscribers", "kind" => self.0).decrement(1.0);
     }
 }
+
+/// `sluice_connections_refused_total{answered=true|false}`: connections past `[http]
+/// max_connections`, answered `503` or (past the refusals under way) closed unanswered.
+pub(crate) fn connection_refused(answered: bool) {
+    let answered = if answered { "true" } else { "false" };
+    metrics::counter!("sluice_connections_refused_total", "answered" => answered).increment(1);
+}
+
+/// `sluice_subscribers_cut_off_total{kind=websocket|sse}`: subscribers whose buffer passed
+/// `[streams] buffer_bytes` (too slow to keep up) and were cut off.
+pub(crate) fn cut_off(kind: &'static str) {
+    metrics::counter!("sluice_subscribers_cut_off_total", "kind" => kind).increment(1);
+}

@@ -102,19 +102,30 @@ pub fn spawn_submitters(
                     "model": "default",
                     "messages": [{"role": "user", "content": format!("{label} {n}")}],
                 });
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&keys[n % keys.len()])
-                    .json(&body)
-                    .send()
-                    .await
-                    .context("cannot submit a job")?;
-                if response.status() != reqwest::StatusCode::ACCEPTED {
-                    bail!("submit answered {}", response.status());
-                }
+                submit_one(&http, &url, &keys[n % keys.len()], &body).await?;
                 accepted.fetch_add(1, Ordering::Relaxed);
             }
         });
     }
     set
+}
+
+/// POST one job to `url` with `key`; an error unless it is answered `202`.
+pub async fn submit_one(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let response = http
+        .post(url)
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .context("cannot submit a job")?;
+    if response.status() != reqwest::StatusCode::ACCEPTED {
+        bail!("submit answered {}", response.status());
+    }
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! `sluice-bench` (also reached as `sluice bench`): Sluice's benchmarks against this machine's
 //! services. `throughput` runs the whole job path in one process per lane backend; `ratelimit`
 //! drains a backlog through a rate-limited pool with worker processes; `memory` watches the
-//! processes' resident memory under a large backlog; `cost` measures the cost of one job.
+//! processes' resident memory under a large backlog; `cost` measures the cost of one job;
+//! `subscribers` measures what stalled stream subscribers cost everyone else.
 //! Measurements, not tests.
 
 mod common;
@@ -9,7 +10,12 @@ mod cost;
 mod floor;
 mod memory;
 mod ratelimit;
+mod subscribers;
 mod throughput;
+
+/// jemalloc, not glibc's malloc: it returns freed memory to the system (see .cargo/config.toml).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser;
 use std::path::PathBuf;

@@ -97,10 +97,10 @@ pub async fn run(config: &Config, args: MemoryArgs) -> anyhow::Result<()> {
 }
 
 /// A directory of the run's own (config files, the SQLite data), removed on `Drop`.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
+    pub(crate) fn new() -> anyhow::Result<TempDir> {
         let dir = std::env::temp_dir().join(format!(
             "sluice-bench-memory-{}",
             uuid::Uuid::now_v7().simple()
@@ -120,7 +120,7 @@ impl Drop for TempDir {
 
 /// The sections every run's config shares: an instant, unlimited simulator pool, the worker's
 /// concurrency, and no load shedding (the backlog is the point, not something to refuse).
-fn common_toml(sim_url: &str, concurrency: usize) -> String {
+pub(crate) fn common_toml(sim_url: &str, concurrency: usize) -> String {
     format!(
         "[worker]\nconcurrency = {concurrency}\nprefetch = {concurrency}\n\n\
          [shedding]\nenabled = false\n\n\
@@ -226,35 +226,10 @@ async fn embedded(config: &Config, args: &MemoryArgs, exe: &Path) -> anyhow::Res
     .context("cannot write the run's config")?;
 
     let result = async {
-        // The bench writes its keys and pauses into the file before `dev` opens it; SQLite's
-        // WAL lets the bench keep reading it (counting finished jobs) while `dev` writes.
-        let mut store_config = config.clone();
-        store_config.database = StoreConfig {
-            url: format!("sqlite://{}", data.display()),
-            schema: None,
-            max_connections: 2,
-            ..StoreConfig::default()
-        };
-        let store = stack::store(&store_config, true).await?;
+        let store = dev_store(config, &data).await?;
         let result = async {
             let setup = prepare(&store).await?;
-            let data_arg = data.to_string_lossy().into_owned();
-            let (dev, url) = start(
-                exe,
-                &[
-                    "--config",
-                    "sluice.toml",
-                    "dev",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data",
-                    &data_arg,
-                ],
-                Some(&dir.0),
-                "sluice api listening on ",
-            )
-            .await
-            .context("cannot start sluice dev")?;
+            let (dev, url) = start_dev(exe, &dir.0, &data).await?;
             let processes = vec![Measured::new("dev", EMBEDDED_TARGET_MB, dev)?];
             measure(&store, &url, &setup, processes, args).await
         }
@@ -292,9 +267,45 @@ async fn prepare(store: &Store) -> anyhow::Result<Setup> {
     Ok(Setup { keys, admin })
 }
 
+/// `sluice dev` on the SQLite file `data`, run in `dir` (whose `sluice.toml` it reads); the
+/// process and its API's base URL.
+/// The bench's own store on `dev`'s data file, migrated: the bench writes its keys and pauses
+/// into the file before `dev` opens it, and SQLite's WAL lets it keep reading (counting finished
+/// jobs) while `dev` writes.
+pub(crate) async fn dev_store(config: &Config, data: &Path) -> anyhow::Result<Store> {
+    let mut store_config = config.clone();
+    store_config.database = StoreConfig {
+        url: format!("sqlite://{}", data.display()),
+        schema: None,
+        max_connections: 2,
+        ..StoreConfig::default()
+    };
+    stack::store(&store_config, true).await
+}
+
+pub(crate) async fn start_dev(
+    exe: &Path,
+    dir: &Path,
+    data: &Path,
+) -> anyhow::Result<(Child, String)> {
+    let data = data.to_string_lossy();
+    let args = [
+        "--config",
+        "sluice.toml",
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        &data,
+    ];
+    start(exe, &args, Some(dir), "sluice api listening on ")
+        .await
+        .context("cannot start sluice dev")
+}
+
 /// Start `sluice ARGS` and wait for its `ready` line; returns the child and the rest of that
 /// line (the API's URL for `serve` and `dev`).
-async fn start(
+pub(crate) async fn start(
     exe: &Path,
     args: &[&str],
     dir: Option<&Path>,
@@ -374,9 +385,9 @@ impl Phase {
 
 /// One reading of /proc/<pid>/status, in KiB.
 #[derive(Debug, Default, Clone, Copy)]
-struct Memory {
+pub(crate) struct Memory {
     /// Resident now.
-    rss: u64,
+    pub(crate) rss: u64,
     /// The most ever resident (the kernel tracks it between our samples too).
     hwm: u64,
 }
@@ -390,7 +401,7 @@ impl Memory {
     }
 }
 
-fn read_memory(pid: u32) -> anyhow::Result<Memory> {
+pub(crate) fn read_memory(pid: u32) -> anyhow::Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     let field = |name: &str| -> anyhow::Result<u64> {
@@ -410,7 +421,7 @@ fn read_memory(pid: u32) -> anyhow::Result<Memory> {
     })
 }
 
-fn mb(kib: u64) -> f64 {
+pub(crate) fn mb(kib: u64) -> f64 {
     kib as f64 * 1024.0 / 1e6
 }
 

@@ -225,11 +225,10 @@ impl Run<'_> {
                 })
                 .collect();
             // Jobs without a request hash are never attached: every one is queued.
-            let messages = self.store.insert_jobs(&batch).await?;
-            let messages = messages
-                .into_iter()
-                .filter_map(|a| a.into_queued())
-                .collect();
+            let mut messages = Vec::with_capacity(batch.len());
+            for outcome in self.store.insert_jobs(&batch).await? {
+                messages.extend(outcome?.into_queued());
+            }
             publisher.publish_many(messages).await?;
         }
         Ok(())

@@ -33,7 +33,8 @@ pub enum BenchCommand {
         jobs: usize,
         #[arg(long, default_value_t = 64)]
         clients: usize,
-        /// Workers in this process.
+        /// Workers in this process. 0 measures ingest alone: the API takes the submissions
+        /// and nothing drains the lanes; jobs/s is then the submit rate.
         #[arg(long, default_value_t = 2)]
         workers: usize,
         /// Jobs in flight per worker.
@@ -92,6 +93,9 @@ pub enum BenchCommand {
     /// Resident memory of `sluice serve` and `sluice worker` processes, and of `sluice dev`,
     /// with a backlog in paused lanes and while it drains; fails past 100 MB (150 MB for dev).
     Memory(crate::memory::MemoryArgs),
+    /// `sluice dev`'s submission throughput and memory with stalled WebSocket and SSE
+    /// subscribers following streamed jobs, against the same run without them.
+    Subscribers(crate::subscribers::SubscribersArgs),
 }
 
 /// Whether a run has Sluice's admission features on.
@@ -190,6 +194,7 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
         BenchCommand::Cost { jobs, clients } => crate::cost::run(&config, jobs, clients).await,
         BenchCommand::Ratelimit(args) => crate::ratelimit::run_all(&config, args).await,
         BenchCommand::Memory(args) => crate::memory::run(&config, args).await,
+        BenchCommand::Subscribers(args) => crate::subscribers::run(&config, args).await,
     }
 }
 
@@ -220,9 +225,9 @@ struct Measured {
     jobs: i64,
     /// From the first submit to the last job finished, as seen by the bench.
     seconds: f64,
-    /// Submit-to-complete, in seconds.
-    p50: f64,
-    p95: f64,
+    /// Submit-to-complete, in seconds; `None` when nothing drained the lanes (`--workers 0`).
+    p50: Option<f64>,
+    p95: Option<f64>,
     /// The `202`'s latency as the clients saw it, in seconds.
     submit_p50: f64,
     submit_p99: f64,
@@ -303,8 +308,11 @@ async fn throughput(
     plan: &Plan,
     mut sqs: SqsSource,
 ) -> anyhow::Result<()> {
-    if load.jobs == 0 || load.clients == 0 || load.workers == 0 || load.concurrency == 0 {
-        bail!("--jobs, --clients, --workers and --concurrency must be at least 1");
+    if load.jobs == 0 || load.clients == 0 || load.concurrency == 0 {
+        bail!("--jobs, --clients and --concurrency must be at least 1");
+    }
+    if load.workers == 0 && plan.min_floor_ratio.is_some() {
+        bail!("--min-floor-ratio compares whole runs: it needs at least one worker");
     }
     if load.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of submissions per second");
@@ -447,15 +455,15 @@ fn print_table(
                     )
                 };
                 println!(
-                    "{:<14} {:>5} {:>7} {:>8.0} {:>6.2}ms {:>7.2}ms {:>7.1}ms {:>7.1}ms {:>8} {:>8}",
+                    "{:<14} {:>5} {:>7} {:>8.0} {:>6.2}ms {:>7.2}ms {:>9} {:>9} {:>8} {:>8}",
                     backend.name(),
                     admission.name(),
                     m.jobs,
                     m.jobs_per_sec(),
                     m.submit_p50 * 1000.0,
                     m.submit_p99 * 1000.0,
-                    m.p50 * 1000.0,
-                    m.p95 * 1000.0,
+                    ms(m.p50),
+                    ms(m.p95),
                     ratio(baseline),
                     ratio(floor)
                 );
@@ -620,9 +628,10 @@ async fn with_store(
     sim: &sluice_sim::SimHandle,
     load: Load,
 ) -> anyhow::Result<Measured> {
-    let broker = stack::connect_broker(config, store).await?;
+    // The store as `sluice serve` uses it: with the SQL queue, ingest writes the lanes itself.
+    let (broker, store) = stack::connect_broker_with_store(config, store.clone()).await?;
     let result = match broker.declare().await.context("cannot declare the lanes") {
-        Ok(()) => run_throughput(config, backend, store, sim, &broker, load).await,
+        Ok(()) => run_throughput(config, backend, &store, sim, &broker, load).await,
         Err(error) => Err(error),
     };
     if let Err(error) = broker.delete_all().await {
@@ -698,10 +707,12 @@ async fn drive(
         bus,
         poll,
         stop.clone(),
+        None,
     )?;
     let api_stop = stop.clone();
+    let http = config.http.clone();
     tasks.api = Some(tokio::spawn(async move {
-        sluice_api::serve(listener, state, api_stop)
+        sluice_api::serve(listener, state, http, api_stop)
             .await
             .context("the API server failed")
     }));
@@ -781,16 +792,7 @@ async fn drive(
                     }
                     None => Instant::now(),
                 };
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&keys[n % keys.len()])
-                    .json(&body)
-                    .send()
-                    .await
-                    .context("cannot submit a job")?;
-                if response.status() != reqwest::StatusCode::ACCEPTED {
-                    bail!("submit answered {}", response.status());
-                }
+                crate::common::submit_one(&http, &url, &keys[n % keys.len()], &body).await?;
                 latencies.push(sent.elapsed().as_secs_f64());
             }
         }));
@@ -814,6 +816,38 @@ async fn drive(
         return Err(error);
     }
     let submitted = started.elapsed();
+    let (submit_p50, submit_p99) = (
+        percentile(&mut latencies, 0.50),
+        percentile(&mut latencies, 0.99),
+    );
+    if workers == 0 {
+        stop.cancel();
+        println!(
+            "sluice bench throughput: {backend} ({}), admission {}, ingest only (no workers)",
+            backend.describe(),
+            admission.name()
+        );
+        println!("  jobs accepted             {jobs}");
+        println!(
+            "  submit phase              {:.2} s ({:.0} submits/s)",
+            submitted.as_secs_f64(),
+            jobs as f64 / submitted.as_secs_f64()
+        );
+        println!(
+            "  202 p50 / p99             {:.2} / {:.2} ms",
+            submit_p50 * 1000.0,
+            submit_p99 * 1000.0
+        );
+        println!();
+        return Ok(Measured {
+            jobs: i64::try_from(jobs)?,
+            seconds: submitted.as_secs_f64(),
+            p50: None,
+            p95: None,
+            submit_p50,
+            submit_p99,
+        });
+    }
 
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     let done = loop {
@@ -852,10 +886,6 @@ async fn drive(
         .latency_summary()
         .await
         .context("cannot summarise latency")?;
-    let (submit_p50, submit_p99) = (
-        percentile(&mut latencies, 0.50),
-        percentile(&mut latencies, 0.99),
-    );
     println!(
         "sluice bench throughput: {backend} ({}), admission {}",
         backend.describe(),
@@ -901,11 +931,16 @@ async fn drive(
     Ok(Measured {
         jobs: done - latency.not_succeeded,
         seconds: wall.as_secs_f64(),
-        p50: latency.p50,
-        p95: latency.p95,
+        p50: Some(latency.p50),
+        p95: Some(latency.p95),
         submit_p50,
         submit_p99,
     })
+}
+
+/// Seconds as milliseconds for the table, `-` for none.
+fn ms(seconds: Option<f64>) -> String {
+    seconds.map_or_else(|| "-".to_owned(), |s| format!("{:.1}ms", s * 1000.0))
 }
 
 /// The `q` quantile of `samples` (nearest rank), 0 for none.

@@ -10,6 +10,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_sluice-bench");
 /// `sluice-bench throughput` with 8 clients and one worker, plus `args`, against the test's
 /// servers (an empty config file; the servers come in as the usual overrides).
 async fn throughput(args: &[&str]) -> std::process::Output {
+    throughput_with_workers("1", args).await
+}
+
+/// [`throughput`] with `workers` workers.
+async fn throughput_with_workers(workers: &str, args: &[&str]) -> std::process::Output {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let config = std::env::temp_dir().join(format!("sluice-e2e-bench-{id}.toml"));
     std::fs::write(&config, "").unwrap();
@@ -20,7 +25,7 @@ async fn throughput(args: &[&str]) -> std::process::Output {
             "--clients",
             "8",
             "--workers",
-            "1",
+            workers,
             "--concurrency",
             "32",
         ])
@@ -35,9 +40,8 @@ async fn throughput(args: &[&str]) -> std::process::Output {
     output
 }
 
-#[tokio::test]
-async fn bench_throughput_runs_each_backend_and_prints_one_table() {
-    let output = throughput(&["--jobs", "200", "--backends", "rabbitmq,sql-sqlite"]).await;
+/// The run's standard output; panics with both outputs if it failed.
+fn succeeded(output: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -45,6 +49,13 @@ async fn bench_throughput_runs_each_backend_and_prints_one_table() {
         "bench failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
+    stdout.into_owned()
+}
+
+#[tokio::test]
+async fn bench_throughput_runs_each_backend_and_prints_one_table() {
+    let output = throughput(&["--jobs", "200", "--backends", "rabbitmq,sql-sqlite"]).await;
+    let stdout = succeeded(&output);
 
     let table: Vec<&str> = stdout
         .lines()
@@ -121,5 +132,47 @@ async fn bench_throughput_fails_below_the_floor_ratio_it_is_given() {
             cells.first() == Some(&"rabbitmq") && cells.get(2) == Some(&"100")
         }),
         "{stdout}"
+    );
+}
+
+/// `--workers 0` measures ingest alone: every submission is accepted and counted, the jobs
+/// stay queued, and the table shows the submit rate with no end-to-end figures.
+#[tokio::test]
+async fn bench_throughput_with_no_workers_measures_ingest_alone() {
+    let output = throughput_with_workers(
+        "0",
+        &["--jobs", "300", "--backends", "sql-sqlite", "--no-floor"],
+    )
+    .await;
+    let stdout = succeeded(&output);
+    assert!(stdout.contains("ingest only (no workers)"), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with("sql-sqlite"))
+        .unwrap_or_else(|| panic!("no sql-sqlite row in:\n{stdout}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // backend, admission, jobs, jobs/s, 202 p50, 202 p99, e2e p50, e2e p95, ...
+    assert_eq!(cells[2], "300", "{row}");
+    assert!(cells[3].parse::<f64>().unwrap() > 0.0, "{row}");
+    assert_eq!((cells[6], cells[7]), ("-", "-"), "{row}");
+
+    // A floor ratio compares whole runs, which need workers.
+    let refused = throughput_with_workers(
+        "0",
+        &[
+            "--jobs",
+            "10",
+            "--backends",
+            "sql-sqlite",
+            "--min-floor-ratio",
+            "0.1",
+        ],
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs at least one worker"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 }

@@ -143,7 +143,7 @@ impl FromStr for JobState {
         JobState::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown job state {s:?}"))
+            .ok_or_else(|| format!("unknown job state {:?}", crate::excerpt(s)))
     }
 }
 
@@ -360,7 +360,10 @@ impl JobRequest {
                 Some(name) if !self.tools.iter().any(|t| t.function.name == name) => {
                     Err(InvalidRequest::new(
                         "tool_choice",
-                        format!("tool_choice names function {name:?}, which is not in tools"),
+                        format!(
+                            "tool_choice names function {:?}, which is not in tools",
+                            crate::excerpt(name)
+                        ),
                     ))
                 }
                 _ => Ok(()),

@@ -7,6 +7,8 @@ pub mod adaptive;
 pub mod breaker;
 pub mod chat;
 pub mod complexity;
+pub mod email;
+pub mod excerpt;
 pub mod gcra;
 pub mod ident;
 pub mod job;
@@ -29,6 +31,8 @@ pub use chat::{
     JsonSchemaFormat, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
 };
 pub use complexity::{classify, Classification, Complexity};
+pub use email::{EmailAddress, InvalidEmail};
+pub use excerpt::{excerpt, shorten_message};
 pub use ident::valid_identifier;
 pub use job::{
     InvalidRequest, InvalidTransition, JobRef, JobRequest, JobState, RequestId, MAX_MESSAGES,

@@ -91,6 +91,12 @@ impl RetryPolicy {
         self.min_backoff(attempts).mul_f64(1.0 + self.jitter * unit)
     }
 
+    /// The longest delay [`RetryPolicy::backoff`] or [`RetryPolicy::decide_rate_limited`]
+    /// chooses (the cap with all its jitter), not counting a provider's longer `retry-after`.
+    pub fn longest_delay(&self) -> Duration {
+        Duration::from_secs_f64((self.max_delay_secs * (1.0 + self.jitter)).max(0.0))
+    }
+
     /// Decide after a failed attempt. `attempts` counts the attempts made so far, this one included.
     pub fn decide(&self, attempts: u32, retryable: bool, unit: f64) -> RetryDecision {
         if !retryable || attempts >= self.max_attempts {
@@ -134,6 +140,20 @@ mod tests {
         assert_eq!(p.min_backoff(3), Duration::from_secs(40));
         assert_eq!(p.max_attempts, 5);
         assert_eq!(p.validate(), Ok(()));
+    }
+
+    #[test]
+    fn no_backoff_is_longer_than_the_longest_delay() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.longest_delay(), Duration::from_secs(750));
+        for n in 1..40 {
+            assert!(p.backoff(n, 0.999_999) <= p.longest_delay());
+            let throttled = p.decide_rate_limited(n.min(p.max_rate_limited), None, 0.999_999);
+            match throttled {
+                RetryDecision::RetryAfter(d) => assert!(d <= p.longest_delay()),
+                RetryDecision::Dead => panic!("{n} 429s are within the budget"),
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use sluice_core::RequestId;
 use sluice_redis::{redis, Redis, SetupError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// Messages waiting to be published; beyond this, new ones are dropped (the hub's poll covers
 /// state changes, and a stream that far behind is better cut short than blocking workers).
@@ -91,6 +91,8 @@ struct RedisBus {
     outgoing: mpsc::Sender<Outgoing>,
     /// Started on the first `subscribe`: a process that only publishes never listens.
     listening: Mutex<Option<broadcast::Sender<BusMessage>>>,
+    /// True while the listener is subscribed in Redis: what is published meanwhile is heard.
+    subscribed: watch::Sender<bool>,
 }
 
 impl EventBus {
@@ -116,6 +118,7 @@ impl EventBus {
                 channel,
                 outgoing,
                 listening: Mutex::new(None),
+                subscribed: watch::Sender::new(false),
             }))),
         })
     }
@@ -178,9 +181,31 @@ impl EventBus {
             redis.client.clone(),
             redis.channel.clone(),
             sender.clone(),
+            redis.subscribed.clone(),
         ));
         *listening = Some(sender);
         receiver
+    }
+
+    /// Wait (at most `timeout`) until this process hears what is published from now on: with
+    /// Redis, until its listener is subscribed, since a message published before that is never
+    /// heard (a state change is read from the log later; a delta is gone). True when it does,
+    /// or when nothing here listens; an API node waits on it before it serves.
+    pub async fn listening(&self, timeout: Duration) -> bool {
+        let Transport::Redis(redis) = &*self.inner else {
+            return true;
+        };
+        let started = redis
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !started {
+            return true;
+        }
+        let mut subscribed = redis.subscribed.subscribe();
+        let heard = tokio::time::timeout(timeout, subscribed.wait_for(|s| *s)).await;
+        heard.is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -247,12 +272,14 @@ async fn listen_loop(
     client: redis::Client,
     channel: String,
     sender: broadcast::Sender<BusMessage>,
+    subscribed: watch::Sender<bool>,
 ) {
     loop {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                 Ok(()) => {
                     tracing::info!(message = "listening for job events", %channel);
+                    subscribed.send_replace(true);
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let Ok(payload) = msg.get_payload::<String>() else {
@@ -269,6 +296,7 @@ async fn listen_loop(
                             }
                         }
                     }
+                    subscribed.send_replace(false);
                     tracing::warn!(message = "event bus subscription ended; reconnecting");
                 }
                 Err(error) => tracing::warn!(message = "event bus subscribe failed", %error),

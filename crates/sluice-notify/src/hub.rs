@@ -4,15 +4,17 @@
 //!
 //! Each subscription remembers the last sequence number it saw per job, so duplicates from
 //! the bus and the poll are dropped and gaps are filled from the log. A subscriber that does
-//! not keep up (its bounded buffer fills) is cut off and marked overloaded.
+//! not keep up (its buffer passes its bound in bytes) is cut off, emptied and dropped at once:
+//! each message is encoded once and shared, and the hub never waits for a subscriber.
 
 use crate::bus::{BusMessage, EventBus};
+use crate::send_queue::{Frame, Pushed, SendQueue};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_core::{JobState, RequestId};
 use sluice_store::{OwnedEvent, Store};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
@@ -22,35 +24,57 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamsConfig {
-    /// Messages a subscriber may have waiting before it counts as too slow and is cut off.
-    pub buffer: usize,
-    /// How long one write to a subscriber's connection may block (the peer not reading)
-    /// before the connection is dropped.
+    /// Bytes of messages (their JSON, plus a small charge per message) a subscriber may have
+    /// waiting before it counts as too slow and is cut off.
+    pub buffer_bytes: usize,
+    /// How long one write to a WebSocket subscriber may block (the peer not reading) before
+    /// the connection is dropped. (An SSE response is written by the HTTP server, which has
+    /// no write timeout yet.)
     pub write_timeout_secs: f64,
+    /// How long a cut-off WebSocket may take to send what was under way and its close frame
+    /// before the connection is dropped anyway (a peer that does not read never takes it).
+    pub close_timeout_secs: f64,
 }
 
 impl Default for StreamsConfig {
     fn default() -> Self {
         StreamsConfig {
-            buffer: 4_096,
+            buffer_bytes: 1 << 20,
             write_timeout_secs: 10.0,
+            close_timeout_secs: 5.0,
         }
     }
 }
 
+/// The smallest bound: one ordinary message must fit.
+const MIN_BUFFER_BYTES: usize = 1_024;
+
 impl StreamsConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.buffer == 0 {
-            return Err("streams.buffer must be at least 1".into());
+        if self.buffer_bytes < MIN_BUFFER_BYTES {
+            return Err(format!(
+                "streams.buffer_bytes must be at least {MIN_BUFFER_BYTES}"
+            ));
         }
-        if !(self.write_timeout_secs.is_finite() && self.write_timeout_secs > 0.0) {
-            return Err("streams.write_timeout_secs must be a positive number of seconds".into());
+        for (name, secs) in [
+            ("write_timeout_secs", self.write_timeout_secs),
+            ("close_timeout_secs", self.close_timeout_secs),
+        ] {
+            if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+                return Err(format!(
+                    "streams.{name} must be a positive number of seconds, at most a day"
+                ));
+            }
         }
         Ok(())
     }
 
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.write_timeout_secs)
+    }
+
+    pub fn close_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.close_timeout_secs)
     }
 }
 
@@ -115,8 +139,7 @@ struct Sub {
     since: DateTime<Utc>,
     /// Jobs followed, with the last sequence number sent.
     jobs: HashMap<RequestId, i32>,
-    tx: mpsc::Sender<Outgoing>,
-    overloaded: Arc<AtomicBool>,
+    queue: Arc<SendQueue>,
 }
 
 impl Sub {
@@ -131,22 +154,22 @@ impl Sub {
         }
     }
 
-    /// Queue `message`; false once the subscriber is too slow (it is then dropped).
-    fn send(&self, message: Outgoing) -> bool {
-        match self.tx.try_send(message) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overloaded.store(true, Ordering::Relaxed);
+    /// Queue `frame`; false once the subscriber is too slow or gone (it is then dropped).
+    fn send(&self, frame: &Arc<Frame>) -> bool {
+        match self.queue.push(frame) {
+            Pushed::Queued => true,
+            Pushed::Overflowed => {
+                tracing::debug!(message = "a subscriber too slow to keep up was cut off");
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Pushed::Gone => false,
         }
     }
 }
 
 impl Hub {
     /// Start the hub: it listens on `bus` and polls the log every `poll.every` for jobs its
-    /// subscribers follow, until `shutdown`. A `buffer` of 0 is taken as 1.
+    /// subscribers follow, until `shutdown`.
     pub fn spawn(
         store: Store,
         bus: &EventBus,
@@ -169,9 +192,8 @@ impl Hub {
 
     /// A new subscription for `tenant`, following nothing yet.
     pub fn subscribe(&self, tenant: &str) -> Subscription {
-        let (tx, rx) = mpsc::channel(self.inner.config.buffer.max(1));
+        let queue = Arc::new(SendQueue::new(self.inner.config.buffer_bytes));
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let overloaded = Arc::new(AtomicBool::new(false));
         self.inner.lock().insert(
             id,
             Sub {
@@ -179,15 +201,13 @@ impl Hub {
                 user: None,
                 since: Utc::now(),
                 jobs: HashMap::new(),
-                tx,
-                overloaded: Arc::clone(&overloaded),
+                queue: Arc::clone(&queue),
             },
         );
         Subscription {
             id,
             hub: self.clone(),
-            rx,
-            overloaded,
+            queue,
         }
     }
 
@@ -241,15 +261,18 @@ impl Hub {
     }
 
     /// Send each subscriber the events it has not had, in order; drop the ones too slow.
+    /// Each event is encoded once, when the first subscriber wants it, and shared.
     fn deliver(&self, events: &[OwnedEvent]) {
+        let mut frames: Vec<Option<Arc<Frame>>> = vec![None; events.len()];
         let mut subs = self.inner.lock();
         let mut gone = Vec::new();
         for (id, sub) in subs.iter_mut() {
-            for e in events {
+            for (e, frame) in events.iter().zip(frames.iter_mut()) {
                 if !sub.wants(e) {
                     continue;
                 }
-                if !sub.send(Outgoing::event(e)) {
+                let frame = frame.get_or_insert_with(|| Frame::new(Outgoing::event(e)));
+                if !sub.send(frame) {
                     gone.push(*id);
                     break;
                 }
@@ -262,17 +285,20 @@ impl Hub {
     }
 
     fn delta(&self, request_id: RequestId, tenant: &str, attempt: i32, index: u32, text: &str) {
+        let mut frame = None;
         let mut subs = self.inner.lock();
         let mut gone = Vec::new();
         for (id, sub) in subs.iter() {
             if sub.tenant == tenant && sub.jobs.contains_key(&request_id) {
-                let message = Outgoing::Delta {
-                    request_id,
-                    attempt,
-                    index,
-                    text: text.to_owned(),
-                };
-                if !sub.send(message) {
+                let frame = frame.get_or_insert_with(|| {
+                    Frame::new(Outgoing::Delta {
+                        request_id,
+                        attempt,
+                        index,
+                        text: text.to_owned(),
+                    })
+                });
+                if !sub.send(frame) {
                     gone.push(*id);
                 }
             }
@@ -304,8 +330,7 @@ impl HubInner {
 pub struct Subscription {
     id: u64,
     hub: Hub,
-    rx: mpsc::Receiver<Outgoing>,
-    overloaded: Arc<AtomicBool>,
+    queue: Arc<SendQueue>,
 }
 
 impl Subscription {
@@ -331,6 +356,15 @@ impl Subscription {
         }
     }
 
+    /// How many jobs this subscription follows by id.
+    pub fn followed(&self) -> usize {
+        self.hub
+            .inner
+            .lock()
+            .get(&self.id)
+            .map_or(0, |sub| sub.jobs.len())
+    }
+
     /// Follow every job of `user` (in this subscription's tenant) that changes from now on.
     pub fn follow_user(&self, user: &str) {
         if let Some(sub) = self.hub.inner.lock().get_mut(&self.id) {
@@ -341,24 +375,41 @@ impl Subscription {
 
     /// The next message; `None` once the subscription was cut off (see [`Self::overloaded`]).
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        self.rx.recv().await
+        self.recv_frame().await.map(|f| f.message().clone())
     }
 
     /// The next message if one is waiting now. After [`Self::follow`] returns, the job's stored
     /// events after `after` are already waiting.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        self.rx.try_recv().ok()
+        self.try_recv_frame().map(|f| f.message().clone())
     }
 
-    /// True if the subscription was cut off because its buffer filled.
+    /// The next message, encoded and shared with the other subscribers; `None` once cut off.
+    pub async fn recv_frame(&mut self) -> Option<Arc<Frame>> {
+        self.queue.pop().await
+    }
+
+    /// The next encoded message if one is waiting now.
+    pub fn try_recv_frame(&mut self) -> Option<Arc<Frame>> {
+        self.queue.try_pop()
+    }
+
+    /// True if the subscription was cut off because its buffer passed its bound.
     pub fn overloaded(&self) -> bool {
-        self.overloaded.load(Ordering::Relaxed)
+        self.queue.is_cut()
+    }
+
+    /// Wait until the subscription is cut off for passing its bound (for a writer blocked
+    /// on its connection, which must then stop and say why).
+    pub async fn cut_off(&self) {
+        self.queue.cut_off().await
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.inner.lock().remove(&self.id);
+        self.queue.close();
     }
 }
 
@@ -439,9 +490,19 @@ async fn poll_loop(hub: Hub, poll: Poll, shutdown: CancellationToken) {
                 subs.values().flat_map(|s| s.jobs.keys().copied()).collect();
             jobs.sort_unstable();
             jobs.dedup();
-            let users = subs
-                .values()
-                .filter_map(|s| Some((s.tenant.clone(), s.user.clone()?, s.since)))
+            // One read per user however many of its subscriptions are open (hundreds of
+            // sockets of one user must not cost hundreds of queries a poll), from the
+            // earliest start among them: `deliver` filters each by its own.
+            let mut users: HashMap<(&str, &str), DateTime<Utc>> = HashMap::new();
+            for s in subs.values() {
+                if let Some(user) = &s.user {
+                    let since = users.entry((&s.tenant, user)).or_insert(s.since);
+                    *since = (*since).min(s.since);
+                }
+            }
+            let users = users
+                .into_iter()
+                .map(|((tenant, user), since)| (tenant.to_owned(), user.to_owned(), since))
                 .collect();
             (jobs, users)
         };

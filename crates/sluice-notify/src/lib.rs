@@ -8,12 +8,16 @@
 
 pub mod bus;
 pub mod hub;
+pub mod link;
 pub mod mailer;
 pub mod message;
+pub mod send_queue;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use bus::{BusError, BusMessage, EventBus};
 pub use hub::{Hub, Outgoing, Poll, StreamsConfig, Subscription};
+pub use link::{LinkError, LinkSigner, Refusal};
 pub use mailer::{ConfigError, Mailer, MailerConfig, Pass, SendError, TlsMode};
-pub use message::{compose, message_id, ComposeError};
+pub use message::{compose, message_id, ComposeError, Links};
+pub use send_queue::Frame;

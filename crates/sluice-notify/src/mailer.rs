@@ -2,7 +2,8 @@
 //! lease, send each over SMTP, and mark it sent, or failed with an exponential backoff, or
 //! failed for good once retries are spent.
 
-use crate::message::{compose, describe, ComposeError};
+use crate::link::{LinkError, LinkSigner, DEFAULT_TTL_SECS};
+use crate::message::{compose, describe, ComposeError, Links};
 use futures::StreamExt;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
@@ -59,9 +60,18 @@ pub struct MailerConfig {
     pub password: Option<String>,
     /// The sender, e.g. `Sluice <sluice@example.com>`; its domain also names the Message-IDs.
     pub from: String,
-    /// Where people reach the API; emails link to `{public_base_url}/v1/jobs/{id}`, or for a
-    /// batch to `{public_base_url}/v1/batches/{id}` and its files' content.
+    /// Where people reach the API; a job's email links to its result page
+    /// `{public_base_url}/r/{id}?exp=..&sig=..` (and names `GET /v1/jobs/{id}`), a batch's to
+    /// `{public_base_url}/v1/batches/{id}` and its files' content.
     pub public_base_url: String,
+    /// The secret that signs result-page links, at least 32 bytes. Every mailer and every API
+    /// node must have the same one (the nodes check what the mailers signed); a [`Mailer`]
+    /// needs it. When it is unset, the `sluice` binary fills in the deployment's own from the
+    /// database (made once by the first process that needs it); `sluice dev` keeps one beside
+    /// its data file.
+    pub link_secret: Option<String>,
+    /// How long an emailed result-page link opens the page, in seconds (default a week).
+    pub link_ttl_secs: u64,
     /// Sends tried before an email is given up on.
     pub max_attempts: u32,
     /// Wait after the first failed send, in seconds; doubles per failure up to 10 minutes.
@@ -88,6 +98,8 @@ impl Default for MailerConfig {
             password: None,
             from: "Sluice <sluice@localhost>".into(),
             public_base_url: "http://127.0.0.1:8080".into(),
+            link_secret: None,
+            link_ttl_secs: DEFAULT_TTL_SECS,
             max_attempts: 8,
             backoff_base_secs: 5.0,
             batch_size: 50,
@@ -109,6 +121,11 @@ impl fmt::Debug for MailerConfig {
             .field("password", &self.password.as_ref().map(|_| "[redacted]"))
             .field("from", &self.from)
             .field("public_base_url", &self.public_base_url)
+            .field(
+                "link_secret",
+                &self.link_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("link_ttl_secs", &self.link_ttl_secs)
             .field("max_attempts", &self.max_attempts)
             .field("backoff_base_secs", &self.backoff_base_secs)
             .field("batch_size", &self.batch_size)
@@ -133,6 +150,15 @@ pub enum ConfigError {
     },
     #[error("mailer.public_base_url {0:?} must be an http:// or https:// URL")]
     BadBaseUrl(String),
+    #[error(
+        "mail.link_secret is not set: completion emails link to a signed result page, and the \
+         mailers and API nodes must share the secret that signs it; set it (the same on every \
+         node) to at least 32 random bytes, e.g. `openssl rand -base64 32`, in [mail] or \
+         SLUICE_MAIL__LINK_SECRET"
+    )]
+    NoLinkSecret,
+    #[error("mail.link_secret: {0}")]
+    LinkSecret(#[from] LinkError),
     #[error("mailer.username and mailer.password must be set together")]
     HalfCredentials,
     #[error("mailer.{0} must be at least 1")]
@@ -164,6 +190,14 @@ impl MailerConfig {
         }
         if self.username.is_some() != self.password.is_some() {
             return Err(ConfigError::HalfCredentials);
+        }
+        // A missing secret is refused where links are signed or checked (the mailer, an API
+        // node), not here: `sluice dev` loads the config first, then fills in its own secret.
+        if let Some(secret) = &self.link_secret {
+            LinkSigner::new(secret)?;
+        }
+        if self.link_ttl_secs == 0 {
+            return Err(ConfigError::Zero("link_ttl_secs"));
         }
         for (name, n) in [
             ("max_attempts", self.max_attempts),
@@ -198,6 +232,16 @@ impl MailerConfig {
                 from: self.from.clone(),
                 source,
             })
+    }
+
+    /// What signs the result-page links; also what API nodes check them with. Without
+    /// `link_secret` this is [`ConfigError::NoLinkSecret`], which stops a mailer at start.
+    pub fn signer(&self) -> Result<LinkSigner, ConfigError> {
+        let secret = self
+            .link_secret
+            .as_deref()
+            .ok_or(ConfigError::NoLinkSecret)?;
+        Ok(LinkSigner::new(secret)?)
     }
 
     fn retry_policy(&self) -> RetryPolicy {
@@ -291,6 +335,7 @@ pub struct Mailer {
     config: MailerConfig,
     from: Mailbox,
     retry: RetryPolicy,
+    signer: LinkSigner,
 }
 
 enum Outcome {
@@ -315,6 +360,7 @@ impl Mailer {
             transport: config.transport()?,
             from: config.sender()?,
             retry: config.retry_policy(),
+            signer: config.signer()?,
             config,
         })
     }
@@ -437,7 +483,14 @@ impl Mailer {
 
     /// Compose and send one notification's email, without recording anything in the store.
     pub async fn deliver(&self, n: &Notification) -> Result<(), SendError> {
-        let message = compose(n, &self.from, &self.config.public_base_url)?;
+        // The link's life starts at each send: a retried email's link is as long-lived.
+        let ttl = i64::try_from(self.config.link_ttl_secs).unwrap_or(i64::MAX);
+        let links = Links {
+            base_url: &self.config.public_base_url,
+            signer: &self.signer,
+            expires_at: chrono::Utc::now().timestamp().saturating_add(ttl),
+        };
+        let message = compose(n, &self.from, &links)?;
         self.transport.send(message).await?;
         Ok(())
     }
@@ -448,9 +501,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const SECRET: &str = "a test secret of at least 32 bytes";
+
     fn valid() -> MailerConfig {
         MailerConfig {
             tls: TlsMode::None,
+            link_secret: Some(SECRET.into()),
             ..MailerConfig::default()
         }
     }
@@ -459,6 +515,9 @@ mod tests {
     fn defaults_are_valid_and_match_the_design() {
         let c = MailerConfig::default();
         c.validate().unwrap();
+        // But no default secret: mailers and API nodes must share theirs.
+        assert!(matches!(c.signer(), Err(ConfigError::NoLinkSecret)));
+        assert_eq!(c.link_ttl_secs, 7 * 24 * 3600);
         assert_eq!(c.public_base_url, "http://127.0.0.1:8080");
         assert_eq!(
             (c.max_attempts, c.backoff_base_secs, c.lease_secs),
@@ -552,6 +611,25 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(matches!(err, ConfigError::LeaseTooShort(_)), "{err}");
+
+        let err = MailerConfig {
+            link_secret: Some("too short".into()),
+            ..valid()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "mail.link_secret: the result-link secret is 9 bytes; at least 32 are needed \
+             (e.g. `openssl rand -base64 32`)"
+        );
+        let err = MailerConfig {
+            link_secret: None,
+            ..valid()
+        }
+        .signer()
+        .unwrap_err();
+        assert!(err.to_string().contains("openssl rand"), "{err}");
     }
 
     #[test]
@@ -563,6 +641,7 @@ mod tests {
         };
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains(SECRET), "{shown}");
         assert!(shown.contains("[redacted]") && shown.contains("mailer"));
     }
 

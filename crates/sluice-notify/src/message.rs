@@ -1,6 +1,7 @@
 //! The completion emails themselves: subject, headers, and plain-text and HTML parts carrying
 //! the job's outcome or the batch's end, and the links to fetch them. Pure, so unit-tested.
 
+use crate::link::LinkSigner;
 use chrono::{DateTime, SecondsFormat, Utc};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
@@ -27,8 +28,29 @@ pub enum ComposeError {
     Build(#[from] lettre::error::Error),
 }
 
+/// What an email links to: the API under `base_url`, and a job's result page signed by
+/// `signer` until `expires_at` (Unix seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Links<'a> {
+    pub base_url: &'a str,
+    pub signer: &'a LinkSigner,
+    pub expires_at: i64,
+}
+
+impl Links<'_> {
+    /// The job's result page: opens in a browser without a key until the link expires.
+    pub fn job_page(&self, id: RequestId) -> String {
+        self.signer.url(self.base_url, id, self.expires_at)
+    }
+
+    /// When the result page's link stops opening it, as an RFC 3339 time.
+    fn expiry(&self) -> String {
+        time(DateTime::from_timestamp(self.expires_at, 0))
+    }
+}
+
 /// Build the email telling `n.email` how its job or batch ended.
-pub fn compose(n: &Notification, from: &Mailbox, base_url: &str) -> Result<Message, ComposeError> {
+pub fn compose(n: &Notification, from: &Mailbox, links: &Links) -> Result<Message, ComposeError> {
     let to: Mailbox = n
         .email
         .trim()
@@ -66,8 +88,8 @@ pub fn compose(n: &Notification, from: &Mailbox, base_url: &str) -> Result<Messa
             id,
         ))
         .multipart(MultiPart::alternative_plain_html(
-            plain_body(n, base_url),
-            html_body(n, base_url),
+            plain_body(n, links),
+            html_body(n, links),
         ))?;
     Ok(message)
 }
@@ -217,7 +239,8 @@ fn batch_errors(errors: Option<&serde_json::Value>) -> Vec<String> {
 }
 
 /// The plain-text part.
-pub fn plain_body(n: &Notification, base_url: &str) -> String {
+pub fn plain_body(n: &Notification, links: &Links) -> String {
+    let base_url = links.base_url;
     let mut body = String::new();
     // Writing to a String cannot fail.
     match &n.subject {
@@ -237,13 +260,17 @@ pub fn plain_body(n: &Notification, base_url: &str) -> String {
                  Submitted: {created}\n\
                  Finished:  {finished}\n\n\
                  {heading}:\n{text}\n\n\
-                 The job: {link}\n\n\
+                 See the result in a browser (no key needed; the link works until {expiry}):\n\
+                 {page}\n\n\
+                 With your API key: GET {link}\n\n\
                  -- \n\
                  Sluice sent this email because the job asked for one when it finished.\n",
                 verb = verb(*job_state),
                 created = time(Some(n.created_at)),
                 finished = time(*finished_at),
                 link = job_link(base_url, *request_id),
+                page = links.job_page(*request_id),
+                expiry = links.expiry(),
             );
         }
         NotificationSubject::Batch {
@@ -306,7 +333,8 @@ pub fn plain_body(n: &Notification, base_url: &str) -> String {
 }
 
 /// The HTML part; everything that came from a model or a user is escaped.
-pub fn html_body(n: &Notification, base_url: &str) -> String {
+pub fn html_body(n: &Notification, links: &Links) -> String {
+    let base_url = links.base_url;
     let mut body = String::new();
     let _ = write!(
         body,
@@ -324,6 +352,7 @@ pub fn html_body(n: &Notification, base_url: &str) -> String {
         } => {
             let (heading, text) = outcome(*job_state, content.as_deref(), error.as_deref());
             let link = escape_html(&job_link(base_url, *request_id));
+            let page = escape_html(&links.job_page(*request_id));
             let _ = write!(
                 body,
                 "<p>Your Sluice job <code>{request_id}</code> {verb}.</p>\n\
@@ -334,13 +363,15 @@ pub fn html_body(n: &Notification, base_url: &str) -> String {
                  </table>\n\
                  <h3>{heading}</h3>\n\
                  <pre style=\"white-space: pre-wrap\">{text}</pre>\n\
-                 <p>The job: <a href=\"{link}\">{link}</a></p>\n\
+                 <p><a href=\"{page}\">See the result</a> (no key needed; the link works until {expiry}).</p>\n\
+                 <p>With your API key: GET <a href=\"{link}\">{link}</a></p>\n\
                  <hr>\n<p><small>Sluice sent this email because the job asked for one when it finished.</small></p>\n",
                 verb = escape_html(&verb(*job_state)),
                 model = escape_html(model),
                 created = time(Some(n.created_at)),
                 finished = time(*finished_at),
                 text = escape_html(&text),
+                expiry = links.expiry(),
             );
         }
         NotificationSubject::Batch {

@@ -118,6 +118,7 @@ fn config(port: u16) -> MailerConfig {
         tls: TlsMode::None,
         from: "Sluice <sluice@sluice.test>".into(),
         public_base_url: BASE_URL.into(),
+        link_secret: Some("a test secret of at least 32 bytes".into()),
         backoff_base_secs: 0.2,
         poll_interval_secs: 0.05,
         timeout_secs: 5.0,
@@ -453,7 +454,7 @@ async fn an_ended_batch_gets_one_email_with_its_counts_and_where_its_output_is()
         endpoint: "/v1/chat/completions".into(),
         completion_window: "24h".into(),
         metadata: None,
-        expires_at: chrono::Utc::now() + chrono::Duration::hours(24),
+        expires_in: std::time::Duration::from_secs(24 * 3600),
         notify_email: Some("hal@example.com".into()),
     };
     // The lines ask for no email of their own: one email tells about the whole batch.

@@ -4,12 +4,12 @@
 //! Claiming is driven by the stream being polled, so a consumer nobody reads takes no
 //! work away from other consumers (other processes) that could do it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sluice_broker::{Acknowledge, BrokerError, Consumer, Delivery, JobRef, Lane};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use crate::{micros, timed, Shared, SqlQueueError};
@@ -343,7 +343,10 @@ struct SqlAck {
 }
 
 impl SqlAck {
-    fn outcome(&self, done: Result<bool, SqlQueueError>) -> Result<(), BrokerError> {
+    fn outcome<E>(&self, done: Result<bool, E>) -> Result<(), BrokerError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         match done {
             Ok(true) => Ok(()),
             Ok(false) => Err(BrokerError::Ack(Box::new(SqlQueueError::ClaimLost {
@@ -363,15 +366,14 @@ impl Drop for SqlAck {
 #[async_trait::async_trait]
 impl Acknowledge for SqlAck {
     async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        let shared = &self.shared;
-        let done = timed(shared.db.delete(self.id, self.token)).await;
+        let done = Deletes::of(&self.shared).delete(self.id, self.token).await;
         self.outcome(done)
     }
 
     async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
         let shared = &self.shared;
         if !requeue {
-            let done = timed(shared.db.delete(self.id, self.token)).await;
+            let done = Deletes::of(shared).delete(self.id, self.token).await;
             return self.outcome(done);
         }
         let done = timed(shared.db.requeue(self.id, self.token)).await;
@@ -380,5 +382,63 @@ impl Acknowledge for SqlAck {
             shared.wakers.wake(self.lane);
         }
         result
+    }
+}
+
+/// Most deletes one statement carries.
+const MAX_DELETES: usize = 512;
+
+/// One delete a delivery waits on: true when its claim was still ours and the row is gone.
+type DeleteRequest = (i64, i64, oneshot::Sender<Result<bool, Arc<SqlQueueError>>>);
+
+/// Settles deliveries' deletes (ack, nack without requeue) together: one task runs whatever
+/// gathered while the previous statement ran as one statement, so a busy queue pays one
+/// round trip and one commit per batch instead of one per message, and an idle one waits
+/// for nothing.
+pub(crate) struct Deletes {
+    tx: mpsc::Sender<DeleteRequest>,
+}
+
+impl Deletes {
+    /// The queue's, started on first use (the queue may be built outside a runtime).
+    fn of(shared: &Arc<Shared>) -> &Deletes {
+        shared.deletes.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(MAX_DELETES * 8);
+            // Holds the queue weakly: the task ends when the queue (and this sender) goes.
+            tokio::spawn(run_deletes(Arc::downgrade(shared), rx));
+            Deletes { tx }
+        })
+    }
+
+    async fn delete(&self, id: i64, token: i64) -> Result<bool, Arc<SqlQueueError>> {
+        let (reply, answer) = oneshot::channel();
+        // The task only stops with the queue: the message comes back after its claim expires.
+        let gone = || Arc::new(SqlQueueError::Dropped);
+        self.tx.send((id, token, reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+async fn run_deletes(shared: Weak<Shared>, mut rx: mpsc::Receiver<DeleteRequest>) {
+    let mut batch = Vec::with_capacity(MAX_DELETES);
+    while rx.recv_many(&mut batch, MAX_DELETES).await > 0 {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let claims: Vec<(i64, i64)> = batch.iter().map(|(id, token, _)| (*id, *token)).collect();
+        match timed(shared.db.delete(&claims)).await {
+            Ok(deleted) => {
+                let deleted: HashSet<i64> = deleted.into_iter().collect();
+                for (id, _, reply) in batch.drain(..) {
+                    let _ = reply.send(Ok(deleted.contains(&id)));
+                }
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                for (_, _, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(Arc::clone(&error)));
+                }
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ use sluice_broker::Lane;
 use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::query::Query;
 use sqlx::sqlite::{Sqlite, SqliteArguments};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{PgPool, Row, SqlitePool};
 
 use crate::sql::{self, Backend, Statements};
 use crate::{SqlQueueConfig, SqlQueueError};
@@ -165,6 +165,17 @@ impl Db {
         })
     }
 
+    /// Makes every claimed message of the namespace claimable now; how many there were.
+    pub async fn release_claims(&self) -> Result<u64, sqlx::Error> {
+        on_pool!(&self.pool, pool => {
+            sqlx::query(&self.sql.release_claims)
+                .bind(&self.namespace)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())
+        })
+    }
+
     /// Inserts all items in one statement, in order. On PostgreSQL the same statement
     /// notifies each lane it filled.
     pub async fn insert(&self, items: &[Outgoing]) -> Result<(), sqlx::Error> {
@@ -243,17 +254,18 @@ impl Db {
         Ok(done)
     }
 
-    /// Deletes a claimed message; false when the claim is no longer ours.
-    pub async fn delete(&self, id: i64, token: i64) -> Result<bool, sqlx::Error> {
-        let done = on_pool!(&self.pool, pool => {
+    /// Deletes claimed messages; the ids of those whose claim was still ours.
+    pub async fn delete(&self, claims: &Claims) -> Result<Vec<i64>, sqlx::Error> {
+        let deleted = on_pool!(&self.pool, pool => {
             sqlx::query(&self.sql.delete)
-                .bind(id)
-                .bind(token)
-                .execute(pool)
+                .bind_claims(claims)
+                .fetch_all(pool)
                 .await?
-                .rows_affected()
+                .iter()
+                .map(|row| row.try_get::<i64, _>(0))
+                .collect::<Result<Vec<i64>, _>>()?
         });
-        Ok(done == 1)
+        Ok(deleted)
     }
 
     /// Makes a claimed message ready again now; false when the claim is no longer ours.

@@ -5,7 +5,8 @@
 //! for the visibility timeout (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so any number of
 //! processes can compete), tags them with a random claim token and counts the receive.
 //! While a [`Delivery`] is held a heartbeat keeps extending its claim; ack deletes the
-//! row, fenced by the token so a holder whose claim expired cannot touch the next claim.
+//! row, fenced by the token so a holder whose claim expired cannot touch the next claim
+//! (concurrent acks share one statement).
 //! A consumer that dies or drops a delivery unsettled simply stops extending the claim,
 //! and the message comes back once the visibility timeout passes. A message received
 //! more than `max_receive_count` times without being handed back moves to the dead lane.
@@ -130,6 +131,8 @@ pub enum SqlQueueError {
     Timeout(Duration),
     #[error("the claim on message {id} is gone: it expired and was handed out again, or it was already settled")]
     ClaimLost { id: i64 },
+    #[error("the queue was dropped before the message was settled")]
+    Dropped,
     #[error(
         "the SQL queue's table {TABLE} {0}: run the store's migrations \
          (`sluice migrate`, or `[database] migrate = true`)"
@@ -223,6 +226,8 @@ struct Shared {
     wakers: Arc<Wakers>,
     /// The PostgreSQL listener task, started by the first `consume`.
     listener: tokio::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    /// Where deliveries' deletes gather into one statement, started by the first settle.
+    deletes: std::sync::OnceLock<consume::Deletes>,
 }
 
 impl Drop for Shared {
@@ -276,6 +281,7 @@ impl SqlQueue {
                 config,
                 wakers: Arc::new(Wakers::default()),
                 listener: tokio::sync::Mutex::new(None),
+                deletes: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -319,6 +325,20 @@ impl SqlQueue {
             .busy_timeout(Duration::from_secs(10)))
     }
 
+    /// Make every message a consumer has claimed but not settled claimable again now, as if
+    /// its visibility timeout had passed; how many there were. Only for a process that knows
+    /// no other consumer is alive (the embedded mode, which owns its file): a live consumer's
+    /// messages would run twice.
+    pub async fn release_claims(&self) -> Result<u64, BrokerError> {
+        let shared = &self.shared;
+        timed(shared.db.release_claims())
+            .await
+            .map_err(|e| BrokerError::Admin {
+                queue: format!("{}.*", shared.config.namespace),
+                source: Box::new(e),
+            })
+    }
+
     pub fn config(&self) -> &SqlQueueConfig {
         &self.shared.config
     }
@@ -326,6 +346,13 @@ impl SqlQueue {
     /// The `LISTEN/NOTIFY` channel this queue's namespace uses on PostgreSQL.
     pub fn notify_channel(&self) -> &str {
         &self.shared.channel
+    }
+
+    /// Wakes this process's idle consumers of a lane, for a writer that adds messages to the
+    /// table itself (the store's ingest, in the statement that stores the jobs).
+    pub fn waker(&self) -> Arc<dyn Fn(Lane) + Send + Sync> {
+        let shared = Arc::clone(&self.shared);
+        Arc::new(move |lane| shared.wakers.wake(lane))
     }
 
     async fn publish_items(&self, items: &[Outgoing]) -> Result<(), BrokerError> {

@@ -71,7 +71,7 @@ pub(crate) struct Statements {
     pub extend: String,
     /// `(claims)`: hands claims back unreceived.
     pub unclaim: String,
-    /// `(id, token)`: deletes a claimed message.
+    /// `(claims)`: deletes claimed messages; returns the id of each it deleted.
     pub delete: String,
     /// `(id, token)`: makes a claimed message ready again; returns a row when it did.
     pub requeue: String,
@@ -81,6 +81,7 @@ pub(crate) struct Statements {
     pub depth: String,
     /// `(namespace)`: deletes every message of the namespace.
     pub delete_all: String,
+    pub release_claims: String,
     /// `(table)`: the declared type of `available_at`, no row when the table is missing.
     pub available_at_type: &'static str,
     /// The type [`Statements::available_at_type`] finds once migration 0010 ran.
@@ -210,7 +211,22 @@ impl Statements {
                      )"
                 )
             },
-            delete: format!("DELETE FROM {t} WHERE id = $1 AND claim_token = $2"),
+            delete: if pg {
+                format!(
+                    "DELETE FROM {t} AS m
+                     USING unnest($1::int8[], $2::int8[]) AS c(id, token)
+                     WHERE m.id = c.id AND m.claim_token = c.token
+                     RETURNING m.id"
+                )
+            } else {
+                format!(
+                    "DELETE FROM {t}
+                     WHERE (id, claim_token) IN (
+                        SELECT value ->> 0, value ->> 1 FROM json_each($1)
+                     )
+                     RETURNING id"
+                )
+            },
             requeue: format!(
                 "UPDATE {t}
                  SET available_at = {now}, claim_token = NULL, requeue_count = requeue_count + 1
@@ -230,6 +246,12 @@ impl Statements {
                  WHERE namespace = $1 AND lane = $2 AND available_at <= {now}"
             ),
             delete_all: format!("DELETE FROM {t} WHERE namespace = $1"),
+            // Claims of a consumer known to be gone: their messages are claimable now, and
+            // the dead claims' tokens no longer settle anything.
+            release_claims: format!(
+                "UPDATE {t} SET available_at = {now}, claim_token = NULL
+                 WHERE namespace = $1 AND claim_token IS NOT NULL"
+            ),
             available_at_type: if pg {
                 // `to_regclass` resolves the name as the statements will (search_path).
                 "SELECT format_type(atttypid, atttypmod) FROM pg_attribute

@@ -401,3 +401,18 @@ async fn postgres_connect_from_url() {
     assert_eq!(got.job, sent);
     must(got.ack().await, "ack");
 }
+
+/// The store's batched ingest pointed at these lanes (as `sluice serve` does when the queue is
+/// in the store's schema) puts a job straight into its lane, and the statement's NOTIFY wakes
+/// an idle consumer in another pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_jobs_the_store_puts_in_their_lane_are_delivered_and_wake_idle_consumers() {
+    let scope = Scope::new().await;
+    let slow_poll = |c: &mut SqlQueueConfig| c.poll_interval_ms = 10_000;
+    let consumer_queue = scope.queue("sluice-sqlqueue-c", slow_poll).await;
+    let store = scope.db.store().await;
+    let mut config = config(scope.schema(), &scope.namespace);
+    slow_poll(&mut config);
+    let ingest_queue = SqlQueue::postgres(store.pg_pool().unwrap().clone(), config).unwrap();
+    common::jobs_the_store_enqueues_are_delivered(store, &ingest_queue, &consumer_queue).await;
+}

@@ -236,3 +236,20 @@ async fn sqlite_refuses_a_schema() {
         "{result:?}"
     );
 }
+
+/// The embedded mode's store puts a job straight into its lane in the transaction that stores
+/// it, and wakes this process's idle consumer (SQLite has no notifications).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_jobs_the_store_puts_in_their_lane_are_delivered_and_wake_idle_consumers() {
+    let (db, _url) = database().await;
+    let store = db.store().await;
+    let queue = SqlQueue::sqlite(
+        store.sqlite_pool().unwrap().clone(),
+        SqlQueueConfig {
+            poll_interval_ms: 10_000,
+            ..config()
+        },
+    )
+    .unwrap();
+    common::jobs_the_store_enqueues_are_delivered(store, &queue, &queue).await;
+}

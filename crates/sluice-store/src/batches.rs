@@ -138,7 +138,9 @@ pub struct NewBatch {
     /// e.g. `24h`.
     pub completion_window: String,
     pub metadata: Option<serde_json::Value>,
-    pub expires_at: DateTime<Utc>,
+    /// How long after creation the batch expires. The store adds it to the same clock reading
+    /// it stamps `created_at` with, so the two are exactly the window apart.
+    pub expires_in: std::time::Duration,
     /// Where the one email telling how the batch ended goes; `None` sends none.
     pub notify_email: Option<String>,
 }

@@ -24,6 +24,10 @@ pub struct NewJob {
     /// Hash of tenant, model alias, messages and parameters: an identical job in flight takes
     /// this one as a follower. `None` opts out of every reuse.
     pub request_hash: Option<Vec<u8>>,
+    /// The exact cache, looked up by the batched insert itself: when an identical job (same
+    /// request hash) succeeded within this long, the job is not stored and the insert answers
+    /// [`Accepted::Answerable`]. `None` never looks.
+    pub reuse_within: Option<Duration>,
     /// The route workers use instead of the request's model alias (e.g. `pool:small`), with
     /// the reason admission chose it.
     pub route: Option<(String, String)>,
@@ -40,6 +44,7 @@ impl NewJob {
             idempotency: None,
             notify_email: None,
             request_hash: None,
+            reuse_within: None,
             route: None,
         }
     }
@@ -84,8 +89,14 @@ pub enum Ingested {
 pub enum Accepted {
     /// Stored and queued; publish this message, then mark it published.
     Queued(OutboxMessage),
+    /// Stored and already in its lane, in the same commit ([`Store::enqueuing_into`]): there is
+    /// nothing to publish.
+    Enqueued,
     /// Stored as a follower of an identical job in flight, which answers for both.
     Attached { leader: RequestId },
+    /// Not stored: an identical job succeeded within the job's `reuse_within`. Store it
+    /// answered by `source` ([`Store::insert_answered`]), or insert it again without looking.
+    Answerable { source: RequestId },
 }
 
 impl Accepted {
@@ -93,7 +104,7 @@ impl Accepted {
     pub fn into_queued(self) -> Option<OutboxMessage> {
         match self {
             Accepted::Queued(message) => Some(message),
-            Accepted::Attached { .. } => None,
+            Accepted::Enqueued | Accepted::Attached { .. } | Accepted::Answerable { .. } => None,
         }
     }
 }
@@ -352,18 +363,31 @@ impl Store {
         Ok(ingested)
     }
 
-    /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
-    /// A job with a request hash identical to a job in flight of its tenant is stored as that
-    /// job's follower: it is not queued and takes the other's outcome.
-    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<Accepted>, StoreError> {
+    /// Accept many jobs without idempotency keys (the batched ingest path): one outcome per
+    /// job, in order. A job with a request hash identical to a job in flight of its tenant is
+    /// stored as that job's follower: it is not queued and takes the other's outcome.
+    ///
+    /// The error is a failure that stored none of the jobs. Otherwise each job has its own
+    /// outcome: on PostgreSQL the jobs that can be queued commit in one statement, and the rare
+    /// job that must attach to one in flight does so in a transaction of its own afterwards,
+    /// which can fail alone.
+    pub async fn insert_jobs(
+        &self,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        // Every job is stored, queued or attached, or the call fails as a whole.
-        let accepted = dispatch!(self.insert_jobs(jobs))?;
-        self.announcer
-            .all(jobs.iter().map(|j| (j.id, j.principal.tenant.as_str())));
-        Ok(accepted)
+        let outcomes: Vec<Result<Accepted, StoreError>> = dispatch!(self.insert_jobs(jobs))?;
+        self.announcer.all(
+            jobs.iter()
+                .zip(&outcomes)
+                .filter(|(_, outcome)| {
+                    matches!(outcome, Ok(Accepted::Queued(_) | Accepted::Attached { .. }))
+                })
+                .map(|(j, _)| (j.id, j.principal.tenant.as_str())),
+        );
+        Ok(outcomes)
     }
 
     /// A tenant's job; another tenant's id answers `None`, exactly like an unknown one.

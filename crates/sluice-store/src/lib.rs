@@ -23,10 +23,13 @@ mod events;
 mod files;
 mod jobs;
 mod keys;
+mod lanes;
 mod lifecycle;
 mod notifications;
 mod outbox;
 mod postgres;
+mod reconcile;
+mod settings;
 mod sqlite;
 mod stats;
 mod writer;
@@ -42,6 +45,7 @@ pub use events::OwnedEvent;
 pub use files::{new_file_id, FileRecord, NewFile, SortOrder};
 pub use jobs::{Accepted, CancelOutcome, Ingested, JobEvent, JobRecord, NewJob, Reuse};
 pub use keys::{hash_key, new_api_key, KeyInfo, KEY_PREFIX};
+pub use lanes::LanesInDatabase;
 pub use lifecycle::{Claim, Completion, DeadJob, Failure};
 pub use notifications::{Notification, NotificationRow, NotificationState, NotificationSubject};
 pub use outbox::OutboxMessage;
@@ -144,6 +148,12 @@ pub enum StoreError {
     },
     #[error("unsupported database URL {0:?}: use postgres://... or sqlite://path/to/file.db")]
     UnsupportedUrl(String),
+    /// The SQLite file could not be created.
+    #[error("cannot create the database file {path}: {source}")]
+    CreateFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Which database a [`Store`] runs on.

@@ -3,7 +3,7 @@
 
 use crate::jobs::{corrupt, parse_lane};
 use crate::outbox::OutboxMessage;
-use crate::sql::{dispatch, reading, Ts};
+use crate::sql::{dispatch, reading, writing, Ts};
 use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::{JobRef, JobRequest, Lane, RequestId};
@@ -197,6 +197,21 @@ impl Store {
         let message = dispatch!(self.fail(id, attempt, failure, Lane::Dead, Duration::ZERO))?;
         self.announce_messages(message.iter());
         Ok(message)
+    }
+
+    /// End every running job's lease now, so the next [`Store::reap_expired`] retries them at
+    /// once; how many. Only for a process that knows no worker is alive (the embedded mode at
+    /// start, which owns its file): a live worker's job would run twice.
+    pub async fn expire_leases(&self) -> Result<u64, StoreError> {
+        Ok(writing!(self, |pool, now| {
+            sqlx::query(&format!(
+                "UPDATE jobs SET lease_until = {now}
+                 WHERE state = 'running' AND lease_until IS NOT NULL AND lease_until > {now}"
+            ))
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }))
     }
 
     /// Requeue jobs whose lease expired (their worker died): to `retry` at once, or to `dead`

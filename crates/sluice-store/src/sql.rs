@@ -221,6 +221,28 @@ impl<'r> Decode<'r, Sqlite> for Ts {
     }
 }
 
+/// How long a pooled connection may sit idle before it is pinged when next taken.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Pool options for every store pool: a connection is pinged when taken only after it sat idle.
+///
+/// sqlx's default pings on every acquire, a round trip before each statement on top of the one
+/// it makes on every release; under load connections are idle for microseconds, and one that
+/// broke while busy is already closed by that release ping. After a database restart every
+/// connection has been idle longer than this, so each is still checked before use.
+pub(crate) fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::<DB>::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
-//! Batched ingest: jobs from concurrent requests are inserted together, one transaction per batch
-//! (one statement on PostgreSQL, a few short inserts per job under the write lock on SQLite).
+//! Batched ingest: jobs from concurrent requests are inserted together (one statement on
+//! PostgreSQL, a few short inserts per job under the write lock on SQLite).
 
 use crate::batch::Batcher;
 use crate::jobs::{Accepted, NewJob};
@@ -9,7 +9,7 @@ use std::sync::Arc;
 /// Front of the batched ingest path; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct JobWriter {
-    batcher: Batcher<NewJob, Accepted>,
+    batcher: Batcher<NewJob, Result<Accepted, StoreError>>,
 }
 
 impl JobWriter {
@@ -23,8 +23,12 @@ impl JobWriter {
     }
 
     /// Store one job (batched with concurrent callers) once committed: queued with its outbox
-    /// message, or attached to an identical job in flight.
+    /// message, or attached to an identical job in flight; or not stored, when its
+    /// `reuse_within` found an answer ([`Accepted::Answerable`]).
     pub async fn insert(&self, job: NewJob) -> Result<Accepted, Arc<StoreError>> {
-        self.batcher.call(job).await
+        self.batcher
+            .call(job)
+            .await
+            .and_then(|outcome| outcome.map_err(Arc::new))
     }
 }

@@ -121,12 +121,16 @@ on_both_backends!(
     identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer,
     concurrent_completions_add_every_cost_to_the_tenants_spend,
     a_reusable_answer_completes_a_job_at_once_within_its_tenant_only,
+    the_batched_insert_looks_up_the_exact_cache_for_jobs_that_ask,
     followers_of_a_dead_leader_fail_with_it_and_of_a_cancelled_one_run_alone,
     lane_stats_and_positions_count_queued_leaders,
     semantic_candidates_are_the_tenants_recent_successes,
     admin_keys_stand_for_no_tenant_and_revoked_keys_for_nothing,
     only_dead_jobs_are_purged_and_they_leave_nothing_behind,
     error_status_is_stored_by_retry_later_and_dead_letter,
+    waiting_jobs_with_no_outbox_row_are_republished_once_per_wait,
+    a_broker_dead_letter_ends_only_a_job_still_waiting_at_its_attempt,
+    a_shared_value_is_made_once_and_read_by_everyone_after,
     cancel_waiting_cancels_waiting_jobs_and_refuses_a_running_one,
     detached_jobs_are_reattached_once_or_cancelled_after_their_grace,
     concurrent_reattaches_take_a_job_once,
@@ -1159,6 +1163,52 @@ mod sqlite_only {
 
     const JOBS: usize = 400;
 
+    /// The database file and the WAL and shared-memory files SQLite makes beside it hold
+    /// prompts, answers and key hashes: readable by their owner only.
+    #[tokio::test]
+    async fn a_new_database_file_and_its_wal_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let db = TestDb::sqlite("private_file").await;
+        created(
+            db.store
+                .insert_job(&new_job("acme", "secret prompt"))
+                .await
+                .unwrap(),
+        );
+        let path = db.sqlite_path().unwrap().to_owned();
+        let mut seen = 0;
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            let Ok(meta) = std::fs::metadata(&file) else {
+                continue;
+            };
+            seen += 1;
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o600,
+                "{} is readable by others",
+                file.display()
+            );
+        }
+        assert!(
+            seen >= 2,
+            "the file and its WAL exist while the store is open"
+        );
+        // A directory that does not exist is named in the error.
+        let missing = std::env::temp_dir().join("no-such-sluice-dir").join("x.db");
+        let error = Store::connect(&StoreConfig {
+            url: format!("sqlite://{}", missing.display()),
+            ..StoreConfig::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&error, StoreError::CreateFile { path, .. } if path == &missing),
+            "{error}"
+        );
+        finish(db).await;
+    }
+
     /// An API (ingest through the batched writer and one at a time with idempotency keys,
     /// reads) and a worker (batched claims, heartbeats, completions, outbox clean-up, reaper
     /// and relay sweeps) in one process on one file: no statement may fail with SQLITE_BUSY.
@@ -1481,6 +1531,8 @@ async fn identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer(db: 
                 );
             }
             Accepted::Attached { leader } => followers.push((id, tenant, leader)),
+            Accepted::Answerable { source } => panic!("no job looked for an answer: {source}"),
+            Accepted::Enqueued => panic!("this store has no lanes of its own"),
         }
     }
     assert_eq!(leaders.len(), 2, "one leader per tenant");
@@ -1528,6 +1580,55 @@ async fn identical_jobs_in_flight_attach_to_one_leader_and_share_its_answer(db: 
         .await
         .unwrap();
     assert!(matches!(next, Accepted::Queued(_)), "{next:?}");
+    finish(db).await;
+}
+
+async fn the_batched_insert_looks_up_the_exact_cache_for_jobs_that_ask(db: TestDb) {
+    let source = hashed_job("acme", "cache me");
+    let message = created(db.store.insert_job(&source).await.unwrap());
+    complete_with(&db, &message, "cached words").await;
+    let hour = Duration::from_secs(3600);
+    let looking = |tenant: &str, text: &str, within: Option<Duration>| NewJob {
+        reuse_within: within,
+        ..hashed_job(tenant, text)
+    };
+    let jobs = [
+        looking("acme", "cache me", Some(hour)),
+        looking("acme", "cache me", None),
+        looking("other", "cache me", Some(hour)),
+        looking("acme", "something new", Some(hour)),
+    ];
+    let outcomes = db.store.insert_jobs(&jobs).await.unwrap();
+    let outcomes: Vec<Accepted> = outcomes.into_iter().map(Result::unwrap).collect();
+    assert!(
+        matches!(outcomes[0], Accepted::Answerable { source: s } if s == source.id),
+        "{:?}",
+        outcomes[0]
+    );
+    // Not asked to look, another tenant, a new request: each queued as usual.
+    for outcome in &outcomes[1..] {
+        assert!(matches!(outcome, Accepted::Queued(_)), "{outcome:?}");
+    }
+    assert!(
+        db.store
+            .get_job("acme", jobs[0].id)
+            .await
+            .unwrap()
+            .is_none(),
+        "an answerable job is not stored"
+    );
+    // An answer older than the window is not taken: the job queues, or attaches to the
+    // identical job now in flight.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let late = db
+        .store
+        .insert_jobs(&[looking("acme", "cache me", Some(Duration::from_millis(5)))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(late[..], [Ok(Accepted::Attached { leader })] if leader == jobs[1].id),
+        "{late:?}"
+    );
     finish(db).await;
 }
 
@@ -2334,7 +2435,7 @@ fn new_batch(tenant: &str, email: Option<&str>) -> NewBatch {
         endpoint: "/v1/chat/completions".into(),
         completion_window: "24h".into(),
         metadata: Some(serde_json::json!({ "project": "x" })),
-        expires_at: chrono::Utc::now() + chrono::Duration::hours(24),
+        expires_in: std::time::Duration::from_secs(24 * 3600),
         notify_email: email.map(str::to_owned),
     }
 }
@@ -2390,6 +2491,11 @@ async fn a_batch_is_created_whole_with_its_jobs_outbox_rows_and_lines(db: TestDb
     assert_eq!(stored.status, BatchStatus::InProgress);
     assert_eq!((stored.total, stored.completed, stored.failed), (n, 0, 0));
     assert_eq!(stored.in_progress_at, Some(stored.created_at));
+    // One clock reading for both, so the SDK's `expires_at - created_at` is the window itself.
+    assert_eq!(
+        (stored.expires_at - stored.created_at).to_std().unwrap(),
+        batch.expires_in
+    );
     assert_eq!(stored.metadata, batch.metadata);
     assert_eq!(stored.locked_until, None);
     assert!(db
@@ -2519,6 +2625,10 @@ async fn batches_list_newest_first_within_their_tenant(db: TestDb) {
             assert_eq!(failed.status, BatchStatus::Failed);
             assert_eq!((failed.total, failed.errors), (0, Some(errors)));
             assert!(failed.failed_at.is_some() && failed.in_progress_at.is_none());
+            assert_eq!(
+                (failed.expires_at - failed.created_at).to_std().unwrap(),
+                batch.expires_in
+            );
         }
         ids.push(batch.id);
     }
@@ -3057,7 +3167,7 @@ async fn every_change_to_a_job_is_announced_once_with_its_tenant(db: TestDb) {
     assert!(heard.take().is_empty());
     let messages: Vec<_> = accepted
         .into_iter()
-        .map(|a| a.into_queued().unwrap())
+        .map(|a| a.unwrap().into_queued().unwrap())
         .collect();
     let refs: Vec<JobRef> = messages.iter().map(|m| m.job.clone()).collect();
     let claims = store.claim_many(&refs, LEASE).await.unwrap();
@@ -3288,5 +3398,236 @@ async fn batch_lines_are_announced_when_created_and_when_cancelled(db: TestDb) {
     assert_eq!(heard.take(), each("acme", &ids[1..]));
     assert!(store.cancel_batch_jobs(&batch.id).await.unwrap().is_empty());
     assert!(heard.take().is_empty());
+    finish(db).await;
+}
+
+async fn waiting_jobs_with_no_outbox_row_are_republished_once_per_wait(db: TestDb) {
+    let failure = Failure {
+        error: "provider returned 500".into(),
+        endpoint: None,
+        throttled: false,
+        status: None,
+    };
+    let queued = created(
+        db.store
+            .insert_job(&new_job("acme", "queued"))
+            .await
+            .unwrap(),
+    );
+    let unpublished = created(
+        db.store
+            .insert_job(&new_job("acme", "outbox"))
+            .await
+            .unwrap(),
+    );
+    let retried = created(
+        db.store
+            .insert_job(&new_job("acme", "retried"))
+            .await
+            .unwrap(),
+    );
+    let running = created(
+        db.store
+            .insert_job(&new_job("acme", "running"))
+            .await
+            .unwrap(),
+    );
+    let claim = db.store.claim(&retried.job, LEASE).await.unwrap().unwrap();
+    let retry = db
+        .store
+        .retry_later(
+            retried.job.request_id,
+            claim.attempt,
+            &failure,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    db.store.claim(&running.job, LEASE).await.unwrap().unwrap();
+    // Every message but `unpublished`'s reached the broker; then all of them got lost.
+    db.store
+        .mark_published(&[
+            queued.outbox_id,
+            retried.outbox_id,
+            retry.outbox_id,
+            running.outbox_id,
+        ])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    // Too young for a wait of a minute: nothing.
+    let minute = Duration::from_secs(60);
+    assert!(db
+        .store
+        .republish_waiting(Lane::Priority, minute, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let second = Duration::from_secs(1);
+    let lane = db
+        .store
+        .republish_waiting(Lane::Priority, second, 10)
+        .await
+        .unwrap();
+    let ids: Vec<RequestId> = lane.iter().map(|m| m.job.request_id).collect();
+    // Not the one whose outbox row the relay still owes, nor the running or retrying ones.
+    assert_eq!(ids, [queued.job.request_id]);
+    assert_eq!((lane[0].lane, lane[0].job.attempt), (Lane::Priority, 0));
+    let again = db
+        .store
+        .republish_waiting(Lane::Retry, second, 10)
+        .await
+        .unwrap();
+    let ids: Vec<(RequestId, i32)> = again
+        .iter()
+        .map(|m| (m.job.request_id, m.job.attempt))
+        .collect();
+    assert_eq!(ids, [(retried.job.request_id, 1)]);
+    assert_eq!(again[0].lane, Lane::Retry);
+    assert!(db
+        .store
+        .republish_waiting(Lane::Batch, second, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(db
+        .store
+        .republish_waiting(Lane::Dead, second, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Queued in the outbox, the fresh messages are not taken again; published, the jobs'
+    // waits start over, so not again within the next second either.
+    assert!(db
+        .store
+        .republish_waiting(Lane::Priority, second, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let fresh: Vec<i64> = lane.iter().chain(&again).map(|m| m.outbox_id).collect();
+    db.store.mark_published(&fresh).await.unwrap();
+    assert!(db
+        .store
+        .republish_waiting(Lane::Priority, second, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        db.store
+            .republish_waiting(Lane::Priority, second, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The copy and the original carry one attempt: whichever comes first runs, once.
+    assert!(db.store.claim(&lane[0].job, LEASE).await.unwrap().is_some());
+    assert!(db.store.claim(&queued.job, LEASE).await.unwrap().is_none());
+    let events = db.store.events(queued.job.request_id).await.unwrap();
+    assert_eq!(events.len(), 2, "republishing writes no event");
+    assert_eq!(
+        db.store
+            .job(unpublished.job.request_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        JobState::Queued
+    );
+    finish(db).await;
+}
+
+async fn a_broker_dead_letter_ends_only_a_job_still_waiting_at_its_attempt(db: TestDb) {
+    let mut job = new_job("acme", "poison");
+    job.notify_email = Some("a@example.org".into());
+    let waiting = created(db.store.insert_job(&job).await.unwrap());
+    let ran = created(db.store.insert_job(&new_job("acme", "ran")).await.unwrap());
+    db.store.claim(&ran.job, LEASE).await.unwrap().unwrap();
+
+    // A running job (claimed under a newer attempt) is not the message's to end.
+    assert!(!db
+        .store
+        .dead_lettered_by_broker(&ran.job, "gave up")
+        .await
+        .unwrap());
+    assert_eq!(
+        db.store
+            .job(ran.job.request_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        JobState::Running
+    );
+
+    assert!(db
+        .store
+        .dead_lettered_by_broker(&waiting.job, "gave up")
+        .await
+        .unwrap());
+    let dead = db.store.job(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (dead.state, dead.error.as_deref()),
+        (JobState::Dead, Some("gave up"))
+    );
+    assert!(dead.finished_at.is_some());
+    let states: Vec<JobState> = db
+        .store
+        .events(job.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.state)
+        .collect();
+    assert_eq!(states, [JobState::Queued, JobState::Dead]);
+    assert_eq!(db.store.dead_jobs(10).await.unwrap().len(), 1);
+    // Twice (a duplicate in the dead lane) changes nothing more.
+    assert!(!db
+        .store
+        .dead_lettered_by_broker(&waiting.job, "gave up")
+        .await
+        .unwrap());
+    assert_eq!(db.store.events(job.id).await.unwrap().len(), 2);
+    let mail = db.store.claim_notifications(10, LEASE).await.unwrap();
+    assert_eq!(mail.len(), 1, "its email is queued once");
+    finish(db).await;
+}
+
+async fn a_shared_value_is_made_once_and_read_by_everyone_after(db: TestDb) {
+    let first = db
+        .store
+        .shared_value("mail.link_secret", "one")
+        .await
+        .unwrap();
+    assert_eq!(first, "one");
+    let second = db
+        .store
+        .shared_value("mail.link_secret", "two")
+        .await
+        .unwrap();
+    assert_eq!(second, "one", "the first value stays");
+    let other = db
+        .store
+        .shared_value("something.else", "three")
+        .await
+        .unwrap();
+    assert_eq!(other, "three");
+    // Racing processes all get the value that won.
+    let racers = (0..8).map(|i| {
+        let store = db.store.clone();
+        async move {
+            store
+                .shared_value("raced", &format!("racer {i}"))
+                .await
+                .unwrap()
+        }
+    });
+    let values = futures::future::join_all(racers).await;
+    assert!(values.windows(2).all(|w| w[0] == w[1]), "{values:?}");
     finish(db).await;
 }

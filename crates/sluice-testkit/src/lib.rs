@@ -8,6 +8,8 @@ use sluice_store::{Store, StoreConfig};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
+pub mod private;
+
 /// PostgreSQL for tests (`SLUICE_TEST_DATABASE_URL`, default the local server).
 pub fn database_url() -> String {
     std::env::var("SLUICE_TEST_DATABASE_URL")
@@ -191,8 +193,13 @@ pub struct ScratchRabbit {
 
 impl ScratchRabbit {
     pub fn new(label: &str) -> ScratchRabbit {
+        ScratchRabbit::at(&rabbitmq_url(), label)
+    }
+
+    /// A prefix on the RabbitMQ at `url` (a test's own node).
+    pub fn at(url: &str, label: &str) -> ScratchRabbit {
         ScratchRabbit {
-            url: rabbitmq_url(),
+            url: url.to_owned(),
             prefix: unique(label).replace('_', "-"),
         }
     }
@@ -236,6 +243,23 @@ impl ScratchRedis {
             prefix: unique(label),
         }
     }
+}
+
+/// How many connections are subscribed to Redis channel `channel` (`PUBSUB NUMSUB`): a test
+/// waits for a node's event bus to listen before it relies on messages reaching it.
+pub async fn redis_subscribers(url: &str, channel: &str) -> Result<u64, String> {
+    let client = deadpool_redis::redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer: (String, u64) = deadpool_redis::redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(answer.1)
 }
 
 impl Drop for ScratchRedis {

@@ -6,6 +6,7 @@
 
 pub mod dispatch;
 mod process;
+mod reconcile;
 mod telemetry;
 mod view;
 
@@ -46,6 +47,10 @@ pub struct WorkerConfig {
     /// jobs ahead of it) is parked back in its lane with a delay, so the worker's bounded buffer
     /// holds jobs that can run soon and a saturated pool holds up no one bound elsewhere.
     pub park_after_secs: f64,
+    /// A job that waited in its lane this long with no message in sight (the lane's broker
+    /// queue had nothing ready) is published again; see `reconcile.rs`. `retry` waits the
+    /// retry policy's longest backoff more.
+    pub reconcile_after_secs: f64,
     pub weights: LaneWeights,
     pub retry: RetryPolicy,
     /// Where the worker process serves `GET /metrics` (Prometheus text); none by default.
@@ -63,6 +68,7 @@ impl Default for WorkerConfig {
             shutdown_grace_secs: 30.0,
             fallback_after_secs: 10.0,
             park_after_secs: 2.0,
+            reconcile_after_secs: 600.0,
             weights: LaneWeights::default(),
             retry: RetryPolicy::default(),
             metrics_listen: None,
@@ -81,6 +87,15 @@ impl WorkerConfig {
 
     fn park_after(&self) -> Duration {
         Duration::from_secs_f64(self.park_after_secs.max(0.0))
+    }
+
+    fn reconcile_after(&self) -> Duration {
+        Duration::from_secs_f64(self.reconcile_after_secs.max(0.0))
+    }
+
+    /// How often the reconciler looks: a tenth of its age, between 1 s and 60 s.
+    fn reconcile_every(&self) -> Duration {
+        (self.reconcile_after() / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 }
 
@@ -147,10 +162,17 @@ impl Worker {
             config.shutdown_grace_secs,
             config.fallback_after_secs,
             config.park_after_secs,
+            config.reconcile_after_secs,
         ];
         if finite.iter().any(|s| !s.is_finite() || *s < 0.0) {
             return Err(WorkerError::Config(
                 "durations in seconds must be finite and not negative".into(),
+            ));
+        }
+        // Shorter than a second would republish jobs whose message is merely on its way.
+        if config.reconcile_after_secs < 1.0 {
+            return Err(WorkerError::Config(
+                "reconcile_after_secs must be at least 1".into(),
             ));
         }
         if config.concurrency == 0 || config.prefetch == 0 {
@@ -396,8 +418,9 @@ impl Worker {
         });
     }
 
-    /// The background duties: lease heartbeats, reaping dead workers' leases, settling
-    /// followers, reading pauses and sampling endpoint gauges.
+    /// The background duties: lease heartbeats, reaping dead workers' leases, reconciling
+    /// lanes with the database, draining the dead lane, settling followers, reading pauses and
+    /// sampling endpoint gauges.
     fn spawn_background(self: &Arc<Self>, stop: &CancellationToken) {
         let lease = self.config.lease();
         let reap_every = Duration::from_secs_f64(self.config.reap_interval_secs.max(0.05));
@@ -407,6 +430,13 @@ impl Worker {
         self.spawn_every(reap_every, false, stop.clone(), |w| async move {
             w.reap().await
         });
+        self.spawn_every(
+            self.config.reconcile_every(),
+            false,
+            stop.clone(),
+            |w| async move { w.reconcile().await },
+        );
+        self.spawn_dead_lane_drain(stop.clone());
         self.spawn_every(
             SETTLE_FOLLOWERS_EVERY,
             false,

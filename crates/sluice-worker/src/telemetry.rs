@@ -13,6 +13,13 @@ pub(crate) fn job(event: &'static str, lane: Lane) {
     metrics::counter!("sluice_jobs_total", "event" => event, "lane" => lane.as_str()).increment(1);
 }
 
+/// `sluice_jobs_republished_total{lane}`: jobs the reconciler published again because they
+/// waited with no message in their lane.
+pub(crate) fn republished(lane: Lane, jobs: usize) {
+    metrics::counter!("sluice_jobs_republished_total", "lane" => lane.as_str())
+        .increment(u64::try_from(jobs).unwrap_or(u64::MAX));
+}
+
 /// `sluice_queue_wait_seconds{lane}`: acceptance to the first start.
 pub(crate) fn queue_wait(lane: Lane, created_at: DateTime<Utc>) {
     metrics::histogram!("sluice_queue_wait_seconds", "lane" => lane.as_str())

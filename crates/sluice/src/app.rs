@@ -12,6 +12,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// How long a starting API node waits for its event bus to listen before serving anyway.
+const BUS_LISTEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One API node (with its outbox relay, hub, finalizer and sweepers), serving until stopped.
 pub struct ApiNode {
     /// Where it listens (the config's `listen`; port 0 picks a free one).
@@ -37,7 +40,8 @@ impl ApiNode {
         let stop = parent.child_token();
         let bus = stack::event_bus(config)?;
         let store = stack::announcing_store(config, migrate, &bus).await?;
-        let broker = stack::broker(config, &store).await?;
+        let link_secret = stack::link_secret(config, &store).await?;
+        let (broker, store) = stack::broker_with_store(config, store).await?;
         let publisher = Publisher::new(store.clone(), broker);
         sluice_outbox::spawn_relay(
             store.clone(),
@@ -50,10 +54,26 @@ impl ApiNode {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let poll = stack::hub_poll(config.redis.is_some());
-        let state = stack::api_state(config, store, publisher, bus, poll, stop.clone())?;
+        let state = stack::api_state(
+            config,
+            store,
+            publisher,
+            bus.clone(),
+            poll,
+            stop.clone(),
+            Some(&link_secret),
+        )?;
+        // Streamed text published before the hub's Redis subscription exists is lost for good
+        // (state changes come back through the poll): serve once it listens, or without it.
+        if !bus.listening(BUS_LISTEN_TIMEOUT).await {
+            tracing::warn!(
+                message = "the event bus is not listening yet; streamed text may miss subscribers until it is"
+            );
+        }
         let serving = stop.clone();
+        let http = config.http.clone();
         let task = tokio::spawn(async move {
-            sluice_api::serve(listener, state, serving)
+            sluice_api::serve(listener, state, http, serving)
                 .await
                 .context("the API server failed")
         });
@@ -98,6 +118,7 @@ impl WorkerNode {
         let router = stack::router(config).await?;
         let bus = stack::event_bus(config)?;
         let store = stack::announcing_store(config, migrate, &bus).await?;
+        let config = &stack::with_link_secret(config, &store).await?;
         let broker = stack::broker(config, &store).await?;
         let publisher = Publisher::new(store.clone(), broker);
         // Every worker with `[mail]` also sends completion emails; the notifications' leases

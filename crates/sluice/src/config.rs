@@ -21,6 +21,9 @@ pub struct Config {
     /// Where the API listens.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// The API's connection limits and timeouts (`[http]`).
+    #[serde(default)]
+    pub http: sluice_api::HttpConfig,
     #[serde(default)]
     pub database: StoreConfig,
     /// Which backend holds the lanes, and its settings (`[queue]`).
@@ -178,7 +181,8 @@ impl Config {
         if let Some(mail) = &self.mail {
             mail.validate().context("invalid [mail] section")?;
         }
-        let sections: [(&str, Result<(), String>); 7] = [
+        let sections: [(&str, Result<(), String>); 8] = [
+            ("http", self.http.validate()),
             ("batches", self.batches.validate()),
             ("openai", self.openai.validate()),
             ("cache", self.cache.validate()),
@@ -237,6 +241,8 @@ mod tests {
             assert_eq!(config.pools[0].endpoints.len(), 2);
             assert_eq!(config.sim.config.keys.len(), 2);
             assert_eq!(config.worker.retry.max_attempts, 5);
+            assert_eq!(config.http.max_connections, 10_000);
+            assert_eq!(config.http.header_read_timeout_secs, 10.0);
             Ok(())
         });
     }
@@ -302,9 +308,16 @@ mod tests {
             let error = Config::load(Some(Path::new("typo.toml"))).unwrap_err();
             assert!(format!("{error:#}").contains("listn"), "{error:#}");
 
-            jail.create_file("streams.toml", "[streams]\nbuffer = 0\n")?;
+            jail.create_file("streams.toml", "[streams]\nbuffer_bytes = 0\n")?;
             let error = Config::load(Some(Path::new("streams.toml"))).unwrap_err();
             assert!(format!("{error:#}").contains("streams.buffer"), "{error:#}");
+
+            jail.create_file("http.toml", "[http]\nbody_read_timeout_secs = 0\n")?;
+            let error = Config::load(Some(Path::new("http.toml"))).unwrap_err();
+            assert!(
+                format!("{error:#}").contains("http.body_read_timeout_secs"),
+                "{error:#}"
+            );
 
             let error = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
             assert!(format!("{error:#}").contains("does not exist"), "{error:#}");

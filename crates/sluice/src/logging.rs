@@ -3,6 +3,7 @@
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -41,14 +42,14 @@ pub fn init() -> Telemetry {
         Ok(Some(provider)) => {
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("sluice"))
-                .with_filter(filter());
+                .with_filter(filter().and(secret_safe()));
             (Some(layer), Some(provider), None)
         }
         Ok(None) => (None, None, None),
         Err(error) => (None, None, Some(error)),
     };
     tracing_subscriber::registry()
-        .with(output.with_filter(filter()))
+        .with(output.with_filter(filter().and(secret_safe())))
         .with(otlp)
         .init();
     if !matches!(format.as_str(), "" | "human" | "json") {
@@ -69,6 +70,26 @@ fn filter() -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn"))
+}
+
+/// The most detail third-party crates may log whatever `SLUICE_LOG` asks for: below these
+/// levels they write what went over the wire, secrets included. Sluice's own logs redact.
+fn secret_safe() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        // trace: every WebSocket message received, a client's `auth` message and key included.
+        .with_target("tungstenite", LevelFilter::DEBUG)
+        .with_target("tokio_tungstenite", LevelFilter::DEBUG)
+        // trace: frames and headers, `Authorization` and provider keys included.
+        .with_target("h2", LevelFilter::DEBUG)
+        .with_target("hyper", LevelFilter::DEBUG)
+        .with_target("hyper_util", LevelFilter::DEBUG)
+        .with_target("reqwest", LevelFilter::DEBUG)
+        // debug: every SMTP line, the AUTH credentials and the emails' text included.
+        .with_target("lettre", LevelFilter::INFO)
+        // trace: AMQP frames, the connection's credentials included.
+        .with_target("lapin", LevelFilter::DEBUG)
+        .with_target("amq_protocol", LevelFilter::DEBUG)
 }
 
 /// A tracer provider exporting to `OTEL_EXPORTER_OTLP_ENDPOINT`, if set.

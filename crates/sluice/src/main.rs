@@ -4,6 +4,10 @@
 
 mod client;
 
+/// jemalloc, not glibc's malloc: it returns freed memory to the system (see .cargo/config.toml).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::Config;
@@ -238,6 +242,11 @@ async fn keys(store: &sluice_store::Store, command: KeysCommand) -> anyhow::Resu
                 if tenant.trim().is_empty() {
                     anyhow::bail!("--tenant must not be empty");
                 }
+                let email = email
+                    .map(|email| sluice_core::EmailAddress::parse(&email))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--email is {e}"))?
+                    .map(sluice_core::EmailAddress::into_string);
                 store
                     .create_api_key(&Principal {
                         tenant,

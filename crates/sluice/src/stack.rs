@@ -45,14 +45,27 @@ pub async fn announcing_store(
 /// The lanes, in the backend `[queue]` names, declared and ready. The SQL queue lives in
 /// `store`'s database (and schema).
 pub async fn broker(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn Broker>> {
-    let broker = connect_broker(config, store).await?;
-    broker.declare().await.context("cannot declare the lanes")?;
-    Ok(broker)
+    Ok(broker_with_store(config, store.clone()).await?.0)
 }
 
-/// [`broker`] without declaring the lanes, for callers that must be able to delete them
-/// again even if declaring fails half-way (the benchmark's throwaway lanes).
-pub async fn connect_broker(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn Broker>> {
+/// [`broker`], and `store` as ingest should use it: with the SQL queue in the store's own
+/// database and schema, its batched ingest puts new jobs straight into their lanes, in the
+/// commit that stores them (no outbox row, no publish).
+pub async fn broker_with_store(
+    config: &Config,
+    store: Store,
+) -> anyhow::Result<(Arc<dyn Broker>, Store)> {
+    let (broker, store) = connect_broker_with_store(config, store).await?;
+    broker.declare().await.context("cannot declare the lanes")?;
+    Ok((broker, store))
+}
+
+/// [`broker_with_store`] without declaring the lanes, for callers that must be able to delete them again even
+/// if declaring fails half-way (the benchmark's throwaway lanes).
+pub async fn connect_broker_with_store(
+    config: &Config,
+    store: Store,
+) -> anyhow::Result<(Arc<dyn Broker>, Store)> {
     let broker: Arc<dyn Broker> = match config.queue.backend {
         QueueBackend::Rabbitmq => Arc::new(
             RabbitBroker::connect(config.rabbitmq.clone())
@@ -71,10 +84,26 @@ pub async fn connect_broker(config: &Config, store: &Store) -> anyhow::Result<Ar
                 (None, Some(pool)) => sluice_sqlqueue::SqlQueue::sqlite(pool.clone(), sql),
                 (None, None) => anyhow::bail!("the store has no SQL database for the queue"),
             };
-            Arc::new(queue.context("invalid [queue.sql] section")?)
+            let queue = queue.context("invalid [queue.sql] section")?;
+            // The store's statements name the table unqualified, so only a queue in the
+            // store's own schema (SQLite has none) is theirs to write.
+            let same_schema = match &queue.config().schema {
+                None => true,
+                Some(schema) => config.database.schema.as_ref() == Some(schema),
+            };
+            let store = if same_schema {
+                store.enqueuing_into(sluice_store::LanesInDatabase {
+                    namespace: queue.config().namespace.clone(),
+                    channel: queue.notify_channel().to_owned(),
+                    wake: queue.waker(),
+                })
+            } else {
+                store
+            };
+            return Ok((Arc::new(queue), store));
         }
     };
-    Ok(broker)
+    Ok((broker, store))
 }
 
 /// The provider pools; with `[redis]` configured their limits are shared by every worker.
@@ -170,6 +199,40 @@ pub fn admission(
     Ok(admission)
 }
 
+/// Where [`with_link_secret`] keeps the deployment's result-link secret.
+const LINK_SECRET_SETTING: &str = "mail.link_secret";
+
+/// The secret that signs result-page links: `[mail] link_secret` when configured, else the
+/// deployment's own, kept in the database and made by the first process that needed it. So
+/// mailers and API nodes (which may have no `[mail]` at all) agree with no secret to
+/// configure; a deployment that configures one gives it to all of them.
+pub async fn link_secret(config: &Config, store: &Store) -> anyhow::Result<String> {
+    if let Some(secret) = config.mail.as_ref().and_then(|m| m.link_secret.clone()) {
+        return Ok(secret);
+    }
+    let fresh = sluice_notify::link::generate_secret();
+    store
+        .shared_value(LINK_SECRET_SETTING, &fresh)
+        .await
+        .context("cannot read or make the result-link secret in the database")
+}
+
+/// `config` with `[mail] link_secret` filled in by [`link_secret`] when it names none.
+pub async fn with_link_secret(config: &Config, store: &Store) -> anyhow::Result<Config> {
+    let mut config = config.clone();
+    if config
+        .mail
+        .as_ref()
+        .is_some_and(|m| m.link_secret.is_none())
+    {
+        let secret = link_secret(&config, store).await?;
+        if let Some(mail) = config.mail.as_mut() {
+            mail.link_secret = Some(secret);
+        }
+    }
+    Ok(config)
+}
+
 /// The API state over an open store and broker, with its event hub on `bus`.
 pub fn api_state(
     config: &Config,
@@ -178,18 +241,25 @@ pub fn api_state(
     bus: EventBus,
     poll: Poll,
     shutdown: CancellationToken,
+    link_secret: Option<&str>,
 ) -> anyhow::Result<Arc<ApiState>> {
     let admission = admission(config, &store, shutdown.clone())?;
     sluice_api::openai::spawn_disconnect_sweeper(store.clone(), &config.openai, shutdown.clone());
     sluice_api::openai::spawn_finalizer(store.clone(), &config.batches, shutdown.clone());
     let hub = Hub::spawn(store.clone(), &bus, poll, config.streams, shutdown);
     let intake = Arc::new(Intake::new(store, publisher, admission, config.tiers));
+    // The links the mailers sign (see `link_secret`); without a secret, `/r` answers 404.
+    let result_links = link_secret
+        .map(sluice_notify::LinkSigner::new)
+        .transpose()
+        .context("invalid result-link secret (mail.link_secret)")?;
     Ok(ApiState::new(
         intake,
         hub,
         Some(crate::metrics::render(crate::metrics::install()?)),
         config.openai.clone(),
         config.batches.clone(),
+        result_links,
     ))
 }
 

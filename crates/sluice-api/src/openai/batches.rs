@@ -79,7 +79,13 @@ impl LineError {
     }
 
     fn json(&self) -> Value {
-        json!({"code": self.code, "message": self.message, "param": self.param, "line": self.line})
+        use sluice_core::shorten_message;
+        json!({
+            "code": self.code,
+            "message": shorten_message(&self.message),
+            "param": self.param.as_deref().map(shorten_message),
+            "line": self.line,
+        })
     }
 }
 
@@ -91,22 +97,23 @@ pub(crate) fn check_line(
     text: &str,
     endpoint: &str,
 ) -> Result<(String, JobRequest), LineError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        LineError::at(
-            n,
-            "invalid_json_line",
-            None,
-            format!("line {n} is not valid JSON: {e}"),
-        )
+    let mut line = crate::json::parse_object(text.as_bytes()).map_err(|e| {
+        use crate::json::BadJson;
+        let (code, message) = match e {
+            BadJson::Syntax(_) => (
+                "invalid_json_line",
+                format!("line {n} is not valid JSON: {e}"),
+            ),
+            BadJson::NotObject(_) => (
+                "invalid_json_line",
+                format!("line {n} is not a JSON object"),
+            ),
+            BadJson::DuplicateKey(_) | BadJson::Nul => {
+                ("invalid_request", format!("line {n}: {e}"))
+            }
+        };
+        LineError::at(n, code, None, message)
     })?;
-    let Value::Object(mut line) = value else {
-        return Err(LineError::at(
-            n,
-            "invalid_json_line",
-            None,
-            format!("line {n} is not a JSON object"),
-        ));
-    };
     let custom_id = match line.remove("custom_id") {
         Some(Value::String(id)) if !id.is_empty() && id.len() <= 512 => id,
         _ => {
@@ -150,7 +157,10 @@ pub(crate) fn check_line(
             n,
             "invalid_request",
             Some(key),
-            format!("unknown field {key:?}: a line holds custom_id, method, url and body"),
+            format!(
+                "unknown field {:?}: a line holds custom_id, method, url and body",
+                sluice_core::excerpt(key)
+            ),
         ));
     }
     let call = parse_chat(body).map_err(|e| {
@@ -335,7 +345,10 @@ pub(crate) async fn create(
                         n,
                         "duplicate_custom_id",
                         Some("custom_id"),
-                        format!("custom_id {custom_id:?} appears on an earlier line"),
+                        format!(
+                            "custom_id {:?} appears on an earlier line",
+                            sluice_core::excerpt(&custom_id)
+                        ),
                     ));
                 } else if errors.is_empty() {
                     lines.push((i32::try_from(n).unwrap_or(i32::MAX), custom_id, request));
@@ -379,10 +392,7 @@ pub(crate) async fn create(
         endpoint: body.endpoint.clone(),
         completion_window: body.completion_window.clone(),
         metadata: body.metadata.map(Value::Object),
-        expires_at: Utc::now()
-            + chrono::Duration::milliseconds(
-                i64::try_from(config.completion_window().as_millis()).unwrap_or(i64::MAX),
-            ),
+        expires_in: config.completion_window(),
         notify_email: email,
     };
     if !errors.is_empty() {

@@ -112,12 +112,14 @@ impl OpenAiError {
         self
     }
 
-    /// The `{"error": {...}}` object, also sent as a stream's error frame.
+    /// The `{"error": {...}}` object, also sent as a stream's error frame. Message and param
+    /// quote no more than an excerpt of the input, whatever built them.
     pub fn body(&self) -> serde_json::Value {
+        use sluice_core::shorten_message;
         serde_json::json!({"error": {
-            "message": self.message,
+            "message": shorten_message(&self.message),
             "type": self.kind,
-            "param": self.param,
+            "param": self.param.as_deref().map(shorten_message),
             "code": self.code,
         }})
     }

@@ -3,6 +3,7 @@
 
 use super::OpenAiError;
 use crate::auth::{authenticate, bearer};
+use crate::json::{parse_object, BadJson};
 use crate::ApiState;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -82,28 +83,26 @@ impl<S: Send + Sync> FromRequest<S> for OpenAiJson {
                 .code("bad_body")
             }
         })?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            OpenAiError::new(
+        parse_object(&bytes).map(OpenAiJson).map_err(|e| match e {
+            BadJson::Syntax(_) => OpenAiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 format!("We could not parse the JSON body of your request: {e}"),
             )
-            .code("invalid_json")
-        })?;
-        if crate::json::has_nul(&value) {
-            return Err(OpenAiError::invalid(
-                "messages",
-                "strings may not contain the NUL character (\\u0000)",
-            ));
-        }
-        match value {
-            serde_json::Value::Object(map) => Ok(OpenAiJson(map)),
-            _ => Err(OpenAiError::new(
+            .code("invalid_json"),
+            BadJson::NotObject(_) => OpenAiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
-                "the body must be a JSON object",
+                e.to_string(),
             )
-            .code("invalid_json")),
-        }
+            .code("invalid_json"),
+            BadJson::DuplicateKey(_) => OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                e.to_string(),
+            )
+            .code("invalid_request"),
+            BadJson::Nul => OpenAiError::invalid("messages", e.to_string()),
+        })
     }
 }

@@ -230,11 +230,20 @@ pub(crate) async fn upload(
         Some(other) => {
             return refuse(OpenAiError::invalid(
                 "purpose",
-                format!("purpose {other:?} is not supported: Sluice stores files for batches (purpose=batch)"),
+                format!(
+                "purpose {:?} is not supported: Sluice stores files for batches (purpose=batch)",
+                sluice_core::excerpt(other)
+            ),
             ))
             .await
         }
-        None => return refuse(OpenAiError::invalid("purpose", "purpose is required: send purpose=batch")).await,
+        None => {
+            return refuse(OpenAiError::invalid(
+                "purpose",
+                "purpose is required: send purpose=batch",
+            ))
+            .await
+        }
     }
     let Some(file) = file else {
         return Err(OpenAiError::invalid("file", "file is required"));

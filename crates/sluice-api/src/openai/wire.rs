@@ -5,7 +5,7 @@
 use super::OpenAiError;
 use serde_json::{json, Map, Value};
 use sluice_core::{
-    FunctionKind, JobRequest, Lane, Message, ResponseFormat, Tool, ToolCall, ToolChoice,
+    excerpt, FunctionKind, JobRequest, Lane, Message, ResponseFormat, Tool, ToolCall, ToolChoice,
 };
 use sluice_store::JobRecord;
 
@@ -91,8 +91,8 @@ pub fn parse_chat(mut body: Map<String, Value>) -> Result<ChatCall, OpenAiError>
             for key in options.keys() {
                 if key != "include_usage" && key != "include_obfuscation" {
                     return Err(OpenAiError::invalid(
-                        format!("stream_options.{key}"),
-                        format!("unknown stream option {key:?}"),
+                        format!("stream_options.{}", excerpt(key)),
+                        format!("unknown stream option {:?}", excerpt(key)),
                     ));
                 }
             }
@@ -111,7 +111,10 @@ pub fn parse_chat(mut body: Map<String, Value>) -> Result<ChatCall, OpenAiError>
         Some(other) => {
             return Err(OpenAiError::invalid(
                 "service_tier",
-                format!("unknown service_tier {other:?}: use auto, default, flex or priority"),
+                format!(
+                    "unknown service_tier {:?}: use auto, default, flex or priority",
+                    excerpt(other)
+                ),
             ))
         }
     };
@@ -121,8 +124,8 @@ pub fn parse_chat(mut body: Map<String, Value>) -> Result<ChatCall, OpenAiError>
     }
     if let Some(field) = body.keys().next() {
         return Err(OpenAiError::invalid(
-            field.clone(),
-            format!("Unrecognized request argument supplied: {field}"),
+            excerpt(field).to_string(),
+            format!("Unrecognized request argument supplied: {}", excerpt(field)),
         ));
     }
     request.validate()?;
@@ -228,7 +231,10 @@ fn parse_message(i: usize, message: Value) -> Result<Message, OpenAiError> {
         Some(other) => {
             return Err(OpenAiError::invalid(
                 at("role"),
-                format!("unknown role {other:?}: use system, developer, user, assistant or tool"),
+                format!(
+                    "unknown role {:?}: use system, developer, user, assistant or tool",
+                    excerpt(other)
+                ),
             ))
         }
         None => return Err(OpenAiError::invalid(at("role"), "a message needs a role")),

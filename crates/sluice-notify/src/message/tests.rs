@@ -65,6 +65,30 @@ fn from() -> Mailbox {
 
 const BASE: &str = "https://sluice.example.org";
 const LINK: &str = "https://sluice.example.org/v1/jobs/0190b5e4-7d2a-7cc0-8000-000000000001";
+/// 2025-01-09T03:04:05Z, a week after the test job was submitted.
+const EXPIRES: i64 = 1_736_391_845;
+
+fn signer() -> &'static LinkSigner {
+    static SIGNER: std::sync::OnceLock<LinkSigner> = std::sync::OnceLock::new();
+    SIGNER.get_or_init(|| LinkSigner::new("a test secret of at least 32 bytes").unwrap())
+}
+
+fn links(base_url: &str) -> Links<'_> {
+    Links {
+        base_url,
+        signer: signer(),
+        expires_at: EXPIRES,
+    }
+}
+
+/// The test job's signed result page under [`BASE`].
+fn page() -> String {
+    signer().url(
+        BASE,
+        "0190b5e4-7d2a-7cc0-8000-000000000001".parse().unwrap(),
+        EXPIRES,
+    )
+}
 
 fn parts(message: &Message) -> (String, String, mailparse::ParsedMail<'static>) {
     let raw: &'static [u8] = Box::leak(message.formatted().into_boxed_slice());
@@ -83,11 +107,29 @@ fn parts(message: &Message) -> (String, String, mailparse::ParsedMail<'static>) 
 #[test]
 fn success_has_both_parts_the_link_and_the_result() {
     let n = notification(JobState::Succeeded);
-    let message = compose(&n, &from(), "https://sluice.example.org/").unwrap();
+    let message = compose(&n, &from(), &links("https://sluice.example.org/")).unwrap();
     let (plain, html, parsed) = parts(&message);
     assert!(plain.contains(LINK), "{plain}");
     assert!(
         html.contains(&format!("<a href=\"{LINK}\">{LINK}</a>")),
+        "{html}"
+    );
+    // The result page, which a browser opens without a key, and until when it does.
+    let page = page();
+    assert!(page.starts_with(&format!(
+        "{BASE}/r/0190b5e4-7d2a-7cc0-8000-000000000001?exp={EXPIRES}&sig="
+    )));
+    assert!(
+        plain.contains(&format!(
+            "(no key needed; the link works until 2025-01-09T03:04:05Z):\n{page}\n"
+        )),
+        "{plain}"
+    );
+    assert!(
+        html.contains(&format!(
+            "<a href=\"{}\">See the result</a>",
+            escape_html(&page)
+        )),
         "{html}"
     );
     // The plain part carries the result verbatim.
@@ -131,7 +173,7 @@ fn success_has_both_parts_the_link_and_the_result() {
 fn failures_show_the_error_escaped() {
     for state in [JobState::Failed, JobState::Dead] {
         let n = notification(state);
-        let message = compose(&n, &from(), "https://sluice.example.org").unwrap();
+        let message = compose(&n, &from(), &links("https://sluice.example.org")).unwrap();
         let (plain, html, parsed) = parts(&message);
         assert!(
             plain.contains("Error:\nprovider said <nope> & gave up"),
@@ -142,6 +184,10 @@ fn failures_show_the_error_escaped() {
             "{html}"
         );
         assert!(plain.contains(LINK) && html.contains(LINK));
+        assert!(
+            plain.contains(&page()),
+            "a failure links to its page too: {plain}"
+        );
         assert!(!plain.contains("alert(1)"), "a failure shows no result");
         use mailparse::MailHeaderMap;
         assert_eq!(
@@ -158,24 +204,24 @@ fn cancelled_and_empty_results_read_sensibly() {
         subject(&n),
         "Your Sluice job 0190b5e4-7d2a-7cc0-8000-000000000001 was cancelled"
     );
-    assert!(plain_body(&n, BASE).contains("cancelled before it finished"));
+    assert!(plain_body(&n, &links(BASE)).contains("cancelled before it finished"));
     let n = with_job(notification(JobState::Succeeded), |content, _| {
         *content = None
     });
-    assert!(plain_body(&n, BASE).contains("(the model returned no text)"));
+    assert!(plain_body(&n, &links(BASE)).contains("(the model returned no text)"));
 }
 
 #[test]
 fn the_message_id_is_stable_per_job() {
     let n = notification(JobState::Succeeded);
-    let a = compose(&n, &from(), "http://x").unwrap();
-    let b = compose(&n, &from(), "http://x").unwrap();
+    let a = compose(&n, &from(), &links("http://x")).unwrap();
+    let b = compose(&n, &from(), &links("http://x")).unwrap();
     assert_eq!(
         a.headers().get_raw("Message-ID"),
         b.headers().get_raw("Message-ID")
     );
     let other = with_job(n.clone(), |_, id| *id = RequestId::new());
-    let c = compose(&other, &from(), "http://x").unwrap();
+    let c = compose(&other, &from(), &links("http://x")).unwrap();
     assert_ne!(
         a.headers().get_raw("Message-ID"),
         c.headers().get_raw("Message-ID")
@@ -187,7 +233,7 @@ fn long_results_are_cut_with_a_pointer_to_the_link() {
     let n = with_job(notification(JobState::Succeeded), |content, _| {
         *content = Some("é".repeat(MAX_CONTENT_CHARS + 10))
     });
-    let plain = plain_body(&n, BASE);
+    let plain = plain_body(&n, &links(BASE));
     assert!(plain.contains("[truncated after 100000 characters"));
     assert_eq!(plain.matches('é').count(), MAX_CONTENT_CHARS);
 }
@@ -196,7 +242,7 @@ fn long_results_are_cut_with_a_pointer_to_the_link() {
 fn a_bad_recipient_is_a_clear_error() {
     let mut n = notification(JobState::Succeeded);
     n.email = "not an address".into();
-    let err = compose(&n, &from(), "http://x").unwrap_err();
+    let err = compose(&n, &from(), &links("http://x")).unwrap_err();
     assert!(matches!(err, ComposeError::BadRecipient { .. }));
     assert!(err.to_string().contains("not an address"));
 }
@@ -204,7 +250,7 @@ fn a_bad_recipient_is_a_clear_error() {
 #[test]
 fn a_batch_email_tells_how_it_ended_and_where_its_output_is() {
     let n = batch(BatchStatus::Completed);
-    let message = compose(&n, &from(), "https://sluice.example.org/").unwrap();
+    let message = compose(&n, &from(), &links("https://sluice.example.org/")).unwrap();
     let (plain, html, parsed) = parts(&message);
     use mailparse::MailHeaderMap;
     let header = |name: &str| parsed.headers.get_first_value(name).unwrap();
@@ -249,7 +295,9 @@ fn batch_ends_read_sensibly_and_a_failed_batch_lists_its_errors() {
         subject(&batch(BatchStatus::Cancelled)),
         "Your Sluice batch batch_0190b5e47d2a7cc08000000000000002 was cancelled"
     );
-    assert!(plain_body(&batch(BatchStatus::Expired), BASE).contains("completion window passed"));
+    assert!(
+        plain_body(&batch(BatchStatus::Expired), &links(BASE)).contains("completion window passed")
+    );
     let mut n = batch(BatchStatus::Failed);
     let data: Vec<serde_json::Value> = (1..=12)
         .map(|line| serde_json::json!({ "code": "invalid_json", "message": "not <JSON>", "line": line }))
@@ -270,13 +318,13 @@ fn batch_ends_read_sensibly_and_a_failed_batch_lists_its_errors() {
         },
         other => other,
     };
-    let plain = plain_body(&n, BASE);
+    let plain = plain_body(&n, &links(BASE));
     assert!(plain.contains("- line 1: not <JSON>"), "{plain}");
     assert!(plain.contains("- line 10: not <JSON>"));
     assert!(!plain.contains("line 11:"));
     assert!(plain.contains("... and 2 more"));
     assert!(plain.contains("No output file was written."));
-    let html = html_body(&n, BASE);
+    let html = html_body(&n, &links(BASE));
     assert!(html.contains("<li>line 1: not &lt;JSON&gt;</li>"), "{html}");
     assert_eq!(describe(&n), "batch batch_0190b5e47d2a7cc08000000000000002");
 }

@@ -229,3 +229,72 @@ pub fn receive_in_background(
 pub fn arc(queue: SqlQueue) -> Arc<dyn Broker> {
     Arc::new(queue)
 }
+
+/// `store`, enqueuing into `ingest_queue`'s lanes (`Store::enqueuing_into`), stores a job: it is
+/// `Enqueued` with no outbox row, and `consumer_queue`'s consumer, idle with a fallback poll
+/// longer than the wait here (so only a wake-up can bring the job in time), receives the job's
+/// reference.
+pub async fn jobs_the_store_enqueues_are_delivered(
+    store: sluice_store::Store,
+    ingest_queue: &SqlQueue,
+    consumer_queue: &SqlQueue,
+) {
+    assert!(consumer_queue.config().poll_interval_ms >= 10_000);
+    must(ingest_queue.declare().await, "declare");
+    let store = store.enqueuing_into(sluice_store::LanesInDatabase {
+        namespace: ingest_queue.config().namespace.clone(),
+        channel: ingest_queue.notify_channel().to_owned(),
+        wake: ingest_queue.waker(),
+    });
+    assert!(store.enqueues_directly());
+    let consumer = must(consumer_queue.consume(Lane::Standard, 1).await, "consume");
+    let receiving = receive_in_background(consumer);
+    // Let the consumer find the lane empty and settle into its long wait.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let principal = sluice_core::Principal {
+        tenant: "acme".into(),
+        user: "u1".into(),
+        tier: sluice_core::Tier::Pro,
+        email: None,
+        reuse_samples: false,
+    };
+    let request = sluice_core::JobRequest::new(
+        "default",
+        vec![sluice_core::Message::user(
+            "a question of some forty characters",
+        )],
+    );
+    let job = sluice_store::NewJob::new(principal, Lane::Standard, request.clone());
+    let id = job.id;
+    let writer = sluice_store::JobWriter::spawn(store.clone(), 1, 64);
+    let stored = Instant::now();
+    let accepted = writer.insert(job).await.unwrap();
+    assert!(
+        matches!(accepted, sluice_store::Accepted::Enqueued),
+        "{accepted:?}"
+    );
+    let (arrived, got, _consumer) = tokio::time::timeout(Duration::from_secs(9), receiving)
+        .await
+        .expect("the idle consumer was not woken before its fallback poll")
+        .unwrap();
+    assert!(
+        arrived - stored < Duration::from_secs(2),
+        "the idle consumer took {:?} to notice the job",
+        arrived - stored
+    );
+    assert_eq!(got.job.request_id, id);
+    assert_eq!(got.job.tenant, "acme");
+    assert_eq!(got.job.model, "default");
+    assert_eq!(got.job.attempt, 0);
+    assert_eq!(got.job.tokens, request.estimated_tokens());
+    assert_eq!(
+        store.outbox_len().await.unwrap(),
+        0,
+        "an outbox row was written"
+    );
+    let record = store.get_job("acme", id).await.unwrap().unwrap();
+    assert_eq!(record.state, sluice_core::JobState::Queued);
+    assert_eq!(store.events(id).await.unwrap().len(), 1);
+    must(got.ack().await, "ack");
+    store.close().await;
+}

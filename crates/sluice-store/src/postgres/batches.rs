@@ -26,22 +26,30 @@ impl PgBackend {
                 "INSERT INTO batches (id, tenant, user_id, tier, input_file_id, endpoint,
                                   completion_window, status, metadata, total, notify_email,
                                   expires_at, created_at, in_progress_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'in_progress', $8, $9, $10, $11, now(), now())",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'in_progress', $8, $9, $10, now() + $11 * interval '1 millisecond', now(), now())",
             ),
             batch
         )
         .bind(total)
         .bind(&batch.notify_email)
-        .bind(batch.expires_at)
+        .bind(crate::millis(batch.expires_in))
         .execute(&mut *tx)
         .await?;
         let mut messages = Vec::with_capacity(lines.len());
+        let mut enqueued = Vec::new();
         for chunk in lines.chunks(LINES_PER_STATEMENT) {
             let jobs: Vec<&NewJob> = chunk.iter().map(|l| &l.job).collect();
             // The batched ingest's own statement: jobs, `queued` events and outbox rows.
-            for accepted in self.insert_jobs_in(&mut tx, &jobs).await? {
-                if let Accepted::Queued(message) = accepted {
-                    messages.push(message);
+            for (accepted, job) in self
+                .insert_jobs_in(&mut tx, &jobs)
+                .await?
+                .into_iter()
+                .zip(&jobs)
+            {
+                match accepted {
+                    Accepted::Queued(message) => messages.push(message),
+                    Accepted::Enqueued => enqueued.push(job.lane),
+                    Accepted::Attached { .. } | Accepted::Answerable { .. } => {}
                 }
             }
             let numbers: Vec<i32> = chunk.iter().map(|l| l.line).collect();
@@ -60,6 +68,9 @@ impl PgBackend {
             .await?;
         }
         tx.commit().await?;
+        if let Some(lanes) = &self.lanes {
+            lanes.wake_all(enqueued);
+        }
         Ok(messages)
     }
 
@@ -74,7 +85,7 @@ impl PgBackend {
                  INSERT INTO batches (id, tenant, user_id, tier, input_file_id, endpoint,
                                       completion_window, status, metadata, errors, total,
                                       notify_email, expires_at, created_at, failed_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'failed', $8, $9, 0, $10, $11, now(), now())
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'failed', $8, $9, 0, $10, now() + $11 * interval '1 millisecond', now(), now())
                  RETURNING {BATCH_COLUMNS}
              ), n AS (
                  -- Ended at birth: its email, if any, is queued with it.
@@ -87,7 +98,7 @@ impl PgBackend {
         )
         .bind(errors)
         .bind(&batch.notify_email)
-        .bind(batch.expires_at)
+        .bind(crate::millis(batch.expires_in))
         .fetch_one(&self.pool)
         .await?)
     }

@@ -4,7 +4,7 @@
 use crate::jobs::{bind_new_job, corrupt, Accepted, Ingested, KeyedJobRow, NewJob, JOB_COLUMNS};
 use crate::outbox::OutboxMessage;
 use crate::postgres::PgBackend;
-use crate::{millis, StoreError};
+use crate::{millis, LanesInDatabase, StoreError};
 use chrono::{DateTime, Utc};
 use sluice_core::RequestId;
 use sqlx::Row;
@@ -71,34 +71,88 @@ impl PgBackend {
         }))
     }
 
-    /// Accept many jobs without idempotency keys in one transaction (the batched ingest path).
-    /// A job identical to one in flight (same tenant and request hash) is stored as its
-    /// follower instead of being queued; the unique index on requests in flight decides.
-    pub(crate) async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<Accepted>, StoreError> {
-        if jobs.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Accept many jobs without idempotency keys (the batched ingest path): every job that can
+    /// be queued, in one statement that commits on its own (no `BEGIN` and `COMMIT` round
+    /// trips). A job whose `reuse_within` finds an answer is left out; so is a job identical to
+    /// one in flight (the unique index on requests in flight), which then attaches to it in a
+    /// transaction of its own.
+    pub(crate) async fn insert_jobs(
+        &self,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         let jobs: Vec<&NewJob> = jobs.iter().collect();
-        if jobs.iter().all(|job| job.request_hash.is_none()) {
-            // No job can attach to another, so every one is queued by the one statement, which
-            // on its own is a transaction: one round trip, where an explicit transaction would
-            // add a BEGIN and a COMMIT to every batch.
-            let queued = insert_rows(&self.pool, &jobs).await?;
-            return jobs
-                .iter()
-                .map(|job| {
-                    queued_message(&queued, job)?.ok_or_else(|| {
-                        StoreError::Corrupt(format!(
-                            "job {} was neither queued nor refused",
-                            job.id
-                        ))
-                    })
-                })
-                .collect();
+        let queued = insert_rows(&self.pool, &jobs, self.lanes.as_deref()).await?;
+        if let Some(lanes) = &self.lanes {
+            lanes.wake_all(
+                jobs.iter()
+                    .filter(|j| queued.contains_key(&j.id.0))
+                    .map(|j| j.lane),
+            );
         }
-        // Followers attach in the same transaction, so a failure stores none of the batch.
+        let mut outcomes: Vec<Option<Result<Accepted, StoreError>>> =
+            Vec::with_capacity(jobs.len());
+        let mut looking = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            match queued_message(&queued, job) {
+                Ok(Some(accepted)) => outcomes.push(Some(Ok(accepted))),
+                Ok(None) => {
+                    if job.reuse_within.is_some() {
+                        looking.push(i);
+                    }
+                    outcomes.push(None);
+                }
+                Err(error) => outcomes.push(Some(Err(error))),
+            }
+        }
+        // Left out for an answer, or for an identical job in flight: which one, in one look-up
+        // per reuse window (a batch shares one window, the intake's).
+        let mut windows: Vec<Duration> = looking
+            .iter()
+            .filter_map(|&i| jobs[i].reuse_within)
+            .collect();
+        windows.sort_unstable();
+        windows.dedup();
+        for within in windows {
+            let (at, wanted): (Vec<usize>, Vec<(String, Vec<u8>)>) = looking
+                .iter()
+                .filter(|&&i| jobs[i].reuse_within == Some(within))
+                .filter_map(|&i| {
+                    let job = jobs[i];
+                    let hash = job.request_hash.clone()?;
+                    Some((i, (job.principal.tenant.clone(), hash)))
+                })
+                .unzip();
+            match self.reusable_answers(&wanted, within).await {
+                Ok(sources) => {
+                    for (i, source) in at.into_iter().zip(sources) {
+                        if let Some(source) = source {
+                            outcomes[i] = Some(Ok(Accepted::Answerable { source }));
+                        }
+                    }
+                }
+                // The cache is best effort: these jobs are stored as if it had no answer.
+                Err(error) => tracing::warn!(
+                    message = "exact-cache look-up failed; storing the jobs without it",
+                    %error,
+                    jobs = at.len()
+                ),
+            }
+        }
+        let mut done = Vec::with_capacity(jobs.len());
+        for (job, outcome) in jobs.iter().zip(outcomes) {
+            let outcome = match outcome {
+                Some(outcome) => outcome,
+                None => self.attach_alone(job).await,
+            };
+            done.push(outcome);
+        }
+        Ok(done)
+    }
+
+    /// [`PgBackend::attach`] in a transaction of its own.
+    async fn attach_alone(&self, job: &NewJob) -> Result<Accepted, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let accepted = self.insert_jobs_in(&mut tx, &jobs).await?;
+        let accepted = self.attach(&mut tx, job).await?;
         tx.commit().await?;
         Ok(accepted)
     }
@@ -110,7 +164,7 @@ impl PgBackend {
         tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
         jobs: &[&NewJob],
     ) -> Result<Vec<Accepted>, StoreError> {
-        let queued = insert_rows(&mut **tx, jobs).await?;
+        let queued = insert_rows(&mut **tx, jobs, self.lanes.as_deref()).await?;
         let mut accepted = Vec::with_capacity(jobs.len());
         for job in jobs {
             match queued_message(&queued, job)? {
@@ -319,12 +373,50 @@ impl PgBackend {
     }
 }
 
-/// The outbox row (id, deliver_at) of each job the insert queued, by job id.
-type QueuedRows = std::collections::HashMap<Uuid, (i64, DateTime<Utc>)>;
+/// Where the insert queued each job it stored, by job id.
+type QueuedRows = std::collections::HashMap<Uuid, Queued>;
 
-/// One statement for the jobs, their first events and their outbox rows; a job identical to
-/// one in flight (the unique index on requests in flight) is left out, for the caller to attach.
-async fn insert_rows<'e, E>(executor: E, jobs: &[&NewJob]) -> Result<QueuedRows, StoreError>
+/// Where the insert queued a job.
+#[derive(Clone, Copy)]
+enum Queued {
+    /// An outbox row (id, deliver_at), to publish.
+    Outbox(i64, DateTime<Utc>),
+    /// A message in its lane ([`crate::LanesInDatabase`]).
+    InLane,
+}
+
+/// The jobs, their `queued` events, and what the exact cache may leave out (see `insert_rows`).
+const INSERT_JOBS: &str = "WITH input AS (
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::text[], $9::bytea[], $10::text[],
+                              $11::int8[], $12::text[]) WITH ORDINALITY
+             AS t(id, tenant, user_id, tier, lane, model, request, notify_email,
+                  request_hash, route_reason, reuse_ms, body, n)
+     ), j AS (
+         INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                           state, request_hash, route_reason)
+         SELECT id, tenant, user_id, tier, lane, model, request::jsonb, notify_email,
+                'queued', request_hash, route_reason
+         FROM input i
+         WHERE i.reuse_ms IS NULL OR NOT EXISTS (
+             SELECT 1 FROM jobs a
+             WHERE a.tenant = i.tenant AND a.request_hash = i.request_hash
+               AND a.state = 'succeeded' AND a.leader IS NULL
+               AND a.finished_at > now() - i.reuse_ms * interval '1 millisecond')
+         ON CONFLICT DO NOTHING
+         RETURNING id, lane
+     ), e AS (
+         INSERT INTO job_events (job_id, seq, state) SELECT id, 1, 'queued' FROM j
+     )";
+
+/// One statement for the jobs, their first events and their outbox rows, or their lane
+/// messages when `lanes` is set; a job identical to one in flight (the unique index on requests
+/// in flight) is left out, for the caller to attach.
+async fn insert_rows<'e, E>(
+    executor: E,
+    jobs: &[&NewJob],
+    lanes: Option<&LanesInDatabase>,
+) -> Result<QueuedRows, StoreError>
 where
     E: sqlx::PgExecutor<'e>,
 {
@@ -332,72 +424,99 @@ where
     let mut tenants = Vec::with_capacity(jobs.len());
     let mut users = Vec::with_capacity(jobs.len());
     let mut tiers = Vec::with_capacity(jobs.len());
-    let mut lanes = Vec::with_capacity(jobs.len());
+    let mut lane_names = Vec::with_capacity(jobs.len());
     let mut models = Vec::with_capacity(jobs.len());
     let mut requests = Vec::with_capacity(jobs.len());
     let mut emails = Vec::with_capacity(jobs.len());
     let mut hashes = Vec::with_capacity(jobs.len());
     let mut reasons = Vec::with_capacity(jobs.len());
+    let mut reuse_ms = Vec::with_capacity(jobs.len());
+    let mut bodies = Vec::with_capacity(if lanes.is_some() { jobs.len() } else { 0 });
     for job in jobs {
         ids.push(job.id.0);
         tenants.push(job.principal.tenant.as_str());
         users.push(job.principal.user.as_str());
         tiers.push(job.principal.tier.as_str());
-        lanes.push(job.lane.as_str());
+        lane_names.push(job.lane.as_str());
         models.push(job.routing_key());
         requests.push(serde_json::to_string(&job.request).map_err(corrupt)?);
         emails.push(job.notify_email.as_deref());
         hashes.push(job.request_hash.as_deref());
         reasons.push(job.route_reason());
+        reuse_ms.push(job.reuse_within.map(millis));
+        if lanes.is_some() {
+            // The lane message the SQL queue's consumers read: the job's reference as JSON.
+            bodies.push(serde_json::to_string(&job.job_ref()).map_err(corrupt)?);
+        }
     }
     // ON CONFLICT without a target: the only unique index these rows can meet is the one on
-    // requests in flight (ids are fresh, idempotency keys absent).
-    let rows: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "WITH input AS (
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                  $6::text[], $7::text[], $8::text[], $9::bytea[], $10::text[])
-                 AS t(id, tenant, user_id, tier, lane, model, request, notify_email,
-                      request_hash, route_reason)
-         ), j AS (
-             INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                               state, request_hash, route_reason)
-             SELECT id, tenant, user_id, tier, lane, model, request::jsonb, notify_email,
-                    'queued', request_hash, route_reason
-             FROM input
-             ON CONFLICT DO NOTHING
-             RETURNING id, lane
-         ), e AS (
-             INSERT INTO job_events (job_id, seq, state) SELECT id, 1, 'queued' FROM j
+    // requests in flight (ids are fresh, idempotency keys absent). A row with a reuse window
+    // is left out when the exact cache has its answer: the same look-up as `reusable_answer`.
+    macro_rules! bind_input {
+        ($query:expr) => {
+            $query
+                .bind(&ids)
+                .bind(&tenants)
+                .bind(&users)
+                .bind(&tiers)
+                .bind(&lane_names)
+                .bind(&models)
+                .bind(&requests)
+                .bind(&emails)
+                .bind(&hashes)
+                .bind(&reasons)
+                .bind(&reuse_ms)
+                .bind(&bodies)
+        };
+    }
+    let Some(lanes) = lanes else {
+        let rows: Vec<(i64, Uuid, DateTime<Utc>)> = bind_input!(sqlx::query_as(&format!(
+            "{INSERT_JOBS}
+             INSERT INTO outbox (job_id, lane, attempt)
+             SELECT id, lane, 0 FROM j
+             RETURNING id, job_id, deliver_at"
+        )))
+        .fetch_all(executor)
+        .await?;
+        return Ok(rows
+            .into_iter()
+            .map(|(o, j, at)| (j, Queued::Outbox(o, at)))
+            .collect());
+    };
+    // The SQL queue's own insert, in this statement: the messages in the order of the input,
+    // and one notification per lane, sent by PostgreSQL at commit.
+    let rows: Vec<(Uuid,)> = bind_input!(sqlx::query_as(&format!(
+        "{INSERT_JOBS}, m AS (
+             INSERT INTO sluice_lane_messages (namespace, lane, body, available_at)
+             SELECT $13, i.lane, i.body, now() FROM j JOIN input i ON i.id = j.id
+             ORDER BY i.n
+             RETURNING lane
+         ), woken AS (
+             SELECT count(pg_notify($14, l.lane)) AS lanes FROM (SELECT DISTINCT lane FROM m) l
          )
-         INSERT INTO outbox (job_id, lane, attempt)
-         SELECT id, lane, 0 FROM j
-         RETURNING id, job_id, deliver_at",
-    )
-    .bind(&ids)
-    .bind(&tenants)
-    .bind(&users)
-    .bind(&tiers)
-    .bind(&lanes)
-    .bind(&models)
-    .bind(&requests)
-    .bind(&emails)
-    .bind(&hashes)
-    .bind(&reasons)
+         SELECT j.id FROM j, woken"
+    )))
+    .bind(&lanes.namespace)
+    .bind(&lanes.channel)
     .fetch_all(executor)
     .await?;
-    Ok(rows.into_iter().map(|(o, j, at)| (j, (o, at))).collect())
+    Ok(rows.into_iter().map(|(id,)| (id, Queued::InLane)).collect())
 }
 
 /// `job` as queued if the insert queued it; `None` if it met an identical job in flight.
 fn queued_message(queued: &QueuedRows, job: &NewJob) -> Result<Option<Accepted>, StoreError> {
-    if let Some(&(outbox_id, deliver_at)) = queued.get(&job.id.0) {
-        return Ok(Some(Accepted::Queued(OutboxMessage {
-            outbox_id,
-            lane: job.lane,
-            job: job.job_ref(),
-            deliver_at,
-            reason: None,
-        })));
+    match queued.get(&job.id.0) {
+        Some(&Queued::Outbox(outbox_id, deliver_at)) => {
+            return Ok(Some(Accepted::Queued(OutboxMessage {
+                outbox_id,
+                lane: job.lane,
+                job: job.job_ref(),
+                deliver_at,
+                reason: None,
+            })))
+        }
+        Some(Queued::InLane) => return Ok(Some(Accepted::Enqueued)),
+        None => {}
     }
     if job.request_hash.is_none() {
         // Without a hash the only unique index the row can meet is the primary key: ids are

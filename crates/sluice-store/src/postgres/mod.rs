@@ -9,18 +9,22 @@ mod jobs;
 mod lifecycle;
 mod notifications;
 mod outbox;
+mod reconcile;
 mod stats;
 
 use crate::{valid_schema, StoreConfig, StoreError};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A PostgreSQL connection pool; cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct PgBackend {
     pub(crate) pool: PgPool,
+    /// Where the batched ingest puts new jobs when the lanes are in this database.
+    pub(crate) lanes: Option<Arc<crate::LanesInDatabase>>,
 }
 
 impl PgBackend {
@@ -47,12 +51,12 @@ impl PgBackend {
             admin.close().await;
             options = options.options([("search_path", schema.as_str())]);
         }
-        let pool = PgPoolOptions::new()
+        let pool = crate::sql::pool_options::<sqlx::Postgres>()
             .max_connections(config.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(PgBackend { pool })
+        Ok(PgBackend { pool, lanes: None })
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), StoreError> {

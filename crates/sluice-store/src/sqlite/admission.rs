@@ -22,18 +22,7 @@ impl SqliteBackend {
         request_hash: &[u8],
         within: Duration,
     ) -> Result<Option<RequestId>, StoreError> {
-        let row: Option<(Uuid,)> = sqlx::query_as(
-            "SELECT id FROM jobs
-             WHERE tenant = $1 AND request_hash = $2 AND state = 'succeeded' AND leader IS NULL
-               AND finished_at > $3
-             ORDER BY finished_at DESC LIMIT 1",
-        )
-        .bind(tenant)
-        .bind(request_hash)
-        .bind(Ts::now().before(within))
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(|(id,)| RequestId(id)))
+        reusable_answer(&self.read, tenant, request_hash, within).await
     }
 
     /// One look-up after another: reads on SQLite have no round trip to share.
@@ -261,4 +250,28 @@ impl SqliteBackend {
             })
             .collect())
     }
+}
+
+/// The exact cache's look-up, on the read pool or inside a write transaction.
+pub(super) async fn reusable_answer<'e, E>(
+    executor: E,
+    tenant: &str,
+    request_hash: &[u8],
+    within: Duration,
+) -> Result<Option<RequestId>, StoreError>
+where
+    E: sqlx::SqliteExecutor<'e>,
+{
+    let row: Option<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM jobs
+         WHERE tenant = $1 AND request_hash = $2 AND state = 'succeeded' AND leader IS NULL
+           AND finished_at > $3
+         ORDER BY finished_at DESC LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(request_hash)
+    .bind(Ts::now().before(within))
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(|(id,)| RequestId(id)))
 }

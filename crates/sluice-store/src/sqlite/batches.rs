@@ -142,7 +142,7 @@ impl SqliteBackend {
         )
         .bind(total)
         .bind(&batch.notify_email)
-        .bind(Ts(batch.expires_at))
+        .bind(now.after(batch.expires_in))
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -154,7 +154,7 @@ impl SqliteBackend {
             // A job that may share an identical job's answer goes the ingest's own way, which
             // looks for that job first.
             for line in hashed {
-                let accepted = Self::insert_new(&mut tx, &line.job, None)
+                let accepted = Self::insert_new(&mut tx, &line.job, None, None)
                     .await?
                     .ok_or_else(|| corrupt(format!("job {} was not inserted", line.job.id)))?;
                 if let Accepted::Queued(message) = accepted {
@@ -195,7 +195,7 @@ impl SqliteBackend {
         )
         .bind(errors)
         .bind(&batch.notify_email)
-        .bind(Ts(batch.expires_at))
+        .bind(now.after(batch.expires_in))
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;

@@ -1,11 +1,12 @@
 //! SQLite's ingest, cancel and detach, mirroring `postgres::jobs`: the job, its first event and
 //! its outbox row in one write transaction, a batch of jobs in one transaction of short inserts.
 
+use super::admission::reusable_answer;
 use super::SqliteBackend;
 use crate::jobs::{bind_new_job, corrupt, Accepted, Ingested, KeyedJobRow, NewJob, JOB_COLUMNS};
 use crate::outbox::OutboxMessage;
 use crate::sql::{quoted, Ts};
-use crate::StoreError;
+use crate::{LanesInDatabase, StoreError};
 use sluice_core::RequestId;
 use sqlx::{Sqlite, Transaction};
 use std::time::Duration;
@@ -89,13 +90,15 @@ pub(super) async fn insert_event(
 }
 
 impl SqliteBackend {
-    /// Insert a new job's row, its `queued` event and its outbox row; `None` when the
+    /// Insert a new job's row, its `queued` event and its outbox row (its lane message when
+    /// `lanes` is given); `None` when the
     /// idempotency key was already used in the tenant (nothing is written then). A job with a
     /// request hash identical to a job in flight is stored as that job's follower instead.
     pub(super) async fn insert_new(
         tx: &mut Transaction<'static, Sqlite>,
         job: &NewJob,
         idempotency: Option<&(String, Vec<u8>)>,
+        lanes: Option<&LanesInDatabase>,
     ) -> Result<Option<Accepted>, StoreError> {
         let request = serde_json::to_string(&job.request).map_err(corrupt)?;
         let (key, hash) = match idempotency {
@@ -151,6 +154,21 @@ impl SqliteBackend {
             }));
         }
         insert_event(tx, job.id.0, 1, "queued", None, at).await?;
+        if let Some(lanes) = lanes {
+            // The SQL queue's own insert, in this transaction: ready now.
+            let body = serde_json::to_string(&job.job_ref()).map_err(corrupt)?;
+            sqlx::query(
+                "INSERT INTO sluice_lane_messages (namespace, lane, body, available_at, created_at)
+                 VALUES ($1, $2, $3, $4, $4)",
+            )
+            .bind(&lanes.namespace)
+            .bind(job.lane.as_str())
+            .bind(body)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?;
+            return Ok(Some(Accepted::Enqueued));
+        }
         let (outbox_id,): (i64,) = sqlx::query_as(
             "INSERT INTO outbox (job_id, lane, attempt, deliver_at, created_at)
              VALUES ($1, $2, 0, $3, $3) RETURNING id",
@@ -171,7 +189,9 @@ impl SqliteBackend {
 
     pub(crate) async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
         let mut tx = self.begin_write().await?;
-        if let Some(accepted) = Self::insert_new(&mut tx, job, job.idempotency.as_ref()).await? {
+        if let Some(accepted) =
+            Self::insert_new(&mut tx, job, job.idempotency.as_ref(), None).await?
+        {
             tx.commit().await?;
             let message = accepted
                 .into_queued()
@@ -193,19 +213,37 @@ impl SqliteBackend {
     }
 
     /// Jobs without idempotency keys: one transaction of three short inserts per job, which
-    /// in-process SQLite runs in microseconds each; any failure stores none of the batch.
-    pub(crate) async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<Accepted>, StoreError> {
+    /// in-process SQLite runs in microseconds each; any failure stores none of the batch. A job
+    /// whose `reuse_within` finds an answer is not stored.
+    pub(crate) async fn insert_jobs(
+        &self,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let mut messages = Vec::with_capacity(jobs.len());
+        let mut outcomes = Vec::with_capacity(jobs.len());
         for job in jobs {
+            if let (Some(hash), Some(within)) = (&job.request_hash, job.reuse_within) {
+                // Under the write lock: no answer can appear between this look-up and the insert.
+                let answer = reusable_answer(&mut *tx, &job.principal.tenant, hash, within).await?;
+                if let Some(source) = answer {
+                    outcomes.push(Ok(Accepted::Answerable { source }));
+                    continue;
+                }
+            }
             // Like the PostgreSQL batch, this path stores no idempotency keys.
-            let message = Self::insert_new(&mut tx, job, None)
+            let message = Self::insert_new(&mut tx, job, None, self.lanes.as_deref())
                 .await?
                 .ok_or_else(|| corrupt(format!("job {} was not inserted", job.id)))?;
-            messages.push(message);
+            outcomes.push(Ok(message));
         }
         tx.commit().await?;
-        Ok(messages)
+        if let Some(lanes) = &self.lanes {
+            let enqueued = jobs.iter().zip(&outcomes);
+            lanes.wake_all(enqueued.filter_map(|(job, outcome)| {
+                matches!(outcome, Ok(Accepted::Enqueued)).then_some(job.lane)
+            }));
+        }
+        Ok(outcomes)
     }
 
     pub(crate) async fn cancel(

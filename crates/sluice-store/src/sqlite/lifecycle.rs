@@ -28,6 +28,36 @@ impl ChangedJob {
     pub(super) fn request(&self) -> Result<JobRequest, StoreError> {
         serde_json::from_str(&self.request).map_err(corrupt)
     }
+
+    /// Queue job `id`'s message to `lane` in `tx`, the transaction changing its state, and
+    /// return it for publishing after the commit.
+    pub(super) async fn queue_message(
+        self,
+        tx: &mut Transaction<'static, Sqlite>,
+        id: Uuid,
+        lane: Lane,
+        deliver_at: Ts,
+        reason: Option<&str>,
+        now: Ts,
+    ) -> Result<OutboxMessage, StoreError> {
+        let outbox_id =
+            insert_outbox(tx, id, lane.as_str(), self.attempt, deliver_at, reason, now).await?;
+        let request = self.request()?;
+        Ok(OutboxMessage {
+            outbox_id,
+            lane,
+            job: job_ref(
+                RequestId(id),
+                self.tenant,
+                self.model,
+                self.attempt,
+                &request,
+                false,
+            ),
+            deliver_at: deliver_at.into(),
+            reason: reason.map(str::to_owned),
+        })
+    }
 }
 
 /// A job the reaper moved: to `retrying`, or to `dead` when its retry budget is spent.
@@ -259,37 +289,15 @@ impl SqliteBackend {
             "status": failure.status,
         });
         insert_event(&mut tx, id.0, job.event_seq, state, Some(&detail), at).await?;
-        let deliver_at = at.after(delay);
         let reason = dead.then_some(failure.error.as_str());
-        let outbox_id = insert_outbox(
-            &mut tx,
-            id.0,
-            lane.as_str(),
-            job.attempt,
-            deliver_at,
-            reason,
-            at,
-        )
-        .await?;
         if dead {
             // A dead job is finished: its email is queued with the state change.
             queue_notification(&mut tx, id.0, job.notify_email.as_deref(), at).await?;
         }
-        let request = job.request()?;
-        let message = OutboxMessage {
-            outbox_id,
-            lane,
-            job: job_ref(
-                id,
-                job.tenant,
-                job.model,
-                job.attempt,
-                &request,
-                failure.throttled,
-            ),
-            deliver_at: deliver_at.into(),
-            reason: reason.map(str::to_owned),
-        };
+        let mut message = job
+            .queue_message(&mut tx, id.0, lane, at.after(delay), reason, at)
+            .await?;
+        message.job.rate_limited = failure.throttled;
         tx.commit().await?;
         Ok(Some(message))
     }
@@ -333,27 +341,14 @@ impl SqliteBackend {
             insert_event(&mut tx, id, job.event_seq, &state, Some(&detail), now).await?;
             let lane = if dead { Lane::Dead } else { Lane::Retry };
             let reason = dead.then_some(error.as_str());
-            let outbox_id =
-                insert_outbox(&mut tx, id, lane.as_str(), job.attempt, now, reason, now).await?;
             if dead {
                 // Jobs reaped into `dead` are finished: their emails are queued with them.
                 queue_notification(&mut tx, id, job.notify_email.as_deref(), now).await?;
             }
-            let request = job.request()?;
-            messages.push(OutboxMessage {
-                outbox_id,
-                lane,
-                job: job_ref(
-                    RequestId(id),
-                    job.tenant,
-                    job.model,
-                    job.attempt,
-                    &request,
-                    false,
-                ),
-                deliver_at: now.into(),
-                reason: reason.map(str::to_owned),
-            });
+            messages.push(
+                job.queue_message(&mut tx, id, lane, now, reason, now)
+                    .await?,
+            );
         }
         tx.commit().await?;
         Ok(messages)
@@ -378,15 +373,9 @@ impl SqliteBackend {
         };
         let detail = serde_json::json!({ "replayed": true });
         insert_event(&mut tx, id.0, job.event_seq, "queued", Some(&detail), now).await?;
-        let outbox_id = insert_outbox(&mut tx, id.0, &lane, job.attempt, now, None, now).await?;
-        let request = job.request()?;
-        let message = OutboxMessage {
-            outbox_id,
-            lane: parse_lane(&lane)?,
-            job: job_ref(id, job.tenant, job.model, job.attempt, &request, false),
-            deliver_at: now.into(),
-            reason: None,
-        };
+        let message = job
+            .queue_message(&mut tx, id.0, parse_lane(&lane)?, now, None, now)
+            .await?;
         tx.commit().await?;
         Ok(Some(message))
     }

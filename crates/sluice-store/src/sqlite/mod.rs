@@ -9,14 +9,21 @@ mod jobs;
 mod lifecycle;
 mod notifications;
 mod outbox;
+mod reconcile;
 mod stats;
 
 use crate::sql::WritePool;
 use crate::{Backend, StoreConfig, StoreError};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
+
+/// Each read connection's page cache (`PRAGMA cache_size`, negative: KiB). SQLite's default,
+/// 2 MiB, times up to `max_connections` readers kept up to 34 MB that a burst of reads (500
+/// subscribers replaying their events) filled and never gave back; the file's pages stay in the
+/// OS's cache either way, so a smaller one costs a copy, not a disk read. The writer keeps 2 MiB.
+const READER_CACHE_SIZE: &str = "-512";
 
 /// How long a statement waits for another process's write lock before SQLITE_BUSY. In-process
 /// writers never wait on it (they queue for the one write connection); this covers operator
@@ -38,6 +45,8 @@ const WRITE_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) struct SqliteBackend {
     pub(crate) write: SqlitePool,
     pub(crate) read: SqlitePool,
+    /// Where the batched ingest puts new jobs when the lanes are in this file.
+    pub(crate) lanes: Option<std::sync::Arc<crate::LanesInDatabase>>,
 }
 
 impl SqliteBackend {
@@ -65,7 +74,10 @@ impl SqliteBackend {
         // An in-memory database (`sqlite::memory:`, `?mode=memory`) is for throwaway use; it
         // lives only while a connection to it is open.
         let memory = config.url.contains(":memory:") || config.url.contains("mode=memory");
-        let write = SqlitePoolOptions::new()
+        if !memory {
+            create_private(options.get_filename())?;
+        }
+        let write = crate::sql::pool_options::<Sqlite>()
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(WRITE_QUEUE_TIMEOUT)
@@ -79,13 +91,17 @@ impl SqliteBackend {
             // Without a file there is no WAL to read beside the writer: read where we write.
             write.clone()
         } else {
-            SqlitePoolOptions::new()
+            crate::sql::pool_options::<Sqlite>()
                 .max_connections(config.max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options)
+                .connect_with(options.pragma("cache_size", READER_CACHE_SIZE))
                 .await?
         };
-        Ok(SqliteBackend { write, read })
+        Ok(SqliteBackend {
+            write,
+            read,
+            lanes: None,
+        })
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), StoreError> {
@@ -107,5 +123,23 @@ impl SqliteBackend {
     /// A write transaction on the write connection (see [`WritePool::begin_write`]).
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         self.write.begin_write().await
+    }
+}
+
+/// Create the database file readable by its owner only (0600) if it does not exist: it holds
+/// prompts, answers and key hashes. SQLite gives the WAL and shared-memory files it creates
+/// beside it the same mode. An existing file keeps the mode its owner gave it.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::CreateFile {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
