@@ -281,7 +281,7 @@ async fn a_dev_process_killed_mid_run_loses_none_of_its_100_jobs() {
 async fn a_restarted_dev_process_recovers_a_killed_ones_jobs_at_once() {
     let config = "[worker]\nconcurrency = 8\nprefetch = 8\nlease_secs = 60\n\
                   reap_interval_secs = 0.5\n\n[queue.sql]\nvisibility_timeout_secs = 60\n\n\
-                  [sim]\nlatency = { kind = \"fixed\", ms = 300 }\n";
+                  [sim]\ndefault_rpm = 6000\nlatency = { kind = \"fixed\", ms = 1000 }\n";
     let dir = DevDir::new(config);
     let http = reqwest::Client::new();
     let dev = start_dev(&dir).await;
@@ -298,16 +298,21 @@ async fn a_restarted_dev_process_recovers_a_killed_ones_jobs_at_once() {
     for n in 0..60 {
         ids.push(dev.submit(&http, &format!("job {n}")).await);
     }
-    // Kill it while jobs are running and lane messages are taken.
+    // Kill it while jobs are running and lane messages are taken. The simulator's limit is
+    // well above what 8 calls of 1 s each use, so about 8 jobs run at any moment for ~7 s:
+    // at the dev default of 600 RPM only ~3 would, and a sweep could miss the 4 it looks for.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let mut running = 0;
+        let (mut running, mut ended) = (0, 0);
         for id in &ids {
-            running += usize::from(dev.job(&http, id).await["state"] == "running");
+            let state = dev.job(&http, id).await["state"].clone();
+            running += usize::from(state == "running");
+            ended += usize::from(state == "succeeded" || state == "failed" || state == "dead");
         }
         if running >= 4 {
             break;
         }
+        assert!(ended < ids.len(), "every job ended before 4 ran at once");
         assert!(Instant::now() < deadline, "no job ran before the kill");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
