@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use crate::SqsConfig;
 
 /// The virtualenv's Python with moto, made by `scripts/pyenv.sh` on first use (once per test
-/// binary). It runs `scripts/moto_sqs.py`: moto's server with its receives made atomic.
+/// binary). It runs `scripts/moto_sqs.py`: moto's server with its receives and deletes made
+/// atomic.
 pub fn moto_python() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
