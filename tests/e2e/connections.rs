@@ -274,13 +274,7 @@ async fn a_stream_longer_than_the_header_timeout_is_not_idle() {
     let key = app.key("acme", Tier::Pro).await;
     // No worker: the job stays queued and its event stream open.
     let id = app.submit(&key, "waits").await;
-    let mut response = app
-        .http
-        .get(format!("{}/v1/jobs/{id}/events", app.api))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let mut response = app.open_events(&key, id).await;
     assert_eq!(response.status(), 200);
     let opened = Instant::now();
     let cut = tokio::time::timeout(Duration::from_secs(3), async {

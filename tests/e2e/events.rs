@@ -241,13 +241,7 @@ async fn a_streamed_jobs_deltas_reach_websocket_and_sse_and_add_up_to_the_result
     .await;
     // Unblock only once the server has the subscription, or the job may finish before it.
     assert_eq!(next_json(&mut socket).await.unwrap()["type"], "subscribed");
-    let sse = app
-        .http
-        .get(format!("{}/v1/jobs/{id}/events", app.api))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let sse = app.open_events(&key, id).await;
     app.sim.set_faults(Faults::default());
 
     let mut ws_text = String::new();
@@ -289,13 +283,10 @@ async fn the_tenant_wall_and_authentication_hold_on_streams() {
     let unknown = RequestId::new();
 
     // SSE: another tenant's job answers exactly like an unknown one.
-    let ask = |id: RequestId| {
-        app.http
-            .get(format!("{}/v1/jobs/{id}/events", app.api))
-            .bearer_auth(&acme)
-            .send()
-    };
-    let (a, b) = (ask(theirs).await.unwrap(), ask(unknown).await.unwrap());
+    let (a, b) = (
+        app.open_events(&acme, theirs).await,
+        app.open_events(&acme, unknown).await,
+    );
     assert_eq!(a.status(), reqwest::StatusCode::NOT_FOUND);
     assert_eq!(b.status(), a.status());
     assert_eq!(a.text().await.unwrap(), b.text().await.unwrap());

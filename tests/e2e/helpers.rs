@@ -621,6 +621,16 @@ impl TestApp {
         self.send(self.http.get(url), key).await
     }
 
+    /// `GET /v1/jobs/{id}/events` with `key`: the job's SSE stream, unread.
+    pub async fn open_events(&self, key: &str, id: RequestId) -> reqwest::Response {
+        self.http
+            .get(format!("{}/v1/jobs/{id}/events", self.api))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("the events request is sent")
+    }
+
     pub async fn cancel_job(&self, key: &str, id: RequestId) -> (StatusCode, Value) {
         let url = format!("{}/v1/jobs/{id}", self.api);
         self.send(self.http.delete(url), key).await
