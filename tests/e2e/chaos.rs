@@ -79,6 +79,7 @@ async fn chaos_loses_no_accepted_job_and_ends_none_twice() {
         ..Default::default()
     })
     .await;
+    app.supervised = true;
     let key = app.key("chaos", Tier::Pro).await;
     let mut nodes: Vec<(Node, String)> = Vec::new();
     for _ in 0..2 {

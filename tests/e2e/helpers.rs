@@ -129,6 +129,10 @@ impl Default for AppOptions {
 }
 
 pub struct TestApp {
+    /// Start a process again when it exits before it is ready, for up to a minute, as a
+    /// supervisor would: in the chaos run a node restarted while the broker is still coming
+    /// back exits with "cannot connect", which is what it should do, and is started again.
+    pub supervised: bool,
     pub api: String,
     pub sim: SimHandle,
     pub store: Store,
@@ -355,6 +359,7 @@ default = {route}
             }
         },
         worker_metrics: Vec::new(),
+        supervised: false,
         _moto: moto,
         _scratch: (db, lanes, keys),
     };
@@ -384,8 +389,24 @@ default = {route}
 }
 
 impl TestApp {
-    /// Start `sluice <command>` with this app's config and wait for its ready line.
+    /// Start `sluice <command>` with this app's config and wait for its ready line; when
+    /// `supervised`, start it again while it exits before it is ready, for up to a minute.
     async fn start(&self, command: &str, ready: &str) -> (Child, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.try_start(command, ready).await {
+                Ok(started) => return started,
+                Err(why) if self.supervised && Instant::now() < deadline => {
+                    eprintln!("{why}; starting it again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    /// One start of `sluice <command>`: the process and its ready line, or why it exited.
+    async fn try_start(&self, command: &str, ready: &str) -> Result<(Child, String), String> {
         let mut child = Command::new(BIN)
             .args(["--config", self.config_path.to_str().unwrap(), command])
             .env("SLUICE_LOG", "warn,sluice_worker=info")
@@ -398,16 +419,17 @@ impl TestApp {
         let line = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if line.contains(ready) {
-                    return line;
+                    return Some(line);
                 }
             }
-            panic!("sluice {command} exited before it was ready");
+            None
         })
         .await
-        .unwrap_or_else(|_| panic!("sluice {command} was not ready within 30 s"));
+        .unwrap_or_else(|_| panic!("sluice {command} was not ready within 30 s"))
+        .ok_or_else(|| format!("sluice {command} exited before it was ready"))?;
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        (child, line)
+        Ok((child, line))
     }
 
     /// Start the API and `workers` workers on the config file as it is now.
