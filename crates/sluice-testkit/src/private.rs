@@ -28,20 +28,6 @@ async fn run(what: &str, command: &mut Command) {
     );
 }
 
-async fn wait_for_port(what: &str, port: u16, within: Duration) {
-    let deadline = Instant::now() + within;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not listen on {port} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn scratch_dir(label: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(crate::unique(label));
     std::fs::create_dir_all(&dir)
@@ -235,14 +221,44 @@ impl PrivateRabbit {
         self.up().await;
     }
 
+    /// Starts the node and waits until it takes AMQP connections, not only TCP ones: a node
+    /// restarted right after a `kill -9` on a busy machine now and then opens its port and then
+    /// dies while booting. Such a node is started again, up to three times, with its log's tail
+    /// on stderr.
     async fn up(&self) {
+        const STARTS: u32 = 3;
+        for start in 1..=STARTS {
+            let mut child = self.spawn();
+            match self.ready(&mut child, Duration::from_secs(60)).await {
+                Ok(()) => return,
+                Err(why) => {
+                    eprintln!(
+                        "the private RabbitMQ on {} {why} (start {start} of {STARTS}); its output ends:\n{}",
+                        self.port,
+                        self.output_tail()
+                    );
+                    let _ = child.kill().await;
+                    self.kill().await;
+                }
+            }
+        }
+        panic!(
+            "the private RabbitMQ on {} did not come up in {STARTS} starts",
+            self.port
+        );
+    }
+
+    fn spawn(&self) -> tokio::process::Child {
         let program = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("rabbitmq-server"));
-        let log = std::fs::File::create(self.dir.join("server.out"))
-            .unwrap_or_else(|e| panic!("cannot create the RabbitMQ log: {e}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.out"))
+            .unwrap_or_else(|e| panic!("cannot open the RabbitMQ log: {e}"));
         Command::new(program)
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"))
@@ -258,8 +274,47 @@ impl PrivateRabbit {
             .stdout(log)
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("this test needs rabbitmq-server: {e}"));
-        wait_for_port("the private RabbitMQ", self.port, Duration::from_secs(60)).await;
+            .unwrap_or_else(|e| panic!("this test needs rabbitmq-server: {e}"))
+    }
+
+    /// Ready when an AMQP connection opens; an error when the node exits or time runs out.
+    async fn ready(
+        &self,
+        child: &mut tokio::process::Child,
+        within: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        let config = sluice_broker::RabbitConfig {
+            url: self.url(),
+            prefix: "sluice-testkit-probe".into(),
+            ..sluice_broker::RabbitConfig::default()
+        };
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("exited while starting ({status})"));
+            }
+            let listening = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok();
+            if listening
+                && sluice_broker::RabbitBroker::connect(config.clone())
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("took no AMQP connection within {within:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last lines the node printed, across its starts.
+    fn output_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
     fn pid_file(&self) -> PathBuf {
