@@ -91,11 +91,12 @@ async fn tier_decides_the_lane_and_the_body_cannot_change_it() {
         let id = body["request_id"].as_str().unwrap().parse().unwrap();
         assert_eq!(app.get_job(&key, id).await.1["lane"], lane);
     }
-    // Lanes hold what the mapping says.
+    // Lanes hold what the mapping says. The two priority jobs may share a message when their
+    // background publishes meet in one batch (a pack).
     let broker = app.broker().await;
     use sluice_broker::Broker;
     app.wait_for("messages in lanes", Duration::from_secs(10), || async {
-        broker.depth(sluice_core::Lane::Priority).await.unwrap() == 2
+        (1..=2).contains(&broker.depth(sluice_core::Lane::Priority).await.unwrap())
             && broker.depth(sluice_core::Lane::Standard).await.unwrap() == 1
             && broker.depth(sluice_core::Lane::Batch).await.unwrap() == 1
     })

@@ -724,6 +724,7 @@ impl TestApp {
         RabbitBroker::connect(RabbitConfig {
             url: self._scratch.1.url.clone(),
             prefix: self.prefix.clone(),
+            ..RabbitConfig::default()
         })
         .await
         .unwrap()

@@ -258,7 +258,8 @@ pub(crate) struct LaneView {
     lane: Lane,
     /// Jobs queued in the lane, from the database.
     queued: u64,
-    /// Messages the broker holds for the lane (includes delayed retries where it can tell).
+    /// Messages the broker holds for the lane (includes delayed retries where it can tell); a
+    /// RabbitMQ message may pack several jobs, so this can be below `queued`.
     broker_depth: Option<u64>,
     oldest_wait_secs: f64,
     drained_per_sec: f64,

@@ -399,7 +399,19 @@ pub async fn publish_batch_delivers_all(fx: &Fixture) {
         .map(|j| (Lane::Batch, j.clone(), PublishOptions::default()))
         .collect();
     must(broker.publish_batch(items).await, "publish_batch");
-    expect_depth(broker, Lane::Batch, MESSAGES as u64).await;
+    // A backend may pack jobs published together into fewer messages, never into more.
+    let deadline = Instant::now() + RECEIVE_TIMEOUT;
+    loop {
+        let depth = must(broker.depth(Lane::Batch).await, "depth");
+        if (1..=MESSAGES as u64).contains(&depth) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "depth of the batch lane stayed {depth} after publishing {MESSAGES} jobs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let mut consumer = must(broker.consume(Lane::Batch, 100).await, "consume");
     let mut seen = HashSet::new();

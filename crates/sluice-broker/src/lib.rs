@@ -101,6 +101,8 @@ pub enum BrokerError {
     },
     #[error("delay of {0:?} is longer than the broker supports")]
     DelayTooLong(Duration),
+    #[error("invalid broker settings: {0}")]
+    Config(String),
 }
 
 /// The queues jobs wait in. Implementations are shared across tasks behind an `Arc`.
@@ -114,7 +116,8 @@ pub trait Broker: Send + Sync + 'static {
         opts: PublishOptions,
     ) -> Result<(), BrokerError>;
 
-    /// Publish many, pipelined where the backend can. On error some of the
+    /// Publish many, pipelined where the backend can; a backend may pack jobs bound for one
+    /// lane now into one message, each still delivered on its own. On error some of the
     /// messages may have been published; re-publishing all of them is safe.
     async fn publish_batch(
         &self,
@@ -132,7 +135,8 @@ pub trait Broker: Send + Sync + 'static {
     /// never ends; an `Err` item reports a problem and the stream carries on.
     async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Consumer, BrokerError>;
 
-    /// Messages ready in the lane (not counting unacked or still-delayed ones).
+    /// Messages ready in the lane (not counting unacked or still-delayed ones); a message
+    /// that packs several jobs counts once.
     async fn depth(&self, lane: Lane) -> Result<u64, BrokerError>;
 
     /// Declare all lanes (idempotent). Called at startup.

@@ -34,6 +34,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keeps `x-expires` (2 * ttl + 60 s) well inside RabbitMQ's 32-bit millisecond arguments.
 const MAX_DELAY_MS: u64 = 7 * 24 * 3600 * 1000;
+/// A pack is settled only when all its jobs are, and comes back whole after a crash:
+/// past a few hundred, one slow job would hold too many finished ones.
+const MAX_PACK: usize = 512;
+
+/// Jobs one message carries at most, by default.
+pub const DEFAULT_PACK: usize = 16;
 
 /// Where the lanes live. `prefix` namespaces every queue (`{prefix}.{lane}`).
 #[derive(Clone, Deserialize)]
@@ -41,6 +47,10 @@ const MAX_DELAY_MS: u64 = 7 * 24 * 3600 * 1000;
 pub struct RabbitConfig {
     pub url: String,
     pub prefix: String,
+    /// Most jobs one message carries: jobs published together to one lane share a message,
+    /// since RabbitMQ's cost is per message (a persistent write, a confirm, a delivery, an ack).
+    /// 1 publishes one message per job, which is all a worker older than packs can read.
+    pub pack: usize,
 }
 
 impl Default for RabbitConfig {
@@ -48,7 +58,20 @@ impl Default for RabbitConfig {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "sluice".into(),
+            pack: DEFAULT_PACK,
         }
+    }
+}
+
+impl RabbitConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.pack == 0 || self.pack > MAX_PACK {
+            return Err(format!(
+                "pack = {} is out of range: 1 (one message per job) to {MAX_PACK}",
+                self.pack
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -57,6 +80,7 @@ impl fmt::Debug for RabbitConfig {
         f.debug_struct("RabbitConfig")
             .field("url", &redact_url(&self.url))
             .field("prefix", &self.prefix)
+            .field("pack", &self.pack)
             .finish()
     }
 }
@@ -109,6 +133,7 @@ struct Shared {
 impl RabbitBroker {
     /// Connects now, so a wrong URL or credentials fail at startup.
     pub async fn connect(config: RabbitConfig) -> Result<Self, BrokerError> {
+        config.validate().map_err(BrokerError::Config)?;
         let shared = Arc::new(Shared {
             config,
             conn: Mutex::new(None),
@@ -152,10 +177,7 @@ impl Broker for RabbitBroker {
         &self,
         items: Vec<(Lane, JobRef, PublishOptions)>,
     ) -> Result<(), BrokerError> {
-        let items = items
-            .into_iter()
-            .map(|(lane, job, opts)| Outgoing::job(lane, &job, opts))
-            .collect::<Result<Vec<_>, _>>()?;
+        let items = Outgoing::packed(items, self.shared.config.pack)?;
         self.shared.publish_items(&items).await
     }
 
@@ -347,6 +369,7 @@ mod tests {
         let config = RabbitConfig {
             url: "amqp://app:s3cret@rabbit:5672/%2f".into(),
             prefix: "p".into(),
+            pack: 1,
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cret"), "{shown}");

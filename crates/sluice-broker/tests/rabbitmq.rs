@@ -23,6 +23,7 @@ async fn broker() -> RabbitBroker {
     let config = RabbitConfig {
         url: url(),
         prefix: format!("test-{}", uuid::Uuid::now_v7()),
+        ..RabbitConfig::default()
     };
     RabbitBroker::connect(config).await.unwrap()
 }
@@ -274,4 +275,148 @@ async fn rabbitmq_delete_all_removes_holding_queues() {
         )
         .await;
     assert!(gone.is_err(), "holding queue {holding} survived delete_all");
+}
+
+async fn broker_packing(pack: usize) -> RabbitBroker {
+    let config = RabbitConfig {
+        url: url(),
+        prefix: format!("test-{}", uuid::Uuid::now_v7()),
+        pack,
+    };
+    let broker = RabbitBroker::connect(config).await.unwrap();
+    broker.declare().await.unwrap();
+    broker
+}
+
+fn jobs(n: usize) -> Vec<sluice_broker::JobRef> {
+    (0..n).map(|i| conformance::job(&format!("t{i}"))).collect()
+}
+
+async fn publish_all(broker: &RabbitBroker, lane: Lane, jobs: &[sluice_broker::JobRef]) {
+    let items = jobs
+        .iter()
+        .map(|j| (lane, j.clone(), PublishOptions::default()))
+        .collect();
+    broker.publish_batch(items).await.unwrap();
+}
+
+/// A batch's jobs share messages of up to `pack` jobs; each is delivered on its own, and a pack
+/// is removed only once all its jobs are settled: one left unsettled brings its pack back whole.
+#[tokio::test]
+async fn rabbitmq_packs_a_batch_and_removes_a_pack_once_every_job_is_settled() {
+    let broker = broker_packing(16).await;
+    let sent = jobs(40);
+    publish_all(&broker, Lane::Standard, &sent).await;
+    conformance::expect_depth(&broker, Lane::Standard, 3).await;
+
+    let mut consumer = broker.consume(Lane::Standard, 10).await.unwrap();
+    let mut received = Vec::new();
+    for _ in 0..sent.len() {
+        received.push(conformance::next(&mut consumer).await);
+    }
+    let order: Vec<_> = received.iter().map(|d| d.job.clone()).collect();
+    assert_eq!(order, sent, "jobs arrive in the order they were published");
+    assert!(received.iter().all(|d| !d.redelivered));
+    conformance::expect_nothing(&mut consumer).await;
+
+    // Settle all but the first job; the two packs without it go, the first one stays unacked.
+    let mut received = received.into_iter();
+    let held = received.next().unwrap();
+    for delivery in received {
+        delivery.ack().await.unwrap();
+    }
+    drop(held);
+    drop(consumer);
+
+    let mut again = broker.consume(Lane::Standard, 10).await.unwrap();
+    let mut back = Vec::new();
+    for _ in 0..16 {
+        let delivery = conformance::next(&mut again).await;
+        assert!(delivery.redelivered, "{delivery:?}");
+        back.push(delivery);
+    }
+    let back_jobs: Vec<_> = back.iter().map(|d| d.job.clone()).collect();
+    assert_eq!(back_jobs, sent[..16], "the whole first pack comes back");
+    conformance::expect_nothing(&mut again).await;
+    for delivery in back {
+        delivery.ack().await.unwrap();
+    }
+    drop(again);
+    conformance::expect_depth(&broker, Lane::Standard, 0).await;
+    let mut after = broker.consume(Lane::Standard, 10).await.unwrap();
+    conformance::expect_nothing(&mut after).await;
+    broker.delete_all().await.unwrap();
+}
+
+/// A job given back (`nack` with requeue) from a pack returns to its lane alone; the pack's
+/// other jobs, acked or dropped from the queue, do not come with it.
+#[tokio::test]
+async fn rabbitmq_a_job_given_back_from_a_pack_comes_back_alone() {
+    let broker = broker_packing(16).await;
+    let sent = jobs(5);
+    publish_all(&broker, Lane::Priority, &sent).await;
+    conformance::expect_depth(&broker, Lane::Priority, 1).await;
+
+    let mut consumer = broker.consume(Lane::Priority, 1).await.unwrap();
+    for (i, job) in sent.iter().enumerate() {
+        let delivery = conformance::next(&mut consumer).await;
+        assert_eq!(&delivery.job, job);
+        match i {
+            2 => delivery.nack(true).await.unwrap(),
+            4 => delivery.nack(false).await.unwrap(),
+            _ => delivery.ack().await.unwrap(),
+        }
+    }
+    let back = conformance::next(&mut consumer).await;
+    assert_eq!(back.job, sent[2], "only the given-back job returns");
+    back.ack().await.unwrap();
+    conformance::expect_nothing(&mut consumer).await;
+    drop(consumer);
+    conformance::expect_depth(&broker, Lane::Priority, 0).await;
+    broker.delete_all().await.unwrap();
+}
+
+/// What a worker that predates packs can read: with `pack = 1` every job is a message of its
+/// own, a plain JSON object; by default a batch's jobs for one lane are one JSON array.
+#[tokio::test]
+async fn rabbitmq_pack_one_publishes_one_plain_message_per_job() {
+    for (pack, messages) in [(1, 3), (16, 1)] {
+        let broker = broker_packing(pack).await;
+        let sent = jobs(3);
+        publish_all(&broker, Lane::Batch, &sent).await;
+        conformance::expect_depth(&broker, Lane::Batch, messages).await;
+        let raw = LapinRaw::new(&broker.config().prefix).await;
+        let mut bodies = Vec::new();
+        while let Some(message) = raw.take(Lane::Batch).await.unwrap() {
+            bodies.push(serde_json::from_slice::<serde_json::Value>(&message.body).unwrap());
+        }
+        let expected: Vec<serde_json::Value> = sent
+            .iter()
+            .map(|j| serde_json::to_value(j).unwrap())
+            .collect();
+        if pack == 1 {
+            assert_eq!(bodies, expected, "pack = 1");
+        } else {
+            assert_eq!(bodies, [serde_json::Value::Array(expected)], "pack = 16");
+        }
+        broker.delete_all().await.unwrap();
+    }
+}
+
+/// A pack size outside 1..=512 is refused before anything connects.
+#[tokio::test]
+async fn rabbitmq_refuses_a_pack_size_out_of_range() {
+    for pack in [0, 513] {
+        let config = RabbitConfig {
+            url: url(),
+            prefix: format!("test-{}", uuid::Uuid::now_v7()),
+            pack,
+        };
+        match RabbitBroker::connect(config).await {
+            Err(BrokerError::Config(message)) => {
+                assert!(message.contains("pack"), "{message}");
+            }
+            other => panic!("pack = {pack}: {other:?}"),
+        }
+    }
 }

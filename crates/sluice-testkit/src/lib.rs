@@ -209,6 +209,7 @@ impl ScratchRabbit {
         RabbitConfig {
             url: self.url.clone(),
             prefix: self.prefix.clone(),
+            ..RabbitConfig::default()
         }
     }
 }

@@ -130,10 +130,7 @@ fn default_listen() -> SocketAddr {
 }
 
 fn default_rabbitmq() -> RabbitConfig {
-    RabbitConfig {
-        url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-        prefix: "sluice".into(),
-    }
+    RabbitConfig::default()
 }
 
 /// The file used when none is named: `sluice.toml` in the working directory, if present.
@@ -181,8 +178,9 @@ impl Config {
         if let Some(mail) = &self.mail {
             mail.validate().context("invalid [mail] section")?;
         }
-        let sections: [(&str, Result<(), String>); 8] = [
+        let sections: [(&str, Result<(), String>); 9] = [
             ("http", self.http.validate()),
+            ("rabbitmq", self.rabbitmq.validate()),
             ("batches", self.batches.validate()),
             ("openai", self.openai.validate()),
             ("cache", self.cache.validate()),
@@ -316,6 +314,13 @@ mod tests {
             let error = Config::load(Some(Path::new("http.toml"))).unwrap_err();
             assert!(
                 format!("{error:#}").contains("http.body_read_timeout_secs"),
+                "{error:#}"
+            );
+
+            jail.create_file("pack.toml", "[rabbitmq]\npack = 0\n")?;
+            let error = Config::load(Some(Path::new("pack.toml"))).unwrap_err();
+            assert!(
+                format!("{error:#}").contains("invalid [rabbitmq] section: pack = 0"),
                 "{error:#}"
             );
 

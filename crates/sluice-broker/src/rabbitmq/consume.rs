@@ -1,7 +1,10 @@
 //! Consuming a lane: one channel and subscription per consumer, re-subscribed after failures,
-//! malformed messages moved to the dead lane, and acks settled on the delivery's own channel.
+//! packs unpacked into one delivery per job, malformed messages moved to the dead lane, and
+//! acks settled on the delivery's own channel.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -29,6 +32,7 @@ pub(super) async fn start(
         prefetch,
         sub: Some(sub),
         backoff: Backoff::default(),
+        unpacked: VecDeque::new(),
     };
     Ok(Box::pin(futures::stream::unfold(
         state,
@@ -89,6 +93,29 @@ struct ConsumeLoop {
     prefetch: u16,
     sub: Option<Subscription>,
     backoff: Backoff,
+    /// The jobs of the last pack not handed out yet.
+    unpacked: VecDeque<Delivery>,
+}
+
+/// What a message carries: one job, or a pack of them (a JSON array).
+enum Body {
+    One(JobRef),
+    Pack(Vec<JobRef>),
+}
+
+fn decode(data: &[u8]) -> Result<Body, String> {
+    let first = data.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let jobs: Vec<JobRef> = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        if jobs.is_empty() {
+            return Err("an empty pack".into());
+        }
+        Ok(Body::Pack(jobs))
+    } else {
+        serde_json::from_slice(data)
+            .map(Body::One)
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl ConsumeLoop {
@@ -96,6 +123,9 @@ impl ConsumeLoop {
     async fn next_delivery(&mut self) -> Delivery {
         let queue = self.shared.queue_name(self.lane);
         loop {
+            if let Some(delivery) = self.unpacked.pop_front() {
+                return delivery;
+            }
             let Some(sub) = self.sub.as_mut() else {
                 match subscribe(&self.shared, self.lane, self.prefetch).await {
                     Ok(sub) => {
@@ -124,8 +154,8 @@ impl ConsumeLoop {
                 }
             };
             let reason = reason_of(&raw.properties);
-            match serde_json::from_slice::<JobRef>(&raw.data) {
-                Ok(job) => {
+            match decode(&raw.data) {
+                Ok(Body::One(job)) => {
                     let handle = RabbitAck {
                         acker: raw.acker,
                         channel: sub.channel.clone(),
@@ -138,13 +168,36 @@ impl ConsumeLoop {
                         Box::new(handle),
                     );
                 }
+                Ok(Body::Pack(jobs)) => {
+                    let pack = Arc::new(Pack {
+                        shared: self.shared.clone(),
+                        lane: self.lane,
+                        acker: raw.acker,
+                        channel: sub.channel.clone(),
+                        unsettled: AtomicUsize::new(jobs.len()),
+                        give_back: AtomicBool::new(false),
+                    });
+                    self.unpacked.extend(jobs.into_iter().map(|job| {
+                        let part = PackPart {
+                            pack: pack.clone(),
+                            job: job.clone(),
+                        };
+                        Delivery::new(
+                            self.lane,
+                            job,
+                            raw.redelivered,
+                            reason.clone(),
+                            Box::new(part),
+                        )
+                    }));
+                }
                 Err(e) => self.dead_letter_malformed(raw, e).await,
             }
         }
     }
 
     /// Moves a message that is not a `JobRef` to the dead lane so it cannot jam its lane.
-    async fn dead_letter_malformed(&mut self, raw: lapin::message::Delivery, e: serde_json::Error) {
+    async fn dead_letter_malformed(&mut self, raw: lapin::message::Delivery, e: String) {
         let queue = self.shared.queue_name(self.lane);
         if self.lane == Lane::Dead {
             // Re-dead-lettering would loop; leave it unacked for an operator.
@@ -178,6 +231,8 @@ impl ConsumeLoop {
 
     async fn drop_subscription(&mut self) {
         self.sub = None;
+        // Their channel went with the subscription: the broker hands their pack out again.
+        self.unpacked.clear();
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
 }
@@ -214,5 +269,112 @@ impl Acknowledge for RabbitAck {
             multiple: false,
         };
         self.settle(acker.nack(opts)).await
+    }
+}
+
+/// One message carrying several jobs. It is settled once, when the last of its jobs is: acked,
+/// or given back whole if a job could not be given back on its own. Until then a crash or a
+/// lost channel returns every job in it, and the claims fence the ones that already ran.
+struct Pack {
+    shared: Arc<Shared>,
+    lane: Lane,
+    acker: Acker,
+    channel: Channel,
+    unsettled: AtomicUsize,
+    give_back: AtomicBool,
+}
+
+impl Pack {
+    /// Counts one job settled, and settles the message after the last.
+    async fn settle_one(&self) -> Result<(), BrokerError> {
+        if !self.channel.status().connected() {
+            return Err(BrokerError::Ack(
+                "its channel is closed (connection lost or consumer dropped)".into(),
+            ));
+        }
+        if self.unsettled.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return Ok(());
+        }
+        let settled = if self.give_back.load(Ordering::Acquire) {
+            let opts = BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            };
+            timed(self.acker.nack(opts)).await
+        } else {
+            timed(self.acker.ack(BasicAckOptions::default())).await
+        };
+        settled.map_err(BrokerError::Ack)
+    }
+}
+
+/// One job of a [`Pack`].
+struct PackPart {
+    pack: Arc<Pack>,
+    job: JobRef,
+}
+
+#[async_trait::async_trait]
+impl Acknowledge for PackPart {
+    async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        self.pack.settle_one().await
+    }
+
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
+        if !requeue {
+            return self.pack.settle_one().await;
+        }
+        // Back to the lane on its own, so the pack's other jobs need not come back with it.
+        let alone = Outgoing::job(self.pack.lane, &self.job, PublishOptions::default())?;
+        match self.pack.shared.publish_items(&[alone]).await {
+            Ok(()) => self.pack.settle_one().await,
+            Err(e) => {
+                self.pack.give_back.store(true, Ordering::Release);
+                self.pack.settle_one().await?;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> JobRef {
+        JobRef {
+            waiting_since_ms: None,
+            tokens: 0,
+            rate_limited: false,
+            request_id: sluice_core::RequestId::new(),
+            tenant: "t".into(),
+            model: "m".into(),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn a_body_is_one_job_or_a_pack_of_them() {
+        let one = job();
+        let Ok(Body::One(got)) = decode(&serde_json::to_vec(&one).unwrap_or_default()) else {
+            panic!("a plain job did not decode as one");
+        };
+        assert_eq!(got, one);
+
+        let pack = vec![job(), job()];
+        let mut body = b" \n".to_vec();
+        body.extend(serde_json::to_vec(&pack).unwrap_or_default());
+        let Ok(Body::Pack(got)) = decode(&body) else {
+            panic!("a pack did not decode as one");
+        };
+        assert_eq!(got, pack);
+    }
+
+    #[test]
+    fn an_empty_or_broken_pack_is_malformed() {
+        assert!(decode(b"[]").is_err());
+        assert!(decode(b"[{\"request_id\": 1}]").is_err());
+        assert!(decode(b"[").is_err());
+        assert!(decode(b"").is_err());
     }
 }

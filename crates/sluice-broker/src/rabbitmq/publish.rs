@@ -26,6 +26,44 @@ pub(super) struct Outgoing {
 }
 
 impl Outgoing {
+    /// The messages for a batch: jobs bound for a lane now, with no reason, share messages of
+    /// up to `pack` jobs (a JSON array), in the order given; the rest go one per message.
+    /// A group of one stays a plain job, which any worker reads.
+    pub(super) fn packed(
+        items: Vec<(Lane, JobRef, PublishOptions)>,
+        pack: usize,
+    ) -> Result<Vec<Self>, BrokerError> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut now: [Vec<JobRef>; Lane::ALL.len()] = Default::default();
+        for (lane, job, opts) in items {
+            if pack > 1 && opts.delay.is_none() && opts.reason.is_none() {
+                now[lane.index()].push(job);
+            } else {
+                out.push(Self::job(lane, &job, opts)?);
+            }
+        }
+        for (lane, jobs) in Lane::ALL.into_iter().zip(now) {
+            for chunk in jobs.chunks(pack.max(1)) {
+                match chunk {
+                    [job] => out.push(Self::job(lane, job, PublishOptions::default())?),
+                    jobs => out.push(Self::pack(lane, jobs)?),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn pack(lane: Lane, jobs: &[JobRef]) -> Result<Self, BrokerError> {
+        let body = serde_json::to_vec(jobs)
+            .map_err(|e| BrokerError::Malformed(format!("cannot encode jobs: {e}")))?;
+        Ok(Self {
+            lane,
+            body,
+            message_id: None,
+            opts: PublishOptions::default(),
+        })
+    }
+
     pub(super) fn job(lane: Lane, job: &JobRef, opts: PublishOptions) -> Result<Self, BrokerError> {
         let body = serde_json::to_vec(job)
             .map_err(|e| BrokerError::Malformed(format!("cannot encode job: {e}")))?;
@@ -202,4 +240,84 @@ fn properties(item: &Outgoing) -> BasicProperties {
         props = props.with_headers(headers);
     }
     props
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn job(tenant: &str) -> JobRef {
+        JobRef {
+            waiting_since_ms: None,
+            tokens: 0,
+            rate_limited: false,
+            request_id: sluice_core::RequestId::new(),
+            tenant: tenant.into(),
+            model: "m".into(),
+            attempt: 1,
+        }
+    }
+
+    fn jobs_in(item: &Outgoing) -> Vec<JobRef> {
+        if item.body.first() == Some(&b'[') {
+            serde_json::from_slice(&item.body).unwrap_or_default()
+        } else {
+            serde_json::from_slice(&item.body).map_or_else(|_| vec![], |j| vec![j])
+        }
+    }
+
+    #[test]
+    fn jobs_for_a_lane_now_share_messages_of_at_most_pack_jobs() {
+        let standard: Vec<JobRef> = (0..5).map(|_| job("s")).collect();
+        let delayed = job("d");
+        let dead = job("x");
+        let priority = job("p");
+        let mut items: Vec<_> = standard
+            .iter()
+            .map(|j| (Lane::Standard, j.clone(), PublishOptions::default()))
+            .collect();
+        items.insert(
+            2,
+            (
+                Lane::Standard,
+                delayed.clone(),
+                PublishOptions::delayed(Duration::from_secs(1)),
+            ),
+        );
+        items.push((Lane::Dead, dead.clone(), PublishOptions::reason("why")));
+        items.push((Lane::Priority, priority.clone(), PublishOptions::default()));
+
+        let out = Outgoing::packed(items, 2).unwrap_or_default();
+        let summary: Vec<(Lane, Vec<JobRef>, bool)> = out
+            .iter()
+            .map(|o| (o.lane, jobs_in(o), o.body.first() == Some(&b'[')))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (Lane::Standard, vec![delayed.clone()], false),
+                (Lane::Dead, vec![dead.clone()], false),
+                (Lane::Priority, vec![priority.clone()], false),
+                (Lane::Standard, standard[0..2].to_vec(), true),
+                (Lane::Standard, standard[2..4].to_vec(), true),
+                (Lane::Standard, standard[4..].to_vec(), false),
+            ]
+        );
+        assert!(out[0].opts.delay.is_some() && out[1].opts.reason.is_some());
+        assert_eq!(
+            out[2].message_id.as_deref(),
+            Some(priority.request_id.to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn pack_one_keeps_one_message_per_job() {
+        let items: Vec<_> = (0..3)
+            .map(|_| (Lane::Batch, job("b"), PublishOptions::default()))
+            .collect();
+        let out = Outgoing::packed(items, 1).unwrap_or_default();
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|o| o.body.first() == Some(&b'{')));
+    }
 }
