@@ -340,6 +340,20 @@ impl Shared {
     }
 }
 
+/// A job with a fresh id, for the unit tests of this backend's modules.
+#[cfg(test)]
+fn test_job(tenant: &str) -> JobRef {
+    JobRef {
+        waiting_since_ms: None,
+        tokens: 0,
+        rate_limited: false,
+        request_id: sluice_core::RequestId::new(),
+        tenant: tenant.into(),
+        model: "m".into(),
+        attempt: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

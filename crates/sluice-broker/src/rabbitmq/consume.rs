@@ -342,15 +342,7 @@ mod tests {
     use super::*;
 
     fn job() -> JobRef {
-        JobRef {
-            waiting_since_ms: None,
-            tokens: 0,
-            rate_limited: false,
-            request_id: sluice_core::RequestId::new(),
-            tenant: "t".into(),
-            model: "m".into(),
-            attempt: 1,
-        }
+        super::super::test_job("t")
     }
 
     #[test]

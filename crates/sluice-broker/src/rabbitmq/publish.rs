@@ -244,20 +244,9 @@ fn properties(item: &Outgoing) -> BasicProperties {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_job as job;
     use super::*;
     use std::time::Duration;
-
-    fn job(tenant: &str) -> JobRef {
-        JobRef {
-            waiting_since_ms: None,
-            tokens: 0,
-            rate_limited: false,
-            request_id: sluice_core::RequestId::new(),
-            tenant: tenant.into(),
-            model: "m".into(),
-            attempt: 1,
-        }
-    }
 
     fn jobs_in(item: &Outgoing) -> Vec<JobRef> {
         if item.body.first() == Some(&b'[') {
