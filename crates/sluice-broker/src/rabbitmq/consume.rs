@@ -196,7 +196,8 @@ impl ConsumeLoop {
         }
     }
 
-    /// Moves a message that is not a `JobRef` to the dead lane so it cannot jam its lane.
+    /// Moves a message that is neither a `JobRef` nor a pack of them to the dead lane, so it
+    /// cannot jam its lane.
     async fn dead_letter_malformed(&mut self, raw: lapin::message::Delivery, e: String) {
         let queue = self.shared.queue_name(self.lane);
         if self.lane == Lane::Dead {
