@@ -169,6 +169,8 @@ pub struct Delivery {
     /// For the dead lane: why the job was dead-lettered.
     pub reason: Option<String>,
     handle: Box<dyn Acknowledge>,
+    /// Released when the delivery is settled or dropped (see [`Delivery::holding`]).
+    guard: Option<Box<dyn Send + Sync + 'static>>,
 }
 
 impl Delivery {
@@ -185,7 +187,15 @@ impl Delivery {
             redelivered,
             reason,
             handle,
+            guard: None,
         }
+    }
+
+    /// Keeps `guard` (a semaphore permit, say) until this delivery is settled or dropped, so a
+    /// consumer can bound the jobs it holds when one message carries several.
+    pub fn holding(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self.guard = Some(Box::new(guard));
+        self
     }
 
     /// Remove the message for good. An error means it was not removed and will come back.

@@ -420,3 +420,28 @@ async fn rabbitmq_refuses_a_pack_size_out_of_range() {
         }
     }
 }
+
+/// What a delivery holds (`Delivery::holding`) is let go when it is settled or dropped, so a
+/// worker can bound the jobs it takes from packs.
+#[tokio::test]
+async fn rabbitmq_a_delivery_lets_go_of_what_it_holds_when_settled_or_dropped() {
+    let broker = broker_packing(16).await;
+    let sent = jobs(3);
+    publish_all(&broker, Lane::Standard, &sent).await;
+    let held = Arc::new(tokio::sync::Semaphore::new(3));
+    let mut consumer = broker.consume(Lane::Standard, 10).await.unwrap();
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        let permit = Arc::clone(&held).acquire_owned().await.unwrap();
+        taken.push(conformance::next(&mut consumer).await.holding(permit));
+    }
+    assert_eq!(held.available_permits(), 0);
+    let mut taken = taken.into_iter();
+    taken.next().unwrap().ack().await.unwrap();
+    assert_eq!(held.available_permits(), 1, "after an ack");
+    taken.next().unwrap().nack(false).await.unwrap();
+    assert_eq!(held.available_permits(), 2, "after a nack");
+    drop(taken);
+    assert_eq!(held.available_permits(), 3, "after a drop");
+    broker.delete_all().await.unwrap();
+}

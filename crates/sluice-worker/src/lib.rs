@@ -33,7 +33,9 @@ use view::RouterView;
 pub struct WorkerConfig {
     /// Jobs processed at once by this worker.
     pub concurrency: usize,
-    /// Unacknowledged messages held per lane: the bound on work waiting in memory.
+    /// Jobs held per lane, running or waiting in memory: the unacknowledged messages asked of
+    /// the broker, and the bound on the jobs taken from them (a RabbitMQ message may pack
+    /// several jobs; the rest of a pack waits in the broker client until one of these ends).
     pub prefetch: u16,
     /// How long a claim stays valid without a heartbeat.
     pub lease_secs: f64,
@@ -217,15 +219,25 @@ impl Worker {
                 .await?;
             let tx = tx.clone();
             let stop = consumers.clone();
+            let held = Arc::new(Semaphore::new(usize::from(self.config.prefetch)));
             tokio::spawn(async move {
                 loop {
+                    // A job taken holds a permit until it is settled, as an unacked message
+                    // would if it carried one job.
+                    let permit = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        permit = Arc::clone(&held).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        },
+                    };
                     let next = tokio::select! {
                         _ = stop.cancelled() => return,
                         next = stream.next() => next,
                     };
                     match next {
                         Some(Ok(delivery)) => {
-                            if tx.send(delivery).await.is_err() {
+                            if tx.send(delivery.holding(permit)).await.is_err() {
                                 return;
                             }
                         }
