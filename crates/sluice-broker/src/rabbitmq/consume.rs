@@ -3,7 +3,6 @@
 //! acks settled on the delivery's own channel.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -172,8 +171,10 @@ impl ConsumeLoop {
                     let pack = Arc::new(Pack {
                         shared: self.shared.clone(),
                         lane: self.lane,
-                        acker: raw.acker,
-                        channel: sub.channel.clone(),
+                        message: RabbitAck {
+                            acker: raw.acker,
+                            channel: sub.channel.clone(),
+                        },
                         unsettled: AtomicUsize::new(jobs.len()),
                         give_back: AtomicBool::new(false),
                     });
@@ -246,30 +247,40 @@ struct RabbitAck {
 }
 
 impl RabbitAck {
-    async fn settle(self, op: impl Future<Output = lapin::Result<()>>) -> Result<(), BrokerError> {
-        if !self.channel.status().connected() {
-            return Err(BrokerError::Ack(
-                "its channel is closed (connection lost or consumer dropped)".into(),
-            ));
+    fn open(&self) -> Result<(), BrokerError> {
+        if self.channel.status().connected() {
+            return Ok(());
         }
-        timed(op).await.map_err(BrokerError::Ack)
+        Err(BrokerError::Ack(
+            "its channel is closed (connection lost or consumer dropped)".into(),
+        ))
+    }
+
+    /// Acks the message, or nacks it when `nack` says whether to requeue.
+    async fn settle(&self, nack: Option<bool>) -> Result<(), BrokerError> {
+        self.open()?;
+        let settled = match nack {
+            None => timed(self.acker.ack(BasicAckOptions::default())).await,
+            Some(requeue) => {
+                let opts = BasicNackOptions {
+                    requeue,
+                    multiple: false,
+                };
+                timed(self.acker.nack(opts)).await
+            }
+        };
+        settled.map_err(BrokerError::Ack)
     }
 }
 
 #[async_trait::async_trait]
 impl Acknowledge for RabbitAck {
     async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        let acker = self.acker.clone();
-        self.settle(acker.ack(BasicAckOptions::default())).await
+        self.settle(None).await
     }
 
     async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
-        let acker = self.acker.clone();
-        let opts = BasicNackOptions {
-            requeue,
-            multiple: false,
-        };
-        self.settle(acker.nack(opts)).await
+        self.settle(Some(requeue)).await
     }
 }
 
@@ -279,8 +290,7 @@ impl Acknowledge for RabbitAck {
 struct Pack {
     shared: Arc<Shared>,
     lane: Lane,
-    acker: Acker,
-    channel: Channel,
+    message: RabbitAck,
     unsettled: AtomicUsize,
     give_back: AtomicBool,
 }
@@ -288,24 +298,12 @@ struct Pack {
 impl Pack {
     /// Counts one job settled, and settles the message after the last.
     async fn settle_one(&self) -> Result<(), BrokerError> {
-        if !self.channel.status().connected() {
-            return Err(BrokerError::Ack(
-                "its channel is closed (connection lost or consumer dropped)".into(),
-            ));
-        }
+        self.message.open()?;
         if self.unsettled.fetch_sub(1, Ordering::AcqRel) != 1 {
             return Ok(());
         }
-        let settled = if self.give_back.load(Ordering::Acquire) {
-            let opts = BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            };
-            timed(self.acker.nack(opts)).await
-        } else {
-            timed(self.acker.ack(BasicAckOptions::default())).await
-        };
-        settled.map_err(BrokerError::Ack)
+        let give_back = self.give_back.load(Ordering::Acquire);
+        self.message.settle(give_back.then_some(true)).await
     }
 }
 
