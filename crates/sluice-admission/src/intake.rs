@@ -128,8 +128,10 @@ impl Intake {
         policy: Arc<Admission>,
         tiers: TierLanes,
     ) -> Intake {
-        // Four writers of up to 256 jobs each: concurrent submissions share statements.
-        let writer = JobWriter::spawn(store.clone(), 4, 256);
+        // Two writers of up to 256 jobs each: concurrent submissions share statements. Fewer
+        // writers make bigger batches, and the database's cost is mostly per statement; two
+        // keep one statement gathering while the other commits (docs/PERFORMANCE.md, sixth round).
+        let writer = JobWriter::spawn(store.clone(), 2, 256);
         let window = policy.cache.reuse_window();
         let reader = store.clone();
         let answers = Batcher::spawn(2, 256, move |wanted: Vec<(String, Vec<u8>)>| {

@@ -183,13 +183,17 @@ impl Worker {
             ));
         }
         let lease = config.lease();
+        // One claim and one completion statement in flight per worker: what arrives meanwhile
+        // waits for the next, bigger batch. Per job the database then does less (its cost is
+        // mostly per statement), and at low load a batch is still one job sent at once
+        // (docs/PERFORMANCE.md, sixth round).
         let claim_store = store.clone();
-        let claims = Batcher::spawn(2, 256, move |jobs: Vec<JobRef>| {
+        let claims = Batcher::spawn(1, 256, move |jobs: Vec<JobRef>| {
             let store = claim_store.clone();
             async move { store.claim_many(&jobs, lease).await }
         });
         let complete_store = store.clone();
-        let completions = Batcher::spawn(2, 256, move |done: Vec<Completion>| {
+        let completions = Batcher::spawn(1, 256, move |done: Vec<Completion>| {
             let store = complete_store.clone();
             async move { store.complete_many(&done).await }
         });
