@@ -227,7 +227,9 @@ async fn dev_runs_jobs_on_one_file_and_its_key_survives_a_restart() {
 
 #[tokio::test]
 async fn a_dev_process_killed_mid_run_loses_none_of_its_100_jobs() {
-    let config = format!("{QUICK_RECOVERY}\n[sim]\nlatency = {{ kind = \"fixed\", ms = 200 }}\n");
+    // A second per call at 8 in flight: the 100 jobs need over 12 s, so the first look finds
+    // some done and others not, however slowly a busy machine submits them.
+    let config = format!("{QUICK_RECOVERY}\n[sim]\nlatency = {{ kind = \"fixed\", ms = 1000 }}\n");
     let dir = DevDir::new(&config);
     let http = reqwest::Client::new();
     let dev = start_dev(&dir).await;

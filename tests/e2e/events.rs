@@ -375,7 +375,13 @@ async fn flood(app: &crate::helpers::TestApp, key: &str, n: usize, words: u32) -
 /// Read `socket` to its end: the text messages before it, and the close frame if one came.
 async fn drain(mut socket: Socket) -> (usize, Option<u16>) {
     let mut texts = 0;
+    // Pings alone would keep a connection the server never gave up on open for ever.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled connection was still open after 90 s ({texts} messages read)"
+        );
         let next = tokio::time::timeout(Duration::from_secs(30), socket.next())
             .await
             .expect("the stalled connection neither sent nor ended within 30 s");
