@@ -957,8 +957,10 @@ async fn a_subscribe_names_at_most_a_thousand_distinct_ids_and_a_repeat_counts_o
         refusal.to_string().len() < 2048,
         "a short refusal: {refusal}"
     );
+    // Well under the 37 s the look-up took, with room for a debug build on a loaded CI
+    // machine (parsing the 15 MB message alone took 5 s there once).
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(20),
         "refused without looking the ids up: {:?}",
         started.elapsed()
     );
