@@ -500,6 +500,7 @@ async fn a_subscriber_that_never_reads_is_cut_off_with_a_reason_and_holds_up_nob
 #[tokio::test]
 async fn a_connection_that_stays_stalled_past_the_write_timeout_is_dropped() {
     const JOBS: usize = 120;
+    const ROUNDS: usize = 4;
     // A buffer too big to fill: only the write timeout can end the connection.
     let app = streaming_app(
         32,
@@ -508,15 +509,49 @@ async fn a_connection_that_stays_stalled_past_the_write_timeout_is_dropped() {
     .await;
     let key = app.key("acme", Tier::Pro).await;
     let stalled = stalled_subscriber(&app.api, &key).await;
-    let ids = flood(&app, &key, JOBS, WORDS).await;
-    app.wait_terminal(&ids, Duration::from_secs(120)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(websocket_subscribers(&app).await, 1.0);
+    // A write blocks only once the kernel buffers are full, and the server's send buffer grows
+    // to megabytes (`tcp_wmem`): flood until the server has given the connection up, as its
+    // subscriber gauge says, rather than guess how much it takes.
+    let mut rounds = 0;
+    while rounds < ROUNDS {
+        let ids = flood(&app, &key, JOBS, WORDS).await;
+        app.wait_terminal(&ids, Duration::from_secs(120)).await;
+        rounds += 1;
+        if websocket_subscribers_reach(&app, 0.0).await {
+            break;
+        }
+    }
+    assert_eq!(
+        websocket_subscribers(&app).await,
+        0.0,
+        "the server still held the stalled connection after {rounds} floods of {JOBS} jobs"
+    );
     // The server gave up on its blocked write: what the kernel held arrives, then the
     // connection ends without a closing handshake (there was no room left to send one).
     let (texts, code) = drain(stalled).await;
     assert_eq!(code, None, "after {texts} messages");
     assert!(texts > 0);
     app.cleanup().await;
+}
+
+/// `sluice_subscribers{kind="websocket"}`: the WebSocket subscribers the app's API holds open.
+async fn websocket_subscribers(app: &crate::helpers::TestApp) -> f64 {
+    crate::metrics::Scrape::of(app, &format!("{}/metrics", app.api))
+        .await
+        .sum("sluice_subscribers", &[("kind", "websocket")])
+}
+
+/// Whether [`websocket_subscribers`] comes to `n` within about 10 s (a blocked write gives up
+/// after its timeout, and the flood's last frames may still be on their way to it).
+async fn websocket_subscribers_reach(app: &crate::helpers::TestApp, n: f64) -> bool {
+    for _ in 0..100 {
+        if websocket_subscribers(app).await == n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// `sluice_subscribers_cut_off_total{kind}` on the app's API.
@@ -652,23 +687,17 @@ async fn a_cut_off_websocket_that_never_reads_is_dropped_after_the_close_timeout
     let app = streaming_app(16, &stalling_streams(1)).await;
     let key = app.key("acme", Tier::Pro).await;
     let stalled = stalled_subscriber(&app.api, &key).await;
-    let metrics = format!("{}/metrics", app.api);
-    let open = crate::metrics::Scrape::of(&app, &metrics)
-        .await
-        .sum("sluice_subscribers", &[("kind", "websocket")]);
-    assert_eq!(open, 1.0, "the stalled subscriber is counted");
+    assert_eq!(
+        websocket_subscribers(&app).await,
+        1.0,
+        "the stalled subscriber is counted"
+    );
     let ids = flood(&app, &key, JOBS, WORDS).await;
     app.wait_terminal(&ids, Duration::from_secs(120)).await;
-    let mut open = f64::NAN;
-    for _ in 0..100 {
-        let scrape = crate::metrics::Scrape::of(&app, &metrics).await;
-        open = scrape.sum("sluice_subscribers", &[("kind", "websocket")]);
-        if open == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(open, 0.0, "the server still holds the stalled connection");
+    assert!(
+        websocket_subscribers_reach(&app, 0.0).await,
+        "the server still holds the stalled connection"
+    );
     assert_eq!(cut_off(&app, "websocket").await, 1.0);
     // Its close frame never got past what the connection held: the client finds the end only.
     let (texts, code) = drain(stalled).await;
