@@ -262,6 +262,19 @@ pub(super) async fn reusable_answer<'e, E>(
 where
     E: sqlx::SqliteExecutor<'e>,
 {
+    answered_since(executor, tenant, request_hash, Ts::now().before(within)).await
+}
+
+/// The tenant's newest job with this hash that succeeded after `after` and may answer others.
+pub(super) async fn answered_since<'e, E>(
+    executor: E,
+    tenant: &str,
+    request_hash: &[u8],
+    after: Ts,
+) -> Result<Option<RequestId>, StoreError>
+where
+    E: sqlx::SqliteExecutor<'e>,
+{
     let row: Option<(Uuid,)> = sqlx::query_as(
         "SELECT id FROM jobs
          WHERE tenant = $1 AND request_hash = $2 AND state = 'succeeded' AND leader IS NULL
@@ -270,7 +283,7 @@ where
     )
     .bind(tenant)
     .bind(request_hash)
-    .bind(Ts::now().before(within))
+    .bind(after)
     .fetch_optional(executor)
     .await?;
     Ok(row.map(|(id,)| RequestId(id)))

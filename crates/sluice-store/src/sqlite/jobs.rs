@@ -1,7 +1,7 @@
 //! SQLite's ingest, cancel and detach, mirroring `postgres::jobs`: the job, its first event and
 //! its outbox row in one write transaction, a batch of jobs in one transaction of short inserts.
 
-use super::admission::reusable_answer;
+use super::admission::answered_since;
 use super::SqliteBackend;
 use crate::jobs::{bind_new_job, corrupt, Accepted, Ingested, KeyedJobRow, NewJob, JOB_COLUMNS};
 use crate::outbox::OutboxMessage;
@@ -91,9 +91,10 @@ pub(super) async fn insert_event(
 
 impl SqliteBackend {
     /// Insert a new job's row, its `queued` event and its outbox row (its lane message when
-    /// `lanes` is given); `None` when the
-    /// idempotency key was already used in the tenant (nothing is written then). A job with a
-    /// request hash identical to a job in flight is stored as that job's follower instead.
+    /// `lanes` is given); `None` when the idempotency key was already used in the tenant
+    /// (nothing is written then). A job with a request hash identical to a job in flight is
+    /// stored as that job's follower instead, and one whose `reuse_within` finds an answer is
+    /// not stored ([`Accepted::Answerable`]).
     pub(super) async fn insert_new(
         tx: &mut Transaction<'static, Sqlite>,
         job: &NewJob,
@@ -101,51 +102,69 @@ impl SqliteBackend {
         lanes: Option<&LanesInDatabase>,
     ) -> Result<Option<Accepted>, StoreError> {
         let request = serde_json::to_string(&job.request).map_err(corrupt)?;
-        let (key, hash) = match idempotency {
-            Some((k, h)) => (Some(k.as_str()), Some(h.as_slice())),
-            None => (None, None),
-        };
-        // One writer at a time: the leader found here cannot change before the insert.
-        let leader: Option<(uuid::Uuid,)> = match (&job.request_hash, key) {
-            (Some(request_hash), None) => {
-                sqlx::query_as(
-                    "SELECT id FROM jobs
-                     WHERE tenant = $1 AND request_hash = $2 AND leader IS NULL
-                       AND idempotency_key IS NULL AND state IN ('queued', 'running', 'retrying')",
-                )
-                .bind(&job.principal.tenant)
-                .bind(request_hash)
-                .fetch_optional(&mut **tx)
-                .await?
-            }
-            _ => None,
-        };
-        let leader = leader.map(|(id,)| id);
         // Taken inside the transaction, after the write lock: times follow commit order.
         let at = Ts::now();
-        let inserted = bind_new_job!(
-            sqlx::query(
-                "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
-                                   state, idempotency_key, body_hash, created_at, updated_at,
-                                   request_hash, route_reason, leader)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $11, $12, $13, $14)
-                 ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                 RETURNING id",
-            ),
-            job,
-            &request
-        )
-        .bind(key)
-        .bind(hash)
-        .bind(at)
-        .bind(&job.request_hash)
-        .bind(job.route_reason())
-        .bind(leader)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if inserted.is_none() {
-            return Ok(None);
-        }
+        let leader = match (&job.request_hash, idempotency) {
+            (Some(request_hash), None) => {
+                let answered_after = job.reuse_within.map(|within| at.before(within));
+                match Self::insert_hashed(tx, job, &request, request_hash, answered_after, at)
+                    .await?
+                {
+                    Some(leader) => leader,
+                    None => {
+                        // Only an answer the exact cache may reuse stops that insert; one writer
+                        // at a time, so it is still there.
+                        let source = match answered_after {
+                            Some(after) => {
+                                answered_since(
+                                    &mut **tx,
+                                    &job.principal.tenant,
+                                    request_hash,
+                                    after,
+                                )
+                                .await?
+                            }
+                            None => None,
+                        };
+                        let source = source.ok_or_else(|| {
+                            corrupt(format!("job {} was neither inserted nor answered", job.id))
+                        })?;
+                        return Ok(Some(Accepted::Answerable { source }));
+                    }
+                }
+            }
+            (_, idempotency) => {
+                let (key, hash) = match idempotency {
+                    Some((k, h)) => (Some(k.as_str()), Some(h.as_slice())),
+                    None => (None, None),
+                };
+                let inserted = bind_new_job!(
+                    sqlx::query(
+                        "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request,
+                                           notify_email, state, idempotency_key, body_hash,
+                                           created_at, updated_at, request_hash, route_reason)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $11,
+                                 $12, $13)
+                         ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL
+                         DO NOTHING
+                         RETURNING id",
+                    ),
+                    job,
+                    &request
+                )
+                .bind(key)
+                .bind(hash)
+                .bind(at)
+                .bind(&job.request_hash)
+                .bind(job.route_reason())
+                .fetch_optional(&mut **tx)
+                .await?;
+                if inserted.is_none() {
+                    return Ok(None);
+                }
+                None
+            }
+        };
         if let Some(leader) = leader {
             let detail = serde_json::json!({ "attached_to": leader });
             insert_event(tx, job.id.0, 1, "queued", Some(&detail), at).await?;
@@ -187,6 +206,48 @@ impl SqliteBackend {
         })))
     }
 
+    /// A job with a request hash and no idempotency key, in one statement (each statement is a
+    /// round trip to SQLite's connection thread): stored as the follower of an identical job in
+    /// flight (`Some(Some(leader))`), as a job of its own (`Some(None)`), or not at all when a job
+    /// with its hash succeeded after `answered_after` (`None`).
+    async fn insert_hashed(
+        tx: &mut Transaction<'static, Sqlite>,
+        job: &NewJob,
+        request: &str,
+        request_hash: &[u8],
+        answered_after: Option<Ts>,
+        at: Ts,
+    ) -> Result<Option<Option<uuid::Uuid>>, StoreError> {
+        // The same conditions as `jobs_in_flight_request` and `jobs_answers`, so both
+        // look-ups are searches of those indexes.
+        let inserted: Option<(Option<uuid::Uuid>,)> = bind_new_job!(
+            sqlx::query_as(
+                "INSERT INTO jobs (id, tenant, user_id, tier, lane, model, request, notify_email,
+                                   state, created_at, updated_at, request_hash, route_reason,
+                                   leader)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $9, $10, $11,
+                        (SELECT id FROM jobs
+                         WHERE tenant = $2 AND request_hash = $10 AND leader IS NULL
+                           AND idempotency_key IS NULL
+                           AND state IN ('queued', 'running', 'retrying'))
+                 WHERE $12 IS NULL OR NOT EXISTS (
+                     SELECT 1 FROM jobs
+                     WHERE tenant = $2 AND request_hash = $10 AND state = 'succeeded'
+                       AND leader IS NULL AND finished_at > $12)
+                 RETURNING leader",
+            ),
+            job,
+            request
+        )
+        .bind(at)
+        .bind(request_hash)
+        .bind(job.route_reason())
+        .bind(answered_after)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(inserted.map(|(leader,)| leader))
+    }
+
     pub(crate) async fn insert_job(&self, job: &NewJob) -> Result<Ingested, StoreError> {
         let mut tx = self.begin_write().await?;
         if let Some(accepted) =
@@ -222,14 +283,6 @@ impl SqliteBackend {
         let mut tx = self.begin_write().await?;
         let mut outcomes = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if let (Some(hash), Some(within)) = (&job.request_hash, job.reuse_within) {
-                // Under the write lock: no answer can appear between this look-up and the insert.
-                let answer = reusable_answer(&mut *tx, &job.principal.tenant, hash, within).await?;
-                if let Some(source) = answer {
-                    outcomes.push(Ok(Accepted::Answerable { source }));
-                    continue;
-                }
-            }
             // Like the PostgreSQL batch, this path stores no idempotency keys.
             let message = Self::insert_new(&mut tx, job, None, self.lanes.as_deref())
                 .await?

@@ -184,13 +184,18 @@ impl SqliteBackend {
         let now = Ts::now();
         let mut answers = Vec::with_capacity(done.len());
         let mut changed = Vec::new();
+        // Each statement is a round trip to SQLite's connection thread: the spend is added once
+        // per tenant for the batch, and followers are looked for only where the job has some.
+        let mut spent: Vec<(String, f64)> = Vec::new();
         for c in done {
-            let row: Option<(i32, Option<String>, String)> = sqlx::query_as(
+            let row: Option<(i32, Option<String>, String, bool)> = sqlx::query_as(
                 "UPDATE jobs SET state = 'succeeded', result = $3, endpoint = $4, error = NULL,
                                  error_status = NULL, lease_until = NULL, finished_at = $5, updated_at = $5,
                                  cost_usd = $6, event_seq = event_seq + 1
                  WHERE id = $1 AND attempt = $2 AND state = 'running'
-                 RETURNING event_seq, notify_email, tenant",
+                 RETURNING event_seq, notify_email, tenant,
+                           EXISTS (SELECT 1 FROM jobs AS f
+                                   WHERE f.leader = jobs.id AND f.state = 'queued')",
             )
             .bind(c.id.0)
             .bind(c.attempt)
@@ -201,44 +206,52 @@ impl SqliteBackend {
             .fetch_optional(&mut *tx)
             .await?;
             let completed = row.is_some();
-            if let Some((seq, email, tenant)) = row {
+            if let Some((seq, email, tenant, has_followers)) = row {
                 changed.push((c.id, tenant.clone()));
                 insert_event(&mut tx, c.id.0, seq, "succeeded", None, now).await?;
                 // The completion email, in the same transaction: queued exactly when the job ends.
                 queue_notification(&mut tx, c.id.0, email.as_deref(), now).await?;
                 if let Some(cost) = c.cost_usd {
-                    sqlx::query(
-                        "INSERT INTO tenant_spend (tenant, day, usd) VALUES ($1, $2, $3)
-                         ON CONFLICT (tenant, day) DO UPDATE SET usd = usd + excluded.usd",
-                    )
-                    .bind(&tenant)
-                    .bind(now.day())
-                    .bind(cost)
-                    .execute(&mut *tx)
-                    .await?;
+                    match spent.iter_mut().find(|(t, _)| *t == tenant) {
+                        Some((_, usd)) => *usd += cost,
+                        None => spent.push((tenant, cost)),
+                    }
                 }
-                // Jobs attached to this one take the same answer, without a call of their own.
-                let followers: Vec<(uuid::Uuid, i32, Option<String>, String)> = sqlx::query_as(
-                    "UPDATE jobs SET state = 'succeeded', result = $2, endpoint = $3,
-                                     cached = 'dedup', cost_usd = 0, started_at = $4,
-                                     finished_at = $4, updated_at = $4, event_seq = event_seq + 1
-                     WHERE leader = $1 AND state = 'queued'
-                     RETURNING id, event_seq, notify_email, tenant",
-                )
-                .bind(c.id.0)
-                .bind(&c.result)
-                .bind(&c.endpoint)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
-                let detail = serde_json::json!({ "cached": "dedup", "source": c.id });
-                for (id, seq, email, tenant) in followers {
-                    changed.push((RequestId(id), tenant));
-                    insert_event(&mut tx, id, seq, "succeeded", Some(&detail), now).await?;
-                    queue_notification(&mut tx, id, email.as_deref(), now).await?;
+                if has_followers {
+                    // Jobs attached to this one take the same answer, without a call of their own.
+                    let followers: Vec<(uuid::Uuid, i32, Option<String>, String)> = sqlx::query_as(
+                        "UPDATE jobs SET state = 'succeeded', result = $2, endpoint = $3,
+                                         cached = 'dedup', cost_usd = 0, started_at = $4,
+                                         finished_at = $4, updated_at = $4, event_seq = event_seq + 1
+                         WHERE leader = $1 AND state = 'queued'
+                         RETURNING id, event_seq, notify_email, tenant",
+                    )
+                    .bind(c.id.0)
+                    .bind(&c.result)
+                    .bind(&c.endpoint)
+                    .bind(now)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let detail = serde_json::json!({ "cached": "dedup", "source": c.id });
+                    for (id, seq, email, tenant) in followers {
+                        changed.push((RequestId(id), tenant));
+                        insert_event(&mut tx, id, seq, "succeeded", Some(&detail), now).await?;
+                        queue_notification(&mut tx, id, email.as_deref(), now).await?;
+                    }
                 }
             }
             answers.push(completed);
+        }
+        for (tenant, usd) in &spent {
+            sqlx::query(
+                "INSERT INTO tenant_spend (tenant, day, usd) VALUES ($1, $2, $3)
+                 ON CONFLICT (tenant, day) DO UPDATE SET usd = usd + excluded.usd",
+            )
+            .bind(tenant)
+            .bind(now.day())
+            .bind(usd)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok((answers, changed))
