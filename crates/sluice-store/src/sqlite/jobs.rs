@@ -114,21 +114,13 @@ impl SqliteBackend {
                     None => {
                         // Only an answer the exact cache may reuse stops that insert; one writer
                         // at a time, so it is still there.
-                        let source = match answered_after {
-                            Some(after) => {
-                                answered_since(
-                                    &mut **tx,
-                                    &job.principal.tenant,
-                                    request_hash,
-                                    after,
-                                )
+                        let unanswered =
+                            || corrupt(format!("job {} was neither inserted nor answered", job.id));
+                        let after = answered_after.ok_or_else(unanswered)?;
+                        let source =
+                            answered_since(&mut **tx, &job.principal.tenant, request_hash, after)
                                 .await?
-                            }
-                            None => None,
-                        };
-                        let source = source.ok_or_else(|| {
-                            corrupt(format!("job {} was neither inserted nor answered", job.id))
-                        })?;
+                                .ok_or_else(unanswered)?;
                         return Ok(Some(Accepted::Answerable { source }));
                     }
                 }
