@@ -8,6 +8,7 @@ use sluice_testkit::ScratchDb;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 /// The `sluice` executable beside this one, which the benchmarks run as child processes.
@@ -69,7 +70,10 @@ pub async fn tier_keys(store: &Store) -> anyhow::Result<Vec<String>> {
 }
 
 /// `clients` clients submitting `jobs` jobs to `{api}/v1/jobs` between them (prompts
-/// `"{label} {n}"`, keys in turn), each counted in `accepted` once answered `202`.
+/// `"{label} {n}"`, keys in turn), each counted in `accepted` once answered `202`; with a
+/// `rate`, job `n` is sent at `n / rate` seconds after the start ([`on_schedule`]). Each client
+/// answers the seconds its submissions took to be answered.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_submitters(
     http: &reqwest::Client,
     api: &str,
@@ -78,10 +82,12 @@ pub fn spawn_submitters(
     clients: usize,
     label: &str,
     accepted: &Arc<AtomicUsize>,
-) -> JoinSet<anyhow::Result<()>> {
+    rate: Option<f64>,
+) -> JoinSet<anyhow::Result<Vec<f64>>> {
     let url = format!("{api}/v1/jobs");
     let keys = Arc::new(keys.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
     let mut set = JoinSet::new();
     for _ in 0..clients {
         let (http, url, keys, next, accepted, label) = (
@@ -93,21 +99,43 @@ pub fn spawn_submitters(
             label.to_owned(),
         );
         set.spawn(async move {
+            let mut latencies = Vec::new();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= jobs {
-                    return Ok(());
+                    return Ok(latencies);
                 }
                 let body = serde_json::json!({
                     "model": "default",
                     "messages": [{"role": "user", "content": format!("{label} {n}")}],
                 });
+                let sent = on_schedule(started, n, rate).await;
                 submit_one(&http, &url, &keys[n % keys.len()], &body).await?;
+                latencies.push(sent.elapsed().as_secs_f64());
                 accepted.fetch_add(1, Ordering::Relaxed);
             }
         });
     }
     set
+}
+
+/// Wait until submission `n` is due at `rate` per second from `started` (at once without a
+/// rate), and answer the instant its latency counts from.
+pub async fn on_schedule(started: Instant, n: usize, rate: Option<f64>) -> Instant {
+    let Some(rate) = rate else {
+        return Instant::now();
+    };
+    let due = started + Duration::from_secs_f64(n as f64 / rate);
+    if Instant::now() < due {
+        // On time: counted from when it is sent (the timer wakes up to a millisecond late,
+        // which is the bench's, not the server's).
+        tokio::time::sleep_until(due.into()).await;
+        Instant::now()
+    } else {
+        // Late because the previous request was slow: counted from when it was due, so the
+        // wait it caused is not hidden.
+        due
+    }
 }
 
 /// POST one job to `url` with `key`; an error unless it is answered `202`.

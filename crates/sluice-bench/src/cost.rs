@@ -16,9 +16,17 @@ use std::time::{Duration, Instant};
 /// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on Linux everywhere).
 const TICKS_PER_SEC: f64 = 100.0;
 
-pub async fn run(config: &Config, jobs: usize, clients: usize) -> anyhow::Result<()> {
+pub async fn run(
+    config: &Config,
+    jobs: usize,
+    clients: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<()> {
     if jobs == 0 || clients == 0 {
         bail!("--jobs and --clients must be at least 1");
+    }
+    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a positive number of submissions per second");
     }
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let (scratch, schema) = crate::common::scratch_schema(&config.database.url)?;
@@ -45,7 +53,12 @@ pub async fn run(config: &Config, jobs: usize, clients: usize) -> anyhow::Result
     let mut run_config = config.clone();
     run_config.database = scratch.config();
     run_config.rabbitmq.prefix = prefix.clone();
-    let result = measure(config, &run_config, &sim, &path, port, jobs, clients).await;
+    let load = Load {
+        jobs,
+        clients,
+        rate,
+    };
+    let result = measure(config, &run_config, &sim, &path, port, load).await;
     match stack::store(&run_config, false).await {
         Ok(store) => {
             if let Ok(broker) = stack::broker(&run_config, &store).await {
@@ -69,9 +82,13 @@ async fn measure(
     sim: &sluice_sim::SimHandle,
     config_path: &Path,
     port: u16,
-    jobs: usize,
-    clients: usize,
+    load: Load,
 ) -> anyhow::Result<()> {
+    let Load {
+        jobs,
+        clients,
+        rate,
+    } = load;
     let exe = crate::common::sluice_exe()?;
     // `serve` migrates the schema, so the figures of an older build are taken on its own schema.
     let spawn = |command: &str, migrate: bool| {
@@ -110,13 +127,13 @@ async fn measure(
     let store = &stack::store(run_config, false).await?;
     let keys = crate::common::tier_keys(store).await?;
     // Warm up connections, caches and statements so the figures are the steady cost.
-    submit(&http, &base, &keys, 200, clients.min(16), "warm-up").await?;
+    submit(&http, &base, &keys, 200, clients.min(16), "warm-up", None).await?;
     wait_finished(store, sim, 200).await?;
 
     let statements = Statements::reset(&config.database.url).await;
     let before = Cpu::read(serve_pid, worker_pid);
     let started = Instant::now();
-    submit(&http, &base, &keys, jobs, clients, "job").await?;
+    let mut latencies = submit(&http, &base, &keys, jobs, clients, "job", rate).await?;
     wait_finished(store, sim, 200 + jobs).await?;
     let seconds = started.elapsed().as_secs_f64();
     let after = Cpu::read(serve_pid, worker_pid);
@@ -128,10 +145,18 @@ async fn measure(
     let _ = worker.start_kill();
     store.close().await;
 
-    println!("sluice bench cost: {jobs} jobs, {clients} clients, one serve and one worker process");
+    let offered = rate.map_or_else(String::new, |r| format!(" at {r} submits/s"));
+    println!(
+        "sluice bench cost: {jobs} jobs, {clients} clients{offered}, one serve and one worker process"
+    );
     println!(
         "  end to end                {seconds:.2} s ({:.0} jobs/s)",
         jobs as f64 / seconds
+    );
+    println!(
+        "  202 p50 / p99             {:.2} / {:.2} ms",
+        crate::throughput::percentile(&mut latencies, 0.50) * 1e3,
+        crate::throughput::percentile(&mut latencies, 0.99) * 1e3
     );
     println!("  CPU per job (user + system, microseconds)");
     let per_job = |ticks: Option<u64>| {
@@ -186,7 +211,8 @@ async fn measure(
     Ok(())
 }
 
-/// `jobs` submissions from `clients` clients, all answered `202`.
+/// `jobs` submissions from `clients` clients (at `rate` per second when given), all answered
+/// `202`; the seconds each took.
 async fn submit(
     http: &reqwest::Client,
     api: &str,
@@ -194,7 +220,8 @@ async fn submit(
     jobs: usize,
     clients: usize,
     label: &str,
-) -> anyhow::Result<()> {
+    rate: Option<f64>,
+) -> anyhow::Result<Vec<f64>> {
     let accepted = Arc::new(AtomicUsize::new(0));
     let mut set = crate::common::spawn_submitters(
         http,
@@ -204,11 +231,21 @@ async fn submit(
         clients,
         &format!("cost {label}"),
         &accepted,
+        rate,
     );
+    let mut latencies = Vec::with_capacity(jobs);
     while let Some(outcome) = set.join_next().await {
-        outcome.context("a client panicked")??;
+        latencies.append(&mut outcome.context("a client panicked")??);
     }
-    Ok(())
+    Ok(latencies)
+}
+
+/// What one run offers.
+#[derive(Clone, Copy)]
+struct Load {
+    jobs: usize,
+    clients: usize,
+    rate: Option<f64>,
 }
 
 /// Wait until `jobs` jobs finished: first until the simulator has had as many calls (free to

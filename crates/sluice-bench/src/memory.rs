@@ -681,6 +681,7 @@ async fn submit(
         args.clients,
         "memory bench job",
         &accepted,
+        None,
     );
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     progress.tick().await;
@@ -689,7 +690,9 @@ async fn submit(
             joined = clients.join_next() => match joined {
                 None => return Ok(()),
                 // Dropping the set on an error aborts the other clients.
-                Some(outcome) => outcome.context("a submitting client panicked")??,
+                Some(outcome) => {
+                    outcome.context("a submitting client panicked")??;
+                }
             },
             _ = progress.tick() => eprintln!(
                 "bench memory: {} of {} jobs accepted",

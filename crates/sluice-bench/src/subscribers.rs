@@ -283,6 +283,7 @@ async fn measure(
         args.clients,
         "plain",
         &accepted,
+        None,
     );
     while let Some(done) = submitters.join_next().await {
         done.context("a submitter panicked")??;

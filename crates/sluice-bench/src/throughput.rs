@@ -78,13 +78,18 @@ pub enum BenchCommand {
         moto_server: Option<PathBuf>,
     },
     /// The cost of one job: real `sluice serve` and `sluice worker` processes run the jobs; prints
-    /// CPU per job of each process, PostgreSQL and RabbitMQ, and (with pg_stat_statements)
-    /// SQL statements, rows and WAL per job.
+    /// CPU per job of each process, PostgreSQL and RabbitMQ, the `202`'s latency, and (with
+    /// pg_stat_statements) SQL statements, rows and WAL per job.
     Cost {
         #[arg(long, default_value_t = 20_000)]
         jobs: usize,
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// Offer submissions at this steady rate (per second, all clients together) instead of
+        /// as fast as the clients go: the cost of a job at that load, and the `202` with
+        /// `serve` and `worker` in processes of their own.
+        #[arg(long, value_name = "PER_SEC")]
+        rate: Option<f64>,
     },
     /// A backlog through a pool shaped like the seed notes x10 (3 keys at 200 RPM, 5 at 600,
     /// 2 at 2,000), or with `--burst` a burst of jobs into that pool while idle, first with one
@@ -191,7 +196,11 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             };
             throughput(config, load, &plan, sqs).await
         }
-        BenchCommand::Cost { jobs, clients } => crate::cost::run(&config, jobs, clients).await,
+        BenchCommand::Cost {
+            jobs,
+            clients,
+            rate,
+        } => crate::cost::run(&config, jobs, clients, rate).await,
         BenchCommand::Ratelimit(args) => crate::ratelimit::run_all(&config, args).await,
         BenchCommand::Memory(args) => crate::memory::run(&config, args).await,
         BenchCommand::Subscribers(args) => crate::subscribers::run(&config, args).await,
@@ -776,22 +785,7 @@ async fn drive(
                 if let Some(t) = temperature {
                     body["temperature"] = serde_json::json!(t);
                 }
-                let sent = match rate {
-                    Some(rate) => {
-                        let due = started + Duration::from_secs_f64(n as f64 / rate);
-                        if Instant::now() < due {
-                            // On time: counted from when it is sent (the timer wakes up to a
-                            // millisecond late, which is the bench's, not the server's).
-                            tokio::time::sleep_until(due.into()).await;
-                            Instant::now()
-                        } else {
-                            // Late because the previous request was slow: counted from when it
-                            // was due, so the wait it caused is not hidden.
-                            due
-                        }
-                    }
-                    None => Instant::now(),
-                };
+                let sent = crate::common::on_schedule(started, n, rate).await;
                 crate::common::submit_one(&http, &url, &keys[n % keys.len()], &body).await?;
                 latencies.push(sent.elapsed().as_secs_f64());
             }

@@ -176,3 +176,62 @@ async fn bench_throughput_with_no_workers_measures_ingest_alone() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// `sluice-bench cost` with `args`, against the test's servers; it runs the `sluice` binary
+/// built beside this one as its `serve` and `worker` processes.
+async fn cost(args: &[&str]) -> std::process::Output {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let config = std::env::temp_dir().join(format!("sluice-e2e-bench-{id}.toml"));
+    std::fs::write(&config, "").unwrap();
+    let output = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "cost"])
+        .args(args)
+        .env("SLUICE_DATABASE__URL", database_url())
+        .env("SLUICE_RABBITMQ__URL", rabbitmq_url())
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    output
+}
+
+/// The number after `label` on its line of `stdout`.
+fn figure(stdout: &str, label: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in:\n{stdout}"));
+    line.trim_start()[label.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in {line:?}"))
+}
+
+#[tokio::test]
+async fn bench_cost_at_an_offered_rate_prints_the_202_and_the_cpu_per_job() {
+    let output = cost(&["--jobs", "300", "--clients", "8", "--rate", "300"]).await;
+    let stdout = succeeded(&output);
+    assert!(
+        stdout.contains("300 jobs, 8 clients at 300 submits/s"),
+        "{stdout}"
+    );
+    // 300 jobs offered at 300 a second take about a second to submit; the run cannot be
+    // faster than the rate it was offered.
+    let seconds = figure(&stdout, "end to end");
+    assert!(seconds >= 0.95, "{stdout}");
+    let p50 = figure(&stdout, "202 p50 / p99");
+    assert!(p50 > 0.0, "{stdout}");
+    for process in ["sluice serve", "sluice worker"] {
+        assert!(figure(&stdout, process) > 0.0, "{stdout}");
+    }
+
+    let refused = cost(&["--jobs", "10", "--rate", "0"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--rate must be a positive number"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
