@@ -15,20 +15,27 @@ async fn throughput(args: &[&str]) -> std::process::Output {
 
 /// [`throughput`] with `workers` workers.
 async fn throughput_with_workers(workers: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec![
+        "throughput",
+        "--clients",
+        "8",
+        "--workers",
+        workers,
+        "--concurrency",
+        "32",
+    ];
+    all.extend_from_slice(args);
+    bench(&all).await
+}
+
+/// `sluice-bench` with `args` against the test's servers (an empty config file; the servers
+/// come in as the usual overrides).
+async fn bench(args: &[&str]) -> std::process::Output {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let config = std::env::temp_dir().join(format!("sluice-e2e-bench-{id}.toml"));
     std::fs::write(&config, "").unwrap();
     let output = Command::new(BIN)
         .args(["--config", config.to_str().unwrap()])
-        .args([
-            "throughput",
-            "--clients",
-            "8",
-            "--workers",
-            workers,
-            "--concurrency",
-            "32",
-        ])
         .args(args)
         .env("SLUICE_DATABASE__URL", database_url())
         .env("SLUICE_RABBITMQ__URL", rabbitmq_url())
@@ -177,23 +184,12 @@ async fn bench_throughput_with_no_workers_measures_ingest_alone() {
     );
 }
 
-/// `sluice-bench cost` with `args`, against the test's servers; it runs the `sluice` binary
-/// built beside this one as its `serve` and `worker` processes.
+/// `sluice-bench cost` with `args`; it runs the `sluice` binary built beside this one as its
+/// `serve` and `worker` processes.
 async fn cost(args: &[&str]) -> std::process::Output {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let config = std::env::temp_dir().join(format!("sluice-e2e-bench-{id}.toml"));
-    std::fs::write(&config, "").unwrap();
-    let output = Command::new(BIN)
-        .args(["--config", config.to_str().unwrap(), "cost"])
-        .args(args)
-        .env("SLUICE_DATABASE__URL", database_url())
-        .env("SLUICE_RABBITMQ__URL", rabbitmq_url())
-        .env("SLUICE_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    let _ = std::fs::remove_file(&config);
-    output
+    let mut all = vec!["cost"];
+    all.extend_from_slice(args);
+    bench(&all).await
 }
 
 /// The number after `label` on its line of `stdout`.
