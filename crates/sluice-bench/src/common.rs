@@ -119,6 +119,14 @@ pub fn spawn_submitters(
     set
 }
 
+/// Refuse a `--rate` that is not a positive, finite number of submissions per second.
+pub fn check_rate(rate: Option<f64>) -> anyhow::Result<()> {
+    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a positive number of submissions per second");
+    }
+    Ok(())
+}
+
 /// Wait until submission `n` is due at `rate` per second from `started` (at once without a
 /// rate), and answer the instant its latency counts from.
 pub async fn on_schedule(started: Instant, n: usize, rate: Option<f64>) -> Instant {

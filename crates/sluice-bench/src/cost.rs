@@ -25,9 +25,7 @@ pub async fn run(
     if jobs == 0 || clients == 0 {
         bail!("--jobs and --clients must be at least 1");
     }
-    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        bail!("--rate must be a positive number of submissions per second");
-    }
+    crate::common::check_rate(rate)?;
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let (scratch, schema) = crate::common::scratch_schema(&config.database.url)?;
     let prefix = format!("bench-{run_id}");

@@ -323,9 +323,7 @@ async fn throughput(
     if load.workers == 0 && plan.min_floor_ratio.is_some() {
         bail!("--min-floor-ratio compares whole runs: it needs at least one worker");
     }
-    if load.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        bail!("--rate must be a positive number of submissions per second");
-    }
+    crate::common::check_rate(load.rate)?;
     if plan.backends.is_empty() || plan.admission.is_empty() {
         bail!("--backends and --admission must each name at least one");
     }
