@@ -183,6 +183,13 @@ async fn always_failing_endpoint_dead_letters_and_replay_succeeds_once_healed() 
         "{}",
         String::from_utf8_lossy(&replay.stderr)
     );
+    // The CLI forgot its outbox row before it exited, so no relay publishes the job again.
+    let left = app
+        .store
+        .unpublished(Duration::ZERO, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "outbox rows left behind: {left:?}");
     app.wait_for(
         "replayed job to succeed",
         Duration::from_secs(30),

@@ -7,7 +7,7 @@ use sluice_broker::{Broker, BrokerError, PublishOptions};
 use sluice_store::{OutboxMessage, Store};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -16,28 +16,34 @@ const BACKGROUND_QUEUE: usize = 16_384;
 /// Background batches being confirmed at once.
 const BACKGROUND_BATCHES: usize = 4;
 
+/// How long a confirmed row waits to be forgotten together with later ones. Nobody waits on
+/// the delete, and the relay leaves rows alone for far longer (`RelayConfig::grace`), so at a
+/// moderate load one statement forgets what would otherwise take one statement per publish.
+const FORGET_LINGER: Duration = Duration::from_millis(50);
+/// Outbox rows forgotten in one statement at most; a full batch goes without lingering.
+const FORGET_BATCH: usize = 1024;
+
 /// Publishes outbox messages; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     broker: Arc<dyn Broker>,
-    confirmed: mpsc::UnboundedSender<i64>,
+    confirmed: mpsc::UnboundedSender<Forget>,
     background: mpsc::Sender<OutboxMessage>,
+}
+
+/// What the forgetting task is told.
+enum Forget {
+    /// The broker confirmed this outbox row's message.
+    Row(i64),
+    /// Forget every confirmed row now, then answer.
+    Now(oneshot::Sender<()>),
 }
 
 impl Publisher {
     /// Also starts the task that deletes confirmed outbox rows in batches.
     pub fn new(store: Store, broker: Arc<dyn Broker>) -> Publisher {
-        let (confirmed, mut rx) = mpsc::unbounded_channel::<i64>();
-        tokio::spawn(async move {
-            let mut ids = Vec::with_capacity(1024);
-            while rx.recv_many(&mut ids, 1024).await > 0 {
-                // A failed delete only means the relay publishes a duplicate later, which claims fence off.
-                if let Err(error) = store.mark_published(&ids).await {
-                    tracing::warn!(message = "could not forget published outbox rows", %error, rows = ids.len());
-                }
-                ids.clear();
-            }
-        });
+        let (confirmed, rx) = mpsc::unbounded_channel();
+        tokio::spawn(forget_confirmed(store, rx));
         let (background, rx) = mpsc::channel(BACKGROUND_QUEUE);
         let publisher = Publisher {
             broker,
@@ -46,6 +52,15 @@ impl Publisher {
         };
         tokio::spawn(publisher.clone().publish_batches(rx));
         publisher
+    }
+
+    /// Forget the rows of every message confirmed so far, before a process exits: a row left
+    /// behind is published again by a relay (a duplicate the claims fence off, but work).
+    pub async fn settle(&self) {
+        let (done, settled) = oneshot::channel();
+        if self.confirmed.send(Forget::Now(done)).is_ok() {
+            let _ = settled.await;
+        }
     }
 
     /// Gather messages handed to [`Publisher::publish_in_background`] into pipelined batches.
@@ -78,7 +93,7 @@ impl Publisher {
         self.broker
             .publish(message.lane, &message.job, options(&message))
             .await?;
-        let _ = self.confirmed.send(id);
+        let _ = self.confirmed.send(Forget::Row(id));
         Ok(())
     }
 
@@ -97,7 +112,7 @@ impl Publisher {
             .collect();
         self.broker.publish_batch(items).await?;
         for id in ids {
-            let _ = self.confirmed.send(id);
+            let _ = self.confirmed.send(Forget::Row(id));
         }
         Ok(())
     }
@@ -116,6 +131,59 @@ fn options(message: &OutboxMessage) -> PublishOptions {
     PublishOptions {
         delay: (!delay.is_zero()).then_some(delay),
         reason: message.reason.clone(),
+    }
+}
+
+/// Deletes confirmed outbox rows: whatever arrives within [`FORGET_LINGER`] of the first goes
+/// in one statement, and a [`Forget::Now`] sends what waits at once.
+async fn forget_confirmed(store: Store, rx: mpsc::UnboundedReceiver<Forget>) {
+    gather_forgets(rx, |ids| {
+        let store = store.clone();
+        async move {
+            // A failed delete only means the relay publishes a duplicate later, which claims
+            // fence off.
+            if let Err(error) = store.mark_published(&ids).await {
+                tracing::warn!(message = "could not forget published outbox rows", %error, rows = ids.len());
+            }
+        }
+    })
+    .await
+}
+
+/// The gathering behind [`forget_confirmed`], apart from the store: `forget` gets at most
+/// [`FORGET_BATCH`] ids at a time, and every `Forget::Now` is answered after what came before it.
+async fn gather_forgets<F, Fut>(mut rx: mpsc::UnboundedReceiver<Forget>, mut forget: F)
+where
+    F: FnMut(Vec<i64>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut ids = Vec::with_capacity(FORGET_BATCH);
+    let mut settled = Vec::new();
+    let mut received = Vec::with_capacity(FORGET_BATCH);
+    while rx.recv_many(&mut received, FORGET_BATCH).await > 0 {
+        let until = tokio::time::Instant::now() + FORGET_LINGER;
+        loop {
+            for message in received.drain(..) {
+                match message {
+                    Forget::Row(id) => ids.push(id),
+                    Forget::Now(done) => settled.push(done),
+                }
+            }
+            if !settled.is_empty() || ids.len() >= FORGET_BATCH {
+                break;
+            }
+            match tokio::time::timeout_at(until, rx.recv_many(&mut received, FORGET_BATCH)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        for chunk in ids.chunks(FORGET_BATCH) {
+            forget(chunk.to_vec()).await;
+        }
+        ids.clear();
+        for done in settled.drain(..) {
+            let _ = done.send(());
+        }
     }
 }
 
@@ -179,4 +247,105 @@ pub fn spawn_relay(
             }
         }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Each batch `forget` got, in order.
+    type Batches = Arc<Mutex<Vec<Vec<i64>>>>;
+
+    /// Runs the gathering on a channel, recording each batch `forget` gets.
+    fn gathering() -> (mpsc::UnboundedSender<Forget>, Batches, JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&batches);
+        let task = tokio::spawn(gather_forgets(rx, move |ids| {
+            seen.lock().unwrap().push(ids);
+            async {}
+        }));
+        (tx, batches, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirms_a_millisecond_apart_are_forgotten_a_linger_at_a_time() {
+        let (tx, batches, task) = gathering();
+        for id in 0..200 {
+            tx.send(Forget::Row(id)).unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(tx);
+        task.await.unwrap();
+        let batches = batches.lock().unwrap();
+        // 200 ms of confirms in 50 ms lingers: four or five statements, not 200.
+        assert!(
+            (4..=5).contains(&batches.len()),
+            "{} batches: {batches:?}",
+            batches.len()
+        );
+        let all: Vec<i64> = batches.iter().flatten().copied().collect();
+        assert_eq!(
+            all,
+            (0..200).collect::<Vec<_>>(),
+            "every row, once, in order"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_confirm_waits_one_linger_and_settle_does_not_wait() {
+        let (tx, batches, task) = gathering();
+        let start = tokio::time::Instant::now();
+        tx.send(Forget::Row(7)).unwrap();
+        while batches.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(start.elapsed(), FORGET_LINGER + Duration::from_millis(1));
+
+        let start = tokio::time::Instant::now();
+        tx.send(Forget::Row(8)).unwrap();
+        let (done, settled) = oneshot::channel();
+        tx.send(Forget::Now(done)).unwrap();
+        settled.await.unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "settle answers without lingering"
+        );
+        assert_eq!(*batches.lock().unwrap(), vec![vec![7], vec![8]]);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_at_once_and_a_closed_channel_forgets_the_rest() {
+        let (tx, batches, task) = gathering();
+        for id in 0..(FORGET_BATCH as i64 + 10) {
+            tx.send(Forget::Row(id)).unwrap();
+        }
+        let start = tokio::time::Instant::now();
+        while batches.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a full batch does not linger"
+        );
+        assert_eq!(batches.lock().unwrap()[0].len(), FORGET_BATCH);
+        drop(tx);
+        task.await.unwrap();
+        let batches = batches.lock().unwrap();
+        assert_eq!(
+            batches.len(),
+            2,
+            "the ten left over go when the publishers are gone"
+        );
+        assert_eq!(
+            batches[1],
+            (FORGET_BATCH as i64..FORGET_BATCH as i64 + 10).collect::<Vec<_>>()
+        );
+    }
 }

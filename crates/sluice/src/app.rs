@@ -57,7 +57,7 @@ impl ApiNode {
         let state = stack::api_state(
             config,
             store,
-            publisher,
+            publisher.clone(),
             bus.clone(),
             poll,
             stop.clone(),
@@ -73,9 +73,11 @@ impl ApiNode {
         let serving = stop.clone();
         let http = config.http.clone();
         let task = tokio::spawn(async move {
-            sluice_api::serve(listener, state, http, serving)
+            let served = sluice_api::serve(listener, state, http, serving)
                 .await
-                .context("the API server failed")
+                .context("the API server failed");
+            publisher.settle().await;
+            served
         });
         tracing::info!(message = "api listening", %addr);
         Ok(ApiNode { addr, stop, task })
@@ -130,7 +132,7 @@ impl WorkerNode {
             ),
             None => None,
         };
-        let worker = Worker::new(store, publisher, router, config.worker.clone(), bus)?;
+        let worker = Worker::new(store, publisher.clone(), router, config.worker.clone(), bus)?;
         let metrics = match config.worker.metrics_listen {
             Some(addr) => {
                 let handle = crate::metrics::install()?;
@@ -143,6 +145,7 @@ impl WorkerNode {
         let running = stop.clone();
         let task = tokio::spawn(async move {
             let result = worker.run(running).await.context("the worker failed");
+            publisher.settle().await;
             if let Some(mailer) = mailer {
                 // The mailer finishes the send in progress; emails it had not started wait in
                 // the database for the next mailer.

@@ -317,7 +317,13 @@ pub async fn run(
     ));
 
     let router = stack::router(&config).await?;
-    let worker = Worker::new(store.clone(), publisher, router, config.worker.clone(), bus)?;
+    let worker = Worker::new(
+        store.clone(),
+        publisher.clone(),
+        router,
+        config.worker.clone(),
+        bus,
+    )?;
     let mail_stop = shutdown.child_token();
     let mailer = match &config.mail {
         Some(mail) => {
@@ -360,6 +366,7 @@ pub async fn run(
         Err(error) => tracing::error!(message = "the API task failed", %error),
     }
     let _ = relay.await;
+    publisher.settle().await;
     if let Some(sim) = sim {
         sim.shutdown();
     }

@@ -319,6 +319,7 @@ pub async fn dlq_replay(config: &Config, id: RequestId) -> anyhow::Result<()> {
         .publish(message)
         .await
         .context("replayed, but publishing failed; the relay will retry")?;
+    publisher.settle().await;
     // Subscribers hear of the replay now rather than from the hub's next poll.
     bus.flush(Duration::from_secs(2)).await;
     println!("{id}");
