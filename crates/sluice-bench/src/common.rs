@@ -119,6 +119,28 @@ pub fn spawn_submitters(
     set
 }
 
+/// KiB the whole machine has written to block devices since boot (`pgpgout` in
+/// `/proc/vmstat`), or `None` where that cannot be read. Every commit's WAL flush waits behind
+/// the writeback of whatever else is dirty, so a run's share of it explains a slow `202` tail.
+pub fn disk_written_kib() -> Option<u64> {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
+    vmstat
+        .lines()
+        .find_map(|line| line.strip_prefix("pgpgout "))
+        .and_then(|kib| kib.trim().parse().ok())
+}
+
+/// The line the benches print under the `202`: what the machine wrote to disk since `before`.
+pub fn disk_writes_line(before: Option<u64>) -> String {
+    match (before, disk_written_kib()) {
+        (Some(before), Some(after)) => format!(
+            "  disk writes, whole machine {:.1} MB (others' writeback delays each commit, so the 202)",
+            after.saturating_sub(before) as f64 / 1024.0
+        ),
+        _ => "  disk writes, whole machine unknown (no /proc/vmstat)".to_owned(),
+    }
+}
+
 /// Refuse a `--rate` that is not a positive, finite number of submissions per second.
 pub fn check_rate(rate: Option<f64>) -> anyhow::Result<()> {
     if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {

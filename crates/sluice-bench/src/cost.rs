@@ -130,8 +130,10 @@ async fn measure(
 
     let statements = Statements::reset(&config.database.url).await;
     let before = Cpu::read(serve_pid, worker_pid);
+    let written = crate::common::disk_written_kib();
     let started = Instant::now();
     let mut latencies = submit(&http, &base, &keys, jobs, clients, "job", rate).await?;
+    let disk_writes = crate::common::disk_writes_line(written);
     wait_finished(store, sim, 200 + jobs).await?;
     let seconds = started.elapsed().as_secs_f64();
     let after = Cpu::read(serve_pid, worker_pid);
@@ -156,6 +158,7 @@ async fn measure(
         crate::throughput::percentile(&mut latencies, 0.50) * 1e3,
         crate::throughput::percentile(&mut latencies, 0.99) * 1e3
     );
+    println!("{disk_writes}");
     println!("  CPU per job (user + system, microseconds)");
     let per_job = |ticks: Option<u64>| {
         ticks.map_or_else(

@@ -757,6 +757,7 @@ async fn drive(
     eprintln!(
         "bench: {backend}: {jobs} jobs, {clients} clients, {workers} workers x {concurrency} in flight"
     );
+    let written = crate::common::disk_written_kib();
     let started = Instant::now();
     let mut submitters = Vec::new();
     // With admission on, requests are deterministic, so each is looked up in the exact cache
@@ -808,6 +809,7 @@ async fn drive(
         return Err(error);
     }
     let submitted = started.elapsed();
+    let disk_writes = crate::common::disk_writes_line(written);
     let (submit_p50, submit_p99) = (
         percentile(&mut latencies, 0.50),
         percentile(&mut latencies, 0.99),
@@ -830,6 +832,7 @@ async fn drive(
             submit_p50 * 1000.0,
             submit_p99 * 1000.0
         );
+        println!("{disk_writes}");
         println!();
         return Ok(Measured {
             jobs: i64::try_from(jobs)?,
@@ -900,6 +903,7 @@ async fn drive(
         submit_p50 * 1000.0,
         submit_p99 * 1000.0
     );
+    println!("{disk_writes}");
     println!("  first accept -> last done {:.2} s", latency.span);
     let waits = store
         .queue_wait_by_lane()

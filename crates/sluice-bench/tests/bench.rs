@@ -153,6 +153,11 @@ async fn bench_throughput_with_no_workers_measures_ingest_alone() {
     .await;
     let stdout = succeeded(&output);
     assert!(stdout.contains("ingest only (no workers)"), "{stdout}");
+    // Read from /proc/vmstat, so a number on Linux, not "unknown".
+    assert!(
+        figure(&stdout, "disk writes, whole machine") >= 0.0,
+        "{stdout}"
+    );
     let row = stdout
         .lines()
         .find(|line| line.starts_with("sql-sqlite"))
@@ -219,6 +224,11 @@ async fn bench_cost_at_an_offered_rate_prints_the_202_and_the_cpu_per_job() {
     assert!(seconds >= 0.95, "{stdout}");
     let p50 = figure(&stdout, "202 p50 / p99");
     assert!(p50 > 0.0, "{stdout}");
+    // `serve` and `worker` commit to PostgreSQL, each commit flushing its WAL to disk.
+    assert!(
+        figure(&stdout, "disk writes, whole machine") > 0.0,
+        "{stdout}"
+    );
     for process in ["sluice serve", "sluice worker"] {
         assert!(figure(&stdout, process) > 0.0, "{stdout}");
     }
