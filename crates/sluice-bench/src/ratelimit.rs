@@ -231,6 +231,7 @@ impl Run<'_> {
             }
             publisher.publish_many(messages).await?;
         }
+        publisher.settle().await;
         Ok(())
     }
 

@@ -816,6 +816,8 @@ async fn drive(
     );
     if workers == 0 {
         stop.cancel();
+        // Forget the last confirmed outbox rows while the store is still open.
+        publisher.settle().await;
         println!(
             "sluice bench throughput: {backend} ({}), admission {}, ingest only (no workers)",
             backend.describe(),
@@ -876,6 +878,7 @@ async fn drive(
     };
     let wall = started.elapsed();
     stop.cancel();
+    publisher.settle().await;
 
     let latency = store
         .latency_summary()
