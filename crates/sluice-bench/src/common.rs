@@ -69,21 +69,35 @@ pub async fn tier_keys(store: &Store) -> anyhow::Result<Vec<String>> {
     Ok(keys)
 }
 
-/// `clients` clients submitting `jobs` jobs to `{api}/v1/jobs` between them (prompts
-/// `"{label} {n}"`, keys in turn), each counted in `accepted` once answered `202`; with a
-/// `rate`, job `n` is sent at `n / rate` seconds after the start ([`on_schedule`]). Each client
-/// answers the seconds its submissions took to be answered.
-#[allow(clippy::too_many_arguments)]
+/// What submitters offer: `jobs` jobs from `clients` clients, prompts `"{label} {n}"`, at
+/// `rate` per second when given ([`on_schedule`]), with this `temperature` when given (a
+/// deterministic request is looked up in the exact cache and stored with its hash).
+#[derive(Debug, Clone, Copy)]
+pub struct Offer<'a> {
+    pub jobs: usize,
+    pub clients: usize,
+    pub label: &'a str,
+    pub rate: Option<f64>,
+    pub temperature: Option<f64>,
+}
+
+/// Clients submitting `offer` to `{api}/v1/jobs` between them, keys in turn, each job counted in
+/// `accepted` once answered `202`. Each client answers the seconds its submissions took to be
+/// answered.
 pub fn spawn_submitters(
     http: &reqwest::Client,
     api: &str,
     keys: &[String],
-    jobs: usize,
-    clients: usize,
-    label: &str,
+    offer: Offer<'_>,
     accepted: &Arc<AtomicUsize>,
-    rate: Option<f64>,
 ) -> JoinSet<anyhow::Result<Vec<f64>>> {
+    let Offer {
+        jobs,
+        clients,
+        label,
+        rate,
+        temperature,
+    } = offer;
     let url = format!("{api}/v1/jobs");
     let keys = Arc::new(keys.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
@@ -105,10 +119,13 @@ pub fn spawn_submitters(
                 if n >= jobs {
                     return Ok(latencies);
                 }
-                let body = serde_json::json!({
+                let mut body = serde_json::json!({
                     "model": "default",
                     "messages": [{"role": "user", "content": format!("{label} {n}")}],
                 });
+                if let Some(t) = temperature {
+                    body["temperature"] = serde_json::json!(t);
+                }
                 let sent = on_schedule(started, n, rate).await;
                 submit_one(&http, &url, &keys[n % keys.len()], &body).await?;
                 latencies.push(sent.elapsed().as_secs_f64());

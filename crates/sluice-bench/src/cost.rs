@@ -224,16 +224,14 @@ async fn submit(
     rate: Option<f64>,
 ) -> anyhow::Result<Vec<f64>> {
     let accepted = Arc::new(AtomicUsize::new(0));
-    let mut set = crate::common::spawn_submitters(
-        http,
-        api,
-        keys,
+    let offer = crate::common::Offer {
         jobs,
         clients,
-        &format!("cost {label}"),
-        &accepted,
+        label: &format!("cost {label}"),
         rate,
-    );
+        temperature: None,
+    };
+    let mut set = crate::common::spawn_submitters(http, api, keys, offer, &accepted);
     let mut latencies = Vec::with_capacity(jobs);
     while let Some(outcome) = set.join_next().await {
         latencies.append(&mut outcome.context("a client panicked")??);

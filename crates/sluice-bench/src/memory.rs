@@ -673,16 +673,14 @@ async fn submit(
     args: &MemoryArgs,
 ) -> anyhow::Result<()> {
     let accepted = Arc::new(AtomicUsize::new(0));
-    let mut clients = crate::common::spawn_submitters(
-        http,
-        api,
-        keys,
-        args.jobs,
-        args.clients,
-        "memory bench job",
-        &accepted,
-        None,
-    );
+    let offer = crate::common::Offer {
+        jobs: args.jobs,
+        clients: args.clients,
+        label: "memory bench job",
+        rate: None,
+        temperature: None,
+    };
+    let mut clients = crate::common::spawn_submitters(http, api, keys, offer, &accepted);
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     progress.tick().await;
     loop {

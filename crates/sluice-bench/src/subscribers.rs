@@ -275,16 +275,14 @@ async fn measure(
     // The timed part: plain jobs while the streamed ones run.
     let accepted = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let mut submitters = crate::common::spawn_submitters(
-        &http,
-        url,
-        keys,
-        args.jobs,
-        args.clients,
-        "plain",
-        &accepted,
-        None,
-    );
+    let offer = crate::common::Offer {
+        jobs: args.jobs,
+        clients: args.clients,
+        label: "plain",
+        rate: None,
+        temperature: None,
+    };
+    let mut submitters = crate::common::spawn_submitters(&http, url, keys, offer, &accepted);
     while let Some(done) = submitters.join_next().await {
         done.context("a submitter panicked")??;
     }

@@ -19,7 +19,7 @@ use sluice_worker::Worker;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -748,65 +748,29 @@ async fn drive(
     }
 
     let keys = crate::common::tier_keys(store).await?;
-    let keys = Arc::new(keys);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()?;
-    let url = format!("http://{addr}/v1/jobs");
-    let next = Arc::new(AtomicUsize::new(0));
     eprintln!(
         "bench: {backend}: {jobs} jobs, {clients} clients, {workers} workers x {concurrency} in flight"
     );
     let written = crate::common::disk_written_kib();
     let started = Instant::now();
-    let mut submitters = Vec::new();
     // With admission on, requests are deterministic, so each is looked up in the exact cache
     // (distinct prompts: none is a hit) and stored with its hash.
-    let temperature = (admission == AdmissionMode::On).then_some(0.0);
-    for _ in 0..clients {
-        let (http, url, keys, next) = (
-            http.clone(),
-            url.clone(),
-            Arc::clone(&keys),
-            Arc::clone(&next),
-        );
-        submitters.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= jobs {
-                    return Ok::<Vec<f64>, anyhow::Error>(latencies);
-                }
-                let mut body = serde_json::json!({
-                    "model": "default",
-                    "messages": [{"role": "user", "content": format!("bench job {n}")}],
-                });
-                if let Some(t) = temperature {
-                    body["temperature"] = serde_json::json!(t);
-                }
-                let sent = crate::common::on_schedule(started, n, rate).await;
-                crate::common::submit_one(&http, &url, &keys[n % keys.len()], &body).await?;
-                latencies.push(sent.elapsed().as_secs_f64());
-            }
-        }));
-    }
-    let mut submit_error = None;
+    let offer = crate::common::Offer {
+        jobs,
+        clients,
+        label: "bench job",
+        rate,
+        temperature: (admission == AdmissionMode::On).then_some(0.0),
+    };
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let mut submitters =
+        crate::common::spawn_submitters(&http, &format!("http://{addr}"), &keys, offer, &accepted);
     let mut latencies = Vec::with_capacity(jobs);
-    for task in submitters {
-        // Wait for every client even after one failed, so none outlives the run.
-        let outcome = task
-            .await
-            .context("a submitting client panicked")
-            .and_then(|r| r);
-        match outcome {
-            Ok(mut l) => latencies.append(&mut l),
-            Err(error) => {
-                submit_error.get_or_insert(error);
-            }
-        }
-    }
-    if let Some(error) = submit_error {
-        return Err(error);
+    while let Some(outcome) = submitters.join_next().await {
+        latencies.append(&mut outcome.context("a submitting client panicked")??);
     }
     let submitted = started.elapsed();
     let disk_writes = crate::common::disk_writes_line(written);
