@@ -6,7 +6,27 @@
 # --adds-in-flight 64, --concurrency 50, --redis URL, --worker-after-adds, --timeout-secs 600).
 # bullmq is installed with npm into a cache outside the repository, once per pinned version: a
 # stamp file written after the install records the package.json it was made from.
+#
+# --appendfsync always|everysec runs BullMQ on a Redis of its own instead (redis-server on a free
+# port, an empty directory, the append-only file on with that fsync policy; stopped and removed
+# afterwards): `always` is the durability of Sluice's `202`, every add on disk before it answers.
 set -euo pipefail
+
+appendfsync=""
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --appendfsync)
+      [ $# -ge 2 ] || { echo "bench-bullmq: --appendfsync needs always or everysec" >&2; exit 2; }
+      case "$2" in
+        always | everysec) appendfsync="$2" ;;
+        *) echo "bench-bullmq: --appendfsync is always or everysec, not '$2'" >&2; exit 2 ;;
+      esac
+      shift 2
+      ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/bench/bullmq"
@@ -33,4 +53,27 @@ if ! installed; then
   exec 9>&-
 fi
 
-NODE_PATH="$dir/node_modules" exec node "$src/bench.cjs" "$@"
+if [ -z "$appendfsync" ]; then
+  NODE_PATH="$dir/node_modules" exec node "$src/bench.cjs" "${args[@]}"
+fi
+
+for arg in "${args[@]}"; do
+  if [ "$arg" = "--redis" ]; then
+    echo "bench-bullmq: --appendfsync starts a Redis of its own; leave out --redis" >&2
+    exit 2
+  fi
+done
+command -v redis-server >/dev/null || { echo "bench-bullmq: --appendfsync needs redis-server on PATH" >&2; exit 1; }
+data="$(mktemp -d)"
+port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+redis-server --port "$port" --bind 127.0.0.1 --dir "$data" --save "" --appendonly yes \
+  --appendfsync "$appendfsync" --daemonize no --logfile "$data/redis.log" &
+redis=$!
+trap 'kill "$redis" 2>/dev/null; wait "$redis" 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 100); do
+  redis-cli -p "$port" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+redis-cli -p "$port" ping >/dev/null || { echo "bench-bullmq: the private Redis did not start:" >&2; cat "$data/redis.log" >&2; exit 1; }
+echo "bench-bullmq: a Redis of its own on port $port, appendonly yes, appendfsync $appendfsync" >&2
+NODE_PATH="$dir/node_modules" node "$src/bench.cjs" "${args[@]}" --redis "redis://127.0.0.1:$port"
