@@ -202,6 +202,43 @@ async fn metrics_after_a_run_hold_what_the_run_implies() {
 
     // The worker: outcomes by lane, provider calls, usage, histograms, endpoint gauges.
     let worker = Scrape::of(&app, &worker_metrics).await;
+
+    // The store's batched statements: every submission went through the ingest writer (the
+    // exact cache is looked up by the insert), every job through one claim and one completion;
+    // each batch records its time, its oldest item's wait and its size once.
+    for (scrape, statement, items) in [
+        (&api, "insert", submitted),
+        (&worker, "claim", jobs),
+        (&worker, "complete", jobs),
+    ] {
+        let label = [("statement", statement)];
+        let batches = scrape.one("sluice_store_batch_items_count", &label);
+        assert_eq!(
+            scrape.one("sluice_store_batch_items_sum", &label),
+            items,
+            "{statement}"
+        );
+        assert!(
+            batches >= 1.0 && batches <= items,
+            "{statement}: {batches} batches"
+        );
+        // The items' own buckets, up to a writer's 256 items.
+        let all = [("statement", statement), ("le", "256")];
+        assert_eq!(scrape.one("sluice_store_batch_items_bucket", &all), batches);
+        for timed in [
+            "sluice_store_batch_seconds",
+            "sluice_store_batch_wait_seconds",
+        ] {
+            let count = scrape.one(&format!("{timed}_count"), &label);
+            assert_eq!(count, batches, "{timed} {statement}");
+            // The statement buckets, not the provider-scale ones: one bound under a millisecond.
+            let fine = scrape.one(
+                &format!("{timed}_bucket"),
+                &[("statement", statement), ("le", "0.0005")],
+            );
+            assert!(fine <= count, "{timed} {statement}");
+        }
+    }
     let completed = worker.sum("sluice_jobs_total", &[("event", "completed")]);
     assert_eq!(completed, jobs, "every job ran once");
     for (lane, n) in [("priority", 20.0), ("standard", 10.0), ("batch", 10.0)] {

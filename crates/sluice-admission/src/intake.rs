@@ -134,10 +134,15 @@ impl Intake {
         let writer = JobWriter::spawn(store.clone(), 2, 256);
         let window = policy.cache.reuse_window();
         let reader = store.clone();
-        let answers = Batcher::spawn(2, 256, move |wanted: Vec<(String, Vec<u8>)>| {
-            let store = reader.clone();
-            async move { store.reusable_answers(&wanted, window).await }
-        });
+        let answers = Batcher::spawn(
+            "exact_lookup",
+            2,
+            256,
+            move |wanted: Vec<(String, Vec<u8>)>| {
+                let store = reader.clone();
+                async move { store.reusable_answers(&wanted, window).await }
+            },
+        );
         Intake {
             store,
             writer,

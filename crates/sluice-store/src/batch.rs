@@ -4,13 +4,22 @@
 use crate::StoreError;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 type Reply<O> = oneshot::Sender<Result<O, Arc<StoreError>>>;
 
+/// Each batch's statement time, from sent to answered (`statement` label).
+pub const BATCH_SECONDS: &str = "sluice_store_batch_seconds";
+/// How long each batch's oldest item waited for a free task: a caller's time before its
+/// statement starts.
+pub const BATCH_WAIT_SECONDS: &str = "sluice_store_batch_wait_seconds";
+/// Items per batch.
+pub const BATCH_ITEMS: &str = "sluice_store_batch_items";
+
 /// The front of a batched statement; cheap to clone.
 pub struct Batcher<I, O> {
-    tx: mpsc::Sender<(I, Reply<O>)>,
+    tx: mpsc::Sender<(I, Reply<O>, Instant)>,
 }
 
 impl<I, O> Clone for Batcher<I, O> {
@@ -28,16 +37,16 @@ impl<I, O> std::fmt::Debug for Batcher<I, O> {
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
-    /// Start `tasks` tasks running `run` on up to `max_batch` items at a time.
-    /// `run` must answer one output per input, in input order.
-    pub fn spawn<F, Fut>(tasks: usize, max_batch: usize, run: F) -> Self
+    /// Start `tasks` tasks running `run` on up to `max_batch` items at a time; `statement`
+    /// names them in the metrics. `run` must answer one output per input, in input order.
+    pub fn spawn<F, Fut>(statement: &'static str, tasks: usize, max_batch: usize, run: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, StoreError>> + Send,
     {
         let max_batch = max_batch.max(1);
         let tasks = tasks.max(1);
-        let (tx, rx) = mpsc::channel::<(I, Reply<O>)>(max_batch * tasks * 4);
+        let (tx, rx) = mpsc::channel::<(I, Reply<O>, Instant)>(max_batch * tasks * 4);
         let rx = Arc::new(Mutex::new(rx));
         let run = Arc::new(run);
         for _ in 0..tasks {
@@ -51,9 +60,22 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                             return;
                         }
                     }
-                    let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
+                    let started = Instant::now();
+                    let oldest = batch.iter().map(|(_, _, sent)| *sent).min();
+                    let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch
+                        .drain(..)
+                        .map(|(item, reply, _)| (item, reply))
+                        .unzip();
                     let n = items.len();
-                    match run(items).await {
+                    let outcome = run(items).await;
+                    let labels = [("statement", statement)];
+                    metrics::histogram!(BATCH_SECONDS, &labels).record(started.elapsed());
+                    if let Some(sent) = oldest {
+                        metrics::histogram!(BATCH_WAIT_SECONDS, &labels)
+                            .record(started.saturating_duration_since(sent));
+                    }
+                    metrics::histogram!(BATCH_ITEMS, &labels).record(n as f64);
+                    match outcome {
                         Ok(outputs) if outputs.len() == n => {
                             for (reply, output) in replies.into_iter().zip(outputs) {
                                 let _ = reply.send(Ok(output));
@@ -86,7 +108,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     pub async fn call(&self, item: I) -> Result<O, Arc<StoreError>> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((item, reply))
+            .send((item, reply, Instant::now()))
             .await
             .map_err(|_| Arc::new(StoreError::WriterStopped))?;
         answer

@@ -36,7 +36,7 @@ mod writer;
 
 pub use admission::{LaneStats, SemanticEntry, SettledFollowers};
 pub use announce::Announce;
-pub use batch::Batcher;
+pub use batch::{Batcher, BATCH_ITEMS, BATCH_SECONDS, BATCH_WAIT_SECONDS};
 pub use batches::{
     new_batch_id, BatchLine, BatchLineResult, BatchProgress, BatchRecord, BatchStatus, CancelBatch,
     FinishedFile, NewBatch,

@@ -15,7 +15,7 @@ pub struct JobWriter {
 impl JobWriter {
     /// Start `writers` tasks, each inserting up to `max_batch` jobs per statement.
     pub fn spawn(store: Store, writers: usize, max_batch: usize) -> JobWriter {
-        let batcher = Batcher::spawn(writers, max_batch, move |jobs: Vec<NewJob>| {
+        let batcher = Batcher::spawn("insert", writers, max_batch, move |jobs: Vec<NewJob>| {
             let store = store.clone();
             async move { store.insert_jobs(&jobs).await }
         });

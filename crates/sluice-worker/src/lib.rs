@@ -188,12 +188,12 @@ impl Worker {
         // mostly per statement), and at low load a batch is still one job sent at once
         // (docs/PERFORMANCE.md, sixth round).
         let claim_store = store.clone();
-        let claims = Batcher::spawn(1, 256, move |jobs: Vec<JobRef>| {
+        let claims = Batcher::spawn("claim", 1, 256, move |jobs: Vec<JobRef>| {
             let store = claim_store.clone();
             async move { store.claim_many(&jobs, lease).await }
         });
         let complete_store = store.clone();
-        let completions = Batcher::spawn(1, 256, move |done: Vec<Completion>| {
+        let completions = Batcher::spawn("complete", 1, 256, move |done: Vec<Completion>| {
             let store = complete_store.clone();
             async move { store.complete_many(&done).await }
         });

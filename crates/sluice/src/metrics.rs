@@ -15,6 +15,15 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// Buckets for the store's batched statements (`sluice_store_batch_*`): a statement takes a
+/// fraction of a millisecond on an idle database and tens under load.
+const STATEMENT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Buckets for the items per batch: one at light load, up to a writer's 256.
+const ITEMS_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// How often histogram samples are folded in, so they do not pile up between scrapes.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -26,8 +35,19 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
+    // A name's most specific matcher wins: `Full`, then `Prefix`, then `Suffix`.
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .context("invalid histogram buckets")?
+        .set_buckets_for_metric(
+            Matcher::Prefix("sluice_store_batch_".into()),
+            STATEMENT_BUCKETS,
+        )
+        .context("invalid histogram buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full(sluice_store::BATCH_ITEMS.into()),
+            ITEMS_BUCKETS,
+        )
         .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
