@@ -30,14 +30,19 @@ pub async fn run(
     let (scratch, schema) = crate::common::scratch_schema(&config.database.url)?;
     let prefix = format!("bench-{run_id}");
     let sim = crate::common::instant_simulator().await?;
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port();
+    let free_port = || -> std::io::Result<u16> {
+        Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+            .local_addr()?
+            .port())
+    };
+    let port = free_port()?;
+    let worker_metrics = free_port()?;
     let toml = format!(
         "listen = \"127.0.0.1:{port}\"\n\n\
          [database]\nurl = \"{}\"\nschema = \"{schema}\"\nmax_connections = 16\n\n\
          [rabbitmq]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n\
-         [worker]\nconcurrency = 128\nprefetch = 128\n\n\
+         [worker]\nconcurrency = 128\nprefetch = 128\n\
+         metrics_listen = \"127.0.0.1:{worker_metrics}\"\n\n\
          [shedding]\nenabled = false\n\n\
          [routes]\ndefault = \"sim\"\n\n[[pools]]\nname = \"sim\"\n\
          [[pools.endpoints]]\nname = \"sim\"\nbase_url = \"{}\"\nmodel = \"sim-model\"\n\
@@ -56,7 +61,11 @@ pub async fn run(
         clients,
         rate,
     };
-    let result = measure(config, &run_config, &sim, &path, port, load).await;
+    let metrics = [
+        format!("http://127.0.0.1:{port}/metrics"),
+        format!("http://127.0.0.1:{worker_metrics}/metrics"),
+    ];
+    let result = measure(config, &run_config, &sim, &path, port, &metrics, load).await;
     match stack::store(&run_config, false).await {
         Ok(store) => {
             if let Ok(broker) = stack::broker(&run_config, &store).await {
@@ -80,6 +89,7 @@ async fn measure(
     sim: &sluice_sim::SimHandle,
     config_path: &Path,
     port: u16,
+    metrics: &[String],
     load: Load,
 ) -> anyhow::Result<()> {
     let Load {
@@ -129,6 +139,7 @@ async fn measure(
     wait_finished(store, sim, 200).await?;
 
     let statements = Statements::reset(&config.database.url).await;
+    let batches_before = Batches::scrape(&http, metrics).await?;
     let before = Cpu::read(serve_pid, worker_pid);
     let written = crate::common::disk_written_kib();
     let started = Instant::now();
@@ -137,6 +148,9 @@ async fn measure(
     wait_finished(store, sim, 200 + jobs).await?;
     let seconds = started.elapsed().as_secs_f64();
     let after = Cpu::read(serve_pid, worker_pid);
+    let batches = Batches::scrape(&http, metrics)
+        .await?
+        .since(&batches_before);
     let sql = match &statements {
         Some(s) => s.read().await,
         None => Vec::new(),
@@ -179,6 +193,7 @@ async fn measure(
         let delta = b.zip(a).map(|(b, a)| a.saturating_sub(b));
         println!("    {name:<28} {:>8}", per_job(delta));
     }
+    batches.print(jobs);
     if statements.is_none() {
         println!(
             "  SQL: pg_stat_statements is not installed in this database \
@@ -385,5 +400,75 @@ impl Statements {
                 query,
             })
             .collect()
+    }
+}
+
+/// The batched statements' histograms (`sluice_store_batch_*`) summed over the processes'
+/// `/metrics`: by statement, the batches, their seconds, their oldest items' waits and items.
+#[derive(Default)]
+struct Batches(std::collections::BTreeMap<String, [f64; 4]>);
+
+impl Batches {
+    const SERIES: [&'static str; 4] = [
+        "sluice_store_batch_items_count",
+        "sluice_store_batch_seconds_sum",
+        "sluice_store_batch_wait_seconds_sum",
+        "sluice_store_batch_items_sum",
+    ];
+
+    async fn scrape(http: &reqwest::Client, urls: &[String]) -> anyhow::Result<Batches> {
+        let mut batches = Batches::default();
+        for url in urls {
+            let text = http
+                .get(url)
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .with_context(|| format!("cannot read {url}"))?
+                .text()
+                .await?;
+            for line in text.lines() {
+                let Some((series, rest)) = line.split_once("{statement=\"") else {
+                    continue;
+                };
+                let Some(i) = Self::SERIES.iter().position(|s| *s == series) else {
+                    continue;
+                };
+                let Some((statement, value)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let value: f64 = value.trim().parse().unwrap_or(0.0);
+                batches.0.entry(statement.to_owned()).or_default()[i] += value;
+            }
+        }
+        Ok(batches)
+    }
+
+    fn since(mut self, before: &Batches) -> Batches {
+        for (statement, figures) in &mut self.0 {
+            if let Some(earlier) = before.0.get(statement) {
+                for (now, then) in figures.iter_mut().zip(earlier) {
+                    *now -= then;
+                }
+            }
+        }
+        self
+    }
+
+    fn print(&self, jobs: usize) {
+        println!("  batched statements (from the processes' /metrics)");
+        println!("    statement       per job  jobs each   ms each  oldest waited ms");
+        for (statement, [count, seconds, waited, items]) in &self.0 {
+            if *count < 1.0 {
+                continue;
+            }
+            println!(
+                "    {statement:<14} {:>8.3} {:>10.1} {:>9.2} {:>17.2}",
+                count / jobs as f64,
+                items / count,
+                seconds / count * 1e3,
+                waited / count * 1e3,
+            );
+        }
     }
 }

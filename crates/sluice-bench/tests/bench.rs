@@ -232,6 +232,11 @@ async fn bench_cost_at_an_offered_rate_prints_the_202_and_the_cpu_per_job() {
     for process in ["sluice serve", "sluice worker"] {
         assert!(figure(&stdout, process) > 0.0, "{stdout}");
     }
+    // Each job is inserted, claimed and completed once, by statements of one job or more.
+    for statement in ["insert", "claim", "complete"] {
+        let per_job = figure(&stdout, statement);
+        assert!(per_job > 0.0 && per_job <= 1.0, "{statement}: {stdout}");
+    }
 
     let refused = cost(&["--jobs", "10", "--rate", "0"]).await;
     assert!(!refused.status.success());
