@@ -61,7 +61,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         }
                     }
                     let started = Instant::now();
-                    let oldest = batch.iter().map(|(_, _, sent)| *sent).min();
+                    // The channel is first in, first out: the first item waited longest.
+                    let oldest = batch.first().map(|(_, _, sent)| *sent);
                     let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch
                         .drain(..)
                         .map(|(item, reply, _)| (item, reply))
