@@ -6,6 +6,7 @@
 use anyhow::{bail, Context};
 use sluice::config::Config;
 use sluice::stack;
+use sluice_store::{BATCH_ITEMS, BATCH_SECONDS, BATCH_WAIT_SECONDS};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -409,14 +410,14 @@ impl Statements {
 struct Batches(std::collections::BTreeMap<String, [f64; 4]>);
 
 impl Batches {
-    const SERIES: [&'static str; 4] = [
-        "sluice_store_batch_items_count",
-        "sluice_store_batch_seconds_sum",
-        "sluice_store_batch_wait_seconds_sum",
-        "sluice_store_batch_items_sum",
-    ];
-
     async fn scrape(http: &reqwest::Client, urls: &[String]) -> anyhow::Result<Batches> {
+        // In the order of the figures each statement keeps: batches, seconds, waits, items.
+        let series = [
+            format!("{BATCH_ITEMS}_count"),
+            format!("{BATCH_SECONDS}_sum"),
+            format!("{BATCH_WAIT_SECONDS}_sum"),
+            format!("{BATCH_ITEMS}_sum"),
+        ];
         let mut batches = Batches::default();
         for url in urls {
             let text = http
@@ -428,10 +429,10 @@ impl Batches {
                 .text()
                 .await?;
             for line in text.lines() {
-                let Some((series, rest)) = line.split_once("{statement=\"") else {
+                let Some((name, rest)) = line.split_once("{statement=\"") else {
                     continue;
                 };
-                let Some(i) = Self::SERIES.iter().position(|s| *s == series) else {
+                let Some(i) = series.iter().position(|s| s == name) else {
                     continue;
                 };
                 let Some((statement, value)) = rest.split_once("\"} ") else {
