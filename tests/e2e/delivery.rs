@@ -431,3 +431,70 @@ async fn jobs_succeed_through_an_anthropic_endpoint() {
 async fn jobs_succeed_through_a_gemini_endpoint() {
     jobs_succeed_through("gemini").await;
 }
+
+/// An API node stopped while submissions pour in publishes every job it accepted before it
+/// exits: no outbox row is left for a relay to find later, and every job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_node_stopped_under_load_publishes_every_job_it_accepted() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut app = spawn_app(AppOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let key = app.key("acme", Tier::Pro).await;
+    let (_node, url) = app.start_api_node().await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..32 {
+        let (http, url, key, accepted) = (
+            app.http.clone(),
+            url.clone(),
+            key.clone(),
+            Arc::clone(&accepted),
+        );
+        clients.spawn(async move {
+            for n in 0.. {
+                let body = crate::helpers::job_body(&format!("client {client} job {n}"));
+                // Once the node stops, its port refuses: the client is done.
+                let Ok(response) = http
+                    .post(format!("{url}/v1/jobs"))
+                    .bearer_auth(&key)
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if response.status() == reqwest::StatusCode::ACCEPTED {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.stop_api_nodes().await;
+    while clients.join_next().await.is_some() {}
+    let accepted = accepted.load(Ordering::Relaxed);
+    assert!(accepted >= 32, "only {accepted} jobs were accepted");
+    let left = app.store.outbox_len().await.unwrap();
+    assert_eq!(
+        left, 0,
+        "{left} of {accepted} accepted jobs were left unpublished in the outbox"
+    );
+    let stored = app.total_jobs().await;
+    assert!(
+        stored >= accepted as i64,
+        "{stored} jobs stored, {accepted} accepted"
+    );
+    // Every job is in a lane: one worker runs them all, with no relay's help.
+    app.start_worker().await;
+    app.wait_for(
+        "every accepted job to succeed",
+        Duration::from_secs(60),
+        || async { app.count(JobState::Succeeded).await == stored },
+    )
+    .await;
+    app.cleanup().await;
+}

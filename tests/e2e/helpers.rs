@@ -494,6 +494,19 @@ impl TestApp {
         }
     }
 
+    /// Stop the API nodes [`TestApp::start_api_node`] started in this process, as `sluice
+    /// serve` stops on SIGTERM: requests in flight are answered first.
+    pub async fn stop_api_nodes(&mut self) {
+        let Runner::InProcess { more_apis, .. } = &mut self.runner else {
+            panic!("this test stops API nodes in this process: spawn it without `processes`")
+        };
+        for node in more_apis.drain(..) {
+            node.stop()
+                .await
+                .unwrap_or_else(|e| panic!("an API node stopped with an error: {e:#}"));
+        }
+    }
+
     /// Restart the API and every worker on the config file as it is now, for tests that edit
     /// it after the simulator's address is known.
     pub async fn restart_api_and_workers(&mut self) {

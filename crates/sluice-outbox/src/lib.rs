@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 const BACKGROUND_QUEUE: usize = 16_384;
 /// Background batches being confirmed at once.
 const BACKGROUND_BATCHES: usize = 4;
+/// Longest [`Publisher::settle`] waits for the background publishes under way: past it (a
+/// broker that stopped answering) the process exits anyway and the relay publishes the rest.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a confirmed row waits to be forgotten together with later ones. Nobody waits on
 /// the delete, and the relay leaves rows alone for far longer (`RelayConfig::grace`), so at a
@@ -28,7 +31,14 @@ const FORGET_BATCH: usize = 1024;
 pub struct Publisher {
     broker: Arc<dyn Broker>,
     confirmed: mpsc::UnboundedSender<Forget>,
-    background: mpsc::Sender<OutboxMessage>,
+    background: mpsc::Sender<Background>,
+}
+
+/// What the background publisher is told.
+enum Background {
+    Publish(OutboxMessage),
+    /// Answer once every message handed over before this one is confirmed (or has failed).
+    Flush(oneshot::Sender<()>),
 }
 
 /// What the forgetting task is told.
@@ -54,9 +64,23 @@ impl Publisher {
         publisher
     }
 
-    /// Forget the rows of every message confirmed so far, before a process exits: a row left
-    /// behind is published again by a relay (a duplicate the claims fence off, but work).
+    /// Before a process exits: finish the background publishes under way (for at most
+    /// [`SETTLE_TIMEOUT`]), then forget the rows of every message confirmed. A row left behind
+    /// waits for a relay, which publishes it late, or again (a duplicate the claims fence off).
     pub async fn settle(&self) {
+        let (flushed, done) = oneshot::channel();
+        if self
+            .background
+            .send(Background::Flush(flushed))
+            .await
+            .is_ok()
+            && tokio::time::timeout(SETTLE_TIMEOUT, done).await.is_err()
+        {
+            tracing::warn!(
+                message =
+                    "background publishes still unconfirmed at exit; the relay will publish them"
+            );
+        }
         let (done, settled) = oneshot::channel();
         if self.confirmed.send(Forget::Now(done)).is_ok() {
             let _ = settled.await;
@@ -64,22 +88,42 @@ impl Publisher {
     }
 
     /// Gather messages handed to [`Publisher::publish_in_background`] into pipelined batches.
-    async fn publish_batches(self, mut rx: mpsc::Receiver<OutboxMessage>) {
+    async fn publish_batches(self, mut rx: mpsc::Receiver<Background>) {
         let slots = Arc::new(tokio::sync::Semaphore::new(BACKGROUND_BATCHES));
-        let mut batch = Vec::with_capacity(512);
-        while rx.recv_many(&mut batch, 512).await > 0 {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
-            let publisher = self.clone();
-            let messages = std::mem::take(&mut batch);
-            tokio::spawn(async move {
-                let n = messages.len();
-                if let Err(error) = publisher.publish_many(messages).await {
-                    tracing::warn!(message = "publish failed; the relay will retry", messages = n, %error);
+        let mut received = Vec::with_capacity(512);
+        let mut flushes = Vec::new();
+        while rx.recv_many(&mut received, 512).await > 0 {
+            let mut messages = Vec::with_capacity(received.len());
+            for item in received.drain(..) {
+                match item {
+                    Background::Publish(message) => messages.push(message),
+                    Background::Flush(done) => flushes.push(done),
                 }
-                drop(slot);
-            });
+            }
+            if !messages.is_empty() {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let publisher = self.clone();
+                tokio::spawn(async move {
+                    let n = messages.len();
+                    if let Err(error) = publisher.publish_many(messages).await {
+                        tracing::warn!(message = "publish failed; the relay will retry", messages = n, %error);
+                    }
+                    drop(slot);
+                });
+            }
+            if !flushes.is_empty() {
+                // Every slot free: every batch handed over so far is confirmed or has failed.
+                let all = u32::try_from(BACKGROUND_BATCHES).unwrap_or(u32::MAX);
+                let Ok(idle) = slots.acquire_many(all).await else {
+                    return;
+                };
+                drop(idle);
+                for done in flushes.drain(..) {
+                    let _ = done.send(());
+                }
+            }
         }
     }
 
@@ -120,7 +164,7 @@ impl Publisher {
     /// Publish without waiting, batched with other callers; on failure, or when too many
     /// are waiting, the relay publishes it later.
     pub fn publish_in_background(&self, message: OutboxMessage) {
-        if let Err(error) = self.background.try_send(message) {
+        if let Err(error) = self.background.try_send(Background::Publish(message)) {
             tracing::debug!(message = "background publish queue full; leaving the message to the relay", %error);
         }
     }
