@@ -144,7 +144,9 @@ impl Quotas {
         let counters = counters(principal, rules, now);
         match &self.inner.backend {
             Backend::Local(local) => lock(local).try_take(&counters, now),
-            Backend::Redis(redis) => redis.take(&counters, now).await,
+            // Boxed: the Redis call's future is kilobytes, and every submission's future would
+            // carry (and move) that space, local quotas too (docs/PERFORMANCE.md, tenth round).
+            Backend::Redis(redis) => Box::pin(redis.take(&counters, now)).await,
         }
     }
 }

@@ -55,7 +55,7 @@ impl Worker {
                 throttled: false,
                 status: None,
             };
-            self.finish_failed(delivery, &claim, failure, None).await;
+            Box::pin(self.finish_failed(delivery, &claim, failure, None)).await;
             return;
         };
 
@@ -87,12 +87,14 @@ impl Worker {
                     index += 1;
                 }
             });
-            let outcome = permit.call_stream(request, tx).await;
+            // Boxed, as below: the call's future is most of this one's size, and this one is
+            // moved whole several times per job (docs/PERFORMANCE.md, tenth round).
+            let outcome = Box::pin(permit.call_stream(request, tx)).await;
             // The sender is gone with the call, so the forwarder ends after the last delta.
             let _ = forward.await;
             outcome
         } else {
-            permit.call(request).await
+            Box::pin(permit.call(request)).await
         };
         self.held.remove(id);
         let call_outcome = match &outcome {
@@ -164,7 +166,9 @@ impl Worker {
                     claim.tries
                 };
                 let count = u32::try_from(count).unwrap_or(u32::MAX);
-                self.finish_failed(delivery, &claim, failure, Some((&error, count)))
+                // Boxed: a failure is rare, and its future would otherwise set the size of
+                // every job's.
+                Box::pin(self.finish_failed(delivery, &claim, failure, Some((&error, count))))
                     .await;
             }
         }
