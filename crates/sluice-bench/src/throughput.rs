@@ -62,6 +62,12 @@ pub enum BenchCommand {
         /// so every one is looked up in the cache) and `off`; each backend runs once per setting.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "on,off")]
         admission: Vec<AdmissionMode>,
+        /// Run every backend and admission setting this many times, round by round, and print
+        /// each setting's median and the median of each round's on/off ratio. One run's jobs/s
+        /// on a busy machine spreads by 15-20%; alternating the settings keeps a slow stretch
+        /// of the machine from landing on one of them.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Skip the durable floor (PostgreSQL insert and update, RabbitMQ confirm and ack).
         #[arg(long)]
         no_floor: bool,
@@ -169,6 +175,7 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             backends,
             rate,
             admission,
+            rounds,
             no_floor,
             min_floor_ratio,
             sqs_endpoint,
@@ -186,6 +193,7 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
             let plan = Plan {
                 backends,
                 admission,
+                rounds,
                 floor: !no_floor,
                 min_floor_ratio,
             };
@@ -223,9 +231,13 @@ struct Load {
 struct Plan {
     backends: Vec<BenchBackend>,
     admission: Vec<AdmissionMode>,
+    rounds: usize,
     floor: bool,
     min_floor_ratio: Option<f64>,
 }
+
+/// One run: its round (from 0), backend, admission setting and result.
+type Run = (usize, BenchBackend, AdmissionMode, anyhow::Result<Measured>);
 
 /// One backend's result.
 #[derive(Debug, Clone, Copy)]
@@ -327,6 +339,9 @@ async fn throughput(
     if plan.backends.is_empty() || plan.admission.is_empty() {
         bail!("--backends and --admission must each name at least one");
     }
+    if plan.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     for (i, backend) in plan.backends.iter().enumerate() {
         if plan.backends[..i].contains(backend) {
             bail!("--backends names {backend} twice");
@@ -364,30 +379,40 @@ async fn throughput(
         None
     };
 
-    let mut results = Vec::new();
-    for &backend in &plan.backends {
-        for &admission in &plan.admission {
-            eprintln!(
-                "bench: {backend} ({}), admission {}",
-                backend.describe(),
-                admission.name()
-            );
-            let load = Load { admission, ..load };
-            let result = run_backend(&config, backend, load, &mut sqs).await;
-            if let Err(error) = &result {
-                eprintln!("bench: {backend} failed: {error:#}");
+    let mut results: Vec<Run> = Vec::new();
+    for round in 0..plan.rounds {
+        for &backend in &plan.backends {
+            for &admission in &plan.admission {
+                let of_rounds = if plan.rounds > 1 {
+                    format!(", round {} of {}", round + 1, plan.rounds)
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "bench: {backend} ({}), admission {}{of_rounds}",
+                    backend.describe(),
+                    admission.name()
+                );
+                let load = Load { admission, ..load };
+                let result = run_backend(&config, backend, load, &mut sqs).await;
+                if let Err(error) = &result {
+                    eprintln!("bench: {backend} failed: {error:#}");
+                }
+                results.push((round, backend, admission, result));
             }
-            results.push((backend, admission, result));
         }
     }
     // Stop the moto server, if one was started, before printing.
     drop(sqs);
 
     print_table(&results, floor.map(|f| f.jobs_per_sec()));
+    if plan.rounds > 1 {
+        print_medians(&results, plan);
+    }
     let failed: Vec<String> = results
         .iter()
-        .filter(|(_, _, result)| result.is_err())
-        .map(|(backend, admission, _)| format!("{backend} (admission {})", admission.name()))
+        .filter(|(_, _, _, result)| result.is_err())
+        .map(|(_, backend, admission, _)| format!("{backend} (admission {})", admission.name()))
         .collect();
     if !failed.is_empty() {
         bail!(
@@ -400,7 +425,7 @@ async fn throughput(
     if let (Some(min), Some(floor)) = (plan.min_floor_ratio, floor) {
         let below: Vec<String> = results
             .iter()
-            .filter_map(|(backend, admission, result)| {
+            .filter_map(|(_, backend, admission, result)| {
                 let ratio = result.as_ref().ok()?.jobs_per_sec() / floor.jobs_per_sec();
                 (ratio < min).then(|| {
                     format!(
@@ -421,12 +446,9 @@ async fn throughput(
     Ok(())
 }
 
-/// Each run's jobs/s, latencies, and jobs/s relative to RabbitMQ's (same admission) and to
-/// the floor.
-fn print_table(
-    results: &[(BenchBackend, AdmissionMode, anyhow::Result<Measured>)],
-    floor: Option<f64>,
-) {
+/// Each run's jobs/s, latencies, and jobs/s relative to RabbitMQ's (same round and admission)
+/// and to the floor.
+fn print_table(results: &[Run], floor: Option<f64>) {
     println!(
         "{:<14} {:>5} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}",
         "backend",
@@ -446,11 +468,11 @@ fn print_table(
             "floor", "-", "-", floor, "-", "-", "-", "-", "-", "1.00x"
         );
     }
-    for (backend, admission, result) in results {
+    for (round, backend, admission, result) in results {
         match result {
             Ok(m) => {
-                let baseline = results.iter().find_map(|(b, a, r)| match r {
-                    Ok(m) if *b == BenchBackend::Rabbitmq && a == admission => {
+                let baseline = results.iter().find_map(|(n, b, a, r)| match r {
+                    Ok(m) if n == round && *b == BenchBackend::Rabbitmq && a == admission => {
                         Some(m.jobs_per_sec())
                     }
                     _ => None,
@@ -484,6 +506,62 @@ fn print_table(
                 );
             }
         }
+    }
+}
+
+/// Per backend, over the rounds: each admission setting's median jobs/s and, with both
+/// settings, the median of the on/off ratios (each `on` run over the `off` run of its turn:
+/// the same round, or the same place in a list like `on,off,on,off`) with the lowest and highest.
+fn print_medians(results: &[Run], plan: &Plan) {
+    println!("\nmedian of {} rounds", plan.rounds);
+    println!(
+        "{:<14} {:>11} {:>11} {:>8} {:>14}",
+        "backend", "on jobs/s", "off jobs/s", "on/off", "rounds' range"
+    );
+    let cell = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+    for &backend in &plan.backends {
+        let runs = |admission: AdmissionMode| -> Vec<f64> {
+            results
+                .iter()
+                .filter_map(|(_, b, a, r)| match r {
+                    Ok(m) if *b == backend && *a == admission => Some(m.jobs_per_sec()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (on, off) = (runs(AdmissionMode::On), runs(AdmissionMode::Off));
+        let ratios: Vec<f64> = on
+            .iter()
+            .zip(&off)
+            .filter(|(_, off)| **off > 0.0)
+            .map(|(on, off)| on / off)
+            .collect();
+        let range = match (
+            ratios.iter().copied().reduce(f64::min),
+            ratios.iter().copied().reduce(f64::max),
+        ) {
+            (Some(low), Some(high)) => format!("{low:.2}-{high:.2}"),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{:<14} {:>11} {:>11} {:>8} {:>14}",
+            backend.name(),
+            cell(median(on)),
+            cell(median(off)),
+            median(ratios).map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
+            range
+        );
+    }
+}
+
+/// The middle value (the mean of the middle two for an even count); `None` when empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
 
@@ -914,4 +992,19 @@ pub(crate) fn percentile(samples: &mut [f64], q: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
     let rank = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len());
     samples[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_is_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0]), Some(3.0));
+        assert_eq!(median(vec![5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        // An outlier moves the mean, not the median.
+        assert_eq!(median(vec![0.9, 0.92, 0.2, 0.91, 0.93]), Some(0.91));
+    }
 }

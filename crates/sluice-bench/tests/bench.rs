@@ -189,6 +189,111 @@ async fn bench_throughput_with_no_workers_measures_ingest_alone() {
     );
 }
 
+/// `--rounds` runs every setting once per round, in order, and its medians are those of the
+/// rows above them: each setting's jobs/s, and each round's on/off ratio.
+#[tokio::test]
+async fn bench_throughput_rounds_alternate_the_settings_and_print_their_medians() {
+    let output = throughput(&[
+        "--jobs",
+        "100",
+        "--backends",
+        "sql-sqlite",
+        "--no-floor",
+        "--rounds",
+        "3",
+    ])
+    .await;
+    let stdout = succeeded(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let order: Vec<&str> = stderr
+        .lines()
+        .filter_map(|line| line.strip_prefix("bench: sql-sqlite ("))
+        .map(|line| line.rsplit_once("admission ").unwrap().1)
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "on, round 1 of 3",
+            "off, round 1 of 3",
+            "on, round 2 of 3",
+            "off, round 2 of 3",
+            "on, round 3 of 3",
+            "off, round 3 of 3"
+        ],
+        "{stderr}"
+    );
+
+    let (table, medians) = stdout
+        .split_once("median of 3 rounds")
+        .unwrap_or_else(|| panic!("no medians in:\n{stdout}"));
+    let per_sec = |admission: &str| -> Vec<f64> {
+        table
+            .lines()
+            .filter(|line| {
+                line.split_whitespace()
+                    .take(2)
+                    .eq(["sql-sqlite", admission])
+            })
+            .map(|line| {
+                let cells: Vec<&str> = line.split_whitespace().collect();
+                assert_eq!(cells[2], "100", "not every job completed: {line}");
+                cells[3].parse().unwrap()
+            })
+            .collect()
+    };
+    let (on, off) = (per_sec("on"), per_sec("off"));
+    assert_eq!((on.len(), off.len()), (3, 3), "{table}");
+    let middle = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[1]
+    };
+    let ratios: Vec<f64> = on.iter().zip(&off).map(|(on, off)| on / off).collect();
+    let row: Vec<&str> = medians
+        .lines()
+        .find(|line| line.starts_with("sql-sqlite"))
+        .unwrap_or_else(|| panic!("no sql-sqlite medians in:\n{medians}"))
+        .split_whitespace()
+        .collect();
+    // The table prints whole jobs/s, so the medians agree to within rounding.
+    assert!(
+        (row[1].parse::<f64>().unwrap() - middle(on.clone())).abs() <= 1.0,
+        "{row:?}"
+    );
+    assert!(
+        (row[2].parse::<f64>().unwrap() - middle(off.clone())).abs() <= 1.0,
+        "{row:?}"
+    );
+    assert!(
+        (row[3].parse::<f64>().unwrap() - middle(ratios.clone())).abs() <= 0.01,
+        "{row:?} {ratios:?}"
+    );
+    let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest = ratios.iter().copied().fold(0.0, f64::max);
+    let (low, high) = row[4].split_once('-').unwrap();
+    assert!(
+        (low.parse::<f64>().unwrap() - lowest).abs() <= 0.01,
+        "{row:?} {ratios:?}"
+    );
+    assert!(
+        (high.parse::<f64>().unwrap() - highest).abs() <= 0.01,
+        "{row:?} {ratios:?}"
+    );
+
+    // Bad input changes nothing: refused before any run.
+    for (args, says) in [(&["--rounds", "0"][..], "--rounds must be at least 1")] {
+        let mut all = vec!["--jobs", "10", "--backends", "sql-sqlite", "--no-floor"];
+        all.extend_from_slice(args);
+        let refused = throughput(&all).await;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("bench: sql-sqlite"),
+            "{args:?} ran: {stderr}"
+        );
+    }
+}
+
 /// `sluice-bench cost` with `args`; it runs the `sluice` binary built beside this one as its
 /// `serve` and `worker` processes.
 async fn cost(args: &[&str]) -> std::process::Output {
