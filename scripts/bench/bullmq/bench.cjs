@@ -1,8 +1,10 @@
 // BullMQ's end-to-end rate on this machine's Redis, the baseline `sluice bench throughput` is
-// held to: one `queue.add` per job, a Worker with concurrency 50 doing nothing, jobs/s printed.
+// held to: one `queue.add` per job, a Worker with concurrency 50 doing nothing (or, with
+// --provider, making the job's chat completion call as Sluice's worker does), jobs/s printed.
 // Run through scripts/bench-bullmq.sh, which installs bullmq and sets NODE_PATH.
 'use strict';
 
+const { fork } = require('node:child_process');
 const { Queue, Worker } = require('bullmq');
 const IORedis = require('ioredis');
 
@@ -11,7 +13,8 @@ function usage(message) {
   console.error(
     'usage: bench-bullmq.sh [--jobs N (20000)] [--adds-in-flight N (64)] [--concurrency N (50)]\n' +
       '                        [--redis URL (REDIS_URL or redis://127.0.0.1:6379)] [--worker-after-adds]\n' +
-      '                        [--timeout-secs N (600)]',
+      '                        [--timeout-secs N (600)] [--provider URL [--provider-key KEY (sk-sim-bench)]\n' +
+      '                        [--model NAME (sim-model)]] [--worker-processes N (0)]',
   );
   process.exit(2);
 }
@@ -23,23 +26,44 @@ function parseArgs(argv) {
     concurrency: 50,
     redis: process.env.REDIS_URL || 'redis://127.0.0.1:6379',
     workerAfterAdds: false,
+    workerProcesses: 0,
     timeoutSecs: 600,
+    provider: null,
+    providerKey: 'sk-sim-bench',
+    model: 'sim-model',
   };
   const numbers = {
     '--jobs': 'jobs',
     '--adds-in-flight': 'addsInFlight',
     '--concurrency': 'concurrency',
     '--timeout-secs': 'timeoutSecs',
+    '--worker-processes': 'workerProcesses',
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg in numbers) {
       const value = Number(argv[++i]);
-      if (!Number.isInteger(value) || value < 1) usage(`${arg} needs a whole number of at least 1`);
+      const least = arg === '--worker-processes' ? 0 : 1;
+      if (!Number.isInteger(value) || value < least) usage(`${arg} needs a whole number of at least ${least}`);
       options[numbers[arg]] = value;
     } else if (arg === '--redis') {
       if (argv[i + 1] === undefined) usage('--redis needs a URL');
       options.redis = argv[++i];
+    } else if (arg === '--provider' || arg === '--provider-key' || arg === '--model') {
+      const value = argv[++i];
+      if (value === undefined || value === '') usage(`${arg} needs a value`);
+      if (arg === '--provider') {
+        let url;
+        try {
+          url = new URL(value);
+        } catch {
+          usage(`--provider needs an http(s) URL such as http://127.0.0.1:9000/v1, not '${value}'`);
+        }
+        if (url.protocol !== 'http:' && url.protocol !== 'https:') usage('--provider needs an http(s) URL');
+        options.provider = value.replace(/\/+$/, '');
+      } else {
+        options[arg === '--model' ? 'model' : 'providerKey'] = value;
+      }
     } else if (arg === '--worker-after-adds') {
       options.workerAfterAdds = true;
     } else if (arg === '-h' || arg === '--help') {
@@ -63,24 +87,123 @@ async function deleteKeys(redis, prefix) {
   return deleted;
 }
 
-function startWorker(name, connection, prefix, options, jobs, done) {
+// With --provider each job is what a Sluice job is: one OpenAI chat completion call whose answer
+// becomes the job's result (BullMQ keeps a processor's return value in Redis). A failed call
+// fails the job, so a run against a provider that refuses cannot pass for a fast one.
+function processorFor(options) {
+  if (!options.provider) return async () => ({ ok: true });
+  const url = `${options.provider}/chat/completions`;
+  return async (job) => {
+    const response = await fetch(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${options.providerKey}` },
+      body: JSON.stringify({ model: options.model, messages: job.data.messages }),
+    });
+    const body = await response.text();
+    if (!response.ok) throw new Error(`provider answered ${response.status}: ${body.slice(0, 200)}`);
+    return JSON.parse(body);
+  };
+}
+
+// `each` is told of every finished job ('completed' or 'failed'); `done` once `jobs` have.
+function startLocalWorker(name, connection, prefix, options, jobs, each, done) {
   let completed = 0;
   let failed = 0;
-  const worker = new Worker(name, async () => ({ ok: true }), {
+  const worker = new Worker(name, processorFor(options), {
     connection,
     prefix,
     concurrency: options.concurrency,
   });
   worker.on('completed', () => {
     completed += 1;
+    each('completed');
     if (completed + failed === jobs) done({ completed, failed, at: process.hrtime.bigint() });
   });
-  worker.on('failed', () => {
+  worker.on('failed', (_job, error) => {
+    if (failed === 0) console.error('bench-bullmq: first failed job:', error.message);
     failed += 1;
+    each('failed');
     if (completed + failed === jobs) done({ completed, failed, at: process.hrtime.bigint() });
   });
   worker.on('error', (error) => console.error('bench-bullmq: worker error:', error.message));
   return worker;
+}
+
+// Node runs a process's JavaScript on one core. --worker-processes N puts the Worker in N child
+// processes instead (concurrency each), as a deployment runs producers and workers apart, so
+// BullMQ can use both cores as Sluice's bench does. Each child reports what it finished every
+// 10 ms; the parent adds them up and takes the time when the last one arrives.
+const REPORT_EVERY_MS = 10;
+
+function startWorker(name, connection, prefix, options, jobs, done) {
+  if (options.workerProcesses === 0) return startLocalWorker(name, connection, prefix, options, jobs, () => {}, done);
+  const totals = { completed: 0, failed: 0 };
+  let closing = false;
+  let finished = false;
+  const children = Array.from({ length: options.workerProcesses }, () => {
+    const child = fork(__filename, [], {
+      env: { ...process.env, BENCH_BULLMQ_WORKER: JSON.stringify({ name, connection, prefix, options }) },
+    });
+    const ready = new Promise((resolve, reject) => {
+      child.on('message', (message) => message.ready && resolve());
+      child.once('exit', (code) => reject(new Error(`a worker process exited (${code}) before it was ready`)));
+    });
+    child.on('message', (message) => {
+      if (!message.finished || finished) return;
+      totals.completed += message.finished.completed;
+      totals.failed += message.finished.failed;
+      if (totals.completed + totals.failed >= jobs) {
+        finished = true;
+        done({ ...totals, at: process.hrtime.bigint() });
+      }
+    });
+    // A worker process that dies mid-run fails the run now rather than at --timeout-secs.
+    child.on('exit', (code, signal) => {
+      if (closing || finished) return;
+      finished = true;
+      console.error(`bench-bullmq: a worker process exited (${signal || code}) before every job finished`);
+      done({ completed: totals.completed, failed: jobs - totals.completed, at: process.hrtime.bigint() });
+    });
+    return { child, ready };
+  });
+  return {
+    waitUntilReady: () => Promise.all(children.map((c) => c.ready)),
+    close: () => {
+      closing = true;
+      return Promise.all(
+        children.map(
+          ({ child }) =>
+            new Promise((resolve) => {
+              if (child.exitCode !== null || child.signalCode !== null) return resolve();
+              child.once('exit', resolve);
+              child.send({ close: true });
+            }),
+        ),
+      );
+    },
+  };
+}
+
+if (process.env.BENCH_BULLMQ_WORKER) {
+  const { name, connection, prefix, options } = JSON.parse(process.env.BENCH_BULLMQ_WORKER);
+  const unsent = { completed: 0, failed: 0 };
+  const worker = startLocalWorker(name, connection, prefix, options, Infinity, (kind) => {
+    unsent[kind] += 1;
+  });
+  const timer = setInterval(() => {
+    if (unsent.completed + unsent.failed === 0) return;
+    process.send({ finished: { ...unsent } });
+    unsent.completed = 0;
+    unsent.failed = 0;
+  }, REPORT_EVERY_MS);
+  worker.waitUntilReady().then(() => process.send({ ready: true }));
+  process.on('message', async (message) => {
+    if (message.close) {
+      clearInterval(timer);
+      await worker.close();
+      process.exit(0);
+    }
+  });
 }
 
 async function main() {
@@ -105,7 +228,8 @@ async function main() {
 
     console.error(
       `bench-bullmq: ${options.jobs} jobs, ${options.addsInFlight} adds in flight, worker concurrency ` +
-        `${options.concurrency}${options.workerAfterAdds ? ' (worker starts after the adds)' : ''}, prefix ${prefix}`,
+        `${options.concurrency}${options.workerProcesses ? ` each, in ${options.workerProcesses} worker process(es)` : ''}` +
+        `${options.workerAfterAdds ? ' (worker starts after the adds)' : ''}, prefix ${prefix}`,
     );
     const started = process.hrtime.bigint();
     let next = 0;
@@ -137,7 +261,11 @@ async function main() {
     const wallSecs = seconds(started, result.at);
     console.log(`bullmq ${require('bullmq/package.json').version} on ${options.redis.replace(/\/\/[^@/]*@/, '//')}`);
     console.log(`  jobs                      ${options.jobs} (${result.failed} failed)`);
-    console.log(`  adds in flight / worker   ${options.addsInFlight} / concurrency ${options.concurrency}`);
+    console.log(
+      `  adds in flight / worker   ${options.addsInFlight} / concurrency ${options.concurrency}` +
+        `${options.workerProcesses ? ` each, ${options.workerProcesses} worker process(es)` : ''}`,
+    );
+    console.log(`  processor                 ${options.provider ? `POST ${options.provider}/chat/completions` : 'does nothing'}`);
     console.log(`  add phase                 ${addSecs.toFixed(2)} s (${(options.jobs / addSecs).toFixed(0)} adds/s)`);
     if (options.workerAfterAdds) {
       const drainSecs = seconds(added, result.at);
@@ -157,7 +285,9 @@ async function main() {
   }
 }
 
-main().catch((error) => {
-  console.error('bench-bullmq:', error);
-  process.exit(1);
-});
+if (!process.env.BENCH_BULLMQ_WORKER) {
+  main().catch((error) => {
+    console.error('bench-bullmq:', error);
+    process.exit(1);
+  });
+}
