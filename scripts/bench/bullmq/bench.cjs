@@ -148,6 +148,8 @@ function startWorker(name, connection, prefix, options, jobs, done) {
       child.on('message', (message) => message.ready && resolve());
       child.once('exit', (code) => reject(new Error(`a worker process exited (${code}) before it was ready`)));
     });
+    // Only awaited without --worker-after-adds; the exit handler below reports a death either way.
+    ready.catch(() => {});
     child.on('message', (message) => {
       if (!message.finished || finished) return;
       totals.completed += message.finished.completed;
@@ -197,6 +199,8 @@ if (process.env.BENCH_BULLMQ_WORKER) {
     unsent.failed = 0;
   }, REPORT_EVERY_MS);
   worker.waitUntilReady().then(() => process.send({ ready: true }));
+  // The parent is gone (killed, or crashed): nobody will count these jobs or close this worker.
+  process.on('disconnect', () => process.exit(1));
   process.on('message', async (message) => {
     if (message.close) {
       clearInterval(timer);
