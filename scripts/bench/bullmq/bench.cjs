@@ -230,9 +230,11 @@ async function main() {
       await worker.waitUntilReady();
     }
 
+    const workers = `concurrency ${options.concurrency}${
+      options.workerProcesses ? ` each, in ${options.workerProcesses} worker process(es)` : ''
+    }`;
     console.error(
-      `bench-bullmq: ${options.jobs} jobs, ${options.addsInFlight} adds in flight, worker concurrency ` +
-        `${options.concurrency}${options.workerProcesses ? ` each, in ${options.workerProcesses} worker process(es)` : ''}` +
+      `bench-bullmq: ${options.jobs} jobs, ${options.addsInFlight} adds in flight, worker ${workers}` +
         `${options.workerAfterAdds ? ' (worker starts after the adds)' : ''}, prefix ${prefix}`,
     );
     const started = process.hrtime.bigint();
@@ -265,10 +267,7 @@ async function main() {
     const wallSecs = seconds(started, result.at);
     console.log(`bullmq ${require('bullmq/package.json').version} on ${options.redis.replace(/\/\/[^@/]*@/, '//')}`);
     console.log(`  jobs                      ${options.jobs} (${result.failed} failed)`);
-    console.log(
-      `  adds in flight / worker   ${options.addsInFlight} / concurrency ${options.concurrency}` +
-        `${options.workerProcesses ? ` each, ${options.workerProcesses} worker process(es)` : ''}`,
-    );
+    console.log(`  adds in flight / worker   ${options.addsInFlight} / ${workers}`);
     console.log(`  processor                 ${options.provider ? `POST ${options.provider}/chat/completions` : 'does nothing'}`);
     console.log(`  add phase                 ${addSecs.toFixed(2)} s (${(options.jobs / addSecs).toFixed(0)} adds/s)`);
     if (options.workerAfterAdds) {
