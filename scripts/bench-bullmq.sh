@@ -73,13 +73,19 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-if [ -n "$simulator" ]; then
+# refuse FLAG WHY: exit 2 when the bench's own arguments name FLAG, which this script sets itself.
+refuse() {
+  local arg
   for arg in "${args[@]}"; do
-    if [ "$arg" = "--provider" ]; then
-      echo "bench-bullmq: --simulator starts a simulator of its own; leave out --provider" >&2
+    if [ "$arg" = "$1" ]; then
+      echo "bench-bullmq: $2; leave out $1" >&2
       exit 2
     fi
   done
+}
+
+if [ -n "$simulator" ]; then
+  refuse --provider "--simulator starts a simulator of its own"
   sluice="${BENCH_SLUICE_BIN:-$(command -v sluice || true)}"
   [ -n "$sluice" ] && [ -x "$sluice" ] || {
     echo "bench-bullmq: --simulator needs the sluice binary: set BENCH_SLUICE_BIN or put sluice on PATH (cargo build --release)" >&2
@@ -109,12 +115,7 @@ if [ -z "$appendfsync" ]; then
   exit
 fi
 
-for arg in "${args[@]}"; do
-  if [ "$arg" = "--redis" ]; then
-    echo "bench-bullmq: --appendfsync starts a Redis of its own; leave out --redis" >&2
-    exit 2
-  fi
-done
+refuse --redis "--appendfsync starts a Redis of its own"
 command -v redis-server >/dev/null || { echo "bench-bullmq: --appendfsync needs redis-server on PATH" >&2; exit 1; }
 data="$(mktemp -d)"
 port="$(free_port)"

@@ -114,16 +114,16 @@ function startLocalWorker(name, connection, prefix, options, jobs, each, done) {
     prefix,
     concurrency: options.concurrency,
   });
-  worker.on('completed', () => {
-    completed += 1;
-    each('completed');
+  const finish = (kind) => {
+    if (kind === 'completed') completed += 1;
+    else failed += 1;
+    each(kind);
     if (completed + failed === jobs) done({ completed, failed, at: process.hrtime.bigint() });
-  });
+  };
+  worker.on('completed', () => finish('completed'));
   worker.on('failed', (_job, error) => {
     if (failed === 0) console.error('bench-bullmq: first failed job:', error.message);
-    failed += 1;
-    each('failed');
-    if (completed + failed === jobs) done({ completed, failed, at: process.hrtime.bigint() });
+    finish('failed');
   });
   worker.on('error', (error) => console.error('bench-bullmq: worker error:', error.message));
   return worker;
@@ -186,7 +186,8 @@ function startWorker(name, connection, prefix, options, jobs, done) {
   };
 }
 
-if (process.env.BENCH_BULLMQ_WORKER) {
+// A worker process (--worker-processes): run one Worker and report to the parent until told to close.
+function runWorkerProcess() {
   const { name, connection, prefix, options } = JSON.parse(process.env.BENCH_BULLMQ_WORKER);
   const unsent = { completed: 0, failed: 0 };
   const worker = startLocalWorker(name, connection, prefix, options, Infinity, (kind) => {
@@ -288,7 +289,9 @@ async function main() {
   }
 }
 
-if (!process.env.BENCH_BULLMQ_WORKER) {
+if (process.env.BENCH_BULLMQ_WORKER) {
+  runWorkerProcess();
+} else {
   main().catch((error) => {
     console.error('bench-bullmq:', error);
     process.exit(1);
